@@ -1,0 +1,75 @@
+{{/*
+Names, labels and Secret names shared by the templates.
+*/}}
+
+{{- define "imapgate.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name: the release name, prefixed with the chart name unless the release already contains it.
+Truncated to 63 characters (the limit of a DNS label, which some Kubernetes names are).
+*/}}
+{{- define "imapgate.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "imapgate.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "imapgate.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "imapgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "imapgate.labels" -}}
+helm.sh/chart: {{ include "imapgate.chart" . }}
+{{ include "imapgate.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "imapgate.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "imapgate.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "imapgate.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "imapgate.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "imapgate.fullname" .)) .Values.tls.secretName }}
+{{- end }}
+
+{{- define "imapgate.usersSecretName" -}}
+{{- default (printf "%s-users" (include "imapgate.fullname" .)) .Values.users.secretName }}
+{{- end }}
+
+{{/*
+The Secret with a backend's master password. Call with (dict "root" $ "backend" $backend).
+*/}}
+{{- define "imapgate.masterSecretName" -}}
+{{- default (printf "%s-%s-master" (include "imapgate.fullname" .root) .backend.name) .backend.masterPasswordSecret.name }}
+{{- end }}
+
+{{/*
+Paths inside the container. The config refers to them; the Deployment mounts them.
+*/}}
+{{- define "imapgate.configPath" -}}/etc/imapgate/imapgate.yaml{{- end }}
+{{- define "imapgate.tlsDir" -}}/etc/imapgate/tls{{- end }}
+{{- define "imapgate.usersDir" -}}/etc/imapgate/users{{- end }}
+{{- define "imapgate.backendDir" -}}/etc/imapgate/backends/{{ . }}{{- end }}

@@ -1,0 +1,585 @@
+#!/usr/bin/env python3
+"""Static and rendered checks for the imapgate Helm chart.
+
+Run by scripts/check-chart.sh, which provides PyYAML and jsonschema in a venv. Exits 1 when any
+check fails and prints every problem found, not just the first.
+
+Static checks (always):
+  * Chart.yaml has the fields Helm 3 needs (apiVersion v2, name = directory, SemVer version,
+    appVersion, type application).
+  * Every YAML file of the chart that is not a template parses; values.schema.json is a valid
+    JSON Schema (draft-07) and values.yaml satisfies it.
+  * The schema's constraints are real: a set of bad values (typos, weakened security settings,
+    malformed durations) must each be rejected.
+  * Templates: `{{`/`}}` and block/`end` pairs balance, every `include`/`template` name is
+    defined, and every `.Values.a.b` path used exists in values.yaml.
+
+Rendered checks (when a renderer is available: `helm` on PATH, or the helm-python-sdk module
+when the caller asks for it): the chart renders with the default values and several variants;
+the manifests carry the security settings the project promises; the rendered imapgate config
+uses only keys that config/imapgate.example.yaml documents; every file the config names is
+mounted into the container; and values that must be refused are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SEMVER = re.compile(
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?$"
+)
+ACTION = re.compile(r"\{\{-?\s*(.*?)\s*-?\}\}", re.DOTALL)
+VALUES_REF = re.compile(r"\.Values((?:\.[A-Za-z_][A-Za-z0-9_]*)+)")
+INCLUDE_REF = re.compile(r"\b(?:include|template)\s+\"([^\"]+)\"")
+DEFINE = re.compile(r"^define\s+\"([^\"]+)\"")
+BLOCK_OPENERS = ("if", "range", "with", "define", "block")
+DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
+
+
+class Report:
+    """Collects problems so one run shows all of them."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+        self.passed = 0
+
+    def fail(self, where: str, message: str) -> None:
+        self.problems.append(f"{where}: {message}")
+
+    def check(self, ok: bool, where: str, message: str) -> bool:
+        if ok:
+            self.passed += 1
+        else:
+            self.fail(where, message)
+        return ok
+
+
+# --- static checks -------------------------------------------------------------------------
+
+
+_PARSE_FAILED = object()
+_parsed: dict[Path, Any] = {}
+
+
+def load_yaml(path: Path, report: Report) -> Any:
+    """Parses a YAML file once; a parse error is reported once and yields None."""
+    if path not in _parsed:
+        try:
+            with path.open(encoding="utf-8") as handle:
+                _parsed[path] = yaml.safe_load(handle)
+        except (OSError, yaml.YAMLError) as err:
+            report.fail(str(path), f"does not parse as YAML: {err}")
+            _parsed[path] = _PARSE_FAILED
+    value = _parsed[path]
+    return None if value is _PARSE_FAILED else value
+
+
+def check_chart_yaml(chart_dir: Path, report: Report) -> None:
+    where = str(chart_dir / "Chart.yaml")
+    meta = load_yaml(chart_dir / "Chart.yaml", report)
+    if not isinstance(meta, dict):
+        report.fail(where, "is not a mapping")
+        return
+    report.check(meta.get("apiVersion") == "v2", where, "apiVersion must be v2 (Helm 3)")
+    report.check(
+        meta.get("name") == chart_dir.name,
+        where,
+        f"name {meta.get('name')!r} must equal the chart directory {chart_dir.name!r}",
+    )
+    version = str(meta.get("version", ""))
+    report.check(bool(SEMVER.match(version)), where, f"version {version!r} is not SemVer 2")
+    report.check(bool(meta.get("appVersion")), where, "appVersion is missing")
+    report.check(
+        isinstance(meta.get("appVersion"), str),
+        where,
+        "appVersion must be a quoted string (an unquoted 1.10 would become 1.1)",
+    )
+    report.check(meta.get("type", "application") == "application", where, "type must be application")
+    report.check(bool(meta.get("description")), where, "description is missing")
+
+
+def check_plain_yaml_files(chart_dir: Path, report: Report) -> None:
+    templates = chart_dir / "templates"
+    for path in sorted(chart_dir.rglob("*")):
+        if not path.is_file() or templates in path.parents or path.suffix not in (".yaml", ".yml"):
+            continue
+        data = load_yaml(path, report)
+        if _parsed.get(path) is not _PARSE_FAILED:
+            report.check(data is not None, str(path), "is empty")
+
+
+def load_schema(chart_dir: Path, report: Report) -> dict[str, Any] | None:
+    path = chart_dir / "values.schema.json"
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        report.fail(str(path), f"does not parse as JSON: {err}")
+        return None
+    report.check(
+        schema.get("$schema") == "http://json-schema.org/draft-07/schema#",
+        str(path),
+        "must declare $schema draft-07",
+    )
+    try:
+        jsonschema.Draft7Validator.check_schema(schema)
+        report.passed += 1
+    except jsonschema.SchemaError as err:
+        report.fail(str(path), f"is not a valid draft-07 schema: {err.message}")
+        return None
+    return schema
+
+
+def schema_errors(schema: dict[str, Any], values: Any) -> list[str]:
+    validator = jsonschema.Draft7Validator(schema)
+    found = []
+    for err in sorted(validator.iter_errors(values), key=lambda e: list(e.absolute_path)):
+        path = ".".join(str(p) for p in err.absolute_path) or "(top)"
+        found.append(f"{path}: {err.message}")
+    return found
+
+
+def check_values_against_schema(chart_dir: Path, schema: dict[str, Any], values: Any, report: Report) -> None:
+    where = str(chart_dir / "values.yaml")
+    errors = schema_errors(schema, values)
+    for error in errors:
+        report.fail(where, f"violates values.schema.json at {error}")
+    if not errors:
+        report.passed += 1
+
+
+def set_path(data: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """A deep copy of data with the dotted path (list indexes as numbers) set to value."""
+    out = copy.deepcopy(data)
+    node: Any = out
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return out
+
+
+# Values the schema must refuse: a typo, weakened security settings, malformed durations.
+BAD_VALUES: list[tuple[str, Any]] = [
+    ("replicaCoutn", 1),
+    ("replicaCount", 0),
+    ("containerSecurityContext.readOnlyRootFilesystem", False),
+    ("containerSecurityContext.allowPrivilegeEscalation", True),
+    ("containerSecurityContext.capabilities.drop", ["NET_RAW"]),
+    ("containerSecurityContext.capabilities.add", ["NET_BIND_SERVICE"]),
+    ("podSecurityContext.runAsNonRoot", False),
+    ("listeners.imaps.containerPort", 993),
+    ("tls.minVersion", "1.1"),
+    ("limits.preauthIdleTimeout", "30 seconds"),
+    ("limits.lineBytes", "8 KB"),
+    ("backends.0.tls", "ssl"),
+    ("backends.0.login", "plain"),
+    ("backends.0.name", "Dovecot_1"),
+    ("backends.0.masterPassword", "inline-secrets-are-refused"),
+    ("backends.0.masterSeparator", '"'),
+    ("logging.level", "verbose"),
+    ("shutdown.extraSeconds", 0),
+    ("logging.audit", "/var/log/imapgate/audit.log"),
+]
+
+
+def check_schema_rejects(schema: dict[str, Any], values: Any, report: Report) -> None:
+    for dotted, bad in BAD_VALUES:
+        candidate = set_path(values, dotted, bad)
+        report.check(
+            bool(schema_errors(schema, candidate)),
+            "values.schema.json",
+            f"accepts {dotted}={bad!r}, which it must refuse",
+        )
+
+
+def value_path_exists(values: Any, parts: list[str]) -> bool:
+    node = values
+    for part in parts:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def check_templates(chart_dir: Path, values: Any, report: Report) -> None:
+    templates = chart_dir / "templates"
+    files = sorted(p for p in templates.rglob("*") if p.is_file())
+    if not report.check(bool(files), str(templates), "has no templates"):
+        return
+    defined: set[str] = set()
+    used: list[tuple[str, str]] = []
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        where = str(path)
+        opens, closes = text.count("{{"), text.count("}}")
+        report.check(opens == closes, where, f"{opens} '{{{{' but {closes} '}}}}'")
+        stack: list[str] = []
+        for match in ACTION.finditer(text):
+            action = match.group(1).strip()
+            if action.startswith("/*"):
+                report.check(action.endswith("*/"), where, f"unterminated comment: {action[:40]!r}")
+                continue
+            word = action.split(None, 1)[0] if action else ""
+            line = text.count("\n", 0, match.start()) + 1
+            if word in BLOCK_OPENERS:
+                stack.append(f"{word} (line {line})")
+            elif word == "end":
+                if not stack:
+                    report.fail(where, f"line {line}: 'end' without an open block")
+                else:
+                    stack.pop()
+            define = DEFINE.match(action)
+            if define:
+                defined.add(define.group(1))
+            for name in INCLUDE_REF.findall(action):
+                used.append((where, name))
+            for ref in VALUES_REF.findall(action):
+                parts = ref.strip(".").split(".")
+                report.check(
+                    value_path_exists(values, parts),
+                    where,
+                    f"line {line}: .Values.{'.'.join(parts)} does not exist in values.yaml",
+                )
+        for block in stack:
+            report.fail(where, f"block {block} has no 'end'")
+    for where, name in used:
+        report.check(name in defined, where, f"includes {name!r}, which no template defines")
+
+
+# --- rendering -----------------------------------------------------------------------------
+
+
+Renderer = Callable[[dict[str, Any]], "dict[str, str]"]
+
+
+def helm_binary_renderer(chart_dir: Path, report: Report) -> Renderer | None:
+    helm = shutil.which("helm")
+    if helm is None:
+        return None
+    lint = subprocess.run(
+        [helm, "lint", "--strict", str(chart_dir)], capture_output=True, text=True, check=False
+    )
+    report.check(lint.returncode == 0, "helm lint --strict", lint.stdout + lint.stderr)
+
+    def render(overrides: dict[str, Any]) -> dict[str, str]:
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+            yaml.safe_dump(overrides, handle)
+            overrides_file = handle.name
+        try:
+            done = subprocess.run(
+                [helm, "template", "mail", str(chart_dir), "--namespace", "mail", "-f", overrides_file],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+        finally:
+            os.unlink(overrides_file)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip() or "helm template failed")
+        return {"rendered.yaml": done.stdout}
+
+    return render
+
+
+def helm_sdk_renderer(chart_dir: Path, report: Report) -> Renderer | None:
+    try:
+        import helm_python  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    lint = helm_python.lint(str(chart_dir), strict=True)
+    for message in lint.get("messages", []):
+        report.check(
+            int(message.get("severity", 0)) < 2,
+            "helm lint --strict",
+            f"{message.get('path')}: {message.get('error')}",
+        )
+    for error in lint.get("errors", []):
+        report.fail("helm lint --strict", str(error))
+
+    def render(overrides: dict[str, Any]) -> dict[str, str]:
+        with helm_python.Chart.load(str(chart_dir)) as chart:
+            try:
+                rendered = chart.render(overrides, name="mail", namespace="mail", is_install=True)
+            except helm_python.HelmError as err:
+                raise RuntimeError(str(err)) from err
+        return {k: v for k, v in rendered.items() if not k.endswith(".txt")}
+
+    return render
+
+
+def manifests(rendered: dict[str, str]) -> list[dict[str, Any]]:
+    docs = []
+    for text in rendered.values():
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                docs.append(doc)
+    return docs
+
+
+def key_paths(node: Any, prefix: str = "") -> set[str]:
+    """Key paths of a YAML tree; list items share the path `key[]`."""
+    paths: set[str] = set()
+    if isinstance(node, dict):
+        for key, sub in node.items():
+            here = f"{prefix}.{key}" if prefix else str(key)
+            paths.add(here)
+            if prefix == "routes" and key == "domains":
+                continue  # free-form map: domain -> backend
+            paths |= key_paths(sub, here)
+    elif isinstance(node, list):
+        for item in node:
+            paths |= key_paths(item, f"{prefix}[]")
+    return paths
+
+
+def seconds(duration: str) -> float:
+    match = DURATION.match(str(duration))
+    if not match:
+        raise ValueError(f"not a duration: {duration!r}")
+    number, unit = int(match.group(1)), match.group(2)
+    return number * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+
+
+def check_rendered(name: str, docs: list[dict[str, Any]], example_paths: set[str], report: Report) -> None:
+    where = f"render[{name}]"
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for doc in docs:
+        by_kind.setdefault(doc.get("kind", "?"), []).append(doc)
+    for kind in ("ConfigMap", "Deployment", "Service"):
+        report.check(len(by_kind.get(kind, [])) == 1, where, f"expected one {kind}")
+    if any(len(by_kind.get(k, [])) != 1 for k in ("ConfigMap", "Deployment", "Service")):
+        return
+    config_map, deployment, service = (by_kind[k][0] for k in ("ConfigMap", "Deployment", "Service"))
+
+    config = yaml.safe_load(config_map["data"]["imapgate.yaml"])
+    for path in sorted(key_paths(config) - example_paths):
+        report.fail(
+            where, f"the rendered config uses {path}, which config/imapgate.example.yaml does not document"
+        )
+    admin_host = config["admin"]["address"].rsplit(":", 1)[0]
+    report.check(
+        admin_host in ("0.0.0.0", "[::]"),
+        where,
+        f"admin must listen on all pod interfaces for the probes, not {admin_host}",
+    )
+
+    pod = deployment["spec"]["template"]
+    spec = pod["spec"]
+    container = spec["containers"][0]
+    pod_sc, sc = spec.get("securityContext", {}), container.get("securityContext", {})
+    report.check(pod_sc.get("runAsNonRoot") is True, where, "pod must set runAsNonRoot")
+    report.check(sc.get("readOnlyRootFilesystem") is True, where, "readOnlyRootFilesystem must be true")
+    report.check(sc.get("allowPrivilegeEscalation") is False, where, "allowPrivilegeEscalation must be false")
+    report.check("ALL" in sc.get("capabilities", {}).get("drop", []), where, "capabilities must drop ALL")
+    report.check(not sc.get("capabilities", {}).get("add"), where, "no capability may be added")
+    seccomp = sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}
+    report.check(seccomp.get("type") == "RuntimeDefault", where, "seccompProfile must be RuntimeDefault")
+    report.check(
+        spec.get("automountServiceAccountToken") is False, where, "the API token must not be mounted"
+    )
+    annotation = pod["metadata"].get("annotations", {}).get("checksum/config", "")
+    report.check(bool(re.fullmatch(r"[0-9a-f]{64}", annotation)), where, "checksum/config annotation missing")
+
+    drain = seconds(config["limits"]["shutdown_delay"]) + seconds(config["limits"]["shutdown_grace"])
+    grace = spec.get("terminationGracePeriodSeconds", 30)
+    report.check(
+        grace > drain, where, f"terminationGracePeriodSeconds {grace} must exceed delay + grace {drain:g}"
+    )
+
+    ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+    admin_port = int(config["admin"]["address"].rsplit(":", 1)[1])
+    report.check(ports.get("admin") == admin_port, where, "container port 'admin' must match admin.address")
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        http = container.get(probe, {}).get("httpGet", {})
+        report.check(
+            http.get("path") == path and http.get("port") in ("admin", admin_port),
+            where,
+            f"{probe} must GET {path} on the admin port",
+        )
+    for listener in config["listeners"]:
+        port = int(listener["address"].rsplit(":", 1)[1])
+        report.check(
+            ports.get(listener["name"]) == port,
+            where,
+            f"listener {listener['name']} listens on {port} but the container port says {ports.get(listener['name'])}",
+        )
+
+    volumes = {v["name"] for v in spec.get("volumes", [])}
+    mounts = container.get("volumeMounts", [])
+    for mount in mounts:
+        report.check(mount["name"] in volumes, where, f"mount {mount['name']} has no volume")
+    mount_paths = [m["mountPath"] for m in mounts]
+
+    def mounted(path: str) -> bool:
+        return any(path == mp or path.startswith(mp.rstrip("/") + "/") for mp in mount_paths)
+
+    files = [config["auth"]["users_file"]]
+    for cert in config["tls"].get("certificates", []):
+        files += [cert["cert_file"], cert["key_file"]]
+    for backend in config["backends"]:
+        files += [backend[k] for k in ("master_password_file", "ca_file") if k in backend]
+    for path in files:
+        report.check(mounted(path), where, f"the config names {path}, which nothing mounts")
+    report.check(
+        mounted("/etc/imapgate/imapgate.yaml") and "/etc/imapgate/imapgate.yaml" in container.get("args", []),
+        where,
+        "the config file must be mounted and passed with -c",
+    )
+
+    service_ports = service["spec"].get("ports", [])
+    for port in service_ports:
+        report.check(
+            port["targetPort"] in ports, where, f"service port {port['name']} targets an unknown port"
+        )
+    report.check(
+        all(p["targetPort"] != "admin" for p in service_ports),
+        where,
+        "the Service must not expose the admin port",
+    )
+
+
+def render_variants(values: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool]]:
+    """(name, overrides, must_render). Overrides are merged over values.yaml by Helm."""
+    backend = copy.deepcopy(values["backends"][0])
+    second = dict(
+        backend,
+        name="cyrus",
+        address="cyrus.mail.svc:143",
+        tls="starttls",
+        login="sasl_authzid",
+        serverName="imap.example.org",
+        caSecret={"name": "mail-ca", "key": "ca.crt"},
+        masterPasswordSecret={"name": "cyrus-proxy", "key": "secret"},
+        sendId=True,
+    )
+    plain = dict(backend, name="legacy", address="10.0.0.5:143", tls="none")
+    return [
+        ("defaults", {}, True),
+        (
+            "self-signed, imaps only, TLS 1.3",
+            {"tls": {"selfSigned": True, "minVersion": "1.3"}, "listeners": {"imap": {"enabled": False}}},
+            True,
+        ),
+        (
+            "three backends, routes, IPv6, two replicas",
+            {
+                "replicaCount": 2,
+                "bindAddress": "[::]",
+                "backends": [backend, second, plain],
+                "routes": {
+                    "default": "dovecot",
+                    "domains": {"example.org": "cyrus", "old.example.org": "legacy"},
+                },
+                "service": {"externalTrafficPolicy": "Cluster", "loadBalancerSourceRanges": ["192.0.2.0/24"]},
+                "limits": {"maxConnections": 2000000},
+            },
+            True,
+        ),
+        ("route to an unknown backend", {"routes": {"default": "nope"}}, False),
+        ("no listener", {"listeners": {"imaps": {"enabled": False}, "imap": {"enabled": False}}}, False),
+        ("duplicate backend names", {"backends": [backend, backend]}, False),
+        ("schema violation", {"limits": {"lineBytes": "lots"}}, False),
+    ]
+
+
+def check_rendering(renderer: Renderer, values: dict[str, Any], example: Any, report: Report) -> None:
+    example_paths = key_paths(example)
+    for name, overrides, must_render in render_variants(values):
+        try:
+            rendered = renderer(overrides)
+        except RuntimeError as err:
+            report.check(not must_render, f"render[{name}]", f"failed: {err}")
+            continue
+        if not report.check(must_render, f"render[{name}]", "rendered, but these values must be refused"):
+            continue
+        try:
+            docs = manifests(rendered)
+        except yaml.YAMLError as err:
+            report.fail(f"render[{name}]", f"output is not YAML: {err}")
+            continue
+        check_rendered(name, docs, example_paths, report)
+        if name.startswith("three backends"):
+            config = yaml.safe_load(
+                next(d for d in docs if d["kind"] == "ConfigMap")["data"]["imapgate.yaml"]
+            )
+            report.check(
+                config["limits"]["max_connections"] == 2000000,
+                f"render[{name}]",
+                "large integers must render as integers, not 2e+06",
+            )
+
+
+# --- main ----------------------------------------------------------------------------------
+
+
+def main() -> int:
+    repo = Path(__file__).resolve().parent.parent
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--chart", type=Path, default=repo / "helm" / "imapgate")
+    parser.add_argument("--example-config", type=Path, default=repo / "config" / "imapgate.example.yaml")
+    parser.add_argument(
+        "--render",
+        choices=("auto", "helm", "sdk", "off"),
+        default="auto",
+        help="auto: the helm binary if on PATH, else the helm_python module if importable, else skip",
+    )
+    args = parser.parse_args()
+    report = Report()
+    chart_dir: Path = args.chart.resolve()
+
+    check_chart_yaml(chart_dir, report)
+    check_plain_yaml_files(chart_dir, report)
+    values = load_yaml(chart_dir / "values.yaml", report)
+    schema = load_schema(chart_dir, report)
+    if isinstance(values, dict) and schema is not None:
+        check_values_against_schema(chart_dir, schema, values, report)
+        check_schema_rejects(schema, values, report)
+    if isinstance(values, dict):
+        check_templates(chart_dir, values, report)
+        report.check(
+            values.get("replicaCount") == 1, "values.yaml", "replicaCount must default to 1 (in-memory state)"
+        )
+
+    renderer: Renderer | None = None
+    how = "skipped"
+    if args.render in ("auto", "helm"):
+        renderer = helm_binary_renderer(chart_dir, report)
+        how = "helm binary" if renderer else how
+    if renderer is None and args.render in ("auto", "sdk"):
+        renderer = helm_sdk_renderer(chart_dir, report)
+        how = "helm-python-sdk" if renderer else how
+    if renderer is None and args.render in ("helm", "sdk"):
+        report.fail("render", f"--render {args.render} was asked for but is not available")
+    if renderer is not None and isinstance(values, dict):
+        example = load_yaml(args.example_config, report)
+        if example is not None:
+            check_rendering(renderer, values, example, report)
+
+    for problem in report.problems:
+        print(f"FAIL {problem}")
+    verdict = "ok" if not report.problems else f"{len(report.problems)} problem(s)"
+    print(f"check_chart: {verdict}; {report.passed} checks held; rendering: {how}")
+    return 1 if report.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,357 @@
+# shellcheck shell=bash
+# Shared helpers for scripts/test.sh and scripts/demo.sh. Source this file; do not run it.
+#
+# Everything here is bounded: every wait has a deadline, every process we start is stopped by
+# its own pid. Nothing here talks to the network except apt-get.
+
+# --- output --------------------------------------------------------------------------------
+
+log() { printf '%s\n' "$*" >&2; }
+step() { printf '\n==> %s\n' "$*" >&2; }
+warn() { printf 'warning: %s\n' "$*" >&2; }
+die() {
+  printf 'error: %s\n' "$*" >&2
+  exit 1
+}
+
+# --- privileges and packages ---------------------------------------------------------------
+
+# Runs a command as root: directly when we are root, through sudo otherwise.
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then
+    "$@"
+  elif command -v sudo >/dev/null 2>&1; then
+    sudo "$@"
+  else
+    die "need root for: $* (run as root or install sudo)"
+  fi
+}
+
+# True when the Debian package is installed.
+pkg_installed() {
+  dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
+}
+
+# ensure_packages PKG[:COMMAND] ...
+# Installs the packages that are missing, with one apt-get update, behind a policy-rc.d that
+# stops dpkg from starting services. A package counts as present when dpkg says so or when its
+# COMMAND is already on PATH (e.g. a python3 from pyenv). Sets ENSURE_PACKAGES_INSTALLED to the
+# packages it installed (empty when the machine was warm).
+# shellcheck disable=SC2034 # read by the scripts that source this file
+ENSURE_PACKAGES_INSTALLED=""
+ensure_packages() {
+  local spec pkg cmd missing=()
+  for spec in "$@"; do
+    pkg="${spec%%:*}"
+    cmd=""
+    [ "$spec" != "$pkg" ] && cmd="${spec#*:}"
+    if pkg_installed "$pkg"; then continue; fi
+    if [ -n "$cmd" ] && PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1; then continue; fi
+    missing+=("$pkg")
+  done
+  ENSURE_PACKAGES_INSTALLED=""
+  if [ "${#missing[@]}" -eq 0 ]; then
+    log "system packages present: ${*%%:*}"
+    return 0
+  fi
+  command -v apt-get >/dev/null 2>&1 || die "missing packages (${missing[*]}) and no apt-get to install them"
+  log "installing: ${missing[*]}"
+
+  # Stop dpkg from starting services (dovecot would grab 143/993). Keep an existing policy;
+  # remove ours afterwards so a developer's machine is left as it was.
+  local policy=/usr/sbin/policy-rc.d created_policy=0
+  if [ ! -e "$policy" ]; then
+    as_root sh -c "printf '#!/bin/sh\nexit 101\n' > $policy && chmod 755 $policy"
+    created_policy=1
+  fi
+  local rc=0
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq || rc=$?
+  if [ "$rc" -eq 0 ]; then
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${missing[@]}" || rc=$?
+  fi
+  if [ "$created_policy" -eq 1 ]; then as_root rm -f "$policy"; fi
+  [ "$rc" -eq 0 ] || die "apt-get failed (exit $rc) installing: ${missing[*]}"
+  # shellcheck disable=SC2034
+  ENSURE_PACKAGES_INSTALLED="${missing[*]}"
+}
+
+# Stops a system-wide Dovecot (the distribution's service, base_dir /run/dovecot) if one runs.
+# Our sandboxes use their own base_dir, so they are never touched.
+stop_system_dovecot() {
+  local pidfile=/run/dovecot/master.pid pid
+  [ -r "$pidfile" ] || return 0
+  pid="$(cat "$pidfile" 2>/dev/null || true)"
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
+  warn "a system Dovecot (pid $pid) is running; stopping it"
+  if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    as_root systemctl stop dovecot.service dovecot.socket 2>/dev/null || true
+  fi
+  as_root kill -TERM "$pid" 2>/dev/null || true
+  wait_pid_gone "$pid" 10 || as_root kill -KILL "$pid" 2>/dev/null || true
+}
+
+# --- processes and ports -------------------------------------------------------------------
+
+# wait_pid_gone PID SECONDS: true once PID has exited, false after SECONDS.
+wait_pid_gone() {
+  local pid="$1" deadline=$((SECONDS + $2))
+  while kill -0 "$pid" 2>/dev/null; do
+    [ "$SECONDS" -lt "$deadline" ] || return 1
+    sleep 0.1
+  done
+}
+
+# stop_pid PID [NAME]: SIGTERM, up to 10 s to exit, then SIGKILL. Reaps it if it is our child.
+stop_pid() {
+  local pid="$1" name="${2:-process}"
+  [ -n "$pid" ] || return 0
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    if ! wait_pid_gone "$pid" 10; then
+      warn "$name (pid $pid) did not stop within 10 s; killing it"
+      kill -KILL "$pid" 2>/dev/null || true
+      wait_pid_gone "$pid" 5 || true
+    fi
+  fi
+  wait "$pid" 2>/dev/null || true
+}
+
+# free_ports N: prints N distinct free TCP ports on 127.0.0.1, one per line.
+free_ports() {
+  local n="$1"
+  if command -v python3 >/dev/null 2>&1 && python3 -c '
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+for s in socks:
+    print(s.getsockname()[1])
+' "$n" 2>/dev/null; then
+    return 0
+  fi
+  # No python3: probe random high ports until N refuse a connection.
+  local found=() port tries=0
+  while [ "${#found[@]}" -lt "$n" ]; do
+    tries=$((tries + 1))
+    [ "$tries" -lt 1000 ] || die "could not find $n free ports"
+    port=$((20000 + RANDOM % 12000))
+    case " ${found[*]} " in *" $port "*) continue ;; esac
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then continue; fi
+    found+=("$port")
+  done
+  printf '%s\n' "${found[@]}"
+}
+
+# port_open HOST PORT: true when something accepts TCP connections there.
+port_open() {
+  (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null
+}
+
+# wait_for_port HOST PORT SECONDS [PID]: waits until the port accepts connections; fails after
+# SECONDS or as soon as PID (the process that should open it) has exited.
+wait_for_port() {
+  local host="$1" port="$2" deadline=$((SECONDS + $3)) pid="${4:-}"
+  until port_open "$host" "$port"; do
+    if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then return 1; fi
+    [ "$SECONDS" -lt "$deadline" ] || return 1
+    sleep 0.1
+  done
+}
+
+# random_secret: 32 hex characters from /dev/urandom (no SIGPIPE under pipefail).
+random_secret() {
+  head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n'
+}
+
+# --- certificates --------------------------------------------------------------------------
+
+# make_test_pki DIR: a throwaway CA (DIR/ca.pem) and a server certificate signed by it
+# (DIR/server.pem, DIR/server.key) for localhost and 127.0.0.1, EC P-256, valid 7 days.
+# The leaf is a proper end-entity certificate (CA:FALSE, serverAuth, SAN) so rustls/webpki
+# accepts it.
+make_test_pki() {
+  local dir="$1"
+  mkdir -p "$dir"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 7 \
+    -subj '/CN=imapgate test CA' \
+    -addext 'basicConstraints=critical,CA:TRUE' \
+    -addext 'keyUsage=critical,keyCertSign,cRLSign' \
+    -keyout "$dir/ca.key" -out "$dir/ca.pem" 2>/dev/null
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+    -subj '/CN=localhost' -keyout "$dir/server.key" -out "$dir/server.csr" 2>/dev/null
+  printf '%s\n' \
+    'basicConstraints=critical,CA:FALSE' \
+    'keyUsage=critical,digitalSignature' \
+    'extendedKeyUsage=serverAuth' \
+    'subjectAltName=DNS:localhost,IP:127.0.0.1' >"$dir/server.ext"
+  openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" \
+    -CAcreateserial -days 7 -extfile "$dir/server.ext" -out "$dir/server.pem" 2>/dev/null
+  rm -f "$dir/server.csr" "$dir/server.ext" "$dir/ca.srl"
+  chmod 600 "$dir/ca.key" "$dir/server.key"
+}
+
+# --- throwaway Dovecot ---------------------------------------------------------------------
+
+# dovecot_sandbox_start DIR PORT TLS USER...
+# Starts a Dovecot that serves only 127.0.0.1:PORT (TLS = implicit | starttls | none), with a
+# master user "gateway" and a maildir per USER holding one demo message. Dovecot runs as root
+# (it needs to), mail is served as nobody:nogroup. After it returns:
+#   DOVECOT_PID            the master process (stop with dovecot_sandbox_stop)
+#   DOVECOT_CONF           DIR/dovecot.conf
+#   DOVECOT_LOG            DIR/dovecot.log
+#   DOVECOT_MASTER_USER    gateway
+#   DIR/master.secret      the master password (no newline, mode 0600)
+#   DIR/tls/ca.pem         the CA that signed Dovecot's certificate (TLS modes)
+# Users' own Dovecot passwords are random and never written anywhere but the passwd-file, so
+# the only way in is the master user.
+DOVECOT_PID=""
+DOVECOT_CONF=""
+DOVECOT_LOG=""
+DOVECOT_MASTER_USER="gateway"
+dovecot_sandbox_start() {
+  local dir="$1" port="$2" tls="$3"
+  shift 3
+  local dovecot_bin
+  dovecot_bin="$(PATH="$PATH:/usr/sbin:/sbin" command -v dovecot)" || die "dovecot is not installed"
+  [ "$(id -u)" -eq 0 ] || die "the Dovecot sandbox must be started as root"
+  getent passwd dovecot >/dev/null || die "system user 'dovecot' missing (dovecot-core not installed?)"
+
+  # Login processes (dovenull) and auth (dovecot) must traverse every directory up to base_dir.
+  mkdir -p "$dir/run" "$dir/state" "$dir/mail"
+  chmod 755 "$dir" "$dir/run" "$dir/state"
+  DOVECOT_CONF="$dir/dovecot.conf"
+  DOVECOT_LOG="$dir/dovecot.log"
+
+  local master_pw user
+  master_pw="$(random_secret)"
+  printf '%s' "$master_pw" >"$dir/master.secret"
+  chmod 600 "$dir/master.secret"
+
+  # passwd-files are read by the auth process, which runs as the 'dovecot' user.
+  printf '%s:{PLAIN}%s\n' "$DOVECOT_MASTER_USER" "$master_pw" >"$dir/dovecot-masters"
+  : >"$dir/dovecot-users"
+  for user in "$@"; do
+    printf '%s:{PLAIN}%s\n' "$user" "$(random_secret)" >>"$dir/dovecot-users"
+    dovecot_sandbox_add_message "$dir" "$user"
+  done
+  chown root:dovecot "$dir/dovecot-masters" "$dir/dovecot-users"
+  chmod 640 "$dir/dovecot-masters" "$dir/dovecot-users"
+  chown -R nobody:nogroup "$dir/mail"
+  chmod 700 "$dir/mail"
+
+  local ssl_block="" imap_port=0 imaps_port=0 plaintext="no"
+  case "$tls" in
+    implicit | starttls)
+      make_test_pki "$dir/tls"
+      ssl_block="ssl = required
+ssl_cert = <$dir/tls/server.pem
+ssl_key = <$dir/tls/server.key
+ssl_min_protocol = TLSv1.2"
+      if [ -r /usr/share/dovecot/dh.pem ]; then
+        ssl_block="$ssl_block
+ssl_dh = </usr/share/dovecot/dh.pem"
+      fi
+      plaintext="yes"
+      if [ "$tls" = implicit ]; then imaps_port="$port"; else imap_port="$port"; fi
+      ;;
+    none)
+      ssl_block="ssl = no"
+      imap_port="$port"
+      ;;
+    *) die "dovecot_sandbox_start: TLS must be implicit, starttls or none, not '$tls'" ;;
+  esac
+
+  cat >"$DOVECOT_CONF" <<EOF
+# Throwaway Dovecot for imapgate's demo and tests: loopback only, everything under $dir.
+base_dir = $dir/run
+state_dir = $dir/state
+instance_name = imapgate-sandbox
+log_path = $dir/dovecot.log
+info_log_path = $dir/dovecot.log
+protocols = imap
+listen = 127.0.0.1
+$ssl_block
+disable_plaintext_auth = $plaintext
+auth_mechanisms = plain login
+auth_master_user_separator = *
+login_trusted_networks = 127.0.0.1
+mail_uid = nobody
+mail_gid = nogroup
+mail_location = maildir:~/Maildir
+
+# Master users: "user*gateway" + the master password logs in as user. result_success =
+# continue makes Dovecot look the user up in the next passdb, so only existing users work.
+passdb {
+  driver = passwd-file
+  args = $dir/dovecot-masters
+  master = yes
+  result_success = continue
+}
+# Real users, with random passwords nobody is told: the master user is the only way in.
+passdb {
+  driver = passwd-file
+  args = $dir/dovecot-users
+}
+userdb {
+  driver = static
+  args = uid=nobody gid=nogroup home=$dir/mail/%u
+}
+# Failed logins are answered at once and do not slow down later ones from 127.0.0.1 (by
+# default Dovecot waits 2 s and its anvil penalty grows to 15 s per source IP, which makes
+# negative tests slow and flaky).
+auth_failure_delay = 0
+service anvil {
+  unix_listener anvil-auth-penalty {
+    mode = 0
+  }
+}
+service imap-login {
+  inet_listener imap {
+    port = $imap_port
+  }
+  inet_listener imaps {
+    port = $imaps_port
+    ssl = yes
+  }
+}
+EOF
+
+  "$dovecot_bin" -c "$DOVECOT_CONF" -F >"$dir/dovecot.stderr" 2>&1 &
+  DOVECOT_PID=$!
+  if ! wait_for_port 127.0.0.1 "$port" 30 "$DOVECOT_PID"; then
+    log "--- dovecot stderr"
+    cat "$dir/dovecot.stderr" >&2 || true
+    log "--- dovecot log"
+    cat "$DOVECOT_LOG" >&2 2>/dev/null || true
+    die "Dovecot did not start listening on 127.0.0.1:$port within 30 s"
+  fi
+}
+
+# dovecot_sandbox_add_message DIR USER: drops one small message into USER's INBOX (maildir new/).
+dovecot_sandbox_add_message() {
+  local dir="$1" user="$2" maildir
+  maildir="$dir/mail/$user/Maildir"
+  mkdir -p "$maildir/cur" "$maildir/new" "$maildir/tmp"
+  cat >"$maildir/new/1700000000.M1P1.imapgate-demo" <<EOF
+From: imapgate demo <noreply@example.org>
+To: $user
+Subject: Welcome to imapgate
+Date: Tue, 14 Nov 2023 22:13:20 +0000
+Message-ID: <welcome@imapgate.invalid>
+Content-Type: text/plain; charset=us-ascii
+
+This message was served by a real Dovecot, relayed through imapgate.
+EOF
+  chown -R nobody:nogroup "$dir/mail/$user"
+}
+
+# dovecot_sandbox_stop: stops the Dovecot started by dovecot_sandbox_start (idempotent).
+dovecot_sandbox_stop() {
+  if [ -n "$DOVECOT_PID" ]; then
+    stop_pid "$DOVECOT_PID" dovecot
+    DOVECOT_PID=""
+  fi
+}

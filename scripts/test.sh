@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# imapgate's one test command, the same for a developer and for CI (.ci/run calls it).
+#
+#   scripts/test.sh
+#
+# Steps: 1 system packages (installed only if missing), 2 cargo fmt + clippy, 3 cargo deny
+# (offline advisory DB from ../shared/advisory-db), 4 cargo test with IMAPGATE_REQUIRE_REAL=1
+# (tests whose real component is missing fail instead of skipping), 5 the Helm chart checks if
+# scripts/check-chart.sh exists, 6 scripts/demo.sh --check.
+#
+# Expects a Debian 12 machine with cargo (rustfmt and clippy components), run as root (the test
+# harness and the demo start Dovecot, which must start as root). Warm runs skip apt and reuse
+# cargo-deny and the build.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=scripts/lib/common.sh
+. scripts/lib/common.sh
+
+# Packages the tests and the demo need, as package[:command that proves it is present].
+SYSTEM_PACKAGES=(
+  dovecot-imapd:dovecot # the real backend the harness and the demo start
+  curl:curl             # a real IMAP client (tests and demo)
+  openssl:openssl       # certificates for the throwaway Dovecot
+  ca-certificates
+  python3:python3 # imaplib as a second real client; free ports
+  git:git         # cargo-deny's advisory DB must be a git repository
+)
+ADVISORY_SRC=../shared/advisory-db
+DENY_DB_ROOT=/tmp/deny-dbs
+DENY_DB="$DENY_DB_ROOT/advisory-db-3157b0e258782691" # the name cargo-deny gives the default URL
+TOTAL_STEPS=6
+
+STARTED=$SECONDS
+STEP_NO=0
+STEP_NAME="setup"
+STEP_STARTED=$SECONDS
+
+finish() {
+  local rc=$?
+  trap - EXIT
+  step_done
+  if [ "$rc" -eq 0 ]; then
+    printf '\nPASS: scripts/test.sh: all %d steps passed in %ds\n' "$TOTAL_STEPS" "$((SECONDS - STARTED))"
+  else
+    printf '\nFAIL: scripts/test.sh: step %d/%d (%s) failed with exit %d after %ds\n' \
+      "$STEP_NO" "$TOTAL_STEPS" "$STEP_NAME" "$rc" "$((SECONDS - STARTED))" >&2
+  fi
+  exit "$rc"
+}
+trap finish EXIT
+
+step_done() {
+  if [ "$STEP_NO" -gt 0 ]; then log "    (step $STEP_NO took $((SECONDS - STEP_STARTED))s)"; fi
+}
+
+begin() {
+  step_done
+  STEP_NO=$((STEP_NO + 1))
+  STEP_NAME="$1"
+  STEP_STARTED=$SECONDS
+  step "[$STEP_NO/$TOTAL_STEPS] $STEP_NAME"
+}
+
+# --- 1 ---------------------------------------------------------------------------------------
+begin "system packages"
+[ "$(id -u)" -eq 0 ] || warn "not running as root: the Dovecot-based tests and the demo check need root"
+ensure_packages "${SYSTEM_PACKAGES[@]}"
+# The package must not leave a system Dovecot on 143/993. On CI, or when we just installed it,
+# stop one if it runs; a developer's own mail server is left alone.
+if [ "${CI:-}" = true ] || [ -n "$ENSURE_PACKAGES_INSTALLED" ]; then
+  stop_system_dovecot
+fi
+
+# --- 2 ---------------------------------------------------------------------------------------
+begin "cargo fmt --check; cargo clippy"
+for component in rustfmt clippy; do
+  sub="${component/rustfmt/fmt}"
+  if ! cargo "$sub" --version >/dev/null 2>&1; then
+    if command -v rustup >/dev/null 2>&1; then
+      rustup component add "$component" || die "cargo $sub is missing and rustup could not add it"
+    else
+      die "cargo $sub is missing (install the $component component)"
+    fi
+  fi
+done
+cargo fmt --check
+cargo clippy --all-targets --locked -- -D warnings
+
+# --- 3 ---------------------------------------------------------------------------------------
+begin "cargo deny (offline advisory DB)"
+if ! cargo deny --version >/dev/null 2>&1; then
+  log "cargo-deny not found; installing it (cargo install cargo-deny --locked, a few minutes)"
+  cargo install cargo-deny --locked
+fi
+log "$(cargo deny --version)"
+[ -d "$ADVISORY_SRC" ] || die "no advisory database at $ADVISORY_SRC (expected ../shared beside the repository)"
+log "advisory DB: $(sed -n 2p "$ADVISORY_SRC/SNAPSHOT.txt" 2>/dev/null || echo "$ADVISORY_SRC")"
+rm -rf "$DENY_DB"
+mkdir -p "$DENY_DB"
+cp -r "$ADVISORY_SRC/." "$DENY_DB/"
+git -C "$DENY_DB" -c init.defaultBranch=main init -q
+git -C "$DENY_DB" add -A
+git -C "$DENY_DB" -c user.email=ci@localhost -c user.name=ci -c commit.gpgsign=false commit -qm snapshot
+cargo fetch --locked
+cargo deny --offline check
+
+# --- 4 ---------------------------------------------------------------------------------------
+begin "cargo test (IMAPGATE_REQUIRE_REAL=1)"
+IMAPGATE_REQUIRE_REAL=1 cargo test --locked
+
+# --- 5 ---------------------------------------------------------------------------------------
+begin "Helm chart checks"
+if [ -f scripts/check-chart.sh ]; then
+  bash scripts/check-chart.sh
+else
+  log "scripts/check-chart.sh not present; skipped"
+fi
+
+# --- 6 ---------------------------------------------------------------------------------------
+begin "demo check (scripts/demo.sh --check)"
+bash scripts/demo.sh --check

@@ -1,0 +1,433 @@
+//! Operator commands: `run`, `check-config`, `users …`, `app-password …`.
+//!
+//! Exit codes: 0 success, 64 configuration or usage error (one line per problem, as linkerd
+//! does), 1 anything else. Nothing here prints a secret except `app-password create`, which
+//! prints the new password once, alone on stdout, so scripts can capture it.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use time::OffsetDateTime;
+
+use crate::auth::users::{AppPassword, User, UsersFile};
+use crate::auth::{app_password, normalize_user};
+use crate::config::Config;
+
+pub const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "imapgate",
+    version,
+    about = "TLS, MFA and OAuth2 in front of legacy IMAP servers"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ConfigArg {
+    /// The configuration file.
+    #[arg(short, long, env = "IMAPGATE_CONFIG")]
+    pub config: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the gateway.
+    Run(ConfigArg),
+    /// Validate a configuration file and print every problem.
+    CheckConfig(ConfigArg),
+    /// Manage users.
+    #[command(subcommand)]
+    Users(UsersCmd),
+    /// Manage app passwords.
+    #[command(subcommand)]
+    AppPassword(AppPasswordCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UsersCmd {
+    /// Add a user (the full address).
+    Add {
+        user: String,
+        /// The name the backend knows, if not the address.
+        #[arg(long)]
+        upstream_user: Option<String>,
+        #[command(flatten)]
+        cfg: ConfigArg,
+    },
+    /// List users.
+    List {
+        #[command(flatten)]
+        cfg: ConfigArg,
+    },
+    /// Disable a user (logins refused, entries kept).
+    Disable {
+        user: String,
+        #[command(flatten)]
+        cfg: ConfigArg,
+    },
+    /// Enable a disabled user.
+    Enable {
+        user: String,
+        #[command(flatten)]
+        cfg: ConfigArg,
+    },
+    /// Remove a user and all their app passwords.
+    Remove {
+        user: String,
+        #[command(flatten)]
+        cfg: ConfigArg,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AppPasswordCmd {
+    /// Create an app password and print it once.
+    Create {
+        user: String,
+        #[arg(long, default_value = "")]
+        label: String,
+        #[command(flatten)]
+        cfg: ConfigArg,
+    },
+    /// List a user's app passwords (never the passwords).
+    List {
+        user: String,
+        #[command(flatten)]
+        cfg: ConfigArg,
+    },
+    /// Revoke an app password by id.
+    Revoke {
+        user: String,
+        id: String,
+        #[command(flatten)]
+        cfg: ConfigArg,
+    },
+}
+
+fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("imapgate: {msg}");
+    ExitCode::from(code)
+}
+
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| fail(EXIT_CONFIG, e))
+}
+
+/// Runs a parsed command.
+pub fn main(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Run(c) => run(&c.config),
+        Command::CheckConfig(c) => check_config(&c.config),
+        Command::Users(u) => users(u),
+        Command::AppPassword(a) => app_passwords(a),
+    }
+}
+
+fn run(path: &Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Err(e) = crate::observe::init_logging(&config.logging) {
+        return fail(EXIT_CONFIG, format!("logging.audit: {e}"));
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
+    };
+    rt.block_on(async move {
+        let gw = match crate::server::Gateway::start(config).await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                return fail(1, e);
+            }
+        };
+        wait_for_signal().await;
+        gw.shutdown();
+        gw.wait().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut term) = signal(SignalKind::terminate()) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn check_config(path: &Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            match &e {
+                crate::config::ConfigError::Invalid(errors) => {
+                    for err in errors {
+                        eprintln!("{}: {err}", path.display());
+                    }
+                }
+                other => eprintln!("imapgate: {other}"),
+            }
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    // Certificates and backend CAs are parsed as the gateway would at start.
+    if let Err(e) = crate::tls::ServerTls::build(&config.tls) {
+        return fail(
+            EXIT_CONFIG,
+            format!("{}: tls.certificates: {e}", path.display()),
+        );
+    }
+    for (i, b) in config.backends.iter().enumerate() {
+        if let Err(e) = crate::upstream::Backend::new(b.clone()) {
+            return fail(
+                EXIT_CONFIG,
+                format!("{}: backends[{i}]: {e}", path.display()),
+            );
+        }
+    }
+    for w in &config.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!("{}: ok", path.display());
+    ExitCode::SUCCESS
+}
+
+fn user_name(user: &str) -> Result<String, ExitCode> {
+    normalize_user(user).map_err(|_| {
+        fail(
+            EXIT_CONFIG,
+            format!("`{}` is not a valid user name", user.escape_debug()),
+        )
+    })
+}
+
+/// Loads the users file named in the config, applies `f`, saves it.
+fn edit(
+    cfg: &ConfigArg,
+    f: impl FnOnce(&mut UsersFile, &Config) -> Result<(), String>,
+) -> ExitCode {
+    let config = match load(&cfg.config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let path = &config.auth.users_file;
+    let mut file = match UsersFile::load_or_empty(path) {
+        Ok(f) => f,
+        Err(e) => return fail(1, e),
+    };
+    if let Err(msg) = f(&mut file, &config) {
+        return fail(1, msg);
+    }
+    match file.save(path) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(1, e),
+    }
+}
+
+fn users(cmd: UsersCmd) -> ExitCode {
+    match cmd {
+        UsersCmd::Add {
+            user,
+            upstream_user,
+            cfg,
+        } => {
+            let name = match user_name(&user) {
+                Ok(n) => n,
+                Err(c) => return c,
+            };
+            if let Some(u) = &upstream_user {
+                if normalize_user(u).is_err() {
+                    return fail(EXIT_CONFIG, "--upstream-user is not a valid name");
+                }
+            }
+            edit(&cfg, |f, _| {
+                if f.users.contains_key(&name) {
+                    return Err(format!("user {name} already exists"));
+                }
+                f.users.insert(
+                    name.clone(),
+                    User {
+                        disabled: false,
+                        upstream_user,
+                        app_passwords: Vec::new(),
+                    },
+                );
+                eprintln!("added {name}");
+                Ok(())
+            })
+        }
+        UsersCmd::List { cfg } => {
+            let config = match load(&cfg.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match UsersFile::load_or_empty(&config.auth.users_file) {
+                Ok(f) => {
+                    for (name, u) in &f.users {
+                        let active = u
+                            .app_passwords
+                            .iter()
+                            .filter(|a| a.is_active(OffsetDateTime::now_utc()))
+                            .count();
+                        println!(
+                            "{name}\t{}\tapp-passwords={active}",
+                            if u.disabled { "disabled" } else { "enabled" }
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, e),
+            }
+        }
+        UsersCmd::Disable { user, cfg } | UsersCmd::Enable { user, cfg } if false => {
+            let _ = (user, cfg);
+            ExitCode::SUCCESS
+        }
+        UsersCmd::Disable { user, cfg } => set_disabled(&user, &cfg, true),
+        UsersCmd::Enable { user, cfg } => set_disabled(&user, &cfg, false),
+        UsersCmd::Remove { user, cfg } => {
+            let name = match user_name(&user) {
+                Ok(n) => n,
+                Err(c) => return c,
+            };
+            edit(&cfg, |f, _| {
+                f.users
+                    .remove(&name)
+                    .map(|_| eprintln!("removed {name}"))
+                    .ok_or_else(|| format!("no user {name}"))
+            })
+        }
+    }
+}
+
+fn set_disabled(user: &str, cfg: &ConfigArg, disabled: bool) -> ExitCode {
+    let name = match user_name(user) {
+        Ok(n) => n,
+        Err(c) => return c,
+    };
+    edit(cfg, |f, _| {
+        let u = f
+            .users
+            .get_mut(&name)
+            .ok_or_else(|| format!("no user {name}"))?;
+        u.disabled = disabled;
+        eprintln!("{name} {}", if disabled { "disabled" } else { "enabled" });
+        Ok(())
+    })
+}
+
+fn app_passwords(cmd: AppPasswordCmd) -> ExitCode {
+    match cmd {
+        AppPasswordCmd::Create { user, label, cfg } => {
+            let name = match user_name(&user) {
+                Ok(n) => n,
+                Err(c) => return c,
+            };
+            if label.chars().any(char::is_control) || label.len() > 64 {
+                return fail(
+                    EXIT_CONFIG,
+                    "--label must be at most 64 printable characters",
+                );
+            }
+            let password = app_password::generate();
+            let mut shown = None;
+            let code = edit(&cfg, |f, config| {
+                let u = f
+                    .users
+                    .get_mut(&name)
+                    .ok_or_else(|| format!("no user {name} (add it with `imapgate users add`)"))?;
+                let hash = app_password::hash(&password, config.auth.argon2)?;
+                let id = app_password::new_id();
+                u.app_passwords.push(AppPassword {
+                    id: id.clone(),
+                    label: label.clone(),
+                    hash,
+                    created: OffsetDateTime::now_utc()
+                        .replace_nanosecond(0)
+                        .unwrap_or(OffsetDateTime::now_utc()),
+                    expires: None,
+                    revoked: false,
+                });
+                shown = Some(id);
+                Ok(())
+            });
+            if let Some(id) = shown.filter(|_| code == ExitCode::SUCCESS) {
+                eprintln!("app password {id} for {name}; it is shown only this once:");
+                let grouped = app_password::grouped(&password);
+                println!("{}", grouped.expose_str().unwrap_or_default());
+            }
+            code
+        }
+        AppPasswordCmd::List { user, cfg } => {
+            let name = match user_name(&user) {
+                Ok(n) => n,
+                Err(c) => return c,
+            };
+            let config = match load(&cfg.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match UsersFile::load_or_empty(&config.auth.users_file) {
+                Ok(f) => match f.users.get(&name) {
+                    Some(u) => {
+                        for a in &u.app_passwords {
+                            let state = if a.revoked {
+                                "revoked"
+                            } else if a.is_active(OffsetDateTime::now_utc()) {
+                                "active"
+                            } else {
+                                "expired"
+                            };
+                            println!("{}\t{}\t{}\t{}", a.id, state, a.created, a.label);
+                        }
+                        ExitCode::SUCCESS
+                    }
+                    None => fail(1, format!("no user {name}")),
+                },
+                Err(e) => fail(1, e),
+            }
+        }
+        AppPasswordCmd::Revoke { user, id, cfg } => {
+            let name = match user_name(&user) {
+                Ok(n) => n,
+                Err(c) => return c,
+            };
+            edit(&cfg, |f, _| {
+                let u = f
+                    .users
+                    .get_mut(&name)
+                    .ok_or_else(|| format!("no user {name}"))?;
+                let a = u
+                    .app_passwords
+                    .iter_mut()
+                    .find(|a| a.id == id)
+                    .ok_or_else(|| format!("no app password {id}"))?;
+                a.revoked = true;
+                eprintln!("revoked {id} of {name}");
+                Ok(())
+            })
+        }
+    }
+}

@@ -1,0 +1,780 @@
+//! Stage two: raw YAML → typed [`Config`], collecting every problem with its YAML path.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::units::{parse_duration, parse_size, Scalar};
+use super::{
+    defaults, raw, AdminConfig, Argon2Params, AuditSink, AuthConfig, BackendConfig, BackendLogin,
+    CertificatePaths, Config, ConfigError, FieldError, Limits, ListenerConfig, LogFormat,
+    LoggingConfig, Routes, TlsConfig,
+};
+use crate::secret::Secret;
+
+const SECTIONS: &[&str] = &[
+    "listeners",
+    "tls",
+    "limits",
+    "auth",
+    "state",
+    "backends",
+    "routes",
+    "admin",
+    "logging",
+];
+
+struct Ctx<'a> {
+    base: &'a Path,
+    errors: Vec<FieldError>,
+    warnings: Vec<String>,
+}
+
+impl Ctx<'_> {
+    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(FieldError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn decode<T: DeserializeOwned>(&mut self, v: &Value, path: &str) -> Option<T> {
+        match serde_path_to_error::deserialize::<_, T>(v.clone()) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                let inner = e.path().to_string();
+                let full = match inner.as_str() {
+                    "." | "" => path.to_owned(),
+                    p if p.starts_with('[') => format!("{path}{p}"),
+                    p => format!("{path}.{p}"),
+                };
+                self.err(full, e.into_inner().to_string());
+                None
+            }
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn duration(&mut self, v: Option<&Scalar>, path: &str, default: Duration) -> Duration {
+        match v {
+            None => default,
+            Some(s) => parse_duration(&s.0).unwrap_or_else(|m| {
+                self.err(path, m);
+                default
+            }),
+        }
+    }
+
+    fn size(
+        &mut self,
+        v: Option<&Scalar>,
+        path: &str,
+        default: usize,
+        min: usize,
+        max: usize,
+    ) -> usize {
+        let Some(s) = v else { return default };
+        match parse_size(&s.0) {
+            Ok(n) if (min as u64..=max as u64).contains(&n) => {
+                usize::try_from(n).unwrap_or(default)
+            }
+            Ok(_) => {
+                self.err(path, format!("must be between {min} and {max} bytes"));
+                default
+            }
+            Err(m) => {
+                self.err(path, m);
+                default
+            }
+        }
+    }
+
+    fn count(&mut self, v: Option<u32>, path: &str, default: u32) -> u32 {
+        match v {
+            Some(0) => {
+                self.err(path, "must be at least 1");
+                default
+            }
+            Some(n) => n,
+            None => default,
+        }
+    }
+
+    /// Reads a secret from a file: one value, a trailing newline ignored, never empty.
+    fn secret_file(&mut self, file: &str, path: &str) -> Option<Secret> {
+        let full = self.path(file);
+        match std::fs::read(&full) {
+            Ok(mut bytes) => {
+                while matches!(bytes.last(), Some(b'\n' | b'\r')) {
+                    bytes.pop();
+                }
+                let s = Secret::new(bytes);
+                if s.is_empty() {
+                    self.err(path, format!("{} is empty", full.display()));
+                    None
+                } else {
+                    Some(s)
+                }
+            }
+            Err(e) => {
+                self.err(path, format!("cannot read {}: {e}", full.display()));
+                None
+            }
+        }
+    }
+}
+
+pub(super) fn from_yaml(text: &str, base: &Path) -> Result<Config, ConfigError> {
+    let mut cx = Ctx {
+        base,
+        errors: Vec::new(),
+        warnings: Vec::new(),
+    };
+    let root: Value = match serde_saphyr::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or("invalid YAML").to_owned();
+            return Err(ConfigError::Invalid(vec![FieldError {
+                path: "(file)".into(),
+                message: first,
+            }]));
+        }
+    };
+    let Value::Object(map) = root else {
+        return Err(ConfigError::Invalid(vec![FieldError {
+            path: "(file)".into(),
+            message: "the top level must be a mapping of sections".into(),
+        }]));
+    };
+    for key in map.keys() {
+        if !SECTIONS.contains(&key.as_str()) {
+            cx.err(
+                key.clone(),
+                format!("unknown section; expected one of {}", SECTIONS.join(", ")),
+            );
+        }
+    }
+    let null = Value::Null;
+    let section = |k: &str| map.get(k).unwrap_or(&null);
+
+    let listeners = listeners(&mut cx, section("listeners"));
+    let tls = tls(&mut cx, section("tls"));
+    let limits = limits(&mut cx, section("limits"));
+    let auth = auth(&mut cx, section("auth"));
+    let state = state(&mut cx, section("state"));
+    let backends = backends(&mut cx, section("backends"));
+    let routes = routes(&mut cx, section("routes"), &backends);
+    let admin = admin(&mut cx, section("admin"));
+    let logging = logging(&mut cx, section("logging"));
+
+    if !cx.errors.is_empty() {
+        return Err(ConfigError::Invalid(cx.errors));
+    }
+    match (auth, routes) {
+        (Some(auth), Some(routes)) => Ok(Config {
+            listeners,
+            tls,
+            limits,
+            auth,
+            state,
+            backends,
+            routes,
+            admin,
+            logging,
+            warnings: cx.warnings,
+        }),
+        // Unreachable in practice: a missing section always records an error above.
+        _ => Err(ConfigError::Invalid(vec![FieldError {
+            path: "(file)".into(),
+            message: "incomplete configuration".into(),
+        }])),
+    }
+}
+
+fn items<'v>(cx: &mut Ctx, v: &'v Value, path: &str, required: bool) -> &'v [Value] {
+    match v {
+        Value::Array(a) if !a.is_empty() || !required => a,
+        Value::Array(_) => {
+            cx.err(path, "needs at least one entry");
+            &[]
+        }
+        Value::Null if required => {
+            cx.err(path, "is required");
+            &[]
+        }
+        Value::Null => &[],
+        _ => {
+            cx.err(path, "must be a list");
+            &[]
+        }
+    }
+}
+
+fn listeners(cx: &mut Ctx, v: &Value) -> Vec<ListenerConfig> {
+    let mut out = Vec::new();
+    let mut names = BTreeSet::new();
+    let mut addrs = BTreeSet::new();
+    for (i, item) in items(cx, v, "listeners", true).iter().enumerate() {
+        let path = format!("listeners[{i}]");
+        let Some(l) = cx.decode::<raw::Listener>(item, &path) else {
+            continue;
+        };
+        if !valid_name(&l.name) {
+            cx.err(
+                format!("{path}.name"),
+                "must be 1-32 characters of a-z, 0-9, - or _",
+            );
+        } else if !names.insert(l.name.clone()) {
+            cx.err(
+                format!("{path}.name"),
+                format!("`{}` is used twice", l.name),
+            );
+        }
+        match l.address.parse::<SocketAddr>() {
+            Ok(a) => {
+                if !addrs.insert(a) {
+                    cx.err(format!("{path}.address"), format!("{a} is used twice"));
+                }
+                out.push(ListenerConfig {
+                    name: l.name,
+                    address: a,
+                    tls: l.tls,
+                });
+            }
+            Err(_) => cx.err(
+                format!("{path}.address"),
+                format!("`{}` is not an IP:port such as [::]:993", l.address),
+            ),
+        }
+    }
+    out
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 32
+        && n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+fn tls(cx: &mut Ctx, v: &Value) -> TlsConfig {
+    let t: raw::Tls = if v.is_null() {
+        raw::Tls::default()
+    } else {
+        cx.decode(v, "tls").unwrap_or_default()
+    };
+    let mut certificates = Vec::new();
+    for (i, c) in t.certificates.iter().enumerate() {
+        for (key, file) in [("cert_file", &c.cert_file), ("key_file", &c.key_file)] {
+            let p = cx.path(file);
+            if let Err(e) = std::fs::metadata(&p) {
+                cx.err(
+                    format!("tls.certificates[{i}].{key}"),
+                    format!("cannot read {}: {e}", p.display()),
+                );
+            }
+        }
+        certificates.push(CertificatePaths {
+            cert_file: cx.path(&c.cert_file),
+            key_file: cx.path(&c.key_file),
+        });
+    }
+    if t.self_signed && !t.certificates.is_empty() {
+        cx.err(
+            "tls.self_signed",
+            "cannot be combined with tls.certificates",
+        );
+    } else if !t.self_signed && t.certificates.is_empty() {
+        cx.err(
+            "tls.certificates",
+            "needs at least one certificate (or tls.self_signed: true, for development only)",
+        );
+    }
+    if t.self_signed {
+        cx.warnings.push(
+            "tls.self_signed is on: clients will see an untrusted certificate (development only)"
+                .into(),
+        );
+    }
+    let tls13_only = match t.min_version.as_deref() {
+        None | Some("1.2") => false,
+        Some("1.3") => true,
+        Some(other) => {
+            cx.err(
+                "tls.min_version",
+                format!("`{other}` is not \"1.2\" or \"1.3\""),
+            );
+            false
+        }
+    };
+    TlsConfig {
+        certificates,
+        tls13_only,
+        self_signed: t.self_signed,
+    }
+}
+
+fn limits(cx: &mut Ctx, v: &Value) -> Limits {
+    let d = Limits::default();
+    let r: raw::Limits = if v.is_null() {
+        raw::Limits::default()
+    } else {
+        cx.decode(v, "limits").unwrap_or_default()
+    };
+    let l = Limits {
+        max_connections: cx.count(
+            r.max_connections,
+            "limits.max_connections",
+            d.max_connections,
+        ),
+        max_preauth_per_ip: cx.count(
+            r.max_preauth_per_ip,
+            "limits.max_preauth_per_ip",
+            d.max_preauth_per_ip,
+        ),
+        max_sessions_per_ip: cx.count(
+            r.max_sessions_per_ip,
+            "limits.max_sessions_per_ip",
+            d.max_sessions_per_ip,
+        ),
+        max_sessions_per_user: cx.count(
+            r.max_sessions_per_user,
+            "limits.max_sessions_per_user",
+            d.max_sessions_per_user,
+        ),
+        line_bytes: cx.size(
+            r.line_bytes.as_ref(),
+            "limits.line_bytes",
+            d.line_bytes,
+            1024,
+            64 * 1024,
+        ),
+        literal_bytes: cx.size(
+            r.literal_bytes.as_ref(),
+            "limits.literal_bytes",
+            d.literal_bytes,
+            256,
+            64 * 1024,
+        ),
+        sasl_bytes: cx.size(
+            r.sasl_bytes.as_ref(),
+            "limits.sasl_bytes",
+            d.sasl_bytes,
+            1024,
+            128 * 1024,
+        ),
+        tls_handshake_timeout: cx.duration(
+            r.tls_handshake_timeout.as_ref(),
+            "limits.tls_handshake_timeout",
+            d.tls_handshake_timeout,
+        ),
+        preauth_idle_timeout: cx.duration(
+            r.preauth_idle_timeout.as_ref(),
+            "limits.preauth_idle_timeout",
+            d.preauth_idle_timeout,
+        ),
+        preauth_total_timeout: cx.duration(
+            r.preauth_total_timeout.as_ref(),
+            "limits.preauth_total_timeout",
+            d.preauth_total_timeout,
+        ),
+        bad_commands_before_bye: cx.count(
+            r.bad_commands_before_bye,
+            "limits.bad_commands_before_bye",
+            d.bad_commands_before_bye,
+        ),
+        auth_failures_per_connection: cx.count(
+            r.auth_failures_per_connection,
+            "limits.auth_failures_per_connection",
+            d.auth_failures_per_connection,
+        ),
+        relay_idle_timeout: cx.duration(
+            r.relay_idle_timeout.as_ref(),
+            "limits.relay_idle_timeout",
+            d.relay_idle_timeout,
+        ),
+        max_session_lifetime: cx.duration(
+            r.max_session_lifetime.as_ref(),
+            "limits.max_session_lifetime",
+            d.max_session_lifetime,
+        ),
+        shutdown_delay: cx.duration(
+            r.shutdown_delay.as_ref(),
+            "limits.shutdown_delay",
+            d.shutdown_delay,
+        ),
+        shutdown_grace: cx.duration(
+            r.shutdown_grace.as_ref(),
+            "limits.shutdown_grace",
+            d.shutdown_grace,
+        ),
+    };
+    for (name, value) in [
+        ("tls_handshake_timeout", l.tls_handshake_timeout),
+        ("preauth_idle_timeout", l.preauth_idle_timeout),
+        ("preauth_total_timeout", l.preauth_total_timeout),
+        ("max_session_lifetime", l.max_session_lifetime),
+    ] {
+        if value.is_zero() {
+            cx.err(format!("limits.{name}"), "must be more than 0");
+        }
+    }
+    if l.relay_idle_timeout < defaults::RELAY_IDLE_MINIMUM {
+        cx.err(
+            "limits.relay_idle_timeout",
+            "must be at least 30m (IDLE clients re-issue IDLE every 29 minutes, RFC 2177)",
+        );
+    }
+    if l.sasl_bytes < l.line_bytes {
+        cx.err("limits.sasl_bytes", "must be at least limits.line_bytes");
+    }
+    l
+}
+
+fn auth(cx: &mut Ctx, v: &Value) -> Option<AuthConfig> {
+    if v.is_null() {
+        cx.err("auth", "is required (at least auth.users_file)");
+        return None;
+    }
+    let a: raw::Auth = cx.decode(v, "auth")?;
+    let argon2 = match a.app_password.argon2 {
+        None => Argon2Params::default(),
+        Some(p) => {
+            if p.t == 0
+                || p.p == 0
+                || p.p > 16
+                || p.m_kib < 8 * p.p.max(1)
+                || p.m_kib > 4 * 1024 * 1024
+            {
+                cx.err(
+                    "auth.app_password.argon2",
+                    "needs t ≥ 1, 1 ≤ p ≤ 16 and 8·p ≤ m_kib ≤ 4194304",
+                );
+            } else if p.m_kib < defaults::ARGON2_M_KIB || p.t < defaults::ARGON2_T {
+                cx.warnings.push(format!(
+                    "auth.app_password.argon2 is below the OWASP minimum (m_kib {}, t {})",
+                    defaults::ARGON2_M_KIB,
+                    defaults::ARGON2_T
+                ));
+            }
+            Argon2Params {
+                m_kib: p.m_kib,
+                t: p.t,
+                p: p.p,
+            }
+        }
+    };
+    let failure_floor = cx.duration(
+        a.failure_floor.as_ref(),
+        "auth.failure_floor",
+        defaults::FAILURE_FLOOR,
+    );
+    if failure_floor > Duration::from_secs(30) {
+        cx.err("auth.failure_floor", "must be at most 30s");
+    }
+    Some(AuthConfig {
+        users_file: cx.path(&a.users_file),
+        argon2,
+        failure_floor,
+    })
+}
+
+fn state(cx: &mut Ctx, v: &Value) -> raw::StateBackend {
+    if v.is_null() {
+        return raw::StateBackend::Memory;
+    }
+    cx.decode::<raw::State>(v, "state")
+        .and_then(|s| s.backend)
+        .unwrap_or(raw::StateBackend::Memory)
+}
+
+/// Splits `host:port` / `[v6]:port`.
+fn host_port(s: &str) -> Option<(String, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let ok = !host.is_empty()
+        && !host.contains(':') | s.starts_with('[')
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:".contains(&b));
+    ok.then(|| (host.to_ascii_lowercase(), port))
+}
+
+fn backends(cx: &mut Ctx, v: &Value) -> Vec<BackendConfig> {
+    let mut out = Vec::new();
+    let mut names = BTreeSet::new();
+    for (i, item) in items(cx, v, "backends", true).iter().enumerate() {
+        let path = format!("backends[{i}]");
+        let Some(b) = cx.decode::<raw::Backend>(item, &path) else {
+            continue;
+        };
+        if !valid_name(&b.name) {
+            cx.err(
+                format!("{path}.name"),
+                "must be 1-32 characters of a-z, 0-9, - or _",
+            );
+        } else if !names.insert(b.name.clone()) {
+            cx.err(
+                format!("{path}.name"),
+                format!("`{}` is used twice", b.name),
+            );
+        }
+        let Some((host, port)) = host_port(&b.address) else {
+            cx.err(
+                format!("{path}.address"),
+                format!("`{}` is not host:port", b.address),
+            );
+            continue;
+        };
+        if b.tls == raw::BackendTls::None {
+            cx.warnings.push(format!(
+                "backend {}: tls is none, the master password crosses the network in clear (trusted networks only)",
+                b.name
+            ));
+            if b.ca_file.is_some() {
+                cx.err(format!("{path}.ca_file"), "makes no sense with tls: none");
+            }
+        }
+        let ca_file = b.ca_file.as_deref().map(|f| cx.path(f));
+        if let Some(p) = &ca_file {
+            if let Err(e) = std::fs::metadata(p) {
+                cx.err(
+                    format!("{path}.ca_file"),
+                    format!("cannot read {}: {e}", p.display()),
+                );
+            }
+        }
+        if b.master_user.is_empty()
+            || b.master_user
+                .bytes()
+                .any(|c| c.is_ascii_control() || c == b' ' || c == b'"')
+        {
+            cx.err(
+                format!("{path}.master_user"),
+                "must be a non-empty name without spaces, quotes or control characters",
+            );
+        }
+        let login = match b.login {
+            raw::LoginMode::MasterUser => {
+                let sep = b
+                    .master_separator
+                    .clone()
+                    .unwrap_or_else(|| defaults::MASTER_SEPARATOR.into());
+                if sep.is_empty()
+                    || sep.len() > 4
+                    || sep.bytes().any(|c| {
+                        c.is_ascii_control()
+                            || c.is_ascii_alphanumeric()
+                            || c == b' '
+                            || c == b'"'
+                            || c == b'\\'
+                    })
+                {
+                    cx.err(
+                        format!("{path}.master_separator"),
+                        "must be 1-4 punctuation characters other than quote and backslash",
+                    );
+                }
+                BackendLogin::MasterUser { separator: sep }
+            }
+            raw::LoginMode::SaslAuthzid => {
+                if b.master_separator.is_some() {
+                    cx.err(
+                        format!("{path}.master_separator"),
+                        "only applies to login: master_user",
+                    );
+                }
+                BackendLogin::SaslAuthzid
+            }
+        };
+        let master_password = match (&b.master_password_file, &b.master_password_env) {
+            (Some(f), None) => cx.secret_file(f, &format!("{path}.master_password_file")),
+            (None, Some(var)) => match std::env::var(var) {
+                Ok(val) if !val.is_empty() => Some(Secret::from(val)),
+                _ => {
+                    cx.err(
+                        format!("{path}.master_password_env"),
+                        format!("environment variable {var} is not set"),
+                    );
+                    None
+                }
+            },
+            _ => {
+                cx.err(
+                    path.clone(),
+                    "needs exactly one of master_password_file or master_password_env",
+                );
+                None
+            }
+        };
+        let connect_timeout = cx.duration(
+            b.connect_timeout.as_ref(),
+            &format!("{path}.connect_timeout"),
+            defaults::CONNECT_TIMEOUT,
+        );
+        let login_timeout = cx.duration(
+            b.login_timeout.as_ref(),
+            &format!("{path}.login_timeout"),
+            defaults::LOGIN_TIMEOUT,
+        );
+        for (k, d) in [
+            ("connect_timeout", connect_timeout),
+            ("login_timeout", login_timeout),
+        ] {
+            if d.is_zero() {
+                cx.err(format!("{path}.{k}"), "must be more than 0");
+            }
+        }
+        out.push(BackendConfig {
+            name: b.name,
+            server_name: b
+                .server_name
+                .map(|s| s.to_ascii_lowercase())
+                .unwrap_or_else(|| host.clone()),
+            host,
+            port,
+            tls: b.tls,
+            ca_file,
+            login,
+            master_user: b.master_user,
+            master_password: master_password.unwrap_or_default(),
+            send_id: b.send_id,
+            connect_timeout,
+            login_timeout,
+        });
+    }
+    out
+}
+
+fn routes(cx: &mut Ctx, v: &Value, backends: &[BackendConfig]) -> Option<Routes> {
+    if v.is_null() {
+        // One backend needs no routing table.
+        if backends.len() == 1 {
+            return Some(Routes {
+                default: 0,
+                domains: BTreeMap::new(),
+            });
+        }
+        cx.err("routes", "is required when there is more than one backend");
+        return None;
+    }
+    let r: raw::Routes = cx.decode(v, "routes")?;
+    let find = |name: &str| backends.iter().position(|b| b.name == name);
+    let default = find(&r.default);
+    if default.is_none() {
+        cx.err(
+            "routes.default",
+            format!("`{}` is not a backend name", r.default),
+        );
+    }
+    let mut domains = BTreeMap::new();
+    for (domain, name) in &r.domains {
+        match find(name) {
+            Some(i) => {
+                domains.insert(domain.to_ascii_lowercase(), i);
+            }
+            None => cx.err(
+                format!("routes.domains.{domain}"),
+                format!("`{name}` is not a backend name"),
+            ),
+        }
+    }
+    Some(Routes {
+        default: default.unwrap_or(0),
+        domains,
+    })
+}
+
+fn admin(cx: &mut Ctx, v: &Value) -> AdminConfig {
+    let a: raw::Admin = if v.is_null() {
+        raw::Admin::default()
+    } else {
+        cx.decode(v, "admin").unwrap_or_default()
+    };
+    let text = a.address.as_deref().unwrap_or(defaults::ADMIN_ADDRESS);
+    let address = text.parse::<SocketAddr>().unwrap_or_else(|_| {
+        cx.err("admin.address", format!("`{text}` is not an IP:port"));
+        SocketAddr::from(([127, 0, 0, 1], 9190))
+    });
+    let token = a
+        .token_file
+        .as_deref()
+        .and_then(|f| cx.secret_file(f, "admin.token_file"));
+    let health_interval = cx.duration(
+        a.health_interval.as_ref(),
+        "admin.health_interval",
+        defaults::HEALTH_INTERVAL,
+    );
+    if health_interval < Duration::from_secs(1) {
+        cx.err("admin.health_interval", "must be at least 1s");
+    }
+    AdminConfig {
+        address,
+        token,
+        health_interval,
+    }
+}
+
+fn logging(cx: &mut Ctx, v: &Value) -> LoggingConfig {
+    let l: raw::Logging = if v.is_null() {
+        raw::Logging::default()
+    } else {
+        cx.decode(v, "logging").unwrap_or_default()
+    };
+    let level = l.level.unwrap_or_else(|| "info".into());
+    if !["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
+        cx.err(
+            "logging.level",
+            format!("`{level}` is not one of error, warn, info, debug, trace"),
+        );
+    }
+    let audit = match l.audit.as_deref() {
+        None | Some("stdout") => AuditSink::Stdout,
+        Some("stderr") => AuditSink::Stderr,
+        Some("") => {
+            cx.err("logging.audit", "must be stdout, stderr or a file path");
+            AuditSink::Stdout
+        }
+        Some(p) => AuditSink::File(cx.path(p)),
+    };
+    LoggingConfig {
+        format: l.format.unwrap_or(LogFormat::Text),
+        level,
+        audit,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(
+            host_port("mail.internal:993"),
+            Some(("mail.internal".into(), 993))
+        );
+        assert_eq!(host_port("[::1]:143"), Some(("::1".into(), 143)));
+        assert_eq!(host_port("127.0.0.1:143"), Some(("127.0.0.1".into(), 143)));
+        for bad in ["mail", "mail:0", "mail:99999", ":143", "::1:143", "a b:1"] {
+            assert_eq!(host_port(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! The running gateway: binds listeners and the admin port, accepts, admits, spawns sessions,
+//! and drains on SIGTERM/SIGINT.
+//!
+//! Accept loop rules (STYLE.md 9): admission (global and per-IP caps) happens before the TLS
+//! handshake; the admission ticket moves into the session task; accept errors back off and
+//! never end the loop.
+//!
+//! Shutdown (DESIGN.md): readiness off → keep accepting for `shutdown_delay` → stop accepting,
+//! `* BYE` to pre-auth sessions → relayed sessions get `shutdown_grace` → closed.
+
+pub mod admission;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{Authenticator, CredentialStore};
+use crate::config::{Config, ListenerTls};
+use crate::guard::Guard;
+use crate::observe::{self, Health, Metrics};
+use crate::session::{self, ListenerInfo, Shared, UserSessions};
+use crate::state::MemoryStore;
+use crate::tls::ServerTls;
+use crate::upstream::Upstreams;
+use admission::Admission;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} ({name}): {source}")]
+    Bind {
+        name: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Users(#[from] crate::auth::users::UsersError),
+    #[error("metrics: {0}")]
+    Metrics(String),
+}
+
+/// A started gateway, for the binary and for tests.
+pub struct Gateway {
+    pub listeners: Vec<(String, SocketAddr)>,
+    pub admin: SocketAddr,
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    done: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl Gateway {
+    /// Binds everything and starts serving. Errors here are start-up errors (exit non-zero).
+    pub async fn start(config: Config) -> Result<Gateway, StartError> {
+        let config = Arc::new(config);
+        for w in &config.warnings {
+            tracing::warn!("{w}");
+        }
+        let metrics = Arc::new(Metrics::new().map_err(|e| StartError::Metrics(e.to_string()))?);
+        let health = Arc::new(Health::new(config.backends.iter().map(|b| b.name.clone())));
+        let server_tls = ServerTls::build(&config.tls)?;
+        health.certificates_loaded.store(true, Ordering::Relaxed);
+        let store = Arc::new(CredentialStore::open(
+            config.auth.users_file.clone(),
+            config.auth.argon2,
+            metrics.clone(),
+        )?);
+        tracing::info!(users = store.user_count(), "users file loaded");
+        let upstreams = Arc::new(Upstreams::new(config.clone())?);
+
+        let mut bound = Vec::new();
+        for l in &config.listeners {
+            let sock = TcpListener::bind(l.address)
+                .await
+                .map_err(|source| StartError::Bind {
+                    name: l.name.clone(),
+                    addr: l.address,
+                    source,
+                })?;
+            let local = sock.local_addr().unwrap_or(l.address);
+            bound.push((l.clone(), sock, local));
+        }
+        let admin_sock = observe::admin::bind(config.admin.address)
+            .await
+            .map_err(|source| StartError::Bind {
+                name: "admin".into(),
+                addr: config.admin.address,
+                source,
+            })?;
+        let admin_addr = admin_sock.local_addr().unwrap_or(config.admin.address);
+
+        let stopping = CancellationToken::new();
+        let background = CancellationToken::new();
+        let shared = Arc::new(Shared {
+            limits: config.limits.clone(),
+            acceptor: TlsAcceptor::from(server_tls.config.clone()),
+            authenticator: store.clone() as Arc<dyn Authenticator>,
+            guard: Arc::new(Guard::new(Arc::new(MemoryStore::default()))),
+            upstreams: upstreams.clone(),
+            metrics: metrics.clone(),
+            failure_floor: config.auth.failure_floor,
+            user_sessions: UserSessions::default(),
+            next_id: AtomicU64::new(1),
+            stopping: stopping.clone(),
+        });
+        let admission = Arc::new(Admission::new(
+            config.limits.max_connections,
+            config.limits.max_sessions_per_ip,
+            config.limits.max_preauth_per_ip,
+        ));
+
+        let tracker = TaskTracker::new();
+        let mut addrs = Vec::new();
+        let mut accept_tasks = Vec::new();
+        for (l, sock, local) in bound {
+            tracing::info!(listener = %l.name, address = %local, tls = ?l.tls, "listening");
+            addrs.push((l.name.clone(), local));
+            let info = ListenerInfo {
+                name: Arc::from(l.name.as_str()),
+                starttls: l.tls == ListenerTls::Starttls,
+            };
+            accept_tasks.push(tokio::spawn(accept_loop(
+                sock,
+                info,
+                shared.clone(),
+                admission.clone(),
+                tracker.clone(),
+                stopping.clone(),
+            )));
+        }
+        health.listeners_bound.store(true, Ordering::Relaxed);
+
+        tokio::spawn(observe::admin::serve(
+            admin_sock,
+            metrics.clone(),
+            health.clone(),
+            background.clone(),
+        ));
+        tokio::spawn(upstreams.clone().health_loop(
+            health.clone(),
+            metrics.clone(),
+            config.admin.health_interval,
+            background.clone(),
+        ));
+        tokio::spawn(
+            store
+                .clone()
+                .watch(Duration::from_secs(2), background.clone()),
+        );
+
+        let shutdown = CancellationToken::new();
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        let limits = config.limits.clone();
+        let h = health.clone();
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            sd.cancelled().await;
+            h.draining.store(true, Ordering::Relaxed);
+            tracing::info!(delay = ?limits.shutdown_delay, grace = ?limits.shutdown_grace, "shutting down: readiness off");
+            tokio::time::sleep(limits.shutdown_delay).await;
+            stopping.cancel();
+            for t in accept_tasks {
+                let _ = t.await;
+            }
+            tracker.close();
+            tracing::info!(
+                sessions = tracker.len(),
+                "stopped accepting; draining sessions"
+            );
+            // Relayed sessions end by themselves after the grace; allow a little slack.
+            let _ = tokio::time::timeout(
+                limits.shutdown_grace + Duration::from_secs(5),
+                tracker.wait(),
+            )
+            .await;
+            background.cancel();
+            tracing::info!("shutdown complete");
+            let _ = done_tx.send(());
+        });
+
+        Ok(Gateway {
+            listeners: addrs,
+            admin: admin_addr,
+            health,
+            metrics,
+            shutdown,
+            done,
+        })
+    }
+
+    /// Begins the shutdown sequence.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits until the shutdown sequence has finished.
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+
+    /// The bound address of a listener by name.
+    pub fn listener(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+    }
+}
+
+async fn accept_loop(
+    sock: TcpListener,
+    info: ListenerInfo,
+    shared: Arc<Shared>,
+    admission: Arc<Admission>,
+    tracker: TaskTracker,
+    stopping: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            () = stopping.cancelled() => return,
+            r = sock.accept() => r,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(x) => {
+                backoff = Duration::from_millis(5);
+                x
+            }
+            Err(e) => {
+                // EMFILE and friends: wait and retry, never end the loop.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let peer = normalize_peer(peer);
+        match admission.admit(peer.ip()) {
+            Ok(ticket) => {
+                shared
+                    .metrics
+                    .connections
+                    .with_label_values(&[&info.name, "accepted"])
+                    .inc();
+                tracker.spawn(session::run(
+                    shared.clone(),
+                    info.clone(),
+                    tcp,
+                    peer,
+                    Box::new(ticket),
+                ));
+            }
+            Err(refusal) => {
+                shared
+                    .metrics
+                    .connections
+                    .with_label_values(&[&info.name, refusal.as_str()])
+                    .inc();
+                tracing::debug!(peer = %peer, reason = refusal.as_str(), "connection refused");
+                drop(tcp);
+            }
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 peers (from a `[::]` listener) are treated as the IPv4 address they are.
+fn normalize_peer(peer: SocketAddr) -> SocketAddr {
+    match peer {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => peer,
+        },
+        v4 => v4,
+    }
+}

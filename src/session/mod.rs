@@ -1,0 +1,550 @@
+//! One client connection, from TCP accept to close:
+//! TLS (implicit) → greeting → pre-auth dialogue (STARTTLS) → guard → authenticator →
+//! upstream login → relay.
+//!
+//! The protocol decisions live in [`preauth`] (no sockets); this file is the driver that moves
+//! bytes and enforces every deadline (invariant 6): TLS handshake, pre-auth idle, total time to
+//! authenticate, and — through `upstream` and `relay` — backend connect/login and post-auth idle.
+
+pub mod preauth;
+pub mod relay;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::auth::{self, Attempt, Authenticator, Credential, Outcome};
+use crate::config::Limits;
+use crate::guard::{AttemptKey, Guard, Verdict};
+use crate::observe::{self, AuditEvent, Metrics};
+use crate::tls::Conn;
+use crate::upstream::Upstreams;
+use preauth::{LoginRequest, PreAuth, PreAuthLimits, Step};
+
+/// Everything sessions share.
+pub struct Shared {
+    pub limits: Limits,
+    pub acceptor: TlsAcceptor,
+    pub authenticator: Arc<dyn Authenticator>,
+    pub guard: Arc<Guard>,
+    pub upstreams: Arc<Upstreams>,
+    pub metrics: Arc<Metrics>,
+    pub failure_floor: Duration,
+    pub user_sessions: UserSessions,
+    pub next_id: AtomicU64,
+    /// Cancelled when the gateway stops accepting: pre-auth sessions say BYE, relayed ones get
+    /// `shutdown_grace`.
+    pub stopping: CancellationToken,
+}
+
+/// The listener a connection came in on.
+#[derive(Debug, Clone)]
+pub struct ListenerInfo {
+    pub name: Arc<str>,
+    pub starttls: bool,
+}
+
+/// Something that is told when the connection authenticates (admission's per-IP pre-auth
+/// count) and released when the session ends (by drop).
+pub trait AdmissionTicket: Send + Sync {
+    fn authenticated(&mut self);
+}
+
+/// Relayed sessions per user, capped by `max_sessions_per_user`.
+#[derive(Default)]
+pub struct UserSessions {
+    counts: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+/// A held slot; dropping it frees the slot.
+pub struct UserSlot {
+    counts: Arc<Mutex<HashMap<String, u32>>>,
+    user: String,
+}
+
+impl UserSessions {
+    pub fn try_acquire(&self, user: &str, max: u32) -> Option<UserSlot> {
+        let mut map = self.counts.lock().ok()?;
+        let n = map.entry(user.to_owned()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(UserSlot {
+            counts: self.counts.clone(),
+            user: user.to_owned(),
+        })
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.counts.lock() {
+            if let Some(n) = map.get_mut(&self.user) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    map.remove(&self.user);
+                }
+            }
+        }
+    }
+}
+
+/// Decrements a gauge when dropped.
+struct GaugeGuard(prometheus::IntGauge);
+
+impl GaugeGuard {
+    fn new(g: &prometheus::IntGauge) -> Self {
+        g.inc();
+        Self(g.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Runs one connection to its end. Never panics; every error ends in a reply or a close.
+pub async fn run(
+    shared: Arc<Shared>,
+    listener: ListenerInfo,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    ticket: Box<dyn AdmissionTicket>,
+) {
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!("conn", id, peer = %peer, listener = %listener.name);
+    async move {
+        let _ = tcp.set_nodelay(true);
+        Session {
+            shared,
+            listener,
+            peer,
+            id,
+            ticket,
+        }
+        .run(tcp)
+        .await;
+    }
+    .instrument(span)
+    .await;
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    listener: ListenerInfo,
+    peer: SocketAddr,
+    id: u64,
+    ticket: Box<dyn AdmissionTicket>,
+}
+
+/// How a login attempt ended, for the driver.
+enum LoginEnd {
+    Relay {
+        conn: Conn,
+        ok: Vec<u8>,
+        pipelined: bytes::BytesMut,
+        backend_extra: bytes::BytesMut,
+        slot: UserSlot,
+        backend: String,
+        user: String,
+    },
+    Continue(PreAuth),
+}
+
+impl Session {
+    async fn handshake(&self, tcp: TcpStream) -> Option<Conn> {
+        let m = &self.shared.metrics;
+        match tokio::time::timeout(
+            self.shared.limits.tls_handshake_timeout,
+            self.shared.acceptor.accept(tcp),
+        )
+        .await
+        {
+            Ok(Ok(s)) => Some(Conn::Tls(Box::new(tokio_rustls::TlsStream::Server(s)))),
+            Ok(Err(e)) => {
+                let reason = if e.to_string().contains("NoApplicationProtocol")
+                    || e.to_string().contains("no application protocol")
+                {
+                    "alpn"
+                } else {
+                    "error"
+                };
+                m.tls_handshake_failures
+                    .with_label_values(&[&self.listener.name, reason])
+                    .inc();
+                tracing::debug!(reason, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                m.tls_handshake_failures
+                    .with_label_values(&[&self.listener.name, "timeout"])
+                    .inc();
+                tracing::debug!("TLS handshake timed out");
+                None
+            }
+        }
+    }
+
+    async fn run(mut self, tcp: TcpStream) {
+        let _preauth_gauge = GaugeGuard::new(&self.shared.metrics.sessions_preauth);
+        let conn = if self.listener.starttls {
+            Conn::Plain(tcp)
+        } else {
+            match self.handshake(tcp).await {
+                Some(c) => c,
+                None => return,
+            }
+        };
+        let l = &self.shared.limits;
+        let sm = PreAuth::new(
+            PreAuthLimits {
+                line_bytes: l.line_bytes,
+                literal_bytes: l.literal_bytes,
+                sasl_bytes: l.sasl_bytes,
+                bad_commands_before_bye: l.bad_commands_before_bye,
+                auth_failures_per_connection: l.auth_failures_per_connection,
+            },
+            self.listener.starttls,
+            conn.is_tls(),
+        );
+        let deadline = Instant::now() + l.preauth_total_timeout;
+        let Some(end) = self.preauth(conn, sm, deadline).await else {
+            return;
+        };
+        drop(_preauth_gauge);
+        self.ticket.authenticated();
+        self.relay(end).await;
+    }
+
+    async fn write(&self, conn: &mut Conn, bytes: &[u8]) -> bool {
+        let w = async {
+            conn.write_all(bytes).await?;
+            conn.flush().await
+        };
+        matches!(
+            tokio::time::timeout(self.shared.limits.preauth_idle_timeout, w).await,
+            Ok(Ok(()))
+        )
+    }
+
+    async fn close(&self, conn: &mut Conn, last: Option<&[u8]>) {
+        if let Some(bytes) = last {
+            let _ = self.write(conn, bytes).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
+    }
+
+    /// The pre-auth loop. Returns the relay's ingredients after a successful login.
+    async fn preauth(
+        &mut self,
+        mut conn: Conn,
+        mut sm: PreAuth,
+        deadline: Instant,
+    ) -> Option<RelayParts> {
+        if !self.write(&mut conn, &sm.greeting()).await {
+            return None;
+        }
+        let mut buf = vec![0u8; 4096];
+        loop {
+            match sm.step() {
+                Step::Send(bytes) => {
+                    if !self.write(&mut conn, &bytes).await {
+                        return None;
+                    }
+                }
+                Step::Close => {
+                    self.close(&mut conn, None).await;
+                    return None;
+                }
+                Step::NeedInput => {
+                    let idle = self.shared.limits.preauth_idle_timeout;
+                    tokio::select! {
+                        r = tokio::time::timeout(idle, conn.read(&mut buf)) => match r {
+                            Ok(Ok(0)) | Ok(Err(_)) => return None,
+                            Ok(Ok(n)) => sm.feed(buf.get(..n).unwrap_or(&[])),
+                            Err(_) => {
+                                let bye = sm.bye_now("Idle timeout");
+                                self.close(&mut conn, Some(&bye)).await;
+                                return None;
+                            }
+                        },
+                        () = tokio::time::sleep_until(deadline) => {
+                            let bye = sm.bye_now("Authentication timeout");
+                            self.close(&mut conn, Some(&bye)).await;
+                            return None;
+                        }
+                        () = self.shared.stopping.cancelled() => {
+                            let bye = sm.bye_now("Server shutting down");
+                            self.close(&mut conn, Some(&bye)).await;
+                            return None;
+                        }
+                    }
+                }
+                Step::StartTls => {
+                    let Conn::Plain(tcp) = conn else { return None };
+                    // Anything the client sent after STARTTLS is now inside the TLS stream's
+                    // input and fails the handshake; nothing buffered before is kept.
+                    conn = self.handshake(tcp).await?;
+                    sm.tls_started();
+                }
+                Step::Authenticate(req) => {
+                    let login = tokio::select! {
+                        end = self.login(req, sm) => end,
+                        () = tokio::time::sleep_until(deadline) => {
+                            self.close(&mut conn, Some(&crate::imap::bye(None, "Authentication timeout"))).await;
+                            return None;
+                        }
+                    };
+                    match login {
+                        LoginEnd::Continue(next) => sm = next,
+                        LoginEnd::Relay {
+                            conn: backend,
+                            ok,
+                            pipelined,
+                            backend_extra,
+                            slot,
+                            backend: name,
+                            user,
+                        } => {
+                            if !self.write(&mut conn, &ok).await {
+                                return None;
+                            }
+                            return Some(RelayParts {
+                                client: conn,
+                                backend,
+                                pipelined,
+                                backend_extra,
+                                slot,
+                                backend_name: name,
+                                user,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn audit(
+        &self,
+        user: &str,
+        mechanism: &str,
+        result: &str,
+        reason: &str,
+        guard: &str,
+        backend: &str,
+    ) {
+        observe::audit(&AuditEvent {
+            session: self.id,
+            listener: &self.listener.name,
+            client: self.peer,
+            user,
+            mechanism,
+            result,
+            reason,
+            guard,
+            backend,
+        });
+    }
+
+    /// Guard → authenticator → upstream login, with the failure floor.
+    async fn login(&self, req: LoginRequest, mut sm: PreAuth) -> LoginEnd {
+        let started = Instant::now();
+        let m = &self.shared.metrics;
+        let mech = req.mechanism.as_str();
+        let claimed = match &req.credential {
+            Credential::Password { user, .. } => auth::normalize_user(user).ok(),
+            Credential::Malformed(_) => None,
+        };
+        let log_user = claimed.clone().unwrap_or_else(|| "<invalid>".into());
+        let key = AttemptKey {
+            client_ip: self.peer.ip(),
+            user: claimed.as_deref(),
+        };
+        let verdict = self.shared.guard.check(key).await;
+        m.guard_decisions
+            .with_label_values(&[verdict.as_str()])
+            .inc();
+        let attempt = Attempt {
+            client_ip: self.peer.ip(),
+            mechanism: req.mechanism,
+            credential: req.credential,
+        };
+        let (outcome, floor) = match verdict {
+            Verdict::Reject => (None, self.shared.failure_floor),
+            Verdict::Allow => (
+                Some(self.shared.authenticator.authenticate(&attempt).await),
+                self.shared.failure_floor,
+            ),
+            Verdict::Delay(d) => (
+                Some(self.shared.authenticator.authenticate(&attempt).await),
+                self.shared.failure_floor.max(d),
+            ),
+        };
+        drop(attempt);
+        let identity = match outcome {
+            Some(Outcome::Success(id)) => id,
+            other => {
+                let reason = match other {
+                    Some(Outcome::Failure(r)) => r.as_str(),
+                    _ => "guard",
+                };
+                self.shared.guard.record(key, false).await;
+                // Invariant 5: no failure is answered sooner than the floor.
+                tokio::time::sleep_until(started + floor).await;
+                m.auth_attempts.with_label_values(&[mech, "failure"]).inc();
+                m.auth_seconds.observe(started.elapsed().as_secs_f64());
+                self.audit(&log_user, mech, "failure", reason, verdict.as_str(), "");
+                tracing::info!(user = %log_user, mechanism = mech, reason, "login failed");
+                sm.auth_failed(&req.tag);
+                return LoginEnd::Continue(sm);
+            }
+        };
+        self.shared.guard.record(key, true).await;
+        let Some(slot) = self
+            .shared
+            .user_sessions
+            .try_acquire(&identity.user, self.shared.limits.max_sessions_per_user)
+        else {
+            m.auth_attempts.with_label_values(&[mech, "limit"]).inc();
+            self.audit(
+                &identity.user,
+                mech,
+                "refused",
+                "too_many_sessions",
+                verdict.as_str(),
+                "",
+            );
+            sm.too_many_sessions(&req.tag);
+            return LoginEnd::Continue(sm);
+        };
+        let Some(backend) = self.shared.upstreams.route(&identity.user) else {
+            m.auth_attempts
+                .with_label_values(&[mech, "unavailable"])
+                .inc();
+            self.audit(
+                &identity.user,
+                mech,
+                "unavailable",
+                "no_route",
+                verdict.as_str(),
+                "",
+            );
+            sm.auth_unavailable(&req.tag);
+            return LoginEnd::Continue(sm);
+        };
+        let name = backend.config.name.clone();
+        let up_started = Instant::now();
+        match backend.open(&identity.upstream_user, self.peer).await {
+            Ok((conn, caps, backend_extra)) => {
+                m.upstream_logins.with_label_values(&[&name, "ok"]).inc();
+                m.upstream_login_seconds
+                    .with_label_values(&[&name])
+                    .observe(up_started.elapsed().as_secs_f64());
+                m.auth_attempts.with_label_values(&[mech, "success"]).inc();
+                m.auth_seconds.observe(started.elapsed().as_secs_f64());
+                self.audit(
+                    &identity.user,
+                    mech,
+                    "success",
+                    &identity.credential_id,
+                    verdict.as_str(),
+                    &name,
+                );
+                tracing::info!(user = %identity.user, backend = %name, "logged in");
+                let (ok, pipelined) = sm.auth_succeeded(&req.tag, &caps);
+                LoginEnd::Relay {
+                    conn,
+                    ok,
+                    pipelined,
+                    backend_extra,
+                    slot,
+                    backend: name,
+                    user: identity.user,
+                }
+            }
+            Err(e) => {
+                m.upstream_logins
+                    .with_label_values(&[&name, e.as_str()])
+                    .inc();
+                m.auth_attempts
+                    .with_label_values(&[mech, "unavailable"])
+                    .inc();
+                self.audit(
+                    &identity.user,
+                    mech,
+                    "unavailable",
+                    e.as_str(),
+                    verdict.as_str(),
+                    &name,
+                );
+                tracing::warn!(backend = %name, error = %e, "backend login failed");
+                sm.auth_unavailable(&req.tag);
+                LoginEnd::Continue(sm)
+            }
+        }
+    }
+
+    async fn relay(&self, parts: RelayParts) {
+        let RelayParts {
+            mut client,
+            mut backend,
+            pipelined,
+            backend_extra,
+            slot,
+            backend_name,
+            user,
+        } = parts;
+        let m = &self.shared.metrics;
+        let _gauge = GaugeGuard::new(&m.sessions_relayed);
+        let started = Instant::now();
+        // Invariant 3: what the client pipelined behind its login goes first, in order.
+        if !pipelined.is_empty()
+            && (backend.write_all(&pipelined).await.is_err() || backend.flush().await.is_err())
+        {
+            return;
+        }
+        if !backend_extra.is_empty() && client.write_all(&backend_extra).await.is_err() {
+            return;
+        }
+        let l = &self.shared.limits;
+        let end = relay::run(
+            client,
+            backend,
+            relay::RelayLimits {
+                idle: l.relay_idle_timeout,
+                lifetime: l.max_session_lifetime,
+                shutdown_grace: l.shutdown_grace,
+            },
+            m.relay_bytes.with_label_values(&["to_backend"]),
+            m.relay_bytes.with_label_values(&["to_client"]),
+            self.shared.stopping.clone(),
+        )
+        .await;
+        m.session_seconds.observe(started.elapsed().as_secs_f64());
+        tracing::info!(user = %user, backend = %backend_name, end = ?end, seconds = started.elapsed().as_secs(), "session ended");
+        drop(slot);
+    }
+}
+
+struct RelayParts {
+    client: Conn,
+    backend: Conn,
+    pipelined: bytes::BytesMut,
+    backend_extra: bytes::BytesMut,
+    slot: UserSlot,
+    backend_name: String,
+    user: String,
+}

@@ -1,0 +1,479 @@
+//! The pre-authentication dialogue as a state machine without sockets: bytes in, steps out.
+//!
+//! RFC 9051 §6.1–6.2 (and RFC 3501) for the not-authenticated state. The policy is the one
+//! `match` in [`PreAuth::command`]: CAPABILITY, NOOP, LOGOUT, ID, STARTTLS, LOGIN and
+//! AUTHENTICATE PLAIN; everything else is `BAD`. Security rules enforced here:
+//! - before TLS, no credential is accepted: LOGIN → `NO [PRIVACYREQUIRED]`, AUTHENTICATE → `NO`
+//!   without a `+`, and no literal gets a `+` (invariant 1);
+//! - STARTTLS drops every byte buffered before the handshake (invariant 2); a second one is BAD;
+//! - a non-synchronising literal closes the connection; an oversized literal is refused without
+//!   a `+`; lines and literals are bounded before buffering (invariant 7);
+//! - a tag that is not valid is never echoed: the reply is an untagged `* BAD`;
+//! - after `bad_commands_before_bye` BADs or `auth_failures_per_connection` failures: `* BYE`.
+
+use std::borrow::Cow;
+
+use bytes::BytesMut;
+use imap_codec::decode::Decoder;
+use imap_codec::imap_types::auth::{AuthMechanism, AuthenticateData};
+use imap_codec::imap_types::command::{Command, CommandBody};
+use imap_codec::imap_types::core::Tag;
+use imap_codec::imap_types::response::{Capability, StatusKind};
+use imap_codec::imap_types::IntoStatic;
+use imap_codec::{AuthenticateDataCodec, CommandCodec};
+
+use crate::auth::sasl::decode_plain;
+use crate::auth::{Credential, Mechanism};
+use crate::imap::framing::{Frame, FrameLimits, Framer, LineMode, Literal};
+use crate::imap::{self, RespCode};
+use crate::secret::Secret;
+
+/// Limits the state machine enforces itself (timeouts belong to the driver).
+#[derive(Debug, Clone, Copy)]
+pub struct PreAuthLimits {
+    pub line_bytes: usize,
+    pub literal_bytes: usize,
+    pub sasl_bytes: usize,
+    pub bad_commands_before_bye: u32,
+    pub auth_failures_per_connection: u32,
+}
+
+/// What the driver must do next.
+#[derive(Debug)]
+pub enum Step {
+    /// Write these bytes to the client.
+    Send(Vec<u8>),
+    /// Read more bytes and call [`PreAuth::feed`].
+    NeedInput,
+    /// Start the TLS handshake now (the OK was already sent), then call
+    /// [`PreAuth::tls_started`].
+    StartTls,
+    /// Check this login; then call [`PreAuth::auth_failed`], [`PreAuth::auth_unavailable`],
+    /// [`PreAuth::too_many_sessions`] or [`PreAuth::auth_succeeded`].
+    Authenticate(LoginRequest),
+    /// Close the connection (after writing everything sent so far).
+    Close,
+}
+
+/// A login to check.
+#[derive(Debug)]
+pub struct LoginRequest {
+    pub tag: Tag<'static>,
+    pub mechanism: Mechanism,
+    pub credential: Credential,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    Ready,
+    /// AUTHENTICATE PLAIN sent `+`; the next line is the client's response.
+    SaslPlain(Tag<'static>),
+    /// A login is being checked; no input is processed.
+    Authenticating,
+    /// STARTTLS was accepted; the handshake is due.
+    StartingTls,
+    Done,
+}
+
+pub struct PreAuth {
+    limits: PreAuthLimits,
+    /// This listener offers STARTTLS (143-style).
+    starttls_listener: bool,
+    tls: bool,
+    state: State,
+    framer: Framer,
+    out: Vec<Vec<u8>>,
+    close_after_out: bool,
+    bad: u32,
+    failures: u32,
+}
+
+impl PreAuth {
+    pub fn new(limits: PreAuthLimits, starttls_listener: bool, tls: bool) -> Self {
+        let framer = Framer::new(
+            FrameLimits {
+                line: limits.line_bytes,
+                sasl_line: limits.sasl_bytes,
+                literal: limits.literal_bytes,
+                message: limits.sasl_bytes + limits.literal_bytes,
+            },
+            LineMode::Command,
+        );
+        Self {
+            limits,
+            starttls_listener,
+            tls,
+            state: State::Ready,
+            framer,
+            out: Vec::new(),
+            close_after_out: false,
+            bad: 0,
+            failures: 0,
+        }
+    }
+
+    /// The capabilities for the current state (RFC 9051 §6.2.1, RFC 4959, RFC 2971).
+    pub fn capabilities(&self) -> Vec<Capability<'static>> {
+        if self.tls {
+            imap::capabilities(["IMAP4rev1", "SASL-IR", "ID", "AUTH=PLAIN"])
+        } else {
+            imap::capabilities(["IMAP4rev1", "STARTTLS", "LOGINDISABLED"])
+        }
+    }
+
+    /// `* OK [CAPABILITY …] ready`.
+    pub fn greeting(&self) -> Vec<u8> {
+        imap::greeting(&self.capabilities())
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// Bytes received from the client.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.framer.push(bytes);
+    }
+
+    /// Bytes received but not processed (bounded by one read).
+    pub fn buffered(&self) -> usize {
+        self.framer.buffered()
+    }
+
+    /// The TLS handshake completed: drop anything buffered before it (CVE-2011-0411).
+    pub fn tls_started(&mut self) {
+        self.framer.clear();
+        self.tls = true;
+        self.state = State::Ready;
+    }
+
+    /// Login refused: one generic reply, and BYE after too many.
+    pub fn auth_failed(&mut self, tag: &Tag<'_>) {
+        self.failures += 1;
+        self.reply(imap::tagged(
+            tag,
+            StatusKind::No,
+            Some(RespCode::AuthenticationFailed),
+            "Authentication failed",
+        ));
+        if self.failures >= self.limits.auth_failures_per_connection {
+            self.bye(imap::bye(None, "Too many authentication failures"));
+        } else {
+            self.state = State::Ready;
+        }
+    }
+
+    /// The credential was fine but no backend session could be made.
+    pub fn auth_unavailable(&mut self, tag: &Tag<'_>) {
+        self.reply(imap::tagged(
+            tag,
+            StatusKind::No,
+            Some(RespCode::Unavailable),
+            "Service temporarily unavailable",
+        ));
+        self.state = State::Ready;
+    }
+
+    /// The user has too many relayed sessions.
+    pub fn too_many_sessions(&mut self, tag: &Tag<'_>) {
+        self.reply(imap::tagged(
+            tag,
+            StatusKind::No,
+            Some(RespCode::Limit),
+            "Too many sessions for this user",
+        ));
+        self.state = State::Ready;
+    }
+
+    /// Login done: the tagged OK with the backend's capabilities, and the bytes the client
+    /// pipelined behind its login, to forward in order (invariant 3).
+    pub fn auth_succeeded(
+        mut self,
+        tag: &Tag<'_>,
+        caps: &[Capability<'static>],
+    ) -> (Vec<u8>, BytesMut) {
+        let ok = imap::tagged_ok_caps(tag, caps, "Logged in");
+        (ok, self.framer.take_remaining())
+    }
+
+    /// A `* BYE` for shutdown or timeouts; the session ends.
+    pub fn bye_now(&mut self, text: &'static str) -> Vec<u8> {
+        self.state = State::Done;
+        imap::bye(None, text)
+    }
+
+    fn reply(&mut self, bytes: Vec<u8>) {
+        self.out.push(bytes);
+    }
+
+    fn bye(&mut self, bytes: Vec<u8>) {
+        self.out.push(bytes);
+        self.close_after_out = true;
+        self.state = State::Done;
+    }
+
+    fn bad(&mut self, tag: Option<&Tag<'_>>, code: Option<RespCode>, text: &'static str) {
+        self.bad += 1;
+        let line = match tag {
+            Some(t) => imap::tagged(t, StatusKind::Bad, code, text),
+            None => imap::untagged_bad(code, text),
+        };
+        self.reply(line);
+        if self.bad >= self.limits.bad_commands_before_bye {
+            self.bye(imap::bye(None, "Too many invalid commands"));
+        }
+    }
+
+    /// The next thing to do.
+    pub fn step(&mut self) -> Step {
+        loop {
+            if !self.out.is_empty() {
+                return Step::Send(self.out.drain(..).flatten().collect());
+            }
+            match self.state {
+                State::Done => return Step::Close,
+                State::Authenticating => return Step::NeedInput,
+                State::StartingTls => return Step::StartTls,
+                State::Ready | State::SaslPlain(_) => {}
+            }
+            if self.close_after_out {
+                return Step::Close;
+            }
+            match self.framer.next_frame() {
+                Frame::Incomplete => return Step::NeedInput,
+                Frame::LineTooLong => self.bye(imap::bye(Some(RespCode::TooBig), "Line too long")),
+                Frame::MessageTooLong => {
+                    self.bye(imap::bye(Some(RespCode::TooBig), "Command too long"))
+                }
+                Frame::LiteralAnnounced { literal, partial } => self.literal(literal, &partial),
+                Frame::Message(msg) => {
+                    if let Some(step) = self.message(&msg) {
+                        return step;
+                    }
+                }
+            }
+        }
+    }
+
+    fn literal(&mut self, literal: Literal, partial: &[u8]) {
+        let tag = leading_tag(partial);
+        if matches!(self.state, State::SaslPlain(_)) {
+            self.framer.reject_message();
+            self.state = State::Ready;
+            self.bad(tag.as_ref(), None, "Invalid SASL response");
+            return;
+        }
+        match literal {
+            Literal::NonSync(_) => {
+                self.bye(imap::bye(
+                    None,
+                    "Non-synchronizing literals are not allowed before authentication",
+                ));
+            }
+            Literal::Sync(_) if !self.tls => {
+                self.framer.reject_message();
+                self.bad += 1;
+                let reply = match &tag {
+                    Some(t) => imap::tagged(
+                        t,
+                        StatusKind::No,
+                        Some(RespCode::PrivacyRequired),
+                        "TLS required",
+                    ),
+                    None => imap::untagged_bad(Some(RespCode::PrivacyRequired), "TLS required"),
+                };
+                self.reply(reply);
+                if self.bad >= self.limits.bad_commands_before_bye {
+                    self.bye(imap::bye(None, "Too many invalid commands"));
+                }
+            }
+            Literal::Sync(n) if n > self.limits.literal_bytes as u64 => {
+                self.framer.reject_message();
+                self.bad(tag.as_ref(), Some(RespCode::TooBig), "Literal too large");
+            }
+            Literal::Sync(_) => {
+                self.framer.accept_literal(literal);
+                self.reply(imap::continuation("Ready"));
+            }
+        }
+    }
+
+    /// Handles one complete message; returns a step when the driver must act.
+    fn message(&mut self, msg: &[u8]) -> Option<Step> {
+        if let State::SaslPlain(tag) = self.state.clone() {
+            self.framer.set_mode(LineMode::Command);
+            return self.sasl_response(tag, msg);
+        }
+        let decoded = CommandCodec::default().decode(msg);
+        match decoded {
+            Ok((rest, cmd)) if rest.is_empty() => self.command(cmd),
+            _ => {
+                let tag = leading_tag(msg);
+                self.bad(tag.as_ref(), None, "Invalid command");
+                None
+            }
+        }
+    }
+
+    /// The pre-auth policy: one exhaustive decision per command.
+    fn command(&mut self, cmd: Command<'_>) -> Option<Step> {
+        let tag = cmd.tag.into_static();
+        match cmd.body {
+            CommandBody::Capability => {
+                self.reply(imap::capability_data(&self.capabilities()));
+                self.reply(imap::tagged(
+                    &tag,
+                    StatusKind::Ok,
+                    None,
+                    "CAPABILITY completed",
+                ));
+            }
+            CommandBody::Noop => {
+                self.reply(imap::tagged(&tag, StatusKind::Ok, None, "NOOP completed"))
+            }
+            CommandBody::Logout => {
+                self.reply(imap::bye(None, "Logging out"));
+                self.reply(imap::tagged(&tag, StatusKind::Ok, None, "LOGOUT completed"));
+                self.close_after_out = true;
+                self.state = State::Done;
+            }
+            CommandBody::Id { .. } => {
+                // RFC 2971: answering NIL reveals no product or version.
+                self.reply(b"* ID NIL\r\n".to_vec());
+                self.reply(imap::tagged(&tag, StatusKind::Ok, None, "ID completed"));
+            }
+            CommandBody::StartTLS => {
+                if self.starttls_listener && !self.tls {
+                    self.reply(imap::tagged(
+                        &tag,
+                        StatusKind::Ok,
+                        None,
+                        "Begin TLS negotiation now",
+                    ));
+                    // Nothing buffered so far may be read after the handshake.
+                    self.framer.clear();
+                    self.state = State::StartingTls;
+                } else {
+                    self.bad(Some(&tag), None, "TLS is already active");
+                }
+            }
+            CommandBody::Login { username, password } => {
+                if !self.tls {
+                    self.reply(imap::tagged(
+                        &tag,
+                        StatusKind::No,
+                        Some(RespCode::PrivacyRequired),
+                        "TLS required",
+                    ));
+                    return None;
+                }
+                let user = String::from_utf8_lossy(username.as_ref()).into_owned();
+                let password = Secret::from_slice(password.declassify().as_ref());
+                return Some(self.authenticate(
+                    tag,
+                    Mechanism::Login,
+                    Credential::Password { user, password },
+                ));
+            }
+            CommandBody::Authenticate {
+                mechanism,
+                initial_response,
+            } => {
+                if !self.tls {
+                    self.reply(imap::tagged(
+                        &tag,
+                        StatusKind::No,
+                        Some(RespCode::PrivacyRequired),
+                        "TLS required",
+                    ));
+                    return None;
+                }
+                if mechanism != AuthMechanism::Plain {
+                    self.reply(imap::tagged(
+                        &tag,
+                        StatusKind::No,
+                        None,
+                        "Unsupported mechanism",
+                    ));
+                    return None;
+                }
+                match initial_response {
+                    Some(ir) => {
+                        let data: Cow<'_, [u8]> = ir.declassify().clone();
+                        return Some(self.plain(tag, &data));
+                    }
+                    None => {
+                        self.reply(imap::sasl_challenge(b""));
+                        self.framer.set_mode(LineMode::Sasl);
+                        self.state = State::SaslPlain(tag);
+                    }
+                }
+            }
+            _ => self.bad(
+                Some(&tag),
+                None,
+                "Command not allowed before authentication",
+            ),
+        }
+        None
+    }
+
+    fn sasl_response(&mut self, tag: Tag<'static>, msg: &[u8]) -> Option<Step> {
+        self.state = State::Ready;
+        match AuthenticateDataCodec::default().decode(msg) {
+            Ok((rest, AuthenticateData::Continue(data))) if rest.is_empty() => {
+                let bytes = data.declassify().to_vec();
+                Some(self.plain(tag, &bytes))
+            }
+            Ok((rest, AuthenticateData::Cancel)) if rest.is_empty() => {
+                self.reply(imap::tagged(
+                    &tag,
+                    StatusKind::Bad,
+                    None,
+                    "Authentication cancelled",
+                ));
+                None
+            }
+            _ => {
+                self.bad(Some(&tag), None, "Invalid SASL response");
+                None
+            }
+        }
+    }
+
+    fn plain(&mut self, tag: Tag<'static>, data: &[u8]) -> Step {
+        let credential = match decode_plain(data) {
+            Ok(p) => Credential::Password {
+                user: p.user,
+                password: p.password,
+            },
+            Err(e) => Credential::Malformed(e),
+        };
+        self.authenticate(tag, Mechanism::Plain, credential)
+    }
+
+    fn authenticate(
+        &mut self,
+        tag: Tag<'static>,
+        mechanism: Mechanism,
+        credential: Credential,
+    ) -> Step {
+        self.state = State::Authenticating;
+        Step::Authenticate(LoginRequest {
+            tag,
+            mechanism,
+            credential,
+        })
+    }
+}
+
+/// The tag at the start of a message, if it is a valid one (never echo anything else).
+fn leading_tag(msg: &[u8]) -> Option<Tag<'static>> {
+    let first = msg
+        .split(|b| *b == b' ' || *b == b'\r' || *b == b'\n')
+        .next()?;
+    Tag::try_from(first.to_vec()).ok()
+}
+
+#[cfg(test)]
+mod tests;

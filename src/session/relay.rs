@@ -1,0 +1,190 @@
+//! After login: bytes both ways, unchanged (IDLE, COMPRESS=DEFLATE, literals of any size).
+//!
+//! The relay does not parse IMAP. Each direction is its own copy loop so a slow reader on one
+//! side never stalls the other (no deadlock when both sides write at once). The session ends
+//! when either side closes, after `relay_idle_timeout` without a byte in either direction,
+//! after `max_session_lifetime`, or `shutdown_grace` after the gateway stopped accepting. No
+//! I/O other than
+//! the two sockets happens here.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::IntCounter;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Why a relayed session ended (for the log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayEnd {
+    ClientClosed,
+    BackendClosed,
+    Idle,
+    Lifetime,
+    Shutdown,
+}
+
+pub struct RelayLimits {
+    pub idle: Duration,
+    pub lifetime: Duration,
+    pub shutdown_grace: Duration,
+}
+
+const BUF: usize = 32 * 1024;
+
+async fn copy<R, W>(
+    mut from: R,
+    mut to: W,
+    activity: &AtomicU64,
+    epoch: Instant,
+    bytes: &IntCounter,
+) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUF];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            let _ = to.shutdown().await;
+            return Ok(());
+        }
+        activity.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        to.write_all(buf.get(..n).unwrap_or(&[])).await?;
+        to.flush().await?;
+        bytes.inc_by(n as u64);
+    }
+}
+
+/// Relays until one of the ending conditions.
+pub async fn run<C, B>(
+    client: C,
+    backend: B,
+    limits: RelayLimits,
+    to_backend: IntCounter,
+    to_client: IntCounter,
+    shutdown: CancellationToken,
+) -> RelayEnd
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let epoch = Instant::now();
+    let activity = Arc::new(AtomicU64::new(0));
+    let (cr, cw) = tokio::io::split(client);
+    let (br, bw) = tokio::io::split(backend);
+    let up = copy(cr, bw, &activity, epoch, &to_backend);
+    let down = copy(br, cw, &activity, epoch, &to_client);
+    tokio::pin!(up, down);
+
+    let idle = async {
+        loop {
+            let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+            let deadline = epoch + last + limits.idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    };
+    let grace = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(limits.shutdown_grace).await;
+    };
+    tokio::select! {
+        _ = &mut up => RelayEnd::ClientClosed,
+        _ = &mut down => RelayEnd::BackendClosed,
+        () = idle => RelayEnd::Idle,
+        () = tokio::time::sleep(limits.lifetime) => RelayEnd::Lifetime,
+        () = grace => RelayEnd::Shutdown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::duplex;
+
+    fn counter() -> IntCounter {
+        IntCounter::new("t", "t").unwrap()
+    }
+
+    #[tokio::test]
+    async fn bytes_flow_both_ways_unchanged() {
+        let (client, mut client_peer) = duplex(1024);
+        let (backend, mut backend_peer) = duplex(1024);
+        let limits = RelayLimits {
+            idle: Duration::from_secs(60),
+            lifetime: Duration::from_secs(600),
+            shutdown_grace: Duration::from_secs(1),
+        };
+        let (a, b) = (counter(), counter());
+        let task = tokio::spawn(run(
+            client,
+            backend,
+            limits,
+            a.clone(),
+            b.clone(),
+            CancellationToken::new(),
+        ));
+        let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let p2 = payload.clone();
+        let writer = tokio::spawn(async move {
+            client_peer.write_all(&p2).await.unwrap();
+            client_peer.write_all(b"").await.unwrap();
+            let mut back = vec![0u8; 5];
+            client_peer.read_exact(&mut back).await.unwrap();
+            back
+        });
+        let mut got = vec![0u8; payload.len()];
+        backend_peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, payload);
+        backend_peer.write_all(b"hello").await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"hello");
+        drop(backend_peer);
+        assert_eq!(task.await.unwrap(), RelayEnd::BackendClosed);
+        assert_eq!(a.get(), 200_000);
+        assert_eq!(b.get(), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_sessions_end() {
+        let (client, _cp) = duplex(64);
+        let (backend, _bp) = duplex(64);
+        let limits = RelayLimits {
+            idle: Duration::from_secs(1800),
+            lifetime: Duration::from_secs(86_400),
+            shutdown_grace: Duration::from_secs(1),
+        };
+        let end = run(
+            client,
+            backend,
+            limits,
+            counter(),
+            counter(),
+            CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(end, RelayEnd::Idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_gives_grace_then_ends() {
+        let (client, _cp) = duplex(64);
+        let (backend, _bp) = duplex(64);
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let limits = RelayLimits {
+            idle: Duration::from_secs(1800),
+            lifetime: Duration::from_secs(86_400),
+            shutdown_grace: Duration::from_secs(30),
+        };
+        let started = Instant::now();
+        let end = run(client, backend, limits, counter(), counter(), stop).await;
+        assert_eq!(end, RelayEnd::Shutdown);
+        assert!(started.elapsed() >= Duration::from_secs(30));
+    }
+}

@@ -1,0 +1,60 @@
+//! Shared state: the one interface through which the guard and the authenticators keep what
+//! must be shared between replicas (rate cells, counters, sets, one-time markers).
+//!
+//! Every operation is async and fallible from the start, because the Redis implementation
+//! (planned) can fail; every key carries a TTL so nothing grows without bound. The memory
+//! implementation is the default for a single instance; it bounds its size and evicts expired
+//! entries as it goes.
+
+mod memory;
+
+use std::time::Duration;
+
+pub use memory::MemoryStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A GCRA rate: `burst` events at once, refilling one every `period / burst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub burst: u32,
+    pub period: Duration,
+}
+
+/// The answer of a rate cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateDecision {
+    Allowed,
+    /// Over the rate; retry after this long.
+    Limited(Duration),
+}
+
+#[async_trait::async_trait]
+pub trait Store: Send + Sync {
+    /// GCRA check-and-update of the cell `key`: counts one event if allowed.
+    async fn rate_check(&self, key: &str, rate: Rate) -> Result<RateDecision, StoreError>;
+    /// Adds `by` to a counter, creating it with `ttl`; returns the new value.
+    async fn incr(&self, key: &str, by: u64, ttl: Duration) -> Result<u64, StoreError>;
+    /// Sets `key` only if absent; true if this call set it.
+    async fn set_if_absent(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
+    /// Adds a member to a set (refreshing the set's TTL); returns the number of members.
+    async fn set_add_count(
+        &self,
+        key: &str,
+        member: &str,
+        ttl: Duration,
+    ) -> Result<u64, StoreError>;
+    /// Reads a value set with `set_if_absent`.
+    async fn get(&self, key: &str) -> Result<Option<String>, StoreError>;
+    /// Removes a key of any kind.
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
+}

@@ -1,0 +1,239 @@
+//! The backend side: routing, connecting (verified TLS, STARTTLS or plain), logging in as the
+//! user with the master credential, and periodic health probes.
+//!
+//! Every wait has a deadline (invariant 6): `connect_timeout` covers resolving and TCP connect,
+//! `login_timeout` covers TLS, the greeting and the whole login dialogue.
+
+pub mod login;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use imap_codec::imap_types::response::Capability;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{BackendConfig, BackendTls, Config};
+use crate::imap;
+use crate::observe::{Health, Metrics};
+use crate::tls::{self, Conn};
+use login::{LoginError, UpStep, UpstreamLogin};
+
+/// Why no backend session could be made (a closed set: metric label and audit reason).
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("timed out")]
+    Timeout,
+    #[error("TLS with the backend failed: {0}")]
+    Tls(String),
+    #[error("backend closed the connection")]
+    Closed,
+    #[error(transparent)]
+    Login(#[from] LoginError),
+}
+
+impl UpstreamError {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect(_) => "connect",
+            UpstreamError::Timeout => "timeout",
+            UpstreamError::Tls(_) => "tls",
+            UpstreamError::Closed => "closed",
+            UpstreamError::Login(e) => e.as_str(),
+        }
+    }
+}
+
+/// A backend ready to be connected to: its config and prebuilt TLS client config.
+pub struct Backend {
+    pub config: BackendConfig,
+    tls: Option<(TlsConnector, rustls_pki_types::ServerName<'static>)>,
+}
+
+impl Backend {
+    pub fn new(config: BackendConfig) -> Result<Self, tls::TlsError> {
+        let tls = match config.tls {
+            BackendTls::None => None,
+            BackendTls::Implicit | BackendTls::Starttls => Some((
+                TlsConnector::from(tls::client_config(&config)?),
+                tls::backend_server_name(&config)?,
+            )),
+        };
+        Ok(Self { config, tls })
+    }
+
+    async fn connect_tcp(&self) -> Result<TcpStream, UpstreamError> {
+        let target = (self.config.host.as_str(), self.config.port);
+        let attempt = async {
+            let addrs = tokio::net::lookup_host(target)
+                .await
+                .map_err(|e| UpstreamError::Connect(e.kind().to_string()))?;
+            let mut last = UpstreamError::Connect("no address".into());
+            for addr in addrs {
+                match TcpStream::connect(addr).await {
+                    Ok(s) => {
+                        let _ = s.set_nodelay(true);
+                        return Ok(s);
+                    }
+                    Err(e) => last = UpstreamError::Connect(e.kind().to_string()),
+                }
+            }
+            Err(last)
+        };
+        tokio::time::timeout(self.config.connect_timeout, attempt)
+            .await
+            .map_err(|_| UpstreamError::Timeout)?
+    }
+
+    async fn tls_upgrade(&self, tcp: TcpStream) -> Result<Conn, UpstreamError> {
+        let Some((connector, name)) = &self.tls else {
+            return Ok(Conn::Plain(tcp));
+        };
+        let s = connector
+            .connect(name.clone(), tcp)
+            .await
+            .map_err(|e| UpstreamError::Tls(e.to_string()))?;
+        Ok(Conn::Tls(Box::new(tokio_rustls::TlsStream::Client(s))))
+    }
+
+    /// Connects and logs in as `user`; returns the stream, the client-visible capabilities and
+    /// any bytes the backend sent past its final OK.
+    pub async fn open(
+        &self,
+        user: &str,
+        client: SocketAddr,
+    ) -> Result<(Conn, Vec<Capability<'static>>, BytesMut), UpstreamError> {
+        let mut machine = UpstreamLogin::new(&self.config, user, client)?;
+        let tcp = self.connect_tcp().await?;
+        let dialogue = async {
+            let mut conn = match self.config.tls {
+                BackendTls::Implicit => self.tls_upgrade(tcp).await?,
+                BackendTls::Starttls | BackendTls::None => Conn::Plain(tcp),
+            };
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match machine.step() {
+                    UpStep::Send(bytes) => conn
+                        .write_all(&bytes)
+                        .await
+                        .map_err(|_| UpstreamError::Closed)?,
+                    UpStep::NeedInput => {
+                        conn.flush().await.map_err(|_| UpstreamError::Closed)?;
+                        let n = conn
+                            .read(&mut buf)
+                            .await
+                            .map_err(|_| UpstreamError::Closed)?;
+                        if n == 0 {
+                            return Err(UpstreamError::Closed);
+                        }
+                        machine.feed(buf.get(..n).unwrap_or(&[]));
+                    }
+                    UpStep::StartTls => {
+                        let Conn::Plain(tcp) = conn else {
+                            return Err(UpstreamError::Tls("already TLS".into()));
+                        };
+                        conn = self.tls_upgrade(tcp).await?;
+                        machine.tls_started();
+                    }
+                    UpStep::Done(caps) => {
+                        let visible = login::client_capabilities(&caps);
+                        let caps = imap::capabilities(visible.iter().map(String::as_str));
+                        return Ok((conn, caps, machine.take_remaining()));
+                    }
+                    UpStep::Fail(e) => return Err(e.into()),
+                }
+            }
+        };
+        tokio::time::timeout(self.config.login_timeout, dialogue)
+            .await
+            .map_err(|_| UpstreamError::Timeout)?
+    }
+
+    /// Health probe: connect, (TLS), read an OK greeting, LOGOUT.
+    pub async fn probe(&self) -> bool {
+        let Ok(tcp) = self.connect_tcp().await else {
+            return false;
+        };
+        let check = async {
+            let mut conn = match self.config.tls {
+                BackendTls::Implicit => self.tls_upgrade(tcp).await.ok()?,
+                _ => Conn::Plain(tcp),
+            };
+            let mut buf = [0u8; 512];
+            let n = conn.read(&mut buf).await.ok()?;
+            let ok = buf.get(..n).is_some_and(|g| g.starts_with(b"* OK"));
+            let _ = conn.write_all(b"p LOGOUT\r\n").await;
+            let _ = conn.shutdown().await;
+            Some(ok)
+        };
+        tokio::time::timeout(self.config.login_timeout, check)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(false)
+    }
+}
+
+/// All backends, routed by the user's domain.
+pub struct Upstreams {
+    backends: Vec<Arc<Backend>>,
+    config: Arc<Config>,
+}
+
+impl Upstreams {
+    pub fn new(config: Arc<Config>) -> Result<Self, tls::TlsError> {
+        let backends = config
+            .backends
+            .iter()
+            .cloned()
+            .map(|b| Backend::new(b).map(Arc::new))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { backends, config })
+    }
+
+    /// The backend for a (normalised) user.
+    pub fn route(&self, user: &str) -> Option<Arc<Backend>> {
+        let b = self.config.route(user)?;
+        self.backends
+            .iter()
+            .find(|x| x.config.name == b.name)
+            .cloned()
+    }
+
+    /// Probes every backend each `every` until cancelled, updating `/readyz` and the metric.
+    pub async fn health_loop(
+        self: Arc<Self>,
+        health: Arc<Health>,
+        metrics: Arc<Metrics>,
+        every: Duration,
+        stop: CancellationToken,
+    ) {
+        loop {
+            for (i, b) in self.backends.iter().enumerate() {
+                let started = Instant::now();
+                let up = b.probe().await;
+                if let Some((_, flag)) = health.backends.get(i) {
+                    let was = flag.swap(up, Ordering::Relaxed);
+                    if was != up {
+                        tracing::info!(backend = %b.config.name, up, elapsed_ms = started.elapsed().as_millis() as u64, "backend health changed");
+                    }
+                }
+                metrics
+                    .backend_up
+                    .with_label_values(&[&b.config.name])
+                    .set(i64::from(up));
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+}
