@@ -245,7 +245,7 @@ fn listeners(cx: &mut Ctx, v: &Value) -> Vec<ListenerConfig> {
         }
         match l.address.parse::<SocketAddr>() {
             Ok(a) => {
-                if !addrs.insert(a) {
+                if a.port() != 0 && !addrs.insert(a) {
                     cx.err(format!("{path}.address"), format!("{a} is used twice"));
                 }
                 out.push(ListenerConfig {

@@ -22,7 +22,7 @@ pub enum Literal {
 }
 
 impl Literal {
-    pub fn len(self) -> u64 {
+    pub fn size(self) -> u64 {
         match self {
             Literal::Sync(n) | Literal::NonSync(n) => n,
         }
@@ -130,7 +130,7 @@ impl Framer {
     /// The announced literal will be sent: read it as part of the message.
     pub fn accept_literal(&mut self, literal: Literal) {
         self.awaiting_decision = false;
-        self.literal_left = literal.len();
+        self.literal_left = literal.size();
     }
 
     /// The announced literal was refused: drop the message. For a synchronising literal the
@@ -209,10 +209,10 @@ impl Framer {
                 None => return Frame::Message(std::mem::take(&mut self.message)),
                 Some(literal) => {
                     if self.mode == LineMode::Response {
-                        if literal.len() > self.limits.literal as u64 {
+                        if literal.size() > self.limits.literal as u64 {
                             return Frame::MessageTooLong;
                         }
-                        self.literal_left = literal.len();
+                        self.literal_left = literal.size();
                         continue;
                     }
                     self.awaiting_decision = true;

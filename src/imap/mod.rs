@@ -163,7 +163,7 @@ mod tests {
         let caps = capabilities(["IMAP4rev1", "STARTTLS", "LOGINDISABLED"]);
         assert_eq!(
             greeting(&caps),
-            b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] ready\r\n"
+            b"* OK [CAPABILITY IMAP4REV1 STARTTLS LOGINDISABLED] ready\r\n"
         );
         assert_eq!(
             tagged(
@@ -178,7 +178,7 @@ mod tests {
         assert_eq!(bye(None, "bye"), b"* BYE bye\r\n");
         assert_eq!(
             capability_data(&caps),
-            b"* CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED\r\n"
+            b"* CAPABILITY IMAP4REV1 STARTTLS LOGINDISABLED\r\n"
         );
         assert_eq!(sasl_challenge(b""), b"+ \r\n");
         assert_eq!(continuation("go ahead"), b"+ go ahead\r\n");

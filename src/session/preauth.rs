@@ -306,7 +306,7 @@ impl PreAuth {
         }
         let decoded = CommandCodec::default().decode(msg);
         match decoded {
-            Ok((rest, cmd)) if rest.is_empty() => self.command(cmd),
+            Ok((b"", cmd)) => self.command(cmd),
             _ => {
                 let tag = leading_tag(msg);
                 self.bad(tag.as_ref(), None, "Invalid command");
@@ -421,11 +421,11 @@ impl PreAuth {
     fn sasl_response(&mut self, tag: Tag<'static>, msg: &[u8]) -> Option<Step> {
         self.state = State::Ready;
         match AuthenticateDataCodec::default().decode(msg) {
-            Ok((rest, AuthenticateData::Continue(data))) if rest.is_empty() => {
+            Ok((b"", AuthenticateData::Continue(data))) => {
                 let bytes = data.declassify().to_vec();
                 Some(self.plain(tag, &bytes))
             }
-            Ok((rest, AuthenticateData::Cancel)) if rest.is_empty() => {
+            Ok((b"", AuthenticateData::Cancel)) => {
                 self.reply(imap::tagged(
                     &tag,
                     StatusKind::Bad,

@@ -137,13 +137,14 @@ mod tests {
             client_peer.write_all(b"").await.unwrap();
             let mut back = vec![0u8; 5];
             client_peer.read_exact(&mut back).await.unwrap();
-            back
+            (back, client_peer)
         });
         let mut got = vec![0u8; payload.len()];
         backend_peer.read_exact(&mut got).await.unwrap();
         assert_eq!(got, payload);
         backend_peer.write_all(b"hello").await.unwrap();
-        assert_eq!(writer.await.unwrap(), b"hello");
+        let (back, _client_peer) = writer.await.unwrap();
+        assert_eq!(back, b"hello");
         drop(backend_peer);
         assert_eq!(task.await.unwrap(), RelayEnd::BackendClosed);
         assert_eq!(a.get(), 200_000);

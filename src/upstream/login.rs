@@ -193,13 +193,11 @@ impl UpstreamLogin {
         let mut waiting = false;
         for frag in CommandCodec::default().encode(&cmd) {
             match frag {
-                Fragment::Line { data } => {
-                    if waiting {
-                        self.pending.push_back(data);
-                    } else {
-                        first.extend_from_slice(&data);
-                    }
-                }
+                // A line after a literal is sent together with that literal.
+                Fragment::Line { data } => match self.pending.back_mut() {
+                    Some(last) if waiting => last.extend_from_slice(&data),
+                    _ => first.extend_from_slice(&data),
+                },
                 Fragment::Literal { data, .. } => {
                     waiting = true;
                     self.pending.push_back(data);
@@ -207,12 +205,6 @@ impl UpstreamLogin {
             }
         }
         self.out.push_back(first);
-        // Lines after a literal belong to the same continuation step as that literal.
-        let mut merged = VecDeque::new();
-        while let Some(p) = self.pending.pop_front() {
-            merged.push_back(p);
-        }
-        self.pending = merged;
     }
 
     fn after_greeting(&mut self) {

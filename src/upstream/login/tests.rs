@@ -1,1 +1,227 @@
+//! The backend login dialogue against scripted responses.
 
+use std::time::Duration;
+
+use super::*;
+use crate::config::BackendConfig;
+
+fn backend(tls: BackendTls, login: BackendLogin, send_id: bool) -> BackendConfig {
+    BackendConfig {
+        name: "b".into(),
+        host: "localhost".into(),
+        port: 993,
+        tls,
+        ca_file: None,
+        server_name: "localhost".into(),
+        login,
+        master_user: "gateway".into(),
+        master_password: Secret::from_slice(b"m pw"),
+        send_id,
+        connect_timeout: Duration::from_secs(1),
+        login_timeout: Duration::from_secs(1),
+    }
+}
+
+fn client() -> SocketAddr {
+    "192.0.2.7:40000".parse().unwrap()
+}
+
+/// Drives the machine with scripted backend input; returns what it sent and the final step.
+fn drive(m: &mut UpstreamLogin, script: &[&[u8]]) -> (String, UpStep) {
+    let mut sent = Vec::new();
+    let mut input = script.iter();
+    loop {
+        match m.step() {
+            UpStep::Send(b) => sent.extend(b),
+            UpStep::NeedInput => match input.next() {
+                Some(b) => m.feed(b),
+                None => {
+                    return (
+                        String::from_utf8_lossy(&sent).into_owned(),
+                        UpStep::NeedInput,
+                    )
+                }
+            },
+            UpStep::StartTls => m.tls_started(),
+            other => return (String::from_utf8_lossy(&sent).into_owned(), other),
+        }
+    }
+}
+
+#[test]
+fn master_user_login_with_id_and_capabilities_in_ok() {
+    let b = backend(
+        BackendTls::Implicit,
+        BackendLogin::MasterUser {
+            separator: "*".into(),
+        },
+        true,
+    );
+    let mut m = UpstreamLogin::new(&b, "alice@example.org", client()).unwrap();
+    let (sent, end) = drive(
+        &mut m,
+        &[
+            b"* OK ready\r\n",
+            b"* ID NIL\r\ng1 OK ID done\r\n",
+            b"g2 OK [CAPABILITY IMAP4rev1 IDLE STARTTLS AUTH=PLAIN LITERAL+] Logged in\r\n",
+        ],
+    );
+    assert_eq!(sent, "g1 ID (\"x-originating-ip\" \"192.0.2.7\" \"x-originating-port\" \"40000\")\r\ng2 LOGIN \"alice@example.org*gateway\" \"m pw\"\r\n");
+    let UpStep::Done(caps) = end else {
+        panic!("{end:?}")
+    };
+    assert_eq!(
+        client_capabilities(&caps),
+        vec!["IMAP4REV1", "IDLE", "LITERAL+"]
+    );
+}
+
+#[test]
+fn capability_is_asked_when_the_ok_has_none() {
+    let b = backend(
+        BackendTls::None,
+        BackendLogin::MasterUser {
+            separator: "*".into(),
+        },
+        false,
+    );
+    let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
+    let (sent, end) = drive(
+        &mut m,
+        &[
+            b"* OK ready\r\n",
+            b"g1 OK Logged in\r\n",
+            b"* CAPABILITY IMAP4rev1 MOVE\r\ng2 OK done\r\n",
+        ],
+    );
+    assert!(sent.ends_with("g2 CAPABILITY\r\n"), "{sent}");
+    assert!(matches!(end, UpStep::Done(ref c) if c == &["IMAP4REV1", "MOVE"]));
+}
+
+#[test]
+fn sasl_authzid_sends_plain_after_continuation() {
+    let b = backend(BackendTls::None, BackendLogin::SaslAuthzid, false);
+    let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
+    let (sent, end) = drive(
+        &mut m,
+        &[
+            b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n",
+            b"+ \r\n",
+            b"g1 OK [CAPABILITY IMAP4rev1] ok\r\n",
+        ],
+    );
+    // base64("alice\0gateway\0m pw")
+    assert_eq!(
+        sent,
+        "g1 AUTHENTICATE PLAIN\r\nYWxpY2UAZ2F0ZXdheQBtIHB3\r\n"
+    );
+    assert!(matches!(end, UpStep::Done(_)));
+}
+
+#[test]
+fn starttls_backend_flow_and_missing_starttls() {
+    let b = backend(
+        BackendTls::Starttls,
+        BackendLogin::MasterUser {
+            separator: "*".into(),
+        },
+        false,
+    );
+    let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
+    let (sent, end) = drive(
+        &mut m,
+        &[
+            b"* OK ready\r\n",
+            b"* CAPABILITY IMAP4rev1 STARTTLS\r\ng1 OK done\r\n",
+            b"g2 OK go\r\n",
+            b"g3 OK [CAPABILITY IMAP4rev1] in\r\n",
+        ],
+    );
+    assert_eq!(
+        sent,
+        "g1 CAPABILITY\r\ng2 STARTTLS\r\ng3 LOGIN \"alice*gateway\" \"m pw\"\r\n"
+    );
+    assert!(matches!(end, UpStep::Done(_)));
+    let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
+    let (_, end) = drive(&mut m, &[b"* OK [CAPABILITY IMAP4rev1] ready\r\n"]);
+    assert!(
+        matches!(end, UpStep::Fail(LoginError::NoStartTls)),
+        "{end:?}"
+    );
+    // Bytes after the STARTTLS OK would be injected into the TLS session: refused.
+    let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
+    let (_, end) = drive(
+        &mut m,
+        &[
+            b"* OK [CAPABILITY IMAP4rev1 STARTTLS] ready\r\n",
+            b"g1 OK go\r\n* OK injected\r\n",
+        ],
+    );
+    assert!(matches!(end, UpStep::Fail(LoginError::Protocol)), "{end:?}");
+}
+
+#[test]
+fn bad_greetings_and_rejections() {
+    let b = backend(
+        BackendTls::None,
+        BackendLogin::MasterUser {
+            separator: "*".into(),
+        },
+        false,
+    );
+    for (script, want) in [
+        (&[&b"* PREAUTH hi\r\n"[..]][..], LoginError::Preauth),
+        (&[&b"* BYE no\r\n"[..]][..], LoginError::Bye),
+        (&[&b"hello\r\n"[..]][..], LoginError::Protocol),
+        (
+            &[
+                &b"* OK hi\r\n"[..],
+                &b"g1 NO [AUTHENTICATIONFAILED] no\r\n"[..],
+            ][..],
+            LoginError::Rejected,
+        ),
+        (
+            &[&b"* OK hi\r\n"[..], &b"g9 OK wrong tag\r\n"[..]][..],
+            LoginError::Protocol,
+        ),
+        (
+            &[&b"* OK hi\r\n"[..], &b"* BYE shutting down\r\n"[..]][..],
+            LoginError::Rejected,
+        ),
+    ] {
+        let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
+        let (_, end) = drive(&mut m, script);
+        assert!(
+            matches!(end, UpStep::Fail(e) if e == want),
+            "{script:?}: {end:?}"
+        );
+    }
+    assert!(UpstreamLogin::new(&b, "alice*gateway", client()).is_err());
+}
+
+#[test]
+fn eight_bit_password_goes_as_a_literal_after_continuation() {
+    let mut b = backend(
+        BackendTls::None,
+        BackendLogin::MasterUser {
+            separator: "*".into(),
+        },
+        false,
+    );
+    b.master_password = Secret::from_slice("pässword".as_bytes());
+    let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
+    let (sent, end) = drive(
+        &mut m,
+        &[
+            b"* OK hi\r\n",
+            b"+ go\r\n",
+            b"g1 OK [CAPABILITY IMAP4rev1] in\r\n",
+        ],
+    );
+    assert!(
+        sent.starts_with("g1 LOGIN \"alice*gateway\" {9}\r\n"),
+        "{sent}"
+    );
+    assert!(sent.ends_with("pässword\r\n"), "{sent}");
+    assert!(matches!(end, UpStep::Done(_)));
+}

@@ -1,0 +1,280 @@
+//! Real clients end to end against the real binary (`imapgate run`): curl and Python's
+//! imaplib over implicit TLS and STARTTLS. The binary's logs are then searched for every
+//! secret the test used: none may appear (invariant 8).
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::harness::*;
+
+struct Binary {
+    child: Child,
+    dir: tempfile::TempDir,
+    imaps: u16,
+    imap: u16,
+    admin: u16,
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_binary(t: &TestGateway) -> Binary {
+    let dir = tempfile::tempdir().unwrap();
+    let (imaps, imap, admin) = (free_port(), free_port(), free_port());
+    let yaml = t
+        .config_yaml
+        .replacen(
+            "127.0.0.1:0\", tls: implicit",
+            &format!("127.0.0.1:{imaps}\", tls: implicit"),
+            1,
+        )
+        .replacen(
+            "127.0.0.1:0\", tls: starttls",
+            &format!("127.0.0.1:{imap}\", tls: starttls"),
+            1,
+        )
+        .replacen(
+            "address: \"127.0.0.1:0\", health_interval",
+            &format!("address: \"127.0.0.1:{admin}\", health_interval"),
+            1,
+        )
+        + &format!(
+            "logging: {{ format: json, level: debug, audit: \"{}\" }}\n",
+            dir.path().join("audit.log").display()
+        );
+    let cfg = dir.path().join("imapgate.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_imapgate"))
+        .args(["check-config", "-c"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "check-config: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let child = Command::new(env!("CARGO_BIN_EXE_imapgate"))
+        .args(["run", "-c"])
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
+        .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
+        .spawn()
+        .unwrap();
+    for i in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", admin)).is_ok() {
+            break;
+        }
+        assert!(
+            i < 99,
+            "binary did not start: {}",
+            std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Binary {
+        child,
+        dir,
+        imaps,
+        imap,
+        admin,
+    }
+}
+
+fn read(p: &Path) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(p) {
+        let _ = f.read_to_string(&mut s);
+    }
+    s
+}
+
+fn curl(args: &[&str]) -> (bool, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+const PY: &str = r#"
+import imaplib, ssl, sys
+mode, host, port, ca, user, pw = sys.argv[1:7]
+ctx = ssl.create_default_context(cafile=ca)
+if mode == "ssl":
+    m = imaplib.IMAP4_SSL(host, int(port), ssl_context=ctx)
+else:
+    m = imaplib.IMAP4(host, int(port))
+    try:
+        m.login(user, pw)
+        print("cleartext login accepted"); sys.exit(3)
+    except imaplib.IMAP4.error as e:
+        print("cleartext refused:", e)
+    m.starttls(ssl_context=ctx)
+typ, data = m.login(user, pw)
+assert typ == "OK", (typ, data)
+typ, data = m.select("INBOX")
+assert typ == "OK", (typ, data)
+typ, data = m.list()
+print("LIST", data)
+m.logout()
+print("ok")
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn curl_and_python_imaplib_through_the_real_binary_and_no_secret_in_any_log() {
+    let Some(t) = TestGateway::start().await else {
+        return;
+    };
+    if !have("curl") || !have("python3") {
+        return;
+    }
+    let b = start_binary(&t);
+    let ca = t.pki.ca_pem.display().to_string();
+    let user = "alice@example.org";
+    let pw = t.password(user);
+    let wrong = "qqqq wwww eeee rrrr";
+
+    // curl, implicit TLS, verifying the gateway's certificate.
+    let (ok, out) = curl(&[
+        "--cacert",
+        &ca,
+        &format!("imaps://localhost:{}/", b.imaps),
+        "--user",
+        &format!("{user}:{pw}"),
+    ]);
+    assert!(ok && out.contains("INBOX"), "curl imaps: {out}");
+    // curl over STARTTLS.
+    let (ok, out) = curl(&[
+        "--ssl-reqd",
+        "--cacert",
+        &ca,
+        &format!("imap://localhost:{}/", b.imap),
+        "--user",
+        &format!("{user}:{pw}"),
+    ]);
+    assert!(ok && out.contains("INBOX"), "curl starttls: {out}");
+    // curl with a wrong password is refused.
+    let (ok, out) = curl(&[
+        "--cacert",
+        &ca,
+        &format!("imaps://localhost:{}/", b.imaps),
+        "--user",
+        &format!("{user}:{wrong}"),
+    ]);
+    assert!(!ok, "wrong password accepted: {out}");
+    // curl without TLS on the STARTTLS port cannot log in.
+    let (ok, out) = curl(&[
+        &format!("imap://localhost:{}/", b.imap),
+        "--user",
+        &format!("{user}:{pw}"),
+    ]);
+    assert!(!ok, "cleartext login accepted: {out}");
+
+    // Python imaplib: IMAP4_SSL, and IMAP4 + starttls (cleartext login refused first).
+    for (mode, port) in [("ssl", b.imaps), ("starttls", b.imap)] {
+        let out = Command::new("python3")
+            .args([
+                "-c",
+                PY,
+                mode,
+                "localhost",
+                &port.to_string(),
+                &ca,
+                user,
+                &pw,
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && text.contains("ok"),
+            "imaplib {mode}: {text}"
+        );
+        if mode == "starttls" {
+            assert!(text.contains("PRIVACYREQUIRED"), "{text}");
+        }
+    }
+
+    // Metrics from the real binary.
+    let (code, metrics) = http_get(
+        format!("127.0.0.1:{}", b.admin).parse().unwrap(),
+        "/metrics",
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("imapgate_auth_attempts_total{mechanism=\"plain\",result=\"success\"}")
+            || metrics
+                .contains("imapgate_auth_attempts_total{mechanism=\"login\",result=\"success\"}"),
+        "{metrics}"
+    );
+
+    // SIGTERM ends it cleanly.
+    let pid = b.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut b = b;
+    let mut exited = false;
+    for _ in 0..100 {
+        if let Ok(Some(status)) = b.child.try_wait() {
+            assert!(status.success(), "exit status {status}");
+            exited = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(exited, "did not exit after SIGTERM");
+
+    // Invariant 8: no secret in the operational log, the audit log or stdout.
+    let logs = read(&b.dir.path().join("stderr.log")) + &read(&b.dir.path().join("stdout.log"));
+    let audit = read(&b.dir.path().join("audit.log"));
+    assert!(audit.lines().count() >= 5, "audit log too short: {audit}");
+    assert!(
+        audit
+            .lines()
+            .all(|l| l.starts_with('{') && l.contains("\"event\":\"auth\"")),
+        "{audit}"
+    );
+    assert!(
+        audit.contains("\"result\":\"success\"") && audit.contains("\"result\":\"failure\""),
+        "{audit}"
+    );
+    assert!(logs.contains("logged in"), "debug log missing: {logs}");
+    let master = t.dovecot.master_password.clone();
+    for secret in [
+        pw.as_str(),
+        &pw.replace(' ', ""),
+        wrong,
+        &wrong.replace(' ', ""),
+        master.as_str(),
+    ] {
+        assert!(
+            !logs.contains(secret) && !audit.contains(secret),
+            "secret {secret:?} found in a log"
+        );
+    }
+    // SASL payloads (base64 of user\0user\0password, as curl sends) never appear either.
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{user}\0{user}\0{pw}"));
+    assert!(!logs.contains(&b64) && !audit.contains(&b64));
+    assert!(
+        !logs.contains("\"audit\"") && !logs.contains("\"event\":\"auth\""),
+        "audit events leaked into the operational log"
+    );
+}

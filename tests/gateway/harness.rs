@@ -1,0 +1,714 @@
+//! The test harness: a real Dovecot (started once per test binary), test certificates, a
+//! gateway started in-process on 127.0.0.1:0, and a scripted IMAP client whose every read has
+//! a timeout.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use imapgate::auth::app_password;
+use imapgate::auth::users::{AppPassword, User, UsersFile};
+use imapgate::config::{Argon2Params, Config};
+use imapgate::secret::Secret;
+use imapgate::server::Gateway;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Fast argon2 for tests; production defaults are checked in unit tests.
+pub const TEST_ARGON2: Argon2Params = Argon2Params {
+    m_kib: 1024,
+    t: 1,
+    p: 1,
+};
+
+/// Whether real components are required (`IMAPGATE_REQUIRE_REAL=1`): then a missing one fails
+/// the test instead of skipping it.
+pub fn require_real() -> bool {
+    std::env::var("IMAPGATE_REQUIRE_REAL").is_ok_and(|v| v == "1")
+}
+
+/// Returns false (skip) or panics (fail) when a tool is missing.
+pub fn have(tool: &str) -> bool {
+    let found = which(tool).is_some();
+    if !found {
+        assert!(
+            !require_real(),
+            "{tool} is required (IMAPGATE_REQUIRE_REAL=1) but not installed"
+        );
+        eprintln!("skipping: {tool} not installed");
+    }
+    found
+}
+
+pub fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default() + ":/usr/sbin:/sbin";
+    path.split(':')
+        .map(|d| Path::new(d).join(tool))
+        .find(|p| p.is_file())
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A test CA and the certificates it signs.
+pub struct Pki {
+    pub dir: PathBuf,
+    pub ca_pem: PathBuf,
+    ca_params: CertificateParams,
+    ca_key: KeyPair,
+    pub ca_der: CertificateDer<'static>,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Pki {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "imapgate test CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let ca_pem = dir.join("ca.pem");
+        std::fs::write(&ca_pem, cert.pem()).unwrap();
+        Pki {
+            dir: dir.to_owned(),
+            ca_pem,
+            ca_der: cert.der().clone(),
+            ca_params: params,
+            ca_key: key,
+        }
+    }
+
+    /// Issues a leaf for `names`; returns (cert path, key path).
+    pub fn issue(&self, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let issuer = rcgen::Issuer::from_params(&self.ca_params, &self.ca_key);
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.distinguished_name.push(DnType::CommonName, names[0]);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let c = self.dir.join(format!("{stem}.pem"));
+        let k = self.dir.join(format!("{stem}.key"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+}
+
+/// The shared Dovecot: one per test binary.
+pub struct Dovecot {
+    pub dir: PathBuf,
+    pub imaps: SocketAddr,
+    pub imap: SocketAddr,
+    pub master_user: String,
+    pub master_secret_file: PathBuf,
+    pub master_password: String,
+    pub pki: Pki,
+    /// Users and their own Dovecot passwords (for direct comparison only).
+    pub users: Vec<(String, String)>,
+}
+
+pub const USERS: &[&str] = &[
+    "alice@example.org",
+    "bob@example.org",
+    "carol@example.org",
+    "dave@example.org",
+    "erin@example.org",
+    "frank@example.org",
+];
+
+static DOVECOT: OnceLock<Option<Arc<Dovecot>>> = OnceLock::new();
+
+/// The shared Dovecot, started on first use; `None` (skip) when not installed and not required.
+pub fn dovecot() -> Option<Arc<Dovecot>> {
+    DOVECOT
+        .get_or_init(|| {
+            if have("dovecot") {
+                Some(Arc::new(start_dovecot()))
+            } else {
+                None
+            }
+        })
+        .clone()
+}
+
+fn chmod(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn start_dovecot() -> Dovecot {
+    // A short path: Dovecot's sockets must fit in 108 bytes.
+    let dir = tempfile::Builder::new()
+        .prefix("igd")
+        .tempdir_in("/tmp")
+        .unwrap()
+        .keep();
+    for d in ["run", "state", "mail"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    for d in [dir.clone(), dir.join("run"), dir.join("state")] {
+        chmod(&d, 0o755);
+    }
+    let pki = Pki::new(&dir.join("tls"));
+    chmod(&dir.join("tls"), 0o755);
+    let (cert, key) = pki.issue("dovecot", &["localhost", "127.0.0.1"]);
+    let master_password = format!("m-{}", app_password::generate().expose_str().unwrap());
+    let master_secret_file = dir.join("master.secret");
+    std::fs::write(&master_secret_file, &master_password).unwrap();
+    chmod(&master_secret_file, 0o600);
+    std::fs::write(
+        dir.join("masters"),
+        format!("gateway:{{PLAIN}}{master_password}\n"),
+    )
+    .unwrap();
+    let users: Vec<(String, String)> = USERS
+        .iter()
+        .map(|u| {
+            (
+                u.to_string(),
+                format!("own-{}", app_password::generate().expose_str().unwrap()),
+            )
+        })
+        .collect();
+    let passwd: String = users
+        .iter()
+        .map(|(u, p)| format!("{u}:{{PLAIN}}{p}\n"))
+        .collect();
+    std::fs::write(dir.join("users"), passwd).unwrap();
+    for f in ["masters", "users"] {
+        let p = dir.join(f);
+        let ok = Command::new("chown")
+            .arg("root:dovecot")
+            .arg(&p)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "chown root:dovecot failed (is the dovecot user there?)");
+        chmod(&p, 0o640);
+    }
+    let ok = Command::new("chown")
+        .args(["-R", "nobody:nogroup"])
+        .arg(dir.join("mail"))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let (imaps, imap) = (free_port(), free_port());
+    let d = dir.display();
+    let conf = format!(
+        "base_dir = {d}/run\nstate_dir = {d}/state\ninstance_name = igd-{imaps}\nlog_path = {d}/dovecot.log\n\
+         protocols = imap\nlisten = 127.0.0.1\nssl = yes\nssl_cert = <{cert}\nssl_key = <{key}\n\
+         ssl_min_protocol = TLSv1.2\nssl_dh = </usr/share/dovecot/dh.pem\ndisable_plaintext_auth = yes\n\
+         auth_mechanisms = plain login\nauth_master_user_separator = *\nlogin_trusted_networks = 127.0.0.1\n\
+         mail_uid = nobody\nmail_gid = nogroup\nmail_location = maildir:~/Maildir\nmail_max_userip_connections = 1000\n\
+         auth_failure_delay = 0\nservice anvil {{\n  unix_listener anvil-auth-penalty {{\n    mode = 0\n  }}\n}}\n\
+         passdb {{\n  driver = passwd-file\n  args = {d}/masters\n  master = yes\n  result_success = continue\n}}\n\
+         passdb {{\n  driver = passwd-file\n  args = {d}/users\n}}\n\
+         userdb {{\n  driver = static\n  args = uid=nobody gid=nogroup home={d}/mail/%u\n}}\n\
+         service imap-login {{\n  inet_listener imap {{\n    port = {imap}\n  }}\n  inet_listener imaps {{\n    port = {imaps}\n    ssl = yes\n  }}\n}}\n",
+        cert = cert.display(),
+        key = key.display(),
+    );
+    let conf_path = dir.join("dovecot.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let bin = which("dovecot").unwrap();
+    // Dovecot runs in the foreground under a shell that kills it when this test process ends.
+    let script = format!(
+        "{} -F -c {} & D=$!; while kill -0 {} 2>/dev/null && kill -0 $D 2>/dev/null; do sleep 1; done; kill $D 2>/dev/null; wait $D",
+        bin.display(),
+        conf_path.display(),
+        std::process::id()
+    );
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The watchdog shell ends by itself with this process; reap it from a thread.
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+    let imaps_addr: SocketAddr = format!("127.0.0.1:{imaps}").parse().unwrap();
+    let imap_addr: SocketAddr = format!("127.0.0.1:{imap}").parse().unwrap();
+    for i in 0..100 {
+        if std::net::TcpStream::connect(imaps_addr).is_ok()
+            && std::net::TcpStream::connect(imap_addr).is_ok()
+        {
+            break;
+        }
+        assert!(
+            i < 99,
+            "dovecot did not start: {}",
+            std::fs::read_to_string(dir.join("dovecot.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Dovecot {
+        dir,
+        imaps: imaps_addr,
+        imap: imap_addr,
+        master_user: "gateway".into(),
+        master_secret_file,
+        master_password,
+        pki,
+        users,
+    }
+}
+
+/// A rustls client config trusting the test CA, with optional ALPN.
+pub fn client_tls(ca: &CertificateDer<'static>, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// A scripted IMAP client; every read has a timeout.
+pub struct Client {
+    pub stream: Box<dyn Stream>,
+    buf: Vec<u8>,
+    pub ca: CertificateDer<'static>,
+}
+
+impl Client {
+    pub async fn plain(addr: SocketAddr, ca: &CertificateDer<'static>) -> Client {
+        let s = TcpStream::connect(addr).await.unwrap();
+        Client {
+            stream: Box::new(s),
+            buf: Vec::new(),
+            ca: ca.clone(),
+        }
+    }
+
+    pub async fn tls(addr: SocketAddr, ca: &CertificateDer<'static>) -> Client {
+        Self::tls_alpn(addr, ca, &[b"imap"]).await.unwrap()
+    }
+
+    pub async fn tls_alpn(
+        addr: SocketAddr,
+        ca: &CertificateDer<'static>,
+        alpn: &[&[u8]],
+    ) -> std::io::Result<Client> {
+        let s = TcpStream::connect(addr).await?;
+        let t = client_tls(ca, alpn)
+            .connect(ServerName::try_from("localhost").unwrap(), s)
+            .await?;
+        Ok(Client {
+            stream: Box::new(t),
+            buf: Vec::new(),
+            ca: ca.clone(),
+        })
+    }
+
+    /// Upgrades after a STARTTLS OK. Any unread buffered bytes are a test failure.
+    pub async fn starttls(self) -> std::io::Result<Client> {
+        assert!(
+            self.buf.is_empty(),
+            "bytes after STARTTLS OK: {:?}",
+            String::from_utf8_lossy(&self.buf)
+        );
+        let t = client_tls(&self.ca, &[])
+            .connect(ServerName::try_from("localhost").unwrap(), self.stream)
+            .await?;
+        Ok(Client {
+            stream: Box::new(t),
+            buf: Vec::new(),
+            ca: self.ca,
+        })
+    }
+
+    pub async fn send(&mut self, bytes: impl AsRef<[u8]>) {
+        self.stream.write_all(bytes.as_ref()).await.unwrap();
+        self.stream.flush().await.unwrap();
+    }
+
+    /// Sends and tolerates a peer that already closed.
+    pub async fn try_send(&mut self, bytes: impl AsRef<[u8]>) -> std::io::Result<()> {
+        self.stream.write_all(bytes.as_ref()).await?;
+        self.stream.flush().await
+    }
+
+    async fn fill(&mut self, timeout: Duration) -> std::io::Result<usize> {
+        let mut tmp = vec![0u8; 64 * 1024];
+        match tokio::time::timeout(timeout, self.stream.read(&mut tmp)).await {
+            Ok(Ok(n)) => {
+                self.buf.extend_from_slice(&tmp[..n]);
+                Ok(n)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "read timed out",
+            )),
+        }
+    }
+
+    /// One line (CRLF included); None at EOF.
+    pub async fn line(&mut self) -> Option<String> {
+        self.line_within(READ_TIMEOUT).await
+    }
+
+    pub async fn line_within(&mut self, timeout: Duration) -> Option<String> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                return Some(String::from_utf8_lossy(&line).into_owned());
+            }
+            match self.fill(timeout).await {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => panic!(
+                    "no line within {timeout:?}; have {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                ),
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Reads exactly n bytes (literal payloads).
+    pub async fn exact(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            let got = self.fill(READ_TIMEOUT).await.unwrap();
+            assert!(got > 0, "EOF in literal");
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    /// Reads lines until the tagged reply for `tag`; returns all lines (the tagged one last).
+    pub async fn until_tagged(&mut self, tag: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            let l = self
+                .line()
+                .await
+                .unwrap_or_else(|| panic!("EOF before {tag} reply; got {lines:?}"));
+            let done = l.starts_with(&format!("{tag} "));
+            lines.push(l);
+            if done {
+                return lines;
+            }
+        }
+    }
+
+    /// Sends a command and returns the lines up to its tagged reply.
+    pub async fn cmd(&mut self, tag: &str, command: &str) -> Vec<String> {
+        self.send(format!("{tag} {command}\r\n")).await;
+        self.until_tagged(tag).await
+    }
+
+    /// True if the peer closed (EOF or reset) within the timeout, draining anything before.
+    pub async fn closed_within(&mut self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match self.fill(left).await {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return false,
+                Err(_) => return true,
+            }
+        }
+    }
+
+    /// Everything received so far and not consumed.
+    pub fn pending(&self) -> String {
+        String::from_utf8_lossy(&self.buf).into_owned()
+    }
+}
+
+pub fn last(lines: &[String]) -> &str {
+    lines.last().map(String::as_str).unwrap_or("")
+}
+
+/// A gateway under test, in this process.
+pub struct TestGateway {
+    pub gw: Gateway,
+    pub dir: tempfile::TempDir,
+    pub pki: Pki,
+    pub dovecot: Arc<Dovecot>,
+    pub users_file: PathBuf,
+    /// user → app password (grouped form).
+    pub passwords: Vec<(String, String)>,
+    pub config_yaml: String,
+}
+
+/// What a test may change in the config.
+#[derive(Clone)]
+pub struct Options {
+    pub limits: String,
+    pub failure_floor: &'static str,
+    pub extra_users: Vec<String>,
+    pub backend_login: &'static str,
+    pub backend_tls: &'static str,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            limits: String::new(),
+            failure_floor: "300ms",
+            extra_users: Vec::new(),
+            backend_login: "master_user",
+            backend_tls: "implicit",
+        }
+    }
+}
+
+impl TestGateway {
+    pub async fn start() -> Option<TestGateway> {
+        Self::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(opts: Options) -> Option<TestGateway> {
+        let dovecot = dovecot()?;
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(&dir.path().join("pki"));
+        let (cert, key) = pki.issue("gateway", &["localhost", "127.0.0.1"]);
+        let (cert2, key2) = pki.issue("other", &["mail.other.test"]);
+        // Users: every Dovecot user with one app password; one disabled user; one whose
+        // domain routes to a backend that is down.
+        let mut file = UsersFile {
+            version: 1,
+            users: Default::default(),
+        };
+        let mut passwords = Vec::new();
+        let mut names: Vec<String> = USERS.iter().map(|s| s.to_string()).collect();
+        names.push("disabled@example.org".into());
+        names.push("zed@down.test".into());
+        names.extend(opts.extra_users.iter().cloned());
+        for name in &names {
+            let pw = app_password::generate();
+            let hash = app_password::hash(&pw, TEST_ARGON2).unwrap();
+            file.users.insert(
+                name.clone(),
+                User {
+                    disabled: name.starts_with("disabled@"),
+                    upstream_user: None,
+                    app_passwords: vec![AppPassword {
+                        id: app_password::new_id(),
+                        label: "test".into(),
+                        hash,
+                        created: time::OffsetDateTime::now_utc(),
+                        expires: None,
+                        revoked: false,
+                    }],
+                },
+            );
+            passwords.push((
+                name.clone(),
+                app_password::grouped(&pw).expose_str().unwrap().to_owned(),
+            ));
+        }
+        let users_file = dir.path().join("users.yaml");
+        file.save(&users_file).unwrap();
+        let down_port = free_port();
+        let backend_addr = if opts.backend_tls == "starttls" {
+            dovecot.imap
+        } else {
+            dovecot.imaps
+        };
+        let yaml = format!(
+            r#"
+listeners:
+  - {{ name: imaps, address: "127.0.0.1:0", tls: implicit }}
+  - {{ name: imap, address: "127.0.0.1:0", tls: starttls }}
+tls:
+  certificates:
+    - {{ cert_file: "{cert}", key_file: "{key}" }}
+    - {{ cert_file: "{cert2}", key_file: "{key2}" }}
+limits:
+{limits}
+auth:
+  users_file: "{users}"
+  app_password: {{ argon2: {{ m_kib: 1024, t: 1, p: 1 }} }}
+  failure_floor: {floor}
+backends:
+  - name: dovecot
+    address: "{backend_addr}"
+    tls: {backend_tls}
+    ca_file: "{ca}"
+    server_name: localhost
+    login: {login}
+    master_user: gateway
+    master_password_file: "{master}"
+    send_id: true
+    connect_timeout: 2s
+    login_timeout: 5s
+  - name: down
+    address: "127.0.0.1:{down_port}"
+    tls: none
+    login: master_user
+    master_user: gateway
+    master_password_file: "{master}"
+    connect_timeout: 1s
+routes:
+  default: dovecot
+  domains: {{ down.test: down }}
+admin: {{ address: "127.0.0.1:0", health_interval: 1s }}
+"#,
+            cert = cert.display(),
+            key = key.display(),
+            cert2 = cert2.display(),
+            key2 = key2.display(),
+            limits = if opts.limits.is_empty() {
+                "  max_connections: 1000".to_owned()
+            } else {
+                opts.limits.clone()
+            },
+            users = users_file.display(),
+            floor = opts.failure_floor,
+            ca = dovecot.pki.ca_pem.display(),
+            master = dovecot.master_secret_file.display(),
+            login = opts.backend_login,
+            backend_tls = opts.backend_tls,
+        );
+        let config = Config::from_yaml(&yaml, dir.path())
+            .unwrap_or_else(|e| panic!("test config invalid: {e}"));
+        let gw = Gateway::start(config).await.unwrap();
+        Some(TestGateway {
+            gw,
+            dir,
+            pki,
+            dovecot,
+            users_file,
+            passwords,
+            config_yaml: yaml,
+        })
+    }
+
+    pub fn imaps(&self) -> SocketAddr {
+        self.gw.listener("imaps").unwrap()
+    }
+
+    pub fn imap(&self) -> SocketAddr {
+        self.gw.listener("imap").unwrap()
+    }
+
+    pub fn password(&self, user: &str) -> String {
+        self.passwords
+            .iter()
+            .find(|(u, _)| u == user)
+            .map(|(_, p)| p.clone())
+            .unwrap()
+    }
+
+    pub async fn client(&self) -> Client {
+        let mut c = Client::tls(self.imaps(), &self.pki.ca_der).await;
+        let g = c.line().await.unwrap();
+        assert!(g.starts_with("* OK [CAPABILITY "), "{g}");
+        c
+    }
+
+    /// A logged-in client (LOGIN over implicit TLS).
+    pub async fn logged_in(&self, user: &str) -> Client {
+        let mut c = self.client().await;
+        let r = c
+            .cmd("L1", &format!("LOGIN {user} \"{}\"", self.password(user)))
+            .await;
+        assert!(last(&r).starts_with("L1 OK"), "{r:?}");
+        c
+    }
+
+    /// A metric's value summed over the series whose labels contain all of `labels`.
+    pub async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        let text = http_get(self.gw.admin, "/metrics").await.1;
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.split(['{', ' ']).next() == Some(name))
+            .filter(|l| labels.iter().all(|x| l.contains(x)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+/// Direct client to the shared Dovecot, logged in as `user` via the master user.
+pub async fn dovecot_direct(d: &Dovecot, user: &str) -> Client {
+    let mut c = Client::tls(d.imaps, &d.pki.ca_der).await;
+    let g = c.line().await.unwrap();
+    assert!(g.starts_with("* OK"), "{g}");
+    let r = c
+        .cmd(
+            "D1",
+            &format!("LOGIN \"{user}*gateway\" \"{}\"", d.master_password),
+        )
+        .await;
+    assert!(last(&r).starts_with("D1 OK"), "{r:?}");
+    c
+}
+
+/// A tiny HTTP/1.1 GET; returns (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(READ_TIMEOUT, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Appends a message to `user`'s INBOX straight on Dovecot; returns nothing.
+pub async fn append_direct(d: &Dovecot, user: &str, message: &[u8]) {
+    let mut c = dovecot_direct(d, user).await;
+    c.send(format!("A1 APPEND INBOX {{{}}}\r\n", message.len()))
+        .await;
+    let cont = c.line().await.unwrap();
+    assert!(cont.starts_with('+'), "{cont}");
+    c.send(message).await;
+    c.send(b"\r\n").await;
+    let r = c.until_tagged("A1").await;
+    assert!(last(&r).starts_with("A1 OK"), "{r:?}");
+    c.cmd("A2", "LOGOUT").await;
+}
+
+/// A secret of the test's own, to search logs for.
+pub fn secret(s: &str) -> Secret {
+    Secret::from_slice(s.as_bytes())
+}

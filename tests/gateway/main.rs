@@ -1,0 +1,20 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)] // tests may panic
+//! imapgate's integration tests: one binary, one shared real Dovecot, suites named by threat
+//! or capability. Every test talks to a gateway over loopback on ports chosen at run time.
+//! With `IMAPGATE_REQUIRE_REAL=1`, a missing real component (Dovecot, curl, python3) fails.
+
+mod harness;
+
+mod clients;
+mod config_files;
+mod login;
+mod preauth_input;
+mod relay;
+mod shutdown;
+mod tls_front;
+mod upstream;

@@ -1,0 +1,268 @@
+//! The TLS front: invariants 1, 2 and 11, SNI, ALPN, handshake deadline, admission caps.
+
+use std::time::Duration;
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn starttls_port_refuses_every_credential_before_tls() {
+    let Some(t) = TestGateway::start().await else {
+        return;
+    };
+    let mut c = Client::plain(t.imap(), &t.pki.ca_der).await;
+    let greeting = c.line().await.unwrap();
+    assert!(
+        greeting.starts_with("* OK [CAPABILITY IMAP4REV1 STARTTLS LOGINDISABLED]"),
+        "{greeting}"
+    );
+    assert!(!greeting.contains("AUTH="));
+    let caps = c.cmd("a", "CAPABILITY").await;
+    assert!(
+        caps[0].contains("STARTTLS")
+            && caps[0].contains("LOGINDISABLED")
+            && !caps[0].contains("AUTH="),
+        "{caps:?}"
+    );
+    // A loopback client gets no exemption.
+    let user = "alice@example.org";
+    let r = c
+        .cmd("b", &format!("LOGIN {user} \"{}\"", t.password(user)))
+        .await;
+    assert_eq!(r, vec!["b NO [PRIVACYREQUIRED] TLS required\r\n"]);
+    // AUTHENTICATE: a NO and never a `+` continuation.
+    let r = c.cmd("c", "AUTHENTICATE PLAIN").await;
+    assert_eq!(r, vec!["c NO [PRIVACYREQUIRED] TLS required\r\n"]);
+    let r = c
+        .cmd("d", "AUTHENTICATE PLAIN AGFsaWNlQGV4YW1wbGUub3JnAHg=")
+        .await;
+    assert_eq!(r, vec!["d NO [PRIVACYREQUIRED] TLS required\r\n"]);
+    // A literal would carry the password: refused without `+`.
+    c.send("e LOGIN {17}\r\n").await;
+    assert_eq!(
+        c.line().await.unwrap(),
+        "e NO [PRIVACYREQUIRED] TLS required\r\n"
+    );
+    assert_eq!(t.metric("imapgate_auth_attempts_total", &[]).await, 0.0);
+}
+
+#[tokio::test]
+async fn starttls_drops_pipelined_commands_and_shows_post_tls_capabilities() {
+    let Some(t) = TestGateway::start().await else {
+        return;
+    };
+    let mut c = Client::plain(t.imap(), &t.pki.ca_der).await;
+    c.line().await.unwrap();
+    // CVE-2011-0411: a command injected behind STARTTLS must never be answered.
+    c.send("a STARTTLS\r\nb CAPABILITY\r\n").await;
+    assert_eq!(
+        c.line().await.unwrap(),
+        "a OK Begin TLS negotiation now\r\n"
+    );
+    let mut c = c.starttls().await.unwrap();
+    let r = c.cmd("c", "CAPABILITY").await;
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert!(r[0].starts_with("* CAPABILITY IMAP4REV1"), "{r:?}");
+    assert!(
+        !r[0].contains("STARTTLS")
+            && !r[0].contains("LOGINDISABLED")
+            && r[0].contains("AUTH=PLAIN"),
+        "{r:?}"
+    );
+    assert!(
+        r.iter().all(|l| !l.starts_with("b ")),
+        "injected command answered: {r:?}"
+    );
+    // A second STARTTLS is a protocol error.
+    let r = c.cmd("d", "STARTTLS").await;
+    assert!(last(&r).starts_with("d BAD"), "{r:?}");
+    // And the login works over the upgraded connection.
+    let user = "bob@example.org";
+    let r = c
+        .cmd("e", &format!("LOGIN {user} \"{}\"", t.password(user)))
+        .await;
+    assert!(last(&r).starts_with("e OK [CAPABILITY "), "{r:?}");
+    let r = c.cmd("f", "SELECT INBOX").await;
+    assert!(last(&r).starts_with("f OK"), "{r:?}");
+}
+
+#[tokio::test]
+async fn implicit_tls_port_has_no_starttls() {
+    let Some(t) = TestGateway::start().await else {
+        return;
+    };
+    let mut c = Client::tls(t.imaps(), &t.pki.ca_der).await;
+    let g = c.line().await.unwrap();
+    assert_eq!(
+        g, "* OK [CAPABILITY IMAP4REV1 SASL-IR ID AUTH=PLAIN] ready\r\n",
+        "no product name, no STARTTLS"
+    );
+    let r = c.cmd("a", "STARTTLS").await;
+    assert!(last(&r).starts_with("a BAD"), "{r:?}");
+}
+
+#[tokio::test]
+async fn alpn_without_imap_is_refused_alpaca() {
+    let Some(t) = TestGateway::start().await else {
+        return;
+    };
+    // Offering only http/1.1 (a cross-protocol attack) fails the handshake.
+    let bad = Client::tls_alpn(t.imaps(), &t.pki.ca_der, &[b"http/1.1"]).await;
+    let refused = match bad {
+        Err(_) => true,
+        Ok(mut c) => c.closed_within(Duration::from_secs(3)).await,
+    };
+    assert!(refused, "a client offering ALPN without imap was served");
+    // Offering imap, or no ALPN at all, works.
+    let mut ok = Client::tls_alpn(t.imaps(), &t.pki.ca_der, &[b"http/1.1", b"imap"])
+        .await
+        .unwrap();
+    assert!(ok.line().await.unwrap().starts_with("* OK"));
+    let mut none = Client::tls_alpn(t.imaps(), &t.pki.ca_der, &[])
+        .await
+        .unwrap();
+    assert!(none.line().await.unwrap().starts_with("* OK"));
+}
+
+#[tokio::test]
+async fn sni_selects_the_matching_certificate() {
+    let Some(t) = TestGateway::start().await else {
+        return;
+    };
+    use rustls::pki_types::ServerName;
+    // The second certificate is only valid for mail.other.test: verification with that name
+    // succeeds only if the gateway picked it.
+    let tcp = tokio::net::TcpStream::connect(t.imaps()).await.unwrap();
+    let tls = client_tls(&t.pki.ca_der, &[b"imap"])
+        .connect(ServerName::try_from("mail.other.test").unwrap(), tcp)
+        .await;
+    assert!(
+        tls.is_ok(),
+        "SNI mail.other.test did not get its certificate: {:?}",
+        tls.err()
+    );
+    // Unknown names get the default (first) certificate, valid for localhost only.
+    let tcp = tokio::net::TcpStream::connect(t.imaps()).await.unwrap();
+    let tls = client_tls(&t.pki.ca_der, &[b"imap"])
+        .connect(ServerName::try_from("unknown.test").unwrap(), tcp)
+        .await;
+    assert!(
+        tls.is_err(),
+        "unknown SNI name verified against some certificate"
+    );
+}
+
+#[tokio::test]
+async fn tls_below_1_2_is_impossible_and_handshake_has_a_deadline() {
+    let Some(t) = TestGateway::start_with(Options {
+        limits: "  tls_handshake_timeout: 1s".into(),
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    // A TCP connect that never sends a ClientHello is closed by the handshake timeout.
+    let mut c = Client::plain(t.imaps(), &t.pki.ca_der).await;
+    let started = std::time::Instant::now();
+    assert!(
+        c.closed_within(Duration::from_secs(5)).await,
+        "silent client not closed"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert!(
+        c.pending().is_empty(),
+        "the gateway spoke before TLS on the implicit port"
+    );
+    assert_eq!(
+        t.metric(
+            "imapgate_tls_handshake_failures_total",
+            &["reason=\"timeout\""]
+        )
+        .await,
+        1.0
+    );
+    // A real TLS 1.1 client is refused; the same client with TLS 1.2 gets the greeting.
+    if have("openssl") {
+        let port = t.imaps().port().to_string();
+        let run = |v: &'static str| {
+            let port = port.clone();
+            async move {
+                let out = tokio::process::Command::new("openssl")
+                    .args([
+                        "s_client",
+                        "-connect",
+                        &format!("127.0.0.1:{port}"),
+                        "-brief",
+                        v,
+                        "-cipher",
+                        "DEFAULT@SECLEVEL=0",
+                        "-alpn",
+                        "imap",
+                    ])
+                    .stdin(std::process::Stdio::null())
+                    .output();
+                let out = tokio::time::timeout(Duration::from_secs(20), out)
+                    .await
+                    .expect("openssl hung")
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout).into_owned()
+                    + &String::from_utf8_lossy(&out.stderr)
+            }
+        };
+        let old = run("-tls1_1").await;
+        assert!(
+            !old.contains("CONNECTION ESTABLISHED") && !old.contains("* OK"),
+            "TLS 1.1 accepted: {old}"
+        );
+        let ok = run("-tls1_2").await;
+        assert!(
+            ok.contains("CONNECTION ESTABLISHED"),
+            "TLS 1.2 refused: {ok}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn preauth_connections_per_ip_are_capped_before_tls() {
+    let Some(t) = TestGateway::start_with(Options {
+        limits: "  max_preauth_per_ip: 3".into(),
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = Client::plain(t.imap(), &t.pki.ca_der).await;
+        assert!(c.line().await.unwrap().starts_with("* OK"));
+        held.push(c);
+    }
+    let mut fourth = Client::plain(t.imap(), &t.pki.ca_der).await;
+    assert!(
+        fourth.closed_within(Duration::from_secs(3)).await,
+        "fourth pre-auth connection admitted"
+    );
+    assert!(fourth.pending().is_empty());
+    assert_eq!(
+        t.metric(
+            "imapgate_connections_total",
+            &["outcome=\"refused_preauth_per_ip\""]
+        )
+        .await,
+        1.0
+    );
+    // Logging in frees the pre-auth slot.
+    let user = "carol@example.org";
+    let mut c = held.pop().unwrap();
+    let mut c = {
+        c.cmd("s", "STARTTLS").await;
+        c.starttls().await.unwrap()
+    };
+    let r = c
+        .cmd("l", &format!("LOGIN {user} \"{}\"", t.password(user)))
+        .await;
+    assert!(last(&r).starts_with("l OK"), "{r:?}");
+    let mut fifth = Client::plain(t.imap(), &t.pki.ca_der).await;
+    assert!(fifth.line().await.unwrap().starts_with("* OK"));
+}
