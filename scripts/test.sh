@@ -41,6 +41,9 @@ finish() {
   step_done
   if [ "$rc" -eq 0 ]; then
     printf '\nPASS: scripts/test.sh: all %d steps passed in %ds\n' "$TOTAL_STEPS" "$((SECONDS - STARTED))"
+    # The closing line: test totals of step 4, every test binary summed.
+    awk '/^test result:/ { for (i = 2; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
+         END { printf "cargo test: %d passed, %d failed\n", p, f }' target/test-output.log
   else
     printf '\nFAIL: scripts/test.sh: step %d/%d (%s) failed with exit %d after %ds\n' \
       "$STEP_NO" "$TOTAL_STEPS" "$STEP_NAME" "$rc" "$((SECONDS - STARTED))" >&2
@@ -106,7 +109,8 @@ cargo deny --offline check
 
 # --- 4 ---------------------------------------------------------------------------------------
 begin "cargo test (IMAPGATE_REQUIRE_REAL=1)"
-IMAPGATE_REQUIRE_REAL=1 cargo test --locked
+mkdir -p target
+IMAPGATE_REQUIRE_REAL=1 cargo test --locked 2>&1 | tee target/test-output.log
 
 # --- 5 ---------------------------------------------------------------------------------------
 begin "Helm chart checks"

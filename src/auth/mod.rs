@@ -161,6 +161,14 @@ impl CredentialStore {
         self.users.read().map(|u| u.users.len()).unwrap_or(0)
     }
 
+    /// Re-reads the users file now (SIGHUP).
+    pub fn reload(&self) {
+        if let Ok(mut s) = self.stamp.write() {
+            *s = None;
+        }
+        self.reload_if_changed();
+    }
+
     /// Re-reads the users file if it changed on disk (including a Kubernetes Secret's symlink
     /// swap). A file that no longer parses is ignored and the previous one kept.
     pub fn reload_if_changed(&self) {

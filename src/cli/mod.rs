@@ -48,6 +48,23 @@ pub enum Command {
     AppPassword(AppPasswordCmd),
 }
 
+/// Where the users file is: named by the config, or given directly (e.g. a local copy of a
+/// Kubernetes Secret, edited without the gateway's other secrets at hand).
+#[derive(clap::Args, Debug)]
+pub struct UsersTarget {
+    /// The configuration file (its `auth.users_file` and argon2 parameters are used).
+    #[arg(
+        short,
+        long,
+        env = "IMAPGATE_CONFIG",
+        required_unless_present = "users_file"
+    )]
+    pub config: Option<PathBuf>,
+    /// The users file itself; new hashes then use the default argon2 parameters.
+    #[arg(long, conflicts_with = "config")]
+    pub users_file: Option<PathBuf>,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum UsersCmd {
     /// Add a user (the full address).
@@ -57,30 +74,30 @@ pub enum UsersCmd {
         #[arg(long)]
         upstream_user: Option<String>,
         #[command(flatten)]
-        cfg: ConfigArg,
+        cfg: UsersTarget,
     },
     /// List users.
     List {
         #[command(flatten)]
-        cfg: ConfigArg,
+        cfg: UsersTarget,
     },
     /// Disable a user (logins refused, entries kept).
     Disable {
         user: String,
         #[command(flatten)]
-        cfg: ConfigArg,
+        cfg: UsersTarget,
     },
     /// Enable a disabled user.
     Enable {
         user: String,
         #[command(flatten)]
-        cfg: ConfigArg,
+        cfg: UsersTarget,
     },
     /// Remove a user and all their app passwords.
     Remove {
         user: String,
         #[command(flatten)]
-        cfg: ConfigArg,
+        cfg: UsersTarget,
     },
 }
 
@@ -92,20 +109,20 @@ pub enum AppPasswordCmd {
         #[arg(long, default_value = "")]
         label: String,
         #[command(flatten)]
-        cfg: ConfigArg,
+        cfg: UsersTarget,
     },
     /// List a user's app passwords (never the passwords).
     List {
         user: String,
         #[command(flatten)]
-        cfg: ConfigArg,
+        cfg: UsersTarget,
     },
     /// Revoke an app password by id.
     Revoke {
         user: String,
         id: String,
         #[command(flatten)]
-        cfg: ConfigArg,
+        cfg: UsersTarget,
     },
 }
 
@@ -151,28 +168,39 @@ fn run(path: &Path) -> ExitCode {
                 return fail(1, e);
             }
         };
-        wait_for_signal().await;
+        wait_for_signal(&gw).await;
         gw.shutdown();
         gw.wait().await;
         ExitCode::SUCCESS
     })
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGTERM or SIGINT; SIGHUP reloads certificates and users meanwhile.
+async fn wait_for_signal(gw: &crate::server::Gateway) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
             let _ = tokio::signal::ctrl_c().await;
             return;
         };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+        loop {
+            tokio::select! {
+                _ = term.recv() => return,
+                _ = tokio::signal::ctrl_c() => return,
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading certificates and users");
+                    gw.reload();
+                }
+            }
         }
     }
     #[cfg(not(unix))]
     {
+        let _ = gw;
         let _ = tokio::signal::ctrl_c().await;
     }
 }
@@ -223,24 +251,63 @@ fn user_name(user: &str) -> Result<String, ExitCode> {
     })
 }
 
-/// Loads the users file named in the config, applies `f`, saves it.
+/// The users file to work on, the argon2 parameters for new hashes, and the backends' master
+/// separators (a user name containing one could never be logged into the backend).
+struct Target {
+    path: PathBuf,
+    argon2: crate::config::Argon2Params,
+    separators: Vec<String>,
+}
+
+fn target(t: &UsersTarget) -> Result<Target, ExitCode> {
+    if let Some(path) = &t.users_file {
+        return Ok(Target {
+            path: path.clone(),
+            argon2: Default::default(),
+            separators: Vec::new(),
+        });
+    }
+    let Some(cfg) = &t.config else {
+        return Err(fail(EXIT_CONFIG, "give -c CONFIG or --users-file FILE"));
+    };
+    let config = load(cfg)?;
+    let separators = config
+        .backends
+        .iter()
+        .filter_map(|b| match &b.login {
+            crate::config::BackendLogin::MasterUser { separator } => Some(separator.clone()),
+            crate::config::BackendLogin::SaslAuthzid => None,
+        })
+        .collect();
+    Ok(Target {
+        path: config.auth.users_file.clone(),
+        argon2: config.auth.argon2,
+        separators,
+    })
+}
+
+fn read_users(t: &UsersTarget) -> Result<UsersFile, ExitCode> {
+    let tgt = target(t)?;
+    UsersFile::load_or_empty(&tgt.path).map_err(|e| fail(1, e))
+}
+
+/// Loads the users file, applies `f`, saves it atomically.
 fn edit(
-    cfg: &ConfigArg,
-    f: impl FnOnce(&mut UsersFile, &Config) -> Result<(), String>,
+    t: &UsersTarget,
+    f: impl FnOnce(&mut UsersFile, &Target) -> Result<(), String>,
 ) -> ExitCode {
-    let config = match load(&cfg.config) {
-        Ok(c) => c,
+    let tgt = match target(t) {
+        Ok(x) => x,
         Err(code) => return code,
     };
-    let path = &config.auth.users_file;
-    let mut file = match UsersFile::load_or_empty(path) {
+    let mut file = match UsersFile::load_or_empty(&tgt.path) {
         Ok(f) => f,
         Err(e) => return fail(1, e),
     };
-    if let Err(msg) = f(&mut file, &config) {
+    if let Err(msg) = f(&mut file, &tgt) {
         return fail(1, msg);
     }
-    match file.save(path) {
+    match file.save(&tgt.path) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(1, e),
     }
@@ -262,7 +329,15 @@ fn users(cmd: UsersCmd) -> ExitCode {
                     return fail(EXIT_CONFIG, "--upstream-user is not a valid name");
                 }
             }
-            edit(&cfg, |f, _| {
+            edit(&cfg, |f, tgt| {
+                if let Some(sep) = tgt.separators.iter().find(|s| {
+                    name.contains(s.as_str())
+                        || upstream_user
+                            .as_deref()
+                            .is_some_and(|u| u.contains(s.as_str()))
+                }) {
+                    return Err(format!("the name contains the backend's master separator `{sep}`; use --upstream-user"));
+                }
                 if f.users.contains_key(&name) {
                     return Err(format!("user {name} already exists"));
                 }
@@ -278,33 +353,23 @@ fn users(cmd: UsersCmd) -> ExitCode {
                 Ok(())
             })
         }
-        UsersCmd::List { cfg } => {
-            let config = match load(&cfg.config) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            match UsersFile::load_or_empty(&config.auth.users_file) {
-                Ok(f) => {
-                    for (name, u) in &f.users {
-                        let active = u
-                            .app_passwords
-                            .iter()
-                            .filter(|a| a.is_active(OffsetDateTime::now_utc()))
-                            .count();
-                        println!(
-                            "{name}\t{}\tapp-passwords={active}",
-                            if u.disabled { "disabled" } else { "enabled" }
-                        );
-                    }
-                    ExitCode::SUCCESS
+        UsersCmd::List { cfg } => match read_users(&cfg) {
+            Ok(f) => {
+                for (name, u) in &f.users {
+                    let active = u
+                        .app_passwords
+                        .iter()
+                        .filter(|a| a.is_active(OffsetDateTime::now_utc()))
+                        .count();
+                    println!(
+                        "{name}\t{}\tapp-passwords={active}",
+                        if u.disabled { "disabled" } else { "enabled" }
+                    );
                 }
-                Err(e) => fail(1, e),
+                ExitCode::SUCCESS
             }
-        }
-        UsersCmd::Disable { user, cfg } | UsersCmd::Enable { user, cfg } if false => {
-            let _ = (user, cfg);
-            ExitCode::SUCCESS
-        }
+            Err(code) => code,
+        },
         UsersCmd::Disable { user, cfg } => set_disabled(&user, &cfg, true),
         UsersCmd::Enable { user, cfg } => set_disabled(&user, &cfg, false),
         UsersCmd::Remove { user, cfg } => {
@@ -322,7 +387,7 @@ fn users(cmd: UsersCmd) -> ExitCode {
     }
 }
 
-fn set_disabled(user: &str, cfg: &ConfigArg, disabled: bool) -> ExitCode {
+fn set_disabled(user: &str, cfg: &UsersTarget, disabled: bool) -> ExitCode {
     let name = match user_name(user) {
         Ok(n) => n,
         Err(c) => return c,
@@ -353,12 +418,12 @@ fn app_passwords(cmd: AppPasswordCmd) -> ExitCode {
             }
             let password = app_password::generate();
             let mut shown = None;
-            let code = edit(&cfg, |f, config| {
+            let code = edit(&cfg, |f, tgt| {
                 let u = f
                     .users
                     .get_mut(&name)
                     .ok_or_else(|| format!("no user {name} (add it with `imapgate users add`)"))?;
-                let hash = app_password::hash(&password, config.auth.argon2)?;
+                let hash = app_password::hash(&password, tgt.argon2)?;
                 let id = app_password::new_id();
                 u.app_passwords.push(AppPassword {
                     id: id.clone(),
@@ -385,11 +450,7 @@ fn app_passwords(cmd: AppPasswordCmd) -> ExitCode {
                 Ok(n) => n,
                 Err(c) => return c,
             };
-            let config = match load(&cfg.config) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            match UsersFile::load_or_empty(&config.auth.users_file) {
+            match read_users(&cfg) {
                 Ok(f) => match f.users.get(&name) {
                     Some(u) => {
                         for a in &u.app_passwords {
@@ -406,7 +467,7 @@ fn app_passwords(cmd: AppPasswordCmd) -> ExitCode {
                     }
                     None => fail(1, format!("no user {name}")),
                 },
-                Err(e) => fail(1, e),
+                Err(code) => code,
             }
         }
         AppPasswordCmd::Revoke { user, id, cfg } => {

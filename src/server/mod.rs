@@ -54,6 +54,14 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     done: tokio::sync::oneshot::Receiver<()>,
+    reload: Reloadable,
+}
+
+/// What SIGHUP reloads without touching live sessions.
+struct Reloadable {
+    tls: crate::config::TlsConfig,
+    resolver: Arc<crate::tls::CertResolver>,
+    users: Arc<CredentialStore>,
 }
 
 impl Gateway {
@@ -185,6 +193,11 @@ impl Gateway {
             let _ = done_tx.send(());
         });
 
+        let reload = Reloadable {
+            tls: config.tls.clone(),
+            resolver: server_tls.resolver.clone(),
+            users: store,
+        };
         Ok(Gateway {
             listeners: addrs,
             admin: admin_addr,
@@ -192,7 +205,20 @@ impl Gateway {
             metrics,
             shutdown,
             done,
+            reload,
         })
+    }
+
+    /// SIGHUP: re-reads the certificates (new handshakes use them; sessions keep theirs) and
+    /// the users file. A failure keeps what was loaded before.
+    pub fn reload(&self) {
+        match self.reload.resolver.replace(&self.reload.tls) {
+            Ok(()) => tracing::info!("certificates reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "certificate reload failed; keeping the previous certificates")
+            }
+        }
+        self.reload.users.reload();
     }
 
     /// Begins the shutdown sequence.

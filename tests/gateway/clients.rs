@@ -222,6 +222,35 @@ async fn curl_and_python_imaplib_through_the_real_binary_and_no_secret_in_any_lo
         "{metrics}"
     );
 
+    // SIGHUP reloads certificates and users; the process keeps serving.
+    let pid = b.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut reloaded = false;
+    for _ in 0..50 {
+        if read(&b.dir.path().join("stderr.log")).contains("certificates reloaded") {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        reloaded,
+        "SIGHUP did not reload: {}",
+        read(&b.dir.path().join("stderr.log"))
+    );
+    let (ok, out) = curl(&[
+        "--cacert",
+        &ca,
+        &format!("imaps://localhost:{}/", b.imaps),
+        "--user",
+        &format!("{user}:{pw}"),
+    ]);
+    assert!(ok && out.contains("INBOX"), "after SIGHUP: {out}");
+
     // SIGTERM ends it cleanly.
     let pid = b.child.id().to_string();
     assert!(Command::new("kill")

@@ -100,3 +100,122 @@ fn check_config_lists_every_problem_and_exits_64() {
         assert!(err.contains(want), "{want} missing from:\n{err}");
     }
 }
+
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_imapgate"))
+        .args(args)
+        .env_remove("IMAPGATE_CONFIG")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn operator_cli_manages_users_and_app_passwords() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users.yaml");
+    let u = users.to_str().unwrap();
+    assert!(cli(&["users", "add", "Alice@Example.org", "--users-file", u]).0);
+    assert!(
+        !cli(&["users", "add", "alice@example.org", "--users-file", u]).0,
+        "duplicate accepted"
+    );
+    assert!(!cli(&["users", "add", "bad\nname@example.org", "--users-file", u]).0);
+    let (ok, stdout, stderr) = cli(&[
+        "app-password",
+        "create",
+        "alice@example.org",
+        "--label",
+        "laptop",
+        "--users-file",
+        u,
+    ]);
+    assert!(ok, "{stderr}");
+    let pw = stdout.trim_end();
+    let groups: Vec<&str> = pw.split(' ').collect();
+    assert_eq!(groups.len(), 4, "{pw:?}");
+    assert!(
+        groups
+            .iter()
+            .all(|g| g.len() == 4 && g.bytes().all(|b| b.is_ascii_lowercase())),
+        "{pw:?}"
+    );
+    // The file holds a hash, never the password; mode 0600.
+    let text = std::fs::read_to_string(&users).unwrap();
+    assert!(
+        text.contains("$argon2id$") && !text.contains(&pw.replace(' ', "")) && !text.contains(pw)
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&users).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let file = imapgate::auth::users::UsersFile::load(&users).unwrap();
+    let ap = &file.users["alice@example.org"].app_passwords[0];
+    let secret = imapgate::secret::Secret::from_slice(pw.replace(' ', "").as_bytes());
+    assert!(imapgate::auth::app_password::verify(&secret, &ap.hash));
+    // list shows ids and labels, never hashes; revoke and disable work.
+    let (ok, listing, _) = cli(&[
+        "app-password",
+        "list",
+        "alice@example.org",
+        "--users-file",
+        u,
+    ]);
+    assert!(
+        ok && listing.contains(&ap.id)
+            && listing.contains("laptop")
+            && listing.contains("active")
+            && !listing.contains("argon2")
+    );
+    assert!(
+        cli(&[
+            "app-password",
+            "revoke",
+            "alice@example.org",
+            &ap.id,
+            "--users-file",
+            u
+        ])
+        .0
+    );
+    assert!(cli(&[
+        "app-password",
+        "list",
+        "alice@example.org",
+        "--users-file",
+        u
+    ])
+    .1
+    .contains("revoked"));
+    assert!(cli(&["users", "disable", "alice@example.org", "--users-file", u]).0);
+    assert!(cli(&["users", "list", "--users-file", u])
+        .1
+        .contains("alice@example.org\tdisabled"));
+    assert!(cli(&["users", "remove", "alice@example.org", "--users-file", u]).0);
+    assert!(!cli(&["users", "list", "--users-file", u])
+        .1
+        .contains("alice"));
+}
+
+#[test]
+fn users_whose_name_holds_the_master_separator_are_refused_by_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("master.secret"), "x").unwrap();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        "listeners: [{ name: imaps, address: \"127.0.0.1:1993\", tls: implicit }]\ntls: { self_signed: true }\n\
+         auth: { users_file: users.yaml }\n\
+         backends: [{ name: b, address: \"127.0.0.1:993\", tls: none, login: master_user, master_user: g, master_password_file: master.secret }]\n",
+    )
+    .unwrap();
+    let c = cfg.to_str().unwrap();
+    let (ok, _, err) = cli(&["users", "add", "a*b@example.org", "-c", c]);
+    assert!(!ok && err.contains("master separator"), "{err}");
+    assert!(cli(&["users", "add", "ab@example.org", "-c", c]).0);
+}

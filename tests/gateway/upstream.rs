@@ -253,3 +253,31 @@ fn user_names_with_the_master_separator_never_reach_a_backend() {
     }
     assert_eq!(check_user("alice@example.org", &master), Ok(()));
 }
+
+#[tokio::test]
+async fn a_user_whose_name_holds_the_separator_is_stopped_before_the_backend() {
+    let Some(t) = TestGateway::start_with(Options {
+        extra_users: vec!["alice@example.org*gateway".into()],
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let mut c = t.client().await;
+    let user = "alice@example.org*gateway";
+    let r = c
+        .cmd("a", &format!("LOGIN \"{user}\" \"{}\"", t.password(user)))
+        .await;
+    assert_eq!(r, vec![format!("a {UNAVAILABLE}")]);
+    assert_eq!(
+        t.metric("imapgate_upstream_logins_total", &["result=\"bad_user\""])
+            .await,
+        1.0
+    );
+    assert_eq!(
+        t.metric("imapgate_upstream_logins_total", &["result=\"ok\""])
+            .await,
+        0.0
+    );
+}
