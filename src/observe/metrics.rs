@@ -211,6 +211,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn docs_list_every_metric() {
+        let doc = include_str!("../../docs/metrics.md");
+        for (name, _) in CATALOGUE {
+            assert!(
+                doc.contains(&format!("| `{name}` |")),
+                "{name} missing from docs/metrics.md"
+            );
+        }
+    }
+
+    #[test]
     fn every_catalogued_metric_is_exported() {
         let m = Metrics::new().unwrap();
         // Touch the vectors so that they appear in the output.

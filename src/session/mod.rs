@@ -174,13 +174,7 @@ impl Session {
         {
             Ok(Ok(s)) => Some(Conn::Tls(Box::new(tokio_rustls::TlsStream::Server(s)))),
             Ok(Err(e)) => {
-                let reason = if e.to_string().contains("NoApplicationProtocol")
-                    || e.to_string().contains("no application protocol")
-                {
-                    "alpn"
-                } else {
-                    "error"
-                };
+                let reason = handshake_failure_reason(&e);
                 m.tls_handshake_failures
                     .with_label_values(&[&self.listener.name, reason])
                     .inc();
@@ -536,6 +530,21 @@ impl Session {
         m.session_seconds.observe(started.elapsed().as_secs_f64());
         tracing::info!(user = %user, backend = %backend_name, end = ?end, seconds = started.elapsed().as_secs(), "session ended");
         drop(slot);
+    }
+}
+
+/// A closed label for a failed client handshake.
+fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::NoApplicationProtocol) => "alpn",
+        Some(rustls::Error::PeerIncompatible(_)) => "incompatible",
+        Some(rustls::Error::InvalidMessage(_)) => "invalid_message",
+        Some(rustls::Error::AlertReceived(_)) => "alert_received",
+        Some(_) => "tls_error",
+        None => "io",
     }
 }
 

@@ -89,12 +89,6 @@ impl CertResolver {
 
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        // ALPACA: a client that speaks ALPN must name imap (rustls also refuses a mismatch).
-        if let Some(mut offered) = hello.alpn() {
-            if !offered.any(|p| p == ALPN_IMAP) {
-                return None;
-            }
-        }
         let entries = self.entries.read().ok()?.clone();
         Self::pick(&entries, hello.server_name())
     }

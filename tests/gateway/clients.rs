@@ -215,6 +215,10 @@ async fn curl_and_python_imaplib_through_the_real_binary_and_no_secret_in_any_lo
     )
     .await;
     assert_eq!(code, 200);
+    // Invariant 12: no user name, address or secret in any metric.
+    for leak in [user, "127.0.0.1", "localhost", pw.as_str()] {
+        assert!(!metrics.contains(leak), "{leak} in /metrics");
+    }
     assert!(
         metrics.contains("imapgate_auth_attempts_total{mechanism=\"plain\",result=\"success\"}")
             || metrics

@@ -217,6 +217,7 @@ fn start_dovecot() -> Dovecot {
          ssl_min_protocol = TLSv1.2\nssl_dh = </usr/share/dovecot/dh.pem\ndisable_plaintext_auth = yes\n\
          auth_mechanisms = plain login\nauth_master_user_separator = *\nlogin_trusted_networks = 127.0.0.1\n\
          mail_uid = nobody\nmail_gid = nogroup\nmail_location = maildir:~/Maildir\nmail_max_userip_connections = 1000\n\
+         mail_plugins = zlib\nprotocol imap {{\n  mail_plugins = zlib imap_zlib\n}}\n\
          auth_failure_delay = 0\nservice anvil {{\n  unix_listener anvil-auth-penalty {{\n    mode = 0\n  }}\n}}\n\
          passdb {{\n  driver = passwd-file\n  args = {d}/masters\n  master = yes\n  result_success = continue\n}}\n\
          passdb {{\n  driver = passwd-file\n  args = {d}/users\n}}\n\
@@ -442,6 +443,15 @@ impl Client {
         }
     }
 
+    /// Whatever bytes are buffered, or the next read's (for binary protocols such as COMPRESS).
+    pub async fn raw(&mut self) -> Vec<u8> {
+        if self.buf.is_empty() {
+            let n = self.fill(READ_TIMEOUT).await.unwrap();
+            assert!(n > 0, "EOF");
+        }
+        std::mem::take(&mut self.buf)
+    }
+
     /// Everything received so far and not consumed.
     pub fn pending(&self) -> String {
         String::from_utf8_lossy(&self.buf).into_owned()
@@ -472,6 +482,8 @@ pub struct Options {
     pub extra_users: Vec<String>,
     pub backend_login: &'static str,
     pub backend_tls: &'static str,
+    /// Verify the backend against a CA that did not sign its certificate.
+    pub wrong_backend_ca: bool,
 }
 
 impl Default for Options {
@@ -482,6 +494,7 @@ impl Default for Options {
             extra_users: Vec::new(),
             backend_login: "master_user",
             backend_tls: "implicit",
+            wrong_backend_ca: false,
         }
     }
 }
@@ -589,7 +602,11 @@ admin: {{ address: "127.0.0.1:0", health_interval: 1s }}
             },
             users = users_file.display(),
             floor = opts.failure_floor,
-            ca = dovecot.pki.ca_pem.display(),
+            ca = if opts.wrong_backend_ca {
+                pki.ca_pem.display()
+            } else {
+                dovecot.pki.ca_pem.display()
+            },
             master = dovecot.master_secret_file.display(),
             login = opts.backend_login,
             backend_tls = opts.backend_tls,

@@ -117,3 +117,42 @@ async fn append_of_a_large_literal_through_the_gateway() {
     let r = c.cmd("b", "STATUS INBOX (MESSAGES)").await;
     assert!(r[0].contains("MESSAGES"), "{r:?}");
 }
+
+#[tokio::test]
+async fn compress_deflate_passes_through() {
+    use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
+    let Some(t) = TestGateway::start().await else {
+        return;
+    };
+    let user = "frank@example.org";
+    let mut c = t.client().await;
+    let r = c
+        .cmd("l", &format!("LOGIN {user} \"{}\"", t.password(user)))
+        .await;
+    assert!(
+        last(&r).contains("COMPRESS=DEFLATE"),
+        "backend capability not passed on: {r:?}"
+    );
+    let r = c.cmd("z", "COMPRESS DEFLATE").await;
+    assert!(last(&r).starts_with("z OK"), "{r:?}");
+    // From here on both directions are raw DEFLATE (RFC 4978); the gateway relays it unchanged.
+    let mut comp = Compress::new(Compression::default(), false);
+    let mut dec = Decompress::new(false);
+    let mut wire = Vec::with_capacity(256);
+    comp.compress_vec(b"n SELECT INBOX\r\n", &mut wire, FlushCompress::Sync)
+        .unwrap();
+    c.send(&wire).await;
+    let mut text = Vec::new();
+    while !String::from_utf8_lossy(&text).contains("n OK") {
+        let chunk = c.raw().await;
+        let mut out = Vec::with_capacity(64 * 1024);
+        dec.decompress_vec(&chunk, &mut out, FlushDecompress::Sync)
+            .unwrap();
+        text.extend(out);
+    }
+    let text = String::from_utf8_lossy(&text);
+    assert!(
+        text.contains("EXISTS") && text.contains("n OK [READ-WRITE]"),
+        "{text}"
+    );
+}

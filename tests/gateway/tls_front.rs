@@ -112,6 +112,21 @@ async fn alpn_without_imap_is_refused_alpaca() {
         Ok(mut c) => c.closed_within(Duration::from_secs(3)).await,
     };
     assert!(refused, "a client offering ALPN without imap was served");
+    // The server counts the failure right after sending its alert: allow it a moment.
+    let mut counted = 0.0;
+    for _ in 0..50 {
+        counted = t
+            .metric(
+                "imapgate_tls_handshake_failures_total",
+                &["reason=\"alpn\""],
+            )
+            .await;
+        if counted > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(counted, 1.0, "{}", http_get(t.gw.admin, "/metrics").await.1);
     // Offering imap, or no ALPN at all, works.
     let mut ok = Client::tls_alpn(t.imaps(), &t.pki.ca_der, &[b"http/1.1", b"imap"])
         .await
@@ -265,4 +280,45 @@ async fn preauth_connections_per_ip_are_capped_before_tls() {
     assert!(last(&r).starts_with("l OK"), "{r:?}");
     let mut fifth = Client::plain(t.imap(), &t.pki.ca_der).await;
     assert!(fifth.line().await.unwrap().starts_with("* OK"));
+}
+
+#[tokio::test]
+async fn certificates_reload_without_dropping_sessions() {
+    let Some(t) = TestGateway::start().await else {
+        return;
+    };
+    use rustls::pki_types::ServerName;
+    let mut relayed = t.logged_in("alice@example.org").await;
+    let connect = |name: &'static str| {
+        let ca = t.pki.ca_der.clone();
+        let addr = t.imaps();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            client_tls(&ca, &[b"imap"])
+                .connect(ServerName::try_from(name).unwrap(), tcp)
+                .await
+        }
+    };
+    assert!(
+        connect("reloaded.test").await.is_err(),
+        "name valid before the reload"
+    );
+    // Replace the default certificate on disk, then reload (what SIGHUP does).
+    t.pki
+        .issue("gateway", &["localhost", "127.0.0.1", "reloaded.test"]);
+    t.gw.reload();
+    assert!(
+        connect("reloaded.test").await.is_ok(),
+        "new certificate not served after reload"
+    );
+    // The session that was open before the reload still works.
+    let r = relayed.cmd("n", "NOOP").await;
+    assert!(last(&r).starts_with("n OK"), "{r:?}");
+    // A broken certificate file keeps the previous set.
+    std::fs::write(t.pki.dir.join("gateway.pem"), "not a certificate").unwrap();
+    t.gw.reload();
+    assert!(
+        connect("reloaded.test").await.is_ok(),
+        "a failed reload dropped the certificates"
+    );
 }

@@ -281,3 +281,35 @@ async fn a_user_whose_name_holds_the_separator_is_stopped_before_the_backend() {
         0.0
     );
 }
+
+#[tokio::test]
+async fn a_backend_certificate_that_does_not_verify_is_refused() {
+    for backend_tls in ["implicit", "starttls"] {
+        let Some(t) = TestGateway::start_with(Options {
+            wrong_backend_ca: true,
+            backend_tls,
+            ..Default::default()
+        })
+        .await
+        else {
+            return;
+        };
+        let mut c = t.client().await;
+        let r = c
+            .cmd(
+                "a",
+                &format!(
+                    "LOGIN alice@example.org \"{}\"",
+                    t.password("alice@example.org")
+                ),
+            )
+            .await;
+        assert_eq!(r, vec![format!("a {UNAVAILABLE}")], "{backend_tls}");
+        assert_eq!(
+            t.metric("imapgate_upstream_logins_total", &["result=\"tls\""])
+                .await,
+            1.0,
+            "{backend_tls}"
+        );
+    }
+}
