@@ -13,6 +13,21 @@ use time::OffsetDateTime;
 
 pub const VERSION: u32 = 1;
 
+/// Mechanism names a user entry may list.
+pub const MECHANISMS: &[&str] = &["login", "plain"];
+
+/// `KEYID:BASE64` with a payload long enough for nonce + tag + a 160-bit secret.
+fn looks_encrypted(t: &str) -> bool {
+    use base64::Engine;
+    let Some((id, b64)) = t.split_once(':') else {
+        return false;
+    };
+    !id.is_empty()
+        && base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .is_ok_and(|b| b.len() >= 12 + 16 + 16)
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UsersFile {
@@ -26,6 +41,18 @@ pub struct UsersFile {
 pub struct User {
     #[serde(default)]
     pub disabled: bool,
+    /// Overrides `auth.mfa.default` for this user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mfa: Option<crate::config::MfaMode>,
+    /// Mechanisms this user may log in with (`login`, `plain`); empty: all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mechanisms: Vec<String>,
+    /// Client networks this user may log in from; empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_networks: Vec<ipnet::IpNet>,
+    /// The TOTP secret, encrypted: `KEYID:BASE64(nonce ‖ ciphertext)` (see `keyring`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub totp: Option<String>,
     /// The name the backend knows, when it differs from the login address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_user: Option<String>,
@@ -116,6 +143,21 @@ impl UsersFile {
                 Ok(n) if &n == name => {}
                 _ => return Err(format!("users.{name}: not a valid, lower-case user name")),
             }
+            for m in &user.mechanisms {
+                if !MECHANISMS.contains(&m.as_str()) {
+                    return Err(format!(
+                        "users.{name}.mechanisms: `{m}` is not one of {}",
+                        MECHANISMS.join(", ")
+                    ));
+                }
+            }
+            if let Some(t) = &user.totp {
+                if !looks_encrypted(t) {
+                    return Err(format!(
+                        "users.{name}.totp: not an encrypted secret (KEYID:BASE64); a TOTP secret in the clear is refused"
+                    ));
+                }
+            }
             for (i, ap) in user.app_passwords.iter().enumerate() {
                 if !ap.hash.starts_with("$argon2id$")
                     || argon2::PasswordHash::new(&ap.hash).is_err()
@@ -178,6 +220,10 @@ mod tests {
             User {
                 disabled: false,
                 upstream_user: Some("alice".into()),
+                mfa: None,
+                mechanisms: Vec::new(),
+                allowed_networks: Vec::new(),
+                totp: None,
                 app_passwords: vec![AppPassword {
                     id: "ap_abcd".into(),
                     label: "laptop".into(),
@@ -198,5 +244,12 @@ mod tests {
             "plaintext",
         );
         assert!(UsersFile::parse(&clear).is_err());
+        // A TOTP secret in the clear is refused at load.
+        let plain_totp = "version: 1\nusers:\n  a@x:\n    totp: JBSWY3DPEHPK3PXP\n";
+        assert!(UsersFile::parse(plain_totp)
+            .unwrap_err()
+            .contains("in the clear"));
+        let bad_mech = "version: 1\nusers:\n  a@x:\n    mechanisms: [cram-md5]\n";
+        assert!(UsersFile::parse(bad_mech).is_err());
     }
 }

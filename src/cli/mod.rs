@@ -14,6 +14,8 @@ use crate::auth::users::{AppPassword, User, UsersFile};
 use crate::auth::{app_password, normalize_user};
 use crate::config::Config;
 
+mod mfa;
+
 pub const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser, Debug)]
@@ -46,6 +48,12 @@ pub enum Command {
     /// Manage app passwords.
     #[command(subcommand)]
     AppPassword(AppPasswordCmd),
+    /// Enrol or reset a user's TOTP second factor.
+    #[command(subcommand)]
+    Totp(mfa::TotpCmd),
+    /// Keys that encrypt TOTP secrets at rest.
+    #[command(subcommand)]
+    Keys(mfa::KeysCmd),
 }
 
 /// Where the users file is: named by the config, or given directly (e.g. a local copy of a
@@ -73,6 +81,15 @@ pub enum UsersCmd {
         /// The name the backend knows, if not the address.
         #[arg(long)]
         upstream_user: Option<String>,
+        /// Overrides auth.mfa.default for this user.
+        #[arg(long, value_enum)]
+        mfa: Option<MfaArg>,
+        #[command(flatten)]
+        cfg: UsersTarget,
+    },
+    /// Show one user (never a secret).
+    Show {
+        user: String,
         #[command(flatten)]
         cfg: UsersTarget,
     },
@@ -126,7 +143,25 @@ pub enum AppPasswordCmd {
     },
 }
 
-fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+/// `--mfa` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum MfaArg {
+    Required,
+    Optional,
+    Off,
+}
+
+impl MfaArg {
+    fn mode(self) -> crate::config::MfaMode {
+        match self {
+            MfaArg::Required => crate::config::MfaMode::Required,
+            MfaArg::Optional => crate::config::MfaMode::Optional,
+            MfaArg::Off => crate::config::MfaMode::Off,
+        }
+    }
+}
+
+pub(crate) fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("imapgate: {msg}");
     ExitCode::from(code)
 }
@@ -142,6 +177,8 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::CheckConfig(c) => check_config(&c.config),
         Command::Users(u) => users(u),
         Command::AppPassword(a) => app_passwords(a),
+        Command::Totp(t) => mfa::totp(t),
+        Command::Keys(k) => mfa::keys(k),
     }
 }
 
@@ -242,7 +279,7 @@ fn check_config(path: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn user_name(user: &str) -> Result<String, ExitCode> {
+pub(crate) fn user_name(user: &str) -> Result<String, ExitCode> {
     normalize_user(user).map_err(|_| {
         fail(
             EXIT_CONFIG,
@@ -253,18 +290,21 @@ fn user_name(user: &str) -> Result<String, ExitCode> {
 
 /// The users file to work on, the argon2 parameters for new hashes, and the backends' master
 /// separators (a user name containing one could never be logged into the backend).
-struct Target {
-    path: PathBuf,
+pub(crate) struct Target {
+    pub(crate) path: PathBuf,
     argon2: crate::config::Argon2Params,
     separators: Vec<String>,
+    /// The auth section, when a config was given (TOTP needs its key ring).
+    pub(crate) auth: Option<crate::config::AuthConfig>,
 }
 
-fn target(t: &UsersTarget) -> Result<Target, ExitCode> {
+pub(crate) fn target(t: &UsersTarget) -> Result<Target, ExitCode> {
     if let Some(path) = &t.users_file {
         return Ok(Target {
             path: path.clone(),
             argon2: Default::default(),
             separators: Vec::new(),
+            auth: None,
         });
     }
     let Some(cfg) = &t.config else {
@@ -283,6 +323,7 @@ fn target(t: &UsersTarget) -> Result<Target, ExitCode> {
         path: config.auth.users_file.clone(),
         argon2: config.auth.argon2,
         separators,
+        auth: Some(config.auth.clone()),
     })
 }
 
@@ -292,7 +333,7 @@ fn read_users(t: &UsersTarget) -> Result<UsersFile, ExitCode> {
 }
 
 /// Loads the users file, applies `f`, saves it atomically.
-fn edit(
+pub(crate) fn edit(
     t: &UsersTarget,
     f: impl FnOnce(&mut UsersFile, &Target) -> Result<(), String>,
 ) -> ExitCode {
@@ -318,8 +359,10 @@ fn users(cmd: UsersCmd) -> ExitCode {
         UsersCmd::Add {
             user,
             upstream_user,
+            mfa,
             cfg,
         } => {
+            let mfa_mode = mfa.map(MfaArg::mode);
             let name = match user_name(&user) {
                 Ok(n) => n,
                 Err(c) => return c,
@@ -344,14 +387,68 @@ fn users(cmd: UsersCmd) -> ExitCode {
                 f.users.insert(
                     name.clone(),
                     User {
-                        disabled: false,
                         upstream_user,
-                        app_passwords: Vec::new(),
+                        mfa: mfa_mode,
+                        ..Default::default()
                     },
                 );
                 eprintln!("added {name}");
                 Ok(())
             })
+        }
+        UsersCmd::Show { user, cfg } => {
+            let name = match user_name(&user) {
+                Ok(n) => n,
+                Err(c) => return c,
+            };
+            match read_users(&cfg) {
+                Ok(f) => match f.users.get(&name) {
+                    Some(u) => {
+                        let now = OffsetDateTime::now_utc();
+                        println!("user: {name}");
+                        println!("state: {}", if u.disabled { "disabled" } else { "enabled" });
+                        println!(
+                            "upstream user: {}",
+                            u.upstream_user.as_deref().unwrap_or(&name)
+                        );
+                        let mfa = u
+                            .mfa
+                            .map_or("default".to_owned(), |m| format!("{m:?}").to_lowercase());
+                        println!("mfa: {mfa}");
+                        let totp = u
+                            .totp
+                            .as_deref()
+                            .and_then(crate::auth::keyring::KeyRing::key_of);
+                        println!(
+                            "totp: {}",
+                            totp.map_or("not enrolled".to_owned(), |k| format!(
+                                "enrolled (key {k})"
+                            ))
+                        );
+                        if !u.mechanisms.is_empty() {
+                            println!("mechanisms: {}", u.mechanisms.join(", "));
+                        }
+                        if !u.allowed_networks.is_empty() {
+                            let nets: Vec<String> =
+                                u.allowed_networks.iter().map(ToString::to_string).collect();
+                            println!("allowed networks: {}", nets.join(", "));
+                        }
+                        for a in &u.app_passwords {
+                            let state = if a.revoked {
+                                "revoked"
+                            } else if a.is_active(now) {
+                                "active"
+                            } else {
+                                "expired"
+                            };
+                            println!("app password {}\t{state}\t{}\t{}", a.id, a.created, a.label);
+                        }
+                        ExitCode::SUCCESS
+                    }
+                    None => fail(1, format!("no user {name}")),
+                },
+                Err(code) => code,
+            }
         }
         UsersCmd::List { cfg } => match read_users(&cfg) {
             Ok(f) => {

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use crate::secret::Secret;
 
-pub use raw::{BackendTls, ListenerTls, LogFormat, StateBackend};
+pub use raw::{BackendTls, ListenerTls, LogFormat, MfaMode, StateBackend};
 
 /// Secure defaults, one place.
 pub mod defaults {
@@ -46,6 +46,10 @@ pub mod defaults {
     pub const ARGON2_T: u32 = 2;
     pub const ARGON2_P: u32 = 1;
     pub const FAILURE_FLOOR: Duration = Duration::from_secs(1);
+    pub const UNLOCK_TTL: Duration = Duration::from_secs(12 * 3600);
+    pub const VERIFIED_CACHE_TTL: Duration = Duration::from_secs(5 * 60);
+    pub const CODE_DIGITS: u8 = 6;
+    pub const TOTP_ISSUER: &str = "imapgate";
     pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
     pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
     pub const MASTER_SEPARATOR: &str = "*";
@@ -156,8 +160,36 @@ impl Default for Argon2Params {
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
     pub users_file: PathBuf,
+    /// Key ring for TOTP secrets at rest: (id, 32-byte key), and the id new ciphertexts use.
+    pub secret_keys: Vec<(String, Secret)>,
+    pub active_key: Option<String>,
     pub argon2: Argon2Params,
+    pub mfa: MfaConfig,
+    pub verified_cache_ttl: Duration,
     pub failure_floor: Duration,
+    pub revoke_closes_sessions: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct MfaConfig {
+    pub default: MfaMode,
+    pub code_digits: u8,
+    /// Zero: every login needs a fresh code.
+    pub unlock_ttl: Duration,
+    pub unlock_bind_subnet: bool,
+    pub issuer: String,
+}
+
+impl Default for MfaConfig {
+    fn default() -> Self {
+        Self {
+            default: MfaMode::Required,
+            code_digits: defaults::CODE_DIGITS,
+            unlock_ttl: defaults::UNLOCK_TTL,
+            unlock_bind_subnet: true,
+            issuer: defaults::TOTP_ISSUER.into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

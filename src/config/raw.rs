@@ -68,8 +68,46 @@ pub struct Limits {
 pub struct Auth {
     pub users_file: String,
     #[serde(default)]
+    pub secret_keys: Vec<SecretKey>,
+    pub active_key: Option<String>,
+    #[serde(default)]
     pub app_password: AppPassword,
+    #[serde(default)]
+    pub mfa: Mfa,
+    pub verified_cache_ttl: Option<Scalar>,
     pub failure_floor: Option<Scalar>,
+    #[serde(default)]
+    pub revoke_closes_sessions: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretKey {
+    pub id: String,
+    pub file: Option<String>,
+    pub env: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Mfa {
+    pub default: Option<MfaMode>,
+    pub code_digits: Option<u8>,
+    pub unlock_ttl: Option<Scalar>,
+    pub unlock_bind_subnet: Option<bool>,
+    pub issuer: Option<String>,
+}
+
+/// When a TOTP code is required.
+#[derive(Debug, serde::Serialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MfaMode {
+    /// Always: a user without TOTP cannot log in.
+    Required,
+    /// Only from users who enrolled TOTP.
+    Optional,
+    /// Never.
+    Off,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -161,4 +199,36 @@ pub struct Logging {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// `required`, `optional` or `off`; YAML 1.1 readers turn a bare `off` into `false`, which is
+/// accepted as `off` too.
+impl<'de> Deserialize<'de> for MfaMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = MfaMode;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("required, optional or off")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<MfaMode, E> {
+                match v {
+                    "required" => Ok(MfaMode::Required),
+                    "optional" => Ok(MfaMode::Optional),
+                    "off" => Ok(MfaMode::Off),
+                    other => Err(E::custom(format!(
+                        "`{other}` is not required, optional or off"
+                    ))),
+                }
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<MfaMode, E> {
+                if v {
+                    Err(E::custom("use required, optional or off"))
+                } else {
+                    Ok(MfaMode::Off)
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
 }

@@ -432,6 +432,25 @@ fn limits(cx: &mut Ctx, v: &Value) -> Limits {
             cx.err(format!("limits.{name}"), "must be more than 0");
         }
     }
+    // Upper bounds keep every deadline computable (and sane).
+    for (name, value, max, shown) in [
+        ("tls_handshake_timeout", l.tls_handshake_timeout, 300, "5m"),
+        ("preauth_idle_timeout", l.preauth_idle_timeout, 3600, "1h"),
+        ("preauth_total_timeout", l.preauth_total_timeout, 3600, "1h"),
+        ("relay_idle_timeout", l.relay_idle_timeout, 86_400, "24h"),
+        (
+            "max_session_lifetime",
+            l.max_session_lifetime,
+            30 * 86_400,
+            "30d",
+        ),
+        ("shutdown_delay", l.shutdown_delay, 3600, "1h"),
+        ("shutdown_grace", l.shutdown_grace, 3600, "1h"),
+    ] {
+        if value > Duration::from_secs(max) {
+            cx.err(format!("limits.{name}"), format!("must be at most {shown}"));
+        }
+    }
     if l.relay_idle_timeout < defaults::RELAY_IDLE_MINIMUM {
         cx.err(
             "limits.relay_idle_timeout",
@@ -482,14 +501,131 @@ fn auth(cx: &mut Ctx, v: &Value) -> Option<AuthConfig> {
         "auth.failure_floor",
         defaults::FAILURE_FLOOR,
     );
-    if failure_floor > Duration::from_secs(30) {
-        cx.err("auth.failure_floor", "must be at most 30s");
+    if failure_floor > Duration::from_secs(30) || failure_floor < Duration::from_millis(100) {
+        cx.err(
+            "auth.failure_floor",
+            "must be between 100ms and 30s (it hides how much work a failure cost)",
+        );
+    }
+    let mut secret_keys: Vec<(String, Secret)> = Vec::new();
+    for (i, k) in a.secret_keys.iter().enumerate() {
+        let path = format!("auth.secret_keys[{i}]");
+        if k.id.is_empty()
+            || k.id.len() > 16
+            || !k
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            cx.err(
+                format!("{path}.id"),
+                "must be 1-16 characters of a-z, A-Z, 0-9, - or _",
+            );
+        } else if secret_keys.iter().any(|(id, _)| id == &k.id) {
+            cx.err(format!("{path}.id"), format!("`{}` is used twice", k.id));
+        }
+        let raw = match (&k.file, &k.env) {
+            (Some(f), None) => cx.secret_file(f, &format!("{path}.file")),
+            (None, Some(var)) => match std::env::var(var) {
+                Ok(v) if !v.is_empty() => Some(Secret::from(v)),
+                _ => {
+                    cx.err(
+                        format!("{path}.env"),
+                        format!("environment variable {var} is not set"),
+                    );
+                    None
+                }
+            },
+            _ => {
+                cx.err(path.clone(), "needs exactly one of file or env");
+                None
+            }
+        };
+        if let Some(raw) = raw {
+            match key_bytes(&raw) {
+                Some(key) => secret_keys.push((k.id.clone(), key)),
+                None => cx.err(
+                    path.clone(),
+                    "the key must be 32 bytes in base64 (`imapgate keys generate` makes one)",
+                ),
+            }
+        }
+    }
+    let active_key = match (&a.active_key, secret_keys.len()) {
+        (Some(id), _) => {
+            if !a.secret_keys.iter().any(|k| &k.id == id) {
+                cx.err(
+                    "auth.active_key",
+                    format!("`{id}` is not in auth.secret_keys"),
+                );
+            }
+            Some(id.clone())
+        }
+        (None, 0) => None,
+        (None, 1) => secret_keys.first().map(|(id, _)| id.clone()),
+        (None, _) => {
+            cx.err(
+                "auth.active_key",
+                "is required when there is more than one key",
+            );
+            None
+        }
+    };
+    let d = super::MfaConfig::default();
+    let mfa = super::MfaConfig {
+        default: a.mfa.default.unwrap_or(d.default),
+        code_digits: a.mfa.code_digits.unwrap_or(d.code_digits),
+        unlock_ttl: cx.duration(
+            a.mfa.unlock_ttl.as_ref(),
+            "auth.mfa.unlock_ttl",
+            d.unlock_ttl,
+        ),
+        unlock_bind_subnet: a.mfa.unlock_bind_subnet.unwrap_or(d.unlock_bind_subnet),
+        issuer: a.mfa.issuer.clone().unwrap_or(d.issuer),
+    };
+    if !(6..=8).contains(&mfa.code_digits) {
+        cx.err("auth.mfa.code_digits", "must be 6, 7 or 8");
+    }
+    if mfa.unlock_ttl > Duration::from_secs(30 * 86_400) {
+        cx.err("auth.mfa.unlock_ttl", "must be at most 30d");
+    }
+    if mfa.issuer.is_empty() || mfa.issuer.contains(':') || mfa.issuer.chars().any(char::is_control)
+    {
+        cx.err("auth.mfa.issuer", "must be a non-empty name without ':'");
+    }
+    if mfa.default != super::MfaMode::Off && secret_keys.is_empty() {
+        cx.warnings.push(
+            "auth.secret_keys is empty: no user can enrol TOTP (and with mfa.default: required nobody can log in)".into(),
+        );
+    }
+    let verified_cache_ttl = cx.duration(
+        a.verified_cache_ttl.as_ref(),
+        "auth.verified_cache_ttl",
+        defaults::VERIFIED_CACHE_TTL,
+    );
+    if verified_cache_ttl > Duration::from_secs(3600) {
+        cx.err("auth.verified_cache_ttl", "must be at most 1h");
     }
     Some(AuthConfig {
         users_file: cx.path(&a.users_file),
+        secret_keys,
+        active_key,
         argon2,
+        mfa,
+        verified_cache_ttl,
         failure_floor,
+        revoke_closes_sessions: a.revoke_closes_sessions,
     })
+}
+
+/// A 32-byte key written as base64 text (one line).
+fn key_bytes(raw: &Secret) -> Option<Secret> {
+    use base64::Engine;
+    let text = raw.expose_str()?.trim();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .ok()?;
+    (bytes.len() == 32).then(|| Secret::new(bytes))
 }
 
 fn state(cx: &mut Ctx, v: &Value) -> raw::StateBackend {
@@ -577,8 +713,7 @@ fn backends(cx: &mut Ctx, v: &Value) -> Vec<BackendConfig> {
                     .master_separator
                     .clone()
                     .unwrap_or_else(|| defaults::MASTER_SEPARATOR.into());
-                if sep.is_empty()
-                    || sep.len() > 4
+                if sep.len() != 1
                     || sep.bytes().any(|c| {
                         c.is_ascii_control()
                             || c.is_ascii_alphanumeric()
@@ -589,7 +724,7 @@ fn backends(cx: &mut Ctx, v: &Value) -> Vec<BackendConfig> {
                 {
                     cx.err(
                         format!("{path}.master_separator"),
-                        "must be 1-4 punctuation characters other than quote and backslash",
+                        "must be one punctuation character other than quote and backslash",
                     );
                 }
                 BackendLogin::MasterUser { separator: sep }
@@ -638,8 +773,18 @@ fn backends(cx: &mut Ctx, v: &Value) -> Vec<BackendConfig> {
             ("connect_timeout", connect_timeout),
             ("login_timeout", login_timeout),
         ] {
-            if d.is_zero() {
-                cx.err(format!("{path}.{k}"), "must be more than 0");
+            if d.is_zero() || d > Duration::from_secs(300) {
+                cx.err(format!("{path}.{k}"), "must be more than 0 and at most 5m");
+            }
+        }
+        if let Some(pw) = &master_password {
+            if pw.expose_str().is_none()
+                || pw.expose().iter().any(|b| matches!(b, b'\r' | b'\n' | 0))
+            {
+                cx.err(
+                    format!("{path}.master_password_file"),
+                    "the master password must be UTF-8 without CR, LF or NUL",
+                );
             }
         }
         out.push(BackendConfig {

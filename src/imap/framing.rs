@@ -111,8 +111,10 @@ impl Framer {
 
     /// Drops everything: buffered bytes and the message in progress (STARTTLS).
     pub fn clear(&mut self) {
+        use zeroize::Zeroize;
+        self.buf.as_mut().zeroize();
         self.buf.clear();
-        self.message.clear();
+        self.message.zeroize();
         self.scanned = 0;
         self.literal_left = 0;
         self.awaiting_decision = false;
@@ -144,12 +146,14 @@ impl Framer {
 
     fn line_limit(&self) -> usize {
         match self.mode {
+            // Only a message's first line can be `tag AUTHENTICATE …` with a long SASL-IR; a
+            // line after a literal never gets the larger limit.
             LineMode::Command => {
-                if is_authenticate_line(
-                    self.buf
-                        .get(..self.scanned.min(self.buf.len()))
-                        .unwrap_or(&[]),
-                ) {
+                let line = self
+                    .buf
+                    .get(..self.scanned.min(self.buf.len()))
+                    .unwrap_or(&[]);
+                if self.message.is_empty() && is_authenticate_line(line) {
                     self.limits.sasl_line
                 } else {
                     self.limits.line
@@ -223,6 +227,15 @@ impl Framer {
                 }
             }
         }
+    }
+}
+
+impl Drop for Framer {
+    /// Buffered bytes may hold a password: wipe them.
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.buf.as_mut().zeroize();
+        self.message.zeroize();
     }
 }
 

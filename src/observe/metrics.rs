@@ -18,6 +18,8 @@ pub struct Metrics {
     pub auth_attempts: IntCounterVec,
     pub auth_seconds: Histogram,
     pub hash_runs: IntCounter,
+    pub auth_cache_hits: IntCounter,
+    pub totp_failures: IntCounterVec,
     pub guard_decisions: IntCounterVec,
     pub upstream_logins: IntCounterVec,
     pub upstream_login_seconds: HistogramVec,
@@ -57,6 +59,14 @@ pub const CATALOGUE: &[(&str, &str)] = &[
     (
         "imapgate_auth_hash_runs_total",
         "argon2 verifications run, dummy ones for unknown users included.",
+    ),
+    (
+        "imapgate_auth_cache_hits_total",
+        "Logins whose app password was confirmed by the verified-credential cache (no argon2).",
+    ),
+    (
+        "imapgate_totp_failures_total",
+        "Second-factor failures by reason; bad_code means a valid app password with a wrong code.",
     ),
     (
         "imapgate_guard_decisions_total",
@@ -140,6 +150,12 @@ impl Metrics {
             help("imapgate_auth_hash_runs_total"),
         )?;
         registry.register(Box::new(hash_runs.clone()))?;
+        let auth_cache_hits = IntCounter::new(
+            "imapgate_auth_cache_hits_total",
+            help("imapgate_auth_cache_hits_total"),
+        )?;
+        registry.register(Box::new(auth_cache_hits.clone()))?;
+        let totp_failures = counter_vec("imapgate_totp_failures_total", &["reason"])?;
         let guard_decisions = counter_vec("imapgate_guard_decisions_total", &["action"])?;
         let upstream_logins =
             counter_vec("imapgate_upstream_logins_total", &["backend", "result"])?;
@@ -182,6 +198,8 @@ impl Metrics {
             auth_attempts,
             auth_seconds,
             hash_runs,
+            auth_cache_hits,
+            totp_failures,
             guard_decisions,
             upstream_logins,
             upstream_login_seconds,
@@ -233,6 +251,7 @@ mod tests {
             .with_label_values(&["login", "success"])
             .inc();
         m.guard_decisions.with_label_values(&["allow"]).inc();
+        m.totp_failures.with_label_values(&["bad_code"]).inc();
         m.upstream_logins.with_label_values(&["b", "ok"]).inc();
         m.upstream_login_seconds
             .with_label_values(&["b"])

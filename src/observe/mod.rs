@@ -76,6 +76,10 @@ pub struct AuditEvent<'a> {
     pub reason: &'a str,
     pub guard: &'a str,
     pub backend: &'a str,
+    /// The app password id that logged in (successes only).
+    pub credential: &'a str,
+    /// How the second factor was met: `totp`, `unlocked`, `none` (successes only).
+    pub mfa: &'a str,
 }
 
 /// Writes one audit line. `user` must already be loggable.
@@ -93,6 +97,8 @@ pub fn audit(e: &AuditEvent<'_>) {
         reason = e.reason,
         guard = e.guard,
         backend = e.backend,
+        credential = e.credential,
+        mfa = e.mfa,
     );
 }
 

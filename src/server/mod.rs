@@ -75,9 +75,11 @@ impl Gateway {
         let health = Arc::new(Health::new(config.backends.iter().map(|b| b.name.clone())));
         let server_tls = ServerTls::build(&config.tls)?;
         health.certificates_loaded.store(true, Ordering::Relaxed);
+        // One state store for everything shared (guard counters, TOTP replay, unlocks).
+        let state: Arc<dyn crate::state::Store> = Arc::new(MemoryStore::default());
         let store = Arc::new(CredentialStore::open(
-            config.auth.users_file.clone(),
-            config.auth.argon2,
+            &config.auth,
+            state.clone(),
             metrics.clone(),
         )?);
         tracing::info!(users = store.user_count(), "users file loaded");
@@ -110,7 +112,7 @@ impl Gateway {
             limits: config.limits.clone(),
             acceptor: TlsAcceptor::from(server_tls.config.clone()),
             authenticator: store.clone() as Arc<dyn Authenticator>,
-            guard: Arc::new(Guard::new(Arc::new(MemoryStore::default()))),
+            guard: Arc::new(Guard::new(state.clone())),
             upstreams: upstreams.clone(),
             metrics: metrics.clone(),
             failure_floor: config.auth.failure_floor,
@@ -118,6 +120,12 @@ impl Gateway {
             next_id: AtomicU64::new(1),
             stopping: stopping.clone(),
         });
+        if config.auth.revoke_closes_sessions {
+            let sessions = shared.user_sessions.clone();
+            store.set_reload_hook(Box::new(move |file| {
+                sessions.close_revoked(file);
+            }));
+        }
         let admission = Arc::new(Admission::new(
             config.limits.max_connections,
             config.limits.max_sessions_per_ip,

@@ -59,39 +59,87 @@ pub trait AdmissionTicket: Send + Sync {
     fn authenticated(&mut self);
 }
 
-/// Relayed sessions per user, capped by `max_sessions_per_user`.
-#[derive(Default)]
+/// Relayed sessions per user, capped by `max_sessions_per_user`; each with a token that
+/// closes it when its credential is revoked (`auth.revoke_closes_sessions`).
+#[derive(Default, Clone)]
 pub struct UserSessions {
-    counts: Arc<Mutex<HashMap<String, u32>>>,
+    map: Arc<Mutex<HashMap<String, Vec<SessionEntry>>>>,
+}
+
+struct SessionEntry {
+    id: u64,
+    credential_id: String,
+    revoked: CancellationToken,
 }
 
 /// A held slot; dropping it frees the slot.
 pub struct UserSlot {
-    counts: Arc<Mutex<HashMap<String, u32>>>,
+    map: Arc<Mutex<HashMap<String, Vec<SessionEntry>>>>,
     user: String,
+    id: u64,
+    pub revoked: CancellationToken,
 }
 
 impl UserSessions {
-    pub fn try_acquire(&self, user: &str, max: u32) -> Option<UserSlot> {
-        let mut map = self.counts.lock().ok()?;
-        let n = map.entry(user.to_owned()).or_insert(0);
-        if *n >= max {
+    pub fn try_acquire(
+        &self,
+        user: &str,
+        credential_id: &str,
+        session: u64,
+        max: u32,
+    ) -> Option<UserSlot> {
+        let mut map = self.map.lock().ok()?;
+        let list = map.entry(user.to_owned()).or_default();
+        if list.len() >= max as usize {
             return None;
         }
-        *n += 1;
+        let revoked = CancellationToken::new();
+        list.push(SessionEntry {
+            id: session,
+            credential_id: credential_id.to_owned(),
+            revoked: revoked.clone(),
+        });
         Some(UserSlot {
-            counts: self.counts.clone(),
+            map: self.map.clone(),
             user: user.to_owned(),
+            id: session,
+            revoked,
         })
+    }
+
+    /// Closes the sessions whose user is gone or disabled, or whose app password is no longer
+    /// active in `file`. Returns how many were closed.
+    pub fn close_revoked(&self, file: &crate::auth::users::UsersFile) -> usize {
+        let Ok(map) = self.map.lock() else { return 0 };
+        let now = time::OffsetDateTime::now_utc();
+        let mut closed = 0;
+        for (user, list) in map.iter() {
+            let entry = file.users.get(user).filter(|u| !u.disabled);
+            for s in list {
+                let active = entry.is_some_and(|u| {
+                    u.app_passwords
+                        .iter()
+                        .any(|a| a.id == s.credential_id && a.is_active(now))
+                });
+                if !active && !s.revoked.is_cancelled() {
+                    s.revoked.cancel();
+                    closed += 1;
+                }
+            }
+        }
+        if closed > 0 {
+            tracing::info!(sessions = closed, "closed sessions of revoked credentials");
+        }
+        closed
     }
 }
 
 impl Drop for UserSlot {
     fn drop(&mut self) {
-        if let Ok(mut map) = self.counts.lock() {
-            if let Some(n) = map.get_mut(&self.user) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
+        if let Ok(mut map) = self.map.lock() {
+            if let Some(list) = map.get_mut(&self.user) {
+                list.retain(|s| s.id != self.id);
+                if list.is_empty() {
                     map.remove(&self.user);
                 }
             }
@@ -222,20 +270,23 @@ impl Session {
         self.relay(end).await;
     }
 
-    async fn write(&self, conn: &mut Conn, bytes: &[u8]) -> bool {
+    /// Writes within the idle timeout and never past `deadline` (the total pre-auth time), so
+    /// a client that reads slowly cannot stretch its pre-auth phase.
+    async fn write(&self, conn: &mut Conn, bytes: &[u8], deadline: Instant) -> bool {
         let w = async {
             conn.write_all(bytes).await?;
             conn.flush().await
         };
-        matches!(
-            tokio::time::timeout(self.shared.limits.preauth_idle_timeout, w).await,
-            Ok(Ok(()))
-        )
+        let until = deadline.min(Instant::now() + self.shared.limits.preauth_idle_timeout);
+        matches!(tokio::time::timeout_at(until, w).await, Ok(Ok(())))
     }
 
     async fn close(&self, conn: &mut Conn, last: Option<&[u8]>) {
         if let Some(bytes) = last {
-            let _ = self.write(conn, bytes).await;
+            // A last word (BYE) gets two seconds at most.
+            let _ = self
+                .write(conn, bytes, Instant::now() + Duration::from_secs(2))
+                .await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
     }
@@ -247,14 +298,15 @@ impl Session {
         mut sm: PreAuth,
         deadline: Instant,
     ) -> Option<RelayParts> {
-        if !self.write(&mut conn, &sm.greeting()).await {
+        if !self.write(&mut conn, &sm.greeting(), deadline).await {
             return None;
         }
-        let mut buf = vec![0u8; 4096];
+        // Reads may carry a password: wipe the buffer when the session is done with it.
+        let mut buf = zeroize::Zeroizing::new(vec![0u8; 4096]);
         loop {
             match sm.step() {
                 Step::Send(bytes) => {
-                    if !self.write(&mut conn, &bytes).await {
+                    if !self.write(&mut conn, &bytes, deadline).await {
                         return None;
                     }
                 }
@@ -265,7 +317,18 @@ impl Session {
                 Step::NeedInput => {
                     let idle = self.shared.limits.preauth_idle_timeout;
                     tokio::select! {
-                        r = tokio::time::timeout(idle, conn.read(&mut buf)) => match r {
+                        biased;
+                        () = self.shared.stopping.cancelled() => {
+                            let bye = sm.bye_now("Server shutting down");
+                            self.close(&mut conn, Some(&bye)).await;
+                            return None;
+                        }
+                        () = tokio::time::sleep_until(deadline) => {
+                            let bye = sm.bye_now("Authentication timeout");
+                            self.close(&mut conn, Some(&bye)).await;
+                            return None;
+                        }
+                        r = tokio::time::timeout(idle, conn.read(buf.as_mut_slice())) => match r {
                             Ok(Ok(0)) | Ok(Err(_)) => return None,
                             Ok(Ok(n)) => sm.feed(buf.get(..n).unwrap_or(&[])),
                             Err(_) => {
@@ -274,16 +337,6 @@ impl Session {
                                 return None;
                             }
                         },
-                        () = tokio::time::sleep_until(deadline) => {
-                            let bye = sm.bye_now("Authentication timeout");
-                            self.close(&mut conn, Some(&bye)).await;
-                            return None;
-                        }
-                        () = self.shared.stopping.cancelled() => {
-                            let bye = sm.bye_now("Server shutting down");
-                            self.close(&mut conn, Some(&bye)).await;
-                            return None;
-                        }
                     }
                 }
                 Step::StartTls => {
@@ -312,7 +365,7 @@ impl Session {
                             backend: name,
                             user,
                         } => {
-                            if !self.write(&mut conn, &ok).await {
+                            if !self.write(&mut conn, &ok, deadline).await {
                                 return None;
                             }
                             return Some(RelayParts {
@@ -331,6 +384,7 @@ impl Session {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn audit(
         &self,
         user: &str,
@@ -339,6 +393,21 @@ impl Session {
         reason: &str,
         guard: &str,
         backend: &str,
+    ) {
+        self.audit_full(user, mechanism, result, reason, guard, backend, "", "");
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn audit_full(
+        &self,
+        user: &str,
+        mechanism: &str,
+        result: &str,
+        reason: &str,
+        guard: &str,
+        backend: &str,
+        credential: &str,
+        mfa: &str,
     ) {
         observe::audit(&AuditEvent {
             session: self.id,
@@ -350,6 +419,8 @@ impl Session {
             reason,
             guard,
             backend,
+            credential,
+            mfa,
         });
     }
 
@@ -407,11 +478,12 @@ impl Session {
             }
         };
         self.shared.guard.record(key, true).await;
-        let Some(slot) = self
-            .shared
-            .user_sessions
-            .try_acquire(&identity.user, self.shared.limits.max_sessions_per_user)
-        else {
+        let Some(slot) = self.shared.user_sessions.try_acquire(
+            &identity.user,
+            &identity.credential_id,
+            self.id,
+            self.shared.limits.max_sessions_per_user,
+        ) else {
             m.auth_attempts.with_label_values(&[mech, "limit"]).inc();
             self.audit(
                 &identity.user,
@@ -449,13 +521,15 @@ impl Session {
                     .observe(up_started.elapsed().as_secs_f64());
                 m.auth_attempts.with_label_values(&[mech, "success"]).inc();
                 m.auth_seconds.observe(started.elapsed().as_secs_f64());
-                self.audit(
+                self.audit_full(
                     &identity.user,
                     mech,
                     "success",
-                    &identity.credential_id,
+                    "",
                     verdict.as_str(),
                     &name,
+                    &identity.credential_id,
+                    identity.mfa,
                 );
                 tracing::info!(user = %identity.user, backend = %name, "logged in");
                 let (ok, pipelined) = sm.auth_succeeded(&req.tag, &caps);
@@ -504,16 +578,26 @@ impl Session {
         let m = &self.shared.metrics;
         let _gauge = GaugeGuard::new(&m.sessions_relayed);
         let started = Instant::now();
-        // Invariant 3: what the client pipelined behind its login goes first, in order.
-        if !pipelined.is_empty()
-            && (backend.write_all(&pipelined).await.is_err() || backend.flush().await.is_err())
-        {
-            return;
-        }
-        if !backend_extra.is_empty() && client.write_all(&backend_extra).await.is_err() {
-            return;
-        }
+        // Invariant 3: what the client pipelined behind its login goes first, in order. These
+        // writes are bounded like the relay itself.
         let l = &self.shared.limits;
+        let first = async {
+            if !pipelined.is_empty() {
+                backend.write_all(&pipelined).await?;
+                backend.flush().await?;
+            }
+            if !backend_extra.is_empty() {
+                client.write_all(&backend_extra).await?;
+                client.flush().await?;
+            }
+            Ok::<(), std::io::Error>(())
+        };
+        if !matches!(
+            tokio::time::timeout(l.relay_idle_timeout, first).await,
+            Ok(Ok(()))
+        ) {
+            return;
+        }
         let end = relay::run(
             client,
             backend,
@@ -525,6 +609,7 @@ impl Session {
             m.relay_bytes.with_label_values(&["to_backend"]),
             m.relay_bytes.with_label_values(&["to_client"]),
             self.shared.stopping.clone(),
+            slot.revoked.clone(),
         )
         .await;
         m.session_seconds.observe(started.elapsed().as_secs_f64());

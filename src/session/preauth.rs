@@ -86,7 +86,11 @@ pub struct PreAuth {
     close_after_out: bool,
     bad: u32,
     failures: u32,
+    commands: u32,
 }
+
+/// Commands one connection may send before authenticating (a client needs a handful).
+pub const MAX_PREAUTH_COMMANDS: u32 = 100;
 
 impl PreAuth {
     pub fn new(limits: PreAuthLimits, starttls_listener: bool, tls: bool) -> Self {
@@ -109,6 +113,7 @@ impl PreAuth {
             close_after_out: false,
             bad: 0,
             failures: 0,
+            commands: 0,
         }
     }
 
@@ -246,8 +251,10 @@ impl PreAuth {
                     self.bye(imap::bye(Some(RespCode::TooBig), "Command too long"))
                 }
                 Frame::LiteralAnnounced { literal, partial } => self.literal(literal, &partial),
-                Frame::Message(msg) => {
-                    if let Some(step) = self.message(&msg) {
+                Frame::Message(mut msg) => {
+                    let step = self.message(&msg);
+                    zeroize::Zeroize::zeroize(&mut msg);
+                    if let Some(step) = step {
                         return step;
                     }
                 }
@@ -257,10 +264,20 @@ impl PreAuth {
 
     fn literal(&mut self, literal: Literal, partial: &[u8]) {
         let tag = leading_tag(partial);
-        if matches!(self.state, State::SaslPlain(_)) {
+        if let State::SaslPlain(auth_tag) = self.state.clone() {
+            // A SASL response is one base64 line; a literal there answers the AUTHENTICATE
+            // (by its own tag) and never lets the literal's bytes through as commands.
             self.framer.reject_message();
+            self.framer.set_mode(LineMode::Command);
             self.state = State::Ready;
-            self.bad(tag.as_ref(), None, "Invalid SASL response");
+            if matches!(literal, Literal::NonSync(_)) {
+                self.bye(imap::bye(
+                    None,
+                    "Non-synchronizing literals are not allowed before authentication",
+                ));
+                return;
+            }
+            self.bad(Some(&auth_tag), None, "Invalid SASL response");
             return;
         }
         match literal {
@@ -300,6 +317,11 @@ impl PreAuth {
 
     /// Handles one complete message; returns a step when the driver must act.
     fn message(&mut self, msg: &[u8]) -> Option<Step> {
+        self.commands += 1;
+        if self.commands > MAX_PREAUTH_COMMANDS {
+            self.bye(imap::bye(None, "Too many commands"));
+            return None;
+        }
         if let State::SaslPlain(tag) = self.state.clone() {
             self.framer.set_mode(LineMode::Command);
             return self.sasl_response(tag, msg);

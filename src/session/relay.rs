@@ -24,6 +24,8 @@ pub enum RelayEnd {
     Idle,
     Lifetime,
     Shutdown,
+    /// The credential was revoked or the user disabled (`auth.revoke_closes_sessions`).
+    Revoked,
 }
 
 pub struct RelayLimits {
@@ -67,6 +69,7 @@ pub async fn run<C, B>(
     to_backend: IntCounter,
     to_client: IntCounter,
     shutdown: CancellationToken,
+    revoked: CancellationToken,
 ) -> RelayEnd
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -100,6 +103,7 @@ where
         () = idle => RelayEnd::Idle,
         () = tokio::time::sleep(limits.lifetime) => RelayEnd::Lifetime,
         () = grace => RelayEnd::Shutdown,
+        () = revoked.cancelled() => RelayEnd::Revoked,
     }
 }
 
@@ -128,6 +132,7 @@ mod tests {
             limits,
             a.clone(),
             b.clone(),
+            CancellationToken::new(),
             CancellationToken::new(),
         ));
         let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
@@ -167,6 +172,7 @@ mod tests {
             counter(),
             counter(),
             CancellationToken::new(),
+            CancellationToken::new(),
         )
         .await;
         assert_eq!(end, RelayEnd::Idle);
@@ -184,7 +190,16 @@ mod tests {
             shutdown_grace: Duration::from_secs(30),
         };
         let started = Instant::now();
-        let end = run(client, backend, limits, counter(), counter(), stop).await;
+        let end = run(
+            client,
+            backend,
+            limits,
+            counter(),
+            counter(),
+            stop,
+            CancellationToken::new(),
+        )
+        .await;
         assert_eq!(end, RelayEnd::Shutdown);
         assert!(started.elapsed() >= Duration::from_secs(30));
     }

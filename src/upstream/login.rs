@@ -309,6 +309,12 @@ impl UpstreamLogin {
         };
         match resp {
             Response::CommandContinuationRequest(_) => {
+                // Only our LOGIN literal or AUTHENTICATE may be continued: a `+` in any other
+                // phase (e.g. to a cleartext CAPABILITY before STARTTLS) must never release
+                // the master credential.
+                if self.phase != Phase::Login {
+                    return Some(UpStep::Fail(LoginError::Protocol));
+                }
                 if let Some(next) = self.pending.pop_front() {
                     self.out.push_back(next);
                 } else if let Some(sasl) = self.sasl_response.take() {

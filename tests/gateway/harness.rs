@@ -130,6 +130,11 @@ pub const USERS: &[&str] = &[
     "dave@example.org",
     "erin@example.org",
     "frank@example.org",
+    // Users whose name starts with "m" are enrolled in TOTP by the test gateway.
+    "mia@example.org",
+    "max@example.org",
+    "mo@example.org",
+    "milo@example.org",
 ];
 
 static DOVECOT: OnceLock<Option<Arc<Dovecot>>> = OnceLock::new();
@@ -313,6 +318,22 @@ impl Client {
         Self::tls_alpn(addr, ca, &[b"imap"]).await.unwrap()
     }
 
+    /// A TLS client whose connection comes from the loopback address `local`.
+    pub async fn tls_from(addr: SocketAddr, local: &str, ca: &CertificateDer<'static>) -> Client {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{local}:0").parse().unwrap()).unwrap();
+        let s = sock.connect(addr).await.unwrap();
+        let t = client_tls(ca, &[b"imap"])
+            .connect(ServerName::try_from("localhost").unwrap(), s)
+            .await
+            .unwrap();
+        Client {
+            stream: Box::new(t),
+            buf: Vec::new(),
+            ca: ca.clone(),
+        }
+    }
+
     pub async fn tls_alpn(
         addr: SocketAddr,
         ca: &CertificateDer<'static>,
@@ -471,7 +492,11 @@ pub struct TestGateway {
     pub users_file: PathBuf,
     /// user → app password (grouped form).
     pub passwords: Vec<(String, String)>,
+    /// user → TOTP secret, for users enrolled at start.
+    pub totp: Vec<(String, Secret)>,
     pub config_yaml: String,
+    /// The same config, written to a file (for CLI runs).
+    pub config_path: PathBuf,
 }
 
 /// What a test may change in the config.
@@ -484,6 +509,10 @@ pub struct Options {
     pub backend_tls: &'static str,
     /// Verify the backend against a CA that did not sign its certificate.
     pub wrong_backend_ca: bool,
+    /// The `auth.mfa` mapping.
+    pub mfa: &'static str,
+    /// More lines of the `auth` section.
+    pub auth_extra: &'static str,
 }
 
 impl Default for Options {
@@ -495,6 +524,8 @@ impl Default for Options {
             backend_login: "master_user",
             backend_tls: "implicit",
             wrong_backend_ca: false,
+            mfa: "{ default: optional }",
+            auth_extra: "",
         }
     }
 }
@@ -517,6 +548,19 @@ impl TestGateway {
             users: Default::default(),
         };
         let mut passwords = Vec::new();
+        let mut totp = Vec::new();
+        let ring_key = imapgate::auth::keyring::generate_key();
+        std::fs::write(dir.path().join("k1.key"), ring_key.expose()).unwrap();
+        let ring = {
+            use base64::Engine;
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(ring_key.expose())
+                .unwrap();
+            imapgate::auth::keyring::KeyRing::new(
+                vec![("k1".into(), Secret::new(raw))],
+                Some("k1".into()),
+            )
+        };
         let mut names: Vec<String> = USERS.iter().map(|s| s.to_string()).collect();
         names.push("disabled@example.org".into());
         names.push("zed@down.test".into());
@@ -528,7 +572,12 @@ impl TestGateway {
                 name.clone(),
                 User {
                     disabled: name.starts_with("disabled@"),
-                    upstream_user: None,
+                    totp: name.starts_with('m').then(|| {
+                        let secret = imapgate::auth::totp::new_secret();
+                        let stored = ring.encrypt(name, &secret).unwrap();
+                        totp.push((name.clone(), secret));
+                        stored
+                    }),
                     app_passwords: vec![AppPassword {
                         id: app_password::new_id(),
                         label: "test".into(),
@@ -537,6 +586,7 @@ impl TestGateway {
                         expires: None,
                         revoked: false,
                     }],
+                    ..Default::default()
                 },
             );
             passwords.push((
@@ -567,6 +617,9 @@ auth:
   users_file: "{users}"
   app_password: {{ argon2: {{ m_kib: 1024, t: 1, p: 1 }} }}
   failure_floor: {floor}
+  secret_keys: [{{ id: k1, file: "{keyfile}" }}]
+  mfa: {mfa}
+{auth_extra}
 backends:
   - name: dovecot
     address: "{backend_addr}"
@@ -602,6 +655,9 @@ admin: {{ address: "127.0.0.1:0", health_interval: 1s }}
             },
             users = users_file.display(),
             floor = opts.failure_floor,
+            mfa = opts.mfa,
+            keyfile = dir.path().join("k1.key").display(),
+            auth_extra = opts.auth_extra,
             ca = if opts.wrong_backend_ca {
                 pki.ca_pem.display()
             } else {
@@ -614,7 +670,11 @@ admin: {{ address: "127.0.0.1:0", health_interval: 1s }}
         let config = Config::from_yaml(&yaml, dir.path())
             .unwrap_or_else(|e| panic!("test config invalid: {e}"));
         let gw = Gateway::start(config).await.unwrap();
+        let config_path = dir.path().join("imapgate.yaml");
+        std::fs::write(&config_path, &yaml).unwrap();
         Some(TestGateway {
+            totp,
+            config_path,
             gw,
             dir,
             pki,
@@ -623,6 +683,26 @@ admin: {{ address: "127.0.0.1:0", health_interval: 1s }}
             passwords,
             config_yaml: yaml,
         })
+    }
+
+    /// The TOTP code of an enrolled user, `steps` time steps from now.
+    pub fn code(&self, user: &str, steps: i64) -> String {
+        let secret = &self.totp.iter().find(|(u, _)| u == user).unwrap().1;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        imapgate::auth::totp::code_at(secret, (now + steps * 30) as u64, 6).unwrap()
+    }
+
+    /// LOGIN over implicit TLS from `local` (a loopback address such as 127.0.1.1); returns
+    /// the tagged reply line.
+    pub async fn login_from(&self, local: &str, user: &str, password: &str) -> String {
+        let mut c = Client::tls_from(self.imaps(), local, &self.pki.ca_der).await;
+        let g = c.line().await.unwrap();
+        assert!(g.starts_with("* OK"), "{g}");
+        let r = c.cmd("a", &format!("LOGIN {user} \"{password}\"")).await;
+        last(&r).to_owned()
     }
 
     pub fn imaps(&self) -> SocketAddr {

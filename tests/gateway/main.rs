@@ -13,6 +13,7 @@ mod harness;
 mod clients;
 mod config_files;
 mod login;
+mod mfa;
 mod preauth_input;
 mod relay;
 mod shutdown;

@@ -125,8 +125,6 @@ async fn login_against(backend: std::net::SocketAddr, tls: &str) -> (Vec<String>
     file.users.insert(
         "u@example.org".into(),
         imapgate::auth::users::User {
-            disabled: false,
-            upstream_user: None,
             app_passwords: vec![imapgate::auth::users::AppPassword {
                 id: "ap_test".into(),
                 label: String::new(),
@@ -135,13 +133,14 @@ async fn login_against(backend: std::net::SocketAddr, tls: &str) -> (Vec<String>
                 expires: None,
                 revoked: false,
             }],
+            ..Default::default()
         },
     );
     file.save(&dir.path().join("users.yaml")).unwrap();
     let yaml = format!(
         "listeners: [{{ name: imaps, address: \"127.0.0.1:0\", tls: implicit }}]\n\
          tls: {{ certificates: [{{ cert_file: \"{}\", key_file: \"{}\" }}] }}\n\
-         auth: {{ users_file: users.yaml, failure_floor: 0 }}\n\
+         auth: {{ users_file: users.yaml, failure_floor: 100ms, mfa: {{ default: off }} }}\n\
          backends:\n  - {{ name: fake, address: \"{backend}\", tls: {tls}, login: master_user, master_user: gateway, master_password_file: \"{}\", login_timeout: 2s }}\n\
          admin: {{ address: \"127.0.0.1:0\" }}\n",
         cert.display(),

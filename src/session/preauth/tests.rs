@@ -187,3 +187,41 @@ fn arbitrary_bytes_never_panic() {
         }
     }
 }
+
+#[test]
+fn a_literal_in_a_sasl_response_answers_the_authenticate() {
+    let mut sm = PreAuth::new(limits(), false, true);
+    run(&mut sm, b"a AUTHENTICATE PLAIN\r\n");
+    let (out, step) = run(&mut sm, b"x {5}\r\n");
+    assert!(step.is_none());
+    assert_eq!(out, "a BAD Invalid SASL response\r\n");
+    // Back to the command line limit, not the SASL one.
+    let mut long = b"b NOOP ".to_vec();
+    long.extend(std::iter::repeat_n(b'x', 2000));
+    let (out, _) = run(&mut sm, &long);
+    assert_eq!(out, "* BYE [TOOBIG] Line too long\r\n");
+    // A non-synchronising literal there closes the connection; its bytes are never commands.
+    let mut sm = PreAuth::new(limits(), false, true);
+    run(&mut sm, b"a AUTHENTICATE PLAIN\r\n");
+    let (out, step) = run(&mut sm, b"x {5+}\r\nb NOOP\r\n");
+    assert!(out.starts_with("* BYE"), "{out}");
+    assert!(!out.contains("b OK"));
+    assert!(matches!(step, Some(Step::Close)));
+}
+
+#[test]
+fn the_number_of_preauth_commands_is_capped() {
+    let mut sm = PreAuth::new(limits(), false, true);
+    let input = b"a NOOP\r\n".repeat(MAX_PREAUTH_COMMANDS as usize + 5);
+    let (out, step) = run(&mut sm, &input);
+    assert_eq!(
+        out.matches("a OK NOOP completed").count(),
+        MAX_PREAUTH_COMMANDS as usize
+    );
+    assert!(
+        out.ends_with("* BYE Too many commands\r\n"),
+        "{}",
+        &out[out.len() - 60..]
+    );
+    assert!(matches!(step, Some(Step::Close)));
+}

@@ -225,3 +225,26 @@ fn eight_bit_password_goes_as_a_literal_after_continuation() {
     assert!(sent.ends_with("pässword\r\n"), "{sent}");
     assert!(matches!(end, UpStep::Done(_)));
 }
+
+#[test]
+fn a_continuation_outside_the_login_never_releases_the_master_credential() {
+    // Starttls + SASL authzid: an attacker before TLS answers `+` to CAPABILITY or STARTTLS.
+    let b = backend(BackendTls::Starttls, BackendLogin::SaslAuthzid, false);
+    for script in [
+        &[&b"* OK ready\r\n"[..], &b"+ \r\n"[..]][..],
+        &[
+            &b"* OK [CAPABILITY IMAP4rev1 STARTTLS] ready\r\n"[..],
+            &b"+ \r\n"[..],
+        ][..],
+    ] {
+        let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
+        let (sent, end) = drive(&mut m, script);
+        assert!(matches!(end, UpStep::Fail(LoginError::Protocol)), "{end:?}");
+        // base64("alice\0gateway\0m pw")
+        assert!(
+            !sent.contains("YWxpY2UAZ2F0ZXdheQBtIHB3"),
+            "credential leaked: {sent}"
+        );
+        assert!(!sent.contains("m pw"));
+    }
+}

@@ -1,0 +1,524 @@
+//! The credential store: app passwords (argon2id) + TOTP from the users file, with unlock
+//! windows, replay protection and the verified-credential cache.
+//!
+//! One login, in order (DESIGN.md, "App password + TOTP"):
+//! 1. the name is normalised; the password field is split into the 16-letter app password and
+//!    an optional code (letters only, so the split is never ambiguous);
+//! 2. the app password is verified — from the verified cache, or by argon2 over the user's
+//!    active app passwords (unknown and disabled users pay one dummy verification);
+//! 3. policy: allowed mechanisms and client networks;
+//! 4. MFA (`required`, `optional` = only if enrolled, `off`): if this app password is unlocked
+//!    for the client's subnet, done (appended digits are not evaluated); otherwise a valid code
+//!    (±1 step) that this user has not used before, which then unlocks the app password for
+//!    `unlock_ttl` from that subnet.
+//!
+//! Every failure is the same to the client; the reason goes to the audit log and metrics.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use time::OffsetDateTime;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::cache::VerifiedCache;
+use super::keyring::KeyRing;
+use super::users::{UsersError, UsersFile};
+use super::{
+    app_password, normalize_user, totp, Attempt, Authenticator, Credential, FailureReason,
+    Identity, Outcome,
+};
+use crate::config::{Argon2Params, AuthConfig, MfaConfig, MfaMode};
+use crate::observe::Metrics;
+use crate::secret::Secret;
+use crate::state::Store;
+
+/// How long a used TOTP step stays remembered: the ±1-step window plus one step of margin.
+const USED_CODE_TTL: Duration = Duration::from_secs(4 * totp::STEP_SECONDS);
+
+/// Called after each successful reload (e.g. to close revoked users' sessions).
+pub type ReloadHook = Box<dyn Fn(&UsersFile) + Send + Sync>;
+
+/// Decrypted TOTP secrets by user.
+type TotpSecrets = Arc<HashMap<String, Secret>>;
+
+struct Loaded {
+    file: Arc<UsersFile>,
+    totp: TotpSecrets,
+}
+
+pub struct CredentialStore {
+    path: PathBuf,
+    loaded: RwLock<Loaded>,
+    stamp: RwLock<Option<(SystemTime, u64)>>,
+    dummy: String,
+    hash_permits: Semaphore,
+    metrics: Arc<Metrics>,
+    keyring: KeyRing,
+    state: Arc<dyn Store>,
+    cache: VerifiedCache,
+    mfa: MfaConfig,
+    argon2: Argon2Params,
+    on_reload: RwLock<Option<ReloadHook>>,
+}
+
+/// The client's subnet for unlock binding: /24 for IPv4, /64 for IPv6.
+pub fn subnet(ip: IpAddr) -> String {
+    let prefix = if ip.is_ipv4() { 24 } else { 64 };
+    ipnet::IpNet::new(ip, prefix)
+        .map(|n| n.trunc().to_string())
+        .unwrap_or_else(|_| ip.to_string())
+}
+
+/// Splits a password field into the app password (16 letters, lower-cased, spaces removed)
+/// and an optional code of `digits` digits.
+pub fn split_password(input: &Secret, digits: u8) -> Option<(Secret, Option<String>)> {
+    let mut s = input.clone();
+    s.retain(|b| *b != b' ');
+    let bytes = s.expose();
+    let (letters, code) = if bytes.len() == app_password::LEN {
+        (bytes, None)
+    } else if bytes.len() == app_password::LEN + usize::from(digits) {
+        let (l, c) = bytes.split_at(app_password::LEN);
+        if !c.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        (l, Some(String::from_utf8_lossy(c).into_owned()))
+    } else {
+        return None;
+    };
+    if !letters.iter().all(u8::is_ascii_alphabetic) {
+        return None;
+    }
+    Some((
+        Secret::new(letters.iter().map(u8::to_ascii_lowercase).collect()),
+        code,
+    ))
+}
+
+fn file_stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Loads the users file and decrypts every TOTP secret; any failure refuses the whole file.
+fn load(path: &std::path::Path, keyring: &KeyRing) -> Result<Loaded, UsersError> {
+    let file = UsersFile::load(path)?;
+    let mut secrets = HashMap::new();
+    for (name, user) in &file.users {
+        if let Some(stored) = &user.totp {
+            let secret = keyring
+                .decrypt(name, stored)
+                .map_err(|e| UsersError::Invalid {
+                    path: path.display().to_string(),
+                    message: format!("users.{name}.totp: {e}"),
+                })?;
+            secrets.insert(name.clone(), secret);
+        }
+    }
+    Ok(Loaded {
+        file: Arc::new(file),
+        totp: Arc::new(secrets),
+    })
+}
+
+/// Whether a PHC string was made with other parameters than `want`.
+fn needs_rehash(phc: &str, want: Argon2Params) -> bool {
+    let Ok(hash) = argon2::PasswordHash::new(phc) else {
+        return false;
+    };
+    match argon2::Params::try_from(&hash) {
+        Ok(p) => p.m_cost() != want.m_kib || p.t_cost() != want.t || p.p_cost() != want.p,
+        Err(_) => false,
+    }
+}
+
+impl CredentialStore {
+    /// Loads the users file (it must exist, be valid, and every TOTP secret must decrypt).
+    pub fn open(
+        cfg: &AuthConfig,
+        state: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, UsersError> {
+        let keyring = KeyRing::new(cfg.secret_keys.clone(), cfg.active_key.clone());
+        let loaded = load(&cfg.users_file, &keyring)?;
+        let permits = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
+        Ok(Self {
+            stamp: RwLock::new(file_stamp(&cfg.users_file)),
+            path: cfg.users_file.clone(),
+            loaded: RwLock::new(loaded),
+            dummy: app_password::dummy_hash(cfg.argon2),
+            hash_permits: Semaphore::new(permits),
+            metrics,
+            keyring,
+            state,
+            cache: VerifiedCache::new(cfg.verified_cache_ttl),
+            mfa: cfg.mfa.clone(),
+            argon2: cfg.argon2,
+            on_reload: RwLock::new(None),
+        })
+    }
+
+    /// Installs a hook run after every successful reload.
+    pub fn set_reload_hook(&self, hook: ReloadHook) {
+        if let Ok(mut h) = self.on_reload.write() {
+            *h = Some(hook);
+        }
+    }
+
+    pub fn user_count(&self) -> usize {
+        self.loaded.read().map(|l| l.file.users.len()).unwrap_or(0)
+    }
+
+    fn snapshot(&self) -> Option<(Arc<UsersFile>, TotpSecrets)> {
+        let l = self.loaded.read().ok()?;
+        Some((l.file.clone(), l.totp.clone()))
+    }
+
+    /// Re-reads the users file now (SIGHUP).
+    pub fn reload(&self) {
+        if let Ok(mut s) = self.stamp.write() {
+            *s = None;
+        }
+        self.reload_if_changed();
+    }
+
+    /// Re-reads the users file if it changed on disk (including a Kubernetes Secret's symlink
+    /// swap). A file that does not load is ignored and the previous one kept. A reload flushes
+    /// the verified cache, so revocations take effect at once.
+    pub fn reload_if_changed(&self) {
+        let now = file_stamp(&self.path);
+        let old = self.stamp.read().map(|s| *s).unwrap_or(None);
+        if now.is_none() || now == old {
+            return;
+        }
+        if let Ok(mut s) = self.stamp.write() {
+            *s = now;
+        }
+        match load(&self.path, &self.keyring) {
+            Ok(loaded) => {
+                let file = loaded.file.clone();
+                if let Ok(mut l) = self.loaded.write() {
+                    *l = loaded;
+                }
+                self.cache.clear();
+                self.metrics.users_reloads.with_label_values(&["ok"]).inc();
+                tracing::info!(users = file.users.len(), "users file reloaded");
+                if let Ok(hook) = self.on_reload.read() {
+                    if let Some(h) = hook.as_ref() {
+                        h(&file);
+                    }
+                }
+            }
+            Err(e) => {
+                self.metrics
+                    .users_reloads
+                    .with_label_values(&["error"])
+                    .inc();
+                tracing::warn!(error = %e, "users file changed but does not load; keeping the previous one");
+            }
+        }
+    }
+
+    /// Polls the file every `every` until cancelled.
+    pub async fn watch(self: Arc<Self>, every: Duration, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(every) => self.reload_if_changed(),
+            }
+        }
+    }
+
+    /// argon2 over the candidates (or one dummy run); the index of the match.
+    async fn verify(&self, password: Secret, phcs: Vec<String>) -> Option<usize> {
+        let _permit = self.hash_permits.acquire().await.ok()?;
+        let runs = phcs.len().max(1) as u64;
+        let dummy = self.dummy.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            if phcs.is_empty() {
+                app_password::verify(&password, &dummy);
+                return None;
+            }
+            // Check every candidate so the time does not depend on which one matches.
+            let mut found = None;
+            for (i, phc) in phcs.iter().enumerate() {
+                if app_password::verify(&password, phc) && found.is_none() {
+                    found = Some(i);
+                }
+            }
+            found
+        })
+        .await
+        .ok()
+        .flatten();
+        self.metrics.hash_runs.inc_by(runs);
+        res
+    }
+
+    async fn dummy(&self) {
+        self.verify(Secret::default(), Vec::new()).await;
+    }
+
+    /// Re-hashes an app password made with older argon2 parameters (best effort: a read-only
+    /// users file, e.g. a mounted Secret, just keeps the old hash).
+    fn rehash_later(&self, user: String, id: String, old_hash: String, password: Secret) {
+        let path = self.path.clone();
+        let params = self.argon2;
+        tokio::task::spawn_blocking(move || {
+            let Ok(new_hash) = app_password::hash(&password, params) else {
+                return;
+            };
+            let Ok(mut file) = UsersFile::load(&path) else {
+                return;
+            };
+            let Some(ap) = file.users.get_mut(&user).and_then(|u| {
+                u.app_passwords
+                    .iter_mut()
+                    .find(|a| a.id == id && a.hash == old_hash)
+            }) else {
+                return;
+            };
+            ap.hash = new_hash;
+            match file.save(&path) {
+                Ok(()) => {
+                    tracing::info!(user = %user, credential = %id, "app password re-hashed with current argon2 parameters")
+                }
+                Err(e) => tracing::debug!(error = %e, "could not re-hash app password"),
+            }
+        });
+    }
+
+    fn totp_failure(&self, reason: FailureReason) -> Outcome {
+        self.metrics
+            .totp_failures
+            .with_label_values(&[reason.as_str()])
+            .inc();
+        Outcome::Failure(reason)
+    }
+}
+
+#[async_trait::async_trait]
+impl Authenticator for CredentialStore {
+    async fn authenticate(&self, attempt: &Attempt) -> Outcome {
+        let (user, password) = match &attempt.credential {
+            Credential::Password { user, password } => (user, password),
+            Credential::Malformed(_) => {
+                self.dummy().await;
+                return Outcome::Failure(FailureReason::Malformed);
+            }
+        };
+        let Ok(name) = normalize_user(user) else {
+            self.dummy().await;
+            return Outcome::Failure(FailureReason::BadName);
+        };
+        let Some((file, secrets)) = self.snapshot() else {
+            return Outcome::Failure(FailureReason::StateUnavailable);
+        };
+        let Some(entry) = file.users.get(&name) else {
+            self.dummy().await;
+            return Outcome::Failure(FailureReason::UnknownUser);
+        };
+        if entry.disabled {
+            self.dummy().await;
+            return Outcome::Failure(FailureReason::Disabled);
+        }
+        let Some((letters, code)) = split_password(password, self.mfa.code_digits) else {
+            self.dummy().await;
+            return Outcome::Failure(FailureReason::BadPassword);
+        };
+
+        // 1. The app password.
+        let now = OffsetDateTime::now_utc();
+        let active: Vec<_> = entry
+            .app_passwords
+            .iter()
+            .filter(|a| a.is_active(now))
+            .collect();
+        let flight = self.cache.flight(&name, &letters);
+        let _one_at_a_time = match &flight {
+            Some(f) => Some(f.wait().await),
+            None => None,
+        };
+        let cached = self
+            .cache
+            .get(&name, &letters)
+            .filter(|id| active.iter().any(|a| &a.id == id));
+        let ap = match cached {
+            Some(id) => {
+                self.metrics.auth_cache_hits.inc();
+                active.iter().find(|a| a.id == id).copied()
+            }
+            None => {
+                let phcs = active.iter().map(|a| a.hash.clone()).collect();
+                let found = self
+                    .verify(letters.clone(), phcs)
+                    .await
+                    .and_then(|i| active.get(i).copied());
+                if let Some(ap) = found {
+                    self.cache.insert(&name, &letters, &ap.id);
+                    if needs_rehash(&ap.hash, self.argon2) {
+                        self.rehash_later(
+                            name.clone(),
+                            ap.id.clone(),
+                            ap.hash.clone(),
+                            letters.clone(),
+                        );
+                    }
+                }
+                found
+            }
+        };
+        drop(_one_at_a_time);
+        drop(flight);
+        let Some(ap) = ap else {
+            return Outcome::Failure(FailureReason::BadPassword);
+        };
+
+        // 2. Policy.
+        if !entry.mechanisms.is_empty()
+            && !entry
+                .mechanisms
+                .iter()
+                .any(|m| m == attempt.mechanism.as_str())
+        {
+            return Outcome::Failure(FailureReason::MechanismNotAllowed);
+        }
+        if !entry.allowed_networks.is_empty()
+            && !entry
+                .allowed_networks
+                .iter()
+                .any(|n| n.contains(&attempt.client_ip))
+        {
+            return Outcome::Failure(FailureReason::NetworkNotAllowed);
+        }
+        let identity = |mfa| Identity {
+            user: name.clone(),
+            upstream_user: entry.upstream_user.clone().unwrap_or_else(|| name.clone()),
+            credential_id: ap.id.clone(),
+            mfa,
+        };
+
+        // 3. The second factor.
+        let secret = secrets.get(&name);
+        let needed = match entry.mfa.unwrap_or(self.mfa.default) {
+            MfaMode::Off => false,
+            MfaMode::Optional => secret.is_some(),
+            MfaMode::Required => true,
+        };
+        if !needed {
+            return Outcome::Success(identity("none"));
+        }
+        let Some(secret) = secret else {
+            return self.totp_failure(FailureReason::MfaNotEnrolled);
+        };
+        let scope = if self.mfa.unlock_bind_subnet {
+            subnet(attempt.client_ip)
+        } else {
+            "any".to_owned()
+        };
+        let unlock_key = format!("unlock:{name}:{}:{scope}", ap.id);
+        if !self.mfa.unlock_ttl.is_zero() {
+            match self.state.get(&unlock_key).await {
+                Ok(Some(_)) => return Outcome::Success(identity("unlocked")),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "state store unavailable for unlock lookup");
+                    return Outcome::Failure(FailureReason::StateUnavailable);
+                }
+            }
+        }
+        let Some(code) = code else {
+            return self.totp_failure(FailureReason::CodeMissing);
+        };
+        let Some(step) = totp::verify(secret, &code, unix_now(), self.mfa.code_digits) else {
+            return self.totp_failure(FailureReason::BadCode);
+        };
+        // Each code at most once per user (the step identifies it within the window).
+        match self
+            .state
+            .set_if_absent(&format!("totp:{name}:{step}"), &ap.id, USED_CODE_TTL)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return self.totp_failure(FailureReason::CodeReplayed),
+            Err(e) => {
+                tracing::warn!(error = %e, "state store unavailable for TOTP replay check");
+                return Outcome::Failure(FailureReason::StateUnavailable);
+            }
+        }
+        if !self.mfa.unlock_ttl.is_zero() {
+            if let Err(e) = self
+                .state
+                .set_if_absent(&unlock_key, "1", self.mfa.unlock_ttl)
+                .await
+            {
+                tracing::warn!(error = %e, "could not record the unlock");
+            }
+        }
+        Outcome::Success(identity("totp"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn password_field_split() {
+        let s = |x: &str| Secret::from_slice(x.as_bytes());
+        let (l, c) = split_password(&s("abcd efgh ijkl mnop"), 6).unwrap();
+        assert!(l.ct_eq(b"abcdefghijklmnop") && c.is_none());
+        let (l, c) = split_password(&s("ABCDefghijklmnop123456"), 6).unwrap();
+        assert!(l.ct_eq(b"abcdefghijklmnop"));
+        assert_eq!(c.as_deref(), Some("123456"));
+        let (_, c) = split_password(&s("abcd efgh ijkl mnop 123 456"), 6).unwrap();
+        assert_eq!(c.as_deref(), Some("123456"));
+        for bad in [
+            "abcdefghijklmnop12345",
+            "abcdefghijklmno1123456",
+            "abcdefghijklmnop12345x",
+            "",
+            "abc",
+        ] {
+            assert!(split_password(&s(bad), 6).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn subnets() {
+        assert_eq!(subnet("192.0.2.77".parse().unwrap()), "192.0.2.0/24");
+        assert_eq!(
+            subnet("2001:db8:1:2:3:4:5:6".parse().unwrap()),
+            "2001:db8:1:2::/64"
+        );
+    }
+
+    #[test]
+    fn rehash_detection() {
+        let p = Argon2Params {
+            m_kib: 64,
+            t: 1,
+            p: 1,
+        };
+        let h = app_password::hash(&Secret::from_slice(b"abcdefghijklmnop"), p).unwrap();
+        assert!(!needs_rehash(&h, p));
+        assert!(needs_rehash(
+            &h,
+            Argon2Params {
+                m_kib: 128,
+                t: 1,
+                p: 1
+            }
+        ));
+    }
+}

@@ -1,0 +1,216 @@
+//! `imapgate totp …` and `imapgate keys …`: the second factor and its keys at rest.
+//!
+//! `totp enroll` prints the `otpauth://` URI (alone on stdout, so scripts can take it) and a
+//! QR code with instructions on stderr, then asks for the first code and saves only if it
+//! verifies (`--no-verify` skips that for scripted use). The secret is stored only encrypted.
+
+use std::io::{BufRead, Write};
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+use super::{edit, fail, target, user_name, UsersTarget, EXIT_CONFIG};
+use crate::auth::keyring::{self, KeyRing};
+use crate::auth::totp;
+use crate::config::AuthConfig;
+
+#[derive(Subcommand, Debug)]
+pub enum TotpCmd {
+    /// Enrol a user: show the otpauth URI and QR code, check a first code, save.
+    Enroll {
+        user: String,
+        /// Save without asking for a first code (scripts; the person must still scan it).
+        #[arg(long)]
+        no_verify: bool,
+        /// Replace an existing enrolment.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        cfg: UsersTarget,
+    },
+    /// Remove a user's TOTP secret (they must enrol again).
+    Reset {
+        user: String,
+        #[command(flatten)]
+        cfg: UsersTarget,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCmd {
+    /// Print a new random 256-bit key (base64) for auth.secret_keys.
+    Generate,
+    /// Re-encrypt every TOTP secret under auth.active_key.
+    Rotate {
+        #[command(flatten)]
+        cfg: UsersTarget,
+    },
+}
+
+fn ring(auth: &Option<AuthConfig>) -> Result<(KeyRing, &AuthConfig), ExitCode> {
+    let Some(auth) = auth.as_ref() else {
+        return Err(fail(
+            EXIT_CONFIG,
+            "TOTP commands need -c CONFIG (for the key ring in auth.secret_keys)",
+        ));
+    };
+    if auth.active_key.is_none() {
+        return Err(fail(
+            EXIT_CONFIG,
+            "auth.secret_keys is empty: add a key (`imapgate keys generate`)",
+        ));
+    }
+    Ok((
+        KeyRing::new(auth.secret_keys.clone(), auth.active_key.clone()),
+        auth,
+    ))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub fn totp(cmd: TotpCmd) -> ExitCode {
+    match cmd {
+        TotpCmd::Enroll {
+            user,
+            no_verify,
+            force,
+            cfg,
+        } => {
+            let name = match user_name(&user) {
+                Ok(n) => n,
+                Err(c) => return c,
+            };
+            let tgt = match target(&cfg) {
+                Ok(t) => t,
+                Err(c) => return c,
+            };
+            let (ring, auth) = match ring(&tgt.auth) {
+                Ok(x) => x,
+                Err(c) => return c,
+            };
+            match crate::auth::users::UsersFile::load_or_empty(&tgt.path) {
+                Ok(f) => {
+                    match f.users.get(&name) {
+                        None => {
+                            return fail(
+                                1,
+                                format!("no user {name} (add it with `imapgate users add`)"),
+                            )
+                        }
+                        Some(u) if u.totp.is_some() && !force => return fail(
+                            1,
+                            format!(
+                                "{name} is already enrolled; use --force or `imapgate totp reset`"
+                            ),
+                        ),
+                        Some(_) => {}
+                    }
+                }
+                Err(e) => return fail(1, e),
+            }
+            let secret = totp::new_secret();
+            let digits = auth.mfa.code_digits;
+            let uri = totp::otpauth_uri(&auth.mfa.issuer, &name, &secret, digits);
+            eprintln!("Scan this with an authenticator app (or enter the URI):\n");
+            if let Some(qr) = totp::qr_terminal(&uri) {
+                eprintln!("{qr}");
+            }
+            // The one-time display: the URI carries the secret.
+            println!("{}", uri.expose_str().unwrap_or_default());
+            let _ = std::io::stdout().flush();
+            if !no_verify {
+                eprint!("\nEnter the {digits}-digit code the app shows: ");
+                let _ = std::io::stderr().flush();
+                let mut line = String::new();
+                if std::io::stdin().lock().read_line(&mut line).is_err() {
+                    return fail(1, "no code entered; nothing saved");
+                }
+                let code: String = line.chars().filter(|c| !c.is_whitespace()).collect();
+                if totp::verify(&secret, &code, unix_now(), digits).is_none() {
+                    return fail(
+                        1,
+                        "that code does not match; nothing saved (check the phone's clock)",
+                    );
+                }
+            }
+            let stored = match ring.encrypt(&name, &secret) {
+                Ok(s) => s,
+                Err(e) => return fail(1, e),
+            };
+            let code = edit(&cfg, |f, _| {
+                let u = f
+                    .users
+                    .get_mut(&name)
+                    .ok_or_else(|| format!("no user {name}"))?;
+                u.totp = Some(stored);
+                Ok(())
+            });
+            if code == ExitCode::SUCCESS {
+                eprintln!("TOTP enrolled for {name}. At login the password is the app password followed by the current code.");
+            }
+            code
+        }
+        TotpCmd::Reset { user, cfg } => {
+            let name = match user_name(&user) {
+                Ok(n) => n,
+                Err(c) => return c,
+            };
+            edit(&cfg, |f, _| {
+                let u = f
+                    .users
+                    .get_mut(&name)
+                    .ok_or_else(|| format!("no user {name}"))?;
+                if u.totp.take().is_none() {
+                    return Err(format!("{name} has no TOTP enrolment"));
+                }
+                eprintln!("TOTP removed for {name}; they must enrol again");
+                Ok(())
+            })
+        }
+    }
+}
+
+pub fn keys(cmd: KeysCmd) -> ExitCode {
+    match cmd {
+        KeysCmd::Generate => {
+            println!(
+                "{}",
+                keyring::generate_key().expose_str().unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        KeysCmd::Rotate { cfg } => {
+            let tgt = match target(&cfg) {
+                Ok(t) => t,
+                Err(c) => return c,
+            };
+            let (ring, _) = match ring(&tgt.auth) {
+                Ok(x) => x,
+                Err(c) => return c,
+            };
+            let active = ring.active_id().unwrap_or_default().to_owned();
+            edit(&cfg, |f, _| {
+                let mut rotated = 0;
+                for (name, u) in f.users.iter_mut() {
+                    let Some(stored) = u.totp.as_deref() else {
+                        continue;
+                    };
+                    if KeyRing::key_of(stored) == Some(active.as_str()) {
+                        continue;
+                    }
+                    let secret = ring
+                        .decrypt(name, stored)
+                        .map_err(|e| format!("users.{name}.totp: {e}"))?;
+                    u.totp = Some(ring.encrypt(name, &secret).map_err(|e| e.to_string())?);
+                    rotated += 1;
+                }
+                eprintln!("re-encrypted {rotated} TOTP secret(s) under key {active}");
+                Ok(())
+            })
+        }
+    }
+}
