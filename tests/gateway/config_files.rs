@@ -24,6 +24,8 @@ fn the_example_config_documents_a_valid_config() {
     std::fs::copy(k, root.join("tls/tls.key")).unwrap();
     std::fs::copy(&pki.ca_pem, root.join("backend-ca.pem")).unwrap();
     std::fs::write(root.join("master.secret"), "s3cret\n").unwrap();
+    std::fs::create_dir_all(root.join("keys")).unwrap();
+    std::fs::write(root.join("keys/k1.key"), imapgate::auth::keyring::generate_key().expose()).unwrap();
     let text = std::fs::read_to_string(manifest().join("config/imapgate.example.yaml")).unwrap();
     let text = text.replace("/etc/imapgate/", &format!("{}/", root.display()));
     let cfg = Config::from_yaml(&text, dir.path())
@@ -34,6 +36,9 @@ fn the_example_config_documents_a_valid_config() {
     assert_eq!(cfg.limits.relay_idle_timeout.as_secs(), 31 * 60);
     assert_eq!(cfg.backends[0].master_password.expose(), b"s3cret");
     assert_eq!(cfg.route("someone@example.org").unwrap().name, "dovecot");
+    assert_eq!(cfg.auth.mfa.default, imapgate::config::MfaMode::Required);
+    assert_eq!(cfg.auth.mfa.unlock_ttl.as_secs(), 12 * 3600);
+    assert_eq!(cfg.auth.active_key.as_deref(), Some("k1"));
     // check-config agrees.
     let p = dir.path().join("example.yaml");
     std::fs::write(&p, &text).unwrap();
