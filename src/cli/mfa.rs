@@ -93,23 +93,23 @@ pub fn totp(cmd: TotpCmd) -> ExitCode {
                 Err(c) => return c,
             };
             match crate::auth::users::UsersFile::load_or_empty(&tgt.path) {
-                Ok(f) => {
-                    match f.users.get(&name) {
-                        None => {
-                            return fail(
-                                1,
-                                format!("no user {name} (add it with `imapgate users add`)"),
-                            )
-                        }
-                        Some(u) if u.totp.is_some() && !force => return fail(
+                Ok(f) => match f.users.get(&name) {
+                    None => {
+                        return fail(
+                            1,
+                            format!("no user {name} (add it with `imapgate users add`)"),
+                        )
+                    }
+                    Some(u) if u.totp.is_some() && !force => {
+                        return fail(
                             1,
                             format!(
                                 "{name} is already enrolled; use --force or `imapgate totp reset`"
                             ),
-                        ),
-                        Some(_) => {}
+                        )
                     }
-                }
+                    Some(_) => {}
+                },
                 Err(e) => return fail(1, e),
             }
             let secret = totp::new_secret();

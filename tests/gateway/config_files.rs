@@ -25,7 +25,11 @@ fn the_example_config_documents_a_valid_config() {
     std::fs::copy(&pki.ca_pem, root.join("backend-ca.pem")).unwrap();
     std::fs::write(root.join("master.secret"), "s3cret\n").unwrap();
     std::fs::create_dir_all(root.join("keys")).unwrap();
-    std::fs::write(root.join("keys/k1.key"), imapgate::auth::keyring::generate_key().expose()).unwrap();
+    std::fs::write(
+        root.join("keys/k1.key"),
+        imapgate::auth::keyring::generate_key().expose(),
+    )
+    .unwrap();
     let text = std::fs::read_to_string(manifest().join("config/imapgate.example.yaml")).unwrap();
     let text = text.replace("/etc/imapgate/", &format!("{}/", root.display()));
     let cfg = Config::from_yaml(&text, dir.path())
@@ -223,4 +227,87 @@ fn users_whose_name_holds_the_master_separator_are_refused_by_the_cli() {
     let (ok, _, err) = cli(&["users", "add", "a*b@example.org", "-c", c]);
     assert!(!ok && err.contains("master separator"), "{err}");
     assert!(cli(&["users", "add", "ab@example.org", "-c", c]).0);
+}
+
+#[test]
+fn keys_rotate_reencrypts_every_totp_secret() {
+    use imapgate::auth::keyring::{generate_key, KeyRing};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (k1, k2) = (generate_key(), generate_key());
+    std::fs::write(d.join("k1.key"), k1.expose()).unwrap();
+    std::fs::write(d.join("k2.key"), k2.expose()).unwrap();
+    std::fs::write(d.join("master.secret"), "x").unwrap();
+    let base = "listeners: [{ name: imaps, address: \"127.0.0.1:1993\", tls: implicit }]\ntls: { self_signed: true }\n\
+                backends: [{ name: b, address: \"127.0.0.1:993\", tls: none, login: master_user, master_user: g, master_password_file: master.secret }]\n";
+    let one = d.join("one.yaml");
+    std::fs::write(
+        &one,
+        format!(
+            "{base}auth: {{ users_file: users.yaml, secret_keys: [{{ id: k1, file: k1.key }}] }}\n"
+        ),
+    )
+    .unwrap();
+    let two = d.join("two.yaml");
+    std::fs::write(
+        &two,
+        format!("{base}auth: {{ users_file: users.yaml, secret_keys: [{{ id: k1, file: k1.key }}, {{ id: k2, file: k2.key }}], active_key: k2 }}\n"),
+    )
+    .unwrap();
+    let c1 = one.to_str().unwrap();
+    assert!(cli(&["users", "add", "a@example.org", "-c", c1]).0);
+    assert!(cli(&["users", "add", "b@example.org", "-c", c1]).0);
+    let (ok, uri, err) = cli(&["totp", "enroll", "a@example.org", "--no-verify", "-c", c1]);
+    assert!(ok, "{err}");
+    assert!(
+        !cli(&["totp", "enroll", "a@example.org", "--no-verify", "-c", c1]).0,
+        "enrolled twice without --force"
+    );
+    let users = imapgate::auth::users::UsersFile::load(&d.join("users.yaml")).unwrap();
+    assert!(users.users["a@example.org"]
+        .totp
+        .as_deref()
+        .unwrap()
+        .starts_with("k1:"));
+    let (ok, _, err) = cli(&["keys", "rotate", "-c", two.to_str().unwrap()]);
+    assert!(ok && err.contains("re-encrypted 1"), "{err}");
+    let users = imapgate::auth::users::UsersFile::load(&d.join("users.yaml")).unwrap();
+    let stored = users.users["a@example.org"].totp.clone().unwrap();
+    assert!(stored.starts_with("k2:"), "{stored}");
+    // Same secret as the URI shows, now under k2 only.
+    use base64::Engine;
+    let raw2 = base64::engine::general_purpose::STANDARD
+        .decode(k2.expose())
+        .unwrap();
+    let ring = KeyRing::new(
+        vec![("k2".into(), imapgate::secret::Secret::new(raw2))],
+        Some("k2".into()),
+    );
+    let secret = ring.decrypt("a@example.org", &stored).unwrap();
+    assert!(
+        uri.contains(&format!(
+            "secret={}&",
+            imapgate::auth::totp::base32(&secret)
+        )),
+        "{uri}"
+    );
+    // show never prints the secret.
+    let (_, shown, _) = cli(&["users", "show", "a@example.org", "-c", c1]);
+    assert!(
+        shown.contains("totp: enrolled (key k2)") && !shown.contains(&stored),
+        "{shown}"
+    );
+    assert!(cli(&["totp", "reset", "a@example.org", "-c", c1]).0);
+    assert!(cli(&["users", "show", "a@example.org", "-c", c1])
+        .1
+        .contains("totp: not enrolled"));
+    // `keys generate` makes a usable key.
+    let (ok, key, _) = cli(&["keys", "generate"]);
+    assert!(
+        ok && base64::engine::general_purpose::STANDARD
+            .decode(key.trim())
+            .unwrap()
+            .len()
+            == 32
+    );
 }

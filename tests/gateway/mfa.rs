@@ -393,3 +393,38 @@ fn base32_decode(s: &str) -> Vec<u8> {
     }
     out
 }
+
+#[tokio::test]
+async fn hashes_with_old_parameters_are_rehashed_at_login() {
+    let Some(t) = TestGateway::start().await else {
+        return;
+    };
+    let user = "frank@example.org";
+    let pw = t.password(user);
+    let old = imapgate::config::Argon2Params {
+        m_kib: 512,
+        t: 1,
+        p: 1,
+    };
+    let mut file = imapgate::auth::users::UsersFile::load(&t.users_file).unwrap();
+    let secret = imapgate::secret::Secret::from_slice(pw.replace(' ', "").as_bytes());
+    file.users.get_mut(user).unwrap().app_passwords[0].hash =
+        imapgate::auth::app_password::hash(&secret, old).unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    file.save(&t.users_file).unwrap();
+    let mut rehashed = false;
+    for _ in 0..40 {
+        let _ = t.login_from("127.0.0.1", user, &pw).await;
+        let now = imapgate::auth::users::UsersFile::load(&t.users_file).unwrap();
+        if now.users[user].app_passwords[0]
+            .hash
+            .contains("m=1024,t=1,p=1")
+        {
+            rehashed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(rehashed, "old-parameter hash not re-hashed");
+    assert!(ok(&t.login_from("127.0.0.1", user, &pw).await));
+}
