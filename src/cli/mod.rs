@@ -125,6 +125,9 @@ pub enum AppPasswordCmd {
         user: String,
         #[arg(long, default_value = "")]
         label: String,
+        /// Expire it after this long (e.g. 90d); default: never.
+        #[arg(long)]
+        expires_in: Option<String>,
         #[command(flatten)]
         cfg: UsersTarget,
     },
@@ -502,7 +505,20 @@ fn set_disabled(user: &str, cfg: &UsersTarget, disabled: bool) -> ExitCode {
 
 fn app_passwords(cmd: AppPasswordCmd) -> ExitCode {
     match cmd {
-        AppPasswordCmd::Create { user, label, cfg } => {
+        AppPasswordCmd::Create {
+            user,
+            label,
+            expires_in,
+            cfg,
+        } => {
+            let expires = match expires_in
+                .as_deref()
+                .map(crate::config::units::parse_duration)
+            {
+                None => None,
+                Some(Ok(d)) if !d.is_zero() => Some(OffsetDateTime::now_utc() + d),
+                Some(_) => return fail(EXIT_CONFIG, "--expires-in must be a duration such as 90d"),
+            };
             let name = match user_name(&user) {
                 Ok(n) => n,
                 Err(c) => return c,
@@ -529,7 +545,7 @@ fn app_passwords(cmd: AppPasswordCmd) -> ExitCode {
                     created: OffsetDateTime::now_utc()
                         .replace_nanosecond(0)
                         .unwrap_or(OffsetDateTime::now_utc()),
-                    expires: None,
+                    expires,
                     revoked: false,
                 });
                 shown = Some(id);

@@ -311,3 +311,78 @@ fn keys_rotate_reencrypts_every_totp_secret() {
             == 32
     );
 }
+
+#[test]
+fn totp_enroll_saves_only_after_a_valid_first_code() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("k1.key"),
+        imapgate::auth::keyring::generate_key().expose(),
+    )
+    .unwrap();
+    std::fs::write(d.join("master.secret"), "x").unwrap();
+    let cfg = d.join("c.yaml");
+    std::fs::write(
+        &cfg,
+        "listeners: [{ name: imaps, address: \"127.0.0.1:1993\", tls: implicit }]\ntls: { self_signed: true }\n\
+         auth: { users_file: users.yaml, secret_keys: [{ id: k1, file: k1.key }] }\n\
+         backends: [{ name: b, address: \"127.0.0.1:993\", tls: none, login: master_user, master_user: g, master_password_file: master.secret }]\n",
+    )
+    .unwrap();
+    let c = cfg.to_str().unwrap();
+    assert!(cli(&["users", "add", "a@example.org", "-c", c]).0);
+    // A wrong first code: nothing saved.
+    let enroll = |answer: Box<dyn Fn(&str) -> String>| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_imapgate"))
+            .args(["totp", "enroll", "a@example.org", "-c", c])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut uri = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut uri)
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(answer(uri.trim()).as_bytes())
+            .unwrap();
+        child.wait().unwrap().success()
+    };
+    assert!(
+        !enroll(Box::new(|_| "000000\n".into())),
+        "a wrong first code was accepted"
+    );
+    let users = std::fs::read_to_string(d.join("users.yaml")).unwrap();
+    assert!(
+        !users.contains("totp"),
+        "saved after a wrong code:\n{users}"
+    );
+    // The right code (computed from the URI it printed): saved.
+    let ok = enroll(Box::new(|uri: &str| {
+        let b32 = uri
+            .split("secret=")
+            .nth(1)
+            .unwrap()
+            .split('&')
+            .next()
+            .unwrap();
+        let secret = crate::mfa::base32_decode(b32);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        imapgate::auth::totp::code_at(&imapgate::secret::Secret::new(secret), now, 6).unwrap()
+            + "\n"
+    }));
+    assert!(ok);
+    assert!(std::fs::read_to_string(d.join("users.yaml"))
+        .unwrap()
+        .contains("totp: k1:"));
+}
