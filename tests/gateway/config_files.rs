@@ -192,6 +192,34 @@ fn operator_cli_manages_users_and_app_passwords() {
         ])
         .0
     );
+    assert!(
+        !cli(&[
+            "app-password",
+            "create",
+            "alice@example.org",
+            "--expires-in",
+            "soon",
+            "--users-file",
+            u
+        ])
+        .0
+    );
+    let (ok, _, err) = cli(&[
+        "app-password",
+        "create",
+        "alice@example.org",
+        "--expires-in",
+        "90d",
+        "--users-file",
+        u,
+    ]);
+    assert!(ok, "{err}");
+    let file = imapgate::auth::users::UsersFile::load(&users).unwrap();
+    let exp = file.users["alice@example.org"].app_passwords[1]
+        .expires
+        .unwrap();
+    let days = (exp - time::OffsetDateTime::now_utc()).whole_days();
+    assert!((89..=90).contains(&days), "{days}");
     assert!(cli(&[
         "app-password",
         "list",
