@@ -17,8 +17,10 @@ Static checks (always):
 Rendered checks (when a renderer is available: `helm` on PATH, or the helm-python-sdk module
 when the caller asks for it): the chart renders with the default values and several variants;
 the manifests carry the security settings the project promises; the rendered imapgate config
-uses only keys that config/imapgate.example.yaml documents; every file the config names is
-mounted into the container; and values that must be refused are refused.
+uses only keys that config/imapgate.example.yaml documents; every file the config names (TLS,
+users file, TOTP key ring, master passwords, CAs) is mounted into the container, read-only, and
+Secret volumes other than CA certificates are not world-readable; variants render what they promise (MFA defaults, key ring
+rotation, an unquoted `off`); and values that must be refused are refused.
 """
 
 from __future__ import annotations
@@ -195,6 +197,17 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("backends.0.name", "Dovecot_1"),
     ("backends.0.masterPassword", "inline-secrets-are-refused"),
     ("backends.0.masterSeparator", '"'),
+    ("backends.0.masterSeparator", "**"),
+    ("auth.mfa.default", "yes"),
+    ("auth.mfa.default", True),
+    ("auth.mfa.codeDigits", 4),
+    ("auth.mfa.unlockTtl", "12 hours"),
+    ("auth.mfa.issuer", "Example:Mail"),
+    ("auth.mfa.issuer", ""),
+    ("auth.verifiedCacheTtl", "5 minutes"),
+    ("auth.secretKeys.0.id", "key one"),
+    ("auth.secretKeys.0.value", "inline-keys-are-refused"),
+    ("auth.keysSecretName", "Bad_Name"),
     ("logging.level", "verbose"),
     ("shutdown.extraSeconds", 0),
     ("logging.audit", "/var/log/imapgate/audit.log"),
@@ -433,12 +446,24 @@ def check_rendered(name: str, docs: list[dict[str, Any]], example_paths: set[str
         return any(path == mp or path.startswith(mp.rstrip("/") + "/") for mp in mount_paths)
 
     files = [config["auth"]["users_file"]]
+    files += [key["file"] for key in config["auth"].get("secret_keys", []) if "file" in key]
     for cert in config["tls"].get("certificates", []):
         files += [cert["cert_file"], cert["key_file"]]
     for backend in config["backends"]:
         files += [backend[k] for k in ("master_password_file", "ca_file") if k in backend]
     for path in files:
         report.check(mounted(path), where, f"the config names {path}, which nothing mounts")
+    for mount in mounts:
+        if mount["name"] != "tmp":
+            report.check(mount.get("readOnly") is True, where, f"mount {mount['name']} must be read-only")
+    secret_volumes = [v for v in spec.get("volumes", []) if "secret" in v]
+    for volume in secret_volumes:
+        mode = volume["secret"].get("defaultMode", 0o644)
+        report.check(
+            mode & 0o007 == 0 or volume["name"].startswith("ca-"),
+            where,
+            f"Secret volume {volume['name']} must not be world-readable (defaultMode {mode:o})",
+        )
     report.check(
         mounted("/etc/imapgate/imapgate.yaml") and "/etc/imapgate/imapgate.yaml" in container.get("args", []),
         where,
@@ -494,6 +519,37 @@ def render_variants(values: dict[str, Any]) -> list[tuple[str, dict[str, Any], b
             },
             True,
         ),
+        ("MFA off, no key ring", {"auth": {"mfa": {"default": "off"}, "secretKeys": [], "activeKey": ""}}, True),
+        (
+            "unquoted off in a values file (false)",
+            {"auth": {"mfa": {"default": False}, "secretKeys": [], "activeKey": ""}},
+            True,
+        ),
+        (
+            "two keys during a rotation",
+            {
+                "auth": {
+                    "keysSecretName": "mail-totp-keys",
+                    "secretKeys": [{"id": "k1", "key": "k1.key"}, {"id": "k2", "key": "2026.key"}],
+                    "activeKey": "k2",
+                    "mfa": {"unlockTtl": "0s", "unlockBindSubnet": False, "codeDigits": 8},
+                    "revokeClosesSessions": True,
+                }
+            },
+            True,
+        ),
+        ("MFA required without a key ring", {"auth": {"secretKeys": [], "activeKey": ""}}, False),
+        ("active key not in the ring", {"auth": {"activeKey": "k9"}}, False),
+        (
+            "two keys, no active key",
+            {"auth": {"secretKeys": [{"id": "k1", "key": "a"}, {"id": "k2", "key": "b"}], "activeKey": ""}},
+            False,
+        ),
+        (
+            "a key id used twice",
+            {"auth": {"secretKeys": [{"id": "k1", "key": "a"}, {"id": "k1", "key": "b"}]}},
+            False,
+        ),
         ("route to an unknown backend", {"routes": {"default": "nope"}}, False),
         ("no listener", {"listeners": {"imaps": {"enabled": False}, "imap": {"enabled": False}}}, False),
         ("duplicate backend names", {"backends": [backend, backend]}, False),
@@ -517,15 +573,45 @@ def check_rendering(renderer: Renderer, values: dict[str, Any], example: Any, re
             report.fail(f"render[{name}]", f"output is not YAML: {err}")
             continue
         check_rendered(name, docs, example_paths, report)
-        if name.startswith("three backends"):
-            config = yaml.safe_load(
-                next(d for d in docs if d["kind"] == "ConfigMap")["data"]["imapgate.yaml"]
-            )
-            report.check(
-                config["limits"]["max_connections"] == 2000000,
-                f"render[{name}]",
-                "large integers must render as integers, not 2e+06",
-            )
+        config = yaml.safe_load(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["imapgate.yaml"])
+        for ok, message in RENDER_EXPECTATIONS.get(name, lambda _c: [])(config):
+            report.check(ok, f"render[{name}]", message)
+
+
+def _auth(config: dict[str, Any]) -> dict[str, Any]:
+    return config.get("auth", {})
+
+
+# What particular variants must put into the rendered imapgate config: (holds, message) pairs.
+RENDER_EXPECTATIONS: dict[str, Callable[[dict[str, Any]], list[tuple[bool, str]]]] = {
+    "defaults": lambda c: [
+        (_auth(c).get("mfa", {}).get("default") == "required", "auth.mfa.default must default to required"),
+        (
+            [k.get("id") for k in _auth(c).get("secret_keys", [])] == ["k1"] and _auth(c).get("active_key") == "k1",
+            "the default key ring must be k1, active",
+        ),
+        (_auth(c).get("mfa", {}).get("unlock_ttl") == "12h", "auth.mfa.unlock_ttl must default to 12h"),
+        (_auth(c).get("revoke_closes_sessions") is False, "auth.revoke_closes_sessions must render as a boolean"),
+    ],
+    "MFA off, no key ring": lambda c: [
+        ("secret_keys" not in _auth(c) and "active_key" not in _auth(c), "no key ring must render no secret_keys"),
+        (_auth(c).get("mfa", {}).get("default") == "off", "auth.mfa.default must render as off"),
+    ],
+    "unquoted off in a values file (false)": lambda c: [
+        (_auth(c).get("mfa", {}).get("default") == "off", "a false auth.mfa.default must render as \"off\""),
+    ],
+    "two keys during a rotation": lambda c: [
+        (
+            [k.get("id") for k in _auth(c).get("secret_keys", [])] == ["k1", "k2"] and _auth(c).get("active_key") == "k2",
+            "both keys must render, k2 active",
+        ),
+        (_auth(c).get("mfa", {}).get("code_digits") == 8, "auth.mfa.code_digits must render as an integer"),
+        (_auth(c).get("mfa", {}).get("unlock_bind_subnet") is False, "unlock_bind_subnet must render as a boolean"),
+    ],
+    "three backends, routes, IPv6, two replicas": lambda c: [
+        (c["limits"]["max_connections"] == 2000000, "large integers must render as integers, not 2e+06"),
+    ],
+}
 
 
 # --- main ----------------------------------------------------------------------------------

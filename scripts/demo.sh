@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # imapgate demo: a real Dovecot behind imapgate, on loopback, in one command.
 #
-#   scripts/demo.sh          build, start Dovecot + imapgate, show a login, stay up until Ctrl-C
-#   scripts/demo.sh --check  the same on free ports, non-interactively; exit 0 only if it all works
+#   scripts/demo.sh              build, start Dovecot + imapgate, enrol a demo user with an app
+#                                password and TOTP, show a login, stay up until Ctrl-C
+#   scripts/demo.sh --check      the same on free ports, non-interactively; exit 0 only if it all
+#                                works (app password + code, unlock window, replay refused, ...)
+#   scripts/demo.sh --code [F]   print the demo user's current 6-digit TOTP code, from
+#                                $IMAPGATE_DEMO_TOTP_SECRET or the demo.env file F (default ./demo.env)
 #
-# Needs a Debian-like machine with cargo. Installs dovecot-imapd, openssl and curl if missing
-# (with sudo when not root; no system service is started). Dovecot must run as root, so when
-# you are not root the script builds as you and then re-runs itself under sudo.
+# The demo user logs in with the app password immediately followed by the current TOTP code
+# (scan the QR code the demo prints with an authenticator app, or use --code). After one login
+# with a code, that app password works without a code from the same /24 for 12 hours.
+#
+# Needs a Debian-like machine with cargo. Installs dovecot-imapd, openssl, curl and python3 if
+# missing (with sudo when not root; no system service is started). Dovecot must run as root, so
+# when you are not root the script builds as you and then re-runs itself under sudo.
 #
 # Ports (interactive mode): IMAPGATE_DEMO_TLS_PORT (1993, implicit TLS),
 # IMAPGATE_DEMO_STARTTLS_PORT (1143), IMAPGATE_DEMO_ADMIN_PORT (9190), all on 127.0.0.1.
@@ -23,6 +31,7 @@ MODE=interactive
 case "${1:-}" in
   "") ;;
   --check) MODE=check ;;
+  --code) MODE=code ;;
   -h | --help)
     usage
     exit 0
@@ -37,6 +46,20 @@ START_DIR="$PWD" # demo.env goes here
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=scripts/lib/common.sh
 . "$REPO/scripts/lib/common.sh"
+
+# --code: the current TOTP code for a running demo (no build, no root, no packages).
+if [ "$MODE" = code ]; then
+  secret="${IMAPGATE_DEMO_TOTP_SECRET:-}"
+  if [ -z "$secret" ]; then
+    env_file="${2:-$START_DIR/demo.env}"
+    [ -r "$env_file" ] || die "no IMAPGATE_DEMO_TOTP_SECRET and no readable $env_file (is the demo running?)"
+    secret="$(grep -E '^IMAPGATE_DEMO_TOTP_SECRET=' "$env_file" | head -n 1 | cut -d= -f2- | tr -d "'\"")"
+    [ -n "$secret" ] || die "$env_file has no IMAPGATE_DEMO_TOTP_SECRET"
+  fi
+  command -v python3 >/dev/null 2>&1 || die "python3 is needed to compute the code"
+  totp_code "$secret"
+  exit 0
+fi
 cd "$REPO"
 
 DEMO_USER=demo@example.org
@@ -46,7 +69,7 @@ CURL_MAX_TIME=30
 # --- 1. system packages ----------------------------------------------------------------------
 if [ -z "${IMAPGATE_DEMO_REEXEC:-}" ]; then
   step "checking system packages"
-  ensure_packages dovecot-imapd:dovecot openssl:openssl curl:curl ca-certificates
+  ensure_packages dovecot-imapd:dovecot openssl:openssl curl:curl python3:python3 ca-certificates
   case " $ENSURE_PACKAGES_INSTALLED " in
     # We just installed Dovecot; if its service started anyway, it is ours to stop.
     *" dovecot-imapd "*) stop_system_dovecot ;;
@@ -103,7 +126,7 @@ SUCCESS=0
 # shellcheck disable=SC2317 # called from the EXIT trap
 dump_logs() {
   local f
-  for f in "$WORK/gateway/cli.log" "$WORK/gateway/gateway.log" "$WORK/gateway/audit.log" \
+  for f in "$WORK/gateway/cli.log" "$WORK/gateway/totp-enroll.txt" "$WORK/gateway/gateway.log" "$WORK/gateway/audit.log" \
     "$WORK/dovecot/dovecot.stderr" "$WORK/dovecot/dovecot.log"; do
     [ -s "$f" ] || continue
     printf '\n----- %s (last 200 lines) -----\n' "${f#"$WORK"/}" >&2
@@ -158,6 +181,11 @@ step "starting a throwaway Dovecot on $HOST:$BACKEND_PORT (implicit TLS, master 
 dovecot_sandbox_start "$DV" "$BACKEND_PORT" implicit "$DEMO_USER"
 
 # --- 5. the gateway --------------------------------------------------------------------------
+# The key ring that encrypts TOTP secrets at rest: one key, made once, kept out of the config.
+KEY_FILE="$GW/k1.key"
+step "generating the TOTP key ring (imapgate keys generate > k1.key)"
+(umask 077 && "$BIN" keys generate >"$KEY_FILE" 2>>"$GW/cli.log") || fail "imapgate keys generate failed"
+
 CONFIG="$GW/imapgate.yaml"
 cat >"$CONFIG" <<EOF
 # imapgate demo configuration, written by scripts/demo.sh (throwaway).
@@ -168,6 +196,15 @@ tls:
   self_signed: true
 auth:
   users_file: "$GW/users.yaml"
+  secret_keys:                     # encrypts TOTP secrets in the users file
+    - id: k1
+      file: "$KEY_FILE"
+  active_key: k1
+  mfa:
+    default: required              # the secure default: no login without a second factor
+    unlock_ttl: 12h                # after app password + code, no code needed from that /24 for 12h
+    unlock_bind_subnet: true
+    issuer: imapgate-demo          # the name authenticator apps show
 backends:
   - name: dovecot
     address: "127.0.0.1:$BACKEND_PORT"
@@ -198,6 +235,21 @@ if ! [[ "$APP_PASSWORD" =~ ^[a-z]{4}( [a-z]{4}){3}$ ]]; then
   fail "app-password create printed '$APP_PASSWORD', expected four groups of four lowercase letters"
 fi
 
+# The URI (it carries the secret) is alone on stdout; the QR code and the instructions go to
+# stderr, kept for the banner below. --no-verify: nobody is here to type a first code.
+step "enrolling $DEMO_USER for TOTP (imapgate totp enroll --no-verify)"
+TOTP_URI="$("$BIN" totp enroll "$DEMO_USER" --no-verify -c "$CONFIG" 2>"$GW/totp-enroll.txt")" ||
+  fail "imapgate totp enroll failed: $(tail -n 3 "$GW/totp-enroll.txt")"
+if ! [[ "$TOTP_URI" =~ ^otpauth://totp/[^?]+\?(.*\&)?secret=([A-Z2-7]+)(\&|$) ]]; then
+  fail "totp enroll printed '$TOTP_URI', expected an otpauth://totp/ URI with a base32 secret"
+fi
+TOTP_SECRET="${BASH_REMATCH[2]}"
+if [ "$MODE" = check ]; then
+  cat "$GW/totp-enroll.txt" >>"$GW/cli.log"
+fi
+"$BIN" users show "$DEMO_USER" -c "$CONFIG" 2>>"$GW/cli.log" | grep -q '^totp: enrolled' ||
+  fail "imapgate users show does not list $DEMO_USER as enrolled"
+
 step "starting imapgate (imaps $HOST:$TLS_PORT, starttls $HOST:$STARTTLS_PORT, admin $HOST:$ADMIN_PORT)"
 "$BIN" run -c "$CONFIG" >"$GW/gateway.log" 2>&1 &
 GATEWAY_PID=$!
@@ -207,26 +259,78 @@ for port in "$TLS_PORT" "$STARTTLS_PORT" "$ADMIN_PORT"; do
 done
 
 # --- 6. show it working ----------------------------------------------------------------------
+# The first login needs the app password immediately followed by the current code; it unlocks
+# that app password for the client's /24, from where the bare app password then works as well.
 # curl sends the password as typed; the gateway ignores the spaces.
+TOTP_CODE="$(totp_code "$TOTP_SECRET")" || fail "could not compute a TOTP code with python3"
+[[ "$TOTP_CODE" =~ ^[0-9]{6}$ ]] || fail "the computed TOTP code '$TOTP_CODE' is not 6 digits"
 CURL=(curl --silent --show-error --max-time "$CURL_MAX_TIME")
 CRED="$DEMO_USER:$APP_PASSWORD"
+CRED_CODE="$DEMO_USER:$APP_PASSWORD$TOTP_CODE"
+# Another /24 on the loopback interface (Linux delivers all of 127.0.0.0/8 locally).
+OTHER_SRC=127.0.1.1
 
-step "curl: list mailboxes through imapgate (imaps://$HOST:$TLS_PORT/)"
-log "\$ curl --insecure imaps://$HOST:$TLS_PORT/ --user '$CRED'"
-OUT="$("${CURL[@]}" --insecure "imaps://$HOST:$TLS_PORT/" --user "$CRED" 2>&1)" ||
-  fail "login over implicit TLS failed: $OUT"
+# Interactive mode logs in from 127.0.1.1, so that 127.0.0.1, where your own mail client connects
+# from, is not unlocked yet and asks for a code as a new device would. --check logs in from
+# 127.0.0.1 and then shows that the unlock does not reach 127.0.1.1.
+SHOW_FROM=""
+CURL_SHOW=("${CURL[@]}")
+if [ "$MODE" = interactive ] &&
+  "${CURL[@]}" --interface "$OTHER_SRC" --output /dev/null "http://$HOST:$ADMIN_PORT/healthz" 2>/dev/null; then
+  SHOW_FROM="--interface $OTHER_SRC "
+  CURL_SHOW+=(--interface "$OTHER_SRC")
+fi
+
+step "curl: list mailboxes with app password + current TOTP code (imaps://$HOST:$TLS_PORT/)"
+log "\$ curl ${SHOW_FROM}--insecure imaps://$HOST:$TLS_PORT/ --user '$CRED_CODE'"
+OUT="$("${CURL_SHOW[@]}" --insecure "imaps://$HOST:$TLS_PORT/" --user "$CRED_CODE" 2>&1)" ||
+  fail "login with app password + code over implicit TLS failed: $OUT"
 printf '%s\n' "$OUT"
 grep -q 'INBOX' <<<"$OUT" || fail "mailbox list has no INBOX"
 
-step "curl: fetch message 1 of INBOX through imapgate"
-log "\$ curl --insecure 'imaps://$HOST:$TLS_PORT/INBOX;UID=1' --user '$CRED'"
-OUT="$("${CURL[@]}" --insecure "imaps://$HOST:$TLS_PORT/INBOX;UID=1" --user "$CRED" 2>&1)" ||
-  fail "fetching message 1 failed: $OUT"
+step "curl: fetch message 1 of INBOX with the app password alone (unlocked from this /24 now)"
+log "\$ curl ${SHOW_FROM}--insecure 'imaps://$HOST:$TLS_PORT/INBOX;UID=1' --user '$CRED'"
+OUT="$("${CURL_SHOW[@]}" --insecure "imaps://$HOST:$TLS_PORT/INBOX;UID=1" --user "$CRED" 2>&1)" ||
+  fail "fetching message 1 with the unlocked app password failed: $OUT"
 printf '%s\n' "$OUT"
 grep -q '^Subject: Welcome to imapgate' <<<"$OUT" || fail "message 1 is not the demo message"
 
+# expect_refused WHAT OUTPUT RC: the login must have failed as an authentication failure (curl
+# exit 67, "Login denied"), not for an unrelated reason such as a connection or interface error.
+expect_refused() {
+  [ "$3" -ne 0 ] || fail "$1 logged in: $2"
+  [ "$3" -eq 67 ] || fail "$1: expected an authentication failure (curl exit 67), got exit $3: $2"
+  log "ok: refused ($2)"
+}
+
+# audit_has PATTERN...: waits up to 5 s for one audit line that matches every extended regex.
+audit_has() {
+  local deadline=$((SECONDS + 5)) line p ok
+  while :; do
+    if [ -r "$GW/audit.log" ]; then
+      while IFS= read -r line; do
+        ok=1
+        for p in "$@"; do
+          if ! grep -Eq -- "$p" <<<"$line"; then
+            ok=0
+            break
+          fi
+        done
+        [ "$ok" -eq 0 ] || return 0
+      done <"$GW/audit.log"
+    fi
+    [ "$SECONDS" -lt "$deadline" ] || return 1
+    sleep 0.2
+  done
+}
+
 if [ "$MODE" = check ]; then
-  step "check: login over STARTTLS (imap://$HOST:$STARTTLS_PORT/ --ssl-reqd)"
+  step "check: the audit log says how the second factor was met (totp, then unlocked)"
+  audit_has '"result":"success"' '"mfa":"totp"' || fail "no audit line for a login with a TOTP code"
+  audit_has '"result":"success"' '"mfa":"unlocked"' || fail "no audit line for a login in the unlock window"
+  log "ok"
+
+  step "check: login over STARTTLS (imap://$HOST:$STARTTLS_PORT/ --ssl-reqd; same /24, so unlocked)"
   OUT="$("${CURL[@]}" --insecure --ssl-reqd "imap://$HOST:$STARTTLS_PORT/" --user "$CRED" 2>&1)" ||
     fail "login over STARTTLS failed: $OUT"
   grep -q 'INBOX' <<<"$OUT" || fail "mailbox list over STARTTLS has no INBOX: $OUT"
@@ -237,11 +341,24 @@ if [ "$MODE" = check ]; then
     fail "login with the app password without spaces failed: $OUT"
   log "ok"
 
-  step "check: a wrong app password is refused"
-  if OUT="$("${CURL[@]}" --insecure "imaps://$HOST:$TLS_PORT/" --user "$DEMO_USER:aaaabbbbccccdddd" 2>&1)"; then
-    fail "a wrong app password logged in: $OUT"
-  fi
-  log "ok: refused ($OUT)"
+  step "check: the same app password + code from another /24 ($OTHER_SRC) is refused (the code was used)"
+  RC=0
+  OUT="$("${CURL[@]}" --interface "$OTHER_SRC" --insecure "imaps://$HOST:$TLS_PORT/" --user "$CRED_CODE" 2>&1)" || RC=$?
+  expect_refused "a replayed code from $OTHER_SRC" "$OUT" "$RC"
+  audit_has '"result":"failure"' '"reason":"code_replayed"' "\"client_ip\":\"$OTHER_SRC\"" ||
+    fail "no audit line with reason code_replayed for $OTHER_SRC"
+
+  step "check: the app password alone from $OTHER_SRC is refused (not unlocked there)"
+  RC=0
+  OUT="$("${CURL[@]}" --interface "$OTHER_SRC" --insecure "imaps://$HOST:$TLS_PORT/" --user "$CRED" 2>&1)" || RC=$?
+  expect_refused "the app password alone from $OTHER_SRC" "$OUT" "$RC"
+  audit_has '"result":"failure"' '"reason":"code_missing"' "\"client_ip\":\"$OTHER_SRC\"" ||
+    fail "no audit line with reason code_missing for $OTHER_SRC"
+
+  step "check: a wrong app password is refused, code or not"
+  RC=0
+  OUT="$("${CURL[@]}" --insecure "imaps://$HOST:$TLS_PORT/" --user "$DEMO_USER:aaaabbbbccccdddd$(totp_code "$TOTP_SECRET")" 2>&1)" || RC=$?
+  expect_refused "a wrong app password" "$OUT" "$RC"
 
   step "check: no login in cleartext on the STARTTLS port"
   if OUT="$("${CURL[@]}" "imap://$HOST:$STARTTLS_PORT/" --user "$CRED" 2>&1)"; then
@@ -249,14 +366,20 @@ if [ "$MODE" = check ]; then
   fi
   log "ok: refused ($OUT)"
 
-  step "check: admin http://$HOST:$ADMIN_PORT/healthz"
+  step "check: admin http://$HOST:$ADMIN_PORT/healthz and /metrics"
   OUT="$("${CURL[@]}" --fail "http://$HOST:$ADMIN_PORT/healthz" 2>&1)" || fail "/healthz did not answer 2xx: $OUT"
   log "ok: $OUT"
   log "(readyz: HTTP $("${CURL[@]}" --output /dev/null --write-out '%{http_code}' "http://$HOST:$ADMIN_PORT/readyz" 2>/dev/null || true))"
+  OUT="$("${CURL[@]}" --fail "http://$HOST:$ADMIN_PORT/metrics" 2>&1)" || fail "/metrics did not answer 2xx: $OUT"
+  for reason in code_replayed code_missing; do
+    grep -Eq "^imapgate_totp_failures_total\\{reason=\"$reason\"\\} [1-9]" <<<"$OUT" ||
+      fail "/metrics does not count $reason in imapgate_totp_failures_total"
+  done
+  log "ok: imapgate_totp_failures_total counts code_replayed and code_missing"
 
   kill -0 "$GATEWAY_PID" 2>/dev/null || fail "imapgate exited during the checks"
   SUCCESS=1
-  printf '\nPASS: demo check (imapgate in front of Dovecot: implicit TLS, STARTTLS, admin /healthz)\n'
+  printf '\nPASS: demo check (imapgate in front of Dovecot: app password + TOTP, unlock window, replayed code refused, STARTTLS, admin)\n'
   exit 0
 fi
 
@@ -270,29 +393,61 @@ IMAPGATE_DEMO_STARTTLS_PORT=$STARTTLS_PORT
 IMAPGATE_DEMO_ADMIN_PORT=$ADMIN_PORT
 IMAPGATE_DEMO_USER=$DEMO_USER
 IMAPGATE_DEMO_PASSWORD='$APP_PASSWORD'
+IMAPGATE_DEMO_TOTP_SECRET='$TOTP_SECRET'
+IMAPGATE_DEMO_TOTP_URI='$TOTP_URI'
 EOF
+chmod 600 "$ENV_FILE"
 if [ -n "${SUDO_UID:-}" ] && [ -n "${SUDO_GID:-}" ]; then
   chown "$SUDO_UID:$SUDO_GID" "$ENV_FILE" 2>/dev/null || true
 fi
 
+# The QR code and instructions `imapgate totp enroll` printed, without its closing line.
+printf '\n'
+grep -v '^TOTP enrolled for ' "$GW/totp-enroll.txt" || true
+
+CODE_CMD="'$REPO/scripts/demo.sh' --code '$ENV_FILE'"
+if [ -n "$SHOW_FROM" ]; then
+  UNLOCK_NOTE="The demo's own logins came from $OTHER_SRC, another /24: your client on 127.0.0.1 has
+not logged in yet, so its first login needs a code."
+else
+  UNLOCK_NOTE="(curl could not use $OTHER_SRC as a source address here, so the demo logged in from
+127.0.0.1 and has already unlocked this app password there: the code is not needed again today.)"
+fi
+
 cat <<EOF
 
-imapgate demo is running. Point any IMAP client at it:
+imapgate demo is running.
+
+  otpauth URI  $TOTP_URI
+               (the QR code above holds the same; scan either into an authenticator app such as
+               Aegis, FreeOTP, Google Authenticator, 1Password or Bitwarden)
+
+Point any IMAP client at it (Thunderbird: "Configure manually", normal password):
 
   host         $HOST
   IMAPS        port $TLS_PORT   (TLS from the first byte; self-signed certificate: accept it)
   IMAP         port $STARTTLS_PORT   (STARTTLS required before login)
   user         $DEMO_USER
-  password     $APP_PASSWORD   (an app password; the spaces are optional)
+  password     the app password immediately followed by the code your app shows now:
+                 $APP_PASSWORD   (an app password; the spaces are optional)
+               e.g. in Thunderbird's password field:  ${APP_PASSWORD// /}123456
+               (with the current 6 digits in place of 123456; no app at hand? run $CODE_CMD)
   admin        http://$HOST:$ADMIN_PORT/metrics  /healthz  /readyz
   backend      Dovecot on $HOST:$BACKEND_PORT (verified TLS, master user '$DOVECOT_MASTER_USER')
 
+$UNLOCK_NOTE
+After one login with a valid code the client may save the whole string; from the same /24 the
+app password works without a code for 12 hours (auth.mfa.unlock_ttl), so reconnects and IDLE keep
+working; after that the client asks again and you type the app password with a fresh code.
+Each code works once: the demo's curl used $TOTP_CODE, so if your app still shows it, wait
+for the next one.
+
 Try:
-  curl --insecure 'imaps://$HOST:$TLS_PORT/INBOX;UID=1' --user '$CRED'
-  curl --insecure --ssl-reqd 'imap://$HOST:$STARTTLS_PORT/' --user '$CRED'
+  curl --insecure 'imaps://$HOST:$TLS_PORT/INBOX;UID=1' --user "$CRED\$($CODE_CMD)"
+  curl --insecure --ssl-reqd 'imap://$HOST:$STARTTLS_PORT/' --user '$CRED'   (after a login with a code)
   openssl s_client -quiet -crlf -connect $HOST:$TLS_PORT
 
-The same settings are in $ENV_FILE (. ./demo.env).
+The same settings, the TOTP secret and the otpauth URI are in $ENV_FILE (. ./demo.env).
 Audit log: $GW/audit.log. The gateway's log follows. Ctrl-C stops everything.
 
 EOF

@@ -166,6 +166,24 @@ random_secret() {
   head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n'
 }
 
+# totp_code SECRET [UNIX_TIME [DIGITS]]: the RFC 6238 code (HMAC-SHA1, 30-second steps) for a
+# base32 SECRET (as in an otpauth:// URI; padding and case do not matter) at UNIX_TIME (default:
+# now), DIGITS long (default 6). Needs python3 (standard library only).
+totp_code() {
+  python3 - "$1" "${2:-}" "${3:-6}" <<'PY'
+import base64, hashlib, hmac, struct, sys, time
+
+secret = sys.argv[1].replace(" ", "").rstrip("=").upper()
+key = base64.b32decode(secret + "=" * (-len(secret) % 8))
+now = int(sys.argv[2]) if sys.argv[2] else int(time.time())
+digits = int(sys.argv[3])
+digest = hmac.new(key, struct.pack(">Q", now // 30), hashlib.sha1).digest()
+offset = digest[-1] & 0x0F
+number = struct.unpack(">I", digest[offset:offset + 4])[0] & 0x7FFFFFFF
+print(str(number % 10**digits).zfill(digits))
+PY
+}
+
 # --- certificates --------------------------------------------------------------------------
 
 # make_test_pki DIR: a throwaway CA (DIR/ca.pem) and a server certificate signed by it

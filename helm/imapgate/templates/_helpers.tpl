@@ -60,6 +60,18 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/*
+auth.mfa.default as the gateway spells it. YAML 1.1 reads an unquoted `off` in a values file as
+the boolean false, so false means off.
+*/}}
+{{- define "imapgate.mfaDefault" -}}
+{{- if kindIs "bool" .Values.auth.mfa.default }}off{{ else }}{{ .Values.auth.mfa.default }}{{ end }}
+{{- end }}
+
+{{- define "imapgate.keysSecretName" -}}
+{{- default (printf "%s-keys" (include "imapgate.fullname" .)) .Values.auth.keysSecretName }}
+{{- end }}
+
+{{/*
 The Secret with a backend's master password. Call with (dict "root" $ "backend" $backend).
 */}}
 {{- define "imapgate.masterSecretName" -}}
@@ -72,4 +84,5 @@ Paths inside the container. The config refers to them; the Deployment mounts the
 {{- define "imapgate.configPath" -}}/etc/imapgate/imapgate.yaml{{- end }}
 {{- define "imapgate.tlsDir" -}}/etc/imapgate/tls{{- end }}
 {{- define "imapgate.usersDir" -}}/etc/imapgate/users{{- end }}
+{{- define "imapgate.keysDir" -}}/etc/imapgate/keys{{- end }}
 {{- define "imapgate.backendDir" -}}/etc/imapgate/backends/{{ . }}{{- end }}
