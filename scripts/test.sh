@@ -24,6 +24,8 @@ SYSTEM_PACKAGES=(
   ca-certificates
   python3:python3 # imaplib as a second real client; free ports
   git:git         # cargo-deny's advisory DB must be a git repository
+  nodejs:node     # the test OpenID provider (npm oidc-provider, tests/idp)
+  npm:npm
 )
 ADVISORY_SRC=../shared/advisory-db
 DENY_DB_ROOT=/tmp/deny-dbs
@@ -72,6 +74,11 @@ ensure_packages "${SYSTEM_PACKAGES[@]}"
 # stop one if it runs; a developer's own mail server is left alone.
 if [ "${CI:-}" = true ] || [ -n "$ENSURE_PACKAGES_INSTALLED" ]; then
   stop_system_dovecot
+fi
+# The test identity provider's packages, exactly as locked.
+if [ ! -d tests/idp/node_modules/oidc-provider ] || [ tests/idp/package-lock.json -nt tests/idp/node_modules ]; then
+  log "npm ci in tests/idp"
+  (cd tests/idp && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
 # --- 2 ---------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@
 pub mod app_password;
 pub mod cache;
 pub mod keyring;
+pub mod oauth;
 pub mod sasl;
 mod store;
 pub mod totp;
@@ -30,6 +31,8 @@ use crate::secret::Secret;
 pub enum Mechanism {
     Login,
     Plain,
+    XOAuth2,
+    OAuthBearer,
 }
 
 impl Mechanism {
@@ -37,7 +40,14 @@ impl Mechanism {
         match self {
             Mechanism::Login => "login",
             Mechanism::Plain => "plain",
+            Mechanism::XOAuth2 => "xoauth2",
+            Mechanism::OAuthBearer => "oauthbearer",
         }
+    }
+
+    /// Token mechanisms answer a failure with an error challenge first (RFC 7628 §3.2.2).
+    pub fn is_oauth(self) -> bool {
+        matches!(self, Mechanism::XOAuth2 | Mechanism::OAuthBearer)
     }
 }
 
@@ -48,6 +58,10 @@ pub enum Credential {
     Password { user: String, password: Secret },
     /// A PLAIN message that could not be decoded; fails like a wrong password.
     Malformed(sasl::PlainError),
+    /// An OAuth 2.0 bearer token, with the user the client claims.
+    Bearer { user: Option<String>, token: Secret },
+    /// An XOAUTH2/OAUTHBEARER message that could not be decoded.
+    MalformedBearer(sasl::BearerError),
 }
 
 /// One login attempt, as the guard and the authenticator see it.
@@ -80,6 +94,10 @@ pub enum FailureReason {
     CodeReplayed,
     /// The shared state could not be consulted (fail closed).
     StateUnavailable,
+    /// The bearer token was refused.
+    Token(oauth::OAuthError),
+    /// A token mechanism was used but no issuer is configured.
+    OAuthNotConfigured,
 }
 
 impl FailureReason {
@@ -97,6 +115,8 @@ impl FailureReason {
             FailureReason::BadCode => "bad_code",
             FailureReason::CodeReplayed => "code_replayed",
             FailureReason::StateUnavailable => "state_unavailable",
+            FailureReason::Token(e) => e.as_str(),
+            FailureReason::OAuthNotConfigured => "oauth_not_configured",
         }
     }
 }

@@ -63,6 +63,7 @@ pub struct CredentialStore {
     mfa: MfaConfig,
     argon2: Argon2Params,
     on_reload: RwLock<Option<ReloadHook>>,
+    oauth: Option<super::oauth::OAuthValidator>,
 }
 
 /// The client's subnet for unlock binding: /24 for IPv4, /64 for IPv6.
@@ -152,6 +153,18 @@ impl CredentialStore {
         let keyring = KeyRing::new(cfg.secret_keys.clone(), cfg.active_key.clone());
         let loaded = load(&cfg.users_file, &keyring)?;
         let permits = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
+        let oauth = if cfg.oauth_issuers.is_empty() {
+            None
+        } else {
+            Some(
+                super::oauth::OAuthValidator::new(&cfg.oauth_issuers, metrics.clone()).map_err(
+                    |message| UsersError::Invalid {
+                        path: "auth.oauth.issuers".into(),
+                        message,
+                    },
+                )?,
+            )
+        };
         Ok(Self {
             stamp: RwLock::new(file_stamp(&cfg.users_file)),
             path: cfg.users_file.clone(),
@@ -165,6 +178,7 @@ impl CredentialStore {
             mfa: cfg.mfa.clone(),
             argon2: cfg.argon2,
             on_reload: RwLock::new(None),
+            oauth,
         })
     }
 
@@ -298,6 +312,81 @@ impl CredentialStore {
         });
     }
 
+    /// Whether token mechanisms are offered.
+    pub fn oauth_enabled(&self) -> bool {
+        self.oauth.is_some()
+    }
+
+    /// The discovery URL and scope for the RFC 7628 error challenge.
+    pub fn oauth_challenge_hints(&self) -> (Option<String>, String) {
+        self.oauth
+            .as_ref()
+            .map(|o| o.challenge_hints())
+            .unwrap_or((None, String::new()))
+    }
+
+    /// A bearer token: validated by the issuer's keys, then the users file's policy (a user
+    /// need not be listed; if listed, `disabled`, `mechanisms` and `allowed_networks` apply).
+    async fn authenticate_token(
+        &self,
+        attempt: &Attempt,
+        user: Option<&str>,
+        token: &Secret,
+    ) -> Outcome {
+        let Some(oauth) = &self.oauth else {
+            return Outcome::Failure(FailureReason::OAuthNotConfigured);
+        };
+        let claimed = match user.map(normalize_user) {
+            None => None,
+            Some(Ok(u)) => Some(u),
+            Some(Err(r)) => return Outcome::Failure(r),
+        };
+        let id = match oauth.validate(token, claimed.as_deref()).await {
+            Ok(id) => id,
+            Err(e) => {
+                self.metrics
+                    .oauth_tokens
+                    .with_label_values(&[e.as_str()])
+                    .inc();
+                return Outcome::Failure(FailureReason::Token(e));
+            }
+        };
+        self.metrics
+            .oauth_tokens
+            .with_label_values(&["valid"])
+            .inc();
+        let Some((file, _)) = self.snapshot() else {
+            return Outcome::Failure(FailureReason::StateUnavailable);
+        };
+        let entry = file.users.get(&id.user);
+        if entry.is_some_and(|e| e.disabled) {
+            return Outcome::Failure(FailureReason::Disabled);
+        }
+        if let Some(e) = entry {
+            if !e.mechanisms.is_empty()
+                && !e.mechanisms.iter().any(|m| m == attempt.mechanism.as_str())
+            {
+                return Outcome::Failure(FailureReason::MechanismNotAllowed);
+            }
+            if !e.allowed_networks.is_empty()
+                && !e
+                    .allowed_networks
+                    .iter()
+                    .any(|n| n.contains(&attempt.client_ip))
+            {
+                return Outcome::Failure(FailureReason::NetworkNotAllowed);
+            }
+        }
+        Outcome::Success(Identity {
+            upstream_user: entry
+                .and_then(|e| e.upstream_user.clone())
+                .unwrap_or_else(|| id.user.clone()),
+            credential_id: format!("oauth:{}", id.issuer),
+            user: id.user,
+            mfa: "idp",
+        })
+    }
+
     fn totp_failure(&self, reason: FailureReason) -> Outcome {
         self.metrics
             .totp_failures
@@ -316,6 +405,12 @@ impl Authenticator for CredentialStore {
                 self.dummy().await;
                 return Outcome::Failure(FailureReason::Malformed);
             }
+            Credential::Bearer { user, token } => {
+                return self
+                    .authenticate_token(attempt, user.as_deref(), token)
+                    .await
+            }
+            Credential::MalformedBearer(_) => return Outcome::Failure(FailureReason::Malformed),
         };
         let Ok(name) = normalize_user(user) else {
             self.dummy().await;
@@ -426,7 +521,17 @@ impl Authenticator for CredentialStore {
         } else {
             "any".to_owned()
         };
-        let unlock_key = format!("unlock:{name}:{}:{scope}", ap.id);
+        // The enrolment is part of the key: `totp reset` or a new enrolment ends every window.
+        let enrolment = {
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(entry.totp.as_deref().unwrap_or_default().as_bytes());
+            digest
+                .iter()
+                .take(6)
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
+        let unlock_key = format!("unlock:{name}:{}:{scope}:{enrolment}", ap.id);
         if !self.mfa.unlock_ttl.is_zero() {
             match self.state.get(&unlock_key).await {
                 Ok(Some(_)) => return Outcome::Success(identity("unlocked")),

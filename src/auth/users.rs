@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 pub const VERSION: u32 = 1;
 
 /// Mechanism names a user entry may list.
-pub const MECHANISMS: &[&str] = &["login", "plain"];
+pub const MECHANISMS: &[&str] = &["login", "plain", "xoauth2", "oauthbearer"];
 
 /// `KEYID:BASE64` with a payload long enough for nonce + tag + a 160-bit secret.
 fn looks_encrypted(t: &str) -> bool {
@@ -196,8 +196,9 @@ impl UsersFile {
             opts.mode(0o600);
         }
         let mut f = opts.open(&tmp).map_err(werr)?;
-        let header = "# imapgate users file: written by `imapgate users` and `imapgate app-password`.\n\
-                      # No usable secret is stored here (argon2id hashes only). Keep it mode 0600.\n";
+        let header = "# imapgate users file: written by `imapgate users`, `app-password` and `totp`.\n\
+                      # App passwords are argon2id hashes; TOTP secrets are encrypted under the key ring\n\
+                      # (auth.secret_keys), useless without it. Keep it mode 0600.\n";
         f.write_all(header.as_bytes()).map_err(werr)?;
         f.write_all(text.as_bytes()).map_err(werr)?;
         f.sync_all().map_err(werr)?;

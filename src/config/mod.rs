@@ -168,6 +168,31 @@ pub struct AuthConfig {
     pub verified_cache_ttl: Duration,
     pub failure_floor: Duration,
     pub revoke_closes_sessions: bool,
+    pub oauth_issuers: Vec<IssuerConfig>,
+}
+
+/// One trusted OAuth 2.0 / OpenID issuer.
+#[derive(Debug, Clone)]
+pub struct IssuerConfig {
+    pub name: String,
+    /// The exact `iss` value.
+    pub issuer: String,
+    /// Where the signing keys are: from discovery, or this URL.
+    pub jwks_uri: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub audiences: Vec<String>,
+    /// Allowed JWS algorithms (never `none`, never HMAC).
+    pub algorithms: Vec<String>,
+    pub user_claim: String,
+    /// Appended as `@domain` to a claim value without one.
+    pub user_domain: Option<String>,
+    pub required_scopes: Vec<String>,
+    pub require_amr: Vec<String>,
+    pub require_acr: Vec<String>,
+    pub accept_id_tokens: bool,
+    pub leeway: Duration,
+    /// Unknown `kid`: the key set is re-fetched at most once per this interval.
+    pub key_refresh_interval: Duration,
 }
 
 #[derive(Debug, Clone)]

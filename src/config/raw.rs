@@ -78,6 +78,38 @@ pub struct Auth {
     pub failure_floor: Option<Scalar>,
     #[serde(default)]
     pub revoke_closes_sessions: bool,
+    #[serde(default)]
+    pub oauth: OAuth,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth {
+    #[serde(default)]
+    pub issuers: Vec<Issuer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Issuer {
+    pub name: String,
+    pub issuer: String,
+    pub discovery: Option<bool>,
+    pub jwks_uri: Option<String>,
+    pub ca_file: Option<String>,
+    pub audiences: Vec<String>,
+    pub algorithms: Option<Vec<String>>,
+    pub user_claim: Option<String>,
+    pub user_domain: Option<String>,
+    #[serde(default)]
+    pub required_scopes: Vec<String>,
+    #[serde(default)]
+    pub require_amr: Vec<String>,
+    #[serde(default)]
+    pub require_acr: Vec<String>,
+    pub accept_id_tokens: Option<bool>,
+    pub leeway: Option<Scalar>,
+    pub key_refresh_interval: Option<Scalar>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -615,7 +615,154 @@ fn auth(cx: &mut Ctx, v: &Value) -> Option<AuthConfig> {
         verified_cache_ttl,
         failure_floor,
         revoke_closes_sessions: a.revoke_closes_sessions,
+        oauth_issuers: issuers(cx, &a.oauth),
     })
+}
+
+/// Algorithms an issuer may use; HMAC and `none` are never possible.
+const JWS_ALGORITHMS: &[&str] = &[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+];
+
+/// `http://` is accepted only for loopback hosts (tests, a local IdP); everything else is HTTPS.
+fn url_ok(u: &str) -> bool {
+    if u.starts_with("https://") {
+        return u.len() > "https://".len();
+    }
+    let Some(rest) = u.strip_prefix("http://") else {
+        return false;
+    };
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let host = host.rsplit_once(':').map_or(host, |(h, p)| {
+        if p.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    });
+    host == "localhost"
+        || host == "[::1]"
+        || host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn issuers(cx: &mut Ctx, o: &raw::OAuth) -> Vec<super::IssuerConfig> {
+    let mut out: Vec<super::IssuerConfig> = Vec::new();
+    for (i, r) in o.issuers.iter().enumerate() {
+        let path = format!("auth.oauth.issuers[{i}]");
+        if !valid_name(&r.name) {
+            cx.err(
+                format!("{path}.name"),
+                "must be 1-32 characters of a-z, 0-9, - or _",
+            );
+        } else if out.iter().any(|x| x.name == r.name) {
+            cx.err(
+                format!("{path}.name"),
+                format!("`{}` is used twice", r.name),
+            );
+        }
+        if !url_ok(&r.issuer) {
+            cx.err(
+                format!("{path}.issuer"),
+                "must be an https:// URL (http:// only for loopback)",
+            );
+        }
+        let discovery = r.discovery.unwrap_or(r.jwks_uri.is_none());
+        match (&r.jwks_uri, discovery) {
+            (Some(u), false) if !url_ok(u) => cx.err(
+                format!("{path}.jwks_uri"),
+                "must be an https:// URL (http:// only for loopback)",
+            ),
+            (Some(_), true) => cx.err(
+                format!("{path}.jwks_uri"),
+                "give either discovery: true or jwks_uri",
+            ),
+            (None, false) => cx.err(
+                format!("{path}.discovery"),
+                "without discovery, jwks_uri is required",
+            ),
+            _ => {}
+        }
+        let ca_file = r.ca_file.as_deref().map(|f| cx.path(f));
+        if let Some(p) = &ca_file {
+            if let Err(e) = std::fs::metadata(p) {
+                cx.err(
+                    format!("{path}.ca_file"),
+                    format!("cannot read {}: {e}", p.display()),
+                );
+            }
+        }
+        if r.audiences.is_empty() {
+            cx.err(
+                format!("{path}.audiences"),
+                "needs at least one audience (the token's aud must be one of them)",
+            );
+        }
+        let algorithms = r.algorithms.clone().unwrap_or_else(|| {
+            vec![
+                "RS256".into(),
+                "ES256".into(),
+                "PS256".into(),
+                "EdDSA".into(),
+            ]
+        });
+        for a in &algorithms {
+            if !JWS_ALGORITHMS.contains(&a.as_str()) {
+                cx.err(
+                    format!("{path}.algorithms"),
+                    format!("`{a}` is not one of {}", JWS_ALGORITHMS.join(", ")),
+                );
+            }
+        }
+        let user_claim = r.user_claim.clone().unwrap_or_else(|| "email".into());
+        if !["email", "preferred_username", "upn", "sub", "unique_name"]
+            .contains(&user_claim.as_str())
+        {
+            cx.err(
+                format!("{path}.user_claim"),
+                "must be email, preferred_username, upn, unique_name or sub",
+            );
+        }
+        let leeway = cx.duration(
+            r.leeway.as_ref(),
+            &format!("{path}.leeway"),
+            Duration::from_secs(60),
+        );
+        if leeway > Duration::from_secs(300) {
+            cx.err(format!("{path}.leeway"), "must be at most 5m");
+        }
+        let key_refresh_interval = cx.duration(
+            r.key_refresh_interval.as_ref(),
+            &format!("{path}.key_refresh_interval"),
+            Duration::from_secs(60),
+        );
+        if key_refresh_interval < Duration::from_secs(1)
+            || key_refresh_interval > Duration::from_secs(86_400)
+        {
+            cx.err(
+                format!("{path}.key_refresh_interval"),
+                "must be between 1s and 24h",
+            );
+        }
+        out.push(super::IssuerConfig {
+            name: r.name.clone(),
+            issuer: r.issuer.clone(),
+            jwks_uri: if discovery { None } else { r.jwks_uri.clone() },
+            ca_file,
+            audiences: r.audiences.clone(),
+            algorithms,
+            user_claim,
+            user_domain: r.user_domain.as_ref().map(|d| d.to_ascii_lowercase()),
+            required_scopes: r.required_scopes.clone(),
+            require_amr: r.require_amr.clone(),
+            require_acr: r.require_acr.clone(),
+            accept_id_tokens: r.accept_id_tokens.unwrap_or(false),
+            leeway,
+            key_refresh_interval,
+        });
+    }
+    out
 }
 
 /// A 32-byte key written as base64 text (one line).

@@ -20,6 +20,8 @@ pub struct Metrics {
     pub hash_runs: IntCounter,
     pub auth_cache_hits: IntCounter,
     pub totp_failures: IntCounterVec,
+    pub oauth_tokens: IntCounterVec,
+    pub oauth_key_fetches: IntCounterVec,
     pub guard_decisions: IntCounterVec,
     pub upstream_logins: IntCounterVec,
     pub upstream_login_seconds: HistogramVec,
@@ -67,6 +69,14 @@ pub const CATALOGUE: &[(&str, &str)] = &[
     (
         "imapgate_totp_failures_total",
         "Second-factor failures by reason; bad_code means a valid app password with a wrong code.",
+    ),
+    (
+        "imapgate_oauth_tokens_total",
+        "Bearer tokens checked, by result (valid, or why refused).",
+    ),
+    (
+        "imapgate_oauth_key_fetches_total",
+        "Fetches of an issuer's signing keys (discovery and JWKS), by issuer and result.",
     ),
     (
         "imapgate_guard_decisions_total",
@@ -156,6 +166,9 @@ impl Metrics {
         )?;
         registry.register(Box::new(auth_cache_hits.clone()))?;
         let totp_failures = counter_vec("imapgate_totp_failures_total", &["reason"])?;
+        let oauth_tokens = counter_vec("imapgate_oauth_tokens_total", &["result"])?;
+        let oauth_key_fetches =
+            counter_vec("imapgate_oauth_key_fetches_total", &["issuer", "result"])?;
         let guard_decisions = counter_vec("imapgate_guard_decisions_total", &["action"])?;
         let upstream_logins =
             counter_vec("imapgate_upstream_logins_total", &["backend", "result"])?;
@@ -200,6 +213,8 @@ impl Metrics {
             hash_runs,
             auth_cache_hits,
             totp_failures,
+            oauth_tokens,
+            oauth_key_fetches,
             guard_decisions,
             upstream_logins,
             upstream_login_seconds,
@@ -252,6 +267,8 @@ mod tests {
             .inc();
         m.guard_decisions.with_label_values(&["allow"]).inc();
         m.totp_failures.with_label_values(&["bad_code"]).inc();
+        m.oauth_tokens.with_label_values(&["valid"]).inc();
+        m.oauth_key_fetches.with_label_values(&["i", "ok"]).inc();
         m.upstream_logins.with_label_values(&["b", "ok"]).inc();
         m.upstream_login_seconds
             .with_label_values(&["b"])

@@ -116,6 +116,7 @@ impl Gateway {
             upstreams: upstreams.clone(),
             metrics: metrics.clone(),
             failure_floor: config.auth.failure_floor,
+            oauth: store.oauth_enabled().then(|| store.oauth_challenge_hints()),
             user_sessions: UserSessions::default(),
             next_id: AtomicU64::new(1),
             stopping: stopping.clone(),

@@ -39,6 +39,8 @@ pub struct Shared {
     pub upstreams: Arc<Upstreams>,
     pub metrics: Arc<Metrics>,
     pub failure_floor: Duration,
+    /// Token mechanisms offered: the discovery URL and scope for the error challenge.
+    pub oauth: Option<(Option<String>, String)>,
     pub user_sessions: UserSessions,
     pub next_id: AtomicU64,
     /// Cancelled when the gateway stops accepting: pre-auth sessions say BYE, relayed ones get
@@ -260,7 +262,8 @@ impl Session {
             },
             self.listener.starttls,
             conn.is_tls(),
-        );
+        )
+        .with_oauth(self.shared.oauth.is_some());
         let deadline = Instant::now() + l.preauth_total_timeout;
         let Some(end) = self.preauth(conn, sm, deadline).await else {
             return;
@@ -431,7 +434,10 @@ impl Session {
         let mech = req.mechanism.as_str();
         let claimed = match &req.credential {
             Credential::Password { user, .. } => auth::normalize_user(user).ok(),
-            Credential::Malformed(_) => None,
+            Credential::Bearer { user, .. } => {
+                user.as_deref().and_then(|u| auth::normalize_user(u).ok())
+            }
+            Credential::Malformed(_) | Credential::MalformedBearer(_) => None,
         };
         let log_user = claimed.clone().unwrap_or_else(|| "<invalid>".into());
         let key = AttemptKey {
@@ -473,7 +479,11 @@ impl Session {
                 m.auth_seconds.observe(started.elapsed().as_secs_f64());
                 self.audit(&log_user, mech, "failure", reason, verdict.as_str(), "");
                 tracing::info!(user = %log_user, mechanism = mech, reason, "login failed");
-                sm.auth_failed(&req.tag);
+                if req.mechanism.is_oauth() {
+                    sm.oauth_failed(&req.tag, &self.oauth_challenge(req.mechanism));
+                } else {
+                    sm.auth_failed(&req.tag);
+                }
                 return LoginEnd::Continue(sm);
             }
         };
@@ -615,6 +625,26 @@ impl Session {
         m.session_seconds.observe(started.elapsed().as_secs_f64());
         tracing::info!(user = %user, backend = %backend_name, end = ?end, seconds = started.elapsed().as_secs(), "session ended");
         drop(slot);
+    }
+}
+
+impl Session {
+    /// The error challenge of RFC 7628 §3.2.2 (OAUTHBEARER) and Google's XOAUTH2 equivalent.
+    fn oauth_challenge(&self, mechanism: auth::Mechanism) -> Vec<u8> {
+        let (conf, scope) = self.shared.oauth.clone().unwrap_or_default();
+        let mut v = serde_json::Map::new();
+        let status = if mechanism == auth::Mechanism::OAuthBearer {
+            "invalid_token"
+        } else {
+            "401"
+        };
+        v.insert("status".into(), status.into());
+        v.insert("schemes".into(), "bearer".into());
+        v.insert("scope".into(), scope.into());
+        if let (auth::Mechanism::OAuthBearer, Some(c)) = (mechanism, conf) {
+            v.insert("openid-configuration".into(), c.into());
+        }
+        serde_json::Value::Object(v).to_string().into_bytes()
     }
 }
 

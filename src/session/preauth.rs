@@ -66,8 +66,11 @@ pub struct LoginRequest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
     Ready,
-    /// AUTHENTICATE PLAIN sent `+`; the next line is the client's response.
-    SaslPlain(Tag<'static>),
+    /// AUTHENTICATE sent `+`; the next line is the client's initial response.
+    Sasl(Tag<'static>, Mechanism),
+    /// A token was refused and the error challenge sent (RFC 7628 §3.2.2); the next line must
+    /// be the client's dummy response, then comes the NO.
+    OAuthError(Tag<'static>),
     /// A login is being checked; no input is processed.
     Authenticating,
     /// STARTTLS was accepted; the handshake is due.
@@ -80,6 +83,8 @@ pub struct PreAuth {
     /// This listener offers STARTTLS (143-style).
     starttls_listener: bool,
     tls: bool,
+    /// Token mechanisms (XOAUTH2, OAUTHBEARER) are offered.
+    oauth: bool,
     state: State,
     framer: Framer,
     out: Vec<Vec<u8>>,
@@ -114,12 +119,28 @@ impl PreAuth {
             bad: 0,
             failures: 0,
             commands: 0,
+            oauth: false,
         }
+    }
+
+    /// Offers XOAUTH2 and OAUTHBEARER after TLS.
+    pub fn with_oauth(mut self, on: bool) -> Self {
+        self.oauth = on;
+        self
     }
 
     /// The capabilities for the current state (RFC 9051 §6.2.1, RFC 4959, RFC 2971).
     pub fn capabilities(&self) -> Vec<Capability<'static>> {
-        if self.tls {
+        if self.tls && self.oauth {
+            imap::capabilities([
+                "IMAP4rev1",
+                "SASL-IR",
+                "ID",
+                "AUTH=PLAIN",
+                "AUTH=XOAUTH2",
+                "AUTH=OAUTHBEARER",
+            ])
+        } else if self.tls {
             imap::capabilities(["IMAP4rev1", "SASL-IR", "ID", "AUTH=PLAIN"])
         } else {
             imap::capabilities(["IMAP4rev1", "STARTTLS", "LOGINDISABLED"])
@@ -239,7 +260,7 @@ impl PreAuth {
                 State::Done => return Step::Close,
                 State::Authenticating => return Step::NeedInput,
                 State::StartingTls => return Step::StartTls,
-                State::Ready | State::SaslPlain(_) => {}
+                State::Ready | State::Sasl(..) | State::OAuthError(_) => {}
             }
             if self.close_after_out {
                 return Step::Close;
@@ -264,7 +285,7 @@ impl PreAuth {
 
     fn literal(&mut self, literal: Literal, partial: &[u8]) {
         let tag = leading_tag(partial);
-        if let State::SaslPlain(auth_tag) = self.state.clone() {
+        if let State::Sasl(auth_tag, _) | State::OAuthError(auth_tag) = self.state.clone() {
             // A SASL response is one base64 line; a literal there answers the AUTHENTICATE
             // (by its own tag) and never lets the literal's bytes through as commands.
             self.framer.reject_message();
@@ -322,9 +343,14 @@ impl PreAuth {
             self.bye(imap::bye(None, "Too many commands"));
             return None;
         }
-        if let State::SaslPlain(tag) = self.state.clone() {
+        if let State::Sasl(tag, mechanism) = self.state.clone() {
             self.framer.set_mode(LineMode::Command);
-            return self.sasl_response(tag, msg);
+            return self.sasl_response(tag, mechanism, msg);
+        }
+        if let State::OAuthError(tag) = self.state.clone() {
+            self.framer.set_mode(LineMode::Command);
+            self.oauth_dummy_response(&tag, msg);
+            return None;
         }
         let decoded = CommandCodec::default().decode(msg);
         match decoded {
@@ -410,7 +436,13 @@ impl PreAuth {
                     ));
                     return None;
                 }
-                if mechanism != AuthMechanism::Plain {
+                let mech = match mechanism {
+                    AuthMechanism::Plain => Some(Mechanism::Plain),
+                    AuthMechanism::XOAuth2 if self.oauth => Some(Mechanism::XOAuth2),
+                    AuthMechanism::OAuthBearer if self.oauth => Some(Mechanism::OAuthBearer),
+                    _ => None,
+                };
+                let Some(mech) = mech else {
                     self.reply(imap::tagged(
                         &tag,
                         StatusKind::No,
@@ -418,16 +450,16 @@ impl PreAuth {
                         "Unsupported mechanism",
                     ));
                     return None;
-                }
+                };
                 match initial_response {
                     Some(ir) => {
                         let data: Cow<'_, [u8]> = ir.declassify().clone();
-                        return Some(self.plain(tag, &data));
+                        return Some(self.sasl_credential(tag, mech, &data));
                     }
                     None => {
                         self.reply(imap::sasl_challenge(b""));
                         self.framer.set_mode(LineMode::Sasl);
-                        self.state = State::SaslPlain(tag);
+                        self.state = State::Sasl(tag, mech);
                     }
                 }
             }
@@ -440,12 +472,17 @@ impl PreAuth {
         None
     }
 
-    fn sasl_response(&mut self, tag: Tag<'static>, msg: &[u8]) -> Option<Step> {
+    fn sasl_response(
+        &mut self,
+        tag: Tag<'static>,
+        mechanism: Mechanism,
+        msg: &[u8],
+    ) -> Option<Step> {
         self.state = State::Ready;
         match AuthenticateDataCodec::default().decode(msg) {
             Ok((b"", AuthenticateData::Continue(data))) => {
-                let bytes = data.declassify().to_vec();
-                Some(self.plain(tag, &bytes))
+                let bytes = zeroize::Zeroizing::new(data.declassify().to_vec());
+                Some(self.sasl_credential(tag, mechanism, &bytes))
             }
             Ok((b"", AuthenticateData::Cancel)) => {
                 self.reply(imap::tagged(
@@ -461,6 +498,43 @@ impl PreAuth {
                 None
             }
         }
+    }
+
+    /// The client's answer to the RFC 7628 error challenge: `AQ==` (OAUTHBEARER) or an empty
+    /// line (XOAUTH2) ends the exchange with the NO; anything else is a protocol error.
+    fn oauth_dummy_response(&mut self, tag: &Tag<'static>, msg: &[u8]) {
+        self.state = State::Ready;
+        match AuthenticateDataCodec::default().decode(msg) {
+            Ok((b"", AuthenticateData::Continue(data)))
+                if matches!(data.declassify().as_ref(), b"" | b"\x01") =>
+            {
+                self.auth_failed(tag);
+            }
+            _ => self.bad(Some(tag), None, "Invalid SASL response"),
+        }
+    }
+
+    /// A token was refused: send the error challenge (floor already served by the driver).
+    pub fn oauth_failed(&mut self, tag: &Tag<'static>, challenge: &[u8]) {
+        self.reply(imap::sasl_challenge(challenge));
+        self.framer.set_mode(LineMode::Sasl);
+        self.state = State::OAuthError(tag.clone());
+    }
+
+    fn sasl_credential(&mut self, tag: Tag<'static>, mechanism: Mechanism, data: &[u8]) -> Step {
+        let credential = match mechanism {
+            Mechanism::Plain | Mechanism::Login => return self.plain(tag, data),
+            Mechanism::XOAuth2 => crate::auth::sasl::decode_xoauth2(data),
+            Mechanism::OAuthBearer => crate::auth::sasl::decode_oauthbearer(data),
+        };
+        let credential = match credential {
+            Ok(b) => Credential::Bearer {
+                user: b.user,
+                token: b.token,
+            },
+            Err(e) => Credential::MalformedBearer(e),
+        };
+        self.authenticate(tag, mechanism, credential)
     }
 
     fn plain(&mut self, tag: Tag<'static>, data: &[u8]) -> Step {

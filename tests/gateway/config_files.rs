@@ -389,7 +389,7 @@ fn totp_enroll_saves_only_after_a_valid_first_code() {
     );
     let users = std::fs::read_to_string(d.join("users.yaml")).unwrap();
     assert!(
-        !users.contains("totp"),
+        !users.contains("totp: "),
         "saved after a wrong code:\n{users}"
     );
     // The right code (computed from the URI it printed): saved.

@@ -513,6 +513,8 @@ pub struct Options {
     pub mfa: &'static str,
     /// More lines of the `auth` section.
     pub auth_extra: &'static str,
+    /// Trust the test IdP as an OAuth issuer, with these extra issuer lines (None: no OAuth).
+    pub oauth: Option<&'static str>,
 }
 
 impl Default for Options {
@@ -526,6 +528,7 @@ impl Default for Options {
             wrong_backend_ca: false,
             mfa: "{ default: optional }",
             auth_extra: "",
+            oauth: None,
         }
     }
 }
@@ -537,6 +540,16 @@ impl TestGateway {
 
     pub async fn start_with(opts: Options) -> Option<TestGateway> {
         let dovecot = dovecot()?;
+        let oauth_yaml = match opts.oauth {
+            None => String::new(),
+            Some(extra) => {
+                let idp = idp()?;
+                format!(
+                    "  oauth:\n    issuers:\n      - name: test\n        issuer: \"{}\"\n        audiences: [imap]\n        required_scopes: [imap]\n        leeway: 0s\n        key_refresh_interval: 1s\n{extra}\n",
+                    idp.url
+                )
+            }
+        };
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::new(&dir.path().join("pki"));
         let (cert, key) = pki.issue("gateway", &["localhost", "127.0.0.1"]);
@@ -620,6 +633,7 @@ auth:
   secret_keys: [{{ id: k1, file: "{keyfile}" }}]
   mfa: {mfa}
 {auth_extra}
+{oauth_yaml}
 backends:
   - name: dovecot
     address: "{backend_addr}"
@@ -808,4 +822,92 @@ pub async fn append_direct(d: &Dovecot, user: &str, message: &[u8]) {
 /// A secret of the test's own, to search logs for.
 pub fn secret(s: &str) -> Secret {
     Secret::from_slice(s.as_bytes())
+}
+
+/// The shared test identity provider (npm `oidc-provider`, tests/idp): one per test binary.
+pub struct Idp {
+    pub url: String,
+    _child: std::sync::Mutex<std::process::Child>,
+}
+
+static IDP: OnceLock<Option<Arc<Idp>>> = OnceLock::new();
+
+/// The shared IdP, started on first use; `None` (skip) when Node or its packages are missing
+/// and real components are not required.
+pub fn idp() -> Option<Arc<Idp>> {
+    IDP.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/idp");
+        let ready = which("node").is_some() && dir.join("node_modules/oidc-provider").is_dir();
+        if !ready {
+            assert!(
+                !require_real(),
+                "the test IdP needs node and `npm ci` in tests/idp (IMAPGATE_REQUIRE_REAL=1)"
+            );
+            eprintln!("skipping: node or tests/idp/node_modules missing");
+            return None;
+        }
+        let mut child = Command::new("node")
+            .arg(dir.join("server.js"))
+            .args(["--port", "0", "--exit-with-stdin", "--jwks-max-age", "60"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("IdP did not start");
+        let url = line
+            .trim()
+            .strip_prefix("READY ")
+            .expect("IdP READY line")
+            .to_owned();
+        Some(Arc::new(Idp {
+            url,
+            _child: std::sync::Mutex::new(child),
+        }))
+    })
+    .clone()
+}
+
+impl Idp {
+    /// An access token from the client-credentials grant (`client` is alice, bob or mia).
+    pub async fn token(&self, client: &str, resource: &str, scope: &str) -> String {
+        let resp = reqwest::Client::new()
+            .post(format!("{}/token", self.url))
+            .basic_auth(client, Some(format!("secret-{client}")))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("scope", scope),
+                ("resource", resource),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            resp.status().is_success(),
+            "token request failed: {}",
+            resp.status()
+        );
+        let v: serde_json::Value = resp.json().await.unwrap();
+        v["access_token"].as_str().unwrap().to_owned()
+    }
+
+    /// Rotates the provider's signing keys (new `kid`s).
+    pub async fn rotate(&self) {
+        let resp = reqwest::Client::new()
+            .post(format!("{}/__rotate", self.url))
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success());
+    }
 }

@@ -14,6 +14,7 @@ mod clients;
 mod config_files;
 mod login;
 mod mfa;
+mod oauth;
 mod preauth_input;
 mod relay;
 mod shutdown;

@@ -365,14 +365,18 @@ async fn totp_enroll_with_the_cli_on_a_running_gateway() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    assert!(
-        !std::fs::read_to_string(&t.users_file)
-            .unwrap()
-            .contains("totp:")
-            || !std::fs::read_to_string(&t.users_file)
-                .unwrap()
-                .contains("erin@example.org:\n    totp")
-    );
+    let file = imapgate::auth::users::UsersFile::load(&t.users_file).unwrap();
+    assert!(file.users[user].totp.is_none());
+    // The reset ends the unlock window that the enrolled code opened.
+    let mut refused = false;
+    for _ in 0..40 {
+        if t.login_from("127.0.0.1", user, &pw).await == FAILED {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(refused, "unlock survived totp reset");
 }
 
 pub fn base32_decode(s: &str) -> Vec<u8> {

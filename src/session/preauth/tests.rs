@@ -225,3 +225,51 @@ fn the_number_of_preauth_commands_is_capped() {
     );
     assert!(matches!(step, Some(Step::Close)));
 }
+
+#[test]
+fn token_mechanisms_only_when_configured_and_the_error_challenge_flow() {
+    let plain_only = PreAuth::new(limits(), false, true);
+    assert!(!String::from_utf8(plain_only.greeting())
+        .unwrap()
+        .contains("XOAUTH2"));
+    let mut sm = PreAuth::new(limits(), false, true);
+    let (out, _) = run(
+        &mut sm,
+        b"a AUTHENTICATE XOAUTH2 dXNlcj1hAWF1dGg9QmVhcmVyIHQBAQ==\r\n",
+    );
+    assert_eq!(out, "a NO Unsupported mechanism\r\n");
+
+    let mut sm = PreAuth::new(limits(), false, true).with_oauth(true);
+    assert!(String::from_utf8(sm.greeting())
+        .unwrap()
+        .contains("AUTH=XOAUTH2 AUTH=OAUTHBEARER"));
+    // base64("user=a\x01auth=Bearer t\x01\x01")
+    let (_, step) = run(
+        &mut sm,
+        b"a AUTHENTICATE XOAUTH2 dXNlcj1hAWF1dGg9QmVhcmVyIHQBAQ==\r\n",
+    );
+    let Some(Step::Authenticate(req)) = step else {
+        panic!("{step:?}")
+    };
+    assert_eq!(req.mechanism, Mechanism::XOAuth2);
+    assert!(
+        matches!(req.credential, Credential::Bearer { ref user, .. } if user.as_deref() == Some("a"))
+    );
+    sm.oauth_failed(&req.tag, br#"{"status":"401"}"#);
+    let (out, _) = run(&mut sm, b"");
+    assert_eq!(out, "+ eyJzdGF0dXMiOiI0MDEifQ==\r\n");
+    let (out, _) = run(&mut sm, b"\r\n");
+    assert_eq!(out, "a NO [AUTHENTICATIONFAILED] Authentication failed\r\n");
+    // OAUTHBEARER with continuation; a malformed message still takes the uniform path.
+    run(&mut sm, b"b AUTHENTICATE OAUTHBEARER\r\n");
+    let (_, step) = run(&mut sm, b"bm90IHZhbGlk\r\n");
+    let Some(Step::Authenticate(req)) = step else {
+        panic!()
+    };
+    assert!(matches!(req.credential, Credential::MalformedBearer(_)));
+    sm.oauth_failed(&req.tag, b"{}");
+    run(&mut sm, b"");
+    // Not the dummy response: BAD.
+    let (out, _) = run(&mut sm, b"bm9wZQ==\r\n");
+    assert_eq!(out, "b BAD Invalid SASL response\r\n");
+}

@@ -1,0 +1,429 @@
+// imapgate test identity provider (loopback only, in-memory, for integration tests).
+//
+// Built on npm `oidc-provider` (panva) 9.x. Keys are generated at start-up; nothing is read
+// from or written to disk. Not for production use.
+//
+// ============================================================================================
+// RECIPE FOR THE RUST TESTS
+// ============================================================================================
+// Start:   node tests/idp/server.js --port P          (P = 0 picks a free port)
+//          optional: --jwks-max-age SECONDS   (Cache-Control max-age on the JWKS, default 300)
+//                    --exit-with-stdin        (exit when stdin reaches EOF; spawn with a pipe)
+// Ready:   exactly one stdout line `READY http://127.0.0.1:P` (P = the real port); nothing else
+//          is ever written to stdout (library notices/warnings go to stderr). On Node 20 stderr
+//          gets one line "oidc-provider WARNING: Unsupported runtime. Use Node.js v22.x LTS, ..."
+//          (oidc-provider 9 officially targets Node 22+ LTS; it works on Node >= 20.18). Harmless.
+// Stop:    SIGTERM or SIGINT -> exit code 0.
+// Issuer:  `http://127.0.0.1:P` exactly (no trailing slash), same string in discovery `issuer`
+//          and in every token's `iss`.
+//
+// Endpoints (all relative to the issuer):
+//   GET  /.well-known/openid-configuration   discovery (also /.well-known/oauth-authorization-server)
+//   GET  /jwks                               JWKS (RSA + EC P-256 keys, each with `kid`),
+//                                            Content-Type application/jwk-set+json,
+//                                            Cache-Control: public, max-age=<jwks-max-age>
+//   POST /token                              token endpoint
+//   POST /token/introspection                RFC 7662 introspection
+//   POST /token/revocation                   RFC 7009 revocation (any authenticated client)
+//   POST /__rotate                           test hook: new RSA + EC signing keys (new kids);
+//                                            old keys stay published in the JWKS unless
+//                                            `?drop_old=1` is given. 200 {"rs256":kid,"es256":kid,"kids":[...published]}
+//   GET  /__health                           200 {"ok":true}
+//
+// Token request (client credentials grant, client_secret_basic):
+//   POST /token   Authorization: Basic base64(<client_id>:secret-<client_id>)
+//   Content-Type: application/x-www-form-urlencoded
+//   grant_type=client_credentials&scope=imap&resource=urn:imapgate:rs256
+//   curl -u alice:secret-alice -d grant_type=client_credentials -d scope=imap \
+//        -d resource=urn:imapgate:rs256 http://127.0.0.1:P/token
+//   -> 200 {"access_token":"...","expires_in":600,"token_type":"Bearer","scope":"imap"}
+//
+//   client_id (= test user)  secret          extra claims in the token / introspection
+//   alice                    secret-alice    email=alice@example.org, preferred_username=alice, amr=["pwd","mfa"]
+//   bob                      secret-bob      email=bob@example.org, amr=["pwd"]
+//   mia                      secret-mia      email=mia@example.org, amr=["pwd","mfa"]
+//   Allowed scopes: `imap`, `other` (space separated in `scope=`). Unknown scope values are
+//   dropped silently (oidc-provider behaviour); without `scope=` the token has no scope claim.
+//   `sub` = the client id (e.g. "alice"); `client_id` = the client id.
+//
+//   resource= (exactly one; RFC 8707)   format   alg     aud        lifetime
+//   urn:imapgate:rs256 (the default)     JWT      RS256   imap       600 s
+//   urn:imapgate:es256                   JWT      ES256   imap       600 s
+//   urn:imapgate:other-aud               JWT      RS256   not-imap   600 s
+//   urn:imapgate:short                   JWT      RS256   imap       2 s
+//   urn:imapgate:opaque                  opaque   -       imap       600 s (introspect it)
+//   anything else -> 400 {"error":"invalid_target",...}
+//   JWT header: {"alg":"RS256"|"ES256","typ":"at+jwt","kid":"<kid in JWKS>"}
+//   JWT payload: email, preferred_username (alice only), amr, jti, sub, iat, exp, scope,
+//                client_id, iss, aud
+//
+// Client authentication: every client is registered as client_secret_basic, but oidc-provider
+// treats client_secret_basic and client_secret_post as interchangeable, so a form body with
+// client_id=..&client_secret=.. works too (at /token and /token/introspection). Use Basic.
+//
+// Introspection (RFC 7662), client `imapgate-gateway`, secret `secret-imapgate-gateway`:
+//   POST /token/introspection   Authorization: Basic base64(imapgate-gateway:secret-imapgate-gateway)
+//   token=<opaque token>[&token_type_hint=access_token]
+//   curl -u imapgate-gateway:secret-imapgate-gateway -d token=TOKEN http://127.0.0.1:P/token/introspection
+//   active -> {"active":true,"sub":"alice","email":"alice@example.org","preferred_username":"alice",
+//              "amr":["pwd","mfa"],"client_id":"alice","exp":...,"iat":...,
+//              "iss":"http://127.0.0.1:P","aud":"imap","scope":"imap","token_type":"Bearer"}
+//              (no `jti`: for opaque tokens oidc-provider omits it because it equals the token)
+//   unknown/expired/revoked token, or caller other than imapgate-gateway -> {"active":false}
+//   wrong gateway secret -> 401 {"error":"invalid_client",...}
+//   A JWT given to introspection -> 400 {"error":"unsupported_token_type",...} (oidc-provider
+//   refuses to introspect structured tokens).
+// ============================================================================================
+
+import * as crypto from 'node:crypto';
+import * as http from 'node:http';
+import { parseArgs } from 'node:util';
+
+// ----------------------------------------------------------------------------------------------
+// Command line
+// ----------------------------------------------------------------------------------------------
+let args;
+try {
+  ({ values: args } = parseArgs({
+    options: {
+      port: { type: 'string' },
+      'jwks-max-age': { type: 'string', default: '300' },
+      'exit-with-stdin': { type: 'boolean', default: false },
+    },
+    strict: true,
+  }));
+} catch (err) {
+  process.stderr.write(`idp: ${err.message}\nusage: node server.js --port P [--jwks-max-age S] [--exit-with-stdin]\n`);
+  process.exit(2);
+}
+const requestedPort = Number(args.port);
+if (args.port === undefined || !Number.isInteger(requestedPort) || requestedPort < 0 || requestedPort > 65535) {
+  process.stderr.write('idp: --port P is required (0..65535)\n');
+  process.exit(2);
+}
+const jwksMaxAge = Number(args['jwks-max-age']);
+if (!Number.isInteger(jwksMaxAge) || jwksMaxAge < 0) {
+  process.stderr.write('idp: --jwks-max-age must be a non-negative integer\n');
+  process.exit(2);
+}
+
+// oidc-provider prints notices with console.info (i.e. to stdout). stdout is reserved for the
+// single READY line, so route every console method to stderr *before* loading the library
+// (hence the dynamic import below instead of a static one).
+for (const method of ['log', 'info', 'debug', 'trace']) {
+  // eslint-disable-next-line no-console
+  console[method] = console.error;
+}
+const { default: Provider, errors: oidcErrors } = await import('oidc-provider');
+
+// ----------------------------------------------------------------------------------------------
+// Test users = client-credentials clients
+// ----------------------------------------------------------------------------------------------
+const USERS = {
+  alice: { email: 'alice@example.org', preferred_username: 'alice', amr: ['pwd', 'mfa'] },
+  bob: { email: 'bob@example.org', amr: ['pwd'] },
+  mia: { email: 'mia@example.org', amr: ['pwd', 'mfa'] },
+};
+const GATEWAY_CLIENT = 'imapgate-gateway';
+
+const clients = [
+  ...Object.keys(USERS).map((id) => ({
+    client_id: id,
+    client_secret: `secret-${id}`,
+    token_endpoint_auth_method: 'client_secret_basic',
+    grant_types: ['client_credentials'],
+    response_types: [],
+    redirect_uris: [],
+    scope: 'imap other',
+  })),
+  {
+    client_id: GATEWAY_CLIENT,
+    client_secret: `secret-${GATEWAY_CLIENT}`,
+    token_endpoint_auth_method: 'client_secret_basic',
+    grant_types: ['client_credentials'],
+    response_types: [],
+    redirect_uris: [],
+    scope: 'imap',
+  },
+];
+
+// ----------------------------------------------------------------------------------------------
+// Resource servers (RFC 8707 resource indicators) -> token format / alg / audience / lifetime
+// ----------------------------------------------------------------------------------------------
+const RESOURCE_SCOPE = 'imap other';
+const DEFAULT_TTL = 600;
+const RESOURCES = {
+  'urn:imapgate:rs256': { format: 'jwt', alg: 'RS256', audience: 'imap', ttl: DEFAULT_TTL },
+  'urn:imapgate:es256': { format: 'jwt', alg: 'ES256', audience: 'imap', ttl: DEFAULT_TTL },
+  'urn:imapgate:other-aud': { format: 'jwt', alg: 'RS256', audience: 'not-imap', ttl: DEFAULT_TTL },
+  'urn:imapgate:short': { format: 'jwt', alg: 'RS256', audience: 'imap', ttl: 2 },
+  'urn:imapgate:opaque': { format: 'opaque', audience: 'imap', ttl: DEFAULT_TTL },
+};
+const DEFAULT_RESOURCE = 'urn:imapgate:rs256';
+
+// ----------------------------------------------------------------------------------------------
+// Keys (generated in memory; rotated by POST /__rotate)
+// ----------------------------------------------------------------------------------------------
+let generation = 0;
+/** current signing kid per alg */
+const current = { RS256: undefined, ES256: undefined };
+/** every private JWK the provider knows (current + kept old ones), newest first */
+let privateJwks = [];
+
+function newKeys() {
+  generation += 1;
+  const suffix = crypto.randomBytes(4).toString('hex');
+  const rsa = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey.export({ format: 'jwk' });
+  const ec = crypto.generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey.export({ format: 'jwk' });
+  Object.assign(rsa, { kid: `rs256-g${generation}-${suffix}`, alg: 'RS256', use: 'sig' });
+  Object.assign(ec, { kid: `es256-g${generation}-${suffix}`, alg: 'ES256', use: 'sig' });
+  return { rsa, ec };
+}
+
+function installKeys({ dropOld }) {
+  const { rsa, ec } = newKeys();
+  privateJwks = [rsa, ec, ...(dropOld ? [] : privateJwks)];
+  current.RS256 = rsa.kid;
+  current.ES256 = ec.kid;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Storage shared across provider instances (a rotation builds a new Provider instance, and
+// opaque tokens issued before it must stay introspectable).
+// ----------------------------------------------------------------------------------------------
+const store = new Map();
+function sweep() {
+  const now = Date.now();
+  for (const [key, { expiresAt }] of store) {
+    if (expiresAt !== undefined && expiresAt <= now) store.delete(key);
+  }
+}
+class SharedMemoryAdapter {
+  constructor(model) {
+    this.model = model;
+  }
+
+  key(id) {
+    return `${this.model}:${id}`;
+  }
+
+  async upsert(id, payload, expiresIn) {
+    sweep();
+    store.set(this.key(id), {
+      payload,
+      expiresAt: typeof expiresIn === 'number' ? Date.now() + (expiresIn + 15) * 1000 : undefined,
+    });
+  }
+
+  async find(id) {
+    const entry = store.get(this.key(id));
+    if (!entry) return undefined;
+    if (entry.expiresAt !== undefined && entry.expiresAt <= Date.now()) {
+      store.delete(this.key(id));
+      return undefined;
+    }
+    return entry.payload;
+  }
+
+  async findByUid(uid) {
+    for (const [key, { payload }] of store) {
+      if (key.startsWith(`${this.model}:`) && payload.uid === uid) return payload;
+    }
+    return undefined;
+  }
+
+  async findByUserCode(userCode) {
+    for (const [key, { payload }] of store) {
+      if (key.startsWith(`${this.model}:`) && payload.userCode === userCode) return payload;
+    }
+    return undefined;
+  }
+
+  async consume(id) {
+    const entry = store.get(this.key(id));
+    if (entry) entry.payload.consumed = Math.floor(Date.now() / 1000);
+  }
+
+  async destroy(id) {
+    store.delete(this.key(id));
+  }
+
+  async revokeByGrantId(grantId) {
+    for (const [key, { payload }] of store) {
+      if (payload.grantId === grantId) store.delete(key);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Provider
+// ----------------------------------------------------------------------------------------------
+let issuer;
+
+function buildProvider() {
+  const provider = new Provider(issuer, {
+    adapter: SharedMemoryAdapter,
+    clients,
+    jwks: { keys: privateJwks },
+    scopes: ['openid', 'imap', 'other'],
+    claims: { openid: ['sub'] },
+    features: {
+      devInteractions: { enabled: false },
+      userinfo: { enabled: false },
+      clientCredentials: { enabled: true },
+      introspection: {
+        enabled: true,
+        // Only the gateway client may introspect; everyone else gets {"active":false}.
+        allowedPolicy: async (ctx, client) => client.clientId === GATEWAY_CLIENT,
+      },
+      revocation: {
+        enabled: true,
+        allowedPolicy: async () => true,
+      },
+      resourceIndicators: {
+        enabled: true,
+        defaultResource: async () => DEFAULT_RESOURCE,
+        useGrantedResource: async () => true,
+        getResourceServerInfo: async (ctx, resourceIndicator) => {
+          const rs = RESOURCES[resourceIndicator];
+          if (!rs) {
+            throw new oidcErrors.InvalidTarget(`unknown resource indicator ${resourceIndicator}`);
+          }
+          const info = {
+            scope: RESOURCE_SCOPE,
+            audience: rs.audience,
+            accessTokenTTL: rs.ttl,
+            accessTokenFormat: rs.format,
+          };
+          if (rs.format === 'jwt') {
+            info.jwt = { sign: { alg: rs.alg, kid: current[rs.alg] } };
+          }
+          return info;
+        },
+      },
+    },
+    extraTokenClaims: async (ctx, token) => {
+      // `sub` here only matters for opaque tokens (introspection has no accountId to show);
+      // JWTs get sub = client id from oidc-provider itself, so both formats agree.
+      return { sub: token.clientId, ...structuredClone(USERS[token.clientId] ?? {}) };
+    },
+    ttl: {
+      ClientCredentials: (ctx, token) => token.resourceServer?.accessTokenTTL ?? DEFAULT_TTL,
+      AccessToken: (ctx, token) => token.resourceServer?.accessTokenTTL ?? DEFAULT_TTL,
+      AuthorizationCode: 60,
+      IdToken: 3600,
+      RefreshToken: 86400,
+      Interaction: 3600,
+      Session: 86400,
+      Grant: 86400,
+    },
+    clientBasedCORS: () => false,
+    renderError: async (ctx, out) => {
+      ctx.type = 'application/json; charset=utf-8';
+      ctx.body = out;
+    },
+  });
+
+  provider.use(async (ctx, next) => {
+    await next();
+    if (ctx.oidc?.route === 'jwks' && ctx.status === 200) {
+      ctx.set('Cache-Control', `public, max-age=${jwksMaxAge}`);
+    }
+  });
+
+  // Unexpected server-side errors -> stderr (client errors such as invalid_client are normal in
+  // negative tests and are not logged).
+  provider.on('server_error', (ctx, err) => process.stderr.write(`idp: server_error: ${err?.stack ?? err}\n`));
+
+  return provider;
+}
+
+let handler;
+function rebuild() {
+  handler = buildProvider().callback();
+}
+
+// ----------------------------------------------------------------------------------------------
+// HTTP wrapper: test hooks + delegate to the current provider instance
+// ----------------------------------------------------------------------------------------------
+function sendJson(res, status, body, extraHeaders = {}) {
+  const data = JSON.stringify(body);
+  res.writeHead(status, {
+    'Content-Type': 'application/json; charset=utf-8',
+    'Content-Length': Buffer.byteLength(data),
+    'Cache-Control': 'no-store',
+    ...extraHeaders,
+  });
+  res.end(data);
+}
+
+const server = http.createServer((req, res) => {
+  const url = new URL(req.url, 'http://127.0.0.1');
+  if (url.pathname === '/__rotate') {
+    if (req.method !== 'POST') {
+      sendJson(res, 405, { error: 'method_not_allowed' }, { Allow: 'POST' });
+      return;
+    }
+    req.resume(); // ignore any body
+    req.on('end', () => {
+      try {
+        const dropOld = ['1', 'true', 'yes'].includes(url.searchParams.get('drop_old') ?? '');
+        installKeys({ dropOld });
+        rebuild();
+        sendJson(res, 200, {
+          rs256: current.RS256,
+          es256: current.ES256,
+          kids: privateJwks.map((k) => k.kid),
+        });
+      } catch (err) {
+        process.stderr.write(`idp: rotate failed: ${err?.stack ?? err}\n`);
+        sendJson(res, 500, { error: 'rotate_failed' });
+      }
+    });
+    return;
+  }
+  if (url.pathname === '/__health') {
+    sendJson(res, 200, { ok: true });
+    return;
+  }
+  if (!handler) {
+    sendJson(res, 503, { error: 'starting' });
+    return;
+  }
+  handler(req, res);
+});
+
+server.on('clientError', (err, socket) => {
+  if (socket.writable) socket.end('HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n');
+});
+
+function shutdown() {
+  server.close();
+  server.closeAllConnections?.();
+  process.exit(0);
+}
+process.on('SIGTERM', shutdown);
+process.on('SIGINT', shutdown);
+if (args['exit-with-stdin']) {
+  process.stdin.on('end', shutdown);
+  process.stdin.on('error', shutdown);
+  process.stdin.resume();
+}
+
+server.on('error', (err) => {
+  process.stderr.write(`idp: listen failed: ${err.message}\n`);
+  process.exit(1);
+});
+
+server.listen(requestedPort, '127.0.0.1', () => {
+  const { port } = server.address();
+  issuer = `http://127.0.0.1:${port}`;
+  try {
+    installKeys({ dropOld: false });
+    rebuild();
+  } catch (err) {
+    process.stderr.write(`idp: provider setup failed: ${err?.stack ?? err}\n`);
+    process.exit(1);
+  }
+  process.stdout.write(`READY ${issuer}\n`);
+});
