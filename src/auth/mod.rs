@@ -132,6 +132,9 @@ pub struct Identity {
     pub credential_id: String,
     /// How the second factor was satisfied: `totp`, `unlocked` or `none`.
     pub mfa: &'static str,
+    /// End the relayed session at this Unix time (the token's expiry, when the issuer has
+    /// `end_session_at_expiry`).
+    pub session_until: Option<u64>,
 }
 
 #[derive(Debug)]

@@ -384,6 +384,7 @@ impl CredentialStore {
             credential_id: format!("oauth:{}", id.issuer),
             user: id.user,
             mfa: "idp",
+            session_until: id.end_session_at,
         })
     }
 
@@ -501,6 +502,7 @@ impl Authenticator for CredentialStore {
             upstream_user: entry.upstream_user.clone().unwrap_or_else(|| name.clone()),
             credential_id: ap.id.clone(),
             mfa,
+            session_until: None,
         };
 
         // 3. The second factor.

@@ -193,6 +193,8 @@ pub struct IssuerConfig {
     pub leeway: Duration,
     /// Unknown `kid`: the key set is re-fetched at most once per this interval.
     pub key_refresh_interval: Duration,
+    /// Close relayed sessions when their token expires.
+    pub end_session_at_expiry: bool,
 }
 
 #[derive(Debug, Clone)]

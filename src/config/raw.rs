@@ -110,6 +110,8 @@ pub struct Issuer {
     pub accept_id_tokens: Option<bool>,
     pub leeway: Option<Scalar>,
     pub key_refresh_interval: Option<Scalar>,
+    #[serde(default)]
+    pub end_session_at_expiry: bool,
 }
 
 #[derive(Debug, Deserialize)]

@@ -760,6 +760,7 @@ fn issuers(cx: &mut Ctx, o: &raw::OAuth) -> Vec<super::IssuerConfig> {
             accept_id_tokens: r.accept_id_tokens.unwrap_or(false),
             leeway,
             key_refresh_interval,
+            end_session_at_expiry: r.end_session_at_expiry,
         });
     }
     out

@@ -209,6 +209,7 @@ enum LoginEnd {
         slot: UserSlot,
         backend: String,
         user: String,
+        until: Option<u64>,
     },
     Continue(PreAuth),
 }
@@ -367,6 +368,7 @@ impl Session {
                             slot,
                             backend: name,
                             user,
+                            until,
                         } => {
                             if !self.write(&mut conn, &ok, deadline).await {
                                 return None;
@@ -379,6 +381,7 @@ impl Session {
                                 slot,
                                 backend_name: name,
                                 user,
+                                until,
                             });
                         }
                     }
@@ -551,6 +554,7 @@ impl Session {
                     slot,
                     backend: name,
                     user: identity.user,
+                    until: identity.session_until,
                 }
             }
             Err(e) => {
@@ -584,6 +588,7 @@ impl Session {
             slot,
             backend_name,
             user,
+            until,
         } = parts;
         let m = &self.shared.metrics;
         let _gauge = GaugeGuard::new(&m.sessions_relayed);
@@ -613,7 +618,16 @@ impl Session {
             backend,
             relay::RelayLimits {
                 idle: l.relay_idle_timeout,
-                lifetime: l.max_session_lifetime,
+                lifetime: match until {
+                    // The token's remaining life, if shorter than the configured maximum.
+                    Some(t) => {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs());
+                        Duration::from_secs(t.saturating_sub(now)).min(l.max_session_lifetime)
+                    }
+                    None => l.max_session_lifetime,
+                },
                 shutdown_grace: l.shutdown_grace,
             },
             m.relay_bytes.with_label_values(&["to_backend"]),
@@ -671,4 +685,6 @@ struct RelayParts {
     slot: UserSlot,
     backend_name: String,
     user: String,
+    /// Unix time at which the session must end (token expiry), if any.
+    until: Option<u64>,
 }

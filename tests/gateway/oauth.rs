@@ -437,3 +437,47 @@ print("ok")
         "curl --oauth2-bearer: {text}"
     );
 }
+
+#[tokio::test]
+async fn sessions_end_when_their_token_expires_if_configured() {
+    let Some((t, idp)) = start("        end_session_at_expiry: true").await else {
+        return;
+    };
+    let short = idp.token("alice", "urn:imapgate:short", "imap").await;
+    let mut c = t.client().await;
+    let r = c
+        .cmd(
+            "a",
+            &format!(
+                "AUTHENTICATE XOAUTH2 {}",
+                xoauth2("alice@example.org", &short)
+            ),
+        )
+        .await;
+    assert!(last(&r).starts_with("a OK"), "{r:?}");
+    let started = std::time::Instant::now();
+    assert!(
+        c.closed_within(Duration::from_secs(6)).await,
+        "session outlived its token"
+    );
+    assert!(started.elapsed() < Duration::from_secs(4));
+    // Without the setting, a session is not tied to the token (max_session_lifetime applies).
+    let Some((t2, _)) = start("").await else {
+        return;
+    };
+    let short = idp.token("alice", "urn:imapgate:short", "imap").await;
+    let mut c = t2.client().await;
+    let r = c
+        .cmd(
+            "a",
+            &format!(
+                "AUTHENTICATE XOAUTH2 {}",
+                xoauth2("alice@example.org", &short)
+            ),
+        )
+        .await;
+    assert!(last(&r).starts_with("a OK"), "{r:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let r = c.cmd("n", "NOOP").await;
+    assert!(last(&r).starts_with("n OK"), "{r:?}");
+}

@@ -90,6 +90,8 @@ pub struct TokenIdentity {
     pub issuer: String,
     /// `exp`, Unix seconds.
     pub expires: u64,
+    /// When the relayed session must end (`end_session_at_expiry`).
+    pub end_session_at: Option<u64>,
 }
 
 #[derive(Default)]
@@ -427,6 +429,7 @@ impl OAuthValidator {
             user,
             issuer: cfg.name.clone(),
             expires,
+            end_session_at: cfg.end_session_at_expiry.then_some(expires),
         })
     }
 }
