@@ -195,6 +195,17 @@ pub struct IssuerConfig {
     pub key_refresh_interval: Duration,
     /// Close relayed sessions when their token expires.
     pub end_session_at_expiry: bool,
+    /// RFC 7662 introspection for opaque tokens.
+    pub introspection: Option<IntrospectionConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct IntrospectionConfig {
+    /// The endpoint; `None`: from discovery (`introspection_endpoint`).
+    pub endpoint: Option<String>,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub cache_ttl: Duration,
 }
 
 #[derive(Debug, Clone)]

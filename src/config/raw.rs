@@ -112,6 +112,17 @@ pub struct Issuer {
     pub key_refresh_interval: Option<Scalar>,
     #[serde(default)]
     pub end_session_at_expiry: bool,
+    pub introspection: Option<Introspection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Introspection {
+    pub endpoint: Option<String>,
+    pub client_id: String,
+    pub client_secret_file: Option<String>,
+    pub client_secret_env: Option<String>,
+    pub cache_ttl: Option<Scalar>,
 }
 
 #[derive(Debug, Deserialize)]

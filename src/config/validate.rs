@@ -761,6 +761,53 @@ fn issuers(cx: &mut Ctx, o: &raw::OAuth) -> Vec<super::IssuerConfig> {
             leeway,
             key_refresh_interval,
             end_session_at_expiry: r.end_session_at_expiry,
+            introspection: r.introspection.as_ref().and_then(|x| {
+                let ipath = format!("{path}.introspection");
+                if let Some(e) = &x.endpoint {
+                    if !url_ok(e) {
+                        cx.err(
+                            format!("{ipath}.endpoint"),
+                            "must be an https:// URL (http:// only for loopback)",
+                        );
+                    }
+                } else if !discovery {
+                    cx.err(format!("{ipath}.endpoint"), "is required without discovery");
+                }
+                let secret = match (&x.client_secret_file, &x.client_secret_env) {
+                    (Some(f), None) => cx.secret_file(f, &format!("{ipath}.client_secret_file")),
+                    (None, Some(var)) => match std::env::var(var) {
+                        Ok(v) if !v.is_empty() => Some(Secret::from(v)),
+                        _ => {
+                            cx.err(
+                                format!("{ipath}.client_secret_env"),
+                                format!("environment variable {var} is not set"),
+                            );
+                            None
+                        }
+                    },
+                    _ => {
+                        cx.err(
+                            ipath.clone(),
+                            "needs exactly one of client_secret_file or client_secret_env",
+                        );
+                        None
+                    }
+                };
+                let cache_ttl = cx.duration(
+                    x.cache_ttl.as_ref(),
+                    &format!("{ipath}.cache_ttl"),
+                    Duration::from_secs(60),
+                );
+                if cache_ttl > Duration::from_secs(3600) {
+                    cx.err(format!("{ipath}.cache_ttl"), "must be at most 1h");
+                }
+                Some(super::IntrospectionConfig {
+                    endpoint: x.endpoint.clone(),
+                    client_id: x.client_id.clone(),
+                    client_secret: secret?,
+                    cache_ttl,
+                })
+            }),
         });
     }
     out

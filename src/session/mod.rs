@@ -118,11 +118,17 @@ impl UserSessions {
         for (user, list) in map.iter() {
             let entry = file.users.get(user).filter(|u| !u.disabled);
             for s in list {
-                let active = entry.is_some_and(|u| {
-                    u.app_passwords
-                        .iter()
-                        .any(|a| a.id == s.credential_id && a.is_active(now))
-                });
+                // Token sessions have no app password (and their user need not be listed):
+                // only disabling the user ends them.
+                let active = if s.credential_id.starts_with("oauth:") {
+                    !file.users.get(user).is_some_and(|u| u.disabled)
+                } else {
+                    entry.is_some_and(|u| {
+                        u.app_passwords
+                            .iter()
+                            .any(|a| a.id == s.credential_id && a.is_active(now))
+                    })
+                };
                 if !active && !s.revoked.is_cancelled() {
                     s.revoked.cancel();
                     closed += 1;
@@ -687,4 +693,54 @@ struct RelayParts {
     user: String,
     /// Unix time at which the session must end (token expiry), if any.
     until: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::users::{AppPassword, User, UsersFile};
+
+    #[test]
+    fn revocation_closes_only_what_was_revoked() {
+        let ap = |id: &str, revoked: bool| AppPassword {
+            id: id.into(),
+            label: String::new(),
+            hash: String::new(),
+            created: time::OffsetDateTime::UNIX_EPOCH,
+            expires: None,
+            revoked,
+        };
+        let mut file = UsersFile {
+            version: 1,
+            users: Default::default(),
+        };
+        file.users.insert(
+            "a@x".into(),
+            User {
+                app_passwords: vec![ap("ap_1", true), ap("ap_2", false)],
+                ..Default::default()
+            },
+        );
+        let sessions = UserSessions::default();
+        let revoked = sessions.try_acquire("a@x", "ap_1", 1, 10).unwrap();
+        let kept = sessions.try_acquire("a@x", "ap_2", 2, 10).unwrap();
+        // A token user who is not in the users file keeps their session.
+        let token = sessions.try_acquire("t@x", "oauth:corp", 3, 10).unwrap();
+        assert_eq!(sessions.close_revoked(&file), 1);
+        assert!(revoked.revoked.is_cancelled());
+        assert!(!kept.revoked.is_cancelled() && !token.revoked.is_cancelled());
+        // Disabling the token user ends it.
+        file.users.insert(
+            "t@x".into(),
+            User {
+                disabled: true,
+                ..Default::default()
+            },
+        );
+        assert_eq!(sessions.close_revoked(&file), 1);
+        assert!(token.revoked.is_cancelled());
+        // The cap counts live sessions and frees on drop.
+        drop(revoked);
+        assert!(sessions.try_acquire("a@x", "ap_2", 4, 2).is_some());
+    }
 }

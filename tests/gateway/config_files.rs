@@ -24,6 +24,8 @@ fn the_example_config_documents_a_valid_config() {
     std::fs::copy(k, root.join("tls/tls.key")).unwrap();
     std::fs::copy(&pki.ca_pem, root.join("backend-ca.pem")).unwrap();
     std::fs::write(root.join("master.secret"), "s3cret\n").unwrap();
+    std::fs::create_dir_all(root.join("oauth")).unwrap();
+    std::fs::write(root.join("oauth/corp.secret"), "client-secret\n").unwrap();
     std::fs::create_dir_all(root.join("keys")).unwrap();
     std::fs::write(
         root.join("keys/k1.key"),
@@ -43,6 +45,18 @@ fn the_example_config_documents_a_valid_config() {
     assert_eq!(cfg.auth.mfa.default, imapgate::config::MfaMode::Required);
     assert_eq!(cfg.auth.mfa.unlock_ttl.as_secs(), 12 * 3600);
     assert_eq!(cfg.auth.active_key.as_deref(), Some("k1"));
+    let issuer = &cfg.auth.oauth_issuers[0];
+    assert_eq!(issuer.audiences, vec!["imap".to_owned()]);
+    assert!(issuer.jwks_uri.is_none(), "discovery by default");
+    assert_eq!(
+        issuer
+            .introspection
+            .as_ref()
+            .unwrap()
+            .client_secret
+            .expose(),
+        b"client-secret"
+    );
     // check-config agrees.
     let p = dir.path().join("example.yaml");
     std::fs::write(&p, &text).unwrap();

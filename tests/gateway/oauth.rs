@@ -481,3 +481,41 @@ async fn sessions_end_when_their_token_expires_if_configured() {
     let r = c.cmd("n", "NOOP").await;
     assert!(last(&r).starts_with("n OK"), "{r:?}");
 }
+
+#[tokio::test]
+async fn opaque_tokens_via_introspection() {
+    // Safe here: only this test reads the variable, before any thread uses the environment.
+    std::env::set_var(
+        "IMAPGATE_TEST_INTROSPECTION_SECRET",
+        "secret-imapgate-gateway",
+    );
+    let Some((t, idp)) = start("        introspection: { client_id: imapgate-gateway, client_secret_env: IMAPGATE_TEST_INTROSPECTION_SECRET, cache_ttl: 30s }").await else {
+        return;
+    };
+    let opaque = idp.token("alice", "urn:imapgate:opaque", "imap").await;
+    accepted(&t, "XOAUTH2", &xoauth2("alice@example.org", &opaque)).await;
+    // Cached: a second login does not ask again (the metric counts validations, not requests).
+    accepted(
+        &t,
+        "OAUTHBEARER",
+        &oauthbearer(Some("alice@example.org"), &opaque),
+    )
+    .await;
+    // Someone else's opaque token, an unknown one, and the wrong user.
+    refused(
+        &t,
+        "XOAUTH2",
+        &xoauth2("alice@example.org", "not-a-real-token"),
+    )
+    .await;
+    assert!(
+        t.metric("imapgate_oauth_tokens_total", &["result=\"inactive\""])
+            .await
+            >= 1.0
+    );
+    let bob = idp.token("bob", "urn:imapgate:opaque", "imap").await;
+    refused(&t, "XOAUTH2", &xoauth2("alice@example.org", &bob)).await;
+    // JWTs still validate locally alongside.
+    let jwt = idp.token("mia", "urn:imapgate:rs256", "imap").await;
+    accepted(&t, "XOAUTH2", &xoauth2("mia@example.org", &jwt)).await;
+}

@@ -13,6 +13,7 @@
 //! once per `key_refresh_interval`, so a flood of tokens with random kids causes no fetch storm.
 
 mod http;
+mod introspect;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -59,6 +60,8 @@ pub enum OAuthError {
     UserMismatch,
     #[error("identity provider unavailable")]
     IdpUnavailable,
+    #[error("token not active")]
+    Inactive,
 }
 
 impl OAuthError {
@@ -79,6 +82,7 @@ impl OAuthError {
             OAuthError::NoUser => "no_user",
             OAuthError::UserMismatch => "user_mismatch",
             OAuthError::IdpUnavailable => "idp_unavailable",
+            OAuthError::Inactive => "inactive",
         }
     }
 }
@@ -110,6 +114,7 @@ struct Issuer {
     http: reqwest::Client,
     cache: Mutex<KeyCache>,
     algorithms: Vec<Algorithm>,
+    introspector: Mutex<Option<std::sync::Arc<introspect::Introspector>>>,
 }
 
 /// Bounds on how long a key set is trusted without re-fetching.
@@ -117,10 +122,8 @@ const MIN_KEYS_TTL: Duration = Duration::from_secs(60);
 const MAX_KEYS_TTL: Duration = Duration::from_secs(24 * 3600);
 
 impl Issuer {
-    async fn discover(&self) -> Result<String, OAuthError> {
-        if let Some(u) = &self.cfg.jwks_uri {
-            return Ok(u.clone());
-        }
+    /// The discovery document (OpenID Connect Discovery / RFC 8414), checked to be this issuer's.
+    async fn discovery_doc(&self) -> Result<Value, OAuthError> {
         let url = format!(
             "{}/.well-known/openid-configuration",
             self.cfg.issuer.trim_end_matches('/')
@@ -131,16 +134,60 @@ impl Issuer {
             tracing::warn!(issuer = %self.cfg.name, "discovery document names another issuer");
             return Err(OAuthError::IdpUnavailable);
         }
-        let jwks = doc
-            .get("jwks_uri")
+        Ok(doc)
+    }
+
+    /// An endpoint URL from discovery, with the issuer's scheme rules.
+    fn endpoint(&self, doc: &Value, key: &str) -> Result<String, OAuthError> {
+        let url = doc
+            .get(key)
             .and_then(Value::as_str)
             .ok_or(OAuthError::IdpUnavailable)?;
-        let same_scheme = jwks.starts_with("https://")
-            || (self.cfg.issuer.starts_with("http://") && jwks.starts_with("http://"));
+        let same_scheme = url.starts_with("https://")
+            || (self.cfg.issuer.starts_with("http://") && url.starts_with("http://"));
         if !same_scheme {
             return Err(OAuthError::IdpUnavailable);
         }
-        Ok(jwks.to_owned())
+        Ok(url.to_owned())
+    }
+
+    async fn discover(&self) -> Result<String, OAuthError> {
+        if let Some(u) = &self.cfg.jwks_uri {
+            return Ok(u.clone());
+        }
+        let doc = self.discovery_doc().await?;
+        self.endpoint(&doc, "jwks_uri")
+    }
+
+    /// The introspection client, made on first use (its endpoint may come from discovery).
+    async fn introspector(
+        &self,
+    ) -> Result<Option<std::sync::Arc<introspect::Introspector>>, OAuthError> {
+        let Some(icfg) = &self.cfg.introspection else {
+            return Ok(None);
+        };
+        let mut slot = self.introspector.lock().await;
+        if let Some(i) = slot.as_ref() {
+            return Ok(Some(i.clone()));
+        }
+        let endpoint = match &icfg.endpoint {
+            Some(e) => e.clone(),
+            None => {
+                let doc = self.discovery_doc().await?;
+                self.endpoint(&doc, "introspection_endpoint")?
+            }
+        };
+        let i = introspect::Introspector::new(
+            &endpoint,
+            &icfg.client_id,
+            &icfg.client_secret,
+            icfg.cache_ttl,
+            self.http.clone(),
+        )
+        .map_err(|_| OAuthError::IdpUnavailable)?;
+        let i = std::sync::Arc::new(i);
+        *slot = Some(i.clone());
+        Ok(Some(i))
     }
 
     async fn refresh(&self, cache: &mut KeyCache) -> Result<(), OAuthError> {
@@ -318,6 +365,7 @@ impl OAuthValidator {
                     metrics: metrics.clone(),
                     cache: Mutex::new(KeyCache::default()),
                     algorithms,
+                    introspector: Mutex::new(None),
                 })
             })
             .collect::<Result<_, String>>()?;
@@ -351,8 +399,7 @@ impl OAuthValidator {
     ) -> Result<TokenIdentity, OAuthError> {
         let token = token.expose_str().ok_or(OAuthError::Malformed)?;
         if token.split('.').count() != 3 {
-            // Opaque tokens need introspection (not configured).
-            return Err(OAuthError::Malformed);
+            return self.validate_opaque(token, sasl_user).await;
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| OAuthError::Malformed)?;
         // Only selects the issuer; the signature check below decides.
@@ -369,8 +416,6 @@ impl OAuthValidator {
             .find(|i| i.cfg.issuer == iss)
             .ok_or(OAuthError::UnknownIssuer)?;
         let claims = issuer.validate(token, &header).await?;
-        let cfg = &issuer.cfg;
-
         // RFC 9068 access tokens say `at+jwt`; many IdPs still say `JWT` (or nothing).
         match header
             .typ
@@ -381,55 +426,117 @@ impl OAuthValidator {
             None | Some("jwt") | Some("at+jwt") | Some("application/at+jwt") => {}
             Some(_) => return Err(OAuthError::NotAccessToken),
         }
-        if !cfg.accept_id_tokens
-            && (claims.get("nonce").is_some() || claims.get("at_hash").is_some())
-        {
-            return Err(OAuthError::NotAccessToken);
-        }
         let now = jsonwebtoken::get_current_timestamp();
         if claims
             .get("iat")
             .and_then(Value::as_u64)
-            .is_some_and(|iat| iat > now + cfg.leeway.as_secs())
+            .is_some_and(|iat| iat > now + issuer.cfg.leeway.as_secs())
         {
             return Err(OAuthError::NotYetValid);
         }
-        let mut scopes = str_list(claims.get("scope"));
-        scopes.extend(str_list(claims.get("scp")));
-        if !cfg.required_scopes.iter().all(|s| scopes.contains(s)) {
-            return Err(OAuthError::MissingScope);
+        check_claims(&issuer.cfg, &claims, sasl_user)
+    }
+
+    /// Opaque tokens: each issuer with introspection, in order; the first that says active
+    /// decides. All inactive → `Inactive`; an endpoint that fails → `IdpUnavailable`.
+    async fn validate_opaque(
+        &self,
+        token: &str,
+        sasl_user: Option<&str>,
+    ) -> Result<TokenIdentity, OAuthError> {
+        if token.is_empty() {
+            return Err(OAuthError::Malformed);
         }
-        let amr = str_list(claims.get("amr"));
-        if !cfg.require_amr.iter().all(|a| amr.contains(a)) {
+        let mut outcome = Err(OAuthError::Malformed);
+        for issuer in &self.issuers {
+            let intro = match issuer.introspector().await {
+                Ok(Some(i)) => i,
+                Ok(None) => continue,
+                Err(e) => {
+                    outcome = Err(e);
+                    continue;
+                }
+            };
+            match intro.introspect(token).await {
+                Ok(Some(claims)) => {
+                    let cfg = &issuer.cfg;
+                    if claims
+                        .get("iss")
+                        .and_then(Value::as_str)
+                        .is_some_and(|i| i != cfg.issuer)
+                    {
+                        return Err(OAuthError::WrongIssuer);
+                    }
+                    let aud = str_list(claims.get("aud"));
+                    if !aud.iter().any(|a| cfg.audiences.contains(a)) {
+                        return Err(OAuthError::WrongAudience);
+                    }
+                    let now = jsonwebtoken::get_current_timestamp();
+                    if claims
+                        .get("exp")
+                        .and_then(Value::as_u64)
+                        .is_some_and(|e| e + cfg.leeway.as_secs() < now)
+                    {
+                        return Err(OAuthError::Expired);
+                    }
+                    return check_claims(cfg, &claims, sasl_user);
+                }
+                Ok(None) => outcome = Err(OAuthError::Inactive),
+                Err(e) => {
+                    if outcome != Err(OAuthError::Inactive) {
+                        outcome = Err(e);
+                    }
+                }
+            }
+        }
+        outcome
+    }
+}
+
+/// The checks common to JWTs and introspected tokens.
+fn check_claims(
+    cfg: &IssuerConfig,
+    claims: &Value,
+    sasl_user: Option<&str>,
+) -> Result<TokenIdentity, OAuthError> {
+    if !cfg.accept_id_tokens && (claims.get("nonce").is_some() || claims.get("at_hash").is_some()) {
+        return Err(OAuthError::NotAccessToken);
+    }
+    let mut scopes = str_list(claims.get("scope"));
+    scopes.extend(str_list(claims.get("scp")));
+    if !cfg.required_scopes.iter().all(|s| scopes.contains(s)) {
+        return Err(OAuthError::MissingScope);
+    }
+    let amr = str_list(claims.get("amr"));
+    if !cfg.require_amr.iter().all(|a| amr.contains(a)) {
+        return Err(OAuthError::NoMfaEvidence);
+    }
+    if !cfg.require_acr.is_empty() {
+        let acr = claims.get("acr").and_then(Value::as_str).unwrap_or("");
+        if !cfg.require_acr.iter().any(|a| a == acr) {
             return Err(OAuthError::NoMfaEvidence);
         }
-        if !cfg.require_acr.is_empty() {
-            let acr = claims.get("acr").and_then(Value::as_str).unwrap_or("");
-            if !cfg.require_acr.iter().any(|a| a == acr) {
-                return Err(OAuthError::NoMfaEvidence);
-            }
-        }
-        let raw = claims
-            .get(&cfg.user_claim)
-            .and_then(Value::as_str)
-            .ok_or(OAuthError::NoUser)?;
-        let mut user = super::normalize_user(raw).map_err(|_| OAuthError::NoUser)?;
-        if !user.contains('@') {
-            if let Some(d) = &cfg.user_domain {
-                user = format!("{user}@{d}");
-            }
-        }
-        if let Some(claimed) = sasl_user {
-            if claimed != user {
-                return Err(OAuthError::UserMismatch);
-            }
-        }
-        let expires = claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
-        Ok(TokenIdentity {
-            user,
-            issuer: cfg.name.clone(),
-            expires,
-            end_session_at: cfg.end_session_at_expiry.then_some(expires),
-        })
     }
+    let raw = claims
+        .get(&cfg.user_claim)
+        .and_then(Value::as_str)
+        .ok_or(OAuthError::NoUser)?;
+    let mut user = super::normalize_user(raw).map_err(|_| OAuthError::NoUser)?;
+    if !user.contains('@') {
+        if let Some(d) = &cfg.user_domain {
+            user = format!("{user}@{d}");
+        }
+    }
+    if let Some(claimed) = sasl_user {
+        if claimed != user {
+            return Err(OAuthError::UserMismatch);
+        }
+    }
+    let expires = claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
+    Ok(TokenIdentity {
+        user,
+        issuer: cfg.name.clone(),
+        expires,
+        end_session_at: cfg.end_session_at_expiry.then_some(expires),
+    })
 }

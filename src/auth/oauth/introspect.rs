@@ -1,0 +1,165 @@
+//! Opaque tokens: RFC 7662 introspection with the `oauth2` crate, over the project's own
+//! bounded reqwest client (a small adapter, so no second HTTP stack is pulled in).
+//!
+//! Results are cached by SHA-256 of the token: positive ones for at most
+//! min(token lifetime, `cache_ttl`), negative ones for a few seconds. A slow, failing or
+//! oversized endpoint fails closed within the request deadline; there are no retries.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use oauth2::basic::{
+    BasicErrorResponse, BasicRevocationErrorResponse, BasicTokenResponse, BasicTokenType,
+};
+use oauth2::{
+    AccessToken, ClientId, ClientSecret, EndpointNotSet, EndpointSet, ExtraTokenFields,
+    IntrospectionUrl, StandardRevocableToken, StandardTokenIntrospectionResponse,
+    TokenIntrospectionResponse,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use super::http::MAX_BODY;
+use super::OAuthError;
+use crate::secret::Secret;
+
+/// Every claim the endpoint returns beyond the standard ones (email, amr, acr, …).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Extra {
+    #[serde(flatten)]
+    pub rest: HashMap<String, Value>,
+}
+
+impl ExtraTokenFields for Extra {}
+
+type Response = StandardTokenIntrospectionResponse<Extra, BasicTokenType>;
+
+type IntrospectionClient = oauth2::Client<
+    BasicErrorResponse,
+    BasicTokenResponse,
+    Response,
+    StandardRevocableToken,
+    BasicRevocationErrorResponse,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointSet,
+    EndpointNotSet,
+    EndpointNotSet,
+>;
+
+/// Until when, and the claims (None: inactive).
+type Cached = (Instant, Option<Value>);
+
+const NEGATIVE_TTL: Duration = Duration::from_secs(5);
+const MAX_CACHE: usize = 10_000;
+
+pub struct Introspector {
+    client: IntrospectionClient,
+    http: reqwest::Client,
+    cache_ttl: Duration,
+    cache: Mutex<HashMap<[u8; 32], Cached>>,
+}
+
+/// Sends one oauth2 request with reqwest; the response body is capped.
+async fn send(
+    http: reqwest::Client,
+    req: oauth2::HttpRequest,
+) -> Result<oauth2::HttpResponse, std::io::Error> {
+    let err = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
+    let (parts, body) = req.into_parts();
+    let mut resp = http
+        .request(parts.method, parts.uri.to_string())
+        .headers(parts.headers)
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| err(&e))?;
+    let mut builder = http::Response::builder().status(resp.status());
+    for (k, v) in resp.headers() {
+        builder = builder.header(k, v);
+    }
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| err(&e))? {
+        if out.len() + chunk.len() > MAX_BODY {
+            return Err(std::io::Error::other("introspection response too large"));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    builder.body(out).map_err(|e| err(&e))
+}
+
+impl Introspector {
+    pub fn new(
+        endpoint: &str,
+        client_id: &str,
+        secret: &Secret,
+        cache_ttl: Duration,
+        http: reqwest::Client,
+    ) -> Result<Self, String> {
+        let url = IntrospectionUrl::new(endpoint.to_owned()).map_err(|e| e.to_string())?;
+        let client = oauth2::Client::new(ClientId::new(client_id.to_owned()))
+            .set_client_secret(ClientSecret::new(
+                secret.expose_str().unwrap_or_default().to_owned(),
+            ))
+            .set_introspection_url(url);
+        Ok(Self {
+            client,
+            http,
+            cache_ttl,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The token's claims if active, `None` if inactive.
+    pub async fn introspect(&self, token: &str) -> Result<Option<Value>, OAuthError> {
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let now = Instant::now();
+        {
+            let cache = self.cache.lock().await;
+            if let Some((exp, v)) = cache.get(&key) {
+                if *exp > now {
+                    return Ok(v.clone());
+                }
+            }
+        }
+        let http = self.http.clone();
+        let call = move |req: oauth2::HttpRequest| send(http.clone(), req);
+        let access = AccessToken::new(token.to_owned());
+        let resp = self
+            .client
+            .introspect(&access)
+            .request_async(&call)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "token introspection failed");
+                OAuthError::IdpUnavailable
+            })?;
+        let (value, ttl) = if resp.active() {
+            let left = resp
+                .exp()
+                .map(|e| (e.timestamp() - chrono_now()).max(0) as u64)
+                .map_or(self.cache_ttl, Duration::from_secs);
+            (serde_json::to_value(&resp).ok(), self.cache_ttl.min(left))
+        } else {
+            (None, NEGATIVE_TTL)
+        };
+        let mut cache = self.cache.lock().await;
+        if cache.len() >= MAX_CACHE {
+            cache.retain(|_, (e, _)| *e > now);
+            if cache.len() >= MAX_CACHE {
+                cache.clear();
+            }
+        }
+        cache.insert(key, (now + ttl, value.clone()));
+        Ok(value)
+    }
+}
+
+fn chrono_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
