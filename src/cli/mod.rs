@@ -15,6 +15,7 @@ use crate::auth::{app_password, normalize_user};
 use crate::config::Config;
 
 mod mfa;
+mod oauth;
 
 pub const EXIT_CONFIG: u8 = 64;
 
@@ -54,6 +55,9 @@ pub enum Command {
     /// Keys that encrypt TOTP secrets at rest.
     #[command(subcommand)]
     Keys(mfa::KeysCmd),
+    /// OAuth helpers (get a token to test a login).
+    #[command(subcommand)]
+    Oauth(oauth::OAuthCmd),
 }
 
 /// Where the users file is: named by the config, or given directly (e.g. a local copy of a
@@ -169,7 +173,7 @@ pub(crate) fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn load(path: &Path) -> Result<Config, ExitCode> {
+pub(crate) fn load(path: &Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| fail(EXIT_CONFIG, e))
 }
 
@@ -182,6 +186,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::AppPassword(a) => app_passwords(a),
         Command::Totp(t) => mfa::totp(t),
         Command::Keys(k) => mfa::keys(k),
+        Command::Oauth(o) => oauth::oauth(o),
     }
 }
 

@@ -123,8 +123,13 @@ const USERS = {
   alice: { email: 'alice@example.org', preferred_username: 'alice', amr: ['pwd', 'mfa'] },
   bob: { email: 'bob@example.org', amr: ['pwd'] },
   mia: { email: 'mia@example.org', amr: ['pwd', 'mfa'] },
+  // The mailbox of scripts/demo.sh (its one Dovecot user).
+  demo: { email: 'demo@example.org', amr: ['pwd', 'mfa'] },
 };
 const GATEWAY_CLIENT = 'imapgate-gateway';
+// Public client for the device authorization grant (RFC 8628), as `imapgate oauth token` uses it.
+const CLI_CLIENT = 'imapgate-cli';
+const DEVICE_CODE_GRANT = 'urn:ietf:params:oauth:grant-type:device_code';
 
 const clients = [
   ...Object.keys(USERS).map((id) => ({
@@ -144,6 +149,14 @@ const clients = [
     response_types: [],
     redirect_uris: [],
     scope: 'imap',
+  },
+  {
+    client_id: CLI_CLIENT,
+    token_endpoint_auth_method: 'none',
+    grant_types: [DEVICE_CODE_GRANT, 'refresh_token'],
+    response_types: [],
+    redirect_uris: [],
+    scope: 'imap other offline_access',
   },
 ];
 
@@ -265,12 +278,18 @@ function buildProvider() {
     adapter: SharedMemoryAdapter,
     clients,
     jwks: { keys: privateJwks },
-    scopes: ['openid', 'imap', 'other'],
+    scopes: ['openid', 'offline_access', 'imap', 'other'],
     claims: { openid: ['sub'] },
+    // Accounts exist only for the device flow (approved through POST /__device/approve).
+    findAccount: async (ctx, sub) => (Object.hasOwn(USERS, sub)
+      ? { accountId: sub, claims: async () => ({ sub, ...structuredClone(USERS[sub]) }) }
+      : undefined),
     features: {
       devInteractions: { enabled: false },
       userinfo: { enabled: false },
       clientCredentials: { enabled: true },
+      // RFC 8628. No browser pages are used: tests approve with POST /__device/approve.
+      deviceFlow: { enabled: true },
       introspection: {
         enabled: true,
         // Only the gateway client may introspect; everyone else gets {"active":false}.
@@ -303,9 +322,12 @@ function buildProvider() {
       },
     },
     extraTokenClaims: async (ctx, token) => {
-      // `sub` here only matters for opaque tokens (introspection has no accountId to show);
-      // JWTs get sub = client id from oidc-provider itself, so both formats agree.
-      return { sub: token.clientId, ...structuredClone(USERS[token.clientId] ?? {}) };
+      // The user is the approving account (device flow) or else the client itself (client
+      // credentials). `sub` here only matters for opaque client-credentials tokens
+      // (introspection has no accountId to show); JWTs get sub = accountId or client id from
+      // oidc-provider itself, so both formats agree.
+      const user = token.accountId ?? token.clientId;
+      return { sub: user, ...structuredClone(USERS[user] ?? {}) };
     },
     ttl: {
       ClientCredentials: (ctx, token) => token.resourceServer?.accessTokenTTL ?? DEFAULT_TTL,
@@ -313,6 +335,7 @@ function buildProvider() {
       AuthorizationCode: 60,
       IdToken: 3600,
       RefreshToken: 86400,
+      DeviceCode: 600,
       Interaction: 3600,
       Session: 86400,
       Grant: 86400,
@@ -338,9 +361,113 @@ function buildProvider() {
   return provider;
 }
 
+let provider;
 let handler;
 function rebuild() {
-  handler = buildProvider().callback();
+  provider = buildProvider();
+  handler = provider.callback();
+}
+
+// ----------------------------------------------------------------------------------------------
+// Device flow test hooks: approve or deny a pending user code without a browser
+// ----------------------------------------------------------------------------------------------
+/** oidc-provider's own user-code normalisation (upper case, no separators). */
+function normalizeUserCode(input) {
+  return input.replace(/[a-z]/g, (c) => c.toUpperCase()).replace(/\W/g, '');
+}
+
+/** [status, body] for POST /__device/approve (approve = true) or /__device/deny. */
+async function deviceDecision(approve, fields) {
+  const userCode = typeof fields.user_code === 'string' ? fields.user_code : '';
+  if (!userCode) return [400, { error: 'invalid_request', error_description: 'user_code is required' }];
+  const account = typeof fields.account === 'string' ? fields.account : '';
+  if (approve && !Object.hasOwn(USERS, account)) {
+    return [400, {
+      error: 'invalid_request',
+      error_description: `account must be one of ${Object.keys(USERS).join(', ')}`,
+    }];
+  }
+
+  const code = await provider.DeviceCode.findByUserCode(normalizeUserCode(userCode), { ignoreExpiration: true });
+  if (!code) return [404, { error: 'not_found', error_description: 'no such user code' }];
+  if (code.isExpired) return [410, { error: 'expired', error_description: 'the device code has expired' }];
+  if (code.error || code.accountId || code.inFlight || code.consumed) {
+    return [409, { error: 'already_used', error_description: 'the user code was already approved or denied' }];
+  }
+
+  if (!approve) {
+    Object.assign(code, { error: 'access_denied', errorDescription: 'End-User aborted interaction' });
+    await code.save();
+    return [200, { ok: true, user_code: userCode, denied: true }];
+  }
+
+  // What the device authorization request asked for (already validated by oidc-provider).
+  // Resource: the one it named; none named -> every known resource is granted, and the token
+  // request picks one with resource= (default urn:imapgate:rs256). Scopes: the requested
+  // resource scopes (none requested -> `imap`), plus offline_access if requested.
+  const params = code.params ?? {};
+  let resources;
+  if (Array.isArray(params.resource)) {
+    resources = params.resource;
+  } else if (params.resource) {
+    resources = [params.resource];
+  } else {
+    resources = Object.keys(RESOURCES);
+  }
+  const requested = String(params.scope ?? '').split(' ').filter(Boolean);
+  const resourceScopes = requested.filter((s) => RESOURCE_SCOPE.split(' ').includes(s));
+  if (resourceScopes.length === 0) resourceScopes.push('imap');
+  const oidcScopes = requested.filter((s) => s === 'openid' || s === 'offline_access');
+
+  const grant = new provider.Grant({ accountId: account, clientId: code.clientId });
+  for (const resource of resources) grant.addResourceScope(resource, resourceScopes.join(' '));
+  if (oidcScopes.length) grant.addOIDCScope(oidcScopes.join(' '));
+  const grantId = await grant.save();
+
+  Object.assign(code, {
+    accountId: account,
+    grantId,
+    scope: [...oidcScopes, ...resourceScopes].join(' '),
+    resource: resources.length === 1 ? resources[0] : resources,
+    amr: USERS[account].amr,
+    authTime: Math.floor(Date.now() / 1000),
+  });
+  await code.save();
+  return [200, {
+    ok: true, user_code: userCode, account, scope: code.scope, resource: code.resource,
+  }];
+}
+
+/** Reads a small form or JSON body (plus query parameters) into a plain object. */
+function readFields(req, url) {
+  return new Promise((resolve, reject) => {
+    const chunks = [];
+    let size = 0;
+    req.on('data', (chunk) => {
+      size += chunk.length;
+      if (size > 65536) {
+        reject(new Error('body too large'));
+        req.destroy();
+        return;
+      }
+      chunks.push(chunk);
+    });
+    req.on('error', reject);
+    req.on('end', () => {
+      const fields = Object.fromEntries(url.searchParams);
+      const body = Buffer.concat(chunks).toString('utf8');
+      try {
+        if (/json/i.test(req.headers['content-type'] ?? '') || body.trimStart().startsWith('{')) {
+          if (body.trim()) Object.assign(fields, JSON.parse(body));
+        } else {
+          Object.assign(fields, Object.fromEntries(new URLSearchParams(body)));
+        }
+        resolve(fields);
+      } catch (err) {
+        reject(err);
+      }
+    });
+  });
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -380,6 +507,24 @@ const server = http.createServer((req, res) => {
         sendJson(res, 500, { error: 'rotate_failed' });
       }
     });
+    return;
+  }
+  if (url.pathname === '/__device/approve' || url.pathname === '/__device/deny') {
+    if (req.method !== 'POST') {
+      sendJson(res, 405, { error: 'method_not_allowed' }, { Allow: 'POST' });
+      return;
+    }
+    if (!provider) {
+      sendJson(res, 503, { error: 'starting' });
+      return;
+    }
+    readFields(req, url)
+      .then((fields) => deviceDecision(url.pathname === '/__device/approve', fields))
+      .then(([status, body]) => sendJson(res, status, body))
+      .catch((err) => {
+        process.stderr.write(`idp: ${url.pathname} failed: ${err?.stack ?? err}\n`);
+        sendJson(res, 400, { error: 'invalid_request', error_description: String(err?.message ?? err) });
+      });
     return;
   }
   if (url.pathname === '/__health') {

@@ -64,7 +64,7 @@ pub struct Introspector {
 }
 
 /// Sends one oauth2 request with reqwest; the response body is capped.
-async fn send(
+pub(super) async fn send(
     http: reqwest::Client,
     req: oauth2::HttpRequest,
 ) -> Result<oauth2::HttpResponse, std::io::Error> {

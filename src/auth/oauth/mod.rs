@@ -12,6 +12,7 @@
 //! Key sets are cached for their HTTP max-age (bounded); an unknown `kid` re-fetches at most
 //! once per `key_refresh_interval`, so a flood of tokens with random kids causes no fetch storm.
 
+pub mod device;
 mod http;
 mod introspect;
 
@@ -122,6 +123,28 @@ const MIN_KEYS_TTL: Duration = Duration::from_secs(60);
 const MAX_KEYS_TTL: Duration = Duration::from_secs(24 * 3600);
 
 impl Issuer {
+    fn from_config(
+        cfg: &IssuerConfig,
+        metrics: Option<std::sync::Arc<crate::observe::Metrics>>,
+    ) -> Result<Self, String> {
+        let metrics = match metrics {
+            Some(m) => m,
+            None => std::sync::Arc::new(crate::observe::Metrics::new().map_err(|e| e.to_string())?),
+        };
+        Ok(Issuer {
+            http: http::client(cfg)?,
+            cfg: cfg.clone(),
+            metrics,
+            cache: Mutex::new(KeyCache::default()),
+            algorithms: cfg
+                .algorithms
+                .iter()
+                .filter_map(|a| a.parse::<Algorithm>().ok())
+                .collect(),
+            introspector: Mutex::new(None),
+        })
+    }
+
     /// The discovery document (OpenID Connect Discovery / RFC 8414), checked to be this issuer's.
     async fn discovery_doc(&self) -> Result<Value, OAuthError> {
         let url = format!(
@@ -353,21 +376,7 @@ impl OAuthValidator {
     ) -> Result<Self, String> {
         let issuers = issuers
             .iter()
-            .map(|cfg| {
-                let algorithms = cfg
-                    .algorithms
-                    .iter()
-                    .filter_map(|a| a.parse::<Algorithm>().ok())
-                    .collect();
-                Ok(Issuer {
-                    http: http::client(cfg)?,
-                    cfg: cfg.clone(),
-                    metrics: metrics.clone(),
-                    cache: Mutex::new(KeyCache::default()),
-                    algorithms,
-                    introspector: Mutex::new(None),
-                })
-            })
+            .map(|cfg| Issuer::from_config(cfg, Some(metrics.clone())))
             .collect::<Result<_, String>>()?;
         Ok(Self { issuers })
     }
