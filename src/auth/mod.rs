@@ -90,6 +90,9 @@ pub enum FailureReason {
     CodeMissing,
     /// Valid app password, wrong code: the app password has probably leaked.
     BadCode,
+    /// Valid app password and a code that was valid within the unlock window before now: a
+    /// client replaying its saved "password + code" after the window ended (not a leak).
+    StaleCode,
     /// Valid app password and a code that was already used.
     CodeReplayed,
     /// The shared state could not be consulted (fail closed).
@@ -113,6 +116,7 @@ impl FailureReason {
             FailureReason::MfaNotEnrolled => "mfa_not_enrolled",
             FailureReason::CodeMissing => "code_missing",
             FailureReason::BadCode => "bad_code",
+            FailureReason::StaleCode => "stale_code",
             FailureReason::CodeReplayed => "code_replayed",
             FailureReason::StateUnavailable => "state_unavailable",
             FailureReason::Token(e) => e.as_str(),

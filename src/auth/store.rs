@@ -548,7 +548,20 @@ impl Authenticator for CredentialStore {
             return self.totp_failure(FailureReason::CodeMissing);
         };
         let Some(step) = totp::verify(secret, &code, unix_now(), self.mfa.code_digits) else {
-            return self.totp_failure(FailureReason::BadCode);
+            // A code from earlier in the window is a client replaying what it saved; anything
+            // else with a valid app password suggests the app password has leaked.
+            let stale = totp::was_valid_within(
+                secret,
+                &code,
+                unix_now(),
+                self.mfa.code_digits,
+                self.mfa.unlock_ttl.max(Duration::from_secs(3600)),
+            );
+            return self.totp_failure(if stale {
+                FailureReason::StaleCode
+            } else {
+                FailureReason::BadCode
+            });
         };
         // Each code at most once per user (the step identifies it within the window).
         match self

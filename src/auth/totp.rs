@@ -35,6 +35,25 @@ pub fn verify(secret: &Secret, code: &str, now: u64, digits: u8) -> Option<u64> 
     totp(secret, digits)?.check(code, now)
 }
 
+/// Whether `code` was this secret's code at some step in the `window` before `now` (a client
+/// replaying a saved "app password + code" after its unlock window ended, not a guess).
+pub fn was_valid_within(
+    secret: &Secret,
+    code: &str,
+    now: u64,
+    digits: u8,
+    window: std::time::Duration,
+) -> bool {
+    let Some(t) = totp(secret, digits) else {
+        return false;
+    };
+    let steps = window.as_secs() / STEP_SECONDS;
+    (2..=steps).any(|back| {
+        let at = now.saturating_sub(back * STEP_SECONDS);
+        t.generate(at).to_string() == code
+    })
+}
+
 /// The code for `now` (tests, `totp enroll` checks).
 pub fn code_at(secret: &Secret, now: u64, digits: u8) -> Option<String> {
     Some(totp(secret, digits)?.generate(now).to_string())
@@ -136,6 +155,22 @@ mod tests {
         }
         assert_eq!(verify(&s, "12345", now, 6), None);
         assert_eq!(verify(&s, "abcdef", now, 6), None);
+    }
+
+    #[test]
+    fn stale_codes_are_recognised() {
+        let s = new_secret();
+        let now = 1_700_000_000;
+        let hour = std::time::Duration::from_secs(3600);
+        let old = code_at(&s, now - 600, 6).unwrap();
+        assert!(was_valid_within(&s, &old, now, 6, hour));
+        let ancient = code_at(&s, now - 7200, 6).unwrap();
+        let recent: Vec<String> = (0..=120)
+            .map(|b| code_at(&s, now - b * 30, 6).unwrap())
+            .collect();
+        if !recent.contains(&ancient) {
+            assert!(!was_valid_within(&s, &ancient, now, 6, hour));
+        }
     }
 
     #[test]

@@ -129,11 +129,25 @@ async fn old_codes_wrong_codes_and_wrong_passwords_look_identical() {
         );
     }
     // Wrong code with the right password, and the right code with a wrong password: the same bytes.
-    let wrong_code = if window.contains(&"000000".to_owned()) {
-        "111111"
-    } else {
-        "000000"
-    };
+    // A wrong code that was never this user's code in the last hours (so it counts as bad_code).
+    let secret = &t.totp.iter().find(|(u, _)| u == user).unwrap().1;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let wrong_code = (0..1000)
+        .map(|i| format!("{:06}", 123_457 * i % 1_000_000))
+        .find(|c| {
+            !window.contains(c)
+                && !imapgate::auth::totp::was_valid_within(
+                    secret,
+                    c,
+                    now,
+                    6,
+                    Duration::from_secs(12 * 3600),
+                )
+        })
+        .unwrap();
     let a = t
         .login_from("127.0.0.1", user, &format!("{pw}{wrong_code}"))
         .await;

@@ -301,7 +301,12 @@ function buildProvider() {
       },
       resourceIndicators: {
         enabled: true,
-        defaultResource: async () => DEFAULT_RESOURCE,
+        // A device authorization request that names no resource is granted every resource, so
+        // that its token request may pick one with resource= (default: DEFAULT_RESOURCE).
+        defaultResource: async (ctx, client, oneOf) => (
+          ctx?.oidc?.route === 'device_authorization' && oneOf === undefined
+            ? Object.keys(RESOURCES)
+            : DEFAULT_RESOURCE),
         useGrantedResource: async () => true,
         getResourceServerInfo: async (ctx, resourceIndicator) => {
           const rs = RESOURCES[resourceIndicator];
@@ -402,9 +407,9 @@ async function deviceDecision(approve, fields) {
   }
 
   // What the device authorization request asked for (already validated by oidc-provider).
-  // Resource: the one it named; none named -> every known resource is granted, and the token
-  // request picks one with resource= (default urn:imapgate:rs256). Scopes: the requested
-  // resource scopes (none requested -> `imap`), plus offline_access if requested.
+  // Resource: the one it named; none named -> every known resource (see defaultResource), and
+  // the token request picks one with resource= (default urn:imapgate:rs256). Scopes: the
+  // requested resource scopes (none requested -> `imap`), plus offline_access if requested.
   const params = code.params ?? {};
   let resources;
   if (Array.isArray(params.resource)) {
