@@ -7,14 +7,22 @@
 #                                works (app password + code, unlock window, replay refused, ...)
 #   scripts/demo.sh --code [F]   print the demo user's current 6-digit TOTP code, from
 #                                $IMAPGATE_DEMO_TOTP_SECRET or the demo.env file F (default ./demo.env)
+#   scripts/demo.sh [--check] --oauth
+#                                also start the test OpenID provider (tests/idp, Node.js), trust it
+#                                for OAuth 2.0 bearer tokens (auth.oauth.issuers), get a token and
+#                                log in with it over AUTHENTICATE XOAUTH2 (Python imaplib, curl);
+#                                with --check also check OAUTHBEARER, the device flow, and that
+#                                forged tokens and other users' tokens are refused
 #
 # The demo user logs in with the app password immediately followed by the current TOTP code
 # (scan the QR code the demo prints with an authenticator app, or use --code). After one login
 # with a code, that app password works without a code from the same /24 for 12 hours.
 #
 # Needs a Debian-like machine with cargo. Installs dovecot-imapd, openssl, curl and python3 if
-# missing (with sudo when not root; no system service is started). Dovecot must run as root, so
-# when you are not root the script builds as you and then re-runs itself under sudo.
+# missing (with sudo when not root; no system service is started), and for --oauth nodejs and npm
+# (Node.js 20 or later) and the identity provider's npm packages (npm ci in tests/idp). Dovecot
+# must run as root, so when you are not root the script builds as you and then re-runs itself
+# under sudo.
 #
 # Ports (interactive mode): IMAPGATE_DEMO_TLS_PORT (1993, implicit TLS),
 # IMAPGATE_DEMO_STARTTLS_PORT (1143), IMAPGATE_DEMO_ADMIN_PORT (9190), all on 127.0.0.1.
@@ -28,19 +36,38 @@ usage() {
 }
 
 MODE=interactive
-case "${1:-}" in
-  "") ;;
-  --check) MODE=check ;;
-  --code) MODE=code ;;
-  -h | --help)
-    usage
-    exit 0
-    ;;
-  *)
+OAUTH=0
+CODE_ENV_FILE=""
+ARGS=("$@") # for the re-run under sudo
+set_mode() {
+  if [ "$MODE" != interactive ] && [ "$MODE" != "$1" ]; then
     usage >&2
     exit 64
-    ;;
-esac
+  fi
+  MODE="$1"
+}
+while [ "$#" -gt 0 ]; do
+  case "$1" in
+    --check) set_mode check ;;
+    --oauth) OAUTH=1 ;;
+    --code)
+      set_mode code
+      if [ "$#" -gt 1 ] && [ "${2#-}" = "$2" ]; then
+        CODE_ENV_FILE="$2"
+        shift
+      fi
+      ;;
+    -h | --help)
+      usage
+      exit 0
+      ;;
+    *)
+      usage >&2
+      exit 64
+      ;;
+  esac
+  shift
+done
 
 START_DIR="$PWD" # demo.env goes here
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -51,7 +78,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ "$MODE" = code ]; then
   secret="${IMAPGATE_DEMO_TOTP_SECRET:-}"
   if [ -z "$secret" ]; then
-    env_file="${2:-$START_DIR/demo.env}"
+    env_file="${CODE_ENV_FILE:-$START_DIR/demo.env}"
     [ -r "$env_file" ] || die "no IMAPGATE_DEMO_TOTP_SECRET and no readable $env_file (is the demo running?)"
     secret="$(grep -E '^IMAPGATE_DEMO_TOTP_SECRET=' "$env_file" | head -n 1 | cut -d= -f2- | tr -d "'\"")"
     [ -n "$secret" ] || die "$env_file has no IMAPGATE_DEMO_TOTP_SECRET"
@@ -65,6 +92,12 @@ cd "$REPO"
 DEMO_USER=demo@example.org
 HOST=127.0.0.1
 CURL_MAX_TIME=30
+# --oauth: the test identity provider (tests/idp/server.js). Its client `demo` gets tokens
+# (client credentials grant) whose `email` is DEMO_USER; `imapgate-cli` is its device-flow client.
+IDP_CLIENT=demo
+IDP_SECRET="secret-demo"
+IDP_RESOURCE=urn:imapgate:rs256
+IDP_ISSUER_NAME=demo-idp
 
 # --- 1. system packages ----------------------------------------------------------------------
 if [ -z "${IMAPGATE_DEMO_REEXEC:-}" ]; then
@@ -74,6 +107,21 @@ if [ -z "${IMAPGATE_DEMO_REEXEC:-}" ]; then
     # We just installed Dovecot; if its service started anyway, it is ours to stop.
     *" dovecot-imapd "*) stop_system_dovecot ;;
   esac
+  if [ "$OAUTH" -eq 1 ]; then
+    step "checking Node.js and the test identity provider's packages (tests/idp)"
+    ensure_packages nodejs:node npm:npm
+    NODE_MAJOR="$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)"
+    [ "$NODE_MAJOR" -ge 20 ] 2>/dev/null ||
+      die "the test identity provider needs Node.js 20 or later; $(command -v node) is $(node --version 2>/dev/null || echo 'not working')"
+    # Exactly as locked; as the invoking user (before any sudo), like scripts/test.sh.
+    if [ ! -d tests/idp/node_modules/oidc-provider ] || [ tests/idp/package-lock.json -nt tests/idp/node_modules ]; then
+      log "npm ci in tests/idp"
+      (cd tests/idp && npm ci --no-audit --no-fund --loglevel=error) || die "npm ci in tests/idp failed"
+    fi
+  fi
+fi
+if [ "$OAUTH" -eq 1 ]; then
+  [ -d tests/idp/node_modules/oidc-provider ] || die "tests/idp/node_modules is missing (npm ci in tests/idp)"
 fi
 
 # --- 2. the binary ---------------------------------------------------------------------------
@@ -96,7 +144,7 @@ if [ "$(id -u)" -ne 0 ]; then
     IMAPGATE_DEMO_TLS_PORT="${IMAPGATE_DEMO_TLS_PORT:-}" \
     IMAPGATE_DEMO_STARTTLS_PORT="${IMAPGATE_DEMO_STARTTLS_PORT:-}" \
     IMAPGATE_DEMO_ADMIN_PORT="${IMAPGATE_DEMO_ADMIN_PORT:-}" \
-    PATH="$PATH:/usr/sbin:/sbin" bash "$REPO/scripts/demo.sh" "$@"
+    PATH="$PATH:/usr/sbin:/sbin" bash "$REPO/scripts/demo.sh" "${ARGS[@]}"
 fi
 
 # --- 3. ports and scratch space --------------------------------------------------------------
@@ -127,7 +175,8 @@ SUCCESS=0
 dump_logs() {
   local f
   for f in "$WORK/gateway/cli.log" "$WORK/gateway/totp-enroll.txt" "$WORK/gateway/gateway.log" "$WORK/gateway/audit.log" \
-    "$WORK/dovecot/dovecot.stderr" "$WORK/dovecot/dovecot.log"; do
+    "$WORK/dovecot/dovecot.stderr" "$WORK/dovecot/dovecot.log" "$WORK/idp/idp.out" "$WORK/idp/idp.log" \
+    "$WORK/idp/oauth-token.log"; do
     [ -s "$f" ] || continue
     printf '\n----- %s (last 200 lines) -----\n' "${f#"$WORK"/}" >&2
     tail -n 200 "$f" >&2 || true
@@ -142,6 +191,9 @@ cleanup() {
     log "stopping imapgate (pid $GATEWAY_PID)"
     stop_pid "$GATEWAY_PID" imapgate
   fi
+  if [ -n "${OAUTH_TOKEN_PID:-}" ]; then
+    stop_pid "$OAUTH_TOKEN_PID" "imapgate oauth token"
+  fi
   if [ -n "$TAIL_PID" ]; then
     sleep 0.3 # let tail print the gateway's last lines
     stop_pid "$TAIL_PID" tail
@@ -149,6 +201,10 @@ cleanup() {
   if [ -n "$DOVECOT_PID" ]; then
     log "stopping Dovecot (pid $DOVECOT_PID)"
     dovecot_sandbox_stop
+  fi
+  if [ -n "$IDP_PID" ]; then
+    log "stopping the identity provider (pid $IDP_PID)"
+    idp_stop
   fi
   if [ "$SUCCESS" -ne 1 ] && [ "$rc" -ne 0 ] && [ -n "$WORK" ]; then
     dump_logs
@@ -180,6 +236,21 @@ chmod 700 "$GW"
 step "starting a throwaway Dovecot on $HOST:$BACKEND_PORT (implicit TLS, master user, demo mailbox)"
 dovecot_sandbox_start "$DV" "$BACKEND_PORT" implicit "$DEMO_USER"
 
+# --- 4b. --oauth: the identity provider --------------------------------------------------------
+OAUTH_CONFIG=""
+if [ "$OAUTH" -eq 1 ]; then
+  IDP_DIR="$WORK/idp"
+  step "starting the test identity provider (node tests/idp/server.js: npm oidc-provider, in memory)"
+  idp_start "$IDP_DIR" || fail "the identity provider did not start"
+  log "issuer $IDP_URL (pid $IDP_PID; discovery $IDP_URL/.well-known/openid-configuration)"
+  OAUTH_CONFIG="  oauth:                           # OAuth 2.0 bearer tokens (AUTHENTICATE XOAUTH2 / OAUTHBEARER)
+    issuers:
+      - name: $IDP_ISSUER_NAME             # the test identity provider (tests/idp), loopback only
+        issuer: \"$IDP_URL\"
+        audiences: [imap]
+        required_scopes: [imap]"
+fi
+
 # --- 5. the gateway --------------------------------------------------------------------------
 # The key ring that encrypts TOTP secrets at rest: one key, made once, kept out of the config.
 KEY_FILE="$GW/k1.key"
@@ -205,6 +276,7 @@ auth:
     unlock_ttl: 12h                # after app password + code, no code needed from that /24 for 12h
     unlock_bind_subnet: true
     issuer: imapgate-demo          # the name authenticator apps show
+$OAUTH_CONFIG
 backends:
   - name: dovecot
     address: "127.0.0.1:$BACKEND_PORT"
@@ -247,8 +319,11 @@ TOTP_SECRET="${BASH_REMATCH[2]}"
 if [ "$MODE" = check ]; then
   cat "$GW/totp-enroll.txt" >>"$GW/cli.log"
 fi
-"$BIN" users show "$DEMO_USER" -c "$CONFIG" 2>>"$GW/cli.log" | grep -q '^totp: enrolled' ||
-  fail "imapgate users show does not list $DEMO_USER as enrolled"
+# Captured first: `| grep -q` would close the pipe early, and under pipefail the writer's EPIPE
+# would fail the check at random.
+USER_SHOW="$("$BIN" users show "$DEMO_USER" -c "$CONFIG" 2>>"$GW/cli.log")" ||
+  fail "imapgate users show $DEMO_USER failed"
+grep -q '^totp: enrolled' <<<"$USER_SHOW" || fail "imapgate users show does not list $DEMO_USER as enrolled: $USER_SHOW"
 
 step "starting imapgate (imaps $HOST:$TLS_PORT, starttls $HOST:$STARTTLS_PORT, admin $HOST:$ADMIN_PORT)"
 "$BIN" run -c "$CONFIG" >"$GW/gateway.log" 2>&1 &
@@ -295,12 +370,103 @@ OUT="$("${CURL_SHOW[@]}" --insecure "imaps://$HOST:$TLS_PORT/INBOX;UID=1" --user
 printf '%s\n' "$OUT"
 grep -q '^Subject: Welcome to imapgate' <<<"$OUT" || fail "message 1 is not the demo message"
 
+# imap_oauth MECH USER TOKEN: a real client, Python's imaplib, logs in to the implicit-TLS port
+# with AUTHENTICATE MECH (XOAUTH2 or OAUTHBEARER) and the bearer TOKEN, lists the mailboxes and
+# reads the subject of message 1. Exit 0: logged in; 3: the gateway refused the token; 1: other.
+imap_oauth() {
+  python3 - "$HOST" "$TLS_PORT" "$@" <<'PY'
+import imaplib, ssl, sys
+
+host, port, mech, user, token = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE  # the demo gateway's self-signed certificate
+if mech == "XOAUTH2":  # Google's format
+    first = f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
+else:  # RFC 7628 OAUTHBEARER
+    first = f"n,a={user},\x01auth=Bearer {token}\x01\x01".encode()
+rounds = []
+
+
+def respond(challenge):
+    # First the credentials. A refusal comes as an error challenge first (RFC 7628 3.2.2), which
+    # wants a dummy answer: an empty line for XOAUTH2, ^A for OAUTHBEARER.
+    rounds.append(challenge)
+    if len(rounds) == 1:
+        return first
+    print(f"  server's error challenge: {challenge.decode(errors='replace')}")
+    return b"" if mech == "XOAUTH2" else b"\x01"
+
+
+try:
+    m = imaplib.IMAP4_SSL(host, port, ssl_context=ctx, timeout=30)
+    try:
+        typ, data = m.authenticate(mech, respond)
+    except imaplib.IMAP4.error as e:
+        print(f"  AUTHENTICATE {mech} refused: {e}")
+        sys.exit(3 if "AUTHENTICATIONFAILED" in str(e) else 1)
+    print(f"  AUTHENTICATE {mech}: {typ} {data[0].decode(errors='replace')}")
+    typ, boxes = m.list()
+    for box in boxes:
+        print(f"  LIST: {box.decode(errors='replace')}")
+    typ, data = m.select("INBOX", readonly=True)
+    print(f"  SELECT INBOX: {data[0].decode()} message(s)")
+    typ, data = m.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    print(f"  message 1: {data[0][1].decode(errors='replace').strip()}")
+    m.logout()
+except (OSError, imaplib.IMAP4.error) as e:
+    print(f"  error: {e}")
+    sys.exit(1)
+PY
+}
+
+if [ "$OAUTH" -eq 1 ]; then
+  step "OAuth: get a token for $DEMO_USER from the identity provider (client credentials, client '$IDP_CLIENT')"
+  log "\$ curl -u $IDP_CLIENT:$IDP_SECRET -d grant_type=client_credentials -d scope=imap -d resource=$IDP_RESOURCE $IDP_URL/token"
+  TOKEN="$(idp_client_token "$IDP_URL" "$IDP_CLIENT" "$IDP_SECRET" "$IDP_RESOURCE" imap)" ||
+    fail "could not get a token from the identity provider"
+  log "access token: a JWT (RS256, 10 minutes); its claims: $(jwt_claims "$TOKEN")"
+
+  step "python3 imaplib: AUTHENTICATE XOAUTH2 as $DEMO_USER with that token (imaps://$HOST:$TLS_PORT/)"
+  log "\$ python3 -c \"m = imaplib.IMAP4_SSL('$HOST', $TLS_PORT, ...); m.authenticate('XOAUTH2', lambda _: b'user=$DEMO_USER^Aauth=Bearer TOKEN^A^A'); ...\""
+  RC=0
+  OUT="$(imap_oauth XOAUTH2 "$DEMO_USER" "$TOKEN" 2>&1)" || RC=$?
+  printf '%s\n' "$OUT"
+  [ "$RC" -eq 0 ] || fail "imaplib could not log in with XOAUTH2 (exit $RC)"
+  grep -q 'Subject: Welcome to imapgate' <<<"$OUT" || fail "imaplib did not read the demo message after XOAUTH2"
+
+  step "curl: fetch message 1 with the token (AUTHENTICATE XOAUTH2)"
+  log "\$ curl --insecure 'imaps://$HOST:$TLS_PORT/INBOX;UID=1' --user '$DEMO_USER:' --oauth2-bearer \"\$TOKEN\" --login-options AUTH=XOAUTH2"
+  OUT="$("${CURL[@]}" --insecure "imaps://$HOST:$TLS_PORT/INBOX;UID=1" --user "$DEMO_USER:" \
+    --oauth2-bearer "$TOKEN" --login-options AUTH=XOAUTH2 2>&1)" || fail "curl could not log in with XOAUTH2: $OUT"
+  grep '^Subject:' <<<"$OUT" || true
+  grep -q '^Subject: Welcome to imapgate' <<<"$OUT" || fail "curl did not fetch the demo message after XOAUTH2: $OUT"
+fi
+
 # expect_refused WHAT OUTPUT RC: the login must have failed as an authentication failure (curl
 # exit 67, "Login denied"), not for an unrelated reason such as a connection or interface error.
 expect_refused() {
   [ "$3" -ne 0 ] || fail "$1 logged in: $2"
   [ "$3" -eq 67 ] || fail "$1: expected an authentication failure (curl exit 67), got exit $3: $2"
   log "ok: refused ($2)"
+}
+
+# audit_count PATTERN...: how many audit lines match every extended regex.
+audit_count() {
+  local line p ok n=0
+  if [ -r "$GW/audit.log" ]; then
+    while IFS= read -r line; do
+      ok=1
+      for p in "$@"; do
+        if ! grep -Eq -- "$p" <<<"$line"; then
+          ok=0
+          break
+        fi
+      done
+      n=$((n + ok))
+    done <"$GW/audit.log"
+  fi
+  printf '%s\n' "$n"
 }
 
 # audit_has PATTERN...: waits up to 5 s for one audit line that matches every extended regex.
@@ -322,6 +488,107 @@ audit_has() {
     [ "$SECONDS" -lt "$deadline" ] || return 1
     sleep 0.2
   done
+}
+
+# forge_token TOKEN [KEY]: the token with its `exp` moved a year on; the IdP's signature kept,
+# or, with KEY (an RSA private key in PEM), a new RS256 signature by that key (same header/kid).
+forge_token() {
+  python3 - "$1" "${2:-}" <<'PY'
+import base64, json, subprocess, sys
+
+def b64(raw):
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+header, payload, signature = sys.argv[1].split(".")
+claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+claims["exp"] += 365 * 86400
+payload = b64(json.dumps(claims, separators=(",", ":")).encode())
+if sys.argv[2]:
+    signature = b64(subprocess.run(
+        ["openssl", "dgst", "-sha256", "-sign", sys.argv[2]],
+        input=f"{header}.{payload}".encode(), capture_output=True, check=True).stdout)
+print(f"{header}.{payload}.{signature}")
+PY
+}
+
+# expect_token_refused WHAT TOKEN USER REASON: both imaplib (XOAUTH2) and curl (XOAUTH2) must be
+# refused as an authentication failure, and the audit log must get two new lines with REASON.
+expect_token_refused() {
+  local what="$1" token="$2" user="$3" reason="$4" out rc=0 before deadline
+  before="$(audit_count '"result":"failure"' "\"reason\":\"$reason\"")"
+  out="$(imap_oauth XOAUTH2 "$user" "$token" 2>&1)" || rc=$?
+  [ "$rc" -ne 0 ] || fail "$what: imaplib logged in: $out"
+  [ "$rc" -eq 3 ] || fail "$what: imaplib expected an authentication failure, got exit $rc: $out"
+  log "ok: imaplib refused:"
+  printf '%s\n' "$out" >&2
+  rc=0
+  out="$("${CURL[@]}" --insecure "imaps://$HOST:$TLS_PORT/" --user "$user:" --oauth2-bearer "$token" \
+    --login-options AUTH=XOAUTH2 2>&1)" || rc=$?
+  expect_refused "$what (curl XOAUTH2)" "$out" "$rc"
+  deadline=$((SECONDS + 5))
+  until [ "$(audit_count '"result":"failure"' "\"reason\":\"$reason\"")" -ge $((before + 2)) ]; do
+    [ "$SECONDS" -lt "$deadline" ] || fail "$what: the audit log has no two new failures with reason $reason"
+    sleep 0.2
+  done
+  log "ok: the audit log gives reason $reason for both"
+}
+
+OAUTH_TOKEN_PID=""
+oauth_checks() {
+  step "check: the audit log records the token login (credential oauth:$IDP_ISSUER_NAME, mfa idp)"
+  audit_has '"result":"success"' "\"credential\":\"oauth:$IDP_ISSUER_NAME\"" '"mfa":"idp"' ||
+    fail "no audit line for a successful token login"
+  log "ok"
+
+  step "check: OAUTHBEARER too (imaplib, and curl's own choice with --oauth2-bearer)"
+  OUT="$(imap_oauth OAUTHBEARER "$DEMO_USER" "$TOKEN" 2>&1)" || fail "imaplib could not log in with OAUTHBEARER: $OUT"
+  OUT="$("${CURL[@]}" --insecure "imaps://$HOST:$TLS_PORT/" --user "$DEMO_USER:" --oauth2-bearer "$TOKEN" 2>&1)" ||
+    fail "curl could not log in with --oauth2-bearer: $OUT"
+  grep -q 'INBOX' <<<"$OUT" || fail "mailbox list after curl's token login has no INBOX: $OUT"
+  log "ok"
+
+  step "check: a forged token (the real one with exp a year later, the IdP's signature kept) is refused"
+  FORGED="$(forge_token "$TOKEN")" || fail "could not forge a token"
+  [ "$FORGED" != "$TOKEN" ] || fail "the forged token equals the real one"
+  expect_token_refused "a token with an altered payload" "$FORGED" "$DEMO_USER" bad_signature
+
+  step "check: a token signed with someone else's RSA key under the IdP's kid is refused"
+  openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$IDP_DIR/attacker.key" 2>/dev/null ||
+    fail "openssl could not make an RSA key"
+  FORGED="$(forge_token "$TOKEN" "$IDP_DIR/attacker.key")" || fail "could not sign a forged token"
+  expect_token_refused "a token signed by another key" "$FORGED" "$DEMO_USER" bad_signature
+
+  step "check: a genuine token for alice@example.org cannot log in as $DEMO_USER"
+  ALICE_TOKEN="$(idp_client_token "$IDP_URL" alice secret-alice "$IDP_RESOURCE" imap)" ||
+    fail "could not get a token for alice"
+  expect_token_refused "alice's token as $DEMO_USER" "$ALICE_TOKEN" "$DEMO_USER" user_mismatch
+
+  step "check: imapgate oauth token (device flow, client imapgate-cli), approved at the IdP's test hook"
+  "$BIN" oauth token --issuer "$IDP_ISSUER_NAME" --client-id imapgate-cli --timeout 60s -c "$CONFIG" \
+    >"$IDP_DIR/device-token" 2>"$IDP_DIR/oauth-token.log" &
+  OAUTH_TOKEN_PID=$!
+  local deadline=$((SECONDS + 20)) user_code=""
+  while :; do
+    user_code="$(grep -oE '\b[B-DF-HJ-NP-TV-XZ]{4}-[B-DF-HJ-NP-TV-XZ]{4}\b' "$IDP_DIR/oauth-token.log" || true)"
+    user_code="${user_code%%$'\n'*}" # the first one
+    [ -z "$user_code" ] || break
+    kill -0 "$OAUTH_TOKEN_PID" 2>/dev/null || fail "imapgate oauth token exited without showing a user code"
+    [ "$SECONDS" -lt "$deadline" ] || fail "imapgate oauth token showed no user code within 20 s"
+    sleep 0.2
+  done
+  log "user code $user_code; approving it for account 'demo' (POST $IDP_URL/__device/approve)"
+  OUT="$("${CURL[@]}" --fail-with-body --data-urlencode "user_code=$user_code" --data account=demo \
+    "$IDP_URL/__device/approve" 2>&1)" || fail "the IdP did not approve $user_code: $OUT"
+  wait_pid_gone "$OAUTH_TOKEN_PID" 70 || fail "imapgate oauth token still runs 70 s after the approval"
+  RC=0
+  wait "$OAUTH_TOKEN_PID" || RC=$?
+  OAUTH_TOKEN_PID=""
+  [ "$RC" -eq 0 ] || fail "imapgate oauth token failed (exit $RC)"
+  DEVICE_TOKEN="$(head -n 1 "$IDP_DIR/device-token")"
+  log "token claims: $(jwt_claims "$DEVICE_TOKEN" 2>/dev/null || echo '(not a JWT)')"
+  OUT="$(imap_oauth XOAUTH2 "$DEMO_USER" "$DEVICE_TOKEN" 2>&1)" ||
+    fail "imaplib could not log in with the device-flow token: $OUT"
+  log "ok: logged in with it (XOAUTH2)"
 }
 
 if [ "$MODE" = check ]; then
@@ -366,6 +633,10 @@ if [ "$MODE" = check ]; then
   fi
   log "ok: refused ($OUT)"
 
+  if [ "$OAUTH" -eq 1 ]; then
+    oauth_checks
+  fi
+
   step "check: admin http://$HOST:$ADMIN_PORT/healthz and /metrics"
   OUT="$("${CURL[@]}" --fail "http://$HOST:$ADMIN_PORT/healthz" 2>&1)" || fail "/healthz did not answer 2xx: $OUT"
   log "ok: $OUT"
@@ -376,10 +647,21 @@ if [ "$MODE" = check ]; then
       fail "/metrics does not count $reason in imapgate_totp_failures_total"
   done
   log "ok: imapgate_totp_failures_total counts code_replayed and code_missing"
+  if [ "$OAUTH" -eq 1 ]; then
+    for result in valid bad_signature user_mismatch; do
+      grep -Eq "^imapgate_oauth_tokens_total\\{result=\"$result\"\\} [1-9]" <<<"$OUT" ||
+        fail "/metrics does not count $result in imapgate_oauth_tokens_total"
+    done
+    log "ok: imapgate_oauth_tokens_total counts valid, bad_signature and user_mismatch"
+  fi
 
   kill -0 "$GATEWAY_PID" 2>/dev/null || fail "imapgate exited during the checks"
   SUCCESS=1
-  printf '\nPASS: demo check (imapgate in front of Dovecot: app password + TOTP, unlock window, replayed code refused, STARTTLS, admin)\n'
+  OAUTH_PASSED=""
+  if [ "$OAUTH" -eq 1 ]; then
+    OAUTH_PASSED="; OAuth: XOAUTH2/OAUTHBEARER logins with IdP tokens (imaplib, curl), forged and other users' tokens refused, device flow"
+  fi
+  printf '\nPASS: demo check (imapgate in front of Dovecot: app password + TOTP, unlock window, replayed code refused, STARTTLS, admin%s)\n' "$OAUTH_PASSED"
   exit 0
 fi
 
@@ -396,6 +678,13 @@ IMAPGATE_DEMO_PASSWORD='$APP_PASSWORD'
 IMAPGATE_DEMO_TOTP_SECRET='$TOTP_SECRET'
 IMAPGATE_DEMO_TOTP_URI='$TOTP_URI'
 EOF
+if [ "$OAUTH" -eq 1 ]; then
+  cat >>"$ENV_FILE" <<EOF
+IMAPGATE_DEMO_IDP_URL=$IDP_URL
+IMAPGATE_DEMO_IDP_CLIENT=$IDP_CLIENT
+IMAPGATE_DEMO_IDP_SECRET=$IDP_SECRET
+EOF
+fi
 chmod 600 "$ENV_FILE"
 if [ -n "${SUDO_UID:-}" ] && [ -n "${SUDO_GID:-}" ]; then
   chown "$SUDO_UID:$SUDO_GID" "$ENV_FILE" 2>/dev/null || true
@@ -448,6 +737,35 @@ Try:
   openssl s_client -quiet -crlf -connect $HOST:$TLS_PORT
 
 The same settings, the TOTP secret and the otpauth URI are in $ENV_FILE (. ./demo.env).
+EOF
+
+if [ "$OAUTH" -eq 1 ]; then
+  AS_ROOT=""
+  [ -z "${SUDO_UID:-}" ] || AS_ROOT="sudo " # the config is in a root-only directory
+  cat <<EOF
+
+OAuth 2.0 (--oauth): imapgate also trusts the test identity provider at $IDP_URL
+(issuer '$IDP_ISSUER_NAME': aud imap, scope imap, the user is the token's email; no TOTP code:
+the IdP is the second factor). Its client '$IDP_CLIENT' gets tokens for $DEMO_USER, valid 10 minutes:
+
+  TOKEN=\$(curl -s -u $IDP_CLIENT:$IDP_SECRET -d grant_type=client_credentials -d scope=imap \\
+      -d resource=$IDP_RESOURCE $IDP_URL/token |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["access_token"])')
+  curl --insecure 'imaps://$HOST:$TLS_PORT/INBOX;UID=1' --user '$DEMO_USER:' \\
+      --oauth2-bearer "\$TOKEN" --login-options AUTH=XOAUTH2
+  (without --login-options curl picks OAUTHBEARER; both work)
+
+Or the device flow (RFC 8628), as a person at a terminal would get one. The test IdP has no login
+page, so approve the code it shows with its test hook, from another terminal:
+
+  ${AS_ROOT}'$BIN' oauth token --issuer $IDP_ISSUER_NAME --client-id imapgate-cli -c '$CONFIG'
+  curl -d user_code=XXXX-XXXX -d account=demo $IDP_URL/__device/approve
+
+The identity provider's URL, client and secret are in $ENV_FILE too.
+EOF
+fi
+
+cat <<EOF
 Audit log: $GW/audit.log. The gateway's log follows. Ctrl-C stops everything.
 
 EOF

@@ -6,7 +6,7 @@
 # Steps: 1 system packages (installed only if missing), 2 cargo fmt + clippy, 3 cargo deny
 # (offline advisory DB from ../shared/advisory-db), 4 cargo test with IMAPGATE_REQUIRE_REAL=1
 # (tests whose real component is missing fail instead of skipping), 5 the Helm chart checks if
-# scripts/check-chart.sh exists, 6 scripts/demo.sh --check.
+# scripts/check-chart.sh exists, 6 scripts/demo.sh --check --oauth (the demo, TOTP and OAuth).
 #
 # Expects a Debian 12 machine with cargo (rustfmt and clippy components), run as root (the test
 # harness and the demo start Dovecot, which must start as root). Warm runs skip apt and reuse
@@ -128,5 +128,5 @@ else
 fi
 
 # --- 6 ---------------------------------------------------------------------------------------
-begin "demo check (scripts/demo.sh --check)"
-bash scripts/demo.sh --check
+begin "demo check (scripts/demo.sh --check --oauth)"
+bash scripts/demo.sh --check --oauth

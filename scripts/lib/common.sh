@@ -373,3 +373,69 @@ dovecot_sandbox_stop() {
     DOVECOT_PID=""
   fi
 }
+
+# --- test identity provider (tests/idp) -----------------------------------------------------
+
+# idp_start DIR: starts the test OpenID provider (node tests/idp/server.js, npm oidc-provider;
+# tests/idp/node_modules must be installed) on a free loopback port and waits up to 30 s for it.
+# Its stdout (the READY line) goes to DIR/idp.out, its log to DIR/idp.log. After it returns 0:
+#   IDP_PID   the node process (stop with idp_stop)
+#   IDP_URL   the issuer, http://127.0.0.1:PORT (no trailing slash)
+# Returns 1 (with IDP_PID still set if it is running) when it did not come up.
+IDP_PID=""
+IDP_URL=""
+IDP_SERVER_JS="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/tests/idp/server.js"
+idp_start() {
+  local dir="$1" deadline=$((SECONDS + 30))
+  mkdir -p "$dir"
+  IDP_URL=""
+  node "$IDP_SERVER_JS" --port 0 >"$dir/idp.out" 2>"$dir/idp.log" &
+  IDP_PID=$!
+  until IDP_URL="$(sed -n 's|^READY \(http://127\.0\.0\.1:[0-9][0-9]*\)$|\1|p' "$dir/idp.out")" && [ -n "$IDP_URL" ]; do
+    if ! kill -0 "$IDP_PID" 2>/dev/null; then
+      wait "$IDP_PID" 2>/dev/null || true
+      IDP_PID=""
+      log "the identity provider exited before it was ready"
+      return 1
+    fi
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      log "the identity provider was not ready after 30 s"
+      return 1
+    fi
+    sleep 0.1
+  done
+}
+
+# idp_stop: stops the identity provider started by idp_start (SIGTERM; idempotent).
+idp_stop() {
+  if [ -n "$IDP_PID" ]; then
+    stop_pid "$IDP_PID" "identity provider"
+    IDP_PID=""
+  fi
+}
+
+# idp_client_token URL CLIENT SECRET [RESOURCE [SCOPE]]: prints an access token from the test
+# identity provider's client credentials grant (client_secret_basic; resource default
+# urn:imapgate:rs256, scope default imap). Fails with the IdP's answer on stderr.
+idp_client_token() {
+  local out
+  out="$(curl --silent --show-error --max-time 30 --user "$2:$3" \
+    --data grant_type=client_credentials --data-urlencode "scope=${5:-imap}" \
+    --data-urlencode "resource=${4:-urn:imapgate:rs256}" "$1/token" 2>&1)" || {
+    log "token request to $1/token failed: $out"
+    return 1
+  }
+  python3 -c 'import json, sys; print(json.loads(sys.argv[1])["access_token"])' "$out" 2>/dev/null || {
+    log "no access_token from $1/token: $out"
+    return 1
+  }
+}
+
+# jwt_claims TOKEN: prints the (unverified) payload of a compact JWT as one line of JSON.
+jwt_claims() {
+  python3 -c '
+import base64, json, sys
+p = sys.argv[1].split(".")[1]
+print(json.dumps(json.loads(base64.urlsafe_b64decode(p + "=" * (-len(p) % 4))), sort_keys=True))
+' "$1"
+}

@@ -115,15 +115,15 @@ pub fn totp(cmd: TotpCmd) -> ExitCode {
             let secret = totp::new_secret();
             let digits = auth.mfa.code_digits;
             let uri = totp::otpauth_uri(&auth.mfa.issuer, &name, &secret, digits);
-            eprintln!("Scan this with an authenticator app (or enter the URI):\n");
+            errln!("Scan this with an authenticator app (or enter the URI):\n");
             if let Some(qr) = totp::qr_terminal(&uri) {
-                eprintln!("{qr}");
+                errln!("{qr}");
             }
             // The one-time display: the URI carries the secret.
-            println!("{}", uri.expose_str().unwrap_or_default());
+            outln!("{}", uri.expose_str().unwrap_or_default());
             let _ = std::io::stdout().flush();
             if !no_verify {
-                eprint!("\nEnter the {digits}-digit code the app shows: ");
+                err!("\nEnter the {digits}-digit code the app shows: ");
                 let _ = std::io::stderr().flush();
                 let mut line = String::new();
                 if std::io::stdin().lock().read_line(&mut line).is_err() {
@@ -150,7 +150,7 @@ pub fn totp(cmd: TotpCmd) -> ExitCode {
                 Ok(())
             });
             if code == ExitCode::SUCCESS {
-                eprintln!("TOTP enrolled for {name}. At login the password is the app password followed by the current code.");
+                errln!("TOTP enrolled for {name}. At login the password is the app password followed by the current code.");
             }
             code
         }
@@ -167,7 +167,7 @@ pub fn totp(cmd: TotpCmd) -> ExitCode {
                 if u.totp.take().is_none() {
                     return Err(format!("{name} has no TOTP enrolment"));
                 }
-                eprintln!("TOTP removed for {name}; they must enrol again");
+                errln!("TOTP removed for {name}; they must enrol again");
                 Ok(())
             })
         }
@@ -177,7 +177,7 @@ pub fn totp(cmd: TotpCmd) -> ExitCode {
 pub fn keys(cmd: KeysCmd) -> ExitCode {
     match cmd {
         KeysCmd::Generate => {
-            println!(
+            outln!(
                 "{}",
                 keyring::generate_key().expose_str().unwrap_or_default()
             );
@@ -208,7 +208,7 @@ pub fn keys(cmd: KeysCmd) -> ExitCode {
                     u.totp = Some(ring.encrypt(name, &secret).map_err(|e| e.to_string())?);
                     rotated += 1;
                 }
-                eprintln!("re-encrypted {rotated} TOTP secret(s) under key {active}");
+                errln!("re-encrypted {rotated} TOTP secret(s) under key {active}");
                 Ok(())
             })
         }

@@ -5,6 +5,30 @@
 //! prints the new password once, alone on stdout, so scripts can capture it.
 
 use std::path::{Path, PathBuf};
+
+/// `println!` that does not panic when stdout is a closed pipe (`imapgate users list | head`).
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
+/// `eprintln!` that does not panic when stderr is closed.
+macro_rules! errln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
+/// `eprint!` likewise.
+macro_rules! err {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($t)*);
+    }};
+}
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -169,7 +193,7 @@ impl MfaArg {
 }
 
 pub(crate) fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("imapgate: {msg}");
+    errln!("imapgate: {msg}");
     ExitCode::from(code)
 }
 
@@ -257,10 +281,10 @@ fn check_config(path: &Path) -> ExitCode {
             match &e {
                 crate::config::ConfigError::Invalid(errors) => {
                     for err in errors {
-                        eprintln!("{}: {err}", path.display());
+                        errln!("{}: {err}", path.display());
                     }
                 }
-                other => eprintln!("imapgate: {other}"),
+                other => errln!("imapgate: {other}"),
             }
             return ExitCode::from(EXIT_CONFIG);
         }
@@ -281,9 +305,9 @@ fn check_config(path: &Path) -> ExitCode {
         }
     }
     for w in &config.warnings {
-        eprintln!("warning: {w}");
+        errln!("warning: {w}");
     }
-    println!("{}: ok", path.display());
+    outln!("{}: ok", path.display());
     ExitCode::SUCCESS
 }
 
@@ -400,7 +424,7 @@ fn users(cmd: UsersCmd) -> ExitCode {
                         ..Default::default()
                     },
                 );
-                eprintln!("added {name}");
+                errln!("added {name}");
                 Ok(())
             })
         }
@@ -413,33 +437,33 @@ fn users(cmd: UsersCmd) -> ExitCode {
                 Ok(f) => match f.users.get(&name) {
                     Some(u) => {
                         let now = OffsetDateTime::now_utc();
-                        println!("user: {name}");
-                        println!("state: {}", if u.disabled { "disabled" } else { "enabled" });
-                        println!(
+                        outln!("user: {name}");
+                        outln!("state: {}", if u.disabled { "disabled" } else { "enabled" });
+                        outln!(
                             "upstream user: {}",
                             u.upstream_user.as_deref().unwrap_or(&name)
                         );
                         let mfa = u
                             .mfa
                             .map_or("default".to_owned(), |m| format!("{m:?}").to_lowercase());
-                        println!("mfa: {mfa}");
+                        outln!("mfa: {mfa}");
                         let totp = u
                             .totp
                             .as_deref()
                             .and_then(crate::auth::keyring::KeyRing::key_of);
-                        println!(
+                        outln!(
                             "totp: {}",
                             totp.map_or("not enrolled".to_owned(), |k| format!(
                                 "enrolled (key {k})"
                             ))
                         );
                         if !u.mechanisms.is_empty() {
-                            println!("mechanisms: {}", u.mechanisms.join(", "));
+                            outln!("mechanisms: {}", u.mechanisms.join(", "));
                         }
                         if !u.allowed_networks.is_empty() {
                             let nets: Vec<String> =
                                 u.allowed_networks.iter().map(ToString::to_string).collect();
-                            println!("allowed networks: {}", nets.join(", "));
+                            outln!("allowed networks: {}", nets.join(", "));
                         }
                         for a in &u.app_passwords {
                             let state = if a.revoked {
@@ -449,7 +473,7 @@ fn users(cmd: UsersCmd) -> ExitCode {
                             } else {
                                 "expired"
                             };
-                            println!("app password {}\t{state}\t{}\t{}", a.id, a.created, a.label);
+                            outln!("app password {}\t{state}\t{}\t{}", a.id, a.created, a.label);
                         }
                         ExitCode::SUCCESS
                     }
@@ -466,7 +490,7 @@ fn users(cmd: UsersCmd) -> ExitCode {
                         .iter()
                         .filter(|a| a.is_active(OffsetDateTime::now_utc()))
                         .count();
-                    println!(
+                    outln!(
                         "{name}\t{}\tapp-passwords={active}",
                         if u.disabled { "disabled" } else { "enabled" }
                     );
@@ -485,7 +509,7 @@ fn users(cmd: UsersCmd) -> ExitCode {
             edit(&cfg, |f, _| {
                 f.users
                     .remove(&name)
-                    .map(|_| eprintln!("removed {name}"))
+                    .map(|_| errln!("removed {name}"))
                     .ok_or_else(|| format!("no user {name}"))
             })
         }
@@ -503,7 +527,7 @@ fn set_disabled(user: &str, cfg: &UsersTarget, disabled: bool) -> ExitCode {
             .get_mut(&name)
             .ok_or_else(|| format!("no user {name}"))?;
         u.disabled = disabled;
-        eprintln!("{name} {}", if disabled { "disabled" } else { "enabled" });
+        errln!("{name} {}", if disabled { "disabled" } else { "enabled" });
         Ok(())
     })
 }
@@ -557,9 +581,9 @@ fn app_passwords(cmd: AppPasswordCmd) -> ExitCode {
                 Ok(())
             });
             if let Some(id) = shown.filter(|_| code == ExitCode::SUCCESS) {
-                eprintln!("app password {id} for {name}; it is shown only this once:");
+                errln!("app password {id} for {name}; it is shown only this once:");
                 let grouped = app_password::grouped(&password);
-                println!("{}", grouped.expose_str().unwrap_or_default());
+                outln!("{}", grouped.expose_str().unwrap_or_default());
             }
             code
         }
@@ -579,7 +603,7 @@ fn app_passwords(cmd: AppPasswordCmd) -> ExitCode {
                             } else {
                                 "expired"
                             };
-                            println!("{}\t{}\t{}\t{}", a.id, state, a.created, a.label);
+                            outln!("{}\t{}\t{}\t{}", a.id, state, a.created, a.label);
                         }
                         ExitCode::SUCCESS
                     }
@@ -604,7 +628,7 @@ fn app_passwords(cmd: AppPasswordCmd) -> ExitCode {
                     .find(|a| a.id == id)
                     .ok_or_else(|| format!("no app password {id}"))?;
                 a.revoked = true;
-                eprintln!("revoked {id} of {name}");
+                errln!("revoked {id} of {name}");
                 Ok(())
             })
         }

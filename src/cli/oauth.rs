@@ -82,16 +82,16 @@ pub fn oauth(cmd: OAuthCmd) -> ExitCode {
         timeout,
         |p| {
             match &p.complete {
-                Some(c) => eprintln!("Open {c}\n(or {} and enter the code {})", p.uri, p.code),
-                None => eprintln!("Open {} and enter the code {}", p.uri, p.code),
+                Some(c) => errln!("Open {c}\n(or {} and enter the code {})", p.uri, p.code),
+                None => errln!("Open {} and enter the code {}", p.uri, p.code),
             }
-            eprintln!("Waiting for the sign-in to complete…");
+            errln!("Waiting for the sign-in to complete…");
         },
     ));
     match result {
         Ok(token) => {
             // The one place a token is printed: the operator asked for it.
-            println!("{}", token.expose_str().unwrap_or_default());
+            outln!("{}", token.expose_str().unwrap_or_default());
             ExitCode::SUCCESS
         }
         Err(e) => fail(1, e),

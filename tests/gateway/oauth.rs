@@ -519,3 +519,58 @@ async fn opaque_tokens_via_introspection() {
     let jwt = idp.token("mia", "urn:imapgate:rs256", "imap").await;
     accepted(&t, "XOAUTH2", &xoauth2("mia@example.org", &jwt)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oauth_token_cli_runs_the_device_flow() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let Some((t, idp)) = start("").await else {
+        return;
+    };
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_imapgate"))
+        .args([
+            "oauth",
+            "token",
+            "--issuer",
+            "test",
+            "--client-id",
+            "imapgate-cli",
+            "--resource",
+            "urn:imapgate:rs256",
+            "--timeout",
+            "1m",
+            "-c",
+        ])
+        .arg(&t.config_path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The person is told where to go and which code to enter.
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut code = None;
+    while let Ok(Ok(Some(line))) =
+        tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await
+    {
+        if let Some(c) = line.split("enter the code ").nth(1) {
+            code = Some(c.trim_end_matches(')').trim().to_owned());
+            break;
+        }
+    }
+    let code = code.expect("no user code shown");
+    // The person signs in (the test IdP's approval hook stands in for the browser).
+    let resp = reqwest::Client::new()
+        .post(format!("{}/__device/approve", idp.url))
+        .form(&[("user_code", code.as_str()), ("account", "alice")])
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "approve: {}", resp.status());
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("device flow hung")
+        .unwrap();
+    assert!(out.status.success(), "oauth token failed");
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert_eq!(token.split('.').count(), 3, "not a JWT: {token}");
+    accepted(&t, "XOAUTH2", &xoauth2("alice@example.org", &token)).await;
+}

@@ -25,6 +25,10 @@
 //   POST /token                              token endpoint
 //   POST /token/introspection                RFC 7662 introspection
 //   POST /token/revocation                   RFC 7009 revocation (any authenticated client)
+//   POST /device/auth                        RFC 8628 device authorization (discovery:
+//                                            device_authorization_endpoint); see DEVICE FLOW below
+//   POST /__device/approve                   test hook: approve a pending user code for an account
+//   POST /__device/deny                      test hook: deny a pending user code
 //   POST /__rotate                           test hook: new RSA + EC signing keys (new kids);
 //                                            old keys stay published in the JWKS unless
 //                                            `?drop_old=1` is given. 200 {"rs256":kid,"es256":kid,"kids":[...published]}
@@ -42,6 +46,7 @@
 //   alice                    secret-alice    email=alice@example.org, preferred_username=alice, amr=["pwd","mfa"]
 //   bob                      secret-bob      email=bob@example.org, amr=["pwd"]
 //   mia                      secret-mia      email=mia@example.org, amr=["pwd","mfa"]
+//   demo                     secret-demo     email=demo@example.org, amr=["pwd","mfa"]  (scripts/demo.sh)
 //   Allowed scopes: `imap`, `other` (space separated in `scope=`). Unknown scope values are
 //   dropped silently (oidc-provider behaviour); without `scope=` the token has no scope claim.
 //   `sub` = the client id (e.g. "alice"); `client_id` = the client id.
@@ -73,6 +78,39 @@
 //   wrong gateway secret -> 401 {"error":"invalid_client",...}
 //   A JWT given to introspection -> 400 {"error":"unsupported_token_type",...} (oidc-provider
 //   refuses to introspect structured tokens).
+//
+// DEVICE FLOW (RFC 8628, device authorization grant; as `imapgate oauth token` uses it):
+//   Public client `imapgate-cli` (token_endpoint_auth_method none: send client_id, no secret),
+//   grant types urn:ietf:params:oauth:grant-type:device_code and refresh_token, scopes
+//   `imap other offline_access` (openid is not allowed: no ID tokens).
+//   1. POST /device/auth   client_id=imapgate-cli&scope=imap[&resource=urn:imapgate:rs256]
+//      curl -d client_id=imapgate-cli -d scope=imap -d resource=urn:imapgate:rs256 http://127.0.0.1:P/device/auth
+//      -> 200 {"device_code":"...","user_code":"BCDF-GHJK","verification_uri":"http://127.0.0.1:P/device",
+//              "verification_uri_complete":"...?user_code=BCDF-GHJK","expires_in":600}
+//      (no `interval` field: RFC 8628 default 5 s applies; the IdP never answers slow_down)
+//   2. POST /token   grant_type=urn:ietf:params:oauth:grant-type:device_code&device_code=...&client_id=imapgate-cli
+//      curl -d client_id=imapgate-cli -d grant_type=urn:ietf:params:oauth:grant-type:device_code \
+//           -d device_code=DC http://127.0.0.1:P/token
+//      before approval -> 400 {"error":"authorization_pending",...}
+//   3. POST /__device/approve   user_code=BCDF-GHJK&account=alice   (form, or JSON {"user_code":..,"account":..};
+//      account = alice | bob | mia | demo; the user code is matched case-insensitively, dash optional)
+//      curl -d user_code=BCDF-GHJK -d account=alice http://127.0.0.1:P/__device/approve
+//      -> 200 {"ok":true,"user_code":"BCDF-GHJK","account":"alice","scope":"imap","resource":...}
+//      POST /__device/deny   user_code=BCDF-GHJK -> 200 {"ok":true,"user_code":..,"denied":true};
+//      the next token poll then gets 400 {"error":"access_denied",...}.
+//      Hook errors: 400 missing user_code / unknown account, 404 unknown user code,
+//      409 {"error":"already_used"} (approved/denied before), 410 expired, 405 not POST.
+//   4. the same token request -> 200 {"access_token":"<JWT>","expires_in":600,"token_type":"Bearer","scope":"imap"}
+//      (+ "refresh_token" when the device request had scope=imap offline_access; refresh with
+//      grant_type=refresh_token&refresh_token=..&client_id=imapgate-cli; refresh tokens rotate).
+//      Polling again after success -> 400 {"error":"invalid_grant",...} (the code is consumed).
+//   JWT payload: sub=<account> (e.g. "alice"), email, preferred_username (alice only), amr,
+//   client_id="imapgate-cli", scope, iss, aud, iat, exp, jti; header as above.
+//   Resource: if step 1 names one, that is the only one the token request may ask for (another
+//   -> 400 invalid_target; resource= at step 4 may repeat it or be left out). If step 1 names
+//   none, every resource in the table above is granted and step 4 picks one with resource=
+//   (none -> urn:imapgate:rs256). Scope: the requested imap/other values (none -> imap).
+//   The codes live in the same in-memory store as tokens, so they survive POST /__rotate.
 // ============================================================================================
 
 import * as crypto from 'node:crypto';
