@@ -574,3 +574,96 @@ async fn oauth_token_cli_runs_the_device_flow() {
     assert_eq!(token.split('.').count(), 3, "not a JWT: {token}");
     accepted(&t, "XOAUTH2", &xoauth2("alice@example.org", &token)).await;
 }
+
+/// A scripted introspection endpoint for faults the real provider cannot be made to produce.
+async fn fake_introspection(mode: &'static str) -> (u16, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let h = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let _ = s.read(&mut buf).await;
+                match mode {
+                    // Accepts and never answers.
+                    "slow" => tokio::time::sleep(Duration::from_secs(60)).await,
+                    // 2 MiB of JSON-ish bytes.
+                    "huge" => {
+                        let body = format!(
+                            "{{\"active\":true,\"pad\":\"{}\"}}",
+                            "x".repeat(2 * 1024 * 1024)
+                        );
+                        let _ = s.write_all(format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", body.len()).as_bytes()).await;
+                        let _ = s.write_all(body.as_bytes()).await;
+                    }
+                    // Not JSON at all.
+                    _ => {
+                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: 11\r\n\r\n<html></html>").await;
+                    }
+                }
+            });
+        }
+    });
+    (port, h)
+}
+
+#[tokio::test]
+async fn a_broken_introspection_endpoint_fails_closed_without_hanging() {
+    let Some(d) = dovecot() else { return };
+    for mode in ["slow", "huge", "garbage"] {
+        let (port, h) = fake_introspection(mode).await;
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(&dir.path().join("pki"));
+        let (cert, key) = pki.issue("gw", &["localhost"]);
+        std::fs::write(dir.path().join("client.secret"), "s").unwrap();
+        imapgate::auth::users::UsersFile {
+            version: 1,
+            users: Default::default(),
+        }
+        .save(&dir.path().join("users.yaml"))
+        .unwrap();
+        let yaml = format!(
+            "listeners: [{{ name: imaps, address: \"127.0.0.1:0\", tls: implicit }}]\n\
+             tls: {{ certificates: [{{ cert_file: \"{}\", key_file: \"{}\" }}] }}\n\
+             auth: {{ users_file: users.yaml, failure_floor: 100ms, mfa: {{ default: off }}, oauth: {{ issuers: [{{ name: fake, issuer: \"http://127.0.0.1:{port}\", discovery: false, jwks_uri: \"http://127.0.0.1:{port}/jwks\", audiences: [imap], introspection: {{ endpoint: \"http://127.0.0.1:{port}/introspect\", client_id: gw, client_secret_file: client.secret }} }}] }} }}\n\
+             backends: [{{ name: b, address: \"{}\", tls: implicit, ca_file: \"{}\", server_name: localhost, login: master_user, master_user: gateway, master_password_file: \"{}\" }}]\n\
+             admin: {{ address: \"127.0.0.1:0\" }}\n",
+            cert.display(),
+            key.display(),
+            d.imaps,
+            d.pki.ca_pem.display(),
+            d.master_secret_file.display()
+        );
+        let gw = imapgate::server::Gateway::start(
+            imapgate::config::Config::from_yaml(&yaml, dir.path()).unwrap(),
+        )
+        .await
+        .unwrap();
+        let mut c = Client::tls(gw.listener("imaps").unwrap(), &pki.ca_der).await;
+        c.line().await.unwrap();
+        let started = std::time::Instant::now();
+        c.send(format!(
+            "a AUTHENTICATE XOAUTH2 {}\r\n",
+            xoauth2("alice@example.org", "opaque-token-value")
+        ))
+        .await;
+        let l = c.line_within(Duration::from_secs(15)).await.unwrap();
+        assert!(l.starts_with("+ "), "{mode}: {l}");
+        c.send("\r\n").await;
+        assert_eq!(
+            c.line().await.unwrap(),
+            "a NO [AUTHENTICATIONFAILED] Authentication failed\r\n",
+            "{mode}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{mode}: took {:?}",
+            started.elapsed()
+        );
+        // The gateway still serves.
+        let r = c.cmd("n", "NOOP").await;
+        assert_eq!(r, vec!["n OK NOOP completed\r\n"], "{mode}");
+        h.abort();
+    }
+}
