@@ -134,7 +134,14 @@ impl Introspector {
             .request_async(&call)
             .await
             .map_err(|e| {
-                tracing::warn!(error = %e, "token introspection failed");
+                // Only the kind of failure: a server's error text is not ours to log.
+                let kind = match e {
+                    oauth2::RequestTokenError::Request(_) => "request",
+                    oauth2::RequestTokenError::ServerResponse(_) => "server_error",
+                    oauth2::RequestTokenError::Parse(..) => "unparsable_response",
+                    oauth2::RequestTokenError::Other(_) => "other",
+                };
+                tracing::warn!(kind, "token introspection failed");
                 OAuthError::IdpUnavailable
             })?;
         let (value, ttl) = if resp.active() {
