@@ -312,32 +312,11 @@ async fn an_unreachable_provider_refuses_without_hanging() {
     let Some(_) = idp() else { return };
     let Some(d) = dovecot() else { return };
     let dead = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(&dir.path().join("pki"));
-    let (cert, key) = pki.issue("gw", &["localhost"]);
-    imapgate::auth::users::UsersFile {
-        version: 1,
-        users: Default::default(),
-    }
-    .save(&dir.path().join("users.yaml"))
-    .unwrap();
-    let yaml = format!(
-        "listeners: [{{ name: imaps, address: \"127.0.0.1:0\", tls: implicit }}]\n\
-         tls: {{ certificates: [{{ cert_file: \"{}\", key_file: \"{}\" }}] }}\n\
-         auth: {{ users_file: users.yaml, failure_floor: 100ms, mfa: {{ default: off }}, oauth: {{ issuers: [{{ name: dead, issuer: \"http://127.0.0.1:{dead}\", audiences: [imap] }}] }} }}\n\
-         backends: [{{ name: b, address: \"{}\", tls: implicit, ca_file: \"{}\", server_name: localhost, login: master_user, master_user: gateway, master_password_file: \"{}\" }}]\n\
-         admin: {{ address: \"127.0.0.1:0\" }}\n",
-        cert.display(),
-        key.display(),
-        d.imaps,
-        d.pki.ca_pem.display(),
-        d.master_secret_file.display()
-    );
-    let gw = imapgate::server::Gateway::start(
-        imapgate::config::Config::from_yaml(&yaml, dir.path()).unwrap(),
+    let (gw, pki, _dir) = oauth_only_gateway(
+        &d,
+        &format!("{{ name: dead, issuer: \"http://127.0.0.1:{dead}\", audiences: [imap] }}"),
     )
-    .await
-    .unwrap();
+    .await;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -613,33 +592,10 @@ async fn a_broken_introspection_endpoint_fails_closed_without_hanging() {
     let Some(d) = dovecot() else { return };
     for mode in ["slow", "huge", "garbage"] {
         let (port, h) = fake_introspection(mode).await;
-        let dir = tempfile::tempdir().unwrap();
-        let pki = Pki::new(&dir.path().join("pki"));
-        let (cert, key) = pki.issue("gw", &["localhost"]);
-        std::fs::write(dir.path().join("client.secret"), "s").unwrap();
-        imapgate::auth::users::UsersFile {
-            version: 1,
-            users: Default::default(),
-        }
-        .save(&dir.path().join("users.yaml"))
-        .unwrap();
-        let yaml = format!(
-            "listeners: [{{ name: imaps, address: \"127.0.0.1:0\", tls: implicit }}]\n\
-             tls: {{ certificates: [{{ cert_file: \"{}\", key_file: \"{}\" }}] }}\n\
-             auth: {{ users_file: users.yaml, failure_floor: 100ms, mfa: {{ default: off }}, oauth: {{ issuers: [{{ name: fake, issuer: \"http://127.0.0.1:{port}\", discovery: false, jwks_uri: \"http://127.0.0.1:{port}/jwks\", audiences: [imap], introspection: {{ endpoint: \"http://127.0.0.1:{port}/introspect\", client_id: gw, client_secret_file: client.secret }} }}] }} }}\n\
-             backends: [{{ name: b, address: \"{}\", tls: implicit, ca_file: \"{}\", server_name: localhost, login: master_user, master_user: gateway, master_password_file: \"{}\" }}]\n\
-             admin: {{ address: \"127.0.0.1:0\" }}\n",
-            cert.display(),
-            key.display(),
-            d.imaps,
-            d.pki.ca_pem.display(),
-            d.master_secret_file.display()
+        let issuer = format!(
+            "{{ name: fake, issuer: \"http://127.0.0.1:{port}\", discovery: false, jwks_uri: \"http://127.0.0.1:{port}/jwks\", audiences: [imap], introspection: {{ endpoint: \"http://127.0.0.1:{port}/introspect\", client_id: gw, client_secret_file: client.secret }} }}"
         );
-        let gw = imapgate::server::Gateway::start(
-            imapgate::config::Config::from_yaml(&yaml, dir.path()).unwrap(),
-        )
-        .await
-        .unwrap();
+        let (gw, pki, _dir) = oauth_only_gateway(&d, &issuer).await;
         let mut c = Client::tls(gw.listener("imaps").unwrap(), &pki.ca_der).await;
         c.line().await.unwrap();
         let started = std::time::Instant::now();
@@ -666,4 +622,40 @@ async fn a_broken_introspection_endpoint_fails_closed_without_hanging() {
         assert_eq!(r, vec!["n OK NOOP completed\r\n"], "{mode}");
         h.abort();
     }
+}
+
+/// A gateway with one OAuth issuer (`issuer_yaml`, a flow mapping), no users, TOTP off, in
+/// front of the shared Dovecot. A `client.secret` file ("s") sits beside its config.
+async fn oauth_only_gateway(
+    d: &Dovecot,
+    issuer_yaml: &str,
+) -> (imapgate::server::Gateway, Pki, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let (cert, key) = pki.issue("gw", &["localhost"]);
+    std::fs::write(dir.path().join("client.secret"), "s").unwrap();
+    imapgate::auth::users::UsersFile {
+        version: 1,
+        users: Default::default(),
+    }
+    .save(&dir.path().join("users.yaml"))
+    .unwrap();
+    let yaml = format!(
+        "listeners: [{{ name: imaps, address: \"127.0.0.1:0\", tls: implicit }}]\n\
+         tls: {{ certificates: [{{ cert_file: \"{}\", key_file: \"{}\" }}] }}\n\
+         auth: {{ users_file: users.yaml, failure_floor: 100ms, mfa: {{ default: off }}, oauth: {{ issuers: [{issuer_yaml}] }} }}\n\
+         backends: [{{ name: b, address: \"{}\", tls: implicit, ca_file: \"{}\", server_name: localhost, login: master_user, master_user: gateway, master_password_file: \"{}\" }}]\n\
+         admin: {{ address: \"127.0.0.1:0\" }}\n",
+        cert.display(),
+        key.display(),
+        d.imaps,
+        d.pki.ca_pem.display(),
+        d.master_secret_file.display()
+    );
+    let gw = imapgate::server::Gateway::start(
+        imapgate::config::Config::from_yaml(&yaml, dir.path()).unwrap(),
+    )
+    .await
+    .unwrap();
+    (gw, pki, dir)
 }
