@@ -38,6 +38,7 @@ use crate::auth::users::{AppPassword, User, UsersFile};
 use crate::auth::{app_password, normalize_user};
 use crate::config::Config;
 
+mod guard;
 mod mfa;
 mod oauth;
 
@@ -82,6 +83,9 @@ pub enum Command {
     /// OAuth helpers (get a token to test a login).
     #[command(subcommand)]
     Oauth(oauth::OAuthCmd),
+    /// The running gateway's blocks and attack modes (via the admin listener).
+    #[command(subcommand)]
+    Guard(guard::GuardCmd),
 }
 
 /// Where the users file is: named by the config, or given directly (e.g. a local copy of a
@@ -211,6 +215,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Totp(t) => mfa::totp(t),
         Command::Keys(k) => mfa::keys(k),
         Command::Oauth(o) => oauth::oauth(o),
+        Command::Guard(g) => guard::guard(g),
     }
 }
 

@@ -7,6 +7,7 @@
 //! `backends[0].connect_timeout: `5` needs a unit`. Secure defaults are the named constants in
 //! [`defaults`]. The config is never logged: it holds secrets.
 
+mod guard;
 mod raw;
 pub mod units;
 mod validate;
@@ -58,6 +59,30 @@ pub mod defaults {
     /// The post-auth idle timeout may not be lower: IDLE clients re-issue every 29 minutes
     /// (RFC 2177), and the issue asks for at least 30 minutes.
     pub const RELAY_IDLE_MINIMUM: Duration = Duration::from_secs(30 * 60);
+
+    // The guard (docs/guard.md explains each choice).
+    pub const SUBNET_V4: u8 = 24;
+    pub const SUBNET_V6: u8 = 64;
+    /// Failures per client address before it is blocked for `BLOCK_FOR`.
+    pub const PER_IP_FAILURES: u32 = 10;
+    /// Failures per subnet: a NAT or campus shares one; three addresses' worth.
+    pub const PER_SUBNET_FAILURES: u32 = 30;
+    /// Failures against one account (from anywhere) before it enters attack mode; well under
+    /// NIST SP 800-63B's 100.
+    pub const PER_ACCOUNT_FAILURES: u32 = 10;
+    /// Refused bearer tokens per client address before token attempts from it are refused
+    /// unchecked (protects the identity provider's introspection endpoint).
+    pub const PER_TOKEN_IP_FAILURES: u32 = 20;
+    pub const FAILURE_WINDOW: Duration = Duration::from_secs(15 * 60);
+    pub const SPRAY_ACCOUNTS: u32 = 5;
+    pub const SPRAY_WINDOW: Duration = Duration::from_secs(3600);
+    pub const KNOWN_GOOD_TTL: Duration = Duration::from_secs(30 * 86_400);
+    pub const TARPIT_START: Duration = Duration::from_secs(1);
+    pub const TARPIT_MAX: Duration = Duration::from_secs(15);
+    pub const MAX_DELAYED_PER_IP: u32 = 16;
+    pub const BLOCK_FOR: Duration = Duration::from_secs(15 * 60);
+    /// Entries in the in-process state store (about 160 bytes each: 160 MB at most).
+    pub const STATE_MAX_ENTRIES: u32 = 1_000_000;
 }
 
 /// The validated configuration.
@@ -67,7 +92,8 @@ pub struct Config {
     pub tls: TlsConfig,
     pub limits: Limits,
     pub auth: AuthConfig,
-    pub state: StateBackend,
+    pub state: StateConfig,
+    pub guard: GuardConfig,
     pub backends: Vec<BackendConfig>,
     pub routes: Routes,
     pub admin: AdminConfig,
@@ -81,6 +107,86 @@ pub struct ListenerConfig {
     pub name: String,
     pub address: SocketAddr,
     pub tls: ListenerTls,
+    /// A PROXY protocol header is required on this listener.
+    pub proxy_protocol: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    pub backend: StateBackend,
+    /// Entries kept at most by the in-process store.
+    pub max_entries: usize,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            backend: StateBackend::Memory,
+            max_entries: defaults::STATE_MAX_ENTRIES as usize,
+        }
+    }
+}
+
+/// One failure budget: `failures` per `per` (GCRA), and whether exceeding it is enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub failures: u32,
+    pub per: Duration,
+    pub enforce: bool,
+}
+
+/// The brute-force and spraying defence (`guard` section).
+#[derive(Debug, Clone)]
+pub struct GuardConfig {
+    /// false = dry run everywhere: decisions are logged and counted, never applied.
+    pub enforce: bool,
+    pub subnet_v4: u8,
+    pub subnet_v6: u8,
+    pub allow: Vec<ipnet::IpNet>,
+    pub deny: Vec<ipnet::IpNet>,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub per_ip: Budget,
+    pub per_subnet: Budget,
+    pub per_account: Budget,
+    pub per_token_ip: Budget,
+    /// Distinct accounts failed from one address or subnet within `per`.
+    pub spray: Budget,
+    pub known_good_ttl: Duration,
+    pub tarpit_start: Duration,
+    pub tarpit_max: Duration,
+    pub tarpit_enforce: bool,
+    pub max_delayed_per_ip: u32,
+    pub block_for: Duration,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        use defaults::*;
+        let budget = |failures, per| Budget {
+            failures,
+            per,
+            enforce: true,
+        };
+        Self {
+            enforce: true,
+            subnet_v4: SUBNET_V4,
+            subnet_v6: SUBNET_V6,
+            allow: Vec::new(),
+            deny: Vec::new(),
+            trusted_proxies: Vec::new(),
+            per_ip: budget(PER_IP_FAILURES, FAILURE_WINDOW),
+            per_subnet: budget(PER_SUBNET_FAILURES, FAILURE_WINDOW),
+            per_account: budget(PER_ACCOUNT_FAILURES, FAILURE_WINDOW),
+            per_token_ip: budget(PER_TOKEN_IP_FAILURES, FAILURE_WINDOW),
+            spray: budget(SPRAY_ACCOUNTS, SPRAY_WINDOW),
+            known_good_ttl: KNOWN_GOOD_TTL,
+            tarpit_start: TARPIT_START,
+            tarpit_max: TARPIT_MAX,
+            tarpit_enforce: true,
+            max_delayed_per_ip: MAX_DELAYED_PER_IP,
+            block_for: BLOCK_FOR,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

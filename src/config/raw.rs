@@ -16,6 +16,9 @@ pub struct Listener {
     pub name: String,
     pub address: String,
     pub tls: ListenerTls,
+    /// Expect a PROXY protocol v1/v2 header (from `guard.trusted_proxies` only).
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -173,6 +176,7 @@ pub struct Argon2 {
 #[serde(deny_unknown_fields)]
 pub struct State {
     pub backend: Option<StateBackend>,
+    pub max_entries: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -276,4 +280,51 @@ impl<'de> Deserialize<'de> for MfaMode {
         }
         d.deserialize_any(V)
     }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Guard {
+    pub enforce: Option<bool>,
+    pub subnet_v4: Option<u8>,
+    pub subnet_v6: Option<u8>,
+    #[serde(default)]
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub deny: Vec<String>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    pub per_ip: Option<Budget>,
+    pub per_subnet: Option<Budget>,
+    pub per_account: Option<Budget>,
+    pub per_token_ip: Option<Budget>,
+    pub spray: Option<Spray>,
+    pub known_good_ttl: Option<Scalar>,
+    pub tarpit: Option<Tarpit>,
+    pub max_delayed_per_ip: Option<u32>,
+    pub block_for: Option<Scalar>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    pub failures: Option<u32>,
+    pub per: Option<Scalar>,
+    pub enforce: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Spray {
+    pub distinct_accounts: Option<u32>,
+    pub per: Option<Scalar>,
+    pub enforce: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Tarpit {
+    pub start: Option<Scalar>,
+    pub max: Option<Scalar>,
+    pub enforce: Option<bool>,
 }

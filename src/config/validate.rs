@@ -12,7 +12,7 @@ use super::units::{parse_duration, parse_size, Scalar};
 use super::{
     defaults, raw, AdminConfig, Argon2Params, AuditSink, AuthConfig, BackendConfig, BackendLogin,
     CertificatePaths, Config, ConfigError, FieldError, Limits, ListenerConfig, LogFormat,
-    LoggingConfig, Routes, TlsConfig,
+    LoggingConfig, Routes, StateConfig, TlsConfig,
 };
 use crate::secret::Secret;
 
@@ -22,27 +22,28 @@ const SECTIONS: &[&str] = &[
     "limits",
     "auth",
     "state",
+    "guard",
     "backends",
     "routes",
     "admin",
     "logging",
 ];
 
-struct Ctx<'a> {
+pub(super) struct Ctx<'a> {
     base: &'a Path,
     errors: Vec<FieldError>,
     warnings: Vec<String>,
 }
 
 impl Ctx<'_> {
-    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.errors.push(FieldError {
             path: path.into(),
             message: message.into(),
         });
     }
 
-    fn decode<T: DeserializeOwned>(&mut self, v: &Value, path: &str) -> Option<T> {
+    pub(super) fn decode<T: DeserializeOwned>(&mut self, v: &Value, path: &str) -> Option<T> {
         match serde_path_to_error::deserialize::<_, T>(v.clone()) {
             Ok(t) => Some(t),
             Err(e) => {
@@ -67,7 +68,12 @@ impl Ctx<'_> {
         }
     }
 
-    fn duration(&mut self, v: Option<&Scalar>, path: &str, default: Duration) -> Duration {
+    pub(super) fn duration(
+        &mut self,
+        v: Option<&Scalar>,
+        path: &str,
+        default: Duration,
+    ) -> Duration {
         match v {
             None => default,
             Some(s) => parse_duration(&s.0).unwrap_or_else(|m| {
@@ -101,7 +107,7 @@ impl Ctx<'_> {
         }
     }
 
-    fn count(&mut self, v: Option<u32>, path: &str, default: u32) -> u32 {
+    pub(super) fn count(&mut self, v: Option<u32>, path: &str, default: u32) -> u32 {
         match v {
             Some(0) => {
                 self.err(path, "must be at least 1");
@@ -175,6 +181,25 @@ pub(super) fn from_yaml(text: &str, base: &Path) -> Result<Config, ConfigError> 
     let limits = limits(&mut cx, section("limits"));
     let auth = auth(&mut cx, section("auth"));
     let state = state(&mut cx, section("state"));
+    let guard = super::guard::guard(&mut cx, section("guard"));
+    if guard.tarpit_max >= limits.preauth_total_timeout {
+        cx.warnings.push(format!(
+            "guard.tarpit.max ({:?}) is not shorter than limits.preauth_total_timeout ({:?}): a client held that long is closed with BYE instead of a NO",
+            guard.tarpit_max, limits.preauth_total_timeout
+        ));
+    }
+    if !guard.enforce {
+        cx.warnings
+            .push("guard.enforce is false: the guard only logs and counts (dry run)".into());
+    }
+    for (i, l) in listeners.iter().enumerate() {
+        if l.proxy_protocol && guard.trusted_proxies.is_empty() {
+            cx.err(
+                format!("listeners[{i}].proxy_protocol"),
+                "needs guard.trusted_proxies: a PROXY header is believed only from them",
+            );
+        }
+    }
     let backends = backends(&mut cx, section("backends"));
     let routes = routes(&mut cx, section("routes"), &backends);
     let admin = admin(&mut cx, section("admin"));
@@ -190,6 +215,7 @@ pub(super) fn from_yaml(text: &str, base: &Path) -> Result<Config, ConfigError> 
             limits,
             auth,
             state,
+            guard,
             backends,
             routes,
             admin,
@@ -252,6 +278,7 @@ fn listeners(cx: &mut Ctx, v: &Value) -> Vec<ListenerConfig> {
                     name: l.name,
                     address: a,
                     tls: l.tls,
+                    proxy_protocol: l.proxy_protocol,
                 });
             }
             Err(_) => cx.err(
@@ -823,13 +850,26 @@ fn key_bytes(raw: &Secret) -> Option<Secret> {
     (bytes.len() == 32).then(|| Secret::new(bytes))
 }
 
-fn state(cx: &mut Ctx, v: &Value) -> raw::StateBackend {
+fn state(cx: &mut Ctx, v: &Value) -> StateConfig {
+    let d = StateConfig::default();
     if v.is_null() {
-        return raw::StateBackend::Memory;
+        return d;
     }
-    cx.decode::<raw::State>(v, "state")
-        .and_then(|s| s.backend)
-        .unwrap_or(raw::StateBackend::Memory)
+    let Some(s) = cx.decode::<raw::State>(v, "state") else {
+        return d;
+    };
+    let max_entries = match s.max_entries {
+        None => d.max_entries,
+        Some(n) if n >= 1000 => n as usize,
+        Some(_) => {
+            cx.err("state.max_entries", "must be at least 1000");
+            d.max_entries
+        }
+    };
+    StateConfig {
+        backend: s.backend.unwrap_or(d.backend),
+        max_entries,
+    }
 }
 
 /// Splits `host:port` / `[v6]:port`.

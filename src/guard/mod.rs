@@ -1,36 +1,48 @@
-//! The guard: asked before every credential check, told the outcome after.
+//! The guard: asked before every credential check, told the outcome after (DESIGN.md,
+//! "Abuse defence"; docs/guard.md for the policy in prose).
 //!
-//! This is the seam for brute-force and spraying defence (DESIGN.md, "Abuse defence"). It
-//! sees only cheap keys — the resolved client address, the claimed user name — and never a
-//! secret. Today every attempt is allowed; the decision is still counted and audited so the
-//! session flow, metrics and audit log already have their final shape, and security invariant
-//! 4 (decide before any expensive check) holds by construction: the session calls
-//! [`Guard::check`] before the authenticator and does not call the authenticator on `Reject`.
+//! It sees only cheap keys — the resolved client address, its subnet, the claimed account
+//! name, a keyed fingerprint of the wrong secret — and never a secret. Security invariant 4:
+//! the session calls [`Guard::check`] before the authenticator and does not call the
+//! authenticator on `Reject` or `Close`, so a throttled attempt never reaches argon2, a JWKS
+//! fetch or an introspection call.
+//!
+//! What it keeps, all in the shared [`Store`] with a TTL (keys in [`keys`]):
+//! - failure budgets (GCRA) per address, per subnet, per account, and per address for tokens;
+//! - the distinct accounts that failed from an address and from a subnet (spraying);
+//! - blocks (address, subnet, token address) and accounts in attack mode;
+//! - the networks each account recently logged in from (known-good), which exempt that account
+//!   from blocks and from its own attack mode: a lockout cannot be aimed at a user;
+//! - failure counts per address and per (account, subnet) for the tarpit;
+//! - fingerprints of recent wrong secrets per account, so a client repeating a stale password
+//!   counts once.
+//!
+//! The in-flight cap (`max_delayed_per_ip`) is per process: it bounds this replica's sessions.
 
+mod keys;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::state::Store;
+use hmac::{Hmac, Mac};
+use ipnet::IpNet;
+use sha2::Sha256;
 
-/// The guard's answer before a check.
+use crate::config::{Budget, GuardConfig};
+use crate::observe::{self, GuardAuditEvent, Metrics};
+use crate::state::{RateDecision, Store};
+
+/// What is being tried: password mechanisms or bearer tokens. Attack mode and source blocks
+/// stop password guesses; tokens cannot be guessed, so they have their own budget (which
+/// protects the identity provider's introspection endpoint).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    Allow,
-    /// Check, but answer a failure no sooner than this.
-    Delay(Duration),
-    /// Do not check; answer as a failure.
-    Reject,
-}
-
-impl Verdict {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Verdict::Allow => "allow",
-            Verdict::Delay(_) => "delay",
-            Verdict::Reject => "reject",
-        }
-    }
+pub enum Kind {
+    Password,
+    Token,
 }
 
 /// What the guard knows of an attempt.
@@ -39,23 +51,699 @@ pub struct AttemptKey<'a> {
     pub client_ip: IpAddr,
     /// The normalised user name, if it was valid.
     pub user: Option<&'a str>,
+    pub kind: Kind,
+}
+
+/// The guard's answer before a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Check the credential.
+    Allow,
+    /// Do not check; answer as a failure (after the tarpit delay).
+    Reject,
+    /// Too many attempts in flight from this address: answer the failure at once and close.
+    Close,
+}
+
+/// Which key decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    None,
+    AllowList,
+    /// Blocked or in attack mode, but this account logged in from this network recently.
+    KnownGood,
+    Ip,
+    Subnet,
+    Account,
+    TokenIp,
+    InFlight,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::None => "none",
+            Scope::AllowList => "allow_list",
+            Scope::KnownGood => "known_good",
+            Scope::Ip => "ip",
+            Scope::Subnet => "subnet",
+            Scope::Account => "account",
+            Scope::TokenIp => "token_ip",
+            Scope::InFlight => "in_flight",
+        }
+    }
+}
+
+/// The decision before a check.
+#[derive(Debug)]
+pub struct Decision {
+    pub verdict: Verdict,
+    /// A failure is answered no sooner than this after the attempt began (the tarpit).
+    pub delay: Duration,
+    pub scope: Scope,
+    /// A dry-run control would have refused this attempt (it is allowed).
+    pub would_refuse: bool,
+    /// Holds this attempt's place in the per-address in-flight count until dropped.
+    pub permit: Option<InFlight>,
+}
+
+impl Decision {
+    /// The metric/audit label of the action taken.
+    pub fn action(&self) -> &'static str {
+        match (self.verdict, self.would_refuse) {
+            (Verdict::Reject, _) => "reject",
+            (Verdict::Close, _) => "close",
+            (Verdict::Allow, true) if self.scope == Scope::InFlight => "would_close",
+            (Verdict::Allow, true) => "would_reject",
+            (Verdict::Allow, false) if !self.delay.is_zero() => "delay",
+            (Verdict::Allow, false) => "allow",
+        }
+    }
+
+    fn allow(scope: Scope) -> Self {
+        Decision {
+            verdict: Verdict::Allow,
+            delay: Duration::ZERO,
+            scope,
+            would_refuse: false,
+            permit: None,
+        }
+    }
+}
+
+/// How a checked attempt ended, as the guard is told.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome<'a> {
+    /// Authenticated as `user` (the authoritative name, not the claimed one).
+    Success { user: &'a str },
+    /// The credential was checked and refused. `fingerprint` is [`Guard::fingerprint`] of
+    /// the secret, when there was one.
+    Failure { fingerprint: Option<&'a str> },
+    /// Refused by the guard without a check.
+    Refused,
+}
+
+/// One active block or attack mode, for `guard status` and the admin endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlockInfo {
+    /// `ip`, `subnet`, `token_ip` or `account` (attack mode).
+    pub scope: String,
+    pub value: String,
+    pub reason: String,
+    pub expires_in_secs: u64,
+    /// false: recorded by a dry-run control, not applied.
+    pub enforced: bool,
 }
 
 pub struct Guard {
-    #[allow(dead_code)] // used by the spraying defence (next issue)
+    cfg: GuardConfig,
     store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    /// Keys the fingerprints of wrong secrets (never stored, never logged).
+    fingerprint_key: [u8; 32],
+    in_flight: Arc<Mutex<HashMap<IpAddr, u32>>>,
+    /// Blocks seen by the last sweep, to report the ones that ended.
+    seen: Mutex<Vec<(String, String)>>,
 }
 
+/// Most entries listed at once (admin endpoint, gauges).
+const LIST_LIMIT: usize = 10_000;
+
 impl Guard {
-    pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+    pub fn new(cfg: GuardConfig, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            cfg,
+            store,
+            metrics,
+            fingerprint_key: rand::random(),
+            in_flight: Arc::new(Mutex::new(HashMap::new())),
+            seen: Mutex::new(Vec::new()),
+        }
     }
 
-    /// Before the check. Allow-all until the brute-force defence lands.
-    pub async fn check(&self, _key: AttemptKey<'_>) -> Verdict {
-        Verdict::Allow
+    pub fn config(&self) -> &GuardConfig {
+        &self.cfg
     }
 
-    /// After the check.
-    pub async fn record(&self, _key: AttemptKey<'_>, _success: bool) {}
+    /// The client's subnet (`subnet_v4`/`subnet_v6`).
+    pub fn subnet(&self, ip: IpAddr) -> IpNet {
+        let prefix = match ip {
+            IpAddr::V4(_) => self.cfg.subnet_v4,
+            IpAddr::V6(_) => self.cfg.subnet_v6,
+        };
+        IpNet::new(ip, prefix).map_or_else(|_| IpNet::from(ip), |n| n.trunc())
+    }
+
+    /// True if connections from `ip` are refused before TLS (and the deny list is enforced).
+    /// In dry run the refusal is counted and logged but not applied.
+    pub fn denied(&self, ip: IpAddr) -> bool {
+        if !self.cfg.deny.iter().any(|n| n.contains(&ip)) {
+            return false;
+        }
+        if self.cfg.enforce {
+            self.count_decision("reject", "deny_list");
+            true
+        } else {
+            self.count_decision("would_reject", "deny_list");
+            tracing::info!(client = %ip, "dry run: the deny list would refuse this connection");
+            false
+        }
+    }
+
+    /// True if a PROXY protocol header from `peer` is believed.
+    pub fn trusted_proxy(&self, peer: IpAddr) -> bool {
+        self.cfg.trusted_proxies.iter().any(|n| n.contains(&peer))
+    }
+
+    /// A keyed fingerprint of a wrong secret, so that a repeated one counts once. Bound to the
+    /// account so equal secrets of two accounts do not collide.
+    pub fn fingerprint(&self, user: &str, secret: &[u8]) -> String {
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&self.fingerprint_key) else {
+            return String::new();
+        };
+        mac.update(user.as_bytes());
+        mac.update(&[0]);
+        mac.update(secret);
+        hex16(&mac.finalize().into_bytes())
+    }
+
+    fn count_decision(&self, action: &str, scope: &str) {
+        self.metrics
+            .guard_decisions
+            .with_label_values(&[action, scope])
+            .inc();
+    }
+
+    fn store_error(&self, op: &str, e: &crate::state::StoreError) {
+        self.metrics
+            .state_store_errors
+            .with_label_values(&[op])
+            .inc();
+        tracing::warn!(error = %e, op, "guard: state store failed; deciding without it");
+    }
+
+    /// Before the check. Reads at most one batch of keys (one round trip).
+    pub async fn check(&self, key: AttemptKey<'_>) -> Decision {
+        let d = self.decide(key).await;
+        self.count_decision(d.action(), d.scope.as_str());
+        if d.would_refuse {
+            tracing::info!(
+                client = %key.client_ip,
+                scope = d.scope.as_str(),
+                "dry run: the guard would refuse this attempt"
+            );
+        }
+        d
+    }
+
+    async fn decide(&self, key: AttemptKey<'_>) -> Decision {
+        let ip = key.client_ip;
+        if self.cfg.allow.iter().any(|n| n.contains(&ip)) {
+            return Decision::allow(Scope::AllowList);
+        }
+        let permit = match self.acquire(ip) {
+            Some(p) => Some(p),
+            None if self.cfg.enforce => {
+                return Decision {
+                    verdict: Verdict::Close,
+                    delay: Duration::ZERO,
+                    scope: Scope::InFlight,
+                    would_refuse: false,
+                    permit: None,
+                }
+            }
+            None => {
+                return Decision {
+                    would_refuse: true,
+                    ..Decision::allow(Scope::InFlight)
+                }
+            }
+        };
+        let net = self.subnet(ip);
+        let user = key.user;
+        // One batch: [tarpit ip, tarpit account+net, then per kind…]
+        let mut wanted = vec![
+            keys::tarpit_ip(ip),
+            user.map(|u| keys::tarpit_account_net(u, &net))
+                .unwrap_or_default(),
+        ];
+        match key.kind {
+            Kind::Password => {
+                wanted.push(keys::block(Scope::Ip, &ip.to_string()));
+                wanted.push(keys::block(Scope::Subnet, &net.to_string()));
+                wanted.push(
+                    user.map(|u| keys::block(Scope::Account, u))
+                        .unwrap_or_default(),
+                );
+                wanted.push(user.map(|u| keys::known_good(u, &net)).unwrap_or_default());
+            }
+            Kind::Token => wanted.push(keys::block(Scope::TokenIp, &ip.to_string())),
+        }
+        let values = match self.store.get_many(&wanted).await {
+            Ok(v) => v,
+            Err(e) => {
+                self.store_error("get_many", &e);
+                return Decision {
+                    permit,
+                    ..Decision::allow(Scope::None)
+                };
+            }
+        };
+        let at = |i: usize| values.get(i).and_then(|v| v.as_deref());
+        let count = |i: usize| at(i).and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
+        let failures = count(0).max(count(1));
+        let delay = if self.cfg.tarpit_enforce {
+            tarpit(self.cfg.tarpit_start, self.cfg.tarpit_max, failures)
+        } else {
+            Duration::ZERO
+        };
+        // The first refusing key, and whether its control is enforced.
+        let refusal: Option<(Scope, bool)> = match key.kind {
+            Kind::Password => {
+                let blocks = [
+                    (Scope::Ip, at(2)),
+                    (Scope::Subnet, at(3)),
+                    (Scope::Account, at(4)),
+                ];
+                let hit = blocks
+                    .iter()
+                    .find_map(|(s, v)| v.map(|v| (*s, self.enforced(*s, v))));
+                match hit {
+                    // Known-good: this account succeeded from this network recently.
+                    Some(_) if at(5).is_some() => {
+                        return Decision {
+                            delay,
+                            permit,
+                            ..Decision::allow(Scope::KnownGood)
+                        }
+                    }
+                    other => other,
+                }
+            }
+            Kind::Token => at(2).map(|v| (Scope::TokenIp, self.enforced(Scope::TokenIp, v))),
+        };
+        match refusal {
+            Some((scope, true)) => Decision {
+                verdict: Verdict::Reject,
+                delay,
+                scope,
+                would_refuse: false,
+                permit,
+            },
+            Some((scope, false)) => Decision {
+                verdict: Verdict::Allow,
+                delay,
+                scope,
+                would_refuse: true,
+                permit,
+            },
+            None => Decision {
+                verdict: Verdict::Allow,
+                delay,
+                scope: if delay.is_zero() {
+                    Scope::None
+                } else if count(1) > count(0) {
+                    Scope::Account
+                } else {
+                    Scope::Ip
+                },
+                would_refuse: false,
+                permit,
+            },
+        }
+    }
+
+    /// Is a block of this scope, recorded with this value (`reason`), enforced?
+    fn enforced(&self, scope: Scope, value: &str) -> bool {
+        let b = match (scope, reason_of(value)) {
+            (_, "manual") => return self.cfg.enforce,
+            (Scope::Account, _) => self.cfg.per_account,
+            (Scope::TokenIp, _) => self.cfg.per_token_ip,
+            (_, "spray") => self.cfg.spray,
+            (Scope::Subnet, _) => self.cfg.per_subnet,
+            _ => self.cfg.per_ip,
+        };
+        b.enforce
+    }
+
+    fn acquire(&self, ip: IpAddr) -> Option<InFlight> {
+        let mut map = self.in_flight.lock().ok()?;
+        let n = map.entry(ip).or_insert(0);
+        if *n >= self.cfg.max_delayed_per_ip {
+            return None;
+        }
+        *n += 1;
+        Some(InFlight {
+            map: self.in_flight.clone(),
+            ip,
+        })
+    }
+
+    /// After the check (or the refusal).
+    pub async fn record(&self, key: AttemptKey<'_>, outcome: Outcome<'_>) {
+        let ip = key.client_ip;
+        if self.cfg.allow.iter().any(|n| n.contains(&ip)) {
+            return;
+        }
+        let net = self.subnet(ip);
+        let r = match outcome {
+            Outcome::Success { user } => self.success(ip, &net, user).await,
+            Outcome::Refused => self
+                .store
+                .incr(&keys::tarpit_ip(ip), 1, self.cfg.per_ip.per)
+                .await
+                .map(drop),
+            Outcome::Failure { fingerprint } => self.failure(key, &net, fingerprint).await,
+        };
+        if let Err(e) = r {
+            self.store_error("record", &e);
+        }
+    }
+
+    async fn success(
+        &self,
+        ip: IpAddr,
+        net: &IpNet,
+        user: &str,
+    ) -> Result<(), crate::state::StoreError> {
+        self.store
+            .put(&keys::known_good(user, net), "1", self.cfg.known_good_ttl)
+            .await?;
+        // A success from a network resets that network's failure budget (not its spray count,
+        // not the account's budget, not an existing block).
+        self.store
+            .delete_many(&[
+                keys::failures(Scope::Ip, &ip.to_string()),
+                keys::failures(Scope::Subnet, &net.to_string()),
+                keys::tarpit_ip(ip),
+                keys::tarpit_account_net(user, net),
+            ])
+            .await
+    }
+
+    async fn failure(
+        &self,
+        key: AttemptKey<'_>,
+        net: &IpNet,
+        fingerprint: Option<&str>,
+    ) -> Result<(), crate::state::StoreError> {
+        let ip = key.client_ip;
+        let s = &self.store;
+        let c = &self.cfg;
+        // A secret this account already failed with recently is not a new guess.
+        // (A counter, not a marker: under memory pressure these are evicted first.)
+        if let (Some(user), Some(fp)) = (key.user, fingerprint) {
+            if s.incr(&keys::seen(user, fp), 1, c.per_account.per).await? > 1 {
+                tracing::debug!("guard: repeated wrong secret, not counted again");
+                return Ok(());
+            }
+        }
+        s.incr(&keys::tarpit_ip(ip), 1, c.per_ip.per).await?;
+        if let Some(user) = key.user {
+            s.incr(&keys::tarpit_account_net(user, net), 1, c.per_ip.per)
+                .await?;
+        }
+        let ip_text = ip.to_string();
+        if key.kind == Kind::Token {
+            if let RateDecision::Limited(_) = s
+                .rate_check(
+                    &keys::failures(Scope::TokenIp, &ip_text),
+                    rate(c.per_token_ip),
+                )
+                .await?
+            {
+                self.impose(
+                    Scope::TokenIp,
+                    &ip_text,
+                    "failures",
+                    c.per_token_ip.failures as u64,
+                    c.per_token_ip.enforce,
+                )
+                .await?;
+            }
+            return Ok(());
+        }
+        let net_text = net.to_string();
+        for (scope, value, budget) in [
+            (Scope::Ip, &ip_text, c.per_ip),
+            (Scope::Subnet, &net_text, c.per_subnet),
+        ] {
+            if let RateDecision::Limited(_) = s
+                .rate_check(&keys::failures(scope, value), rate(budget))
+                .await?
+            {
+                self.impose(
+                    scope,
+                    value,
+                    "failures",
+                    budget.failures as u64,
+                    budget.enforce,
+                )
+                .await?;
+            }
+        }
+        // Spraying: distinct accounts failed from this address and from this subnet.
+        let member = key
+            .user
+            .map_or_else(|| "-".to_owned(), |u| self.fingerprint(u, b""));
+        for (scope, value) in [(Scope::Ip, &ip_text), (Scope::Subnet, &net_text)] {
+            let n = s
+                .set_add_count(&keys::spray(scope, value), &member, c.spray.per)
+                .await?;
+            if n > u64::from(c.spray.failures) {
+                self.impose(scope, value, "spray", n, c.spray.enforce)
+                    .await?;
+            }
+        }
+        // A distributed attack on one account: attack mode, not lockout.
+        if let Some(user) = key.user {
+            if let RateDecision::Limited(_) = s
+                .rate_check(&keys::failures(Scope::Account, user), rate(c.per_account))
+                .await?
+            {
+                self.impose(
+                    Scope::Account,
+                    user,
+                    "failures",
+                    c.per_account.failures as u64,
+                    c.per_account.enforce,
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a block (or attack mode) for `block_for`; reports it the first time.
+    async fn impose(
+        &self,
+        scope: Scope,
+        value: &str,
+        reason: &str,
+        count: u64,
+        enforced: bool,
+    ) -> Result<(), crate::state::StoreError> {
+        let k = keys::block(scope, value);
+        let fresh = self
+            .store
+            .set_if_absent(&k, reason, self.cfg.block_for)
+            .await?;
+        if !fresh {
+            return Ok(());
+        }
+        self.metrics
+            .guard_blocks
+            .with_label_values(&[scope.as_str(), reason])
+            .inc();
+        let event = if scope == Scope::Account {
+            "attack_mode"
+        } else {
+            "block"
+        };
+        observe::audit_guard(&GuardAuditEvent {
+            event,
+            scope: scope.as_str(),
+            value,
+            reason,
+            count,
+            enforced,
+        });
+        tracing::warn!(
+            scope = scope.as_str(),
+            key = value,
+            reason,
+            count,
+            enforced,
+            "guard: {}",
+            if scope == Scope::Account {
+                "account in attack mode"
+            } else {
+                "source blocked"
+            }
+        );
+        Ok(())
+    }
+
+    /// Active blocks and attack modes.
+    pub async fn status(&self) -> Result<Vec<BlockInfo>, crate::state::StoreError> {
+        let entries = self
+            .store
+            .scan_prefix(keys::BLOCK_PREFIX, LIST_LIMIT)
+            .await?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|(k, v, ttl)| {
+                let (scope, value) = keys::parse_block(&k)?;
+                Some(BlockInfo {
+                    scope: scope.as_str().to_owned(),
+                    value: value.to_owned(),
+                    reason: reason_of(&v).to_owned(),
+                    expires_in_secs: ttl.as_secs(),
+                    enforced: self.enforced(scope, &v),
+                })
+            })
+            .collect())
+    }
+
+    /// Clears the blocks matching `scope` (None: every scope) and `value` (None: all), with
+    /// the budgets that led to them, so the next failure does not block again at once.
+    /// Returns how many were cleared.
+    pub async fn clear(
+        &self,
+        scope: Option<&str>,
+        value: Option<&str>,
+    ) -> Result<usize, crate::state::StoreError> {
+        let mut n = 0;
+        for b in self.status().await? {
+            if scope.is_some_and(|s| s != b.scope) || value.is_some_and(|v| v != b.value) {
+                continue;
+            }
+            let Some(sc) = keys::scope_named(&b.scope) else {
+                continue;
+            };
+            let mut doomed = vec![keys::block(sc, &b.value), keys::failures(sc, &b.value)];
+            match sc {
+                Scope::Ip | Scope::Subnet => doomed.push(keys::spray(sc, &b.value)),
+                _ => {}
+            }
+            if let Ok(ip) = b.value.parse::<IpAddr>() {
+                doomed.push(keys::tarpit_ip(ip));
+            }
+            self.store.delete_many(&doomed).await?;
+            observe::audit_guard(&GuardAuditEvent {
+                event: "cleared",
+                scope: &b.scope,
+                value: &b.value,
+                reason: &b.reason,
+                count: 0,
+                enforced: b.enforced,
+            });
+            n += 1;
+        }
+        self.sweep().await;
+        Ok(n)
+    }
+
+    /// Refreshes the gauges and reports the blocks and attack modes that ended.
+    pub async fn sweep(&self) {
+        let now = match self.status().await {
+            Ok(s) => s,
+            Err(e) => {
+                self.store_error("scan", &e);
+                return;
+            }
+        };
+        let accounts = now.iter().filter(|b| b.scope == "account").count();
+        self.metrics
+            .guard_attack_mode_accounts
+            .set(i64::try_from(accounts).unwrap_or(i64::MAX));
+        self.metrics
+            .guard_blocked_sources
+            .set(i64::try_from(now.len() - accounts).unwrap_or(i64::MAX));
+        let current: Vec<(String, String)> = now
+            .iter()
+            .map(|b| (b.scope.clone(), b.value.clone()))
+            .collect();
+        let Ok(mut seen) = self.seen.lock() else {
+            return;
+        };
+        for (scope, value) in seen.iter().filter(|p| !current.contains(p)) {
+            let event = if scope == "account" {
+                "attack_mode_ended"
+            } else {
+                "block_ended"
+            };
+            observe::audit_guard(&GuardAuditEvent {
+                event,
+                scope,
+                value,
+                reason: "expired",
+                count: 0,
+                enforced: true,
+            });
+        }
+        *seen = current;
+    }
+
+    /// Sweeps every `every` until `stop`.
+    pub async fn sweep_loop(
+        self: Arc<Self>,
+        every: Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(every) => self.sweep().await,
+            }
+        }
+    }
+}
+
+/// This attempt's place in its address's in-flight count.
+#[derive(Debug)]
+pub struct InFlight {
+    map: Arc<Mutex<HashMap<IpAddr, u32>>>,
+    ip: IpAddr,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.map.lock() {
+            if let Some(n) = map.get_mut(&self.ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    map.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+fn rate(b: Budget) -> crate::state::Rate {
+    crate::state::Rate {
+        burst: b.failures,
+        period: b.per,
+    }
+}
+
+/// `start` doubled for each failure after the first, capped at `max`; zero before any.
+pub fn tarpit(start: Duration, max: Duration, failures: u32) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    let doublings = (failures - 1).min(16);
+    start.saturating_mul(1 << doublings).min(max)
+}
+
+/// The reason part of a block's stored value.
+fn reason_of(value: &str) -> &str {
+    match value {
+        "spray" | "manual" | "failures" => value,
+        _ => "failures",
+    }
+}
+
+fn hex16(bytes: &[u8]) -> String {
+    bytes.iter().take(16).map(|b| format!("{b:02x}")).collect()
 }

@@ -1,11 +1,16 @@
-//! The admin HTTP listener: `/metrics`, `/healthz`, `/readyz`. It is never an IMAP port and
-//! binds 127.0.0.1 by default. Nothing here changes state yet; endpoints that will (clearing
-//! guard blocks) must check the bearer token from `admin.token_file`.
+//! The admin HTTP listener: `/metrics`, `/healthz`, `/readyz`, and the guard's blocks. It is
+//! never an IMAP port and binds 127.0.0.1 by default.
+//!
+//! `GET /guard/blocks` (active blocks and attack modes, JSON) and `DELETE /guard/blocks`
+//! (`?scope=ip&value=192.0.2.7`, `?scope=account&value=…`, or `?all=true`) name addresses and
+//! accounts or change state, so both need `Authorization: Bearer <admin.token_file>`; without a
+//! configured token they answer 403.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -13,11 +18,16 @@ use axum::Router;
 use tokio_util::sync::CancellationToken;
 
 use super::{Health, Metrics};
+use crate::guard::Guard;
+use crate::secret::Secret;
 
 #[derive(Clone)]
-struct AdminState {
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
+pub struct AdminState {
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub guard: Arc<Guard>,
+    /// The bearer token for the guard endpoints (none: they are refused).
+    pub token: Option<Secret>,
 }
 
 /// Binds the admin listener (errors are returned so start-up fails loudly).
@@ -26,17 +36,13 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
 }
 
 /// Serves until `stop` is cancelled.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-    stop: CancellationToken,
-) {
+pub async fn serve(listener: tokio::net::TcpListener, state: AdminState, stop: CancellationToken) {
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready_handler))
-        .with_state(AdminState { metrics, health });
+        .route("/guard/blocks", get(blocks_handler).delete(clear_handler))
+        .with_state(state);
     let res = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await;
@@ -63,4 +69,127 @@ async fn ready_handler(State(s): State<AdminState>) -> impl IntoResponse {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, detail)
+}
+
+/// Checks `Authorization: Bearer …` against the configured token in constant time.
+fn authorised(s: &AdminState, headers: &HeaderMap) -> Result<(), (StatusCode, &'static str)> {
+    let Some(token) = &s.token else {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "admin.token_file is not configured\n",
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if token.ct_eq(given.trim().as_bytes()) {
+        Ok(())
+    } else {
+        Err((
+            StatusCode::UNAUTHORIZED,
+            "a valid bearer token is required\n",
+        ))
+    }
+}
+
+async fn blocks_handler(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+) -> axum::response::Response {
+    if let Err(e) = authorised(&s, &headers) {
+        return e.into_response();
+    }
+    match s.guard.status().await {
+        Ok(list) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::to_string(&list).unwrap_or_default(),
+        )
+            .into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "state store unavailable\n").into_response(),
+    }
+}
+
+async fn clear_handler(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> axum::response::Response {
+    if let Err(e) = authorised(&s, &headers) {
+        return e.into_response();
+    }
+    let mut scope = None;
+    let mut value = None;
+    let mut all = false;
+    for pair in uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v);
+        match k {
+            "scope" => scope = Some(v),
+            "value" => value = Some(v),
+            "all" => all = v == "true",
+            _ => return (StatusCode::BAD_REQUEST, "unknown parameter\n").into_response(),
+        }
+    }
+    if scope.is_none() && value.is_none() && !all {
+        return (
+            StatusCode::BAD_REQUEST,
+            "name a scope and/or value, or all=true\n",
+        )
+            .into_response();
+    }
+    match s.guard.clear(scope.as_deref(), value.as_deref()).await {
+        Ok(n) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            format!("{{\"cleared\":{n}}}"),
+        )
+            .into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "state store unavailable\n").into_response(),
+    }
+}
+
+/// `%XX` and `+` in a query value (IPv6 networks carry `:` and `/`, user names `@`).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        match c {
+            b'%' => {
+                let hex = b
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                if let Some(v) = hex {
+                    out.push(v);
+                    i += 3;
+                    continue;
+                }
+                out.push(c);
+            }
+            b'+' => out.push(b' '),
+            _ => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn query_values_are_decoded() {
+        assert_eq!(
+            super::percent_decode("2001%3Adb8%3A%3A%2F64"),
+            "2001:db8::/64"
+        );
+        assert_eq!(super::percent_decode("a%40b.org"), "a@b.org");
+        assert_eq!(super::percent_decode("%zz%4"), "%zz%4");
+    }
 }

@@ -23,6 +23,10 @@ pub struct Metrics {
     pub oauth_tokens: IntCounterVec,
     pub oauth_key_fetches: IntCounterVec,
     pub guard_decisions: IntCounterVec,
+    pub guard_blocks: IntCounterVec,
+    pub guard_blocked_sources: IntGauge,
+    pub guard_attack_mode_accounts: IntGauge,
+    pub state_store_errors: IntCounterVec,
     pub upstream_logins: IntCounterVec,
     pub upstream_login_seconds: HistogramVec,
     pub backend_up: IntGaugeVec,
@@ -80,7 +84,23 @@ pub const CATALOGUE: &[(&str, &str)] = &[
     ),
     (
         "imapgate_guard_decisions_total",
-        "Guard verdicts before a credential check, by action.",
+        "Guard verdicts before a credential check, by action (allow, delay, reject, close, or would_* in dry run) and scope (the key that decided).",
+    ),
+    (
+        "imapgate_guard_blocks_total",
+        "Blocks imposed by the guard, by scope (ip, subnet, token_ip; account = attack mode) and reason.",
+    ),
+    (
+        "imapgate_guard_blocked_sources",
+        "Addresses and subnets blocked now (refresh every few seconds).",
+    ),
+    (
+        "imapgate_guard_attack_mode_accounts",
+        "Accounts in attack mode now: password logins only from their known-good networks.",
+    ),
+    (
+        "imapgate_state_store_errors_total",
+        "Shared-state operations that failed, by operation.",
     ),
     (
         "imapgate_upstream_logins_total",
@@ -169,7 +189,11 @@ impl Metrics {
         let oauth_tokens = counter_vec("imapgate_oauth_tokens_total", &["result"])?;
         let oauth_key_fetches =
             counter_vec("imapgate_oauth_key_fetches_total", &["issuer", "result"])?;
-        let guard_decisions = counter_vec("imapgate_guard_decisions_total", &["action"])?;
+        let guard_decisions = counter_vec("imapgate_guard_decisions_total", &["action", "scope"])?;
+        let guard_blocks = counter_vec("imapgate_guard_blocks_total", &["scope", "reason"])?;
+        let guard_blocked_sources = gauge("imapgate_guard_blocked_sources")?;
+        let guard_attack_mode_accounts = gauge("imapgate_guard_attack_mode_accounts")?;
+        let state_store_errors = counter_vec("imapgate_state_store_errors_total", &["op"])?;
         let upstream_logins =
             counter_vec("imapgate_upstream_logins_total", &["backend", "result"])?;
         let upstream_login_seconds = HistogramVec::new(
@@ -216,6 +240,10 @@ impl Metrics {
             oauth_tokens,
             oauth_key_fetches,
             guard_decisions,
+            guard_blocks,
+            guard_blocked_sources,
+            guard_attack_mode_accounts,
+            state_store_errors,
             upstream_logins,
             upstream_login_seconds,
             backend_up,
@@ -265,7 +293,9 @@ mod tests {
         m.auth_attempts
             .with_label_values(&["login", "success"])
             .inc();
-        m.guard_decisions.with_label_values(&["allow"]).inc();
+        m.guard_decisions
+            .with_label_values(&["allow", "none"])
+            .inc();
         m.totp_failures.with_label_values(&["bad_code"]).inc();
         m.oauth_tokens.with_label_values(&["valid"]).inc();
         m.oauth_key_fetches.with_label_values(&["i", "ok"]).inc();
@@ -276,6 +306,8 @@ mod tests {
         m.backend_up.with_label_values(&["b"]).set(1);
         m.relay_bytes.with_label_values(&["to_backend"]).inc();
         m.users_reloads.with_label_values(&["ok"]).inc();
+        m.guard_blocks.with_label_values(&["ip", "failures"]).inc();
+        m.state_store_errors.with_label_values(&["get"]).inc();
         let text = m.render();
         for (name, _) in CATALOGUE {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");

@@ -102,6 +102,36 @@ pub fn audit(e: &AuditEvent<'_>) {
     );
 }
 
+/// One guard action, for the audit log: a block or attack mode imposed, ended or cleared.
+pub struct GuardAuditEvent<'a> {
+    /// `block`, `attack_mode`, `block_ended`, `attack_mode_ended`, `cleared`.
+    pub event: &'a str,
+    /// `ip`, `subnet`, `token_ip`, `account`.
+    pub scope: &'a str,
+    /// The address, network or account name.
+    pub value: &'a str,
+    /// `failures`, `spray`, `manual`.
+    pub reason: &'a str,
+    /// The count that crossed the budget (0 when not applicable).
+    pub count: u64,
+    /// false in dry run: recorded, not applied.
+    pub enforced: bool,
+}
+
+/// Writes one guard audit line. `value` must already be loggable.
+pub fn audit_guard(e: &GuardAuditEvent<'_>) {
+    tracing::info!(
+        target: AUDIT_TARGET,
+        event = "guard",
+        action = e.event,
+        scope = e.scope,
+        key = e.value,
+        reason = e.reason,
+        count = e.count,
+        enforced = e.enforced,
+    );
+}
+
 /// What `/readyz` reports.
 #[derive(Default)]
 pub struct Health {

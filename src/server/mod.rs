@@ -9,6 +9,7 @@
 //! `* BYE` to pre-auth sessions → relayed sessions get `shutdown_grace` → closed.
 
 pub mod admission;
+pub mod proxy;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -76,7 +77,13 @@ impl Gateway {
         let server_tls = ServerTls::build(&config.tls)?;
         health.certificates_loaded.store(true, Ordering::Relaxed);
         // One state store for everything shared (guard counters, TOTP replay, unlocks).
-        let state: Arc<dyn crate::state::Store> = Arc::new(MemoryStore::default());
+        let state: Arc<dyn crate::state::Store> =
+            Arc::new(MemoryStore::new(config.state.max_entries));
+        let guard = Arc::new(Guard::new(
+            config.guard.clone(),
+            state.clone(),
+            metrics.clone(),
+        ));
         let store = Arc::new(CredentialStore::open(
             &config.auth,
             state.clone(),
@@ -112,7 +119,7 @@ impl Gateway {
             limits: config.limits.clone(),
             acceptor: TlsAcceptor::from(server_tls.config.clone()),
             authenticator: store.clone() as Arc<dyn Authenticator>,
-            guard: Arc::new(Guard::new(state.clone())),
+            guard: guard.clone(),
             upstreams: upstreams.clone(),
             metrics: metrics.clone(),
             failure_floor: config.auth.failure_floor,
@@ -142,6 +149,7 @@ impl Gateway {
             let info = ListenerInfo {
                 name: Arc::from(l.name.as_str()),
                 starttls: l.tls == ListenerTls::Starttls,
+                proxy_protocol: l.proxy_protocol,
             };
             accept_tasks.push(tokio::spawn(accept_loop(
                 sock,
@@ -156,8 +164,12 @@ impl Gateway {
 
         tokio::spawn(observe::admin::serve(
             admin_sock,
-            metrics.clone(),
-            health.clone(),
+            observe::admin::AdminState {
+                metrics: metrics.clone(),
+                health: health.clone(),
+                guard: guard.clone(),
+                token: config.admin.token.clone(),
+            },
             background.clone(),
         ));
         tokio::spawn(upstreams.clone().health_loop(
@@ -170,6 +182,11 @@ impl Gateway {
             store
                 .clone()
                 .watch(Duration::from_secs(2), background.clone()),
+        );
+        tokio::spawn(
+            guard
+                .clone()
+                .sweep_loop(Duration::from_secs(5), background.clone()),
         );
 
         let shutdown = CancellationToken::new();
@@ -277,6 +294,47 @@ async fn accept_loop(
             }
         };
         let peer = normalize_peer(peer);
+        let refuse = |reason: &str| {
+            shared
+                .metrics
+                .connections
+                .with_label_values(&[&info.name, reason])
+                .inc();
+            tracing::debug!(peer = %peer, reason, "connection refused");
+        };
+        if info.proxy_protocol {
+            // The header is read in the connection's own task (bounded by the handshake
+            // timeout); only trusted proxies get that far.
+            if !shared.guard.trusted_proxy(peer.ip()) {
+                refuse("refused_untrusted_proxy");
+                drop(tcp);
+                continue;
+            }
+            let (shared, info, admission) = (shared.clone(), info.clone(), admission.clone());
+            tracker.spawn(async move {
+                let mut tcp = tcp;
+                let timeout = shared.limits.tls_handshake_timeout;
+                match proxy::read_header(&mut tcp, peer, timeout).await {
+                    Ok(client) => {
+                        admit(tcp, normalize_peer(client), &info, &shared, &admission).await
+                    }
+                    Err(e) => {
+                        shared
+                            .metrics
+                            .connections
+                            .with_label_values(&[&info.name, e.as_str()])
+                            .inc();
+                        tracing::debug!(peer = %peer, reason = e.as_str(), "PROXY header refused");
+                    }
+                }
+            });
+            continue;
+        }
+        if shared.guard.denied(peer.ip()) {
+            refuse("refused_deny_list");
+            drop(tcp);
+            continue;
+        }
         match admission.admit(peer.ip()) {
             Ok(ticket) => {
                 shared
@@ -293,15 +351,39 @@ async fn accept_loop(
                 ));
             }
             Err(refusal) => {
-                shared
-                    .metrics
-                    .connections
-                    .with_label_values(&[&info.name, refusal.as_str()])
-                    .inc();
-                tracing::debug!(peer = %peer, reason = refusal.as_str(), "connection refused");
+                refuse(refusal.as_str());
                 drop(tcp);
             }
         }
+    }
+}
+
+/// After a PROXY header: the deny list and admission for the client it names, then the
+/// session (in this task).
+async fn admit(
+    tcp: tokio::net::TcpStream,
+    client: SocketAddr,
+    info: &ListenerInfo,
+    shared: &Arc<Shared>,
+    admission: &Admission,
+) {
+    let count = |outcome: &str| {
+        shared
+            .metrics
+            .connections
+            .with_label_values(&[&info.name, outcome])
+            .inc();
+    };
+    if shared.guard.denied(client.ip()) {
+        count("refused_deny_list");
+        return;
+    }
+    match admission.admit(client.ip()) {
+        Ok(ticket) => {
+            count("accepted");
+            session::run(shared.clone(), info.clone(), tcp, client, Box::new(ticket)).await;
+        }
+        Err(refusal) => count(refusal.as_str()),
     }
 }
 

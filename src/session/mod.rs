@@ -24,7 +24,7 @@ use tracing::Instrument;
 
 use crate::auth::{self, Attempt, Authenticator, Credential, Outcome};
 use crate::config::Limits;
-use crate::guard::{AttemptKey, Guard, Verdict};
+use crate::guard::{AttemptKey, Guard, Kind, Outcome as GuardOutcome, Verdict};
 use crate::observe::{self, AuditEvent, Metrics};
 use crate::tls::Conn;
 use crate::upstream::Upstreams;
@@ -53,6 +53,8 @@ pub struct Shared {
 pub struct ListenerInfo {
     pub name: Arc<str>,
     pub starttls: bool,
+    /// A PROXY protocol header precedes each connection.
+    pub proxy_protocol: bool,
 }
 
 /// Something that is told when the connection authenticates (admission's per-IP pre-auth
@@ -449,31 +451,48 @@ impl Session {
             Credential::Malformed(_) | Credential::MalformedBearer(_) => None,
         };
         let log_user = claimed.clone().unwrap_or_else(|| "<invalid>".into());
+        let guard = &self.shared.guard;
         let key = AttemptKey {
             client_ip: self.peer.ip(),
             user: claimed.as_deref(),
+            kind: if req.mechanism.is_oauth() {
+                Kind::Token
+            } else {
+                Kind::Password
+            },
         };
-        let verdict = self.shared.guard.check(key).await;
-        m.guard_decisions
-            .with_label_values(&[verdict.as_str()])
-            .inc();
-        let attempt = Attempt {
-            client_ip: self.peer.ip(),
-            mechanism: req.mechanism,
-            credential: req.credential,
+        // A keyed fingerprint of the secret, so a stale saved password counts once.
+        let fingerprint = match (&req.credential, claimed.as_deref()) {
+            (Credential::Password { password, .. }, Some(u)) => {
+                Some(guard.fingerprint(u, password.expose()))
+            }
+            (Credential::Bearer { token, .. }, Some(u)) => {
+                Some(guard.fingerprint(u, token.expose()))
+            }
+            _ => None,
         };
-        let (outcome, floor) = match verdict {
-            Verdict::Reject => (None, self.shared.failure_floor),
-            Verdict::Allow => (
-                Some(self.shared.authenticator.authenticate(&attempt).await),
-                self.shared.failure_floor,
-            ),
-            Verdict::Delay(d) => (
-                Some(self.shared.authenticator.authenticate(&attempt).await),
-                self.shared.failure_floor.max(d),
-            ),
+        let decision = guard.check(key).await;
+        let action = decision.action();
+        if decision.verdict == Verdict::Close {
+            // Over the in-flight cap: the generic failure at once, then close.
+            guard.record(key, GuardOutcome::Refused).await;
+            m.auth_attempts.with_label_values(&[mech, "failure"]).inc();
+            self.audit(&log_user, mech, "failure", "guard", action, "");
+            sm.auth_failed_close(&req.tag);
+            return LoginEnd::Continue(sm);
+        }
+        let outcome = match decision.verdict {
+            Verdict::Allow => {
+                let attempt = Attempt {
+                    client_ip: self.peer.ip(),
+                    mechanism: req.mechanism,
+                    credential: req.credential,
+                };
+                Some(self.shared.authenticator.authenticate(&attempt).await)
+            }
+            // Invariant 4: a refused attempt is never checked.
+            Verdict::Reject | Verdict::Close => None,
         };
-        drop(attempt);
         let identity = match outcome {
             Some(Outcome::Success(id)) => id,
             other => {
@@ -481,13 +500,26 @@ impl Session {
                     Some(Outcome::Failure(r)) => r.as_str(),
                     _ => "guard",
                 };
-                self.shared.guard.record(key, false).await;
-                // Invariant 5: no failure is answered sooner than the floor.
+                let told = match other {
+                    // The shared state failed: not the client's guess.
+                    Some(Outcome::Failure(auth::FailureReason::StateUnavailable)) => None,
+                    Some(Outcome::Failure(_)) => Some(GuardOutcome::Failure {
+                        fingerprint: fingerprint.as_deref(),
+                    }),
+                    _ => Some(GuardOutcome::Refused),
+                };
+                if let Some(o) = told {
+                    guard.record(key, o).await;
+                }
+                // Invariant 5: no failure is answered sooner than the floor; the tarpit may
+                // add to it. The wait is a timer on this session, holding no worker.
+                let floor = self.shared.failure_floor.max(decision.delay);
                 tokio::time::sleep_until(started + floor).await;
+                drop(decision.permit);
                 m.auth_attempts.with_label_values(&[mech, "failure"]).inc();
                 m.auth_seconds.observe(started.elapsed().as_secs_f64());
-                self.audit(&log_user, mech, "failure", reason, verdict.as_str(), "");
-                tracing::info!(user = %log_user, mechanism = mech, reason, "login failed");
+                self.audit(&log_user, mech, "failure", reason, action, "");
+                tracing::info!(user = %log_user, mechanism = mech, reason, guard = action, "login failed");
                 if req.mechanism.is_oauth() {
                     sm.oauth_failed(&req.tag, &self.oauth_challenge(req.mechanism));
                 } else {
@@ -496,7 +528,15 @@ impl Session {
                 return LoginEnd::Continue(sm);
             }
         };
-        self.shared.guard.record(key, true).await;
+        drop(decision.permit);
+        guard
+            .record(
+                key,
+                GuardOutcome::Success {
+                    user: &identity.user,
+                },
+            )
+            .await;
         let Some(slot) = self.shared.user_sessions.try_acquire(
             &identity.user,
             &identity.credential_id,
@@ -509,7 +549,7 @@ impl Session {
                 mech,
                 "refused",
                 "too_many_sessions",
-                verdict.as_str(),
+                action,
                 "",
             );
             sm.too_many_sessions(&req.tag);
@@ -519,14 +559,7 @@ impl Session {
             m.auth_attempts
                 .with_label_values(&[mech, "unavailable"])
                 .inc();
-            self.audit(
-                &identity.user,
-                mech,
-                "unavailable",
-                "no_route",
-                verdict.as_str(),
-                "",
-            );
+            self.audit(&identity.user, mech, "unavailable", "no_route", action, "");
             sm.auth_unavailable(&req.tag);
             return LoginEnd::Continue(sm);
         };
@@ -545,7 +578,7 @@ impl Session {
                     mech,
                     "success",
                     "",
-                    verdict.as_str(),
+                    action,
                     &name,
                     &identity.credential_id,
                     identity.mfa,
@@ -575,7 +608,7 @@ impl Session {
                     mech,
                     "unavailable",
                     e.as_str(),
-                    verdict.as_str(),
+                    action,
                     &name,
                 );
                 tracing::warn!(backend = %name, error = %e, "backend login failed");

@@ -56,19 +56,38 @@ impl MemoryStore {
             .map_err(|_| StoreError::Unavailable("memory store poisoned".into()))?;
         let now = Instant::now();
         if map.len() >= self.max_entries {
-            map.retain(|_, e| e.expires > now);
-            while map.len() >= self.max_entries {
-                let Some(victim) = map
-                    .iter()
-                    .min_by_key(|(_, e)| e.expires)
-                    .map(|(k, _)| k.clone())
-                else {
-                    break;
-                };
-                map.remove(&victim);
-            }
+            self.make_room(&mut map, now);
         }
         Ok(f(&mut map, now))
+    }
+
+    /// Drops expired entries; if that is not enough, the tenth of the entries that are
+    /// cheapest to lose. Batching keeps a flood of new keys at amortised O(1) per insert (one
+    /// O(n) pass per n/10 inserts). Rate cells, counters and sets go first (losing one forgives
+    /// a little), soonest-expiring first; markers (`put`/`set_if_absent`: blocks, attack mode,
+    /// known-good networks, used TOTP codes, unlocks) go only when nothing else is left, so a
+    /// flood of random keys cannot wash them out.
+    fn make_room(&self, map: &mut HashMap<String, Entry>, now: Instant) {
+        map.retain(|_, e| e.expires > now);
+        if map.len() < self.max_entries * 9 / 10 + 1 {
+            return;
+        }
+        let rank = |e: &Entry| (matches!(e.value, Value::Text(_)), e.expires);
+        let mut ranks: Vec<(bool, Instant)> = map.values().map(rank).collect();
+        let cut = (self.max_entries / 10)
+            .max(1)
+            .min(ranks.len().saturating_sub(1));
+        let (_, nth, _) = ranks.select_nth_unstable(cut);
+        let threshold = *nth;
+        let mut budget = cut + 1;
+        map.retain(|_, e| {
+            if budget > 0 && rank(e) <= threshold {
+                budget -= 1;
+                false
+            } else {
+                true
+            }
+        });
     }
 
     pub fn len(&self) -> usize {
@@ -85,6 +104,14 @@ fn live<'m>(map: &'m mut HashMap<String, Entry>, key: &str, now: Instant) -> Opt
         map.remove(key);
     }
     map.get_mut(key)
+}
+
+fn text(map: &mut HashMap<String, Entry>, key: &str, now: Instant) -> Option<String> {
+    match live(map, key, now).map(|e| &e.value) {
+        Some(Value::Text(t)) => Some(t.clone()),
+        Some(Value::Counter(n)) => Some(n.to_string()),
+        _ => None,
+    }
 }
 
 #[async_trait::async_trait]
@@ -186,16 +213,61 @@ impl Store for MemoryStore {
         })
     }
 
+    async fn put(&self, key: &str, value: &str, ttl: Duration) -> Result<(), StoreError> {
+        self.with(|map, now| {
+            map.insert(
+                key.to_owned(),
+                Entry {
+                    value: Value::Text(value.to_owned()),
+                    expires: now + ttl,
+                },
+            );
+        })
+    }
+
     async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
-        self.with(|map, now| match live(map, key, now).map(|e| &e.value) {
-            Some(Value::Text(t)) => Some(t.clone()),
-            _ => None,
+        self.with(|map, now| text(map, key, now))
+    }
+
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<String>>, StoreError> {
+        self.with(|map, now| keys.iter().map(|k| text(map, k, now)).collect())
+    }
+
+    async fn scan_prefix(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, String, Duration)>, StoreError> {
+        self.with(|map, now| {
+            let mut out: Vec<(String, String, Duration)> = map
+                .iter()
+                .filter(|(k, e)| k.starts_with(prefix) && e.expires > now)
+                .filter_map(|(k, e)| {
+                    let v = match &e.value {
+                        Value::Text(t) => t.clone(),
+                        Value::Counter(n) => n.to_string(),
+                        _ => return None,
+                    };
+                    Some((k.clone(), v, e.expires - now))
+                })
+                .take(limit)
+                .collect();
+            out.sort();
+            out
         })
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.with(|map, _| {
             map.remove(key);
+        })
+    }
+
+    async fn delete_many(&self, keys: &[String]) -> Result<(), StoreError> {
+        self.with(|map, _| {
+            for k in keys {
+                map.remove(k);
+            }
         })
     }
 }
@@ -257,5 +329,26 @@ mod tests {
                 .unwrap();
         }
         assert!(s.len() <= 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn eviction_keeps_long_lived_markers_over_short_cells() {
+        let s = MemoryStore::new(1000);
+        s.put("block", "spray", Duration::from_secs(900))
+            .await
+            .unwrap();
+        for i in 0..10_000 {
+            s.incr(&format!("k{i}"), 1, Duration::from_secs(60))
+                .await
+                .unwrap();
+        }
+        assert!(s.len() <= 1000);
+        assert_eq!(s.get("block").await.unwrap().as_deref(), Some("spray"));
+        let listed = s.scan_prefix("bl", 10).await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            s.get_many(&["k9999".into(), "nope".into()]).await.unwrap(),
+            vec![Some("1".into()), None]
+        );
     }
 }

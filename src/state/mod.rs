@@ -53,8 +53,21 @@ pub trait Store: Send + Sync {
         member: &str,
         ttl: Duration,
     ) -> Result<u64, StoreError>;
-    /// Reads a value set with `set_if_absent`.
+    /// Sets `key` to `value` with `ttl`, replacing whatever was there.
+    async fn put(&self, key: &str, value: &str, ttl: Duration) -> Result<(), StoreError>;
+    /// Reads a value set with `set_if_absent`/`put`, or a counter as its decimal text.
     async fn get(&self, key: &str) -> Result<Option<String>, StoreError>;
+    /// [`Store::get`] for several keys at once (one round trip for a remote store).
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<String>>, StoreError>;
+    /// Values and remaining lifetimes of the keys that start with `prefix`, at most `limit`.
+    /// For operators (listing blocks), never on a login's path.
+    async fn scan_prefix(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, String, Duration)>, StoreError>;
     /// Removes a key of any kind.
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
+    /// Removes several keys (one round trip for a remote store).
+    async fn delete_many(&self, keys: &[String]) -> Result<(), StoreError>;
 }

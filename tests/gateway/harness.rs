@@ -334,6 +334,28 @@ impl Client {
         }
     }
 
+    /// A TLS client from the loopback address `local` that first sends `header` (a PROXY
+    /// protocol header) in the clear, as a load balancer does.
+    pub async fn tls_after_header(
+        addr: SocketAddr,
+        local: &str,
+        header: &[u8],
+        ca: &CertificateDer<'static>,
+    ) -> std::io::Result<Client> {
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.bind(format!("{local}:0").parse().unwrap())?;
+        let mut s = sock.connect(addr).await?;
+        s.write_all(header).await?;
+        let t = client_tls(ca, &[b"imap"])
+            .connect(ServerName::try_from("localhost").unwrap(), s)
+            .await?;
+        Ok(Client {
+            stream: Box::new(t),
+            buf: Vec::new(),
+            ca: ca.clone(),
+        })
+    }
+
     pub async fn tls_alpn(
         addr: SocketAddr,
         ca: &CertificateDer<'static>,
@@ -515,7 +537,18 @@ pub struct Options {
     pub auth_extra: &'static str,
     /// Trust the test IdP as an OAuth issuer, with these extra issuer lines (None: no OAuth).
     pub oauth: Option<&'static str>,
+    /// The `guard` section's body (indented two spaces).
+    pub guard: String,
+    /// Listener lines added to the two standard ones.
+    pub extra_listeners: &'static str,
 }
+
+/// The guard in tests that are not about it: the production budgets, a short tarpit so that
+/// tests failing many logins on purpose stay quick.
+/// The admin bearer token of test gateways.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+pub const TEST_GUARD: &str = "  tarpit: { start: 100ms, max: 400ms }";
 
 impl Default for Options {
     fn default() -> Self {
@@ -529,6 +562,8 @@ impl Default for Options {
             mfa: "{ default: optional }",
             auth_extra: "",
             oauth: None,
+            guard: TEST_GUARD.to_owned(),
+            extra_listeners: "",
         }
     }
 }
@@ -620,6 +655,9 @@ impl TestGateway {
 listeners:
   - {{ name: imaps, address: "127.0.0.1:0", tls: implicit }}
   - {{ name: imap, address: "127.0.0.1:0", tls: starttls }}
+{extra_listeners}
+guard:
+{guard}
 tls:
   certificates:
     - {{ cert_file: "{cert}", key_file: "{key}" }}
@@ -656,7 +694,7 @@ backends:
 routes:
   default: dovecot
   domains: {{ down.test: down }}
-admin: {{ address: "127.0.0.1:0", health_interval: 1s }}
+admin: {{ address: "127.0.0.1:0", health_interval: 1s, token_file: "{admin_token}" }}
 "#,
             cert = cert.display(),
             key = key.display(),
@@ -680,6 +718,13 @@ admin: {{ address: "127.0.0.1:0", health_interval: 1s }}
             master = dovecot.master_secret_file.display(),
             login = opts.backend_login,
             backend_tls = opts.backend_tls,
+            extra_listeners = opts.extra_listeners,
+            admin_token = {
+                let p = dir.path().join("admin.token");
+                std::fs::write(&p, format!("{ADMIN_TOKEN}\n")).unwrap();
+                p.display().to_string()
+            },
+            guard = opts.guard,
         );
         let config = Config::from_yaml(&yaml, dir.path())
             .unwrap_or_else(|e| panic!("test config invalid: {e}"));
@@ -784,6 +829,41 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(
         format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(READ_TIMEOUT, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// An admin request with the test bearer token (or `token`); returns status and body.
+pub async fn admin_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    s.write_all(
+        format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n")
+            .as_bytes(),
     )
     .await
     .unwrap();

@@ -12,6 +12,7 @@ mod harness;
 
 mod clients;
 mod config_files;
+mod guard;
 mod login;
 mod mfa;
 mod oauth;

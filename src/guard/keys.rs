@@ -1,0 +1,76 @@
+//! The guard's keys in the state store. All start with `g:`; values are short texts or
+//! counters; every key is written with a TTL. User names are normalised (no spaces or control
+//! characters), so they can end a key.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::Scope;
+
+/// Blocks and attack modes: `g:block:{scope}:{value}` → reason.
+pub const BLOCK_PREFIX: &str = "g:block:";
+
+pub fn block(scope: Scope, value: &str) -> String {
+    format!("{BLOCK_PREFIX}{}:{value}", scope.as_str())
+}
+
+/// The scope and value of a block key (IPv6 values contain `:`, so split at the first).
+pub fn parse_block(key: &str) -> Option<(Scope, &str)> {
+    let (scope, value) = key.strip_prefix(BLOCK_PREFIX)?.split_once(':')?;
+    Some((scope_named(scope)?, value))
+}
+
+pub fn scope_named(s: &str) -> Option<Scope> {
+    Some(match s {
+        "ip" => Scope::Ip,
+        "subnet" => Scope::Subnet,
+        "account" => Scope::Account,
+        "token_ip" => Scope::TokenIp,
+        _ => return None,
+    })
+}
+
+/// GCRA cell of a failure budget.
+pub fn failures(scope: Scope, value: &str) -> String {
+    format!("g:fail:{}:{value}", scope.as_str())
+}
+
+/// Distinct accounts failed from an address or subnet.
+pub fn spray(scope: Scope, value: &str) -> String {
+    format!("g:spray:{}:{value}", scope.as_str())
+}
+
+/// Failures counted for the tarpit, per address.
+pub fn tarpit_ip(ip: IpAddr) -> String {
+    format!("g:tp:ip:{ip}")
+}
+
+/// Failures counted for the tarpit, per (account, subnet).
+pub fn tarpit_account_net(user: &str, net: &IpNet) -> String {
+    format!("g:tp:an:{net}:{user}")
+}
+
+/// The account logged in from this network recently.
+pub fn known_good(user: &str, net: &IpNet) -> String {
+    format!("g:good:{net}:{user}")
+}
+
+/// A wrong secret (its keyed fingerprint) this account failed with recently.
+pub fn seen(user: &str, fingerprint: &str) -> String {
+    format!("g:seen:{fingerprint}:{user}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_keys_round_trip_with_ipv6_values() {
+        let k = block(Scope::Subnet, "2001:db8::/64");
+        assert_eq!(parse_block(&k), Some((Scope::Subnet, "2001:db8::/64")));
+        let k = block(Scope::Account, "alice@example.org");
+        assert_eq!(parse_block(&k), Some((Scope::Account, "alice@example.org")));
+        assert_eq!(parse_block("g:block:nope:x"), None);
+    }
+}

@@ -1,0 +1,407 @@
+//! The policy, without sockets: a memory store, tokio's paused clock.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::config::GuardConfig;
+use crate::state::MemoryStore;
+
+fn guard_with(cfg: GuardConfig, max_entries: usize) -> (Guard, Arc<MemoryStore>) {
+    let store = Arc::new(MemoryStore::new(max_entries));
+    let metrics = Arc::new(Metrics::new().unwrap());
+    (Guard::new(cfg, store.clone(), metrics), store)
+}
+
+fn guard() -> Guard {
+    guard_with(GuardConfig::default(), 100_000).0
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn pw<'a>(addr: &str, user: &'a str) -> AttemptKey<'a> {
+    AttemptKey {
+        client_ip: ip(addr),
+        user: Some(user),
+        kind: Kind::Password,
+    }
+}
+
+/// One checked attempt that fails with a fresh wrong secret; returns the decision.
+async fn fail(g: &Guard, key: AttemptKey<'_>, secret: &str) -> (Verdict, Scope) {
+    let d = g.check(key).await;
+    let outcome = if d.verdict == Verdict::Allow {
+        let fp = g.fingerprint(key.user.unwrap_or(""), secret.as_bytes());
+        g.record(
+            key,
+            Outcome::Failure {
+                fingerprint: Some(&fp),
+            },
+        )
+        .await;
+        return (d.verdict, d.scope);
+    } else {
+        Outcome::Refused
+    };
+    g.record(key, outcome).await;
+    (d.verdict, d.scope)
+}
+
+async fn verdict(g: &Guard, key: AttemptKey<'_>) -> (Verdict, Scope) {
+    let d = g.check(key).await;
+    (d.verdict, d.scope)
+}
+
+#[tokio::test(start_paused = true)]
+async fn brute_force_from_one_address_is_blocked_within_its_budget() {
+    let g = guard();
+    let budget = g.config().per_ip.failures;
+    for i in 0..budget {
+        let (v, _) = fail(
+            &g,
+            pw("192.0.2.7", "alice@example.org"),
+            &format!("guess{i}"),
+        )
+        .await;
+        assert_eq!(v, Verdict::Allow, "attempt {i} is within the budget");
+    }
+    // The attempt that exceeds the budget is still checked; it imposes the block.
+    fail(&g, pw("192.0.2.7", "alice@example.org"), "one-more").await;
+    assert_eq!(
+        verdict(&g, pw("192.0.2.7", "alice@example.org")).await,
+        (Verdict::Reject, Scope::Ip)
+    );
+    // The block stops every account's password guesses from there…
+    assert_eq!(
+        verdict(&g, pw("192.0.2.7", "nobody@example.org")).await.0,
+        Verdict::Reject
+    );
+    // …but not other addresses in other networks, and it ends after block_for.
+    assert_eq!(
+        verdict(&g, pw("198.51.100.1", "bob@example.org")).await.0,
+        Verdict::Allow
+    );
+    tokio::time::advance(g.config().block_for + Duration::from_secs(1)).await;
+    assert_eq!(
+        verdict(&g, pw("192.0.2.7", "bob@example.org")).await.0,
+        Verdict::Allow
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_tarpit_doubles_per_failure_up_to_its_cap() {
+    let g = guard();
+    let mut delays = Vec::new();
+    for i in 0..7 {
+        let key = pw("192.0.2.8", "alice@example.org");
+        let d = g.check(key).await;
+        delays.push(d.delay.as_secs());
+        let fp = g.fingerprint("alice@example.org", format!("g{i}").as_bytes());
+        g.record(
+            key,
+            Outcome::Failure {
+                fingerprint: Some(&fp),
+            },
+        )
+        .await;
+    }
+    assert_eq!(delays, vec![0, 1, 2, 4, 8, 15, 15]);
+    // A success from that address resets its failure count.
+    g.record(
+        pw("192.0.2.8", "alice@example.org"),
+        Outcome::Success {
+            user: "alice@example.org",
+        },
+    )
+    .await;
+    assert_eq!(
+        g.check(pw("192.0.2.8", "alice@example.org")).await.delay,
+        Duration::ZERO
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn spraying_from_one_address_or_one_subnet_blocks_it() {
+    let g = guard();
+    let n = g.config().spray.failures;
+    // From one address: n distinct accounts may fail, the next one blocks.
+    for i in 0..=n {
+        let user = format!("user{i}@example.org");
+        fail(&g, pw("192.0.2.9", &user), "Winter2026!").await;
+    }
+    assert_eq!(
+        verdict(&g, pw("192.0.2.9", "fresh@example.org")).await,
+        (Verdict::Reject, Scope::Ip)
+    );
+    // From many addresses of one /24, one account each.
+    for i in 0..=n {
+        let user = format!("other{i}@example.org");
+        fail(
+            &g,
+            pw(&format!("203.0.113.{}", i + 1), &user),
+            "Winter2026!",
+        )
+        .await;
+    }
+    assert_eq!(
+        verdict(&g, pw("203.0.113.200", "fresh@example.org")).await,
+        (Verdict::Reject, Scope::Subnet)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_distributed_attack_puts_the_account_in_attack_mode_without_locking_out_its_owner() {
+    let g = guard();
+    let victim = "carol@example.org";
+    // The owner logged in from her office network last week.
+    g.record(
+        pw("198.51.100.20", victim),
+        Outcome::Success { user: victim },
+    )
+    .await;
+    let budget = g.config().per_account.failures;
+    for i in 0..=budget {
+        // One guess from each of many subnets: no per-address or per-subnet budget is hit.
+        let addr = format!("10.{i}.0.1");
+        let (v, _) = fail(&g, pw(&addr, victim), &format!("guess{i}")).await;
+        assert_eq!(v, Verdict::Allow);
+    }
+    // Attack mode: password logins from unknown networks are refused unchecked…
+    assert_eq!(
+        verdict(&g, pw("10.200.0.1", victim)).await,
+        (Verdict::Reject, Scope::Account)
+    );
+    // …from her known network (any address in it) they are checked as usual…
+    assert_eq!(
+        verdict(&g, pw("198.51.100.99", victim)).await,
+        (Verdict::Allow, Scope::KnownGood)
+    );
+    // …and bearer tokens are not affected at all.
+    let token = AttemptKey {
+        kind: Kind::Token,
+        ..pw("10.200.0.1", victim)
+    };
+    assert_eq!(verdict(&g, token).await.0, Verdict::Allow);
+    // Other accounts are not affected.
+    assert_eq!(
+        verdict(&g, pw("10.200.0.1", "dave@example.org")).await.0,
+        Verdict::Allow
+    );
+    let status = g.status().await.unwrap();
+    assert!(status
+        .iter()
+        .any(|b| b.scope == "account" && b.value == victim && b.enforced));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_blocked_campus_subnet_still_lets_its_known_users_in() {
+    let g = guard();
+    g.record(
+        pw("192.0.2.50", "erin@example.org"),
+        Outcome::Success {
+            user: "erin@example.org",
+        },
+    )
+    .await;
+    // One sprayer behind the same NAT address.
+    for i in 0..=g.config().spray.failures {
+        fail(&g, pw("192.0.2.50", &format!("s{i}@example.org")), "pw").await;
+    }
+    assert_eq!(
+        verdict(&g, pw("192.0.2.50", "sprayed@example.org")).await.0,
+        Verdict::Reject
+    );
+    assert_eq!(
+        verdict(&g, pw("192.0.2.50", "erin@example.org")).await,
+        (Verdict::Allow, Scope::KnownGood)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stale_saved_password_counts_once() {
+    let g = guard();
+    for _ in 0..50 {
+        let (v, _) = fail(&g, pw("192.0.2.60", "frank@example.org"), "old-password").await;
+        assert_eq!(v, Verdict::Allow);
+    }
+    assert!(g.status().await.unwrap().is_empty());
+    // Its tarpit did not grow either: only the first failure counted.
+    assert_eq!(
+        g.check(pw("192.0.2.60", "frank@example.org")).await.delay,
+        g.config().tarpit_start
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn dry_run_blocks_nothing_and_counts_everything() {
+    let cfg = GuardConfig {
+        enforce: false,
+        per_ip: crate::config::Budget {
+            enforce: false,
+            ..GuardConfig::default().per_ip
+        },
+        spray: crate::config::Budget {
+            enforce: false,
+            ..GuardConfig::default().spray
+        },
+        per_account: crate::config::Budget {
+            enforce: false,
+            ..GuardConfig::default().per_account
+        },
+        tarpit_enforce: false,
+        ..GuardConfig::default()
+    };
+    let (g, _) = guard_with(cfg, 100_000);
+    for i in 0..40 {
+        let (v, _) = fail(&g, pw("192.0.2.70", &format!("u{i}@example.org")), "x").await;
+        assert_eq!(v, Verdict::Allow);
+    }
+    let d = g.check(pw("192.0.2.70", "u0@example.org")).await;
+    assert_eq!(d.verdict, Verdict::Allow);
+    assert!(d.would_refuse);
+    assert_eq!(d.action(), "would_reject");
+    assert_eq!(d.delay, Duration::ZERO);
+    let status = g.status().await.unwrap();
+    assert!(!status.is_empty() && status.iter().all(|b| !b.enforced));
+    let would = g
+        .metrics
+        .guard_decisions
+        .with_label_values(&["would_reject", "ip"])
+        .get();
+    assert!(would >= 1, "{would}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn attempts_in_flight_per_address_are_capped() {
+    let g = guard();
+    let cap = g.config().max_delayed_per_ip;
+    let mut held = Vec::new();
+    for _ in 0..cap {
+        let d = g.check(pw("192.0.2.80", "a@example.org")).await;
+        assert_eq!(d.verdict, Verdict::Allow);
+        held.push(d.permit);
+    }
+    let d = g.check(pw("192.0.2.80", "a@example.org")).await;
+    assert_eq!((d.verdict, d.scope), (Verdict::Close, Scope::InFlight));
+    // Another address is not affected; a finished attempt frees its place.
+    assert_eq!(
+        g.check(pw("192.0.2.81", "a@example.org")).await.verdict,
+        Verdict::Allow
+    );
+    held.pop();
+    assert_eq!(
+        g.check(pw("192.0.2.80", "a@example.org")).await.verdict,
+        Verdict::Allow
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_allow_list_is_never_throttled() {
+    let cfg = GuardConfig {
+        allow: vec!["192.0.2.0/28".parse().unwrap()],
+        ..GuardConfig::default()
+    };
+    let (g, store) = guard_with(cfg, 100_000);
+    for i in 0..100 {
+        let (v, s) = fail(&g, pw("192.0.2.5", &format!("u{i}@example.org")), "x").await;
+        assert_eq!((v, s), (Verdict::Allow, Scope::AllowList));
+    }
+    assert!(
+        store.is_empty(),
+        "nothing is recorded for allow-listed probes"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn token_failures_have_their_own_budget() {
+    let g = guard();
+    let key = AttemptKey {
+        client_ip: ip("192.0.2.90"),
+        user: None,
+        kind: Kind::Token,
+    };
+    for _ in 0..=g.config().per_token_ip.failures {
+        g.check(key).await;
+        g.record(key, Outcome::Failure { fingerprint: None }).await;
+    }
+    assert_eq!(verdict(&g, key).await, (Verdict::Reject, Scope::TokenIp));
+    // Password logins from there are not blocked by bad tokens.
+    assert_eq!(
+        verdict(&g, pw("192.0.2.90", "a@example.org")).await.0,
+        Verdict::Allow
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn clearing_a_block_restores_access_and_its_budget() {
+    let g = guard();
+    for i in 0..=g.config().per_ip.failures {
+        fail(&g, pw("192.0.2.100", "a@example.org"), &format!("g{i}")).await;
+    }
+    assert_eq!(
+        verdict(&g, pw("192.0.2.100", "b@example.org")).await.0,
+        Verdict::Reject
+    );
+    assert_eq!(g.clear(Some("ip"), Some("192.0.2.100")).await.unwrap(), 1);
+    assert_eq!(
+        verdict(&g, pw("192.0.2.100", "b@example.org")).await.0,
+        Verdict::Allow
+    );
+    // The budget was cleared too: one more failure does not block again.
+    fail(&g, pw("192.0.2.100", "b@example.org"), "new").await;
+    assert_eq!(
+        verdict(&g, pw("192.0.2.100", "b@example.org")).await.0,
+        Verdict::Allow
+    );
+}
+
+/// Issue 5 item 7: a flood of random addresses and accounts keeps the store within its bound
+/// and the guard answering; the blocks it imposes survive the flood's churn.
+#[tokio::test(start_paused = true)]
+async fn a_flood_of_random_keys_stays_bounded() {
+    let cap = 20_000;
+    let (g, store) = guard_with(GuardConfig::default(), cap);
+    // A real attacker's block, imposed first.
+    for i in 0..=g.config().per_ip.failures {
+        fail(&g, pw("192.0.2.110", "a@example.org"), &format!("g{i}")).await;
+    }
+    for i in 0u32..100_000 {
+        let addr = IpAddr::from((0xC000_0000u32 | i.wrapping_mul(2_654_435_761)).to_be_bytes());
+        let user = format!("random{i}@example.org");
+        let key = AttemptKey {
+            client_ip: addr,
+            user: Some(&user),
+            kind: Kind::Password,
+        };
+        g.check(key).await;
+        g.record(
+            key,
+            Outcome::Failure {
+                fingerprint: Some("f"),
+            },
+        )
+        .await;
+        assert!(store.len() <= cap);
+    }
+    assert!(store.len() <= cap, "{}", store.len());
+    assert_eq!(
+        verdict(&g, pw("192.0.2.110", "b@example.org")).await,
+        (Verdict::Reject, Scope::Ip)
+    );
+    assert_eq!(
+        verdict(&g, pw("198.51.100.1", "b@example.org")).await.0,
+        Verdict::Allow
+    );
+}
+
+#[test]
+fn tarpit_curve() {
+    let s = Duration::from_secs(1);
+    let m = Duration::from_secs(15);
+    let got: Vec<u64> = (0..8).map(|n| tarpit(s, m, n).as_secs()).collect();
+    assert_eq!(got, vec![0, 1, 2, 4, 8, 15, 15, 15]);
+    assert_eq!(tarpit(s, m, u32::MAX), m);
+}
