@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use super::{Rate, RateDecision, Store, StoreError};
 
 /// Entries kept at most; beyond, expired entries are swept and then the oldest-expiring go.
-pub const DEFAULT_MAX_ENTRIES: usize = 1_000_000;
+pub const DEFAULT_MAX_ENTRIES: usize = 500_000;
 
 enum Value {
     /// GCRA theoretical arrival time.
@@ -349,6 +349,63 @@ mod tests {
         assert_eq!(
             s.get_many(&["k9999".into(), "nope".into()]).await.unwrap(),
             vec![Some("1".into()), None]
+        );
+    }
+
+    /// Measures resident memory per entry for docs/guard.md:
+    /// `cargo test --lib memory_per_entry -- --ignored --nocapture` (alone, so that no other
+    /// test shares the process).
+    #[tokio::test]
+    #[ignore]
+    async fn memory_per_entry() {
+        fn rss() -> u64 {
+            let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+            statm
+                .split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u64>().ok())
+                .unwrap_or(0)
+                * 4096
+        }
+        let n = 1_000_000usize;
+        let s = MemoryStore::new(n);
+        let before = rss();
+        let ttl = Duration::from_secs(900);
+        for i in 0..n as u32 {
+            // Guard-shaped keys: an address or an account plus a prefix.
+            let ip = std::net::Ipv4Addr::from(0xC000_0000u32 | i.wrapping_mul(2_654_435_761));
+            match i % 4 {
+                0 => drop(s.incr(&format!("g:tp:ip:{ip}"), 1, ttl).await),
+                1 => drop(
+                    s.rate_check(
+                        &format!("g:fail:ip:{ip}"),
+                        Rate {
+                            burst: 10,
+                            period: ttl,
+                        },
+                    )
+                    .await,
+                ),
+                2 => drop(
+                    s.set_add_count(&format!("g:spray:ip:{ip}"), "0123456789abcdef", ttl)
+                        .await,
+                ),
+                _ => drop(
+                    s.incr(
+                        &format!("g:seen:0123456789abcdef0123456789abcdef:user{i}@example.org"),
+                        1,
+                        ttl,
+                    )
+                    .await,
+                ),
+            }
+        }
+        let after = rss();
+        println!(
+            "{} entries: {} MiB resident, {} bytes per entry",
+            s.len(),
+            (after - before) / (1024 * 1024),
+            (after - before) / s.len() as u64
         );
     }
 }

@@ -45,6 +45,34 @@ fn the_example_config_documents_a_valid_config() {
     assert_eq!(cfg.auth.mfa.default, imapgate::config::MfaMode::Required);
     assert_eq!(cfg.auth.mfa.unlock_ttl.as_secs(), 12 * 3600);
     assert_eq!(cfg.auth.active_key.as_deref(), Some("k1"));
+    // The guard values the example documents are the defaults the code applies.
+    let d = imapgate::config::GuardConfig::default();
+    let g = &cfg.guard;
+    assert_eq!(
+        (
+            g.per_ip,
+            g.per_subnet,
+            g.per_account,
+            g.per_token_ip,
+            g.spray
+        ),
+        (
+            d.per_ip,
+            d.per_subnet,
+            d.per_account,
+            d.per_token_ip,
+            d.spray
+        )
+    );
+    assert_eq!(
+        (g.tarpit_start, g.tarpit_max, g.known_good_ttl, g.block_for),
+        (d.tarpit_start, d.tarpit_max, d.known_good_ttl, d.block_for)
+    );
+    assert_eq!(
+        (g.subnet_v4, g.subnet_v6, g.max_delayed_per_ip, g.enforce),
+        (d.subnet_v4, d.subnet_v6, d.max_delayed_per_ip, d.enforce)
+    );
+    assert_eq!(cfg.state.max_entries, 500_000);
     let issuer = &cfg.auth.oauth_issuers[0];
     assert_eq!(issuer.audiences, vec!["imap".to_owned()]);
     assert!(issuer.jwks_uri.is_none(), "discovery by default");
