@@ -17,10 +17,12 @@ Static checks (always):
 Rendered checks (when a renderer is available: `helm` on PATH, or the helm-python-sdk module
 when the caller asks for it): the chart renders with the default values and several variants;
 the manifests carry the security settings the project promises; the rendered imapgate config
-uses only keys that config/imapgate.example.yaml documents; every file the config names (TLS,
-users file, TOTP key ring, master passwords, CAs) is mounted into the container, read-only, and
+uses only keys that config/imapgate.example.yaml documents (or, for an option that is off by
+default, documents in a commented-out entry); every file the config names (TLS, users file, TOTP
+key ring, master passwords, CAs, admin token) is mounted into the container, read-only, and
 Secret volumes other than CA certificates are not world-readable; variants render what they promise (MFA defaults, key ring
-rotation, an unquoted `off`); and values that must be refused are refused.
+rotation, an unquoted `off`, the guard's defaults, PROXY protocol with trusted proxies); and
+values that must be refused are refused, with the expected message where one is named.
 """
 
 from __future__ import annotations
@@ -211,6 +213,26 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("logging.level", "verbose"),
     ("shutdown.extraSeconds", 0),
     ("logging.audit", "/var/log/imapgate/audit.log"),
+    ("listeners.imaps.proxyProtocol", "yes"),
+    ("admin.tokenSecret", "Admin_Token"),
+    ("admin.token", "inline-tokens-are-refused"),
+    ("state.maxEntries", 10),
+    ("guard.enfore", True),
+    ("guard.enforce", "false"),
+    ("guard.subnetV4", 33),
+    ("guard.subnetV6", 16),
+    ("guard.allow", "10.0.0.0/8"),
+    ("guard.deny", ["bad.example.org"]),
+    ("guard.trustedProxies", ["10.0.0.0/8 "]),
+    ("guard.perIp.failures", 0),
+    ("guard.perSubnet.per", "15 minutes"),
+    ("guard.perAccount.failures", "10"),
+    ("guard.perTokenIp.enforce", "no"),
+    ("guard.spray.failures", 5),
+    ("guard.knownGoodTtl", "30"),
+    ("guard.tarpit.max", "15sec"),
+    ("guard.maxDelayedPerIp", 0),
+    ("guard.blockFor", "forever"),
 ]
 
 
@@ -451,6 +473,8 @@ def check_rendered(name: str, docs: list[dict[str, Any]], example_paths: set[str
         files += [cert["cert_file"], cert["key_file"]]
     for backend in config["backends"]:
         files += [backend[k] for k in ("master_password_file", "ca_file") if k in backend]
+    if config.get("admin", {}).get("token_file"):
+        files.append(config["admin"]["token_file"])
     for path in files:
         report.check(mounted(path), where, f"the config names {path}, which nothing mounts")
     for mount in mounts:
@@ -538,6 +562,37 @@ def render_variants(values: dict[str, Any]) -> list[tuple[str, dict[str, Any], b
             },
             True,
         ),
+        (
+            "PROXY protocol behind a load balancer, guard tuned, admin token",
+            {
+                "listeners": {"imaps": {"proxyProtocol": True}},
+                "service": {"externalTrafficPolicy": "Cluster"},
+                "admin": {"tokenSecret": "mail-admin-token"},
+                "state": {"maxEntries": 200000},
+                "guard": {
+                    "enforce": False,
+                    "subnetV4": 22,
+                    "subnetV6": 56,
+                    "allow": ["192.0.2.10", "2001:db8:1::/48"],
+                    "deny": ["203.0.113.0/24"],
+                    "trustedProxies": ["10.0.0.0/16", "fd00::/64"],
+                    "perIp": {"failures": 5, "per": "10m", "enforce": True},
+                    "perAccount": {"failures": 20, "per": "1h", "enforce": False},
+                    "spray": {"distinctAccounts": 8, "per": "2h", "enforce": True},
+                    "knownGoodTtl": "90d",
+                    "tarpit": {"start": "500ms", "max": "10s", "enforce": True},
+                    "maxDelayedPerIp": 4000000000,
+                    "blockFor": "1h",
+                },
+            },
+            True,
+        ),
+        ("PROXY protocol without trusted proxies", {"listeners": {"imap": {"proxyProtocol": True}}}, False),
+        (
+            "PROXY protocol on a disabled listener only",
+            {"listeners": {"imap": {"enabled": False, "proxyProtocol": True}}},
+            True,
+        ),
         ("MFA required without a key ring", {"auth": {"secretKeys": [], "activeKey": ""}}, False),
         ("active key not in the ring", {"auth": {"activeKey": "k9"}}, False),
         (
@@ -557,13 +612,36 @@ def render_variants(values: dict[str, Any]) -> list[tuple[str, dict[str, Any], b
     ]
 
 
-def check_rendering(renderer: Renderer, values: dict[str, Any], example: Any, report: Report) -> None:
-    example_paths = key_paths(example)
+# Keys that config/imapgate.example.yaml documents only in a commented-out entry (an option that
+# is off by default), with the commented line that must stay there to document them.
+COMMENTED_EXAMPLE_KEYS: dict[str, re.Pattern[str]] = {
+    "listeners[].proxy_protocol": re.compile(r"^\s*#\s+proxy_protocol:\s", re.MULTILINE),
+}
+
+
+def documented_paths(example: Any, example_path: Path, report: Report) -> set[str]:
+    """The key paths the example config documents: its keys, and those in COMMENTED_EXAMPLE_KEYS."""
+    paths = key_paths(example)
+    text = example_path.read_text(encoding="utf-8")
+    for path, line in COMMENTED_EXAMPLE_KEYS.items():
+        if path in paths or report.check(
+            bool(line.search(text)), str(example_path), f"no longer documents {path} (not even in a comment)"
+        ):
+            paths.add(path)
+    return paths
+
+
+def check_rendering(renderer: Renderer, values: dict[str, Any], example_paths: set[str], report: Report) -> None:
     for name, overrides, must_render in render_variants(values):
         try:
             rendered = renderer(overrides)
         except RuntimeError as err:
-            report.check(not must_render, f"render[{name}]", f"failed: {err}")
+            if report.check(not must_render, f"render[{name}]", f"failed: {err}") and name in FAILURE_MESSAGES:
+                report.check(
+                    FAILURE_MESSAGES[name] in str(err),
+                    f"render[{name}]",
+                    f"refused, but without {FAILURE_MESSAGES[name]!r}: {err}",
+                )
             continue
         if not report.check(must_render, f"render[{name}]", "rendered, but these values must be refused"):
             continue
@@ -582,6 +660,39 @@ def _auth(config: dict[str, Any]) -> dict[str, Any]:
     return config.get("auth", {})
 
 
+def _guard(config: dict[str, Any]) -> dict[str, Any]:
+    return config.get("guard", {})
+
+
+def _listener(config: dict[str, Any], name: str) -> dict[str, Any]:
+    return next((l for l in config.get("listeners", []) if l.get("name") == name), {})
+
+
+# The gateway's own defaults (src/config/mod.rs), which values.yaml must render unchanged.
+GUARD_DEFAULTS: dict[str, Any] = {
+    "enforce": True,
+    "subnet_v4": 24,
+    "subnet_v6": 64,
+    "allow": [],
+    "deny": [],
+    "trusted_proxies": [],
+    "per_ip": {"failures": 10, "per": "15m", "enforce": True},
+    "per_subnet": {"failures": 30, "per": "15m", "enforce": True},
+    "per_account": {"failures": 10, "per": "15m", "enforce": True},
+    "per_token_ip": {"failures": 20, "per": "15m", "enforce": True},
+    "spray": {"distinct_accounts": 5, "per": "1h", "enforce": True},
+    "known_good_ttl": "30d",
+    "tarpit": {"start": "1s", "max": "15s", "enforce": True},
+    "max_delayed_per_ip": 16,
+    "block_for": "15m",
+}
+
+# What particular refusals must say (a substring of Helm's error).
+FAILURE_MESSAGES: dict[str, str] = {
+    "PROXY protocol without trusted proxies": "listeners.imap.proxyProtocol needs guard.trustedProxies",
+}
+
+
 # What particular variants must put into the rendered imapgate config: (holds, message) pairs.
 RENDER_EXPECTATIONS: dict[str, Callable[[dict[str, Any]], list[tuple[bool, str]]]] = {
     "defaults": lambda c: [
@@ -592,6 +703,42 @@ RENDER_EXPECTATIONS: dict[str, Callable[[dict[str, Any]], list[tuple[bool, str]]
         ),
         (_auth(c).get("mfa", {}).get("unlock_ttl") == "12h", "auth.mfa.unlock_ttl must default to 12h"),
         (_auth(c).get("revoke_closes_sessions") is False, "auth.revoke_closes_sessions must render as a boolean"),
+        (_guard(c) == GUARD_DEFAULTS, f"guard must render the gateway's defaults, not {_guard(c)!r}"),
+        (c.get("state", {}).get("max_entries") == 500000, "state.max_entries must default to 500000"),
+        (
+            all(l.get("proxy_protocol") is False for l in c.get("listeners", [])),
+            "proxy_protocol must render as false on every listener by default",
+        ),
+        ("token_file" not in c.get("admin", {}), "no admin.token_file without admin.tokenSecret"),
+    ],
+    "PROXY protocol behind a load balancer, guard tuned, admin token": lambda c: [
+        (_listener(c, "imaps").get("proxy_protocol") is True, "listener imaps must render proxy_protocol: true"),
+        (_listener(c, "imap").get("proxy_protocol") is False, "listener imap must render proxy_protocol: false"),
+        (_guard(c).get("trusted_proxies") == ["10.0.0.0/16", "fd00::/64"], "guard.trusted_proxies must render as given"),
+        (_guard(c).get("allow") == ["192.0.2.10", "2001:db8:1::/48"], "guard.allow must render as given"),
+        (_guard(c).get("deny") == ["203.0.113.0/24"], "guard.deny must render as given"),
+        (_guard(c).get("enforce") is False, "guard.enforce must render as a boolean"),
+        ((_guard(c).get("subnet_v4"), _guard(c).get("subnet_v6")) == (22, 56), "guard subnets must render as integers"),
+        (
+            _guard(c).get("per_ip") == {"failures": 5, "per": "10m", "enforce": True}
+            and _guard(c).get("per_account") == {"failures": 20, "per": "1h", "enforce": False}
+            and _guard(c).get("per_subnet") == GUARD_DEFAULTS["per_subnet"]
+            and _guard(c).get("per_token_ip") == GUARD_DEFAULTS["per_token_ip"],
+            "guard budgets must render as given, the others as defaults",
+        ),
+        (_guard(c).get("spray") == {"distinct_accounts": 8, "per": "2h", "enforce": True}, "guard.spray must render"),
+        (_guard(c).get("tarpit") == {"start": "500ms", "max": "10s", "enforce": True}, "guard.tarpit must render"),
+        (
+            (_guard(c).get("known_good_ttl"), _guard(c).get("block_for")) == ("90d", "1h"),
+            "guard durations must render as given",
+        ),
+        (_guard(c).get("max_delayed_per_ip") == 4000000000, "large integers must render as integers"),
+        (set(_guard(c)) == set(GUARD_DEFAULTS), "every guard key must render"),
+        (c.get("state", {}).get("max_entries") == 200000, "state.max_entries must render"),
+        (c.get("admin", {}).get("token_file") == "/etc/imapgate/admin/token", "admin.token_file must render"),
+    ],
+    "PROXY protocol on a disabled listener only": lambda c: [
+        ([l.get("name") for l in c.get("listeners", [])] == ["imaps"], "only the imaps listener must render"),
     ],
     "MFA off, no key ring": lambda c: [
         ("secret_keys" not in _auth(c) and "active_key" not in _auth(c), "no key ring must render no secret_keys"),
@@ -658,7 +805,7 @@ def main() -> int:
     if renderer is not None and isinstance(values, dict):
         example = load_yaml(args.example_config, report)
         if example is not None:
-            check_rendering(renderer, values, example, report)
+            check_rendering(renderer, values, documented_paths(example, args.example_config, report), report)
 
     for problem in report.problems:
         print(f"FAIL {problem}")

@@ -257,6 +257,12 @@ KEY_FILE="$GW/k1.key"
 step "generating the TOTP key ring (imapgate keys generate > k1.key)"
 (umask 077 && "$BIN" keys generate >"$KEY_FILE" 2>>"$GW/cli.log") || fail "imapgate keys generate failed"
 
+# The admin token for the guard's endpoints (imapgate guard status|clear), random, kept out of
+# the config like every secret.
+ADMIN_TOKEN_FILE="$GW/admin.token"
+(umask 077 && head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$ADMIN_TOKEN_FILE") ||
+  fail "could not write $ADMIN_TOKEN_FILE"
+
 CONFIG="$GW/imapgate.yaml"
 cat >"$CONFIG" <<EOF
 # imapgate demo configuration, written by scripts/demo.sh (throwaway).
@@ -277,6 +283,9 @@ auth:
     unlock_bind_subnet: true
     issuer: imapgate-demo          # the name authenticator apps show
 $OAUTH_CONFIG
+guard:                             # brute force and spraying (docs/guard.md); defaults otherwise
+  per_ip: { failures: 5, per: 15m }     # the default is 10; 5 shows a block sooner in the demo
+  tarpit: { start: 1s, max: 4s }        # the default max is 15s
 backends:
   - name: dovecot
     address: "127.0.0.1:$BACKEND_PORT"
@@ -290,6 +299,7 @@ routes:
   default: dovecot
 admin:
   address: "$HOST:$ADMIN_PORT"
+  token_file: "$ADMIN_TOKEN_FILE"
 logging:
   format: text
   level: info
@@ -627,6 +637,28 @@ if [ "$MODE" = check ]; then
   OUT="$("${CURL[@]}" --insecure "imaps://$HOST:$TLS_PORT/" --user "$DEMO_USER:aaaabbbbccccdddd$(totp_code "$TOTP_SECRET")" 2>&1)" || RC=$?
   expect_refused "a wrong app password" "$OUT" "$RC"
 
+  GUESSER=127.0.2.1
+  step "check: a password guesser at $GUESSER is blocked after 5 failures, then refused unchecked"
+  for i in 1 2 3 4 5 6 7; do
+    RC=0
+    OUT="$("${CURL[@]}" --interface "$GUESSER" --insecure "imaps://$HOST:$TLS_PORT/" --user "$DEMO_USER:guess${i}guess${i}" 2>&1)" || RC=$?
+    [ "$RC" -eq 67 ] || fail "guess $i: expected an authentication failure (curl exit 67), got exit $RC: $OUT"
+  done
+  audit_has '"event":"guard"' '"action":"block"' '"scope":"ip"' "\"key\":\"$GUESSER\"" ||
+    fail "no audit line for the block of $GUESSER"
+  audit_has '"result":"failure"' '"reason":"guard"' "\"client_ip\":\"$GUESSER\"" ||
+    fail "no audit line shows a guess from $GUESSER refused by the guard (unchecked)"
+  log "ok: blocked; later guesses were answered like wrong passwords without being checked"
+  step "check: imapgate guard status lists the block; imapgate guard clear lifts it"
+  OUT="$("$BIN" guard status -c "$CONFIG" 2>&1)" || fail "imapgate guard status failed: $OUT"
+  printf '%s\n' "$OUT"
+  grep -Eq "^ip +$GUESSER " <<<"$OUT" || fail "imapgate guard status does not list $GUESSER"
+  OUT="$("$BIN" guard clear -c "$CONFIG" --scope ip --value "$GUESSER" 2>&1)" || fail "imapgate guard clear failed: $OUT"
+  grep -q '"cleared":1' <<<"$OUT" || fail "imapgate guard clear did not clear the block: $OUT"
+  OUT="$("$BIN" guard status -c "$CONFIG" 2>&1)" || fail "imapgate guard status failed: $OUT"
+  ! grep -Eq "^ip +$GUESSER " <<<"$OUT" || fail "$GUESSER is still blocked after guard clear: $OUT"
+  log "ok: cleared"
+
   step "check: no login in cleartext on the STARTTLS port"
   if OUT="$("${CURL[@]}" "imap://$HOST:$STARTTLS_PORT/" --user "$CRED" 2>&1)"; then
     fail "a login without TLS succeeded on the STARTTLS port: $OUT"
@@ -661,7 +693,7 @@ if [ "$MODE" = check ]; then
   if [ "$OAUTH" -eq 1 ]; then
     OAUTH_PASSED="; OAuth: XOAUTH2/OAUTHBEARER logins with IdP tokens (imaplib, curl), forged and other users' tokens refused, device flow"
   fi
-  printf '\nPASS: demo check (imapgate in front of Dovecot: app password + TOTP, unlock window, replayed code refused, STARTTLS, admin%s)\n' "$OAUTH_PASSED"
+  printf '\nPASS: demo check (imapgate in front of Dovecot: app password + TOTP, unlock window, replayed code refused, a guesser blocked and cleared, STARTTLS, admin%s)\n' "$OAUTH_PASSED"
   exit 0
 fi
 
@@ -735,6 +767,7 @@ Try:
   curl --insecure 'imaps://$HOST:$TLS_PORT/INBOX;UID=1' --user "$CRED\$($CODE_CMD)"
   curl --insecure --ssl-reqd 'imap://$HOST:$STARTTLS_PORT/' --user '$CRED'   (after a login with a code)
   openssl s_client -quiet -crlf -connect $HOST:$TLS_PORT
+  $BIN guard status -c $CONFIG      (after 5 wrong passwords from one address: blocked)
 
 The same settings, the TOTP secret and the otpauth URI are in $ENV_FILE (. ./demo.env).
 EOF

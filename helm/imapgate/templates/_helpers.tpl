@@ -85,4 +85,5 @@ Paths inside the container. The config refers to them; the Deployment mounts the
 {{- define "imapgate.tlsDir" -}}/etc/imapgate/tls{{- end }}
 {{- define "imapgate.usersDir" -}}/etc/imapgate/users{{- end }}
 {{- define "imapgate.keysDir" -}}/etc/imapgate/keys{{- end }}
+{{- define "imapgate.adminDir" -}}/etc/imapgate/admin{{- end }}
 {{- define "imapgate.backendDir" -}}/etc/imapgate/backends/{{ . }}{{- end }}
