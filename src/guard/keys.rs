@@ -56,6 +56,11 @@ pub fn known_good(user: &str, net: &IpNet) -> String {
     format!("g:good:{net}:{user}")
 }
 
+/// A success from this network reset its budgets in the current window.
+pub fn reset(net: &IpNet) -> String {
+    format!("g:reset:{net}")
+}
+
 /// A wrong secret (its keyed fingerprint) this account failed with recently.
 pub fn seen(user: &str, fingerprint: &str) -> String {
     format!("g:seen:{fingerprint}:{user}")

@@ -23,7 +23,7 @@ mod keys;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -103,8 +103,9 @@ pub struct Decision {
     pub scope: Scope,
     /// A dry-run control would have refused this attempt (it is allowed).
     pub would_refuse: bool,
-    /// Holds this attempt's place in the per-address in-flight count until dropped.
-    pub permit: Option<InFlight>,
+    /// Holds this attempt's place in the per-address in-flight count (and its account's
+    /// slot) until dropped.
+    pub permit: Option<Held>,
 }
 
 impl Decision {
@@ -161,10 +162,18 @@ pub struct Guard {
     metrics: Arc<Metrics>,
     /// Keys the fingerprints of wrong secrets (never stored, never logged).
     fingerprint_key: [u8; 32],
-    in_flight: Arc<Mutex<HashMap<IpAddr, u32>>>,
+    in_flight: Arc<Mutex<HashMap<IpNet, u32>>>,
+    /// Password attempts per account run [`ACCOUNT_SLOTS`] at a time, so that a burst from
+    /// many addresses is counted as it goes instead of all passing the check before the first
+    /// failure is recorded.
+    accounts: Arc<Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>>,
     /// Blocks seen by the last sweep, to report the ones that ended.
-    seen: Mutex<Vec<(String, String)>>,
+    seen: Mutex<HashSet<(String, String)>>,
 }
+
+/// Concurrent password attempts per account (the others wait their turn, within the
+/// session's pre-auth deadline).
+const ACCOUNT_SLOTS: usize = 4;
 
 /// Most entries listed at once (admin endpoint, gauges).
 const LIST_LIMIT: usize = 10_000;
@@ -177,7 +186,8 @@ impl Guard {
             metrics,
             fingerprint_key: rand::random(),
             in_flight: Arc::new(Mutex::new(HashMap::new())),
-            seen: Mutex::new(Vec::new()),
+            accounts: Arc::new(Mutex::new(HashMap::new())),
+            seen: Mutex::new(HashSet::new()),
         }
     }
 
@@ -261,8 +271,8 @@ impl Guard {
         if self.cfg.allow.iter().any(|n| n.contains(&ip)) {
             return Decision::allow(Scope::AllowList);
         }
-        let permit = match self.acquire(ip) {
-            Some(p) => Some(p),
+        let in_flight = match self.acquire(ip) {
+            Some(p) => p,
             None if self.cfg.enforce => {
                 return Decision {
                     verdict: Verdict::Close,
@@ -279,6 +289,14 @@ impl Guard {
                 }
             }
         };
+        let account = match (key.kind, key.user) {
+            (Kind::Password, Some(u)) => self.account_slot(u).await,
+            _ => None,
+        };
+        let permit = Some(Held {
+            _in_flight: in_flight,
+            _account: account,
+        });
         let net = self.subnet(ip);
         let user = key.user;
         // One batch: [tarpit ip, tarpit account+net, then per kind…]
@@ -317,31 +335,34 @@ impl Guard {
         } else {
             Duration::ZERO
         };
-        // The first refusing key, and whether its control is enforced.
-        let refusal: Option<(Scope, bool)> = match key.kind {
-            Kind::Password => {
-                let blocks = [
-                    (Scope::Ip, at(2)),
-                    (Scope::Subnet, at(3)),
-                    (Scope::Account, at(4)),
-                ];
-                let hit = blocks
-                    .iter()
-                    .find_map(|(s, v)| v.map(|v| (*s, self.enforced(*s, v))));
-                match hit {
-                    // Known-good: this account succeeded from this network recently.
-                    Some(_) if at(5).is_some() => {
-                        return Decision {
-                            delay,
-                            permit,
-                            ..Decision::allow(Scope::KnownGood)
-                        }
-                    }
-                    other => other,
-                }
-            }
-            Kind::Token => at(2).map(|v| (Scope::TokenIp, self.enforced(Scope::TokenIp, v))),
+        // The refusing keys: an enforced one refuses; dry-run ones only report.
+        let hits: Vec<(Scope, bool)> = match key.kind {
+            Kind::Password => [
+                (Scope::Ip, at(2)),
+                (Scope::Subnet, at(3)),
+                (Scope::Account, at(4)),
+            ]
+            .iter()
+            .filter_map(|(s, v)| v.map(|v| (*s, self.enforced(*s, v))))
+            .collect(),
+            Kind::Token => at(2)
+                .map(|v| (Scope::TokenIp, self.enforced(Scope::TokenIp, v)))
+                .into_iter()
+                .collect(),
         };
+        if !hits.is_empty() && key.kind == Kind::Password && at(5).is_some() {
+            // Known-good: this account succeeded from this network recently.
+            return Decision {
+                delay,
+                permit,
+                ..Decision::allow(Scope::KnownGood)
+            };
+        }
+        let refusal = hits
+            .iter()
+            .find(|(_, enforced)| *enforced)
+            .or_else(|| hits.first())
+            .copied();
         match refusal {
             Some((scope, true)) => Decision {
                 verdict: Verdict::Reject,
@@ -386,16 +407,43 @@ impl Guard {
         b.enforce
     }
 
+    /// The in-flight key: the address for IPv4, the subnet for IPv6 (where one customer has a
+    /// whole /64 to rotate through).
+    fn in_flight_key(&self, ip: IpAddr) -> IpNet {
+        match ip {
+            IpAddr::V4(_) => IpNet::from(ip),
+            IpAddr::V6(_) => self.subnet(ip),
+        }
+    }
+
     fn acquire(&self, ip: IpAddr) -> Option<InFlight> {
+        let key = self.in_flight_key(ip);
         let mut map = self.in_flight.lock().ok()?;
-        let n = map.entry(ip).or_insert(0);
+        let n = map.entry(key).or_insert(0);
         if *n >= self.cfg.max_delayed_per_ip {
             return None;
         }
         *n += 1;
         Some(InFlight {
             map: self.in_flight.clone(),
-            ip,
+            key,
+        })
+    }
+
+    /// Waits for one of the account's slots.
+    async fn account_slot(&self, user: &str) -> Option<AccountSlot> {
+        let sem = {
+            let mut map = self.accounts.lock().ok()?;
+            map.entry(user.to_owned())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(ACCOUNT_SLOTS)))
+                .clone()
+        };
+        let permit = sem.clone().acquire_owned().await.ok()?;
+        Some(AccountSlot {
+            permit: Some(permit),
+            sem,
+            map: self.accounts.clone(),
+            user: user.to_owned(),
         })
     }
 
@@ -407,7 +455,7 @@ impl Guard {
         }
         let net = self.subnet(ip);
         let r = match outcome {
-            Outcome::Success { user } => self.success(ip, &net, user).await,
+            Outcome::Success { user } => self.success(key, &net, user).await,
             Outcome::Refused => self
                 .store
                 .incr(&keys::tarpit_ip(ip), 1, self.cfg.per_ip.per)
@@ -422,23 +470,33 @@ impl Guard {
 
     async fn success(
         &self,
-        ip: IpAddr,
+        key: AttemptKey<'_>,
         net: &IpNet,
         user: &str,
     ) -> Result<(), crate::state::StoreError> {
+        let ip = key.client_ip;
+        let c = &self.cfg;
         self.store
-            .put(&keys::known_good(user, net), "1", self.cfg.known_good_ttl)
+            .put(&keys::known_good(user, net), "1", c.known_good_ttl)
             .await?;
-        // A success from a network resets that network's failure budget (not its spray count,
-        // not the account's budget, not an existing block).
-        self.store
-            .delete_many(&[
+        let mut reset = vec![keys::tarpit_account_net(user, net)];
+        // A password success from a network resets that network's failure budget — once per
+        // window, so that an attacker who owns one account cannot launder an unlimited number
+        // of guesses with it. Never the spray sets, the account budgets or existing blocks. A
+        // token proves nothing about the passwords tried from there, so it resets nothing.
+        if key.kind == Kind::Password
+            && self
+                .store
+                .set_if_absent(&keys::reset(net), "1", c.per_ip.per)
+                .await?
+        {
+            reset.extend([
                 keys::failures(Scope::Ip, &ip.to_string()),
                 keys::failures(Scope::Subnet, &net.to_string()),
                 keys::tarpit_ip(ip),
-                keys::tarpit_account_net(user, net),
-            ])
-            .await
+            ]);
+        }
+        self.store.delete_many(&reset).await
     }
 
     async fn failure(
@@ -452,17 +510,23 @@ impl Guard {
         let c = &self.cfg;
         // A secret this account already failed with recently is not a new guess.
         // (A counter, not a marker: under memory pressure these are evicted first.)
+        // It still slows its sender down: repeats grow the address's tarpit, which bounds how
+        // often a loop of them can make argon2 run.
         if let (Some(user), Some(fp)) = (key.user, fingerprint) {
             if s.incr(&keys::seen(user, fp), 1, c.per_account.per).await? > 1 {
                 tracing::debug!("guard: repeated wrong secret, not counted again");
+                s.incr(&keys::tarpit_ip(ip), 1, c.per_ip.per).await?;
                 return Ok(());
             }
         }
         s.incr(&keys::tarpit_ip(ip), 1, c.per_ip.per).await?;
-        if let Some(user) = key.user {
-            s.incr(&keys::tarpit_account_net(user, net), 1, c.per_ip.per)
-                .await?;
-        }
+        let from_this_net = match key.user {
+            Some(user) => {
+                s.incr(&keys::tarpit_account_net(user, net), 1, c.per_ip.per)
+                    .await?
+            }
+            None => 0,
+        };
         let ip_text = ip.to_string();
         if key.kind == Kind::Token {
             if let RateDecision::Limited(_) = s
@@ -515,8 +579,12 @@ impl Guard {
                     .await?;
             }
         }
-        // A distributed attack on one account: attack mode, not lockout.
-        if let Some(user) = key.user {
+        // A distributed attack on one account: attack mode, not lockout. Each subnet counts
+        // for at most a quarter of the account's budget, so attack mode needs failures from
+        // several networks: one source is the per-address budget's business, and must not be
+        // able to put someone else's account in attack mode on its own.
+        let share = u64::from((c.per_account.failures / 4).max(1));
+        if let Some(user) = key.user.filter(|_| from_this_net <= share) {
             if let RateDecision::Limited(_) = s
                 .rate_check(&keys::failures(Scope::Account, user), rate(c.per_account))
                 .await?
@@ -544,10 +612,18 @@ impl Guard {
         enforced: bool,
     ) -> Result<(), crate::state::StoreError> {
         let k = keys::block(scope, value);
-        let fresh = self
+        let mut fresh = self
             .store
             .set_if_absent(&k, reason, self.cfg.block_for)
             .await?;
+        if !fresh && enforced {
+            // A block recorded by a dry-run control must not hide an enforced one.
+            let existing = self.store.get(&k).await?;
+            if existing.is_some_and(|v| !self.enforced(scope, &v)) {
+                self.store.put(&k, reason, self.cfg.block_for).await?;
+                fresh = true;
+            }
+        }
         if !fresh {
             return Ok(());
         }
@@ -613,7 +689,21 @@ impl Guard {
         scope: Option<&str>,
         value: Option<&str>,
     ) -> Result<usize, crate::state::StoreError> {
+        // The same spelling the guard stores: canonical addresses and networks, lower-case
+        // account names.
+        let value = value.map(|v| {
+            let v = v.trim();
+            if let Ok(ip) = v.parse::<IpAddr>() {
+                ip.to_string()
+            } else if let Ok(net) = v.parse::<IpNet>() {
+                net.trunc().to_string()
+            } else {
+                v.to_lowercase()
+            }
+        });
+        let value = value.as_deref();
         let mut n = 0;
+        let mut cleared = Vec::new();
         for b in self.status().await? {
             if scope.is_some_and(|s| s != b.scope) || value.is_some_and(|v| v != b.value) {
                 continue;
@@ -638,7 +728,14 @@ impl Guard {
                 count: 0,
                 enforced: b.enforced,
             });
+            cleared.push((b.scope, b.value));
             n += 1;
+        }
+        // Reported as cleared above, not as ended by the next sweep.
+        if let Ok(mut seen) = self.seen.lock() {
+            for c in &cleared {
+                seen.remove(c);
+            }
         }
         self.sweep().await;
         Ok(n)
@@ -660,14 +757,14 @@ impl Guard {
         self.metrics
             .guard_blocked_sources
             .set(i64::try_from(now.len() - accounts).unwrap_or(i64::MAX));
-        let current: Vec<(String, String)> = now
+        let current: HashSet<(String, String)> = now
             .iter()
             .map(|b| (b.scope.clone(), b.value.clone()))
             .collect();
         let Ok(mut seen) = self.seen.lock() else {
             return;
         };
-        for (scope, value) in seen.iter().filter(|p| !current.contains(p)) {
+        for (scope, value) in seen.difference(&current) {
             let event = if scope == "account" {
                 "attack_mode_ended"
             } else {
@@ -700,21 +797,49 @@ impl Guard {
     }
 }
 
+/// What a decision holds until the attempt is answered.
+#[derive(Debug)]
+pub struct Held {
+    _in_flight: InFlight,
+    _account: Option<AccountSlot>,
+}
+
 /// This attempt's place in its address's in-flight count.
 #[derive(Debug)]
-pub struct InFlight {
-    map: Arc<Mutex<HashMap<IpAddr, u32>>>,
-    ip: IpAddr,
+struct InFlight {
+    map: Arc<Mutex<HashMap<IpNet, u32>>>,
+    key: IpNet,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         if let Ok(mut map) = self.map.lock() {
-            if let Some(n) = map.get_mut(&self.ip) {
+            if let Some(n) = map.get_mut(&self.key) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
-                    map.remove(&self.ip);
+                    map.remove(&self.key);
                 }
+            }
+        }
+    }
+}
+
+/// One of an account's attempt slots; the map entry goes with the last user.
+#[derive(Debug)]
+struct AccountSlot {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    sem: Arc<tokio::sync::Semaphore>,
+    map: Arc<Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>>,
+    user: String,
+}
+
+impl Drop for AccountSlot {
+    fn drop(&mut self) {
+        self.permit.take();
+        if let Ok(mut map) = self.map.lock() {
+            // The map's reference and ours: nobody else holds or waits for a slot.
+            if Arc::strong_count(&self.sem) == 2 {
+                map.remove(&self.user);
             }
         }
     }

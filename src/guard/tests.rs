@@ -228,32 +228,31 @@ async fn a_stale_saved_password_counts_once() {
         assert_eq!(v, Verdict::Allow);
     }
     assert!(g.status().await.unwrap().is_empty());
-    // Its tarpit did not grow either: only the first failure counted.
-    assert_eq!(
-        g.check(pw("192.0.2.60", "frank@example.org")).await.delay,
-        g.config().tarpit_start
-    );
+    // (Its tarpit grows, though: see repeating_one_wrong_secret_still_grows_the_tarpit.)
+}
+
+/// What `guard.enforce: false` gives (config/guard.rs): every control in dry run.
+fn dry_run_config() -> GuardConfig {
+    let d = GuardConfig::default();
+    let dry = |b: crate::config::Budget| crate::config::Budget {
+        enforce: false,
+        ..b
+    };
+    GuardConfig {
+        enforce: false,
+        per_ip: dry(d.per_ip),
+        per_subnet: dry(d.per_subnet),
+        per_account: dry(d.per_account),
+        per_token_ip: dry(d.per_token_ip),
+        spray: dry(d.spray),
+        tarpit_enforce: false,
+        ..d
+    }
 }
 
 #[tokio::test(start_paused = true)]
 async fn dry_run_blocks_nothing_and_counts_everything() {
-    let cfg = GuardConfig {
-        enforce: false,
-        per_ip: crate::config::Budget {
-            enforce: false,
-            ..GuardConfig::default().per_ip
-        },
-        spray: crate::config::Budget {
-            enforce: false,
-            ..GuardConfig::default().spray
-        },
-        per_account: crate::config::Budget {
-            enforce: false,
-            ..GuardConfig::default().per_account
-        },
-        tarpit_enforce: false,
-        ..GuardConfig::default()
-    };
+    let cfg = dry_run_config();
     let (g, _) = guard_with(cfg, 100_000);
     for i in 0..40 {
         let (v, _) = fail(&g, pw("192.0.2.70", &format!("u{i}@example.org")), "x").await;
@@ -279,21 +278,46 @@ async fn attempts_in_flight_per_address_are_capped() {
     let g = guard();
     let cap = g.config().max_delayed_per_ip;
     let mut held = Vec::new();
-    for _ in 0..cap {
-        let d = g.check(pw("192.0.2.80", "a@example.org")).await;
+    let users: Vec<String> = (0..cap + 3).map(|i| format!("u{i}@example.org")).collect();
+    for u in users.iter().take(cap as usize) {
+        let d = g.check(pw("192.0.2.80", u)).await;
         assert_eq!(d.verdict, Verdict::Allow);
         held.push(d.permit);
     }
-    let d = g.check(pw("192.0.2.80", "a@example.org")).await;
+    let d = g.check(pw("192.0.2.80", &users[cap as usize])).await;
     assert_eq!((d.verdict, d.scope), (Verdict::Close, Scope::InFlight));
     // Another address is not affected; a finished attempt frees its place.
     assert_eq!(
-        g.check(pw("192.0.2.81", "a@example.org")).await.verdict,
+        g.check(pw("192.0.2.81", "x@example.org")).await.verdict,
         Verdict::Allow
     );
     held.pop();
     assert_eq!(
-        g.check(pw("192.0.2.80", "a@example.org")).await.verdict,
+        g.check(pw("192.0.2.80", &users[cap as usize + 1]))
+            .await
+            .verdict,
+        Verdict::Allow
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn ipv6_attempts_in_flight_are_capped_per_64() {
+    let g = guard();
+    let cap = g.config().max_delayed_per_ip;
+    let mut held = Vec::new();
+    for i in 0..cap {
+        // A different address of the same /64 each time.
+        let addr = format!("2001:db8:1:2::{:x}", i + 1);
+        let d = g.check(pw(&addr, &format!("u{i}@example.org"))).await;
+        assert_eq!(d.verdict, Verdict::Allow);
+        held.push(d.permit);
+    }
+    let d = g.check(pw("2001:db8:1:2::ffff", "z@example.org")).await;
+    assert_eq!(d.verdict, Verdict::Close);
+    assert_eq!(
+        g.check(pw("2001:db8:1:3::1", "z@example.org"))
+            .await
+            .verdict,
         Verdict::Allow
     );
 }
@@ -404,4 +428,173 @@ fn tarpit_curve() {
     let got: Vec<u64> = (0..8).map(|n| tarpit(s, m, n).as_secs()).collect();
     assert_eq!(got, vec![0, 1, 2, 4, 8, 15, 15, 15]);
     assert_eq!(tarpit(s, m, u32::MAX), m);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dry_run_control_never_hides_an_enforced_one() {
+    // The address budget in dry run, attack mode enforced.
+    let cfg = GuardConfig {
+        per_ip: crate::config::Budget {
+            enforce: false,
+            ..GuardConfig::default().per_ip
+        },
+        ..GuardConfig::default()
+    };
+    let (g, _) = guard_with(cfg, 100_000);
+    // The attacker's address collects a dry-run block.
+    for i in 0..=g.config().per_ip.failures {
+        fail(&g, pw("192.0.2.120", "other@example.org"), &format!("g{i}")).await;
+    }
+    let d = g.check(pw("192.0.2.120", "other@example.org")).await;
+    assert_eq!((d.verdict, d.would_refuse), (Verdict::Allow, true));
+    drop(d);
+    // The victim's account goes into attack mode, attacked from many networks.
+    for i in 0..=g.config().per_account.failures {
+        fail(
+            &g,
+            pw(&format!("10.{i}.1.1"), "victim@example.org"),
+            &format!("v{i}"),
+        )
+        .await;
+    }
+    assert_eq!(
+        verdict(&g, pw("192.0.2.120", "victim@example.org")).await,
+        (Verdict::Reject, Scope::Account)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dry_run_block_gives_way_to_an_enforced_one_on_the_same_key() {
+    let cfg = GuardConfig {
+        spray: crate::config::Budget {
+            enforce: false,
+            ..GuardConfig::default().spray
+        },
+        ..GuardConfig::default()
+    };
+    let (g, _) = guard_with(cfg, 100_000);
+    // Spraying first (dry run), then enough failures for the enforced address budget.
+    for i in 0..=g.config().per_ip.failures {
+        fail(&g, pw("192.0.2.130", &format!("s{i}@example.org")), "pw").await;
+    }
+    assert_eq!(
+        verdict(&g, pw("192.0.2.130", "x@example.org")).await,
+        (Verdict::Reject, Scope::Ip)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_network_cannot_put_an_account_in_attack_mode() {
+    let g = guard();
+    // Thirty addresses of one /24, one guess each against the same account.
+    for i in 1..=30 {
+        fail(
+            &g,
+            pw(&format!("192.0.2.{i}"), "grace@example.org"),
+            &format!("g{i}"),
+        )
+        .await;
+    }
+    assert!(
+        !g.status()
+            .await
+            .unwrap()
+            .iter()
+            .any(|b| b.scope == "account"),
+        "{:?}",
+        g.status().await.unwrap()
+    );
+    // The owner logs in from anywhere as usual.
+    assert_eq!(
+        verdict(&g, pw("198.51.100.44", "grace@example.org")).await,
+        (Verdict::Allow, Scope::None)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn repeating_one_wrong_secret_still_grows_the_tarpit() {
+    let g = guard();
+    for _ in 0..6 {
+        fail(&g, pw("192.0.2.140", "henry@example.org"), "same-old").await;
+    }
+    // Counted once as a guess, but the sender waits the full tarpit.
+    assert_eq!(
+        g.check(pw("192.0.2.140", "henry@example.org")).await.delay,
+        g.config().tarpit_max
+    );
+    assert!(g.status().await.unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_success_resets_its_networks_budget_once_per_window() {
+    let g = guard();
+    let budget = g.config().per_ip.failures;
+    for i in 0..budget {
+        fail(
+            &g,
+            pw("192.0.2.150", "target@example.org"),
+            &format!("a{i}"),
+        )
+        .await;
+    }
+    owner_ok(&g).await; // resets the address's budget
+    for i in 0..budget {
+        fail(
+            &g,
+            pw("192.0.2.150", "target@example.org"),
+            &format!("b{i}"),
+        )
+        .await;
+    }
+    owner_ok(&g).await; // same window: no second reset
+    fail(&g, pw("192.0.2.150", "target@example.org"), "c").await;
+    assert_eq!(
+        verdict(&g, pw("192.0.2.150", "target@example.org")).await,
+        (Verdict::Reject, Scope::Ip)
+    );
+}
+
+async fn owner_ok(g: &Guard) {
+    let user = "owner@example.org";
+    g.record(pw("192.0.2.150", user), Outcome::Success { user })
+        .await;
+}
+
+/// A burst from many networks at once is counted as it goes: the account's slots make the
+/// checks wait for the records, so no more than a few attempts get past the budget.
+#[tokio::test(start_paused = true)]
+async fn a_simultaneous_burst_on_one_account_stays_near_its_budget() {
+    let g = Arc::new(guard());
+    let mut tasks = Vec::new();
+    for i in 0..200u32 {
+        let g = g.clone();
+        tasks.push(tokio::spawn(async move {
+            let addr = format!("10.{}.{}.1", i / 200, i % 200);
+            let key = pw(&addr, "ivy@example.org");
+            let d = g.check(key).await;
+            if d.verdict != Verdict::Allow {
+                return false;
+            }
+            // The credential check takes a while.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let fp = g.fingerprint("ivy@example.org", format!("p{i}").as_bytes());
+            g.record(
+                key,
+                Outcome::Failure {
+                    fingerprint: Some(&fp),
+                },
+            )
+            .await;
+            true
+        }));
+    }
+    let mut checked = 0;
+    for t in tasks {
+        checked += u32::from(t.await.unwrap());
+    }
+    let budget = g.config().per_account.failures;
+    assert!(
+        checked <= budget + 1 + ACCOUNT_SLOTS as u32,
+        "{checked} guesses were checked against a budget of {budget}"
+    );
 }

@@ -55,11 +55,25 @@ impl Admission {
 
     /// Admits a connection from `ip`, or says why not.
     pub fn admit(&self, ip: IpAddr) -> Result<Ticket, Refusal> {
-        let permit = self
-            .global
+        let permit = self.reserve()?;
+        self.admit_reserved(permit, ip)
+    }
+
+    /// A place under the global cap, before the client address is known (a PROXY header is
+    /// read while holding it, so header reads count against `max_connections`).
+    pub fn reserve(&self) -> Result<OwnedSemaphorePermit, Refusal> {
+        self.global
             .clone()
             .try_acquire_owned()
-            .map_err(|_| Refusal::Global)?;
+            .map_err(|_| Refusal::Global)
+    }
+
+    /// [`Admission::admit`] with a place already reserved.
+    pub fn admit_reserved(
+        &self,
+        permit: OwnedSemaphorePermit,
+        ip: IpAddr,
+    ) -> Result<Ticket, Refusal> {
         let mut map = self.per_ip.lock().map_err(|_| Refusal::Global)?;
         let c = map.entry(ip).or_default();
         if c.all >= self.max_per_ip {

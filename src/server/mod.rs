@@ -310,13 +310,22 @@ async fn accept_loop(
                 drop(tcp);
                 continue;
             }
+            let place = match admission.reserve() {
+                Ok(p) => p,
+                Err(refusal) => {
+                    refuse(refusal.as_str());
+                    drop(tcp);
+                    continue;
+                }
+            };
             let (shared, info, admission) = (shared.clone(), info.clone(), admission.clone());
             tracker.spawn(async move {
                 let mut tcp = tcp;
                 let timeout = shared.limits.tls_handshake_timeout;
                 match proxy::read_header(&mut tcp, peer, timeout).await {
                     Ok(client) => {
-                        admit(tcp, normalize_peer(client), &info, &shared, &admission).await
+                        let client = normalize_peer(client);
+                        admit(tcp, client, place, &info, &shared, &admission).await
                     }
                     Err(e) => {
                         shared
@@ -363,6 +372,7 @@ async fn accept_loop(
 async fn admit(
     tcp: tokio::net::TcpStream,
     client: SocketAddr,
+    place: tokio::sync::OwnedSemaphorePermit,
     info: &ListenerInfo,
     shared: &Arc<Shared>,
     admission: &Admission,
@@ -378,7 +388,7 @@ async fn admit(
         count("refused_deny_list");
         return;
     }
-    match admission.admit(client.ip()) {
+    match admission.admit_reserved(place, client.ip()) {
         Ok(ticket) => {
             count("accepted");
             session::run(shared.clone(), info.clone(), tcp, client, Box::new(ticket)).await;

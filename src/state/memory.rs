@@ -250,9 +250,9 @@ impl Store for MemoryStore {
                     };
                     Some((k.clone(), v, e.expires - now))
                 })
-                .take(limit)
                 .collect();
             out.sort();
+            out.truncate(limit);
             out
         })
     }
