@@ -152,14 +152,14 @@ pub fn totp(cmd: TotpCmd) -> ExitCode {
             if code == ExitCode::SUCCESS {
                 errln!("TOTP enrolled for {name}. At login the password is the app password followed by the current code.");
             }
-            code
+            super::audited(code, &cfg, "totp_enrolled", &name, "")
         }
         TotpCmd::Reset { user, cfg } => {
             let name = match user_name(&user) {
                 Ok(n) => n,
                 Err(c) => return c,
             };
-            edit(&cfg, |f, _| {
+            let code = edit(&cfg, |f, _| {
                 let u = f
                     .users
                     .get_mut(&name)
@@ -169,7 +169,8 @@ pub fn totp(cmd: TotpCmd) -> ExitCode {
                 }
                 errln!("TOTP removed for {name}; they must enrol again");
                 Ok(())
-            })
+            });
+            super::audited(code, &cfg, "totp_reset", &name, "")
         }
     }
 }
@@ -193,7 +194,7 @@ pub fn keys(cmd: KeysCmd) -> ExitCode {
                 Err(c) => return c,
             };
             let active = ring.active_id().unwrap_or_default().to_owned();
-            edit(&cfg, |f, _| {
+            let code = edit(&cfg, |f, _| {
                 let mut rotated = 0;
                 for (name, u) in f.users.iter_mut() {
                     let Some(stored) = u.totp.as_deref() else {
@@ -210,7 +211,8 @@ pub fn keys(cmd: KeysCmd) -> ExitCode {
                 }
                 errln!("re-encrypted {rotated} TOTP secret(s) under key {active}");
                 Ok(())
-            })
+            });
+            super::audited(code, &cfg, "keys_rotated", "", &active)
         }
     }
 }

@@ -316,6 +316,25 @@ fn check_config(path: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Writes the operator audit line for a successful change (see [`crate::observe::audit_operator`]).
+pub(crate) fn audited(
+    code: ExitCode,
+    cfg: &UsersTarget,
+    action: &str,
+    user: &str,
+    credential: &str,
+) -> ExitCode {
+    if code == ExitCode::SUCCESS {
+        let sink = cfg
+            .config
+            .as_deref()
+            .and_then(|p| Config::load(p).ok())
+            .map(|c| c.logging.audit);
+        crate::observe::audit_operator(sink.as_ref(), action, user, credential);
+    }
+    code
+}
+
 pub(crate) fn user_name(user: &str) -> Result<String, ExitCode> {
     normalize_user(user).map_err(|_| {
         fail(
@@ -409,7 +428,7 @@ fn users(cmd: UsersCmd) -> ExitCode {
                     return fail(EXIT_CONFIG, "--upstream-user is not a valid name");
                 }
             }
-            edit(&cfg, |f, tgt| {
+            let code = edit(&cfg, |f, tgt| {
                 if let Some(sep) = tgt.separators.iter().find(|s| {
                     name.contains(s.as_str())
                         || upstream_user
@@ -431,7 +450,8 @@ fn users(cmd: UsersCmd) -> ExitCode {
                 );
                 errln!("added {name}");
                 Ok(())
-            })
+            });
+            audited(code, &cfg, "user_added", &name, "")
         }
         UsersCmd::Show { user, cfg } => {
             let name = match user_name(&user) {
@@ -511,12 +531,13 @@ fn users(cmd: UsersCmd) -> ExitCode {
                 Ok(n) => n,
                 Err(c) => return c,
             };
-            edit(&cfg, |f, _| {
+            let code = edit(&cfg, |f, _| {
                 f.users
                     .remove(&name)
                     .map(|_| errln!("removed {name}"))
                     .ok_or_else(|| format!("no user {name}"))
-            })
+            });
+            audited(code, &cfg, "user_removed", &name, "")
         }
     }
 }
@@ -526,7 +547,7 @@ fn set_disabled(user: &str, cfg: &UsersTarget, disabled: bool) -> ExitCode {
         Ok(n) => n,
         Err(c) => return c,
     };
-    edit(cfg, |f, _| {
+    let code = edit(cfg, |f, _| {
         let u = f
             .users
             .get_mut(&name)
@@ -534,7 +555,13 @@ fn set_disabled(user: &str, cfg: &UsersTarget, disabled: bool) -> ExitCode {
         u.disabled = disabled;
         errln!("{name} {}", if disabled { "disabled" } else { "enabled" });
         Ok(())
-    })
+    });
+    let action = if disabled {
+        "user_disabled"
+    } else {
+        "user_enabled"
+    };
+    audited(code, cfg, action, &name, "")
 }
 
 fn app_passwords(cmd: AppPasswordCmd) -> ExitCode {
@@ -589,6 +616,7 @@ fn app_passwords(cmd: AppPasswordCmd) -> ExitCode {
                 errln!("app password {id} for {name}; it is shown only this once:");
                 let grouped = app_password::grouped(&password);
                 outln!("{}", grouped.expose_str().unwrap_or_default());
+                return audited(code, &cfg, "app_password_created", &name, &id);
             }
             code
         }
@@ -622,7 +650,7 @@ fn app_passwords(cmd: AppPasswordCmd) -> ExitCode {
                 Ok(n) => n,
                 Err(c) => return c,
             };
-            edit(&cfg, |f, _| {
+            let code = edit(&cfg, |f, _| {
                 let u = f
                     .users
                     .get_mut(&name)
@@ -635,7 +663,8 @@ fn app_passwords(cmd: AppPasswordCmd) -> ExitCode {
                 a.revoked = true;
                 errln!("revoked {id} of {name}");
                 Ok(())
-            })
+            });
+            audited(code, &cfg, "app_password_revoked", &name, &id)
         }
     }
 }

@@ -86,7 +86,7 @@ pub mod defaults {
 }
 
 /// The validated configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     pub tls: TlsConfig,
@@ -100,9 +100,11 @@ pub struct Config {
     pub logging: LoggingConfig,
     /// Things that are allowed but deserve the operator's attention (logged at start).
     pub warnings: Vec<String>,
+    /// The file it was loaded from (reloads read it again), if any.
+    pub source: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ListenerConfig {
     pub name: String,
     pub address: SocketAddr,
@@ -111,7 +113,7 @@ pub struct ListenerConfig {
     pub proxy_protocol: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StateConfig {
     pub backend: StateBackend,
     /// Entries kept at most by the in-process store.
@@ -136,7 +138,7 @@ pub struct Budget {
 }
 
 /// The brute-force and spraying defence (`guard` section).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GuardConfig {
     /// false = dry run everywhere: decisions are logged and counted, never applied.
     pub enforce: bool,
@@ -189,20 +191,20 @@ impl Default for GuardConfig {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TlsConfig {
     pub certificates: Vec<CertificatePaths>,
     pub tls13_only: bool,
     pub self_signed: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CertificatePaths {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
     pub max_connections: u32,
     pub max_preauth_per_ip: u32,
@@ -263,7 +265,7 @@ impl Default for Argon2Params {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AuthConfig {
     pub users_file: PathBuf,
     /// Key ring for TOTP secrets at rest: (id, 32-byte key), and the id new ciphertexts use.
@@ -278,7 +280,7 @@ pub struct AuthConfig {
 }
 
 /// One trusted OAuth 2.0 / OpenID issuer.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct IssuerConfig {
     pub name: String,
     /// The exact `iss` value.
@@ -305,7 +307,7 @@ pub struct IssuerConfig {
     pub introspection: Option<IntrospectionConfig>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct IntrospectionConfig {
     /// The endpoint; `None`: from discovery (`introspection_endpoint`).
     pub endpoint: Option<String>,
@@ -314,7 +316,7 @@ pub struct IntrospectionConfig {
     pub cache_ttl: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MfaConfig {
     pub default: MfaMode,
     pub code_digits: u8,
@@ -336,7 +338,7 @@ impl Default for MfaConfig {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum BackendLogin {
     /// Dovecot-style `LOGIN "user<sep>master" password`.
     MasterUser { separator: String },
@@ -344,7 +346,7 @@ pub enum BackendLogin {
     SaslAuthzid,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BackendConfig {
     pub name: String,
     pub host: String,
@@ -360,7 +362,7 @@ pub struct BackendConfig {
     pub login_timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Routes {
     /// Index into `Config::backends`.
     pub default: usize,
@@ -368,7 +370,7 @@ pub struct Routes {
     pub domains: BTreeMap<String, usize>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     pub address: SocketAddr,
     pub token: Option<Secret>,
@@ -382,7 +384,7 @@ pub enum AuditSink {
     File(PathBuf),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LoggingConfig {
     pub format: LogFormat,
     pub level: String,
@@ -441,7 +443,9 @@ impl Config {
             source,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::from_yaml(&text, base)
+        let mut config = Self::from_yaml(&text, base)?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
     }
 
     /// Validates YAML text; `base` resolves relative paths.

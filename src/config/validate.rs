@@ -221,6 +221,7 @@ pub(super) fn from_yaml(text: &str, base: &Path) -> Result<Config, ConfigError> 
             admin,
             logging,
             warnings: cx.warnings,
+            source: None,
         }),
         // Unreachable in practice: a missing section always records an error above.
         _ => Err(ConfigError::Invalid(vec![FieldError {

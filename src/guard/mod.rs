@@ -157,7 +157,8 @@ pub struct BlockInfo {
 }
 
 pub struct Guard {
-    cfg: GuardConfig,
+    /// Replaced as a whole on reload; each decision reads one snapshot.
+    cfg: std::sync::RwLock<Arc<GuardConfig>>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     /// Keys the fingerprints of wrong secrets (never stored, never logged).
@@ -181,7 +182,7 @@ const LIST_LIMIT: usize = 10_000;
 impl Guard {
     pub fn new(cfg: GuardConfig, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
         Self {
-            cfg,
+            cfg: std::sync::RwLock::new(Arc::new(cfg)),
             store,
             metrics,
             fingerprint_key: rand::random(),
@@ -191,15 +192,27 @@ impl Guard {
         }
     }
 
-    pub fn config(&self) -> &GuardConfig {
-        &self.cfg
+    pub fn config(&self) -> Arc<GuardConfig> {
+        match self.cfg.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// A new policy and lists (reload). State already recorded stays.
+    pub fn reconfigure(&self, cfg: GuardConfig) {
+        let cfg = Arc::new(cfg);
+        match self.cfg.write() {
+            Ok(mut c) => *c = cfg,
+            Err(poisoned) => *poisoned.into_inner() = cfg,
+        }
     }
 
     /// The client's subnet (`subnet_v4`/`subnet_v6`).
     pub fn subnet(&self, ip: IpAddr) -> IpNet {
         let prefix = match ip {
-            IpAddr::V4(_) => self.cfg.subnet_v4,
-            IpAddr::V6(_) => self.cfg.subnet_v6,
+            IpAddr::V4(_) => self.config().subnet_v4,
+            IpAddr::V6(_) => self.config().subnet_v6,
         };
         IpNet::new(ip, prefix).map_or_else(|_| IpNet::from(ip), |n| n.trunc())
     }
@@ -207,10 +220,10 @@ impl Guard {
     /// True if connections from `ip` are refused before TLS (and the deny list is enforced).
     /// In dry run the refusal is counted and logged but not applied.
     pub fn denied(&self, ip: IpAddr) -> bool {
-        if !self.cfg.deny.iter().any(|n| n.contains(&ip)) {
+        if !self.config().deny.iter().any(|n| n.contains(&ip)) {
             return false;
         }
-        if self.cfg.enforce {
+        if self.config().enforce {
             self.count_decision("reject", "deny_list");
             true
         } else {
@@ -222,7 +235,10 @@ impl Guard {
 
     /// True if a PROXY protocol header from `peer` is believed.
     pub fn trusted_proxy(&self, peer: IpAddr) -> bool {
-        self.cfg.trusted_proxies.iter().any(|n| n.contains(&peer))
+        self.config()
+            .trusted_proxies
+            .iter()
+            .any(|n| n.contains(&peer))
     }
 
     /// A keyed fingerprint of a wrong secret, so that a repeated one counts once. Bound to the
@@ -267,13 +283,14 @@ impl Guard {
     }
 
     async fn decide(&self, key: AttemptKey<'_>) -> Decision {
+        let c = self.config();
         let ip = key.client_ip;
-        if self.cfg.allow.iter().any(|n| n.contains(&ip)) {
+        if c.allow.iter().any(|n| n.contains(&ip)) {
             return Decision::allow(Scope::AllowList);
         }
         let in_flight = match self.acquire(ip) {
             Some(p) => p,
-            None if self.cfg.enforce => {
+            None if c.enforce => {
                 return Decision {
                     verdict: Verdict::Close,
                     delay: Duration::ZERO,
@@ -330,8 +347,8 @@ impl Guard {
         let at = |i: usize| values.get(i).and_then(|v| v.as_deref());
         let count = |i: usize| at(i).and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
         let failures = count(0).max(count(1));
-        let delay = if self.cfg.tarpit_enforce {
-            tarpit(self.cfg.tarpit_start, self.cfg.tarpit_max, failures)
+        let delay = if c.tarpit_enforce {
+            tarpit(c.tarpit_start, c.tarpit_max, failures)
         } else {
             Duration::ZERO
         };
@@ -397,12 +414,12 @@ impl Guard {
     /// Is a block of this scope, recorded with this value (`reason`), enforced?
     fn enforced(&self, scope: Scope, value: &str) -> bool {
         let b = match (scope, reason_of(value)) {
-            (_, "manual") => return self.cfg.enforce,
-            (Scope::Account, _) => self.cfg.per_account,
-            (Scope::TokenIp, _) => self.cfg.per_token_ip,
-            (_, "spray") => self.cfg.spray,
-            (Scope::Subnet, _) => self.cfg.per_subnet,
-            _ => self.cfg.per_ip,
+            (_, "manual") => return self.config().enforce,
+            (Scope::Account, _) => self.config().per_account,
+            (Scope::TokenIp, _) => self.config().per_token_ip,
+            (_, "spray") => self.config().spray,
+            (Scope::Subnet, _) => self.config().per_subnet,
+            _ => self.config().per_ip,
         };
         b.enforce
     }
@@ -420,7 +437,7 @@ impl Guard {
         let key = self.in_flight_key(ip);
         let mut map = self.in_flight.lock().ok()?;
         let n = map.entry(key).or_insert(0);
-        if *n >= self.cfg.max_delayed_per_ip {
+        if *n >= self.config().max_delayed_per_ip {
             return None;
         }
         *n += 1;
@@ -450,7 +467,7 @@ impl Guard {
     /// After the check (or the refusal).
     pub async fn record(&self, key: AttemptKey<'_>, outcome: Outcome<'_>) {
         let ip = key.client_ip;
-        if self.cfg.allow.iter().any(|n| n.contains(&ip)) {
+        if self.config().allow.iter().any(|n| n.contains(&ip)) {
             return;
         }
         let net = self.subnet(ip);
@@ -458,7 +475,7 @@ impl Guard {
             Outcome::Success { user } => self.success(key, &net, user).await,
             Outcome::Refused => self
                 .store
-                .incr(&keys::tarpit_ip(ip), 1, self.cfg.per_ip.per)
+                .incr(&keys::tarpit_ip(ip), 1, self.config().per_ip.per)
                 .await
                 .map(drop),
             Outcome::Failure { fingerprint } => self.failure(key, &net, fingerprint).await,
@@ -475,7 +492,7 @@ impl Guard {
         user: &str,
     ) -> Result<(), crate::state::StoreError> {
         let ip = key.client_ip;
-        let c = &self.cfg;
+        let c = self.config();
         self.store
             .put(&keys::known_good(user, net), "1", c.known_good_ttl)
             .await?;
@@ -507,7 +524,7 @@ impl Guard {
     ) -> Result<(), crate::state::StoreError> {
         let ip = key.client_ip;
         let s = &self.store;
-        let c = &self.cfg;
+        let c = self.config();
         // A secret this account already failed with recently is not a new guess.
         // (A counter, not a marker: under memory pressure these are evicted first.)
         // It still slows its sender down: repeats grow the address's tarpit, which bounds how
@@ -614,13 +631,13 @@ impl Guard {
         let k = keys::block(scope, value);
         let mut fresh = self
             .store
-            .set_if_absent(&k, reason, self.cfg.block_for)
+            .set_if_absent(&k, reason, self.config().block_for)
             .await?;
         if !fresh && enforced {
             // A block recorded by a dry-run control must not hide an enforced one.
             let existing = self.store.get(&k).await?;
             if existing.is_some_and(|v| !self.enforced(scope, &v)) {
-                self.store.put(&k, reason, self.cfg.block_for).await?;
+                self.store.put(&k, reason, self.config().block_for).await?;
                 fresh = true;
             }
         }

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub relay_bytes: IntCounterVec,
     pub session_seconds: Histogram,
     pub users_reloads: IntCounterVec,
+    pub config_reloads: IntCounterVec,
+    pub certificate_expiry: IntGaugeVec,
     pub build_info: IntGaugeVec,
 }
 
@@ -122,6 +124,14 @@ pub const CATALOGUE: &[(&str, &str)] = &[
     (
         "imapgate_users_reloads_total",
         "Reloads of the users file by result.",
+    ),
+    (
+        "imapgate_config_reloads_total",
+        "Reloads of the configuration file (SIGHUP or file change) by result: ok, error (the old configuration stays), restart_needed (a change that only a restart applies; nothing was applied).",
+    ),
+    (
+        "imapgate_certificate_expiry_timestamp_seconds",
+        "When each served certificate expires (Unix time of the leaf's notAfter), by certificate file.",
     ),
     ("imapgate_build_info", "Build information; always 1."),
 ];
@@ -217,6 +227,15 @@ impl Metrics {
         )?;
         registry.register(Box::new(session_seconds.clone()))?;
         let users_reloads = counter_vec("imapgate_users_reloads_total", &["result"])?;
+        let config_reloads = counter_vec("imapgate_config_reloads_total", &["result"])?;
+        let certificate_expiry = IntGaugeVec::new(
+            Opts::new(
+                "imapgate_certificate_expiry_timestamp_seconds",
+                help("imapgate_certificate_expiry_timestamp_seconds"),
+            ),
+            &["certificate"],
+        )?;
+        registry.register(Box::new(certificate_expiry.clone()))?;
         let build_info = IntGaugeVec::new(
             Opts::new("imapgate_build_info", help("imapgate_build_info")),
             &["version"],
@@ -250,6 +269,8 @@ impl Metrics {
             relay_bytes,
             session_seconds,
             users_reloads,
+            config_reloads,
+            certificate_expiry,
             build_info,
         })
     }
@@ -307,6 +328,8 @@ mod tests {
         m.relay_bytes.with_label_values(&["to_backend"]).inc();
         m.users_reloads.with_label_values(&["ok"]).inc();
         m.guard_blocks.with_label_values(&["ip", "failures"]).inc();
+        m.config_reloads.with_label_values(&["ok"]).inc();
+        m.certificate_expiry.with_label_values(&["c"]).set(1);
         m.state_store_errors.with_label_values(&["get"]).inc();
         let text = m.render();
         for (name, _) in CATALOGUE {

@@ -10,7 +10,7 @@ pub mod metrics;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tracing_subscriber::filter::{filter_fn, EnvFilter};
 use tracing_subscriber::layer::SubscriberExt;
@@ -43,11 +43,12 @@ pub fn init_logging(cfg: &LoggingConfig) -> std::io::Result<()> {
         AuditSink::Stdout => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stdout),
         AuditSink::Stderr => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
         AuditSink::File(p) => {
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)?;
-            tracing_subscriber::fmt::writer::BoxMakeWriter::new(Mutex::new(f))
+            let file = Arc::new(AuditFile {
+                file: Mutex::new(open_audit_file(p)?),
+                path: p.clone(),
+            });
+            let _ = AUDIT_FILE.set(file.clone());
+            tracing_subscriber::fmt::writer::BoxMakeWriter::new(AuditFileWriter(file))
         }
     };
     let audit = tracing_subscriber::fmt::layer()
@@ -63,6 +64,112 @@ pub fn init_logging(cfg: &LoggingConfig) -> std::io::Result<()> {
         .with(audit)
         .try_init();
     Ok(())
+}
+
+/// The audit file, reopened on SIGHUP so that logrotate can move it away.
+struct AuditFile {
+    path: std::path::PathBuf,
+    file: Mutex<std::fs::File>,
+}
+
+static AUDIT_FILE: std::sync::OnceLock<Arc<AuditFile>> = std::sync::OnceLock::new();
+
+fn open_audit_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    let mut o = std::fs::OpenOptions::new();
+    o.create(true).append(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(0o640);
+    }
+    o.open(path)
+}
+
+/// Reopens the audit file (SIGHUP, after the rotation moved it). Without a file sink, nothing.
+pub fn reopen_audit_log() {
+    let Some(a) = AUDIT_FILE.get() else {
+        return;
+    };
+    match open_audit_file(&a.path) {
+        Ok(f) => {
+            if let Ok(mut cur) = a.file.lock() {
+                *cur = f;
+            }
+            tracing::info!(path = %a.path.display(), "audit log reopened");
+        }
+        Err(e) => {
+            tracing::error!(path = %a.path.display(), error = %e, "cannot reopen the audit log; still writing to the old file")
+        }
+    }
+}
+
+struct AuditFileWriter(Arc<AuditFile>);
+
+/// One audit line, written under the file's lock.
+struct AuditLine<'a>(Option<std::sync::MutexGuard<'a, std::fs::File>>);
+
+impl std::io::Write for AuditLine<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &mut self.0 {
+            Some(f) => f.write(buf),
+            None => Ok(buf.len()),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match &mut self.0 {
+            Some(f) => f.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for AuditFileWriter {
+    type Writer = AuditLine<'a>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        AuditLine(self.0.file.lock().ok())
+    }
+}
+
+/// An operator action (the CLI editing the users file), as one audit line in the same JSON
+/// shape as the gateway's. The CLI is another process: with a file sink the line is appended
+/// to that file; with stdout or stderr (or no config) it goes to the CLI's stderr, since its
+/// stdout may carry a new app password.
+pub fn audit_operator(sink: Option<&AuditSink>, action: &str, user: &str, credential: &str) {
+    let actor = ["SUDO_USER", "USER", "LOGNAME"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok())
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(64)
+        .collect::<String>();
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let line = serde_json::json!({
+        "timestamp": now,
+        "level": "INFO",
+        "event": "operator",
+        "action": action,
+        "user": user,
+        "credential": credential,
+        "actor": actor,
+        "target": AUDIT_TARGET,
+    })
+    .to_string();
+    use std::io::Write as _;
+    let written = match sink {
+        Some(AuditSink::File(p)) => open_audit_file(p).and_then(|mut f| writeln!(f, "{line}")),
+        _ => writeln!(std::io::stderr(), "{line}"),
+    };
+    if let Err(e) = written {
+        let _ = writeln!(
+            std::io::stderr(),
+            "imapgate: cannot write the audit line: {e}"
+        );
+    }
 }
 
 /// One auth decision, for the audit log.
@@ -138,19 +245,39 @@ pub struct Health {
     pub listeners_bound: AtomicBool,
     pub certificates_loaded: AtomicBool,
     pub draining: AtomicBool,
-    /// One flag per backend, in config order.
-    pub backends: Vec<(String, AtomicBool)>,
+    /// The last reload of the configuration failed (the previous one is in use).
+    pub config_stale: AtomicBool,
+    /// One flag per backend, in config order (replaced when a reload changes the backends).
+    backends: std::sync::RwLock<Vec<(String, bool)>>,
 }
 
 impl Health {
     pub fn new(backends: impl IntoIterator<Item = String>) -> Self {
-        Self {
-            backends: backends
-                .into_iter()
-                .map(|b| (b, AtomicBool::new(false)))
-                .collect(),
-            ..Default::default()
-        }
+        let h = Self::default();
+        h.set_backends(backends);
+        h
+    }
+
+    /// The backends after a reload; those that stay keep their last state.
+    pub fn set_backends(&self, names: impl IntoIterator<Item = String>) {
+        let Ok(mut list) = self.backends.write() else {
+            return;
+        };
+        let old = std::mem::take(&mut *list);
+        *list = names
+            .into_iter()
+            .map(|n| {
+                let up = old.iter().any(|(o, up)| *o == n && *up);
+                (n, up)
+            })
+            .collect();
+    }
+
+    /// Records a probe; returns the previous state (None if the backend is gone).
+    pub fn set_backend(&self, name: &str, up: bool) -> Option<bool> {
+        let mut list = self.backends.write().ok()?;
+        let entry = list.iter_mut().find(|(n, _)| n == name)?;
+        Some(std::mem::replace(&mut entry.1, up))
     }
 
     /// Ready, and why not.
@@ -167,20 +294,19 @@ impl Health {
             self.certificates_loaded.load(Ordering::Relaxed),
         );
         check("draining", !self.draining.load(Ordering::Relaxed));
-        let any_backend = self
-            .backends
-            .iter()
-            .any(|(_, up)| up.load(Ordering::Relaxed));
-        check("backends", any_backend);
-        for (name, up) in &self.backends {
+        let backends = self.backends.read().map(|b| b.clone()).unwrap_or_default();
+        check("backends", backends.iter().any(|(_, up)| *up));
+        for (name, up) in &backends {
             lines.push(format!(
                 "  backend {name}: {}",
-                if up.load(Ordering::Relaxed) {
-                    "up"
-                } else {
-                    "down"
-                }
+                if *up { "up" } else { "down" }
             ));
+        }
+        if self.config_stale.load(Ordering::Relaxed) {
+            // Still ready: the previous configuration is serving.
+            lines.push(
+                "config: the last reload failed; the previous configuration is in use".into(),
+            );
         }
         (ok, lines.join("\n") + "\n")
     }

@@ -55,14 +55,182 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     done: tokio::sync::oneshot::Receiver<()>,
-    reload: Reloadable,
+    reload: Arc<Reloadable>,
 }
 
-/// What SIGHUP reloads without touching live sessions.
+/// What SIGHUP (or a change of the configuration file) reloads without touching live sessions.
 struct Reloadable {
-    tls: crate::config::TlsConfig,
+    /// The configuration in force.
+    current: std::sync::Mutex<Arc<Config>>,
     resolver: Arc<crate::tls::CertResolver>,
     users: Arc<CredentialStore>,
+    guard: Arc<Guard>,
+    upstreams: Arc<Upstreams>,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+}
+
+/// The sections that only a restart applies, and which of them differ.
+fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    let mut diff = |name, differs: bool| {
+        if differs {
+            changed.push(name);
+        }
+    };
+    diff("listeners", old.listeners != new.listeners);
+    diff("limits", old.limits != new.limits);
+    diff("auth", old.auth != new.auth);
+    diff("state", old.state != new.state);
+    diff("admin", old.admin != new.admin);
+    diff("logging", old.logging != new.logging);
+    diff("tls.min_version", old.tls.tls13_only != new.tls.tls13_only);
+    changed
+}
+
+impl Reloadable {
+    fn current(&self) -> Arc<Config> {
+        match self.current.lock() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Re-reads the configuration file (when there is one), then the certificates and the
+    /// users file. A broken or restart-only change keeps everything as it was.
+    fn run(&self) {
+        let current = self.current();
+        if let Some(path) = &current.source {
+            let result = self.config(&current, path);
+            self.metrics
+                .config_reloads
+                .with_label_values(&[result])
+                .inc();
+        }
+        let tls = self.current().tls.clone();
+        match self.resolver.replace(&tls) {
+            Ok(()) => tracing::info!("certificates reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "certificate reload failed; keeping the previous certificates")
+            }
+        }
+        self.export_expiry();
+        self.users.reload();
+        observe::reopen_audit_log();
+    }
+
+    fn config(&self, current: &Config, path: &std::path::Path) -> &'static str {
+        let new = match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                self.health.config_stale.store(true, Ordering::Relaxed);
+                match &e {
+                    crate::config::ConfigError::Invalid(errors) => {
+                        for err in errors {
+                            tracing::error!(problem = %err, "configuration reload refused");
+                        }
+                    }
+                    other => tracing::error!(error = %other, "configuration reload refused"),
+                }
+                tracing::error!("keeping the previous configuration");
+                return "error";
+            }
+        };
+        let restart = restart_needed(current, &new);
+        if !restart.is_empty() {
+            tracing::warn!(
+                sections = %restart.join(", "),
+                "the configuration changed in sections that only a restart applies; nothing was applied (restart to apply all of it)"
+            );
+            return "restart_needed";
+        }
+        if new == *current {
+            self.health.config_stale.store(false, Ordering::Relaxed);
+            return "ok";
+        }
+        for w in &new.warnings {
+            tracing::warn!("{w}");
+        }
+        let new = Arc::new(new);
+        if new.backends != current.backends || new.routes != current.routes {
+            if let Err(e) = self.upstreams.reconfigure(new.clone()) {
+                self.health.config_stale.store(true, Ordering::Relaxed);
+                tracing::error!(error = %e, "backends: reload refused; keeping the previous configuration");
+                return "error";
+            }
+            self.health
+                .set_backends(new.backends.iter().map(|b| b.name.clone()));
+            for gone in current
+                .backends
+                .iter()
+                .filter(|b| !new.backends.iter().any(|n| n.name == b.name))
+            {
+                let _ = self.metrics.backend_up.remove_label_values(&[&gone.name]);
+            }
+        }
+        if new.guard != current.guard {
+            self.guard.reconfigure(new.guard.clone());
+        }
+        // tls.certificates: the caller re-reads them from the configuration now in force.
+        match self.current.lock() {
+            Ok(mut c) => *c = new,
+            Err(poisoned) => *poisoned.into_inner() = new,
+        }
+        self.health.config_stale.store(false, Ordering::Relaxed);
+        tracing::info!("configuration reloaded");
+        "ok"
+    }
+
+    fn export_expiry(&self) {
+        self.metrics.certificate_expiry.reset();
+        for (label, at) in self.resolver.expiries() {
+            self.metrics
+                .certificate_expiry
+                .with_label_values(&[&label])
+                .set(at);
+        }
+    }
+
+    /// The files whose change triggers a reload: the configuration and the certificates.
+    fn watched(&self) -> Vec<std::path::PathBuf> {
+        let c = self.current();
+        let mut files: Vec<_> = c.source.iter().cloned().collect();
+        for cert in &c.tls.certificates {
+            files.push(cert.cert_file.clone());
+            files.push(cert.key_file.clone());
+        }
+        files
+    }
+
+    /// Polls the watched files every `every` and reloads when one changes (Kubernetes
+    /// updates mounted ConfigMaps and Secrets in place; SIGHUP does the same at once).
+    async fn watch(self: Arc<Self>, every: Duration, stop: CancellationToken) {
+        fn stamp(files: &[std::path::PathBuf]) -> Vec<Option<(std::time::SystemTime, u64)>> {
+            files
+                .iter()
+                .map(|f| {
+                    let m = std::fs::metadata(f).ok()?;
+                    Some((m.modified().ok()?, m.len()))
+                })
+                .collect()
+        }
+        let mut files = self.watched();
+        let mut last = stamp(&files);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            let now = stamp(&files);
+            if now != last {
+                tracing::info!("a configuration or certificate file changed: reloading");
+                let me = self.clone();
+                let _ = tokio::task::spawn_blocking(move || me.run()).await;
+                files = self.watched();
+                last = stamp(&files);
+            }
+        }
+    }
 }
 
 impl Gateway {
@@ -115,6 +283,7 @@ impl Gateway {
 
         let stopping = CancellationToken::new();
         let background = CancellationToken::new();
+        let background_watch = background.clone();
         let shared = Arc::new(Shared {
             limits: config.limits.clone(),
             acceptor: TlsAcceptor::from(server_tls.config.clone()),
@@ -219,11 +388,21 @@ impl Gateway {
             let _ = done_tx.send(());
         });
 
-        let reload = Reloadable {
-            tls: config.tls.clone(),
+        let reload = Arc::new(Reloadable {
+            current: std::sync::Mutex::new(config.clone()),
             resolver: server_tls.resolver.clone(),
             users: store,
-        };
+            guard,
+            upstreams,
+            health: health.clone(),
+            metrics: metrics.clone(),
+        });
+        reload.export_expiry();
+        tokio::spawn(
+            reload
+                .clone()
+                .watch(Duration::from_secs(2), background_watch),
+        );
         Ok(Gateway {
             listeners: addrs,
             admin: admin_addr,
@@ -235,16 +414,11 @@ impl Gateway {
         })
     }
 
-    /// SIGHUP: re-reads the certificates (new handshakes use them; sessions keep theirs) and
-    /// the users file. A failure keeps what was loaded before.
+    /// SIGHUP: re-reads the configuration file (certificates, users file, guard policy and
+    /// lists, backends and routes apply at once; other sections need a restart and are only
+    /// reported), the certificates and the users file. A failure keeps what was loaded before.
     pub fn reload(&self) {
-        match self.reload.resolver.replace(&self.reload.tls) {
-            Ok(()) => tracing::info!("certificates reloaded"),
-            Err(e) => {
-                tracing::error!(error = %e, "certificate reload failed; keeping the previous certificates")
-            }
-        }
-        self.reload.users.reload();
+        self.reload.run();
     }
 
     /// Begins the shutdown sequence.

@@ -10,6 +10,7 @@
 //! against `ca_file` or the system store, for the configured server name.
 
 mod stream;
+pub mod x509;
 
 use std::fmt;
 use std::path::Path;
@@ -46,6 +47,10 @@ fn file_err(path: &Path, message: impl fmt::Display) -> TlsError {
 /// One certificate chain with its key.
 struct Entry {
     key: Arc<CertifiedKey>,
+    /// The certificate file (or `self-signed`), for the expiry metric.
+    label: String,
+    /// The leaf's notAfter (Unix time).
+    not_after: Option<i64>,
 }
 
 /// Picks a certificate by SNI; the first entry is the default.
@@ -75,6 +80,17 @@ impl CertResolver {
             }
         }
         entries.first().map(|e| e.key.clone())
+    }
+
+    /// Each certificate's file and the Unix time its leaf expires.
+    pub fn expiries(&self) -> Vec<(String, i64)> {
+        let Ok(entries) = self.entries.read() else {
+            return Vec::new();
+        };
+        entries
+            .iter()
+            .filter_map(|e| Some((e.label.clone(), e.not_after?)))
+            .collect()
     }
 
     /// Replaces the certificate set; handshakes in progress keep the old one.
@@ -108,6 +124,7 @@ fn load_entries(tls: &TlsConfig) -> Result<Vec<Entry>, TlsError> {
             key,
             &provider,
             Path::new("(self-signed)"),
+            "self-signed".into(),
         )?);
     }
     for c in &tls.certificates {
@@ -120,7 +137,13 @@ fn load_entries(tls: &TlsConfig) -> Result<Vec<Entry>, TlsError> {
         }
         let key =
             PrivateKeyDer::from_pem_file(&c.key_file).map_err(|e| file_err(&c.key_file, e))?;
-        out.push(certified(chain, key, &provider, &c.key_file)?);
+        out.push(certified(
+            chain,
+            key,
+            &provider,
+            &c.key_file,
+            c.cert_file.display().to_string(),
+        )?);
     }
     if out.is_empty() {
         return Err(TlsError::Setup("no certificate configured".into()));
@@ -133,7 +156,9 @@ fn certified(
     key: PrivateKeyDer<'static>,
     provider: &rustls::crypto::CryptoProvider,
     path: &Path,
+    label: String,
 ) -> Result<Entry, TlsError> {
+    let not_after = chain.first().and_then(|c| x509::not_after(c));
     let signing = provider
         .key_provider
         .load_private_key(key)
@@ -141,7 +166,11 @@ fn certified(
     let ck = CertifiedKey::new(chain, signing);
     ck.keys_match()
         .map_err(|e| file_err(path, format!("key does not match the certificate: {e}")))?;
-    Ok(Entry { key: Arc::new(ck) })
+    Ok(Entry {
+        key: Arc::new(ck),
+        label,
+        not_after,
+    })
 }
 
 /// A throwaway certificate for `localhost`, 127.0.0.1 and ::1 (development only).

@@ -7,7 +7,6 @@
 pub mod login;
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -183,25 +182,55 @@ impl Backend {
 
 /// All backends, routed by the user's domain.
 pub struct Upstreams {
+    /// Replaced as a whole on reload; sessions keep the backend they logged into.
+    inner: std::sync::RwLock<Arc<Inner>>,
+}
+
+struct Inner {
     backends: Vec<Arc<Backend>>,
     config: Arc<Config>,
 }
 
 impl Upstreams {
     pub fn new(config: Arc<Config>) -> Result<Self, tls::TlsError> {
+        Ok(Self {
+            inner: std::sync::RwLock::new(Arc::new(Self::build(config)?)),
+        })
+    }
+
+    fn build(config: Arc<Config>) -> Result<Inner, tls::TlsError> {
         let backends = config
             .backends
             .iter()
             .cloned()
             .map(|b| Backend::new(b).map(Arc::new))
             .collect::<Result<_, _>>()?;
-        Ok(Self { backends, config })
+        Ok(Inner { backends, config })
+    }
+
+    /// New backends and routes (reload); an error keeps the old ones.
+    pub fn reconfigure(&self, config: Arc<Config>) -> Result<(), tls::TlsError> {
+        let inner = Arc::new(Self::build(config)?);
+        match self.inner.write() {
+            Ok(mut i) => *i = inner,
+            Err(poisoned) => *poisoned.into_inner() = inner,
+        }
+        Ok(())
+    }
+
+    fn current(&self) -> Arc<Inner> {
+        match self.inner.read() {
+            Ok(i) => i.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 
     /// The backend for a (normalised) user.
     pub fn route(&self, user: &str) -> Option<Arc<Backend>> {
-        let b = self.config.route(user)?;
-        self.backends
+        let inner = self.current();
+        let b = inner.config.route(user)?;
+        inner
+            .backends
             .iter()
             .find(|x| x.config.name == b.name)
             .cloned()
@@ -216,11 +245,11 @@ impl Upstreams {
         stop: CancellationToken,
     ) {
         loop {
-            for (i, b) in self.backends.iter().enumerate() {
+            let inner = self.current();
+            for b in &inner.backends {
                 let started = Instant::now();
                 let up = b.probe().await;
-                if let Some((_, flag)) = health.backends.get(i) {
-                    let was = flag.swap(up, Ordering::Relaxed);
+                if let Some(was) = health.set_backend(&b.config.name, up) {
                     if was != up {
                         tracing::info!(backend = %b.config.name, up, elapsed_ms = started.elapsed().as_millis() as u64, "backend health changed");
                     }

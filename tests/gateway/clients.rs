@@ -257,7 +257,10 @@ async fn curl_and_python_imaplib_through_the_real_binary_and_no_secret_in_any_lo
         "{metrics}"
     );
 
-    // SIGHUP reloads certificates and users; the process keeps serving.
+    // SIGHUP reloads certificates and users and reopens the audit file (logrotate moved it);
+    // the process keeps serving.
+    let audit = b.dir.path().join("audit.log");
+    std::fs::rename(&audit, b.dir.path().join("audit.log.1")).unwrap();
     let pid = b.child.id().to_string();
     assert!(Command::new("kill")
         .args(["-HUP", &pid])
@@ -285,6 +288,16 @@ async fn curl_and_python_imaplib_through_the_real_binary_and_no_secret_in_any_lo
         &format!("{user}:{pw}"),
     ]);
     assert!(ok && out.contains("INBOX"), "after SIGHUP: {out}");
+    let mut reopened = false;
+    for _ in 0..50 {
+        if read(&audit).contains("\"result\":\"success\"") {
+            reopened = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reopened, "the audit file was not reopened after SIGHUP");
+    assert!(read(&b.dir.path().join("audit.log.1")).contains("\"event\":\"auth\""));
 
     // SIGTERM ends it cleanly.
     let pid = b.child.id().to_string();
@@ -307,7 +320,8 @@ async fn curl_and_python_imaplib_through_the_real_binary_and_no_secret_in_any_lo
 
     // Invariant 8: no secret in the operational log, the audit log or stdout.
     let logs = read(&b.dir.path().join("stderr.log")) + &read(&b.dir.path().join("stdout.log"));
-    let audit = read(&b.dir.path().join("audit.log"));
+    // Both files: the one rotated away and the one reopened.
+    let audit = read(&b.dir.path().join("audit.log.1")) + &read(&b.dir.path().join("audit.log"));
     assert!(audit.lines().count() >= 5, "audit log too short: {audit}");
     assert!(
         audit

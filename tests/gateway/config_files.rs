@@ -456,3 +456,80 @@ fn totp_enroll_saves_only_after_a_valid_first_code() {
         .unwrap()
         .contains("totp: k1:"));
 }
+
+/// Operator actions leave audit lines in the configured audit file (the same JSON shape as
+/// the gateway's), naming the user and the credential id, never a secret.
+#[test]
+fn operator_actions_are_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("master.secret"), "x").unwrap();
+    std::fs::write(
+        d.join("k1.key"),
+        imapgate::auth::keyring::generate_key().expose(),
+    )
+    .unwrap();
+    let cfg = d.join("c.yaml");
+    std::fs::write(
+        &cfg,
+        "listeners: [{ name: imaps, address: \"127.0.0.1:1993\", tls: implicit }]\ntls: { self_signed: true }\n\
+         auth: { users_file: users.yaml, secret_keys: [{ id: k1, file: k1.key }] }\n\
+         logging: { audit: audit.log }\n\
+         backends: [{ name: b, address: \"127.0.0.1:993\", tls: none, login: master_user, master_user: g, master_password_file: master.secret }]\n",
+    )
+    .unwrap();
+    let c = cfg.to_str().unwrap();
+    assert!(cli(&["users", "add", "op@example.org", "-c", c]).0);
+    let (ok, pw, err) = cli(&["app-password", "create", "op@example.org", "-c", c]);
+    assert!(ok, "{err}");
+    let (ok, uri, err) = cli(&["totp", "enroll", "op@example.org", "--no-verify", "-c", c]);
+    assert!(ok, "{err}");
+    let file = imapgate::auth::users::UsersFile::load(&d.join("users.yaml")).unwrap();
+    let id = file.users["op@example.org"].app_passwords[0].id.clone();
+    assert!(cli(&["app-password", "revoke", "op@example.org", &id, "-c", c]).0);
+    assert!(cli(&["totp", "reset", "op@example.org", "-c", c]).0);
+    assert!(cli(&["users", "disable", "op@example.org", "-c", c]).0);
+    // A refused change is not audited.
+    assert!(!cli(&["users", "remove", "nobody@example.org", "-c", c]).0);
+    assert!(cli(&["users", "remove", "op@example.org", "-c", c]).0);
+
+    let text = std::fs::read_to_string(d.join("audit.log")).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let actions: Vec<&str> = lines
+        .iter()
+        .map(|l| l["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "user_added",
+            "app_password_created",
+            "totp_enrolled",
+            "app_password_revoked",
+            "totp_reset",
+            "user_disabled",
+            "user_removed"
+        ]
+    );
+    for l in &lines {
+        assert_eq!(l["event"], "operator");
+        assert_eq!(l["target"], "imapgate::audit");
+        assert_eq!(l["user"], "op@example.org");
+    }
+    assert_eq!(lines[1]["credential"], id.as_str());
+    assert_eq!(lines[3]["credential"], id.as_str());
+    // The new app password and the TOTP secret are nowhere in the audit file.
+    let pw = pw.trim();
+    assert!(!text.contains(pw) && !text.contains(&pw.replace(' ', "")));
+    let secret = uri
+        .split("secret=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap();
+    assert!(!text.contains(secret));
+}

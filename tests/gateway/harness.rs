@@ -726,11 +726,12 @@ admin: {{ address: "127.0.0.1:0", health_interval: 1s, token_file: "{admin_token
             },
             guard = opts.guard,
         );
-        let config = Config::from_yaml(&yaml, dir.path())
-            .unwrap_or_else(|e| panic!("test config invalid: {e}"));
-        let gw = Gateway::start(config).await.unwrap();
+        // Loaded from its file, as the binary does: reloads read the file again.
         let config_path = dir.path().join("imapgate.yaml");
         std::fs::write(&config_path, &yaml).unwrap();
+        let config =
+            Config::load(&config_path).unwrap_or_else(|e| panic!("test config invalid: {e}"));
+        let gw = Gateway::start(config).await.unwrap();
         Some(TestGateway {
             totp,
             config_path,

@@ -16,6 +16,7 @@ mod guard;
 mod login;
 mod mfa;
 mod oauth;
+mod operations;
 mod preauth_input;
 mod relay;
 mod shutdown;

@@ -1,0 +1,189 @@
+//! Operations: reloading the configuration while sessions run (SIGHUP's path, and the file
+//! watcher), what `/readyz` and the metrics say about it, and the certificate expiry metric.
+
+use std::time::Duration;
+
+use crate::harness::*;
+
+/// Rewrites the test gateway's configuration file with `edit` applied.
+fn rewrite(t: &TestGateway, edit: impl Fn(&str) -> String) {
+    let text = std::fs::read_to_string(&t.config_path).unwrap();
+    std::fs::write(&t.config_path, edit(&text)).unwrap();
+}
+
+async fn reloads(t: &TestGateway, result: &str) -> f64 {
+    t.metric(
+        "imapgate_config_reloads_total",
+        &[&format!("result=\"{result}\"")],
+    )
+    .await
+}
+
+/// True if a TLS connection from `local` gets the greeting.
+async fn greeted_from(t: &TestGateway, local: &str) -> bool {
+    match Client::tls_after_header(t.imaps(), local, b"", &t.pki.ca_der).await {
+        Ok(mut c) => c.line().await.is_some_and(|g| g.starts_with("* OK")),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn a_reload_applies_guard_lists_and_routes_and_refuses_what_needs_a_restart() {
+    let Some(t) = TestGateway::start().await else {
+        return;
+    };
+    let alice = t.password("alice@example.org");
+    let mut relayed = t.logged_in("alice@example.org").await;
+
+    // A broken file: refused, the old configuration keeps serving, /readyz says so.
+    let good = std::fs::read_to_string(&t.config_path).unwrap();
+    std::fs::write(&t.config_path, "listeners: [\n").unwrap();
+    t.gw.reload();
+    assert!(reloads(&t, "error").await >= 1.0);
+    let (code, body) = http_get(t.gw.admin, "/readyz").await;
+    assert!(body.contains("the last reload failed"), "{code} {body}");
+    assert!(t
+        .login_from("127.0.0.1", "alice@example.org", &alice)
+        .await
+        .starts_with("a OK"));
+    std::fs::write(&t.config_path, &good).unwrap();
+
+    // A deny list and a new route: applied at once, sessions untouched.
+    rewrite(&t, |c| {
+        c.replace("guard:\n", "guard:\n  deny: [127.0.0.77]\n")
+            .replace(
+                "domains: { down.test: down }",
+                "domains: { down.test: down, example.org: down }",
+            )
+    });
+    t.gw.reload();
+    assert!(reloads(&t, "ok").await >= 1.0);
+    let (_, body) = http_get(t.gw.admin, "/readyz").await;
+    assert!(!body.contains("the last reload failed"), "{body}");
+    assert!(
+        !greeted_from(&t, "127.0.0.77").await,
+        "denied after the reload"
+    );
+    assert!(greeted_from(&t, "127.0.0.78").await);
+    // example.org now routes to the backend that is down.
+    assert_eq!(
+        t.login_from(
+            "127.0.0.1",
+            "bob@example.org",
+            &t.password("bob@example.org")
+        )
+        .await,
+        "a NO [UNAVAILABLE] Service temporarily unavailable\r\n"
+    );
+    let r = relayed.cmd("n", "NOOP").await;
+    assert!(
+        last(&r).starts_with("n OK"),
+        "the relayed session survived: {r:?}"
+    );
+
+    // A listener change needs a restart: reported, and nothing of that file applied (the
+    // route change in the same file included).
+    rewrite(&t, |c| {
+        c.replace(
+            "domains: { down.test: down, example.org: down }",
+            "domains: { down.test: down }",
+        )
+        .replace(
+            "{ name: imap, address: \"127.0.0.1:0\", tls: starttls }",
+            "{ name: imap2, address: \"127.0.0.1:0\", tls: starttls }",
+        )
+    });
+    t.gw.reload();
+    assert!(reloads(&t, "restart_needed").await >= 1.0);
+    assert!(t
+        .login_from(
+            "127.0.0.1",
+            "bob@example.org",
+            &t.password("bob@example.org")
+        )
+        .await
+        .starts_with("a NO [UNAVAILABLE]"));
+
+    // Back to the original file, picked up by the file watcher without a signal.
+    let before = reloads(&t, "ok").await;
+    std::fs::write(&t.config_path, &good).unwrap();
+    let mut picked_up = false;
+    for _ in 0..50 {
+        if reloads(&t, "ok").await > before {
+            picked_up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(picked_up, "the file watcher did not reload");
+    assert!(
+        greeted_from(&t, "127.0.0.77").await,
+        "the deny list is gone again"
+    );
+    assert!(t
+        .login_from(
+            "127.0.0.1",
+            "bob@example.org",
+            &t.password("bob@example.org")
+        )
+        .await
+        .starts_with("a OK"));
+}
+
+#[tokio::test]
+async fn readyz_turns_false_when_the_only_backend_is_down() {
+    let Some(t) = TestGateway::start().await else {
+        return;
+    };
+    // Wait until ready, then leave only the backend that is down.
+    let mut ready = false;
+    for _ in 0..50 {
+        if http_get(t.gw.admin, "/readyz").await.0 == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready);
+    rewrite(&t, |c| {
+        let start = c.find("  - name: dovecot").unwrap();
+        let end = c.find("  - name: down").unwrap();
+        let mut out = c.to_owned();
+        out.replace_range(start..end, "");
+        out.replace("default: dovecot", "default: down")
+    });
+    t.gw.reload();
+    let mut unready = None;
+    for _ in 0..50 {
+        let (code, body) = http_get(t.gw.admin, "/readyz").await;
+        if code == 503 {
+            unready = Some(body);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let body = unready.expect("still ready with its only backend down");
+    assert!(
+        body.contains("backend down: down") && !body.contains("dovecot"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn certificate_expiry_is_exported_per_certificate() {
+    let Some(t) = TestGateway::start().await else {
+        return;
+    };
+    let text = http_get(t.gw.admin, "/metrics").await.1;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as f64;
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with("imapgate_certificate_expiry_timestamp_seconds{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(values.len(), 2, "{text}");
+    assert!(values.iter().all(|v| *v > now), "{values:?}");
+}
