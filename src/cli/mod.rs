@@ -38,6 +38,7 @@ use crate::auth::users::{AppPassword, User, UsersFile};
 use crate::auth::{app_password, normalize_user};
 use crate::config::Config;
 
+mod doctor;
 mod guard;
 mod mfa;
 mod oauth;
@@ -83,6 +84,8 @@ pub enum Command {
     /// OAuth helpers (get a token to test a login).
     #[command(subcommand)]
     Oauth(oauth::OAuthCmd),
+    /// Check the configuration, certificates, backends, OAuth issuers and state store.
+    Doctor(doctor::DoctorArgs),
     /// The running gateway's blocks and attack modes (via the admin listener).
     #[command(subcommand)]
     Guard(guard::GuardCmd),
@@ -216,6 +219,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Keys(k) => mfa::keys(k),
         Command::Oauth(o) => oauth::oauth(o),
         Command::Guard(g) => guard::guard(g),
+        Command::Doctor(d) => doctor::doctor(d),
     }
 }
 

@@ -155,6 +155,65 @@ impl Backend {
             .map_err(|_| UpstreamError::Timeout)?
     }
 
+    /// For `imapgate doctor`: connect, TLS (implicit or STARTTLS) verified as in production,
+    /// the greeting and the capabilities, then LOGOUT. Returns the capabilities line, or what
+    /// went wrong (the backend's own text is not repeated, only what step failed).
+    pub async fn diagnose(&self) -> Result<String, String> {
+        let tcp = self
+            .connect_tcp()
+            .await
+            .map_err(|e| format!("connect: {}", describe(&e)))?;
+        let check = async {
+            let mut conn = match self.config.tls {
+                BackendTls::Implicit => self
+                    .tls_upgrade(tcp)
+                    .await
+                    .map_err(|e| format!("TLS: {}", describe(&e)))?,
+                _ => Conn::Plain(tcp),
+            };
+            let mut lines = LineReader::default();
+            let greeting = lines.next(&mut conn).await?;
+            if !greeting.starts_with("* OK") {
+                return Err("the greeting is not `* OK` (PREAUTH or BYE?)".into());
+            }
+            if self.config.tls == BackendTls::Starttls {
+                conn.write_all(b"d0 STARTTLS\r\n")
+                    .await
+                    .map_err(|_| "closed".to_owned())?;
+                let reply = lines.tagged(&mut conn, "d0").await?;
+                if !reply.starts_with("d0 OK") {
+                    return Err("STARTTLS refused".into());
+                }
+                let Conn::Plain(tcp) = conn else {
+                    return Err("unexpected TLS".into());
+                };
+                conn = self
+                    .tls_upgrade(tcp)
+                    .await
+                    .map_err(|e| format!("TLS after STARTTLS: {}", describe(&e)))?;
+                lines = LineReader::default();
+            }
+            conn.write_all(b"d1 CAPABILITY\r\n")
+                .await
+                .map_err(|_| "closed".to_owned())?;
+            let mut caps = String::new();
+            loop {
+                let l = lines.next(&mut conn).await?;
+                if let Some(c) = l.strip_prefix("* CAPABILITY ") {
+                    caps = c.trim_end().to_owned();
+                } else if l.starts_with("d1 ") {
+                    break;
+                }
+            }
+            let _ = conn.write_all(b"d2 LOGOUT\r\n").await;
+            let _ = conn.shutdown().await;
+            Ok(caps)
+        };
+        tokio::time::timeout(self.config.login_timeout, check)
+            .await
+            .map_err(|_| "no answer within login_timeout".to_owned())?
+    }
+
     /// Health probe: connect, (TLS), read an OK greeting, LOGOUT.
     pub async fn probe(&self) -> bool {
         let Ok(tcp) = self.connect_tcp().await else {
@@ -177,6 +236,55 @@ impl Backend {
             .ok()
             .flatten()
             .unwrap_or(false)
+    }
+}
+
+/// An upstream error in words for an operator (doctor); never the backend's own text.
+pub fn describe(e: &UpstreamError) -> String {
+    match e {
+        UpstreamError::Connect(k) => format!("cannot connect ({k})"),
+        UpstreamError::Timeout => "timed out".into(),
+        UpstreamError::Tls(m) => m.clone(),
+        UpstreamError::Closed => "the backend closed the connection".into(),
+        UpstreamError::Login(l) => format!("login refused ({})", l.as_str()),
+    }
+}
+
+/// Reads CRLF lines for the doctor's short dialogue (bounded: 64 KiB per line).
+#[derive(Default)]
+struct LineReader {
+    buf: Vec<u8>,
+}
+
+impl LineReader {
+    async fn next(&mut self, conn: &mut Conn) -> Result<String, String> {
+        loop {
+            if let Some(pos) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line: Vec<u8> = self.buf.drain(..pos + 2).collect();
+                return Ok(String::from_utf8_lossy(&line).into_owned());
+            }
+            if self.buf.len() > 64 * 1024 {
+                return Err("a line longer than 64 KiB".into());
+            }
+            let mut chunk = [0u8; 4096];
+            let n = conn
+                .read(&mut chunk)
+                .await
+                .map_err(|_| "the backend closed the connection".to_owned())?;
+            if n == 0 {
+                return Err("the backend closed the connection".into());
+            }
+            self.buf.extend_from_slice(chunk.get(..n).unwrap_or(&[]));
+        }
+    }
+
+    async fn tagged(&mut self, conn: &mut Conn, tag: &str) -> Result<String, String> {
+        loop {
+            let l = self.next(conn).await?;
+            if l.starts_with(&format!("{tag} ")) {
+                return Ok(l);
+            }
+        }
     }
 }
 

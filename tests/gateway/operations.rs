@@ -187,3 +187,92 @@ async fn certificate_expiry_is_exported_per_certificate() {
     assert_eq!(values.len(), 2, "{text}");
     assert!(values.iter().all(|v| *v > now), "{values:?}");
 }
+
+fn doctor(t: &TestGateway, extra: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_imapgate"))
+        .args(["doctor", "-c", t.config_path.to_str().unwrap()])
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn doctor_checks_certificates_backends_and_issuers() {
+    let idp = idp();
+    let Some(t) = TestGateway::start_with(Options {
+        oauth: idp.as_ref().map(|_| ""),
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let (ok, out) = doctor(
+        &t,
+        &["--user", "alice@example.org", "--server-name", "localhost"],
+    );
+    // The backend named "down" is down: that is a failure, the rest passes.
+    assert!(!ok, "{out}");
+    let line = |prefix: &str, has: &str| {
+        out.lines()
+            .any(|l| l.starts_with(prefix) && l.contains(has))
+    };
+    assert!(line("[ok]   certificate", "key matches"), "{out}");
+    assert!(line("[ok]   certificates", "valid for localhost"), "{out}");
+    assert!(line("[ok]   backend dovecot", "IMAP4rev1"), "{out}");
+    assert!(
+        line("[ok]   backend dovecot", "logged in as alice@example.org"),
+        "{out}"
+    );
+    assert!(line("[FAIL] backend down", "cannot connect"), "{out}");
+    if idp.is_some() {
+        assert!(line("[ok]   oauth issuer test", "signing key"), "{out}");
+    }
+    assert!(out.contains("doctor: 1 failed"), "{out}");
+    // A name no certificate covers, and a user the backend does not know.
+    let (_, out) = doctor(
+        &t,
+        &[
+            "--user",
+            "nobody@example.org",
+            "--server-name",
+            "imap.elsewhere.test",
+        ],
+    );
+    assert!(
+        out.contains("[FAIL] certificates: none is valid for imap.elsewhere.test"),
+        "{out}"
+    );
+    assert!(
+        out.lines().any(|l| l.starts_with("[FAIL] backend dovecot")
+            && l.contains("master login as nobody@example.org")),
+        "{out}"
+    );
+    assert!(
+        !out.contains(&t.dovecot.master_password),
+        "the master password leaked: {out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn doctor_reports_an_unverifiable_backend_certificate() {
+    let Some(t) = TestGateway::start_with(Options {
+        wrong_backend_ca: true,
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let (ok, out) = doctor(&t, &[]);
+    assert!(!ok);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("[FAIL] backend dovecot") && l.contains("TLS")),
+        "{out}"
+    );
+}

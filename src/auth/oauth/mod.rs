@@ -369,6 +369,34 @@ fn str_list(v: Option<&Value>) -> Vec<String> {
     }
 }
 
+/// For `imapgate doctor`: discovery (unless `jwks_uri` is set) and the key set, fetched as
+/// the gateway would. Returns a summary or what failed.
+pub async fn diagnose_issuer(cfg: &IssuerConfig) -> Result<String, String> {
+    let issuer = Issuer::from_config(cfg, None)?;
+    let mut cache = KeyCache::default();
+    issuer.fetch_keys(&mut cache).await.map_err(|e| {
+        format!(
+            "cannot fetch the signing keys ({}); check the issuer URL, its discovery document and the network",
+            e.as_str()
+        )
+    })?;
+    let n = cache.keys.len() + cache.anonymous.len();
+    if n == 0 {
+        return Err("the key set has no usable signing key".into());
+    }
+    let mut summary = format!(
+        "{n} signing key(s) from {}",
+        cache.jwks_uri.as_deref().unwrap_or("?")
+    );
+    if cfg.introspection.is_some() {
+        match issuer.introspector().await {
+            Ok(Some(_)) => summary.push_str("; introspection endpoint found"),
+            _ => return Err("no introspection endpoint (configure introspection.endpoint)".into()),
+        }
+    }
+    Ok(summary)
+}
+
 impl OAuthValidator {
     pub fn new(
         issuers: &[IssuerConfig],

@@ -1,0 +1,244 @@
+//! `imapgate doctor -c FILE`: everything the gateway depends on, checked the way the gateway
+//! uses it, as a pass/fail list. Exit 0 when nothing failed (warnings allowed), 1 otherwise,
+//! 64 when the configuration itself is invalid.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls_pki_types::{pem::PemObject, CertificateDer, ServerName};
+
+use super::{fail, EXIT_CONFIG};
+use crate::config::Config;
+
+#[derive(clap::Args, Debug)]
+pub struct DoctorArgs {
+    /// The configuration file.
+    #[arg(short, long, env = "IMAPGATE_CONFIG")]
+    pub config: PathBuf,
+    /// Also log into each backend as this user with the master credential (a test account).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Check that some certificate is valid for this name (what clients connect to).
+    #[arg(long)]
+    pub server_name: Option<String>,
+}
+
+/// Warn when a certificate expires within this long.
+const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 86_400);
+
+#[derive(Default)]
+struct Report {
+    failed: usize,
+    warned: usize,
+}
+
+impl Report {
+    fn ok(&mut self, what: &str, detail: impl std::fmt::Display) {
+        outln!("[ok]   {what}: {detail}");
+    }
+    fn warn(&mut self, what: &str, detail: impl std::fmt::Display) {
+        self.warned += 1;
+        outln!("[warn] {what}: {detail}");
+    }
+    fn fail(&mut self, what: &str, detail: impl std::fmt::Display) {
+        self.failed += 1;
+        outln!("[FAIL] {what}: {detail}");
+    }
+}
+
+pub fn doctor(args: DoctorArgs) -> ExitCode {
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            outln!("[FAIL] config {}: {e}", args.config.display());
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let user = match args.user.as_deref().map(super::user_name).transpose() {
+        Ok(u) => u,
+        Err(code) => return code,
+    };
+    let mut r = Report::default();
+    r.ok("config", args.config.display());
+    for w in &config.warnings {
+        r.warn("config", w);
+    }
+    certificates(&mut r, &config, args.server_name.as_deref());
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
+    };
+    rt.block_on(async {
+        backends(&mut r, &config, user.as_deref()).await;
+        issuers(&mut r, &config).await;
+    });
+    r.ok(
+        "state",
+        format!(
+            "in-process memory, at most {} entries (nothing to reach)",
+            config.state.max_entries
+        ),
+    );
+    if config.admin.token.is_none() {
+        r.warn(
+            "admin",
+            "no admin.token_file: the guard's blocks cannot be listed or cleared",
+        );
+    }
+    outln!("doctor: {} failed, {} warning(s)", r.failed, r.warned);
+    if r.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn certificates(r: &mut Report, config: &Config, server_name: Option<&str>) {
+    // The gateway's own loader: chains parse, keys parse and match their certificate.
+    if let Err(e) = crate::tls::ServerTls::build(&config.tls) {
+        r.fail("certificates", e);
+        return;
+    }
+    if config.tls.self_signed {
+        r.warn(
+            "certificates",
+            "tls.self_signed: a throwaway certificate no client trusts (development only)",
+        );
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let mut leaves = Vec::new();
+    for c in &config.tls.certificates {
+        let what = format!("certificate {}", c.cert_file.display());
+        let chain: Vec<CertificateDer<'static>> = match CertificateDer::pem_file_iter(&c.cert_file)
+            .and_then(|i| i.collect::<Result<_, _>>())
+        {
+            Ok(ch) => ch,
+            Err(e) => {
+                r.fail(&what, e);
+                continue;
+            }
+        };
+        let Some(leaf) = chain.first().cloned() else {
+            r.fail(&what, "no certificate in the file");
+            continue;
+        };
+        if webpki::EndEntityCert::try_from(&leaf).is_err() {
+            r.fail(&what, "the leaf certificate does not parse as X.509 v3");
+            continue;
+        }
+        let detail = format!(
+            "key matches; chain of {} certificate(s){}",
+            chain.len(),
+            if chain.len() == 1 {
+                " (no intermediates: fine for a private CA, but clients of a public CA need them)"
+            } else {
+                ""
+            }
+        );
+        match crate::tls::x509::not_after(&leaf) {
+            None => r.warn(&what, format!("{detail}; expiry unreadable")),
+            Some(t) if t <= now => r.fail(&what, format!("{detail}; EXPIRED")),
+            Some(t) => {
+                let days = (t - now) / 86_400;
+                if (t - now) < i64::try_from(EXPIRY_WARNING.as_secs()).unwrap_or(0) {
+                    r.warn(&what, format!("{detail}; expires in {days} day(s)"));
+                } else {
+                    r.ok(&what, format!("{detail}; expires in {days} days"));
+                }
+            }
+        }
+        leaves.push(leaf);
+    }
+    if let Some(name) = server_name {
+        let Ok(sn) = ServerName::try_from(name.to_owned()) else {
+            r.fail(
+                "--server-name",
+                format!("`{name}` is not a DNS name or address"),
+            );
+            return;
+        };
+        let valid = leaves.iter().any(|l| {
+            webpki::EndEntityCert::try_from(l)
+                .is_ok_and(|ee| ee.verify_is_valid_for_subject_name(&sn).is_ok())
+        });
+        if valid {
+            r.ok("certificates", format!("one is valid for {name}"));
+        } else {
+            r.fail(
+                "certificates",
+                format!("none is valid for {name}: clients connecting to it will refuse the certificate"),
+            );
+        }
+    }
+}
+
+async fn backends(r: &mut Report, config: &Config, user: Option<&str>) {
+    for b in &config.backends {
+        let what = format!(
+            "backend {} ({}:{}, tls {:?})",
+            b.name, b.host, b.port, b.tls
+        );
+        let backend = match crate::upstream::Backend::new(b.clone()) {
+            Ok(x) => x,
+            Err(e) => {
+                r.fail(&what, e);
+                continue;
+            }
+        };
+        match backend.diagnose().await {
+            Ok(caps) => {
+                let mut notes = Vec::new();
+                if b.tls == crate::config::BackendTls::None {
+                    notes.push("cleartext (trusted network only)");
+                }
+                if caps.contains("LOGINDISABLED") {
+                    notes.push("LOGINDISABLED offered: master LOGIN will fail");
+                }
+                let detail = format!("greeting and capabilities: {caps}");
+                if notes.is_empty() {
+                    r.ok(&what, detail);
+                } else {
+                    r.warn(&what, format!("{detail} — {}", notes.join("; ")));
+                }
+            }
+            Err(e) => {
+                r.fail(&what, e);
+                continue;
+            }
+        }
+        if let Some(u) = user {
+            let client = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+            match backend.open(u, client).await {
+                Ok((mut conn, _, _)) => {
+                    use tokio::io::AsyncWriteExt;
+                    let _ = conn.write_all(b"z LOGOUT\r\n").await;
+                    let _ = conn.shutdown().await;
+                    r.ok(
+                        &what,
+                        format!("logged in as {u} with the master credential"),
+                    );
+                }
+                Err(e) => r.fail(
+                    &what,
+                    format!("master login as {u}: {}", crate::upstream::describe(&e)),
+                ),
+            }
+        }
+    }
+}
+
+async fn issuers(r: &mut Report, config: &Config) {
+    for i in &config.auth.oauth_issuers {
+        let what = format!("oauth issuer {} ({})", i.name, i.issuer);
+        match crate::auth::oauth::diagnose_issuer(i).await {
+            Ok(s) => r.ok(&what, s),
+            Err(e) => r.fail(&what, e),
+        }
+    }
+}
