@@ -672,13 +672,25 @@ if [ "$MODE" = check ]; then
   step "check: admin http://$HOST:$ADMIN_PORT/healthz and /metrics"
   OUT="$("${CURL[@]}" --fail "http://$HOST:$ADMIN_PORT/healthz" 2>&1)" || fail "/healthz did not answer 2xx: $OUT"
   log "ok: $OUT"
-  log "(readyz: HTTP $("${CURL[@]}" --output /dev/null --write-out '%{http_code}' "http://$HOST:$ADMIN_PORT/readyz" 2>/dev/null || true))"
+  READY=""
+  for _ in $(seq 1 50); do
+    READY="$("${CURL[@]}" --output /dev/null --write-out '%{http_code}' "http://$HOST:$ADMIN_PORT/readyz" 2>/dev/null || true)"
+    [ "$READY" = 200 ] && break
+    sleep 0.2
+  done
+  [ "$READY" = 200 ] || fail "/readyz is not ready (HTTP $READY): $("${CURL[@]}" "http://$HOST:$ADMIN_PORT/readyz" 2>&1)"
+  log "ok: /readyz 200"
   OUT="$("${CURL[@]}" --fail "http://$HOST:$ADMIN_PORT/metrics" 2>&1)" || fail "/metrics did not answer 2xx: $OUT"
   for reason in code_replayed code_missing; do
     grep -Eq "^imapgate_totp_failures_total\\{reason=\"$reason\"\\} [1-9]" <<<"$OUT" ||
       fail "/metrics does not count $reason in imapgate_totp_failures_total"
   done
   log "ok: imapgate_totp_failures_total counts code_replayed and code_missing"
+  grep -Eq '^imapgate_auth_attempts_total\{mechanism="(login|plain)",result="success"\} [1-9]' <<<"$OUT" ||
+    fail "/metrics does not count the demo's successful logins in imapgate_auth_attempts_total"
+  grep -Eq '^imapgate_guard_blocks_total\{reason="failures",scope="ip"\} [1-9]' <<<"$OUT" ||
+    fail "/metrics does not count the guesser's block in imapgate_guard_blocks_total"
+  log "ok: imapgate_auth_attempts_total counts the logins, imapgate_guard_blocks_total the block"
   if [ "$OAUTH" -eq 1 ]; then
     for result in valid bad_signature user_mismatch; do
       grep -Eq "^imapgate_oauth_tokens_total\\{result=\"$result\"\\} [1-9]" <<<"$OUT" ||

@@ -276,3 +276,89 @@ async fn doctor_reports_an_unverifiable_backend_certificate() {
         "{out}"
     );
 }
+
+/// One scripted session, and the metrics it must leave behind, exactly.
+#[tokio::test]
+async fn metrics_count_a_scripted_session_exactly() {
+    let Some(t) = TestGateway::start().await else {
+        return;
+    };
+    let mut c = t.client().await;
+    let r = c
+        .cmd("a", "LOGIN carol@example.org \"not-her-password\"")
+        .await;
+    assert!(last(&r).starts_with("a NO [AUTHENTICATIONFAILED]"), "{r:?}");
+    let pw = t.password("carol@example.org");
+    let r = c
+        .cmd("b", &format!("LOGIN carol@example.org \"{pw}\""))
+        .await;
+    assert!(last(&r).starts_with("b OK"), "{r:?}");
+    let r = c.cmd("c", "SELECT INBOX").await;
+    assert!(last(&r).starts_with("c OK"), "{r:?}");
+    assert!(t.metric("imapgate_sessions_relayed", &[]).await >= 1.0);
+    let r = c.cmd("d", "LOGOUT").await;
+    assert!(last(&r).starts_with("d OK"), "{r:?}");
+    assert!(c.closed_within(Duration::from_secs(5)).await);
+
+    let m = |name: &'static str, labels: &'static [&'static str]| t.metric(name, labels);
+    assert_eq!(
+        m(
+            "imapgate_connections_total",
+            &["listener=\"imaps\"", "outcome=\"accepted\""]
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        m(
+            "imapgate_auth_attempts_total",
+            &["mechanism=\"login\"", "result=\"failure\""]
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        m(
+            "imapgate_auth_attempts_total",
+            &["mechanism=\"login\"", "result=\"success\""]
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(m("imapgate_auth_hash_runs_total", &[]).await, 2.0);
+    // The first attempt was allowed as is; the second carried the tarpit of the first failure.
+    assert_eq!(
+        m(
+            "imapgate_guard_decisions_total",
+            &["action=\"allow\"", "scope=\"none\""]
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        m("imapgate_guard_decisions_total", &["action=\"delay\""]).await,
+        1.0
+    );
+    assert_eq!(
+        m(
+            "imapgate_upstream_logins_total",
+            &["backend=\"dovecot\"", "result=\"ok\""]
+        )
+        .await,
+        1.0
+    );
+    assert!(m("imapgate_relay_bytes_total", &["direction=\"to_backend\""]).await > 0.0);
+    assert!(m("imapgate_relay_bytes_total", &["direction=\"to_client\""]).await > 0.0);
+    let mut ended = false;
+    for _ in 0..50 {
+        if m("imapgate_sessions_relayed", &[]).await == 0.0
+            && m("imapgate_session_seconds_count", &[]).await == 1.0
+        {
+            ended = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ended, "the relayed session is not counted as ended");
+    assert_eq!(m("imapgate_sessions_preauth", &[]).await, 0.0);
+}
