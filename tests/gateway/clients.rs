@@ -239,6 +239,53 @@ async fn curl_and_python_imaplib_through_the_real_binary_and_no_secret_in_any_lo
         "imaplib with TOTP: {text}"
     );
 
+    // Every failure path, each with a secret of its own that must appear in no log.
+    let b64 = |s: String| base64::engine::general_purpose::STANDARD.encode(s);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", b.imaps).parse().unwrap();
+    let mia_pw = t.password(mfa_user).replace(' ', "");
+    let zed_pw = t.password("zed@down.test");
+    let disabled_pw = t.password("disabled@example.org");
+    let mut secrets: Vec<String> = vec![
+        format!("{mia_pw}{}", t.code(mfa_user, 40)), // valid app password, wrong code
+        format!("{mia_pw}{}", t.code(mfa_user, 0)),  // a code already used by imaplib
+        "unknown-users-secret-1".into(),
+        zed_pw.clone(),
+        disabled_pw.clone(),
+        "authzid-mismatch-secret-2".into(),
+        "malformed-plain-secret-3".into(),
+    ];
+    let commands = vec![
+        format!("LOGIN {mfa_user} \"{}\"", secrets[0]),
+        format!("LOGIN {mfa_user} \"{}\"", secrets[1]),
+        format!("LOGIN ghost@example.org \"{}\"", secrets[2]),
+        format!("LOGIN zed@down.test \"{zed_pw}\""),
+        format!("LOGIN disabled@example.org \"{disabled_pw}\""),
+        format!(
+            "AUTHENTICATE PLAIN {}",
+            b64(format!("bob@example.org\0{user}\0{}", secrets[5]))
+        ),
+        format!(
+            "AUTHENTICATE PLAIN {}",
+            b64(format!("{}\0\0\0", secrets[6]))
+        ),
+    ];
+    // Enough distinct guesses from one address for the guard to block it.
+    for i in 0..12 {
+        secrets.push(format!("brute-force-guess-{i}"));
+    }
+    let guesses: Vec<String> = secrets[7..]
+        .iter()
+        .map(|g| format!("LOGIN bob@example.org \"{g}\""))
+        .collect();
+    for (i, cmd) in commands.iter().chain(guesses.iter()).enumerate() {
+        // The TOTP cases from another /24: 127.0.0.0/24 is unlocked for mia by now.
+        let from = if i < 2 { "127.0.5.1" } else { "127.0.0.1" };
+        let mut c = Client::tls_from(addr, from, &t.pki.ca_der).await;
+        c.line().await.unwrap();
+        let r = c.cmd("f", cmd).await;
+        assert!(last(&r).starts_with("f NO"), "{cmd}: {r:?}");
+    }
+
     // Metrics from the real binary.
     let (code, metrics) = http_get(
         format!("127.0.0.1:{}", b.admin).parse().unwrap(),
@@ -324,11 +371,24 @@ async fn curl_and_python_imaplib_through_the_real_binary_and_no_secret_in_any_lo
     let audit = read(&b.dir.path().join("audit.log.1")) + &read(&b.dir.path().join("audit.log"));
     assert!(audit.lines().count() >= 5, "audit log too short: {audit}");
     assert!(
-        audit
-            .lines()
-            .all(|l| l.starts_with('{') && l.contains("\"event\":\"auth\"")),
+        audit.lines().all(|l| l.starts_with('{')
+            && (l.contains("\"event\":\"auth\"") || l.contains("\"event\":\"guard\""))),
         "{audit}"
     );
+    for reason in [
+        "bad_code",
+        "code_replayed",
+        "unknown_user",
+        "disabled",
+        "malformed",
+    ] {
+        assert!(
+            audit.contains(&format!("\"reason\":\"{reason}\"")),
+            "no {reason} in {audit}"
+        );
+    }
+    assert!(audit.contains("\"result\":\"unavailable\""), "{audit}");
+    assert!(audit.contains("\"action\":\"block\""), "{audit}");
     assert!(
         audit.contains("\"result\":\"success\"") && audit.contains("\"result\":\"failure\""),
         "{audit}"
@@ -341,7 +401,10 @@ async fn curl_and_python_imaplib_through_the_real_binary_and_no_secret_in_any_lo
         wrong,
         &wrong.replace(' ', ""),
         master.as_str(),
-    ] {
+    ]
+    .into_iter()
+    .chain(secrets.iter().map(String::as_str))
+    {
         assert!(
             !logs.contains(secret) && !audit.contains(secret),
             "secret {secret:?} found in a log"
