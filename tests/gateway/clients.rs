@@ -254,7 +254,7 @@ async fn curl_and_python_imaplib_through_the_real_binary_and_no_secret_in_any_lo
         "authzid-mismatch-secret-2".into(),
         "malformed-plain-secret-3".into(),
     ];
-    let commands = vec![
+    let commands = [
         format!("LOGIN {mfa_user} \"{}\"", secrets[0]),
         format!("LOGIN {mfa_user} \"{}\"", secrets[1]),
         format!("LOGIN ghost@example.org \"{}\"", secrets[2]),
