@@ -129,4 +129,6 @@ fi
 
 # --- 6 ---------------------------------------------------------------------------------------
 begin "demo check (scripts/demo.sh --check --oauth)"
-bash scripts/demo.sh --check --oauth
+# The binary step 4 built (cargo test builds it for the integration tests). A plain `cargo build`
+# would compile every dependency again: dev-dependencies change tokio's features.
+IMAPGATE_DEMO_BIN="${CARGO_TARGET_DIR:-target}/debug/imapgate" bash scripts/demo.sh --check --oauth
