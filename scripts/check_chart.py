@@ -1,28 +1,40 @@
 #!/usr/bin/env python3
-"""Static and rendered checks for the imapgate Helm chart.
+"""Static and rendered checks for the imapgate Helm chart (and, through check_deploy.py, deploy/).
 
-Run by scripts/check-chart.sh, which provides PyYAML and jsonschema in a venv. Exits 1 when any
-check fails and prints every problem found, not just the first.
+Run by scripts/check-chart.sh, which provides PyYAML, jsonschema, kubernetes-validate and checkov
+in a venv and the helm binary. Exits 1 when any check fails and prints every problem found, not
+just the first.
 
 Static checks (always):
   * Chart.yaml has the fields Helm 3 needs (apiVersion v2, name = directory, SemVer version,
     appVersion, type application).
   * Every YAML file of the chart that is not a template parses; values.schema.json is a valid
-    JSON Schema (draft-07) and values.yaml satisfies it.
+    JSON Schema (draft-07) and values.yaml and ci/full-values.yaml (merged over it) satisfy it.
   * The schema's constraints are real: a set of bad values (typos, weakened security settings,
-    malformed durations) must each be rejected.
+    malformed durations, malformed CIDRs) must each be rejected.
   * Templates: `{{`/`}}` and block/`end` pairs balance, every `include`/`template` name is
     defined, and every `.Values.a.b` path used exists in values.yaml.
+  * deploy/ (check_deploy.py): alert rules, their unit tests and the chart's copy of them, the
+    Grafana dashboard, the systemd unit, the Dockerfile; with promtool, systemd-analyze and
+    checkov when available.
 
-Rendered checks (when a renderer is available: `helm` on PATH, or the helm-python-sdk module
-when the caller asks for it): the chart renders with the default values and several variants;
-the manifests carry the security settings the project promises; the rendered imapgate config
-uses only keys that config/imapgate.example.yaml documents (or, for an option that is off by
-default, documents in a commented-out entry); every file the config names (TLS, users file, TOTP
-key ring, master passwords, CAs, admin token) is mounted into the container, read-only, and
-Secret volumes other than CA certificates are not world-readable; variants render what they promise (MFA defaults, key ring
-rotation, an unquoted `off`, the guard's defaults, PROXY protocol with trusted proxies); and
-values that must be refused are refused, with the expected message where one is named.
+Rendered checks (when a renderer is available: the helm binary, or the helm-python-sdk module
+when the caller asks for it): `helm lint --strict` with the default and the full values; the
+chart renders with the default values, ci/full-values.yaml and ~30 variants; the manifests carry
+the security settings the project promises; the rendered imapgate config uses only keys that
+config/imapgate.example.yaml documents (or, for an option that is off by default, documents in a
+commented-out entry); every file the config names (TLS, users file, TOTP key ring, master
+passwords, CAs, admin token) is mounted into the container, read-only, and Secret volumes other
+than CA certificates are not world-readable; the optional objects (PDB, HPA, NetworkPolicy,
+metrics Service and ServiceMonitor, PrometheusRule, Certificate, topology spread) select and
+fit the Deployment; variants render what they promise; and values that must be refused are
+refused, with the expected message where one is named.
+
+Deep checks: `imapgate check-config` on every rendered config (target/debug/imapgate, with
+stand-in secret files), and, with the helm binary, `kubernetes-validate --strict` of the default
+and the full render against the lowest Kubernetes version Chart.yaml admits and the newest one
+kubernetes-validate knows, checkov on both renders (accepted findings in CHECKOV_ACCEPTED, each
+with its reason), and the install notes (NOTES.txt) rendered for both.
 """
 
 from __future__ import annotations
@@ -40,6 +52,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import check_deploy
 import jsonschema
 import yaml
 
@@ -233,6 +246,33 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("guard.tarpit.max", "15sec"),
     ("guard.maxDelayedPerIp", 0),
     ("guard.blockFor", "forever"),
+    ("allowMultipleReplicasWithLocalState", "yes"),
+    ("image.digest", "latest"),
+    ("deploymentAnnotations", {"reloader": True}),
+    ("topologySpreadConstraints", [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname"}]),
+    ("topologySpreadConstraints", [{"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "Sometimes"}]),
+    ("tls.certManager.enabled", "true"),
+    ("tls.certManager.issuerRef.kind", ""),
+    ("tls.certManager.dnsNames", ["Mail Server"]),
+    ("tls.certManager.duration", "90d"),
+    ("tls.certManager.privateKey.algorithm", "Ed25519"),
+    ("tls.certManager.privateKey.size", 1024),
+    ("podDisruptionBudget.enabled", "yes"),
+    ("podDisruptionBudget.minAvailable", "half"),
+    ("podDisruptionBudget.maxUnavailable", -1),
+    ("autoscaling.maxReplicas", 0),
+    ("autoscaling.targetCPUUtilizationPercentage", "70%"),
+    ("autoscaling.scaleDown", {}),
+    ("networkPolicy.enable", True),
+    ("networkPolicy.imap.allowedCidrs", "0.0.0.0/0"),
+    ("networkPolicy.imap.allowedCidrs", ["203.0.113.7"]),
+    ("networkPolicy.admin.namespaceSelector", {"matchLabels": {"name": 1}}),
+    ("networkPolicy.egress.backendPeers", "10.0.0.0/8"),
+    ("serviceMonitor.interval", "30 seconds"),
+    ("serviceMonitor.namespace", "Monitoring"),
+    ("serviceMonitor.labels", {"release": 1}),
+    ("prometheusRule.enabled", 1),
+    ("prometheusRule.rules", []),
 ]
 
 
@@ -303,35 +343,39 @@ def check_templates(chart_dir: Path, values: Any, report: Report) -> None:
 # --- rendering -----------------------------------------------------------------------------
 
 
-Renderer = Callable[[dict[str, Any]], "dict[str, str]"]
+# render(overrides, kube_version=None) -> {file name: rendered text}. Overrides are merged over
+# values.yaml; kube_version sets .Capabilities.KubeVersion where the renderer supports it.
+Renderer = Callable[..., "dict[str, str]"]
 
 
-def helm_binary_renderer(chart_dir: Path, report: Report) -> Renderer | None:
-    helm = shutil.which("helm")
+def helm_binary_renderer(helm: str | None, chart_dir: Path, lint_values: list[Path], report: Report) -> Renderer | None:
+    """The real helm binary: `helm lint --strict` with the default values and each of lint_values,
+    then a renderer on `helm template`."""
+    helm = helm or shutil.which("helm")
     if helm is None:
         return None
-    lint = subprocess.run(
-        [helm, "lint", "--strict", str(chart_dir)], capture_output=True, text=True, check=False
-    )
-    report.check(lint.returncode == 0, "helm lint --strict", lint.stdout + lint.stderr)
+    for values_file in [None, *lint_values]:
+        args = [helm, "lint", "--strict", str(chart_dir)] + (["-f", str(values_file)] if values_file else [])
+        lint = subprocess.run(args, capture_output=True, text=True, check=False)
+        where = "helm lint --strict" + (f" -f {values_file.name}" if values_file else "")
+        report.check(lint.returncode == 0, where, lint.stdout + lint.stderr)
 
-    def render(overrides: dict[str, Any]) -> dict[str, str]:
+    def render(overrides: dict[str, Any], kube_version: str | None = None) -> dict[str, str]:
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
             yaml.safe_dump(overrides, handle)
             overrides_file = handle.name
+        args = [helm, "template", "mail", str(chart_dir), "--namespace", "mail", "-f", overrides_file]
+        if kube_version:
+            args += ["--kube-version", kube_version]
         try:
-            done = subprocess.run(
-                [helm, "template", "mail", str(chart_dir), "--namespace", "mail", "-f", overrides_file],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
+            done = subprocess.run(args, capture_output=True, text=True, check=False)
         finally:
             os.unlink(overrides_file)
         if done.returncode != 0:
             raise RuntimeError(done.stderr.strip() or "helm template failed")
         return {"rendered.yaml": done.stdout}
 
+    render.helm = helm  # type: ignore[attr-defined]  # the deep checks need the binary itself
     return render
 
 
@@ -350,7 +394,8 @@ def helm_sdk_renderer(chart_dir: Path, report: Report) -> Renderer | None:
     for error in lint.get("errors", []):
         report.fail("helm lint --strict", str(error))
 
-    def render(overrides: dict[str, Any]) -> dict[str, str]:
+    def render(overrides: dict[str, Any], kube_version: str | None = None) -> dict[str, str]:
+        del kube_version  # the SDK renders with its own default capabilities
         with helm_python.Chart.load(str(chart_dir)) as chart:
             try:
                 rendered = chart.render(overrides, name="mail", namespace="mail", is_install=True)
@@ -399,11 +444,15 @@ def check_rendered(name: str, docs: list[dict[str, Any]], example_paths: set[str
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for doc in docs:
         by_kind.setdefault(doc.get("kind", "?"), []).append(doc)
-    for kind in ("ConfigMap", "Deployment", "Service"):
+    for kind in ("ConfigMap", "Deployment"):
         report.check(len(by_kind.get(kind, [])) == 1, where, f"expected one {kind}")
-    if any(len(by_kind.get(k, [])) != 1 for k in ("ConfigMap", "Deployment", "Service")):
+    # The client-facing Service; the ServiceMonitor's "-metrics" Service is checked apart.
+    client_services = [s for s in by_kind.get("Service", []) if not is_metrics_service(s)]
+    report.check(len(client_services) == 1, where, "expected one client-facing Service")
+    if any(len(by_kind.get(k, [])) != 1 for k in ("ConfigMap", "Deployment")) or len(client_services) != 1:
         return
-    config_map, deployment, service = (by_kind[k][0] for k in ("ConfigMap", "Deployment", "Service"))
+    config_map, deployment = (by_kind[k][0] for k in ("ConfigMap", "Deployment"))
+    service = client_services[0]
 
     config = yaml.safe_load(config_map["data"]["imapgate.yaml"])
     for path in sorted(key_paths(config) - example_paths):
@@ -504,9 +553,174 @@ def check_rendered(name: str, docs: list[dict[str, Any]], example_paths: set[str
         where,
         "the Service must not expose the admin port",
     )
+    check_production_objects(where, docs, by_kind, deployment, service, config, report)
 
 
-def render_variants(values: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool]]:
+def is_metrics_service(service: dict[str, Any]) -> bool:
+    return service.get("metadata", {}).get("labels", {}).get("app.kubernetes.io/component") == "metrics"
+
+
+def labels_match(selector: dict[str, str] | None, labels: dict[str, str]) -> bool:
+    """True when every selector label is among labels (an empty selector selects nothing here)."""
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+# The alert groups of deploy/prometheus/imapgate-alerts.yaml, which the PrometheusRule must carry
+# (set by main()).
+DEPLOY_ALERT_GROUPS: list[Any] | None = None
+
+
+def check_production_objects(
+    where: str,
+    docs: list[dict[str, Any]],
+    by_kind: dict[str, list[dict[str, Any]]],
+    deployment: dict[str, Any],
+    service: dict[str, Any],
+    config: dict[str, Any],
+    report: Report,
+) -> None:
+    """The optional objects (PDB, HPA, NetworkPolicy, metrics Service, ServiceMonitor,
+    PrometheusRule, Certificate, topology spread) fit the Deployment they belong to."""
+    for doc in docs:
+        meta = doc.get("metadata", {})
+        if doc.get("kind") not in ("ServiceMonitor", "PrometheusRule"):
+            report.check(
+                meta.get("namespace") == "mail",
+                where,
+                f"{doc.get('kind')} {meta.get('name')} must set metadata.namespace to the release's",
+            )
+    for kind in ("PodDisruptionBudget", "HorizontalPodAutoscaler", "NetworkPolicy", "ServiceMonitor",
+                 "PrometheusRule", "Certificate"):
+        report.check(len(by_kind.get(kind, [])) <= 1, where, f"at most one {kind}")
+    pod = deployment["spec"]["template"]
+    pod_labels = pod["metadata"].get("labels", {})
+    selector = deployment["spec"]["selector"].get("matchLabels", {})
+    report.check(labels_match(selector, pod_labels), where, "the Deployment's selector must match its pods")
+    ports = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0].get("ports", [])}
+
+    hpa = (by_kind.get("HorizontalPodAutoscaler") or [None])[0]
+    if hpa:
+        report.check("replicas" not in deployment["spec"], where, "with an HPA the Deployment must not set replicas")
+        target = hpa["spec"]["scaleTargetRef"]
+        report.check(
+            (target.get("kind"), target.get("name")) == ("Deployment", deployment["metadata"]["name"]),
+            where,
+            "the HPA must scale the Deployment",
+        )
+        report.check(bool(hpa["spec"].get("metrics")), where, "the HPA needs a metric")
+    else:
+        report.check(isinstance(deployment["spec"].get("replicas"), int), where, "replicas must be set without an HPA")
+
+    pdb = (by_kind.get("PodDisruptionBudget") or [None])[0]
+    if pdb:
+        report.check(pdb["spec"]["selector"].get("matchLabels") == selector, where, "the PDB must select the pods")
+        report.check(
+            ("minAvailable" in pdb["spec"]) != ("maxUnavailable" in pdb["spec"]),
+            where,
+            "the PDB must set exactly one of minAvailable and maxUnavailable",
+        )
+
+    for constraint in pod["spec"].get("topologySpreadConstraints", []):
+        report.check(
+            labels_match(constraint.get("labelSelector", {}).get("matchLabels"), pod_labels),
+            where,
+            f"topology spread constraint on {constraint.get('topologyKey')} must select the pods",
+        )
+
+    policy = (by_kind.get("NetworkPolicy") or [None])[0]
+    if policy:
+        spec = policy["spec"]
+        report.check(spec["podSelector"].get("matchLabels") == selector, where, "the NetworkPolicy must select the pods")
+        rules = spec.get("ingress", [])
+
+        def rule_ports(rule: dict[str, Any]) -> set[Any]:
+            return {p.get("port") for p in rule.get("ports", [])}
+
+        listener_ports = {ports[l["name"]] for l in config["listeners"]}
+        admin_port = ports.get("admin")
+        imap_rules = [r for r in rules if listener_ports & rule_ports(r)]
+        admin_rules = [r for r in rules if admin_port in rule_ports(r)]
+        report.check(
+            bool(imap_rules) and all(listener_ports <= rule_ports(r) for r in imap_rules),
+            where,
+            "the NetworkPolicy must admit every IMAP listener port",
+        )
+        report.check(
+            all(admin_port not in rule_ports(r) for r in imap_rules),
+            where,
+            "the NetworkPolicy must not open the admin port together with the IMAP ports",
+        )
+        report.check(
+            len(admin_rules) == 1
+            and bool(admin_rules[0].get("from"))
+            and all(peer for peer in admin_rules[0]["from"])
+            and any("namespaceSelector" in peer for peer in admin_rules[0]["from"]),
+            where,
+            "the admin port must be open only to selected peers (a monitoring namespace selector)",
+        )
+        if "Egress" in spec.get("policyTypes", []):
+            egress_ports = {(p.get("port"), p.get("protocol", "TCP")) for r in spec.get("egress", []) for p in r.get("ports", [])}
+            report.check((53, "UDP") in egress_ports, where, "the NetworkPolicy must allow DNS (53/UDP)")
+            for backend in config["backends"]:
+                port = int(backend["address"].rsplit(":", 1)[1])
+                report.check((port, "TCP") in egress_ports, where, f"the NetworkPolicy must allow backend port {port}")
+
+    metrics_services = [s for s in by_kind.get("Service", []) if is_metrics_service(s)]
+    monitor = (by_kind.get("ServiceMonitor") or [None])[0]
+    report.check(
+        bool(monitor) == bool(metrics_services),
+        where,
+        "the metrics Service exists exactly when the ServiceMonitor does",
+    )
+    if monitor and len(metrics_services) == 1:
+        metrics = metrics_services[0]
+        report.check(metrics["spec"].get("type", "ClusterIP") == "ClusterIP", where, "the metrics Service must be ClusterIP")
+        report.check(metrics["spec"].get("selector") == selector, where, "the metrics Service must select the pods")
+        report.check(
+            [p.get("targetPort") for p in metrics["spec"]["ports"]] == ["admin"],
+            where,
+            "the metrics Service must expose only the admin port",
+        )
+        wanted = monitor["spec"]["selector"].get("matchLabels")
+        report.check(labels_match(wanted, metrics["metadata"]["labels"]), where, "the ServiceMonitor must select the metrics Service")
+        report.check(
+            not labels_match(wanted, service["metadata"]["labels"]),
+            where,
+            "the ServiceMonitor must not select the client-facing Service",
+        )
+        report.check(
+            "mail" in monitor["spec"].get("namespaceSelector", {}).get("matchNames", []),
+            where,
+            "the ServiceMonitor must look in the release's namespace",
+        )
+        names = {p["name"] for p in metrics["spec"]["ports"]}
+        for endpoint in monitor["spec"].get("endpoints", []):
+            report.check(endpoint.get("port") in names, where, f"ServiceMonitor endpoint port {endpoint.get('port')} is unknown")
+            report.check(endpoint.get("path") == "/metrics", where, "the ServiceMonitor must scrape /metrics")
+
+    rule = (by_kind.get("PrometheusRule") or [None])[0]
+    if rule and DEPLOY_ALERT_GROUPS is not None:
+        report.check(
+            rule["spec"].get("groups") == DEPLOY_ALERT_GROUPS,
+            where,
+            "the PrometheusRule's groups must equal deploy/prometheus/imapgate-alerts.yaml's",
+        )
+
+    certificate = (by_kind.get("Certificate") or [None])[0]
+    if certificate:
+        tls_volumes = [v for v in pod["spec"].get("volumes", []) if v["name"] == "tls"]
+        report.check(
+            len(tls_volumes) == 1 and tls_volumes[0]["secret"]["secretName"] == certificate["spec"]["secretName"],
+            where,
+            "the Certificate must fill the Secret the pods mount as tls",
+        )
+        report.check(bool(certificate["spec"].get("dnsNames")), where, "the Certificate needs dnsNames")
+
+
+FULL_VALUES = "full-featured values (ci/full-values.yaml)"
+
+
+def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool]]:
     """(name, overrides, must_render). Overrides are merged over values.yaml by Helm."""
     backend = copy.deepcopy(values["backends"][0])
     second = dict(
@@ -532,6 +746,7 @@ def render_variants(values: dict[str, Any]) -> list[tuple[str, dict[str, Any], b
             "three backends, routes, IPv6, two replicas",
             {
                 "replicaCount": 2,
+                "allowMultipleReplicasWithLocalState": True,
                 "bindAddress": "[::]",
                 "backends": [backend, second, plain],
                 "routes": {
@@ -609,6 +824,78 @@ def render_variants(values: dict[str, Any]) -> list[tuple[str, dict[str, Any], b
         ("no listener", {"listeners": {"imaps": {"enabled": False}, "imap": {"enabled": False}}}, False),
         ("duplicate backend names", {"backends": [backend, backend]}, False),
         ("schema violation", {"limits": {"lineBytes": "lots"}}, False),
+        (FULL_VALUES, full_values, True),
+        ("two replicas without allowMultipleReplicasWithLocalState", {"replicaCount": 2}, False),
+        (
+            "autoscaling to three pods without allowMultipleReplicasWithLocalState",
+            {"autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 3}},
+            False,
+        ),
+        (
+            "autoscaling with minReplicas above maxReplicas",
+            {"allowMultipleReplicasWithLocalState": True, "autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 3}},
+            False,
+        ),
+        ("PDB maxUnavailable 1 with one pod", {"podDisruptionBudget": {"enabled": True}}, True),
+        (
+            "PDB minAvailable 1 with one pod",
+            {"podDisruptionBudget": {"enabled": True, "minAvailable": 1, "maxUnavailable": None}},
+            False,
+        ),
+        ("PDB maxUnavailable 0", {"podDisruptionBudget": {"enabled": True, "maxUnavailable": 0}}, False),
+        ("PDB with minAvailable and maxUnavailable", {"podDisruptionBudget": {"enabled": True, "minAvailable": 1}}, False),
+        (
+            "PDB minAvailable 50% of three replicas",
+            {
+                "allowMultipleReplicasWithLocalState": True,
+                "replicaCount": 3,
+                "podDisruptionBudget": {"enabled": True, "minAvailable": "50%", "maxUnavailable": None},
+            },
+            True,
+        ),
+        (
+            "cert-manager without an issuer",
+            {"tls": {"certManager": {"enabled": True, "dnsNames": ["imap.example.org"]}}},
+            False,
+        ),
+        (
+            "cert-manager and a self-signed certificate",
+            {
+                "tls": {
+                    "selfSigned": True,
+                    "certManager": {"enabled": True, "issuerRef": {"name": "ca"}, "dnsNames": ["imap.example.org"]},
+                }
+            },
+            False,
+        ),
+        (
+            "cert-manager with an RSA key of 256 bits",
+            {
+                "tls": {
+                    "certManager": {
+                        "enabled": True,
+                        "issuerRef": {"name": "ca"},
+                        "dnsNames": ["imap.example.org"],
+                        "privateKey": {"algorithm": "RSA", "size": 256},
+                    }
+                }
+            },
+            False,
+        ),
+        ("NetworkPolicy with its defaults", {"networkPolicy": {"enabled": True}}, True),
+        (
+            "NetworkPolicy without egress rules, imaps only",
+            {"networkPolicy": {"enabled": True, "egress": {"enabled": False}}, "listeners": {"imap": {"enabled": False}}},
+            True,
+        ),
+        (
+            "ServiceMonitor and PrometheusRule in the monitoring namespace",
+            {
+                "serviceMonitor": {"enabled": True, "namespace": "monitoring"},
+                "prometheusRule": {"enabled": True, "namespace": "monitoring"},
+            },
+            True,
+        ),
     ]
 
 
@@ -631,8 +918,15 @@ def documented_paths(example: Any, example_path: Path, report: Report) -> set[st
     return paths
 
 
-def check_rendering(renderer: Renderer, values: dict[str, Any], example_paths: set[str], report: Report) -> None:
-    for name, overrides, must_render in render_variants(values):
+def check_rendering(
+    renderer: Renderer,
+    values: dict[str, Any],
+    full_values: dict[str, Any],
+    example_paths: set[str],
+    deep: DeepChecks | None,
+    report: Report,
+) -> None:
+    for name, overrides, must_render in render_variants(values, full_values):
         try:
             rendered = renderer(overrides)
         except RuntimeError as err:
@@ -650,10 +944,25 @@ def check_rendering(renderer: Renderer, values: dict[str, Any], example_paths: s
         except yaml.YAMLError as err:
             report.fail(f"render[{name}]", f"output is not YAML: {err}")
             continue
+        report.check(
+            "<no value>" not in "".join(rendered.values()),
+            f"render[{name}]",
+            "a template printed <no value> (a missing value)",
+        )
         check_rendered(name, docs, example_paths, report)
-        config = yaml.safe_load(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["imapgate.yaml"])
+        config_maps = [d for d in docs if d.get("kind") == "ConfigMap"]
+        if len(config_maps) != 1:
+            continue
+        config_text = config_maps[0]["data"]["imapgate.yaml"]
+        config = yaml.safe_load(config_text)
         for ok, message in RENDER_EXPECTATIONS.get(name, lambda _c: [])(config):
             report.check(ok, f"render[{name}]", message)
+        for ok, message in MANIFEST_EXPECTATIONS.get(name, lambda _d: [])(docs):
+            report.check(ok, f"render[{name}]", message)
+        if deep is not None:
+            deep.check_config(name, config_text, report)
+            if name in ("defaults", FULL_VALUES):
+                deep.check_manifests(renderer, name, overrides, report)
 
 
 def _auth(config: dict[str, Any]) -> dict[str, Any]:
@@ -690,6 +999,95 @@ GUARD_DEFAULTS: dict[str, Any] = {
 # What particular refusals must say (a substring of Helm's error).
 FAILURE_MESSAGES: dict[str, str] = {
     "PROXY protocol without trusted proxies": "listeners.imap.proxyProtocol needs guard.trustedProxies",
+    "two replicas without allowMultipleReplicasWithLocalState": "replicaCount is 2, but state is kept per pod",
+    "autoscaling to three pods without allowMultipleReplicasWithLocalState": "autoscaling.maxReplicas is 3",
+    "autoscaling with minReplicas above maxReplicas": "minReplicas must not exceed",
+    "PDB minAvailable 1 with one pod": "blocks every node drain",
+    "PDB maxUnavailable 0": "blocks every node drain",
+    "PDB with minAvailable and maxUnavailable": "exactly one of minAvailable and maxUnavailable",
+    "cert-manager without an issuer": "issuerRef.name is required",
+    "cert-manager and a self-signed certificate": "exclude each other",
+    "cert-manager with an RSA key of 256 bits": "does not fit algorithm RSA",
+}
+
+
+def _kinds(docs: list[dict[str, Any]]) -> list[str]:
+    return sorted(d.get("kind", "?") for d in docs)
+
+
+def _one(docs: list[dict[str, Any]], kind: str, metrics: bool = False) -> dict[str, Any]:
+    found = [d for d in docs if d.get("kind") == kind and (kind != "Service" or is_metrics_service(d) == metrics)]
+    return found[0] if len(found) == 1 else {}
+
+
+def _get(node: Any, *path: Any) -> Any:
+    for part in path:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node
+
+
+# What particular variants must render as manifests: (holds, message) pairs.
+MANIFEST_EXPECTATIONS: dict[str, Callable[[list[dict[str, Any]]], list[tuple[bool, str]]]] = {
+    "defaults": lambda d: [
+        (_kinds(d) == ["ConfigMap", "Deployment", "Service", "ServiceAccount"], f"only the core objects by default, not {_kinds(d)}"),
+        (_get(_one(d, "Service"), "spec", "type") == "LoadBalancer", "the Service must default to LoadBalancer"),
+        (_get(_one(d, "Service"), "spec", "externalTrafficPolicy") == "Local", "externalTrafficPolicy must default to Local"),
+        ([p["port"] for p in _get(_one(d, "Service"), "spec", "ports") or []] == [993, 143], "the Service must map 993 and 143"),
+        (_get(_one(d, "Deployment"), "spec", "replicas") == 1, "one replica by default"),
+    ],
+    "self-signed, imaps only, TLS 1.3": lambda d: [
+        ([p["port"] for p in _get(_one(d, "Service"), "spec", "ports") or []] == [993], "imap disabled: no port 143 on the Service"),
+    ],
+    FULL_VALUES: lambda d: [
+        (
+            {"PodDisruptionBudget", "HorizontalPodAutoscaler", "NetworkPolicy", "ServiceMonitor", "PrometheusRule", "Certificate"}
+            <= set(_kinds(d)),
+            f"every optional object must render, got {_kinds(d)}",
+        ),
+        (bool(_one(d, "Service", metrics=True)), "the metrics Service must render"),
+        (
+            "@sha256:" in str(_get(_one(d, "Deployment"), "spec", "template", "spec", "containers", 0, "image")),
+            "image.digest must pin the image",
+        ),
+        (
+            len(_get(_one(d, "Deployment"), "spec", "template", "spec", "topologySpreadConstraints") or []) == 2,
+            "both topology spread constraints must render",
+        ),
+        (
+            bool(_get(_one(d, "Deployment"), "metadata", "annotations", "secret.reloader.stakater.com/reload")),
+            "deploymentAnnotations must render",
+        ),
+    ],
+    "NetworkPolicy with its defaults": lambda d: [
+        (
+            all("from" not in r for r in _get(_one(d, "NetworkPolicy"), "spec", "ingress") or [] if 9190 not in {p.get("port") for p in r.get("ports", [])}),
+            "no allowedCidrs: the IMAP ports are open to anyone",
+        ),
+        (
+            _get(_one(d, "NetworkPolicy"), "spec", "ingress", 1, "from", 0, "namespaceSelector", "matchLabels")
+            == {"kubernetes.io/metadata.name": "monitoring"},
+            "the admin port must default to the monitoring namespace",
+        ),
+        (_get(_one(d, "NetworkPolicy"), "spec", "policyTypes") == ["Ingress", "Egress"], "egress rules by default"),
+    ],
+    "NetworkPolicy without egress rules, imaps only": lambda d: [
+        (_get(_one(d, "NetworkPolicy"), "spec", "policyTypes") == ["Ingress"], "egress.enabled false: no Egress policy type"),
+        ("egress" not in (_get(_one(d, "NetworkPolicy"), "spec") or {}), "egress.enabled false: no egress rules"),
+    ],
+    "ServiceMonitor and PrometheusRule in the monitoring namespace": lambda d: [
+        (_get(_one(d, "ServiceMonitor"), "metadata", "namespace") == "monitoring", "serviceMonitor.namespace must render"),
+        (_get(_one(d, "PrometheusRule"), "metadata", "namespace") == "monitoring", "prometheusRule.namespace must render"),
+    ],
+    "PDB maxUnavailable 1 with one pod": lambda d: [
+        (_get(_one(d, "PodDisruptionBudget"), "spec", "maxUnavailable") == 1, "the PDB must render maxUnavailable: 1"),
+    ],
+    "PDB minAvailable 50% of three replicas": lambda d: [
+        (_get(_one(d, "PodDisruptionBudget"), "spec", "minAvailable") == "50%", "the PDB must render minAvailable: 50%"),
+        ("maxUnavailable" not in (_get(_one(d, "PodDisruptionBudget"), "spec") or {}), "only minAvailable"),
+    ],
 }
 
 
@@ -761,10 +1159,239 @@ RENDER_EXPECTATIONS: dict[str, Callable[[dict[str, Any]], list[tuple[bool, str]]
 }
 
 
+# --- deep checks: the real helm, kubernetes-validate, checkov, imapgate check-config ---------
+
+
+# Kinds that kubernetes-validate has no schema for: the CRDs of the Prometheus Operator
+# (ServiceMonitor, PrometheusRule) and of cert-manager (Certificate). check_production_objects
+# checks what matters in them; the API server validates them against the installed CRDs.
+CRD_KINDS = ("ServiceMonitor", "PrometheusRule", "Certificate")
+
+# checkov findings the chart accepts: check id -> (the renders it applies to, why).
+CHECKOV_ACCEPTED: dict[str, tuple[tuple[str, ...], str]] = {
+    "CKV_K8S_11": (
+        ("defaults", FULL_VALUES),
+        (
+            "no CPU limit on purpose: CFS throttling would stretch TLS handshakes and argon2 under load "
+            "and skew the failure floor and tarpit timing; CPU requests are set"
+        ),
+    ),
+    "CKV_K8S_43": (
+        ("defaults",),
+        (
+            "each operator builds the image from deploy/Dockerfile, so the defaults cannot know its digest; "
+            "image.digest pins it (the full values do)"
+        ),
+    ),
+    "CKV_K8S_15": (
+        ("defaults",),
+        (
+            "pullPolicy IfNotPresent by default: the tag is pinned (never latest), and Always would make "
+            "every restart depend on the registry; the full values use Always"
+        ),
+    ),
+    "CKV2_K8S_6": (
+        ("defaults",),
+        (
+            "networkPolicy is off by default because its peers (monitoring namespace, DNS pods, backends) "
+            "differ between clusters; the full values enable it"
+        ),
+    ),
+}
+
+
+def chart_min_kube_version(chart_dir: Path) -> str:
+    """The lowest Kubernetes version Chart.yaml's kubeVersion admits (">=1.25.0-0" -> "1.25.0")."""
+    meta = yaml.safe_load((chart_dir / "Chart.yaml").read_text(encoding="utf-8"))
+    match = re.search(r">=\s*v?(\d+\.\d+)(\.\d+)?", str(meta.get("kubeVersion", "")))
+    return f"{match.group(1)}{match.group(2) or '.0'}" if match else "1.25.0"
+
+
+class DeepChecks:
+    """Checks that need more than the renderer: imapgate check-config on each rendered config
+    (with stand-in secret files), and, with the real helm binary, kubernetes-validate --strict on
+    the lowest and the newest Kubernetes version, checkov, and the install notes."""
+
+    def __init__(self, chart_dir: Path, tmp: Path, imapgate: Path | None, report: Report) -> None:
+        self.chart_dir = chart_dir
+        self.tmp = tmp
+        self.bin = Path(sys.executable).parent
+        self.imapgate = imapgate if imapgate and os.access(imapgate, os.X_OK) else None
+        self.openssl = shutil.which("openssl")
+        self.kube_versions: list[str] = []
+        self.pki: Path | None = None
+        self.keys: list[str] = []
+        self.notes_chart: Path | None = None
+        self.skipped: list[str] = []
+        if self.imapgate is None:
+            self.skipped.append("imapgate check-config (no target/debug/imapgate)")
+        elif self.openssl is None:
+            self.skipped.append("imapgate check-config (no openssl for a stand-in certificate)")
+            self.imapgate = None
+        try:
+            from kubernetes_validate import utils as kv  # type: ignore[import-not-found]
+
+            newest = ".".join(str(kv.latest_version()).split(".")[:2]) + ".0"
+            self.kube_versions = [chart_min_kube_version(chart_dir), newest]
+        except ImportError:
+            report.fail("kubernetes-validate", f"not installed in {self.bin.parent} (scripts/check-chart.sh installs it)")
+        self.checkov = self.bin / "checkov"
+        if not self.checkov.is_file():
+            report.fail("checkov", f"not installed in {self.bin.parent} (scripts/check-chart.sh installs it)")
+
+    # imapgate check-config -------------------------------------------------------------------
+
+    def _stand_ins(self) -> None:
+        """A throwaway certificate and two key-ring keys, made once."""
+        if self.pki is not None:
+            return
+        self.pki = self.tmp / "pki"
+        self.pki.mkdir()
+        done = subprocess.run(
+            [self.openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-days", "2", "-subj", "/CN=imap.example.org", "-addext", "subjectAltName=DNS:imap.example.org",
+             "-keyout", str(self.pki / "tls.key"), "-out", str(self.pki / "tls.crt")],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"openssl could not make a certificate: {done.stderr}")
+        for _ in range(2):
+            key = subprocess.run([str(self.imapgate), "keys", "generate"], capture_output=True, text=True, check=False)
+            if key.returncode != 0:
+                raise RuntimeError(f"imapgate keys generate failed: {key.stderr}")
+            self.keys.append(key.stdout)
+
+    def check_config(self, name: str, config_text: str, report: Report) -> None:
+        """imapgate check-config on the rendered config, with every /etc/imapgate path moved into a
+        temporary directory that holds a stand-in for each file the config names."""
+        if self.imapgate is None:
+            return
+        where = f"imapgate check-config[{name}]"
+        try:
+            self._stand_ins()
+        except RuntimeError as err:
+            report.fail(where, str(err))
+            return
+        assert self.pki is not None
+        with tempfile.TemporaryDirectory(dir=self.tmp) as tmp:
+            root = Path(tmp)
+            text = config_text.replace("/etc/imapgate/", f"{root}/etc/imapgate/")
+            config = yaml.safe_load(text)
+            files: dict[str, str] = {config["auth"]["users_file"]: "version: 1\nusers: {}\n"}
+            for index, key in enumerate(config["auth"].get("secret_keys", [])):
+                files[key["file"]] = self.keys[index % len(self.keys)]
+            for cert in config["tls"].get("certificates", []):
+                files[cert["cert_file"]] = (self.pki / "tls.crt").read_text()
+                files[cert["key_file"]] = (self.pki / "tls.key").read_text()
+            for backend in config["backends"]:
+                files[backend["master_password_file"]] = "stand-in master password"
+                if "ca_file" in backend:
+                    files[backend["ca_file"]] = (self.pki / "tls.crt").read_text()
+            if config.get("admin", {}).get("token_file"):
+                files[config["admin"]["token_file"]] = "stand-in admin token"
+            for path, content in files.items():
+                report.check(path.startswith(f"{root}/"), where, f"{path} is outside /etc/imapgate")
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                Path(path).write_text(content, encoding="utf-8")
+                Path(path).chmod(0o600)
+            config_path = root / "imapgate.yaml"
+            config_path.write_text(text, encoding="utf-8")
+            env = {k: v for k, v in os.environ.items() if k != "IMAPGATE_CONFIG"}
+            done = subprocess.run(
+                [str(self.imapgate), "check-config", "-c", str(config_path)],
+                capture_output=True, text=True, check=False, env=env, timeout=120,
+            )  # fmt: skip
+        report.check(done.returncode == 0, where, (done.stdout + done.stderr).replace(str(root), ""))
+
+    # manifests --------------------------------------------------------------------------------
+
+    def check_manifests(self, renderer: Renderer, name: str, overrides: dict[str, Any], report: Report) -> None:
+        helm = getattr(renderer, "helm", None)
+        if helm is None:
+            if "manifests" not in self.skipped:
+                self.skipped.append("kubernetes-validate, checkov, NOTES.txt (need the helm binary)")
+                self.skipped.append("manifests")
+            return
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        for version in self.kube_versions:
+            where = f"kubernetes-validate --strict -k {version} [{name}]"
+            try:
+                docs = manifests(renderer(overrides, kube_version=version))
+            except (RuntimeError, yaml.YAMLError) as err:
+                report.fail(where, f"does not render for Kubernetes {version}: {err}")
+                continue
+            core = [d for d in docs if d.get("kind") not in CRD_KINDS]
+            target = self.tmp / f"{slug}-k8s-{version}.yaml"
+            target.write_text(yaml.safe_dump_all(core, sort_keys=False), encoding="utf-8")
+            done = subprocess.run(
+                [str(self.bin / "kubernetes-validate"), "--strict", "-k", version, "--quiet", str(target)],
+                capture_output=True, text=True, check=False, timeout=300,
+            )  # fmt: skip
+            out = done.stdout + done.stderr
+            problems = [l for l in out.splitlines() if l.split(" ", 1)[0] in ("WARN", "ERROR", "FATAL")]
+            report.check(done.returncode == 0 and not problems, where, out)
+            report.check(len(core) >= 4, where, f"validated only {len(core)} objects")
+        # checkov: the render for the newest Kubernetes, CRD objects included (checkov skips what it
+        # does not know).
+        if self.checkov.is_file():
+            target = self.tmp / f"{slug}-checkov.yaml"
+            target.write_text(renderer(overrides)["rendered.yaml"], encoding="utf-8")
+            findings, problem = check_deploy.run_checkov(self.checkov, target, "kubernetes")
+            where = f"checkov [{name}]"
+            if report.check(problem is None, where, problem or ""):
+                failed = {check_id for check_id, _ in findings}
+                for check_id, resource in findings:
+                    accepted = CHECKOV_ACCEPTED.get(check_id, ((), ""))[0]
+                    report.check(
+                        name in accepted,
+                        where,
+                        f"{check_id} fails for {resource} (fix it, or accept it in CHECKOV_ACCEPTED with a reason)",
+                    )
+                for check_id, (renders, _why) in CHECKOV_ACCEPTED.items():
+                    if name in renders:
+                        report.check(
+                            check_id in failed,
+                            where,
+                            f"{check_id} passes now: drop it from CHECKOV_ACCEPTED for this render",
+                        )
+        self.check_notes(helm, name, overrides, report)
+
+    def check_notes(self, helm: str, name: str, overrides: dict[str, Any], report: Report) -> None:
+        """NOTES.txt, rendered through a copy of the chart in which it is an ordinary template
+        (helm template leaves NOTES.txt out, and helm install --dry-run needs a cluster)."""
+        where = f"NOTES.txt [{name}]"
+        if self.notes_chart is None:
+            self.notes_chart = self.tmp / "notes-chart" / self.chart_dir.name
+            shutil.copytree(self.chart_dir, self.notes_chart)
+            (self.notes_chart / "templates" / "NOTES.txt").rename(self.notes_chart / "notes-check.txt")
+            (self.notes_chart / "templates" / "zz-notes-check.yaml").write_text(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes-check\ndata:\n"
+                '  NOTES.txt: {{ tpl (.Files.Get "notes-check.txt") . | toJson }}\n',
+                encoding="utf-8",
+            )
+        overrides_file = self.tmp / f"notes-{re.sub(r'[^a-z0-9]+', '-', name.lower())}.yaml"
+        overrides_file.write_text(yaml.safe_dump(overrides), encoding="utf-8")
+        done = subprocess.run(
+            [helm, "template", "mail", str(self.notes_chart), "--namespace", "mail", "-f", str(overrides_file),
+             "--show-only", "templates/zz-notes-check.yaml"],
+            capture_output=True, text=True, check=False, timeout=120,
+        )  # fmt: skip
+        if not report.check(done.returncode == 0, where, done.stderr):
+            return
+        notes = yaml.safe_load(done.stdout)["data"]["NOTES.txt"]
+        report.check("<no value>" not in notes, where, "prints <no value>")
+        for needed in ("imapgate users add", "imapgate app-password create", "imapgate totp enroll",
+                       "create secret generic mail-imapgate-users", "docs/operations.md"):  # fmt: skip
+            report.check(needed in notes, where, f"must tell {needed!r} (how to create the first user)")
+        if overrides.get("allowMultipleReplicasWithLocalState"):
+            report.check("State is per pod" in notes, where, "must warn that state is per pod")
+
+
 # --- main ----------------------------------------------------------------------------------
 
 
 def main() -> int:
+    global DEPLOY_ALERT_GROUPS
     repo = Path(__file__).resolve().parent.parent
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--chart", type=Path, default=repo / "helm" / "imapgate")
@@ -773,7 +1400,14 @@ def main() -> int:
         "--render",
         choices=("auto", "helm", "sdk", "off"),
         default="auto",
-        help="auto: the helm binary if on PATH, else the helm_python module if importable, else skip",
+        help="auto: the helm binary if there is one, else the helm_python module if importable, else skip",
+    )
+    parser.add_argument("--helm", help="the helm binary (default: helm on PATH)")
+    parser.add_argument(
+        "--imapgate",
+        type=Path,
+        default=repo / "target" / "debug" / "imapgate",
+        help="the gateway binary for check-config on the rendered configs (skipped when it does not exist)",
     )
     args = parser.parse_args()
     report = Report()
@@ -782,36 +1416,81 @@ def main() -> int:
     check_chart_yaml(chart_dir, report)
     check_plain_yaml_files(chart_dir, report)
     values = load_yaml(chart_dir / "values.yaml", report)
+    full_values_path = chart_dir / "ci" / "full-values.yaml"
+    full_values = load_yaml(full_values_path, report)
     schema = load_schema(chart_dir, report)
     if isinstance(values, dict) and schema is not None:
         check_values_against_schema(chart_dir, schema, values, report)
         check_schema_rejects(schema, values, report)
+        if isinstance(full_values, dict):
+            merged = merge_values(values, full_values)
+            for error in schema_errors(schema, merged):
+                report.fail(str(full_values_path), f"violates values.schema.json at {error}")
     if isinstance(values, dict):
         check_templates(chart_dir, values, report)
         report.check(
             values.get("replicaCount") == 1, "values.yaml", "replicaCount must default to 1 (in-memory state)"
         )
+        report.check(
+            values.get("allowMultipleReplicasWithLocalState") is False,
+            "values.yaml",
+            "allowMultipleReplicasWithLocalState must default to false",
+        )
+
+    # deploy/: alert rules and their tests, dashboard, systemd unit, Dockerfile.
+    tools = {name: shutil.which(name) for name in ("promtool", "systemd-analyze")}
+    checkov = Path(sys.executable).parent / "checkov"
+    DEPLOY_ALERT_GROUPS = check_deploy.check_deploy(
+        repo,
+        chart_dir,
+        report,
+        promtool=tools["promtool"],
+        systemd_analyze=tools["systemd-analyze"],
+        checkov=checkov if checkov.is_file() else None,
+        imapgate=args.imapgate,
+    )
 
     renderer: Renderer | None = None
     how = "skipped"
     if args.render in ("auto", "helm"):
-        renderer = helm_binary_renderer(chart_dir, report)
+        renderer = helm_binary_renderer(args.helm, chart_dir, [full_values_path], report)
         how = "helm binary" if renderer else how
     if renderer is None and args.render in ("auto", "sdk"):
         renderer = helm_sdk_renderer(chart_dir, report)
         how = "helm-python-sdk" if renderer else how
     if renderer is None and args.render in ("helm", "sdk"):
         report.fail("render", f"--render {args.render} was asked for but is not available")
-    if renderer is not None and isinstance(values, dict):
+    skipped = [f"{name} (not on PATH)" for name, path in tools.items() if path is None]
+    if renderer is not None and isinstance(values, dict) and isinstance(full_values, dict):
         example = load_yaml(args.example_config, report)
         if example is not None:
-            check_rendering(renderer, values, documented_paths(example, args.example_config, report), report)
+            with tempfile.TemporaryDirectory(prefix="check-chart-") as tmp:
+                deep = DeepChecks(chart_dir, Path(tmp), args.imapgate, report)
+                check_rendering(
+                    renderer, values, full_values, documented_paths(example, args.example_config, report), deep, report
+                )
+                skipped += [s for s in deep.skipped if s != "manifests"]
 
     for problem in report.problems:
         print(f"FAIL {problem}")
     verdict = "ok" if not report.problems else f"{len(report.problems)} problem(s)"
     print(f"check_chart: {verdict}; {report.passed} checks held; rendering: {how}")
+    if skipped:
+        print(f"check_chart: skipped: {'; '.join(skipped)}")
     return 1 if report.problems else 0
+
+
+def merge_values(base: Any, override: Any) -> Any:
+    """Helm's merge of a values file over values.yaml: maps merge, a null deletes, the rest replaces."""
+    if not isinstance(base, dict) or not isinstance(override, dict):
+        return copy.deepcopy(override)
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_values(merged.get(key), value)
+    return merged
 
 
 if __name__ == "__main__":

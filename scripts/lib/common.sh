@@ -76,6 +76,18 @@ ensure_packages() {
   ENSURE_PACKAGES_INSTALLED="${missing[*]}"
 }
 
+# disable_boot_service NAME: keeps a service that a package installed (and policy-rc.d kept from
+# starting) from starting at the next boot, under systemd and under SysV init. Stops nothing.
+disable_boot_service() {
+  local name="$1"
+  if command -v deb-systemd-helper >/dev/null 2>&1; then
+    as_root deb-systemd-helper disable "$name.service" >/dev/null 2>&1 || true
+  fi
+  if [ -x "/etc/init.d/$name" ] && command -v update-rc.d >/dev/null 2>&1; then
+    as_root update-rc.d "$name" disable >/dev/null 2>&1 || true
+  fi
+}
+
 # Stops a system-wide Dovecot (the distribution's service, base_dir /run/dovecot) if one runs.
 # Our sandboxes use their own base_dir, so they are never touched.
 stop_system_dovecot() {

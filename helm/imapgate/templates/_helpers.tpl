@@ -47,8 +47,33 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/*
+The Service for the admin port that the ServiceMonitor scrapes (the main Service never exposes it).
+*/}}
+{{- define "imapgate.metricsServiceName" -}}
+{{- printf "%s-metrics" (include "imapgate.fullname" . | trunc 55 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
+The most pods the release can run at once: replicaCount, or autoscaling.maxReplicas.
+*/}}
+{{- define "imapgate.maxPods" -}}
+{{- if .Values.autoscaling.enabled }}{{ .Values.autoscaling.maxReplicas | int }}{{ else }}{{ .Values.replicaCount | int }}{{ end }}
+{{- end }}
+
+{{/*
+The fewest pods the release runs: replicaCount, or autoscaling.minReplicas.
+*/}}
+{{- define "imapgate.minPods" -}}
+{{- if .Values.autoscaling.enabled }}{{ .Values.autoscaling.minReplicas | int }}{{ else }}{{ .Values.replicaCount | int }}{{ end }}
+{{- end }}
+
 {{- define "imapgate.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
 {{- end }}
 
 {{- define "imapgate.tlsSecretName" -}}

@@ -1,0 +1,421 @@
+"""Checks for deploy/: the Prometheus alert rules and their unit tests, the Grafana dashboard, the
+systemd unit and the Dockerfile. Used by scripts/check_chart.py (run by scripts/check-chart.sh),
+which passes its Report; every problem is collected, none stops the run.
+
+Without tools:
+  * deploy/prometheus/imapgate-alerts.yaml: every alert has a severity and summary, description
+    and runbook annotations; every runbook names a section of docs/operations.md; every metric
+    an expression uses is in docs/metrics.md; the chart's copy (helm/imapgate/files/alerts.yaml)
+    is identical; the unit tests have, for every alert, a case where it fires and one where it
+    stays quiet.
+  * deploy/grafana/imapgate-dashboard.json: the data source is a template variable that every
+    panel and query uses; panel ids are unique; every metric a query uses is documented, and
+    every documented metric is on the dashboard.
+  * deploy/systemd/imapgate.service carries the hardening the project promises.
+  * deploy/Dockerfile is multi-stage and runs as a numeric non-root user.
+With tools, when they are there: `promtool check rules` and `promtool test rules` on the alerts,
+and `promtool check rules` on the dashboard's queries (as recording rules, for their syntax);
+`systemd-analyze verify` on the unit; checkov on the Dockerfile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+
+class Reporter(Protocol):
+    def fail(self, where: str, message: str) -> None: ...
+
+    def check(self, ok: bool, where: str, message: str) -> bool: ...
+
+
+# Metrics the gateway is about to export that docs/metrics.md may not list yet (the shared
+# state store work); the dashboard already shows them. Drop an entry once the docs list it.
+PENDING_METRICS: dict[str, str] = {
+    "imapgate_state_store_up": "gauge",
+}
+METRIC = re.compile(r"\bimapgate_[a-z0-9_]+\b")
+DOC_ROW = re.compile(r"^\| `(imapgate_[a-z0-9_]+)` \| (counter|gauge|histogram) \|", re.MULTILINE)
+SEVERITIES = ("critical", "warning", "info")
+RUNBOOK = re.compile(r"^docs/operations\.md#([a-z0-9-]+)$")
+
+
+def run(args: list[str], timeout: int = 300, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Runs a command; (exit status, stdout + stderr). A missing binary is status 127."""
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False, env=env)
+    except FileNotFoundError as err:
+        return 127, str(err)
+    except subprocess.TimeoutExpired:
+        return 124, f"timed out after {timeout}s: {' '.join(args)}"
+    return done.returncode, done.stdout + done.stderr
+
+
+def documented_metrics(repo: Path) -> dict[str, str]:
+    """name -> type, from the table in docs/metrics.md, plus PENDING_METRICS."""
+    text = (repo / "docs" / "metrics.md").read_text(encoding="utf-8")
+    found = {name: kind for name, kind in DOC_ROW.findall(text)}
+    return {**PENDING_METRICS, **found}
+
+
+def base_metric(name: str, metrics: dict[str, str]) -> str:
+    """A histogram's series (_bucket, _sum, _count) belong to the histogram."""
+    for suffix in ("_bucket", "_sum", "_count"):
+        base = name[: -len(suffix)]
+        if name.endswith(suffix) and metrics.get(base) == "histogram":
+            return base
+    return name
+
+
+def used_metrics(expr: str, metrics: dict[str, str]) -> set[str]:
+    return {base_metric(m, metrics) for m in METRIC.findall(expr)}
+
+
+def github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives the headings of a Markdown file."""
+    anchors = set()
+    for line in markdown.splitlines():
+        match = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if match:
+            text = re.sub(r"`", "", match.group(1)).lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", text).replace(" ", "-"))
+    return anchors
+
+
+# --- alert rules ---------------------------------------------------------------------------
+
+
+def check_alerts(repo: Path, chart_dir: Path, metrics: dict[str, str], report: Reporter) -> list[Any] | None:
+    """Static checks of the alert rules; returns their groups (None when they do not load)."""
+    path = repo / "deploy" / "prometheus" / "imapgate-alerts.yaml"
+    where = str(path.relative_to(repo))
+    try:
+        text = path.read_text(encoding="utf-8")
+        rules_file = yaml.safe_load(text)
+    except (OSError, yaml.YAMLError) as err:
+        report.fail(where, f"does not load: {err}")
+        return None
+    groups = rules_file.get("groups") if isinstance(rules_file, dict) else None
+    if not report.check(isinstance(groups, list) and bool(groups), where, "has no groups"):
+        return None
+
+    copy = chart_dir / "files" / "alerts.yaml"
+    copy_name = os.path.relpath(copy, repo)
+    report.check(
+        copy.is_file() and copy.read_text(encoding="utf-8") == text,
+        copy_name,
+        f"must be identical to {where} (cp {where} {copy_name})",
+    )
+
+    operations = repo / "docs" / "operations.md"
+    anchors = github_anchors(operations.read_text(encoding="utf-8")) if operations.is_file() else set()
+    report.check(operations.is_file(), "docs/operations.md", "is missing (the alerts' runbooks)")
+    names = []
+    for group in groups:
+        for rule in group.get("rules", []):
+            if "alert" not in rule:
+                continue
+            name = rule["alert"]
+            names.append(name)
+            here = f"{where}: {name}"
+            report.check(
+                rule.get("labels", {}).get("severity") in SEVERITIES, here, f"severity must be one of {SEVERITIES}"
+            )
+            annotations = rule.get("annotations", {})
+            for key in ("summary", "description", "runbook"):
+                report.check(bool(annotations.get(key)), here, f"needs a {key} annotation")
+            runbook = RUNBOOK.match(str(annotations.get("runbook", "")))
+            if report.check(bool(runbook), here, "runbook must be docs/operations.md#<section>"):
+                report.check(
+                    runbook.group(1) in anchors,  # type: ignore[union-attr]
+                    here,
+                    f"runbook section #{runbook.group(1)} is not a heading of docs/operations.md",  # type: ignore[union-attr]
+                )
+            for metric in sorted(used_metrics(str(rule.get("expr", "")), metrics)):
+                report.check(metric in metrics, here, f"uses {metric}, which docs/metrics.md does not list")
+    report.check(len(names) == len(set(names)), where, "alert names must be unique")
+    check_alert_tests(repo, set(names), report)
+    return groups
+
+
+def check_alert_tests(repo: Path, alerts: set[str], report: Reporter) -> None:
+    path = repo / "deploy" / "prometheus" / "imapgate-alerts.test.yaml"
+    where = str(path.relative_to(repo))
+    try:
+        tests = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        report.fail(where, f"does not load: {err}")
+        return
+    report.check(tests.get("rule_files") == ["imapgate-alerts.yaml"], where, "must test imapgate-alerts.yaml")
+    fires: set[str] = set()
+    quiet: set[str] = set()
+    for case in tests.get("tests", []):
+        for test in case.get("alert_rule_test", []):
+            (fires if test.get("exp_alerts") else quiet).add(test.get("alertname"))
+    for name in sorted(alerts):
+        report.check(name in fires, where, f"no case where {name} fires")
+        report.check(name in quiet, where, f"no case where {name} stays quiet")
+    for name in sorted((fires | quiet) - alerts):
+        report.fail(where, f"tests {name}, which the rules do not define")
+
+
+def check_alerts_with_promtool(repo: Path, promtool: str, report: Reporter) -> None:
+    directory = repo / "deploy" / "prometheus"
+    status, out = run([promtool, "check", "rules", str(directory / "imapgate-alerts.yaml")], timeout=120)
+    report.check(status == 0, "promtool check rules imapgate-alerts.yaml", out)
+    # promtool resolves rule_files relative to the test file.
+    status, out = run([promtool, "test", "rules", str(directory / "imapgate-alerts.test.yaml")], timeout=300)
+    report.check(status == 0, "promtool test rules imapgate-alerts.test.yaml", out)
+
+
+# --- dashboard -----------------------------------------------------------------------------
+
+
+def dashboard_exprs(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    """(panel title, expression) for every query of every panel, rows' panels included."""
+    found = []
+
+    def walk(panels: list[dict[str, Any]]) -> None:
+        for panel in panels:
+            for target in panel.get("targets", []):
+                if "expr" in target:
+                    found.append((panel.get("title", "?"), target["expr"]))
+            walk(panel.get("panels", []))
+
+    walk(dashboard.get("panels", []))
+    return found
+
+
+def check_dashboard(repo: Path, metrics: dict[str, str], promtool: str | None, report: Reporter) -> None:
+    path = repo / "deploy" / "grafana" / "imapgate-dashboard.json"
+    where = str(path.relative_to(repo))
+    try:
+        dashboard = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        report.fail(where, f"does not load: {err}")
+        return
+    variables = {v.get("name"): v for v in dashboard.get("templating", {}).get("list", [])}
+    source = variables.get("datasource", {})
+    report.check(
+        source.get("type") == "datasource" and source.get("query") == "prometheus",
+        where,
+        "needs a template variable 'datasource' of type datasource (prometheus)",
+    )
+    report.check(bool(dashboard.get("uid")) and bool(dashboard.get("title")), where, "needs a uid and a title")
+    ids: list[int] = []
+    wanted = {"type": "prometheus", "uid": "${datasource}"}
+
+    def walk(panels: list[dict[str, Any]]) -> None:
+        for panel in panels:
+            ids.append(panel.get("id"))
+            report.check("gridPos" in panel, where, f"panel {panel.get('title')!r} has no gridPos")
+            if panel.get("type") != "row":
+                report.check(
+                    panel.get("datasource") == wanted, where, f"panel {panel.get('title')!r} must use ${{datasource}}"
+                )
+                report.check(bool(panel.get("targets")), where, f"panel {panel.get('title')!r} has no query")
+            for target in panel.get("targets", []):
+                report.check(
+                    target.get("datasource") == wanted,
+                    where,
+                    f"a query of panel {panel.get('title')!r} must use ${{datasource}}",
+                )
+            walk(panel.get("panels", []))
+
+    walk(dashboard.get("panels", []))
+    report.check(len(ids) == len(set(ids)) and None not in ids, where, "panel ids must be present and unique")
+
+    exprs = dashboard_exprs(dashboard)
+    shown: set[str] = set()
+    for title, expr in exprs:
+        for metric in used_metrics(expr, metrics):
+            report.check(
+                metric in metrics, where, f"panel {title!r} uses {metric}, which docs/metrics.md does not list"
+            )
+            shown.add(metric)
+    for metric in sorted(set(metrics) - shown):
+        report.fail(where, f"no panel shows {metric}")
+
+    if promtool:
+        # The queries' syntax: each becomes a recording rule, with Grafana's variables replaced.
+        rules = []
+        for index, (_title, expr) in enumerate(exprs):
+            concrete = (
+                expr.replace("$__rate_interval", "5m")
+                .replace("$__range", "1h")
+                .replace("$job", ".*")
+                .replace("$instance", ".*")
+            )
+            rules.append({"record": f"dashboard:query_{index}", "expr": concrete})
+        with tempfile.TemporaryDirectory() as tmp:
+            rule_file = Path(tmp) / "dashboard-queries.yaml"
+            rule_file.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}), encoding="utf-8")
+            status, out = run([promtool, "check", "rules", str(rule_file)], timeout=120)
+        report.check(status == 0, f"promtool check rules ({where} queries)", out)
+
+
+# --- systemd unit and Dockerfile -----------------------------------------------------------
+
+
+# Directive -> the value it must have (or one of its values, for directives given more than once).
+UNIT_HARDENING: dict[str, str] = {
+    "DynamicUser": "yes",
+    "ProtectSystem": "strict",
+    "ProtectHome": "yes",
+    "PrivateTmp": "yes",
+    "PrivateDevices": "yes",
+    "NoNewPrivileges": "yes",
+    "AmbientCapabilities": "CAP_NET_BIND_SERVICE",
+    "CapabilityBoundingSet": "CAP_NET_BIND_SERVICE",
+    "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+    "SystemCallFilter": "@system-service",
+    "SystemCallArchitectures": "native",
+    "MemoryDenyWriteExecute": "yes",
+    "LockPersonality": "yes",
+    "RestrictNamespaces": "yes",
+    "RestrictRealtime": "yes",
+    "RestrictSUIDSGID": "yes",
+    "ProtectKernelTunables": "yes",
+    "ProtectKernelModules": "yes",
+    "ProtectKernelLogs": "yes",
+    "ProtectControlGroups": "yes",
+    "ProtectClock": "yes",
+    "ProtectHostname": "yes",
+    "StateDirectory": "imapgate",
+    "ConfigurationDirectory": "imapgate",
+    "ExecReload": "/bin/kill -HUP $MAINPID",
+    "UMask": "0077",
+}
+
+
+def check_systemd_unit(repo: Path, systemd_analyze: str | None, imapgate: Path | None, report: Reporter) -> None:
+    path = repo / "deploy" / "systemd" / "imapgate.service"
+    where = str(path.relative_to(repo))
+    directives: dict[str, list[str]] = {}
+    text = path.read_text(encoding="utf-8")
+    for line in text.splitlines():
+        match = re.match(r"^([A-Za-z]+)=(.*)$", line)
+        if match:
+            directives.setdefault(match.group(1), []).append(match.group(2).strip())
+    for key, value in UNIT_HARDENING.items():
+        report.check(value in directives.get(key, []), where, f"must set {key}={value}")
+    report.check(
+        "User" in directives and "Group" not in directives, where, "the dynamic user needs User= and no static Group="
+    )
+    if systemd_analyze:
+        # ExecStart must name an existing executable for verify; the real path is an install-time fact.
+        binary = imapgate if imapgate and imapgate.is_file() else Path("/bin/true")
+        with tempfile.TemporaryDirectory() as tmp:
+            unit = Path(tmp) / "imapgate.service"
+            unit.write_text(text.replace("/usr/local/bin/imapgate", str(binary)), encoding="utf-8")
+            status, out = run([systemd_analyze, "verify", str(unit)], timeout=120)
+        report.check(status == 0 and not out.strip(), f"systemd-analyze verify {where}", out or f"exit {status}")
+
+
+def check_dockerfile(repo: Path, checkov: Path | None, report: Reporter) -> None:
+    path = repo / "deploy" / "Dockerfile"
+    where = str(path.relative_to(repo))
+    lines = [l.strip() for l in path.read_text(encoding="utf-8").splitlines()]
+    stages = [l for l in lines if l.upper().startswith("FROM ")]
+    report.check(len(stages) >= 2, where, "must be multi-stage (build and runtime)")
+    last = max(i for i, l in enumerate(lines) if l.upper().startswith("FROM "))
+    users = [l.split(None, 1)[1] for l in lines[last:] if l.upper().startswith("USER ")]
+    report.check(
+        bool(users) and re.fullmatch(r"[1-9][0-9]*(:[1-9][0-9]*)?", users[-1]) is not None,
+        where,
+        "the runtime stage must run as a numeric non-root USER",
+    )
+    report.check(
+        any(l.startswith('ENTRYPOINT ["') for l in lines[last:]), where, "ENTRYPOINT must be exec form (no shell)"
+    )
+    if checkov:
+        findings, problem = run_checkov(checkov, path, "dockerfile")
+        if report.check(problem is None, f"checkov {where}", problem or ""):
+            for check_id, resource in findings:
+                report.fail(
+                    f"checkov {where}",
+                    f"{check_id} fails for {resource} (fix it, or skip it in the Dockerfile with a reason)",
+                )
+
+
+def run_checkov(checkov: Path, target: Path, framework: str) -> tuple[list[tuple[str, str]], str | None]:
+    """Runs checkov on one file without any network access; ([(check id, resource)], problem)."""
+    env = dict(os.environ)
+    env.update(
+        {
+            # Never ask Prisma Cloud for its policy metadata, nor PyPI for a newer checkov ...
+            "BC_SKIP_MAPPING": "TRUE",
+            "CKV_SKIP_PACKAGE_UPDATE_CHECK": "TRUE",
+            # ... and if anything still tried, send it to a closed port on this machine.
+            "HTTPS_PROXY": "http://127.0.0.1:9",
+            "HTTP_PROXY": "http://127.0.0.1:9",
+            "https_proxy": "http://127.0.0.1:9",
+            "http_proxy": "http://127.0.0.1:9",
+            "NO_PROXY": "",
+            "no_proxy": "",
+        }
+    )
+    status, out = run(
+        [
+            str(checkov),
+            "-f",
+            str(target),
+            "--framework",
+            framework,
+            "--skip-download",
+            "--quiet",
+            "--compact",
+            "-o",
+            "json",
+        ],
+        timeout=300,
+        env=env,
+    )
+    start = out.find("{") if out.lstrip().startswith("{") else out.find("[")
+    try:
+        result = json.loads(out[start:]) if start >= 0 else None
+    except json.JSONDecodeError:
+        result = None
+    if result is None:
+        return [], f"exit {status}, no JSON report: {out[-2000:]}"
+    reports = result if isinstance(result, list) else [result]
+    findings = []
+    for item in reports:
+        summary = item.get("summary", {})
+        if summary.get("parsing_errors"):
+            return [], f"{summary['parsing_errors']} parsing error(s)"
+        if item.get("check_type") not in (None, framework):
+            continue
+        for failed in item.get("results", {}).get("failed_checks", []):
+            findings.append((failed.get("check_id", "?"), failed.get("resource", "?")))
+    if not findings and status not in (0, 1):
+        return [], f"exit {status}: {out[-2000:]}"
+    return findings, None
+
+
+def check_deploy(
+    repo: Path,
+    chart_dir: Path,
+    report: Reporter,
+    promtool: str | None,
+    systemd_analyze: str | None,
+    checkov: Path | None,
+    imapgate: Path | None,
+) -> list[Any] | None:
+    """Runs every check of this module; returns the alert groups (for the PrometheusRule check)."""
+    metrics = documented_metrics(repo)
+    groups = check_alerts(repo, chart_dir, metrics, report)
+    if promtool:
+        check_alerts_with_promtool(repo, promtool, report)
+    check_dashboard(repo, metrics, promtool, report)
+    check_systemd_unit(repo, systemd_analyze, imapgate, report)
+    check_dockerfile(repo, checkov, report)
+    return groups
