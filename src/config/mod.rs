@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use crate::secret::Secret;
 
-pub use raw::{BackendTls, ListenerTls, LogFormat, MfaMode, StateBackend};
+pub use raw::{BackendTls, ListenerTls, LogFormat, MfaMode, OnError, StateBackend};
 
 /// Secure defaults, one place.
 pub mod defaults {
@@ -83,6 +83,8 @@ pub mod defaults {
     pub const BLOCK_FOR: Duration = Duration::from_secs(15 * 60);
     /// Entries in the in-process state store (measured: about 280 bytes each, so 140 MiB at most).
     pub const STATE_MAX_ENTRIES: u32 = 500_000;
+    pub const REDIS_KEY_PREFIX: &str = "imapgate:";
+    pub const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 }
 
 /// The validated configuration.
@@ -116,8 +118,24 @@ pub struct ListenerConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct StateConfig {
     pub backend: StateBackend,
-    /// Entries kept at most by the in-process store.
+    /// Entries kept at most by the in-process store (the store itself with `memory`, the
+    /// fallback with `redis`).
     pub max_entries: usize,
+    /// With `backend: redis`.
+    pub redis: Option<RedisConfig>,
+}
+
+/// The shared store for several replicas.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://…` (TLS); it may hold a password.
+    pub url: Secret,
+    /// Extra CA for `rediss://` (private PKI); otherwise the system's CAs.
+    pub ca_file: Option<PathBuf>,
+    pub key_prefix: String,
+    pub on_error: OnError,
+    /// Each operation's deadline.
+    pub timeout: Duration,
 }
 
 impl Default for StateConfig {
@@ -125,6 +143,7 @@ impl Default for StateConfig {
         Self {
             backend: StateBackend::Memory,
             max_entries: defaults::STATE_MAX_ENTRIES as usize,
+            redis: None,
         }
     }
 }

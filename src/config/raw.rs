@@ -177,12 +177,35 @@ pub struct Argon2 {
 pub struct State {
     pub backend: Option<StateBackend>,
     pub max_entries: Option<u32>,
+    pub redis: Option<Redis>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redis {
+    pub url_file: Option<String>,
+    pub url_env: Option<String>,
+    pub ca_file: Option<String>,
+    pub key_prefix: Option<String>,
+    pub on_error: Option<OnError>,
+    pub timeout: Option<Scalar>,
+}
+
+/// What the gateway does while Redis cannot be reached.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Keep serving with this replica's own state.
+    Local,
+    /// Refuse what needs the shared state.
+    FailClosed,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum StateBackend {
     Memory,
+    Redis,
 }
 
 #[derive(Debug, Deserialize)]

@@ -867,10 +867,108 @@ fn state(cx: &mut Ctx, v: &Value) -> StateConfig {
             d.max_entries
         }
     };
+    let backend = s.backend.unwrap_or(d.backend);
+    let redis = match (backend, s.redis) {
+        (raw::StateBackend::Redis, None) => {
+            cx.err("state.redis", "is required with backend: redis");
+            None
+        }
+        (raw::StateBackend::Redis, Some(r)) => redis(cx, r),
+        (raw::StateBackend::Memory, Some(_)) => {
+            cx.warnings
+                .push("state.redis is set but state.backend is memory: Redis is not used".into());
+            None
+        }
+        (raw::StateBackend::Memory, None) => None,
+    };
     StateConfig {
-        backend: s.backend.unwrap_or(d.backend),
+        backend,
         max_entries,
+        redis,
     }
+}
+
+fn redis(cx: &mut Ctx, r: raw::Redis) -> Option<super::RedisConfig> {
+    let url = match (&r.url_file, &r.url_env) {
+        (Some(f), None) => cx.secret_file(f, "state.redis.url_file"),
+        (None, Some(var)) => match std::env::var(var) {
+            Ok(v) if !v.is_empty() => Some(Secret::from(v)),
+            _ => {
+                cx.err(
+                    "state.redis.url_env",
+                    format!("environment variable {var} is not set"),
+                );
+                None
+            }
+        },
+        _ => {
+            cx.err(
+                "state.redis",
+                "needs exactly one of url_file or url_env (the URL may hold a password)",
+            );
+            None
+        }
+    };
+    if let Some(u) = &url {
+        let text = u.expose_str().unwrap_or("");
+        if !(text.starts_with("redis://") || text.starts_with("rediss://")) {
+            // Never echo the URL: it may hold a password.
+            cx.err(
+                "state.redis.url_file",
+                "the URL must start with redis:// or rediss:// (TLS)",
+            );
+        } else if text.starts_with("redis://") && !redis_host_is_loopback(text) {
+            cx.warnings.push(
+                "state.redis: redis:// sends the password and the state in cleartext; use rediss:// unless Redis is on a trusted network".into(),
+            );
+        }
+    }
+    let key_prefix = r
+        .key_prefix
+        .unwrap_or_else(|| defaults::REDIS_KEY_PREFIX.to_owned());
+    if key_prefix.is_empty()
+        || key_prefix.len() > 64
+        || key_prefix
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace())
+    {
+        cx.err(
+            "state.redis.key_prefix",
+            "must be 1-64 characters without spaces or control characters",
+        );
+    }
+    let timeout = cx.duration(
+        r.timeout.as_ref(),
+        "state.redis.timeout",
+        defaults::REDIS_TIMEOUT,
+    );
+    if timeout < Duration::from_millis(10) || timeout > Duration::from_secs(10) {
+        cx.err("state.redis.timeout", "must be between 10ms and 10s");
+    }
+    let ca_file = r.ca_file.as_deref().map(|f| cx.path(f));
+    if let Some(f) = &ca_file {
+        if !f.is_file() {
+            cx.err(
+                "state.redis.ca_file",
+                format!("cannot read {}", f.display()),
+            );
+        }
+    }
+    Some(super::RedisConfig {
+        url: url?,
+        ca_file,
+        key_prefix,
+        on_error: r.on_error.unwrap_or(raw::OnError::Local),
+        timeout,
+    })
+}
+
+/// `redis://[user:pass@]127.0.0.1…` or `localhost`/`[::1]`.
+fn redis_host_is_loopback(url: &str) -> bool {
+    let rest = url.trim_start_matches("redis://");
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = authority.rsplit('@').next().unwrap_or("");
+    host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]")
 }
 
 /// Splits `host:port` / `[v6]:port`.

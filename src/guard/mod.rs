@@ -170,6 +170,8 @@ pub struct Guard {
     accounts: Arc<Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>>,
     /// Blocks seen by the last sweep, to report the ones that ended.
     seen: Mutex<HashSet<(String, String)>>,
+    /// Refuse (rather than allow) when the state store cannot be read (`on_error: fail_closed`).
+    fail_closed: bool,
 }
 
 /// Concurrent password attempts per account (the others wait their turn, within the
@@ -180,16 +182,37 @@ const ACCOUNT_SLOTS: usize = 4;
 const LIST_LIMIT: usize = 10_000;
 
 impl Guard {
-    pub fn new(cfg: GuardConfig, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
+    /// `seed`: a secret every replica shares (with Redis), so that fingerprints agree across
+    /// replicas; without one, a random key (one process).
+    pub fn new(
+        cfg: GuardConfig,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        seed: Option<&[u8]>,
+    ) -> Self {
+        let fingerprint_key = match seed.and_then(|s| Hmac::<Sha256>::new_from_slice(s).ok()) {
+            Some(mut mac) => {
+                mac.update(b"imapgate guard fingerprint key v1");
+                mac.finalize().into_bytes().into()
+            }
+            None => rand::random(),
+        };
         Self {
             cfg: std::sync::RwLock::new(Arc::new(cfg)),
             store,
             metrics,
-            fingerprint_key: rand::random(),
+            fingerprint_key,
             in_flight: Arc::new(Mutex::new(HashMap::new())),
             accounts: Arc::new(Mutex::new(HashMap::new())),
             seen: Mutex::new(HashSet::new()),
+            fail_closed: false,
         }
+    }
+
+    /// With `state.redis.on_error: fail_closed`: an unreadable store refuses the attempt.
+    pub fn fail_closed(mut self, yes: bool) -> Self {
+        self.fail_closed = yes;
+        self
     }
 
     pub fn config(&self) -> Arc<GuardConfig> {
@@ -338,7 +361,13 @@ impl Guard {
             Ok(v) => v,
             Err(e) => {
                 self.store_error("get_many", &e);
+                let verdict = if self.fail_closed {
+                    Verdict::Reject
+                } else {
+                    Verdict::Allow
+                };
                 return Decision {
+                    verdict,
                     permit,
                     ..Decision::allow(Scope::None)
                 };
@@ -536,15 +565,21 @@ impl Guard {
                 return Ok(());
             }
         }
-        s.incr(&keys::tarpit_ip(ip), 1, c.per_ip.per).await?;
-        let from_this_net = match key.user {
-            Some(user) => {
-                s.incr(&keys::tarpit_account_net(user, net), 1, c.per_ip.per)
-                    .await?
-            }
-            None => 0,
-        };
         let ip_text = ip.to_string();
+        let net_text = net.to_string();
+        let member = key
+            .user
+            .map_or_else(|| "-".to_owned(), |u| self.fingerprint(u, b""));
+        // Independent updates, sent together (with Redis: pipelined on one connection, about
+        // one round trip).
+        let tarpit_ip = keys::tarpit_ip(ip);
+        let tarpit_net = key.user.map(|u| keys::tarpit_account_net(u, net));
+        let (_, from_this_net) = tokio::try_join!(s.incr(&tarpit_ip, 1, c.per_ip.per), async {
+            match &tarpit_net {
+                Some(k) => s.incr(k, 1, c.per_ip.per).await,
+                None => Ok(0),
+            }
+        })?;
         if key.kind == Kind::Token {
             if let RateDecision::Limited(_) = s
                 .rate_check(
@@ -564,15 +599,24 @@ impl Guard {
             }
             return Ok(());
         }
-        let net_text = net.to_string();
-        for (scope, value, budget) in [
-            (Scope::Ip, &ip_text, c.per_ip),
-            (Scope::Subnet, &net_text, c.per_subnet),
+        let (fail_ip, fail_net, spray_ip, spray_net) = (
+            keys::failures(Scope::Ip, &ip_text),
+            keys::failures(Scope::Subnet, &net_text),
+            keys::spray(Scope::Ip, &ip_text),
+            keys::spray(Scope::Subnet, &net_text),
+        );
+        // Spraying: distinct accounts failed from this address and from this subnet.
+        let (ip_rate, net_rate, ip_accounts, net_accounts) = tokio::try_join!(
+            s.rate_check(&fail_ip, rate(c.per_ip)),
+            s.rate_check(&fail_net, rate(c.per_subnet)),
+            s.set_add_count(&spray_ip, &member, c.spray.per),
+            s.set_add_count(&spray_net, &member, c.spray.per),
+        )?;
+        for (scope, value, budget, decision) in [
+            (Scope::Ip, &ip_text, c.per_ip, ip_rate),
+            (Scope::Subnet, &net_text, c.per_subnet, net_rate),
         ] {
-            if let RateDecision::Limited(_) = s
-                .rate_check(&keys::failures(scope, value), rate(budget))
-                .await?
-            {
+            if let RateDecision::Limited(_) = decision {
                 self.impose(
                     scope,
                     value,
@@ -583,14 +627,10 @@ impl Guard {
                 .await?;
             }
         }
-        // Spraying: distinct accounts failed from this address and from this subnet.
-        let member = key
-            .user
-            .map_or_else(|| "-".to_owned(), |u| self.fingerprint(u, b""));
-        for (scope, value) in [(Scope::Ip, &ip_text), (Scope::Subnet, &net_text)] {
-            let n = s
-                .set_add_count(&keys::spray(scope, value), &member, c.spray.per)
-                .await?;
+        for (scope, value, n) in [
+            (Scope::Ip, &ip_text, ip_accounts),
+            (Scope::Subnet, &net_text, net_accounts),
+        ] {
             if n > u64::from(c.spray.failures) {
                 self.impose(scope, value, "spray", n, c.spray.enforce)
                     .await?;

@@ -11,7 +11,7 @@ use crate::state::MemoryStore;
 fn guard_with(cfg: GuardConfig, max_entries: usize) -> (Guard, Arc<MemoryStore>) {
     let store = Arc::new(MemoryStore::new(max_entries));
     let metrics = Arc::new(Metrics::new().unwrap());
-    (Guard::new(cfg, store.clone(), metrics), store)
+    (Guard::new(cfg, store.clone(), metrics, None), store)
 }
 
 fn guard() -> Guard {

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub guard_blocked_sources: IntGauge,
     pub guard_attack_mode_accounts: IntGauge,
     pub state_store_errors: IntCounterVec,
+    pub state_store_up: IntGauge,
     pub upstream_logins: IntCounterVec,
     pub upstream_login_seconds: HistogramVec,
     pub backend_up: IntGaugeVec,
@@ -103,6 +104,10 @@ pub const CATALOGUE: &[(&str, &str)] = &[
     (
         "imapgate_state_store_errors_total",
         "Shared-state operations that failed, by operation.",
+    ),
+    (
+        "imapgate_state_store_up",
+        "1 while the state store answers (always 1 for the in-process store; 0 while Redis is unreachable).",
     ),
     (
         "imapgate_upstream_logins_total",
@@ -204,6 +209,8 @@ impl Metrics {
         let guard_blocked_sources = gauge("imapgate_guard_blocked_sources")?;
         let guard_attack_mode_accounts = gauge("imapgate_guard_attack_mode_accounts")?;
         let state_store_errors = counter_vec("imapgate_state_store_errors_total", &["op"])?;
+        let state_store_up = gauge("imapgate_state_store_up")?;
+        state_store_up.set(1);
         let upstream_logins =
             counter_vec("imapgate_upstream_logins_total", &["backend", "result"])?;
         let upstream_login_seconds = HistogramVec::new(
@@ -263,6 +270,7 @@ impl Metrics {
             guard_blocked_sources,
             guard_attack_mode_accounts,
             state_store_errors,
+            state_store_up,
             upstream_logins,
             upstream_login_seconds,
             backend_up,

@@ -247,6 +247,8 @@ pub struct Health {
     pub draining: AtomicBool,
     /// The last reload of the configuration failed (the previous one is in use).
     pub config_stale: AtomicBool,
+    /// The shared state store, when there is one (Redis).
+    pub state: std::sync::OnceLock<Arc<crate::state::SharedStore>>,
     /// One flag per backend, in config order (replaced when a reload changes the backends).
     backends: std::sync::RwLock<Vec<(String, bool)>>,
 }
@@ -282,25 +284,46 @@ impl Health {
 
     /// Ready, and why not.
     pub fn readiness(&self) -> (bool, String) {
-        let mut lines = Vec::new();
+        let mut lines: Vec<String> = Vec::new();
         let mut ok = true;
-        let mut check = |name: &str, good: bool| {
+        let mut check = |lines: &mut Vec<String>, name: &str, good: bool| {
             ok &= good;
             lines.push(format!("{name}: {}", if good { "ok" } else { "not ok" }));
         };
-        check("listeners", self.listeners_bound.load(Ordering::Relaxed));
         check(
+            &mut lines,
+            "listeners",
+            self.listeners_bound.load(Ordering::Relaxed),
+        );
+        check(
+            &mut lines,
             "certificates",
             self.certificates_loaded.load(Ordering::Relaxed),
         );
-        check("draining", !self.draining.load(Ordering::Relaxed));
+        check(
+            &mut lines,
+            "draining",
+            !self.draining.load(Ordering::Relaxed),
+        );
         let backends = self.backends.read().map(|b| b.clone()).unwrap_or_default();
-        check("backends", backends.iter().any(|(_, up)| *up));
+        check(&mut lines, "backends", backends.iter().any(|(_, up)| *up));
         for (name, up) in &backends {
             lines.push(format!(
                 "  backend {name}: {}",
                 if *up { "up" } else { "down" }
             ));
+        }
+        match self.state.get() {
+            None => lines.push("state: memory".into()),
+            Some(s) if s.is_up() => lines.push("state: redis ok".into()),
+            Some(s) => match s.on_error() {
+                crate::config::OnError::Local => lines.push(
+                    "state: redis unreachable; serving with this replica's local state".into(),
+                ),
+                crate::config::OnError::FailClosed => {
+                    check(&mut lines, "state (redis, on_error: fail_closed)", false)
+                }
+            },
         }
         if self.config_stale.load(Ordering::Relaxed) {
             // Still ready: the previous configuration is serving.

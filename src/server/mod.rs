@@ -45,6 +45,8 @@ pub enum StartError {
     Users(#[from] crate::auth::users::UsersError),
     #[error("metrics: {0}")]
     Metrics(String),
+    #[error("state store: {0}")]
+    State(crate::state::StoreError),
 }
 
 /// A started gateway, for the binary and for tests.
@@ -245,13 +247,39 @@ impl Gateway {
         let server_tls = ServerTls::build(&config.tls)?;
         health.certificates_loaded.store(true, Ordering::Relaxed);
         // One state store for everything shared (guard counters, TOTP replay, unlocks).
-        let state: Arc<dyn crate::state::Store> =
-            Arc::new(MemoryStore::new(config.state.max_entries));
-        let guard = Arc::new(Guard::new(
-            config.guard.clone(),
-            state.clone(),
-            metrics.clone(),
-        ));
+        let local = Arc::new(MemoryStore::new(config.state.max_entries));
+        let (state, shared_state): (Arc<dyn crate::state::Store>, _) = match &config.state.redis {
+            Some(r) if config.state.backend == crate::config::StateBackend::Redis => {
+                // The Redis client's TLS uses the process default provider: ours.
+                let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+                let remote = crate::state::RedisStore::new(r).map_err(StartError::State)?;
+                let shared = Arc::new(crate::state::SharedStore::new(
+                    remote,
+                    local,
+                    r.on_error,
+                    metrics.clone(),
+                ));
+                let _ = health.state.set(shared.clone());
+                (shared.clone() as Arc<dyn crate::state::Store>, Some(shared))
+            }
+            _ => (local as Arc<dyn crate::state::Store>, None),
+        };
+        // Replicas sharing Redis share the secret that keys the guard's fingerprints.
+        let seed = config.state.redis.as_ref().map(|r| r.url.expose().to_vec());
+        let fail_closed = config
+            .state
+            .redis
+            .as_ref()
+            .is_some_and(|r| r.on_error == crate::config::OnError::FailClosed);
+        let guard = Arc::new(
+            Guard::new(
+                config.guard.clone(),
+                state.clone(),
+                metrics.clone(),
+                seed.as_deref(),
+            )
+            .fail_closed(fail_closed),
+        );
         let store = Arc::new(CredentialStore::open(
             &config.auth,
             state.clone(),
@@ -357,6 +385,9 @@ impl Gateway {
                 .clone()
                 .sweep_loop(Duration::from_secs(5), background.clone()),
         );
+        if let Some(shared) = shared_state {
+            tokio::spawn(shared.probe_loop(Duration::from_secs(1), background.clone()));
+        }
 
         let shutdown = CancellationToken::new();
         let (done_tx, done) = tokio::sync::oneshot::channel();

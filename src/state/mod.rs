@@ -1,16 +1,20 @@
 //! Shared state: the one interface through which the guard and the authenticators keep what
 //! must be shared between replicas (rate cells, counters, sets, one-time markers).
 //!
-//! Every operation is async and fallible from the start, because the Redis implementation
-//! (planned) can fail; every key carries a TTL so nothing grows without bound. The memory
-//! implementation is the default for a single instance; it bounds its size and evicts expired
-//! entries as it goes.
+//! Every operation is async and fallible, because Redis can fail; every key carries a TTL so
+//! nothing grows without bound. [`MemoryStore`] is the default for a single instance; it bounds
+//! its size and evicts as it goes. [`SharedStore`] is Redis ([`RedisStore`]) with that memory
+//! store as the fallback, for several replicas (docs/state.md).
 
 mod memory;
+mod redis;
+mod shared;
 
 use std::time::Duration;
 
 pub use memory::MemoryStore;
+pub use redis::RedisStore;
+pub use shared::SharedStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -62,6 +62,98 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A throwaway `redis-server` (Debian's) on a free loopback port, with a password, no
+/// persistence; stopped on drop. It can be stopped and started again on the same port.
+pub struct RedisServer {
+    pub port: u16,
+    pub password: String,
+    dir: tempfile::TempDir,
+    child: std::sync::Mutex<Option<std::process::Child>>,
+}
+
+impl RedisServer {
+    /// None (skip) when redis-server is missing, unless IMAPGATE_REQUIRE_REAL=1 (then fail).
+    pub fn start() -> Option<RedisServer> {
+        if !have("redis-server") {
+            return None;
+        }
+        let r = RedisServer {
+            port: free_port(),
+            password: format!("r-{}", app_password::generate().expose_str().unwrap()),
+            dir: tempfile::tempdir().unwrap(),
+            child: std::sync::Mutex::new(None),
+        };
+        r.resume();
+        Some(r)
+    }
+
+    /// The URL the gateway is given (it holds the password).
+    pub fn url(&self) -> String {
+        format!("redis://:{}@127.0.0.1:{}/", self.password, self.port)
+    }
+
+    /// Starts the server (again) and waits until it answers.
+    pub fn resume(&self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--requirepass",
+                &self.password,
+                "--dir",
+                self.dir.path().to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        *self.child.lock().unwrap() = Some(child);
+        for _ in 0..100 {
+            if self.cli(&["PING"]).trim() == "PONG" {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    /// Kills the server (like a crash: no clean shutdown).
+    pub fn kill(&self) {
+        if let Some(mut c) = self.child.lock().unwrap().take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `redis-cli` against it; stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "--no-auth-warning",
+                "-a",
+                &self.password,
+            ])
+            .args(args)
+            .output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// A test CA and the certificates it signs.
 pub struct Pki {
     pub dir: PathBuf,
@@ -541,6 +633,8 @@ pub struct Options {
     pub guard: String,
     /// Listener lines added to the two standard ones.
     pub extra_listeners: &'static str,
+    /// The `state` section's body (indented two spaces); empty: memory.
+    pub state: String,
 }
 
 /// The guard in tests that are not about it: the production budgets, a short tarpit so that
@@ -564,6 +658,7 @@ impl Default for Options {
             oauth: None,
             guard: TEST_GUARD.to_owned(),
             extra_listeners: "",
+            state: String::new(),
         }
     }
 }
@@ -658,6 +753,8 @@ listeners:
 {extra_listeners}
 guard:
 {guard}
+state:
+{state}
 tls:
   certificates:
     - {{ cert_file: "{cert}", key_file: "{key}" }}
@@ -725,6 +822,11 @@ admin: {{ address: "127.0.0.1:0", health_interval: 1s, token_file: "{admin_token
                 p.display().to_string()
             },
             guard = opts.guard,
+            state = if opts.state.is_empty() {
+                "  backend: memory".to_owned()
+            } else {
+                opts.state.clone()
+            },
         );
         // Loaded from its file, as the binary does: reloads read the file again.
         let config_path = dir.path().join("imapgate.yaml");

@@ -19,6 +19,7 @@ mod oauth;
 mod operations;
 mod preauth_input;
 mod relay;
+mod shared_state;
 mod shutdown;
 mod tls_front;
 mod upstream;
