@@ -70,6 +70,9 @@ pub struct Attempt {
     pub client_ip: IpAddr,
     pub mechanism: Mechanism,
     pub credential: Credential,
+    /// Set by the authenticator when an app password matched, also if the attempt then fails
+    /// (a wrong TOTP code): the audit log names it, so the leaked one can be revoked.
+    pub matched_credential: std::sync::OnceLock<String>,
 }
 
 /// Why an attempt failed (never shown to the client).

@@ -479,6 +479,7 @@ impl Authenticator for CredentialStore {
         let Some(ap) = ap else {
             return Outcome::Failure(FailureReason::BadPassword);
         };
+        let _ = attempt.matched_credential.set(ap.id.clone());
 
         // 2. Policy.
         if !entry.mechanisms.is_empty()

@@ -103,8 +103,9 @@ pub struct UsersTarget {
         required_unless_present = "users_file"
     )]
     pub config: Option<PathBuf>,
-    /// The users file itself; new hashes then use the default argon2 parameters.
-    #[arg(long, conflicts_with = "config")]
+    /// The users file itself; new hashes then use the default argon2 parameters. Wins over
+    /// `-c` (and over IMAPGATE_CONFIG, which the container image sets).
+    #[arg(long)]
     pub users_file: Option<PathBuf>,
 }
 

@@ -252,6 +252,26 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
 
+        // Series that alerts watch start at 0, so that `increase()` sees their first event.
+        for (scope, reason) in [
+            ("ip", "failures"),
+            ("ip", "spray"),
+            ("subnet", "failures"),
+            ("subnet", "spray"),
+            ("account", "failures"),
+            ("token_ip", "failures"),
+        ] {
+            guard_blocks.with_label_values(&[scope, reason]);
+        }
+        for reason in ["bad_code", "code_replayed", "stale_code", "code_missing"] {
+            totp_failures.with_label_values(&[reason]);
+        }
+        for result in ["ok", "error", "restart_needed"] {
+            config_reloads.with_label_values(&[result]);
+        }
+        for result in ["ok", "error"] {
+            users_reloads.with_label_values(&[result]);
+        }
         Ok(Self {
             registry,
             connections,

@@ -481,14 +481,18 @@ impl Session {
             sm.auth_failed_close(&req.tag);
             return LoginEnd::Continue(sm);
         }
+        let mut matched = None;
         let outcome = match decision.verdict {
             Verdict::Allow => {
-                let attempt = Attempt {
+                let mut attempt = Attempt {
                     client_ip: self.peer.ip(),
                     mechanism: req.mechanism,
                     credential: req.credential,
+                    matched_credential: Default::default(),
                 };
-                Some(self.shared.authenticator.authenticate(&attempt).await)
+                let o = self.shared.authenticator.authenticate(&attempt).await;
+                matched = attempt.matched_credential.take();
+                Some(o)
             }
             // Invariant 4: a refused attempt is never checked.
             Verdict::Reject | Verdict::Close => None,
@@ -518,7 +522,18 @@ impl Session {
                 drop(decision.permit);
                 m.auth_attempts.with_label_values(&[mech, "failure"]).inc();
                 m.auth_seconds.observe(started.elapsed().as_secs_f64());
-                self.audit(&log_user, mech, "failure", reason, action, "");
+                // The app password that matched, when the failure came after it (a wrong code:
+                // that one has leaked).
+                self.audit_full(
+                    &log_user,
+                    mech,
+                    "failure",
+                    reason,
+                    action,
+                    "",
+                    matched.as_deref().unwrap_or(""),
+                    "",
+                );
                 tracing::info!(user = %log_user, mechanism = mech, reason, guard = action, "login failed");
                 if req.mechanism.is_oauth() {
                     sm.oauth_failed(&req.tag, &self.oauth_challenge(req.mechanism));

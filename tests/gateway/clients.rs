@@ -388,6 +388,16 @@ async fn curl_and_python_imaplib_through_the_real_binary_and_no_secret_in_any_lo
         );
     }
     assert!(audit.contains("\"result\":\"unavailable\""), "{audit}");
+    // The leaked-app-password signal names the app password, so that it can be revoked.
+    let mia_ap = imapgate::auth::users::UsersFile::load(&t.users_file).unwrap().users[mfa_user]
+        .app_passwords[0]
+        .id
+        .clone();
+    assert!(
+        audit.lines().any(|l| l.contains("\"reason\":\"bad_code\"")
+            && l.contains(&format!("\"credential\":\"{mia_ap}\""))),
+        "{audit}"
+    );
     assert!(audit.contains("\"action\":\"block\""), "{audit}");
     assert!(
         audit.contains("\"result\":\"success\"") && audit.contains("\"result\":\"failure\""),
