@@ -24,11 +24,12 @@ chart renders with the default values, ci/full-values.yaml and ~30 variants; the
 the security settings the project promises; the rendered imapgate config uses only keys that
 config/imapgate.example.yaml documents (or, for an option that is off by default, documents in a
 commented-out entry); every file the config names (TLS, users file, TOTP key ring, master
-passwords, CAs, admin token) is mounted into the container, read-only, and Secret volumes other
+passwords, CAs, admin token, Redis URL) is mounted into the container, read-only, and Secret volumes other
 than CA certificates are not world-readable; the optional objects (PDB, HPA, NetworkPolicy,
 metrics Service and ServiceMonitor, PrometheusRule, Certificate, topology spread) select and
-fit the Deployment; variants render what they promise; and values that must be refused are
-refused, with the expected message where one is named.
+fit the Deployment; variants render what they promise (state.backend redis: several replicas, the
+Redis URL from its Secret); and values that must be refused are refused (more than one pod with
+in-memory state, redis without its Secret), with the expected message where one is named.
 
 Deep checks: `imapgate check-config` on every rendered config (target/debug/imapgate, with
 stand-in secret files), and, with the helm binary, `kubernetes-validate --strict` of the default
@@ -230,6 +231,21 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("admin.tokenSecret", "Admin_Token"),
     ("admin.token", "inline-tokens-are-refused"),
     ("state.maxEntries", 10),
+    ("state.backend", "valkey"),
+    ("state.backend", "Redis"),
+    ("state.redis.url", "redis://:inline-urls-are-refused@redis:6379/0"),
+    ("state.redis.password", "inline-passwords-are-refused"),
+    ("state.redis.existingSecret", "Redis_URL"),
+    ("state.redis.urlSecretKey", "url key"),
+    ("state.redis.caSecret", "Redis CA"),
+    ("state.redis.keyPrefix", ""),
+    ("state.redis.keyPrefix", "imap gate:"),
+    ("state.redis.keyPrefix", "x" * 65),
+    ("state.redis.onError", "open"),
+    ("state.redis.onError", "failClosed"),
+    ("state.redis.timeout", "500 ms"),
+    ("state.redis.timeout", "1m"),
+    ("state.redis.timeout", 500),
     ("guard.enfore", True),
     ("guard.enforce", "false"),
     ("guard.subnetV4", 33),
@@ -524,6 +540,8 @@ def check_rendered(name: str, docs: list[dict[str, Any]], example_paths: set[str
         files += [backend[k] for k in ("master_password_file", "ca_file") if k in backend]
     if config.get("admin", {}).get("token_file"):
         files.append(config["admin"]["token_file"])
+    redis = config.get("state", {}).get("redis") or {}
+    files += [redis[k] for k in ("url_file", "ca_file") if k in redis]
     for path in files:
         report.check(mounted(path), where, f"the config names {path}, which nothing mounts")
     for mount in mounts:
@@ -718,6 +736,7 @@ def check_production_objects(
 
 
 FULL_VALUES = "full-featured values (ci/full-values.yaml)"
+REDIS_TWO_REPLICAS = "redis state, two replicas"
 
 
 def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool]]:
@@ -827,6 +846,53 @@ def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list
         (FULL_VALUES, full_values, True),
         ("two replicas without allowMultipleReplicasWithLocalState", {"replicaCount": 2}, False),
         (
+            REDIS_TWO_REPLICAS,
+            {"replicaCount": 2, "state": {"backend": "redis", "redis": {"existingSecret": "mail-imapgate-redis"}}},
+            True,
+        ),
+        (
+            "redis with a private CA, fail_closed, another URL key",
+            {
+                "state": {
+                    "backend": "redis",
+                    "maxEntries": 100000,
+                    "redis": {
+                        "existingSecret": "shared-redis",
+                        "urlSecretKey": "imapgate-url",
+                        "caSecret": "redis-ca",
+                        "keyPrefix": "mail:imapgate:",
+                        "onError": "fail_closed",
+                        "timeout": "2s",
+                    },
+                }
+            },
+            True,
+        ),
+        (
+            "autoscaling to six pods with redis",
+            {
+                "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6},
+                "state": {"backend": "redis", "redis": {"existingSecret": "mail-imapgate-redis"}},
+            },
+            True,
+        ),
+        ("redis without existingSecret", {"replicaCount": 2, "state": {"backend": "redis"}}, False),
+        (
+            "redis with a timeout above 10s",
+            {"state": {"backend": "redis", "redis": {"existingSecret": "mail-imapgate-redis", "timeout": "30s"}}},
+            False,
+        ),
+        (
+            "redis with a timeout below 10ms",
+            {"state": {"backend": "redis", "redis": {"existingSecret": "mail-imapgate-redis", "timeout": "5ms"}}},
+            False,
+        ),
+        (
+            "two replicas with memory and a redis Secret named",
+            {"replicaCount": 2, "state": {"backend": "memory", "redis": {"existingSecret": "mail-imapgate-redis"}}},
+            False,
+        ),
+        (
             "autoscaling to three pods without allowMultipleReplicasWithLocalState",
             {"autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 3}},
             False,
@@ -903,6 +969,12 @@ def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list
 # is off by default), with the commented line that must stay there to document them.
 COMMENTED_EXAMPLE_KEYS: dict[str, re.Pattern[str]] = {
     "listeners[].proxy_protocol": re.compile(r"^\s*#\s+proxy_protocol:\s", re.MULTILINE),
+    "state.redis": re.compile(r"^\s*#\s+redis:\s*$", re.MULTILINE),
+    "state.redis.url_file": re.compile(r"^\s*#\s+url_file:\s", re.MULTILINE),
+    "state.redis.ca_file": re.compile(r"^\s*#\s+ca_file:\s", re.MULTILINE),
+    "state.redis.key_prefix": re.compile(r"^\s*#\s+key_prefix:\s", re.MULTILINE),
+    "state.redis.on_error": re.compile(r"^\s*#\s+on_error:\s", re.MULTILINE),
+    "state.redis.timeout": re.compile(r"^\s*#\s+timeout:\s", re.MULTILINE),
 }
 
 
@@ -931,11 +1003,13 @@ def check_rendering(
             rendered = renderer(overrides)
         except RuntimeError as err:
             if report.check(not must_render, f"render[{name}]", f"failed: {err}") and name in FAILURE_MESSAGES:
-                report.check(
-                    FAILURE_MESSAGES[name] in str(err),
-                    f"render[{name}]",
-                    f"refused, but without {FAILURE_MESSAGES[name]!r}: {err}",
-                )
+                wanted = FAILURE_MESSAGES[name]
+                for needed in (wanted,) if isinstance(wanted, str) else wanted:
+                    report.check(
+                        needed in str(err),
+                        f"render[{name}]",
+                        f"refused, but without {needed!r}: {err}",
+                    )
             continue
         if not report.check(must_render, f"render[{name}]", "rendered, but these values must be refused"):
             continue
@@ -963,6 +1037,16 @@ def check_rendering(
             deep.check_config(name, config_text, report)
             if name in ("defaults", FULL_VALUES):
                 deep.check_manifests(renderer, name, overrides, report)
+            elif name in NOTES_VARIANTS and getattr(renderer, "helm", None):
+                deep.check_notes(renderer.helm, name, overrides, report)  # type: ignore[attr-defined]
+
+
+# Variants whose install notes are checked too (besides the defaults and the full values).
+NOTES_VARIANTS = (
+    REDIS_TWO_REPLICAS,
+    "redis with a private CA, fail_closed, another URL key",
+    "three backends, routes, IPv6, two replicas",
+)
 
 
 def _auth(config: dict[str, Any]) -> dict[str, Any]:
@@ -971,6 +1055,14 @@ def _auth(config: dict[str, Any]) -> dict[str, Any]:
 
 def _guard(config: dict[str, Any]) -> dict[str, Any]:
     return config.get("guard", {})
+
+
+def _state(config: dict[str, Any]) -> dict[str, Any]:
+    return config.get("state", {})
+
+
+def _redis(config: dict[str, Any]) -> dict[str, Any]:
+    return _state(config).get("redis") or {}
 
 
 def _listener(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -996,11 +1088,25 @@ GUARD_DEFAULTS: dict[str, Any] = {
     "block_for": "15m",
 }
 
-# What particular refusals must say (a substring of Helm's error).
-FAILURE_MESSAGES: dict[str, str] = {
+# What particular refusals must say (substrings of Helm's error: one, or a tuple of them all).
+FAILURE_MESSAGES: dict[str, str | tuple[str, ...]] = {
     "PROXY protocol without trusted proxies": "listeners.imap.proxyProtocol needs guard.trustedProxies",
-    "two replicas without allowMultipleReplicasWithLocalState": "replicaCount is 2, but state is kept per pod",
-    "autoscaling to three pods without allowMultipleReplicasWithLocalState": "autoscaling.maxReplicas is 3",
+    "two replicas without allowMultipleReplicasWithLocalState": (
+        "replicaCount is 2, but state is kept per pod with state.backend memory",
+        "guard budgets, used TOTP codes and unlock windows would be per pod",
+        "Use state.backend: redis",
+    ),
+    "autoscaling to three pods without allowMultipleReplicasWithLocalState": (
+        "autoscaling.maxReplicas is 3",
+        "Use state.backend: redis",
+    ),
+    "two replicas with memory and a redis Secret named": "replicaCount is 2, but state is kept per pod",
+    "redis without existingSecret": (
+        "state.backend is redis but state.redis.existingSecret is empty",
+        "kubectl create secret generic imapgate-redis --from-literal=url=",
+    ),
+    "redis with a timeout above 10s": "state.redis.timeout 30s is out of range",
+    "redis with a timeout below 10ms": "state.redis.timeout 5ms is out of range",
     "autoscaling with minReplicas above maxReplicas": "minReplicas must not exceed",
     "PDB minAvailable 1 with one pod": "blocks every node drain",
     "PDB maxUnavailable 0": "blocks every node drain",
@@ -1029,6 +1135,31 @@ def _get(node: Any, *path: Any) -> Any:
     return node
 
 
+def _volume(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    volumes = _get(_one(docs, "Deployment"), "spec", "template", "spec", "volumes") or []
+    return next((v for v in volumes if v.get("name") == name), {})
+
+
+def _mount(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    mounts = _get(_one(docs, "Deployment"), "spec", "template", "spec", "containers", 0, "volumeMounts") or []
+    return next((m for m in mounts if m.get("name") == name), {})
+
+
+def _redis_secret_mounted(docs: list[dict[str, Any]], secret: str, key: str) -> list[tuple[bool, str]]:
+    """The Redis URL Secret is a volume with only that key, as the file url, mounted read-only."""
+    volume = _volume(docs, "redis-url").get("secret", {})
+    mount = _mount(docs, "redis-url")
+    return [
+        (volume.get("secretName") == secret, f"the redis-url volume must come from Secret {secret}, not {volume!r}"),
+        (volume.get("items") == [{"key": key, "path": "url"}], f"the redis-url volume must map key {key} to url"),
+        (volume.get("defaultMode") == 0o440, "the Redis URL (it may hold a password) must not be world-readable"),
+        (
+            mount.get("mountPath") == "/etc/imapgate/redis" and mount.get("readOnly") is True,
+            f"the Redis URL Secret must be mounted read-only at /etc/imapgate/redis, not {mount!r}",
+        ),
+    ]
+
+
 # What particular variants must render as manifests: (holds, message) pairs.
 MANIFEST_EXPECTATIONS: dict[str, Callable[[list[dict[str, Any]]], list[tuple[bool, str]]]] = {
     "defaults": lambda d: [
@@ -1037,6 +1168,25 @@ MANIFEST_EXPECTATIONS: dict[str, Callable[[list[dict[str, Any]]], list[tuple[boo
         (_get(_one(d, "Service"), "spec", "externalTrafficPolicy") == "Local", "externalTrafficPolicy must default to Local"),
         ([p["port"] for p in _get(_one(d, "Service"), "spec", "ports") or []] == [993, 143], "the Service must map 993 and 143"),
         (_get(_one(d, "Deployment"), "spec", "replicas") == 1, "one replica by default"),
+        (not _volume(d, "redis-url") and not _mount(d, "redis-url"), "no Redis Secret with state.backend memory"),
+    ],
+    REDIS_TWO_REPLICAS: lambda d: [
+        (_get(_one(d, "Deployment"), "spec", "replicas") == 2, "redis: two replicas must render"),
+        *_redis_secret_mounted(d, "mail-imapgate-redis", "url"),
+        (not _volume(d, "redis-ca"), "no caSecret: no redis-ca volume"),
+    ],
+    "redis with a private CA, fail_closed, another URL key": lambda d: [
+        *_redis_secret_mounted(d, "shared-redis", "imapgate-url"),
+        (
+            _get(_volume(d, "redis-ca"), "secret", "secretName") == "redis-ca"
+            and _get(_volume(d, "redis-ca"), "secret", "items") == [{"key": "ca.crt", "path": "ca.crt"}],
+            "caSecret: the redis-ca volume must carry its ca.crt",
+        ),
+        (_mount(d, "redis-ca").get("readOnly") is True, "the Redis CA must be mounted read-only"),
+    ],
+    "autoscaling to six pods with redis": lambda d: [
+        (_get(_one(d, "HorizontalPodAutoscaler"), "spec", "maxReplicas") == 6, "redis: the HPA may scale to six pods"),
+        *_redis_secret_mounted(d, "mail-imapgate-redis", "url"),
     ],
     "self-signed, imaps only, TLS 1.3": lambda d: [
         ([p["port"] for p in _get(_one(d, "Service"), "spec", "ports") or []] == [993], "imap disabled: no port 143 on the Service"),
@@ -1060,6 +1210,9 @@ MANIFEST_EXPECTATIONS: dict[str, Callable[[list[dict[str, Any]]], list[tuple[boo
             bool(_get(_one(d, "Deployment"), "metadata", "annotations", "secret.reloader.stakater.com/reload")),
             "deploymentAnnotations must render",
         ),
+        (_get(_one(d, "HorizontalPodAutoscaler"), "spec", "maxReplicas") == 4, "the full values scale to four pods"),
+        *_redis_secret_mounted(d, "mail-imapgate-redis", "url"),
+        (bool(_volume(d, "redis-ca")), "the full values mount the Redis CA"),
     ],
     "NetworkPolicy with its defaults": lambda d: [
         (
@@ -1103,6 +1256,10 @@ RENDER_EXPECTATIONS: dict[str, Callable[[dict[str, Any]], list[tuple[bool, str]]
         (_auth(c).get("revoke_closes_sessions") is False, "auth.revoke_closes_sessions must render as a boolean"),
         (_guard(c) == GUARD_DEFAULTS, f"guard must render the gateway's defaults, not {_guard(c)!r}"),
         (c.get("state", {}).get("max_entries") == 500000, "state.max_entries must default to 500000"),
+        (
+            _state(c).get("backend") == "memory" and "redis" not in _state(c),
+            "state.backend must default to memory, without redis",
+        ),
         (
             all(l.get("proxy_protocol") is False for l in c.get("listeners", [])),
             "proxy_protocol must render as false on every listener by default",
@@ -1155,6 +1312,41 @@ RENDER_EXPECTATIONS: dict[str, Callable[[dict[str, Any]], list[tuple[bool, str]]
     ],
     "three backends, routes, IPv6, two replicas": lambda c: [
         (c["limits"]["max_connections"] == 2000000, "large integers must render as integers, not 2e+06"),
+        (_state(c).get("backend") == "memory", "allowMultipleReplicasWithLocalState keeps state.backend memory"),
+    ],
+    REDIS_TWO_REPLICAS: lambda c: [
+        (_state(c).get("backend") == "redis", "state.backend must render as redis"),
+        (
+            _redis(c)
+            == {
+                "url_file": "/etc/imapgate/redis/url",
+                "key_prefix": "imapgate:",
+                "on_error": "local",
+                "timeout": "500ms",
+            },
+            f"state.redis must render url_file and the defaults (no ca_file), not {_redis(c)!r}",
+        ),
+    ],
+    "redis with a private CA, fail_closed, another URL key": lambda c: [
+        (
+            _redis(c)
+            == {
+                "url_file": "/etc/imapgate/redis/url",
+                "ca_file": "/etc/imapgate/redis-ca/ca.crt",
+                "key_prefix": "mail:imapgate:",
+                "on_error": "fail_closed",
+                "timeout": "2s",
+            },
+            f"state.redis must render as given, not {_redis(c)!r}",
+        ),
+        (_state(c).get("max_entries") == 100000, "state.max_entries must render with redis"),
+    ],
+    FULL_VALUES: lambda c: [
+        (_state(c).get("backend") == "redis", "the full values use state.backend redis"),
+        (
+            _redis(c).get("on_error") == "fail_closed" and "ca_file" in _redis(c),
+            "the full values render every redis key",
+        ),
     ],
 }
 
@@ -1289,6 +1481,12 @@ class DeepChecks:
                     files[backend["ca_file"]] = (self.pki / "tls.crt").read_text()
             if config.get("admin", {}).get("token_file"):
                 files[config["admin"]["token_file"]] = "stand-in admin token"
+            redis = config.get("state", {}).get("redis") or {}
+            if "url_file" in redis:
+                # check-config does not connect; a loopback URL keeps it free of the cleartext warning.
+                files[redis["url_file"]] = "redis://127.0.0.1:6379/\n"
+            if "ca_file" in redis:
+                files[redis["ca_file"]] = (self.pki / "tls.crt").read_text()
             for path, content in files.items():
                 report.check(path.startswith(f"{root}/"), where, f"{path} is outside /etc/imapgate")
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -1383,8 +1581,23 @@ class DeepChecks:
         for needed in ("imapgate users add", "imapgate app-password create", "imapgate totp enroll",
                        "create secret generic mail-imapgate-users", "docs/operations.md"):  # fmt: skip
             report.check(needed in notes, where, f"must tell {needed!r} (how to create the first user)")
-        if overrides.get("allowMultipleReplicasWithLocalState"):
+        state = overrides.get("state", {})
+        if state.get("backend") == "redis":
+            secret = state["redis"]["existingSecret"]
+            key = state["redis"].get("urlSecretKey", "url")
+            wanted = (f"create secret generic {secret}", f"--from-literal={key}='rediss://", "imapgate_state_store_up")
+            for needed in wanted:
+                report.check(needed in notes, where, f"with redis, must tell {needed!r}")
+            if state["redis"].get("caSecret"):
+                report.check(
+                    f"create secret generic {state['redis']['caSecret']}" in notes,
+                    where,
+                    "must tell how to create the CA Secret",
+                )
+            report.check("State is per pod" not in notes, where, "with redis, must not warn that state is per pod")
+        elif overrides.get("allowMultipleReplicasWithLocalState"):
             report.check("State is per pod" in notes, where, "must warn that state is per pod")
+            report.check("state.backend: redis" in notes, where, "must point to state.backend: redis")
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -1435,6 +1648,20 @@ def main() -> int:
             values.get("allowMultipleReplicasWithLocalState") is False,
             "values.yaml",
             "allowMultipleReplicasWithLocalState must default to false",
+        )
+        state = values.get("state", {})
+        report.check(state.get("backend") == "memory", "values.yaml", "state.backend must default to memory")
+        report.check(
+            (state.get("redis") or {}).get("existingSecret") == "",
+            "values.yaml",
+            "state.redis.existingSecret must default to empty (the URL is never a value)",
+        )
+    if isinstance(full_values, dict):
+        report.check(
+            (full_values.get("state") or {}).get("backend") == "redis"
+            and "allowMultipleReplicasWithLocalState" not in full_values,
+            str(full_values_path),
+            "must run its several pods on state.backend redis, without allowMultipleReplicasWithLocalState",
         )
 
     # deploy/: alert rules and their tests, dashboard, systemd unit, Dockerfile.

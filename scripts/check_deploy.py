@@ -37,11 +37,9 @@ class Reporter(Protocol):
     def check(self, ok: bool, where: str, message: str) -> bool: ...
 
 
-# Metrics the gateway is about to export that docs/metrics.md may not list yet (the shared
-# state store work); the dashboard already shows them. Drop an entry once the docs list it.
-PENDING_METRICS: dict[str, str] = {
-    "imapgate_state_store_up": "gauge",
-}
+# Metrics the gateway is about to export that docs/metrics.md may not list yet; the dashboard
+# already shows them. Drop an entry once the docs list it.
+PENDING_METRICS: dict[str, str] = {}
 METRIC = re.compile(r"\bimapgate_[a-z0-9_]+\b")
 DOC_ROW = re.compile(r"^\| `(imapgate_[a-z0-9_]+)` \| (counter|gauge|histogram) \|", re.MULTILINE)
 SEVERITIES = ("critical", "warning", "info")

@@ -111,4 +111,6 @@ Paths inside the container. The config refers to them; the Deployment mounts the
 {{- define "imapgate.usersDir" -}}/etc/imapgate/users{{- end }}
 {{- define "imapgate.keysDir" -}}/etc/imapgate/keys{{- end }}
 {{- define "imapgate.adminDir" -}}/etc/imapgate/admin{{- end }}
+{{- define "imapgate.redisDir" -}}/etc/imapgate/redis{{- end }}
+{{- define "imapgate.redisCaDir" -}}/etc/imapgate/redis-ca{{- end }}
 {{- define "imapgate.backendDir" -}}/etc/imapgate/backends/{{ . }}{{- end }}
