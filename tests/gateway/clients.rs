@@ -389,7 +389,9 @@ async fn curl_and_python_imaplib_through_the_real_binary_and_no_secret_in_any_lo
     }
     assert!(audit.contains("\"result\":\"unavailable\""), "{audit}");
     // The leaked-app-password signal names the app password, so that it can be revoked.
-    let mia_ap = imapgate::auth::users::UsersFile::load(&t.users_file).unwrap().users[mfa_user]
+    let mia_ap = imapgate::auth::users::UsersFile::load(&t.users_file)
+        .unwrap()
+        .users[mfa_user]
         .app_passwords[0]
         .id
         .clone();
