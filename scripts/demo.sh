@@ -691,6 +691,10 @@ if [ "$MODE" = check ]; then
   grep -Eq '^imapgate_guard_blocks_total\{reason="failures",scope="ip"\} [1-9]' <<<"$OUT" ||
     fail "/metrics does not count the guesser's block in imapgate_guard_blocks_total"
   log "ok: imapgate_auth_attempts_total counts the logins, imapgate_guard_blocks_total the block"
+  if command -v promtool >/dev/null 2>&1; then
+    LINT="$(promtool check metrics <<<"$OUT" 2>&1)" || fail "promtool check metrics refused the scrape: $LINT"
+    log "ok: promtool check metrics accepts the scrape"
+  fi
   if [ "$OAUTH" -eq 1 ]; then
     for result in valid bad_signature user_mismatch; do
       grep -Eq "^imapgate_oauth_tokens_total\\{result=\"$result\"\\} [1-9]" <<<"$OUT" ||
