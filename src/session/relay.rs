@@ -34,8 +34,30 @@ pub struct RelayLimits {
     pub shutdown_grace: Duration,
 }
 
-const BUF: usize = 32 * 1024;
+/// The copy buffer while data flows: large, so that a bulk FETCH moves in few syscalls and
+/// full TLS records.
+const BUF: usize = 64 * 1024;
 
+/// Reads into `buf` only if data is ready now (None: it would wait).
+async fn read_now<R: AsyncRead + Unpin>(
+    from: &mut R,
+    buf: &mut [u8],
+) -> Option<std::io::Result<usize>> {
+    std::future::poll_fn(|cx| {
+        let mut rb = tokio::io::ReadBuf::new(buf);
+        match std::pin::Pin::new(&mut *from).poll_read(cx, &mut rb) {
+            std::task::Poll::Ready(Ok(())) => std::task::Poll::Ready(Some(Ok(rb.filled().len()))),
+            std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Some(Err(e))),
+            std::task::Poll::Pending => std::task::Poll::Ready(None),
+        }
+    })
+    .await
+}
+
+/// One direction. While the session is quiet (IDLE for hours) it holds no buffer: it waits on
+/// a one-byte read, and only when data arrives takes a [`BUF`] buffer, which it keeps while
+/// more data is ready at once and gives back as soon as the flow pauses. An idle session costs
+/// its sockets and TLS state, not 2 × 64 KiB.
 async fn copy<R, W>(
     mut from: R,
     mut to: W,
@@ -47,17 +69,53 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; BUF];
     loop {
-        let n = from.read(&mut buf).await?;
-        if n == 0 {
+        let mut first = [0u8; 1];
+        if from.read(&mut first).await? == 0 {
             let _ = to.shutdown().await;
             return Ok(());
         }
         activity.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-        to.write_all(buf.get(..n).unwrap_or(&[])).await?;
-        to.flush().await?;
-        bytes.inc_by(n as u64);
+        let mut buf = vec![0u8; BUF];
+        if let Some(b) = buf.first_mut() {
+            *b = first[0];
+        }
+        let mut len = 1;
+        let mut eof = false;
+        loop {
+            // Gather what is ready now behind what we have, then write it in one go.
+            while len < BUF {
+                match read_now(&mut from, buf.get_mut(len..).unwrap_or_default()).await {
+                    Some(Ok(0)) => {
+                        eof = true;
+                        break;
+                    }
+                    Some(Ok(n)) => len += n,
+                    Some(Err(e)) => return Err(e),
+                    None => break,
+                }
+            }
+            to.write_all(buf.get(..len).unwrap_or(&[])).await?;
+            to.flush().await?;
+            bytes.inc_by(len as u64);
+            if eof {
+                let _ = to.shutdown().await;
+                return Ok(());
+            }
+            // More right away (a bulk transfer): keep the buffer; otherwise give it back.
+            match read_now(&mut from, &mut buf).await {
+                Some(Ok(0)) => {
+                    let _ = to.shutdown().await;
+                    return Ok(());
+                }
+                Some(Ok(n)) => {
+                    len = n;
+                    activity.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+                }
+                Some(Err(e)) => return Err(e),
+                None => break,
+            }
+        }
     }
 }
 

@@ -1,0 +1,506 @@
+//! imapgate's load generator (client only): logins, bulk FETCH, NOOP latency and idle
+//! sessions against any IMAP-over-TLS server — direct Dovecot, the nginx mail proxy or imapgate
+//! — so that `bench/run.sh` measures all three on the same work. One JSON object per run on
+//! stdout. With `--pid`, it also reads that server process's CPU time and resident memory from
+//! /proc before and after (the proxy's own cost).
+//!
+//! Loopback only: it refuses any address that is not 127.0.0.0/8 or ::1.
+//!
+//! ```text
+//! loadgen logins --addr 127.0.0.1:993 --ca ca.pem --users users.txt --concurrency 8 --seconds 10
+//! loadgen fetch  --addr … --ca … --users … --rounds 3
+//! loadgen noop   --addr … --ca … --users … --count 2000
+//! loadgen idle   --addr … --ca … --users … --sessions 2000 --hold 10
+//! ```
+//! `users.txt` holds `user password` lines; clients take them round-robin.
+// A measuring tool, not network-facing code: panicking on a broken setup is the right answer.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+struct Args {
+    mode: String,
+    addr: SocketAddr,
+    ca: String,
+    users: Vec<(String, String)>,
+    concurrency: usize,
+    seconds: f64,
+    rounds: usize,
+    count: usize,
+    sessions: usize,
+    hold: f64,
+    pid: Option<u32>,
+    label: String,
+}
+
+fn parse_args() -> Args {
+    let mut it = std::env::args().skip(1);
+    let mode = it.next().expect("mode: logins | fetch | noop | idle");
+    let mut a = Args {
+        mode,
+        addr: "127.0.0.1:993".parse().unwrap(),
+        ca: String::new(),
+        users: Vec::new(),
+        concurrency: 8,
+        seconds: 10.0,
+        rounds: 3,
+        count: 2000,
+        sessions: 2000,
+        hold: 10.0,
+        pid: None,
+        label: String::new(),
+    };
+    while let Some(flag) = it.next() {
+        let v = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--addr" => a.addr = v.parse().expect("--addr IP:PORT"),
+            "--ca" => a.ca = v,
+            "--users" => {
+                a.users = std::fs::read_to_string(&v)
+                    .expect("--users file")
+                    .lines()
+                    .filter_map(|l| {
+                        let (u, p) = l.split_once(' ')?;
+                        Some((u.to_owned(), p.to_owned()))
+                    })
+                    .collect()
+            }
+            "--concurrency" => a.concurrency = v.parse().unwrap(),
+            "--seconds" => a.seconds = v.parse().unwrap(),
+            "--rounds" => a.rounds = v.parse().unwrap(),
+            "--count" => a.count = v.parse().unwrap(),
+            "--sessions" => a.sessions = v.parse().unwrap(),
+            "--hold" => a.hold = v.parse().unwrap(),
+            "--pid" => a.pid = Some(v.parse().unwrap()),
+            "--label" => a.label = v,
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    assert!(
+        a.addr.ip().is_loopback(),
+        "loadgen talks to loopback addresses only"
+    );
+    assert!(!a.users.is_empty(), "--users: no `user password` lines");
+    a
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// An IMAP client connection: line reads that swallow literals.
+struct Conn {
+    io: Box<dyn Io>,
+    buf: Vec<u8>,
+    /// Literal and line bytes received, for throughput.
+    received: u64,
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr, tls: &TlsConnector) -> std::io::Result<Conn> {
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let s = tls
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await?;
+        let mut c = Conn {
+            io: Box::new(s),
+            buf: Vec::with_capacity(64 * 1024),
+            received: 0,
+        };
+        let greeting = c.line().await?;
+        if !greeting.starts_with(b"* OK") {
+            return Err(std::io::Error::other("no OK greeting"));
+        }
+        Ok(c)
+    }
+
+    async fn fill(&mut self) -> std::io::Result<()> {
+        let mut chunk = [0u8; 64 * 1024];
+        let n = self.io.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        self.received += n as u64;
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+
+    /// One response line; a `{n}` literal at its end is read and dropped with the rest.
+    async fn line(&mut self) -> std::io::Result<Vec<u8>> {
+        let mut line = Vec::new();
+        loop {
+            let Some(pos) = self.buf.windows(2).position(|w| w == b"\r\n") else {
+                self.fill().await?;
+                continue;
+            };
+            let part: Vec<u8> = self.buf.drain(..pos + 2).collect();
+            line.extend_from_slice(&part);
+            // A literal: `{123}\r\n` then 123 bytes, then the line continues.
+            let body = &part[..part.len() - 2];
+            if body.ends_with(b"}") {
+                if let Some(open) = body.iter().rposition(|&b| b == b'{') {
+                    let digits = &body[open + 1..body.len() - 1];
+                    if let Ok(n) = std::str::from_utf8(digits).unwrap_or("x").parse::<usize>() {
+                        while self.buf.len() < n {
+                            self.fill().await?;
+                        }
+                        self.buf.drain(..n);
+                        continue;
+                    }
+                }
+            }
+            return Ok(line);
+        }
+    }
+
+    async fn send(&mut self, cmd: &str) -> std::io::Result<()> {
+        self.io.write_all(cmd.as_bytes()).await?;
+        self.io.flush().await
+    }
+
+    /// Sends `tag cmd` and reads to the tagged reply; Err unless it is OK.
+    async fn cmd(&mut self, tag: &str, cmd: &str) -> std::io::Result<()> {
+        self.send(&format!("{tag} {cmd}\r\n")).await?;
+        let t = format!("{tag} ").into_bytes();
+        loop {
+            let l = self.line().await?;
+            if l.starts_with(&t) {
+                return if l[t.len()..].starts_with(b"OK") {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other(
+                        String::from_utf8_lossy(&l).trim_end().to_owned(),
+                    ))
+                };
+            }
+        }
+    }
+
+    async fn login(&mut self, user: &str, password: &str) -> std::io::Result<()> {
+        self.cmd("l", &format!("LOGIN \"{user}\" \"{password}\""))
+            .await
+    }
+}
+
+fn connector(ca: &str) -> TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).expect("--ca PEM") {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut config = config;
+    config.alpn_protocols = vec![b"imap".to_vec()];
+    TlsConnector::from(Arc::new(config))
+}
+
+/// CPU seconds (user + system) and resident bytes of a process and all its descendants, from
+/// /proc (nginx and Dovecot do their work in child processes).
+fn proc_usage(pid: Option<u32>) -> Option<(f64, u64)> {
+    let root = pid?;
+    let mut parent = std::collections::HashMap::new();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Some(pp) = stat_fields(p).and_then(|f| f.get(1)?.parse::<u32>().ok()) {
+            parent.insert(p, pp);
+        }
+    }
+    let in_tree = |mut p: u32| {
+        for _ in 0..64 {
+            if p == root {
+                return true;
+            }
+            match parent.get(&p) {
+                Some(&pp) if pp != 0 => p = pp,
+                _ => return false,
+            }
+        }
+        false
+    };
+    let mut cpu = 0.0;
+    let mut rss = 0u64;
+    let mut found = false;
+    for &p in parent.keys().filter(|&&p| in_tree(p)) {
+        let Some(f) = stat_fields(p) else { continue };
+        let ticks = 100.0; // USER_HZ on Linux
+        cpu += (f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks;
+        let status = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        rss += kib * 1024;
+        found = true;
+    }
+    found.then_some((cpu, rss))
+}
+
+/// The fields of /proc/PID/stat after the command name: state, ppid, …
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
+    )
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn emit(a: &Args, fields: serde_json::Value) {
+    let mut o = serde_json::json!({ "mode": a.mode, "label": a.label, "addr": a.addr.to_string() });
+    if let (Some(m), serde_json::Value::Object(extra)) = (o.as_object_mut(), fields) {
+        m.extend(extra);
+    }
+    println!("{o}");
+}
+
+async fn logins(a: &Args, tls: TlsConnector) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let before = proc_usage(a.pid);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..a.concurrency {
+        let (user, pw) = a.users[i % a.users.len()].clone();
+        let (tls, stop, errors, addr) = (tls.clone(), stop.clone(), errors.clone(), a.addr);
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let ok = async {
+                    let mut c = Conn::open(addr, &tls).await?;
+                    c.login(&user, &pw).await?;
+                    c.send("z LOGOUT\r\n").await?;
+                    // Read to the tagged OK (or EOF): a full cycle.
+                    while let Ok(l) = c.line().await {
+                        if l.starts_with(b"z ") {
+                            break;
+                        }
+                    }
+                    Ok::<(), std::io::Error>(())
+                }
+                .await;
+                match ok {
+                    Ok(()) => lat.push(t.elapsed().as_secs_f64()),
+                    Err(e) => {
+                        if errors.fetch_add(1, Ordering::Relaxed) < 3 {
+                            eprintln!("login error: {e}");
+                        }
+                    }
+                }
+            }
+            lat
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(a.seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let after = proc_usage(a.pid);
+    lat.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    let n = lat.len() as f64;
+    let cpu_ms_per_login = match (before, after) {
+        (Some((c0, _)), Some((c1, _))) if n > 0.0 => Some((c1 - c0) * 1000.0 / n),
+        _ => None,
+    };
+    emit(
+        a,
+        serde_json::json!({
+            "concurrency": a.concurrency,
+            "logins": lat.len(),
+            "errors": errors.load(Ordering::Relaxed),
+            "per_second": n / elapsed,
+            "p50_ms": percentile(&lat, 0.5) * 1000.0,
+            "p99_ms": percentile(&lat, 0.99) * 1000.0,
+            "cpu_ms_per_login": cpu_ms_per_login,
+        }),
+    );
+}
+
+async fn fetch(a: &Args, tls: TlsConnector) {
+    let (user, pw) = &a.users[0];
+    let mut c = Conn::open(a.addr, &tls).await.unwrap();
+    c.login(user, pw).await.unwrap();
+    c.cmd("s", "EXAMINE INBOX").await.unwrap();
+    let mut rates = Vec::new();
+    let mut cpu = Vec::new();
+    for r in 0..a.rounds {
+        let before = proc_usage(a.pid);
+        let start_bytes = c.received;
+        let t = Instant::now();
+        c.cmd(&format!("f{r}"), "FETCH 1:* BODY.PEEK[]")
+            .await
+            .unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        let mb = (c.received - start_bytes) as f64 / 1e6;
+        rates.push(mb / secs);
+        if let (Some((c0, _)), Some((c1, _))) = (before, proc_usage(a.pid)) {
+            cpu.push((c1 - c0) * 1000.0 / mb);
+        }
+    }
+    let _ = c.send("z LOGOUT\r\n").await;
+    rates.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    cpu.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    emit(
+        a,
+        serde_json::json!({
+            "rounds": a.rounds,
+            "mb_per_s": percentile(&rates, 0.5),
+            "mb_per_s_all": rates,
+            "cpu_ms_per_mb": if cpu.is_empty() { None } else { Some(percentile(&cpu, 0.5)) },
+        }),
+    );
+}
+
+async fn noop(a: &Args, tls: TlsConnector) {
+    let (user, pw) = &a.users[0];
+    let mut c = Conn::open(a.addr, &tls).await.unwrap();
+    c.login(user, pw).await.unwrap();
+    // Warm up, then measure.
+    for i in 0..100 {
+        c.cmd(&format!("w{i}"), "NOOP").await.unwrap();
+    }
+    let mut lat = Vec::with_capacity(a.count);
+    for i in 0..a.count {
+        let t = Instant::now();
+        c.cmd(&format!("n{i}"), "NOOP").await.unwrap();
+        lat.push(t.elapsed().as_secs_f64());
+    }
+    let _ = c.send("z LOGOUT\r\n").await;
+    lat.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    emit(
+        a,
+        serde_json::json!({
+            "count": a.count,
+            "p50_us": percentile(&lat, 0.5) * 1e6,
+            "p99_us": percentile(&lat, 0.99) * 1e6,
+        }),
+    );
+}
+
+async fn idle(a: &Args, tls: TlsConnector) {
+    let before = proc_usage(a.pid);
+    let sem = Arc::new(tokio::sync::Semaphore::new(a.concurrency.max(1)));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    let started = Instant::now();
+    for i in 0..a.sessions {
+        let (user, pw) = a.users[i % a.users.len()].clone();
+        let (tls, sem, errors, addr) = (tls.clone(), sem.clone(), errors.clone(), a.addr);
+        tasks.push(tokio::spawn(async move {
+            let permit = sem.acquire_owned().await.unwrap();
+            let r = async {
+                let mut c = Conn::open(addr, &tls).await?;
+                c.login(&user, &pw).await?;
+                c.cmd("s", "SELECT INBOX").await?;
+                c.send("i IDLE\r\n").await?;
+                let l = c.line().await?;
+                if !l.starts_with(b"+") {
+                    return Err(std::io::Error::other("IDLE not accepted"));
+                }
+                Ok::<Conn, std::io::Error>(c)
+            }
+            .await;
+            drop(permit);
+            match r {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    if errors.fetch_add(1, Ordering::Relaxed) < 3 {
+                        eprintln!("idle session error: {e}");
+                    }
+                    None
+                }
+            }
+        }));
+    }
+    let mut conns = Vec::new();
+    for t in tasks {
+        if let Some(c) = t.await.unwrap() {
+            conns.push(c);
+        }
+    }
+    let setup = started.elapsed().as_secs_f64();
+    // Let the server settle, then measure memory and CPU while everyone idles.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let settled = proc_usage(a.pid);
+    tokio::time::sleep(Duration::from_secs_f64(a.hold)).await;
+    let held = proc_usage(a.pid);
+    let n = conns.len();
+    let per_session = match (before, settled) {
+        (Some((_, r0)), Some((_, r1))) if n > 0 => Some((r1.saturating_sub(r0)) as f64 / n as f64),
+        _ => None,
+    };
+    let idle_cpu_percent = match (settled, held) {
+        (Some((c0, _)), Some((c1, _))) => Some((c1 - c0) * 100.0 / a.hold),
+        _ => None,
+    };
+    // End IDLE politely on a few; drop the rest.
+    for c in conns.iter_mut().take(16) {
+        let _ = c.send("DONE\r\n").await;
+    }
+    drop(conns);
+    emit(
+        a,
+        serde_json::json!({
+            "sessions": a.sessions,
+            "held": n,
+            "errors": errors.load(Ordering::Relaxed),
+            "setup_seconds": setup,
+            "rss_before": before.map(|x| x.1),
+            "rss_held": settled.map(|x| x.1),
+            "bytes_per_session": per_session,
+            "idle_cpu_percent": idle_cpu_percent,
+        }),
+    );
+}
+
+fn main() {
+    let a = parse_args();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tls = connector(&a.ca);
+        match a.mode.as_str() {
+            "logins" => logins(&a, tls).await,
+            "fetch" => fetch(&a, tls).await,
+            "noop" => noop(&a, tls).await,
+            "idle" => idle(&a, tls).await,
+            other => panic!("unknown mode {other}"),
+        }
+    });
+}

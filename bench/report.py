@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Aggregates bench/run.sh's raw results (one JSON object per line) into a table with ratios
+to direct Dovecot and to nginx, and writes everything to a JSON file.
+
+    report.py RAW.jsonl OUT.json key=value...   (the key=value pairs describe the machine)
+"""
+import json
+import statistics
+import sys
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def main():
+    raw_path, out_path, *meta = sys.argv[1:]
+    rows = [json.loads(line) for line in open(raw_path) if line.strip()]
+    groups = {}
+    for r in rows:
+        key = (r["mode"], r.get("concurrency"), r["label"])
+        groups.setdefault(key, []).append(r)
+
+    def agg(mode, label, field, concurrency=None):
+        return median([r.get(field) for r in groups.get((mode, concurrency, label), [])])
+
+    figures = []  # (name, unit, higher_is_better, {label: value})
+    labels = ["dovecot", "nginx", "imapgate", "imapgate-cold", "imapgate-tls-upstream"]
+    for c in (8, 64):
+        figures.append((f"logins/s, {c} clients", "1/s", True,
+                        {l: agg("logins", l, "per_second", c) for l in labels}))
+        figures.append((f"login p50, {c} clients", "ms", False,
+                        {l: agg("logins", l, "p50_ms", c) for l in labels}))
+        figures.append((f"login p99, {c} clients", "ms", False,
+                        {l: agg("logins", l, "p99_ms", c) for l in labels}))
+        figures.append((f"proxy CPU per login, {c} clients", "ms", False,
+                        {l: agg("logins", l, "cpu_ms_per_login", c) for l in labels}))
+    figures.append(("FETCH 1:* BODY.PEEK[]", "MB/s", True,
+                    {l: agg("fetch", l, "mb_per_s") for l in labels}))
+    figures.append(("proxy CPU per MB fetched", "ms", False,
+                    {l: agg("fetch", l, "cpu_ms_per_mb") for l in labels}))
+    figures.append(("NOOP round trip p50", "µs", False,
+                    {l: agg("noop", l, "p50_us") for l in labels}))
+    figures.append(("NOOP round trip p99", "µs", False,
+                    {l: agg("noop", l, "p99_us") for l in labels}))
+    figures.append(("idle sessions held", "", True,
+                    {l: agg("idle", l, "held") for l in labels}))
+    figures.append(("memory per idle session", "KiB", False,
+                    {l: (lambda v: v / 1024 if v is not None else None)(agg("idle", l, "bytes_per_session"))
+                     for l in labels}))
+    figures.append(("CPU while idle", "%", False,
+                    {l: agg("idle", l, "idle_cpu_percent") for l in labels}))
+
+    def fmt(v):
+        if v is None:
+            return "—"
+        if abs(v) >= 100:
+            return f"{v:,.0f}"
+        return f"{v:.2f}"
+
+    def ratio(a, b):
+        return f"{a / b:.2f}×" if a is not None and b not in (None, 0) else "—"
+
+    head = ["figure", "unit"] + labels + ["imapgate ÷ dovecot", "imapgate ÷ nginx"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, unit, _, vals in figures:
+        cells = [name, unit] + [fmt(vals.get(l)) for l in labels]
+        cells += [ratio(vals.get("imapgate"), vals.get("dovecot")),
+                  ratio(vals.get("imapgate"), vals.get("nginx"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    machine = dict(kv.split("=", 1) for kv in meta)
+    out = {
+        "machine": machine,
+        "figures": [{"figure": n, "unit": u, "higher_is_better": h, "values": v}
+                    for n, u, h, v in figures],
+        "raw": rows,
+        "table_markdown": table,
+    }
+    with open(out_path, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"\nwritten: {out_path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

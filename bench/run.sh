@@ -1,0 +1,327 @@
+#!/usr/bin/env bash
+# imapgate's benchmark: direct Dovecot over TLS, the nginx mail proxy and imapgate, on one
+# machine, in one run, on the same work, interleaved so that machine drift hits all alike.
+#
+#   bench/run.sh [--quick] [--sessions N] [--rounds R] [--seconds S] [--out FILE]
+#
+# What runs (all on 127.0.0.1, ports chosen at run time):
+#   - Dovecot (Debian's), with a generated mailbox (2000 messages of 50 KB; --quick: 200), a
+#     plain listener for the proxies and an implicit-TLS one for direct clients, tuned for many
+#     sessions (process and client limits, mail_max_userip_connections);
+#   - nginx's mail proxy (Debian's nginx-light + libnginx-mod-mail), with an auth_http served by
+#     the same nginx that logs in upstream as Dovecot's master user, plain to Dovecot;
+#   - imapgate, plain to Dovecot like nginx (`tls: none`), app passwords checked (warm: the
+#     verified-credential cache; a second instance with the cache off measures cold argon2
+#     logins), and a third with a TLS upstream, reported beside.
+# Figures: logins/s at 8 and 64 clients with p50/p99 and the proxy's CPU per login; bulk FETCH
+# MB/s and CPU per MB; NOOP round-trip p50/p99; N idle sessions (IDLE) with the proxy's memory
+# per session and CPU while idle. A table with ratios to Dovecot and to nginx goes to stdout,
+# every raw result to the JSON file (default target/bench/results.json).
+#
+# Needs root (Dovecot), cargo, python3; installs missing Debian packages behind policy-rc.d.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+# shellcheck source=scripts/lib/common.sh
+. scripts/lib/common.sh
+
+QUICK=0
+SESSIONS=2000
+ROUNDS=3
+SECONDS_PER_RUN=10
+OUT="$REPO/target/bench/results.json"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1 ;;
+    --sessions) SESSIONS="$2"; shift ;;
+    --rounds) ROUNDS="$2"; shift ;;
+    --seconds) SECONDS_PER_RUN="$2"; shift ;;
+    --out) OUT="$2"; shift ;;
+    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) die "unknown argument $1" ;;
+  esac
+  shift
+done
+MESSAGES=2000
+if [ "$QUICK" -eq 1 ]; then
+  MESSAGES=200 SESSIONS=200 ROUNDS=1 SECONDS_PER_RUN=3
+fi
+[ "$(id -u)" -eq 0 ] || die "run as root: Dovecot must start as root"
+
+step "packages"
+ensure_packages dovecot-imapd:dovecot nginx-light:nginx libnginx-mod-mail python3:python3 openssl:openssl
+for s in nginx dovecot; do disable_boot_service "$s"; done
+
+step "building imapgate and the load generator (release)"
+cargo build --release --locked --bin imapgate --example loadgen
+BIN="$REPO/target/release/imapgate"
+LOADGEN="$REPO/target/release/examples/loadgen"
+
+# Enough descriptors for thousands of sessions, in this shell and its children.
+ulimit -n 1048576 2>/dev/null || ulimit -n 65536 || true
+
+WORK="$(mktemp -d /tmp/imapgate-bench.XXXXXX)"
+chmod 755 "$WORK"
+PIDS=()
+cleanup() {
+  local p
+  for p in "${PIDS[@]}"; do stop_pid "$p" bench || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+mapfile -t PORTS < <(free_ports 10)
+DV_PLAIN=${PORTS[0]} DV_TLS=${PORTS[1]} NGX=${PORTS[2]} NGX_HTTP=${PORTS[3]}
+GW=${PORTS[4]} GW_ADMIN=${PORTS[5]} GWC=${PORTS[6]} GWC_ADMIN=${PORTS[7]} GWT=${PORTS[8]}
+GWT_ADMIN=${PORTS[9]}
+
+step "PKI and users"
+make_test_pki "$WORK/tls"
+CA="$WORK/tls/ca.pem"
+NUSERS=64
+MASTER_PW="$(random_secret)"
+printf '%s' "$MASTER_PW" >"$WORK/master.secret"
+chmod 600 "$WORK/master.secret"
+: >"$WORK/dovecot-users"
+: >"$WORK/direct.txt"
+for i in $(seq -w 1 "$NUSERS"); do
+  u="user$i@bench.test"
+  pw="pw-$(random_secret)"
+  printf '%s:{PLAIN}%s\n' "$u" "$pw" >>"$WORK/dovecot-users"
+  printf '%s %s\n' "$u" "$pw" >>"$WORK/direct.txt"
+done
+printf 'gateway:{PLAIN}%s\n' "$MASTER_PW" >"$WORK/dovecot-masters"
+chown root:dovecot "$WORK/dovecot-users" "$WORK/dovecot-masters"
+chmod 640 "$WORK/dovecot-users" "$WORK/dovecot-masters"
+
+step "mailbox: $MESSAGES messages of 50 KB for user01@bench.test"
+python3 - "$WORK/mail" "$MESSAGES" "$NUSERS" <<'PY'
+import os, random, sys
+root, n, users = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rnd = random.Random(7)
+for u in range(1, users + 1):
+    md = os.path.join(root, f"user{u:02d}@bench.test", "Maildir")
+    for d in ("cur", "new", "tmp"):
+        os.makedirs(os.path.join(md, d), exist_ok=True)
+md = os.path.join(root, "user01@bench.test", "Maildir", "cur")
+line = lambda: "".join(rnd.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(76))
+body_lines = [line() for _ in range(700)]
+for i in range(n):
+    body = "\r\n".join(body_lines[(i + k) % 700] for k in range(640))
+    msg = (f"From: bench <bench@bench.test>\r\nTo: user01@bench.test\r\n"
+           f"Subject: message {i}\r\nMessage-ID: <{i}@bench.test>\r\n\r\n{body}\r\n")
+    with open(os.path.join(md, f"{1700000000 + i}.M{i}P1.bench:2,S"), "w") as f:
+        f.write(msg)
+PY
+chown -R nobody:nogroup "$WORK/mail"
+
+step "Dovecot (plain :$DV_PLAIN for the proxies, TLS :$DV_TLS direct)"
+mkdir -p "$WORK/dv/run" "$WORK/dv/state"
+chmod 755 "$WORK/dv" "$WORK/dv/run" "$WORK/dv/state"
+cat >"$WORK/dovecot.conf" <<EOF
+base_dir = $WORK/dv/run
+state_dir = $WORK/dv/state
+instance_name = imapgate-bench
+log_path = $WORK/dovecot.log
+protocols = imap
+listen = 127.0.0.1
+ssl = yes
+ssl_cert = <$WORK/tls/server.pem
+ssl_key = <$WORK/tls/server.key
+ssl_min_protocol = TLSv1.2
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+auth_master_user_separator = *
+login_trusted_networks = 127.0.0.1
+mail_uid = nobody
+mail_gid = nogroup
+mail_location = maildir:~/Maildir
+auth_failure_delay = 0
+default_process_limit = 20000
+default_client_limit = 100000
+default_vsz_limit = 1G
+passdb {
+  driver = passwd-file
+  args = $WORK/dovecot-masters
+  master = yes
+  result_success = continue
+}
+passdb {
+  driver = passwd-file
+  args = $WORK/dovecot-users
+}
+userdb {
+  driver = static
+  args = uid=nobody gid=nogroup home=$WORK/mail/%u
+}
+protocol imap {
+  mail_max_userip_connections = 100000
+}
+service anvil {
+  unix_listener anvil-auth-penalty {
+    mode = 0
+  }
+}
+# High-performance login: login processes serve many connections.
+service imap-login {
+  service_count = 0
+  process_min_avail = 2
+  inet_listener imap {
+    port = $DV_PLAIN
+  }
+  inet_listener imaps {
+    port = $DV_TLS
+    ssl = yes
+  }
+}
+service imap {
+  process_limit = 20000
+}
+EOF
+"$(PATH="$PATH:/usr/sbin" command -v dovecot)" -c "$WORK/dovecot.conf" -F >"$WORK/dovecot.stderr" 2>&1 &
+DV_PID=$!
+PIDS+=("$DV_PID")
+wait_for_port 127.0.0.1 "$DV_TLS" 30 "$DV_PID" || die "Dovecot did not start: $(cat "$WORK/dovecot.stderr")"
+
+step "nginx mail proxy (:$NGX, auth_http :$NGX_HTTP)"
+mkdir -p "$WORK/nginx"
+MAIL_MODULE=/usr/lib/nginx/modules/ngx_mail_module.so
+[ -r "$MAIL_MODULE" ] || die "no $MAIL_MODULE (libnginx-mod-mail)"
+cat >"$WORK/nginx.conf" <<EOF
+load_module $MAIL_MODULE;
+daemon off;
+user nobody nogroup;
+worker_processes 2;
+worker_rlimit_nofile 200000;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 100000; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/nginx;
+  proxy_temp_path $WORK/nginx;
+  fastcgi_temp_path $WORK/nginx;
+  uwsgi_temp_path $WORK/nginx;
+  scgi_temp_path $WORK/nginx;
+  server {
+    listen 127.0.0.1:$NGX_HTTP;
+    # The minimal auth_http: every login goes upstream as the master user.
+    location = /auth {
+      add_header Auth-Status OK;
+      add_header Auth-Server 127.0.0.1;
+      add_header Auth-Port $DV_PLAIN;
+      add_header Auth-User "\$http_auth_user*gateway";
+      add_header Auth-Pass "$MASTER_PW";
+      return 204;
+    }
+  }
+}
+mail {
+  server_name localhost;
+  auth_http 127.0.0.1:$NGX_HTTP/auth;
+  proxy on;
+  imap_capabilities "IMAP4rev1" "IDLE" "LITERAL+";
+  server {
+    listen 127.0.0.1:$NGX ssl;
+    protocol imap;
+    ssl_certificate $WORK/tls/server.pem;
+    ssl_certificate_key $WORK/tls/server.key;
+    ssl_protocols TLSv1.2 TLSv1.3;
+  }
+}
+EOF
+chmod 755 "$WORK/nginx"
+nginx -c "$WORK/nginx.conf" >"$WORK/nginx.stderr" 2>&1 &
+NGX_PID=$!
+PIDS+=("$NGX_PID")
+wait_for_port 127.0.0.1 "$NGX" 30 "$NGX_PID" || die "nginx did not start: $(cat "$WORK/nginx.stderr")"
+
+step "imapgate: warm (:$GW), cold (:$GWC, no verified-credential cache), TLS upstream (:$GWT)"
+gw_config() { # NAME PORT ADMIN CACHE BACKEND_TLS BACKEND_PORT
+  cat <<EOF
+listeners: [{ name: imaps, address: "127.0.0.1:$2", tls: implicit }]
+tls: { certificates: [{ cert_file: "$WORK/tls/server.pem", key_file: "$WORK/tls/server.key" }] }
+limits: { max_connections: 100000, max_preauth_per_ip: 100000, max_sessions_per_ip: 100000, max_sessions_per_user: 100000 }
+auth:
+  users_file: "$WORK/users.yaml"
+  mfa: { default: off }
+  verified_cache_ttl: $4
+guard: { allow: [127.0.0.0/8] }   # one source address for every client: the benchmark, not an attack
+backends:
+  - name: dovecot
+    address: "127.0.0.1:$6"
+    tls: $5
+    ca_file: "$CA"
+    server_name: localhost
+    login: master_user
+    master_user: gateway
+    master_password_file: "$WORK/master.secret"
+    connect_timeout: 5s
+    login_timeout: 10s
+routes: { default: dovecot }
+admin: { address: "127.0.0.1:$3" }
+logging: { level: warn, audit: "$WORK/$1-audit.log" }
+EOF
+}
+gw_config warm "$GW" "$GW_ADMIN" 5m none "$DV_PLAIN" >"$WORK/gw.yaml"
+gw_config cold "$GWC" "$GWC_ADMIN" 0s none "$DV_PLAIN" >"$WORK/gwc.yaml"
+gw_config tlsup "$GWT" "$GWT_ADMIN" 5m implicit "$DV_TLS" >"$WORK/gwt.yaml"
+: >"$WORK/gateway.txt"
+while read -r u _; do
+  "$BIN" users add "$u" -c "$WORK/gw.yaml" 2>>"$WORK/cli.log"
+  pw="$("$BIN" app-password create "$u" -c "$WORK/gw.yaml" 2>>"$WORK/cli.log")"
+  printf '%s %s\n' "$u" "${pw// /}" >>"$WORK/gateway.txt"
+done <"$WORK/direct.txt"
+for name in gw gwc gwt; do
+  "$BIN" run -c "$WORK/$name.yaml" >"$WORK/$name.log" 2>&1 &
+  pid=$!
+  PIDS+=("$pid")
+  eval "${name^^}_PID=$pid"
+done
+for p in "$GW" "$GWC" "$GWT"; do
+  wait_for_port 127.0.0.1 "$p" 30 || die "imapgate did not start on $p: $(cat "$WORK"/gw*.log)"
+done
+# shellcheck disable=SC2153 # set by eval above
+log "pids: dovecot $DV_PID, nginx $NGX_PID, imapgate $GW_PID (cold $GWC_PID, tls upstream $GWT_PID)"
+
+mkdir -p "$(dirname "$OUT")"
+RAW="$WORK/raw.jsonl"
+: >"$RAW"
+run() { # LABEL PORT USERS PID MODE ARGS...
+  local label="$1" port="$2" users="$3" pid="$4" mode="$5"
+  shift 5
+  "$LOADGEN" "$mode" --label "$label" --addr "127.0.0.1:$port" --ca "$CA" --users "$users" \
+    --pid "$pid" "$@" | tee -a "$RAW"
+}
+
+step "measuring: $ROUNDS round(s), targets interleaved"
+for r in $(seq 1 "$ROUNDS"); do
+  log "round $r"
+  for c in 8 64; do
+    run dovecot "$DV_TLS" "$WORK/direct.txt" "$DV_PID" logins --concurrency "$c" --seconds "$SECONDS_PER_RUN"
+    run nginx "$NGX" "$WORK/direct.txt" "$NGX_PID" logins --concurrency "$c" --seconds "$SECONDS_PER_RUN"
+    run imapgate "$GW" "$WORK/gateway.txt" "$GW_PID" logins --concurrency "$c" --seconds "$SECONDS_PER_RUN"
+    run imapgate-cold "$GWC" "$WORK/gateway.txt" "$GWC_PID" logins --concurrency "$c" --seconds "$SECONDS_PER_RUN"
+    run imapgate-tls-upstream "$GWT" "$WORK/gateway.txt" "$GWT_PID" logins --concurrency "$c" --seconds "$SECONDS_PER_RUN"
+  done
+  run dovecot "$DV_TLS" "$WORK/direct.txt" "$DV_PID" fetch --rounds 3
+  run nginx "$NGX" "$WORK/direct.txt" "$NGX_PID" fetch --rounds 3
+  run imapgate "$GW" "$WORK/gateway.txt" "$GW_PID" fetch --rounds 3
+  run imapgate-tls-upstream "$GWT" "$WORK/gateway.txt" "$GWT_PID" fetch --rounds 3
+  for t in "dovecot $DV_TLS direct.txt $DV_PID" "nginx $NGX direct.txt $NGX_PID" \
+    "imapgate $GW gateway.txt $GW_PID" "imapgate-tls-upstream $GWT gateway.txt $GWT_PID"; do
+    read -r label port users pid <<<"$t"
+    run "$label" "$port" "$WORK/$users" "$pid" noop --count 2000
+  done
+done
+step "idle sessions: $SESSIONS per target"
+run dovecot "$DV_TLS" "$WORK/direct.txt" "$DV_PID" idle --sessions "$SESSIONS" --concurrency 64 --hold 10
+run nginx "$NGX" "$WORK/direct.txt" "$NGX_PID" idle --sessions "$SESSIONS" --concurrency 64 --hold 10
+run imapgate "$GW" "$WORK/gateway.txt" "$GW_PID" idle --sessions "$SESSIONS" --concurrency 64 --hold 10
+
+step "results"
+python3 "$REPO/bench/report.py" "$RAW" "$OUT" \
+  "cpus=$(nproc)" "model=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)" \
+  "mem_gib=$(awk '/MemTotal/ { printf "%.0f", $2 / 1048576 }' /proc/meminfo)" \
+  "quick=$QUICK" "messages=$MESSAGES" "sessions=$SESSIONS" "rounds=$ROUNDS" \
+  "dovecot=$(dovecot --version 2>/dev/null | head -1)" "nginx=$(nginx -v 2>&1 | sed 's/.*nginx\///')"
