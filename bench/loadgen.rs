@@ -284,7 +284,28 @@ fn emit(a: &Args, fields: serde_json::Value) {
     println!("{o}");
 }
 
+/// One login per user before the clock starts (every server gets its caches warmed alike:
+/// imapgate's verified-credential cache, Dovecot's auth cache).
+async fn warm_up(a: &Args, tls: &TlsConnector) {
+    let sem = Arc::new(tokio::sync::Semaphore::new(a.concurrency.max(1)));
+    let mut tasks = Vec::new();
+    for (user, pw) in a.users.clone() {
+        let (tls, sem, addr) = (tls.clone(), sem.clone(), a.addr);
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire_owned().await.unwrap();
+            if let Ok(mut c) = Conn::open(addr, &tls).await {
+                let _ = c.login(&user, &pw).await;
+                let _ = c.send("z LOGOUT\r\n").await;
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
 async fn logins(a: &Args, tls: TlsConnector) {
+    warm_up(a, &tls).await;
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
     let before = proc_usage(a.pid);
@@ -412,6 +433,10 @@ async fn noop(a: &Args, tls: TlsConnector) {
 }
 
 async fn idle(a: &Args, tls: TlsConnector) {
+    // Every user logged in once first: the baseline then holds what logins leave behind for
+    // good (caches, argon2's working memory), and the growth is the sessions' own.
+    warm_up(a, &tls).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let before = proc_usage(a.pid);
     let sem = Arc::new(tokio::sync::Semaphore::new(a.concurrency.max(1)));
     let errors = Arc::new(AtomicU64::new(0));

@@ -27,13 +27,14 @@ cd "$REPO"
 
 QUICK=0
 SESSIONS=2000
+SESSIONS_GIVEN=0
 ROUNDS=3
 SECONDS_PER_RUN=10
 OUT="$REPO/target/bench/results.json"
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
-    --sessions) SESSIONS="$2"; shift ;;
+    --sessions) SESSIONS="$2"; SESSIONS_GIVEN=1; shift ;;
     --rounds) ROUNDS="$2"; shift ;;
     --seconds) SECONDS_PER_RUN="$2"; shift ;;
     --out) OUT="$2"; shift ;;
@@ -44,7 +45,8 @@ while [ $# -gt 0 ]; do
 done
 MESSAGES=2000
 if [ "$QUICK" -eq 1 ]; then
-  MESSAGES=200 SESSIONS=200 ROUNDS=1 SECONDS_PER_RUN=3
+  MESSAGES=200 ROUNDS=1 SECONDS_PER_RUN=3
+  [ "$SESSIONS_GIVEN" -eq 1 ] || SESSIONS=200
 fi
 [ "$(id -u)" -eq 0 ] || die "run as root: Dovecot must start as root"
 
@@ -58,7 +60,7 @@ BIN="$REPO/target/release/imapgate"
 LOADGEN="$REPO/target/release/examples/loadgen"
 
 # Enough descriptors for thousands of sessions, in this shell and its children.
-ulimit -n 1048576 2>/dev/null || ulimit -n 65536 || true
+ulimit -n 1048576 2>/dev/null || ulimit -n 65536 2>/dev/null || log "open files limit: $(ulimit -n)"
 
 WORK="$(mktemp -d /tmp/imapgate-bench.XXXXXX)"
 chmod 755 "$WORK"
@@ -251,8 +253,7 @@ backends:
   - name: dovecot
     address: "127.0.0.1:$6"
     tls: $5
-    ca_file: "$CA"
-    server_name: localhost
+$(if [ "$5" != none ]; then printf '    ca_file: "%s"\n    server_name: localhost' "$CA"; fi)
     login: master_user
     master_user: gateway
     master_password_file: "$WORK/master.secret"
@@ -294,6 +295,36 @@ run() { # LABEL PORT USERS PID MODE ARGS...
     --pid "$pid" "$@" | tee -a "$RAW"
 }
 
+# perf_summary DATA: where the time went, by shared object, then the top symbols.
+perf_summary() {
+  perf report -i "$1" --no-children --sort dso --stdio 2>/dev/null | grep -E '^ +[0-9]' || true
+  echo
+  perf report -i "$1" --no-children --sort sym -g none --stdio 2>/dev/null | grep -E '^ +[0-9]' | sed -n '1,60p' || true
+}
+
+if [ -n "${BENCH_PERF:-}" ]; then
+  # Profile imapgate's warm logins (8 clients) and FETCH with perf, then stop.
+  step "perf: imapgate logins and FETCH -> $BENCH_PERF.{logins,fetch}.txt"
+  perf record -F 999 -g -p "$GW_PID" -o "$WORK/logins.data" -- sleep "$SECONDS_PER_RUN" 2>/dev/null &
+  perf_pid=$!
+  run imapgate "$GW" "$WORK/gateway.txt" "$GW_PID" logins --concurrency 8 --seconds "$SECONDS_PER_RUN"
+  wait "$perf_pid" || true
+  perf_summary "$WORK/logins.data" >"$BENCH_PERF.logins.txt"
+  perf record -F 999 -g -p "$GW_PID" -o "$WORK/fetch.data" -- sleep 8 2>/dev/null &
+  perf_pid=$!
+  run imapgate "$GW" "$WORK/gateway.txt" "$GW_PID" fetch --rounds 5
+  wait "$perf_pid" || true
+  perf_summary "$WORK/fetch.data" >"$BENCH_PERF.fetch.txt"
+  exit 0
+fi
+
+# Idle sessions first, on fresh processes: memory per session is the growth of resident memory,
+# which allocations of the earlier runs (kept by the allocator) would blur.
+step "idle sessions: $SESSIONS per target"
+run dovecot "$DV_TLS" "$WORK/direct.txt" "$DV_PID" idle --sessions "$SESSIONS" --concurrency 64 --hold 10
+run nginx "$NGX" "$WORK/direct.txt" "$NGX_PID" idle --sessions "$SESSIONS" --concurrency 64 --hold 10
+run imapgate "$GW" "$WORK/gateway.txt" "$GW_PID" idle --sessions "$SESSIONS" --concurrency 64 --hold 10
+
 step "measuring: $ROUNDS round(s), targets interleaved"
 for r in $(seq 1 "$ROUNDS"); do
   log "round $r"
@@ -314,11 +345,6 @@ for r in $(seq 1 "$ROUNDS"); do
     run "$label" "$port" "$WORK/$users" "$pid" noop --count 2000
   done
 done
-step "idle sessions: $SESSIONS per target"
-run dovecot "$DV_TLS" "$WORK/direct.txt" "$DV_PID" idle --sessions "$SESSIONS" --concurrency 64 --hold 10
-run nginx "$NGX" "$WORK/direct.txt" "$NGX_PID" idle --sessions "$SESSIONS" --concurrency 64 --hold 10
-run imapgate "$GW" "$WORK/gateway.txt" "$GW_PID" idle --sessions "$SESSIONS" --concurrency 64 --hold 10
-
 step "results"
 python3 "$REPO/bench/report.py" "$RAW" "$OUT" \
   "cpus=$(nproc)" "model=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)" \

@@ -56,6 +56,8 @@ pub struct CredentialStore {
     stamp: RwLock<Option<(SystemTime, u64)>>,
     dummy: String,
     hash_permits: Semaphore,
+    /// argon2 working memory, one buffer per permit, reused.
+    hash_memory: Arc<std::sync::Mutex<Vec<Vec<argon2::Block>>>>,
     metrics: Arc<Metrics>,
     keyring: KeyRing,
     state: Arc<dyn Store>,
@@ -171,6 +173,7 @@ impl CredentialStore {
             loaded: RwLock::new(loaded),
             dummy: app_password::dummy_hash(cfg.argon2),
             hash_permits: Semaphore::new(permits),
+            hash_memory: Default::default(),
             metrics,
             keyring,
             state,
@@ -258,17 +261,29 @@ impl CredentialStore {
         let _permit = self.hash_permits.acquire().await.ok()?;
         let runs = phcs.len().max(1) as u64;
         let dummy = self.dummy.clone();
+        let pool = self.hash_memory.clone();
         let res = tokio::task::spawn_blocking(move || {
-            if phcs.is_empty() {
-                app_password::verify(&password, &dummy);
-                return None;
-            }
-            // Check every candidate so the time does not depend on which one matches.
-            let mut found = None;
-            for (i, phc) in phcs.iter().enumerate() {
-                if app_password::verify(&password, phc) && found.is_none() {
-                    found = Some(i);
+            // One working buffer per permit, reused (see `app_password::verify_in`).
+            let mut memory = pool
+                .lock()
+                .ok()
+                .and_then(|mut p| p.pop())
+                .unwrap_or_default();
+            let found = if phcs.is_empty() {
+                app_password::verify_in(&password, &dummy, &mut memory);
+                None
+            } else {
+                // Check every candidate so the time does not depend on which one matches.
+                let mut found = None;
+                for (i, phc) in phcs.iter().enumerate() {
+                    if app_password::verify_in(&password, phc, &mut memory) && found.is_none() {
+                        found = Some(i);
+                    }
                 }
+                found
+            };
+            if let Ok(mut p) = pool.lock() {
+                p.push(memory);
             }
             found
         })
