@@ -356,7 +356,7 @@ mod tests {
     /// `cargo test --lib memory_per_entry -- --ignored --nocapture` (alone, so that no other
     /// test shares the process).
     #[tokio::test]
-    #[ignore]
+    #[ignore = "a measurement, not a check: it prints the figure docs/guard.md quotes, and needs the process to itself"]
     async fn memory_per_entry() {
         fn rss() -> u64 {
             let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();

@@ -305,7 +305,7 @@ async fn concurrent_checks_on_one_key_never_exceed_the_budget() {
 /// Sizing for docs/state.md: Redis memory for the guard's keys under a spray of random
 /// addresses and accounts. `cargo test --test gateway redis_memory -- --ignored --nocapture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
+#[ignore = "a measurement, not a check: it prints the sizing docs/state.md quotes (20,000 attempts, several seconds)"]
 async fn redis_memory_per_failed_attempt() {
     use imapgate::guard::{AttemptKey, Guard, Kind, Outcome};
     let Some(redis) = RedisServer::start() else {
