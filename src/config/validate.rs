@@ -118,11 +118,19 @@ impl Ctx<'_> {
         }
     }
 
-    /// Reads a secret from a file: one value, a trailing newline ignored, never empty.
+    /// Reads a secret from a file: one value, a trailing newline ignored, never empty, at most
+    /// [`MAX_SECRET_FILE`] bytes (a path such as /dev/zero must not exhaust memory).
     fn secret_file(&mut self, file: &str, path: &str) -> Option<Secret> {
         let full = self.path(file);
-        match std::fs::read(&full) {
-            Ok(mut bytes) => {
+        match read_bounded(&full, MAX_SECRET_FILE) {
+            Ok(None) => {
+                self.err(
+                    path,
+                    format!("{} is larger than {MAX_SECRET_FILE} bytes", full.display()),
+                );
+                None
+            }
+            Ok(Some(mut bytes)) => {
                 while matches!(bytes.last(), Some(b'\n' | b'\r')) {
                     bytes.pop();
                 }
@@ -140,6 +148,19 @@ impl Ctx<'_> {
             }
         }
     }
+}
+
+/// The largest secret file the config accepts (a password, a token or a Redis URL).
+pub const MAX_SECRET_FILE: u64 = 64 * 1024;
+
+/// Reads at most `limit` bytes; `None` when the file holds more.
+fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(limit + 1)
+        .read_to_end(&mut bytes)?;
+    Ok((bytes.len() as u64 <= limit).then_some(bytes))
 }
 
 pub(super) fn from_yaml(text: &str, base: &Path) -> Result<Config, ConfigError> {
@@ -1255,5 +1276,32 @@ mod tests {
         for bad in ["mail", "mail:0", "mail:99999", ":143", "::1:143", "a b:1"] {
             assert_eq!(host_port(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn secret_files_are_read_with_a_bound() {
+        let dir = std::env::temp_dir().join(format!("imapgate-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let small = dir.join("small");
+        std::fs::write(&small, b"hunter2\n").unwrap();
+        let big = dir.join("big");
+        std::fs::write(&big, vec![b'x'; MAX_SECRET_FILE as usize + 1]).unwrap();
+        let mut cx = Ctx {
+            base: &dir,
+            errors: Vec::new(),
+            warnings: Vec::new(),
+        };
+        let s = cx.secret_file("small", "a").expect("small secret");
+        assert_eq!(s.expose(), b"hunter2");
+        assert!(cx.secret_file("big", "b").is_none());
+        // A device that never ends is refused, not read until memory runs out.
+        assert!(cx.secret_file("/dev/zero", "c").is_none());
+        let msgs: Vec<String> = cx.errors.iter().map(|e| e.to_string()).collect();
+        assert_eq!(msgs.len(), 2, "{msgs:?}");
+        assert!(
+            msgs.iter().all(|m| m.contains("larger than 65536 bytes")),
+            "{msgs:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

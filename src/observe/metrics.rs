@@ -37,6 +37,7 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub certificate_expiry: IntGaugeVec,
     pub build_info: IntGaugeVec,
+    pub runtime_tasks: IntGauge,
 }
 
 /// The metric names and help texts, in the order they are registered (docs and tests use it).
@@ -139,6 +140,10 @@ pub const CATALOGUE: &[(&str, &str)] = &[
         "When each served certificate expires (Unix time of the leaf's notAfter), by certificate file.",
     ),
     ("imapgate_build_info", "Build information; always 1."),
+    (
+        "imapgate_runtime_tasks",
+        "Tasks alive in the async runtime at the scrape (grows with sessions; growth without sessions is a leak).",
+    ),
 ];
 
 fn help(name: &str) -> &'static str {
@@ -251,6 +256,7 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let runtime_tasks = gauge("imapgate_runtime_tasks")?;
 
         // Series that alerts watch start at 0, so that `increase()` sees their first event.
         for (scope, reason) in [
@@ -300,11 +306,17 @@ impl Metrics {
             config_reloads,
             certificate_expiry,
             build_info,
+            runtime_tasks,
         })
     }
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let tasks = rt.metrics().num_alive_tasks();
+            self.runtime_tasks
+                .set(i64::try_from(tasks).unwrap_or(i64::MAX));
+        }
         let mut buf = Vec::new();
         if TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)

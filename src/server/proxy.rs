@@ -7,14 +7,13 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 /// v1: "PROXY TCP6 <39> <39> <5> <5>\r\n" is at most 107 bytes.
-const V1_MAX: usize = 107;
+pub const V1_MAX: usize = 107;
 /// v2: the address block and TLVs we accept at most (AWS/GCP TLVs fit well within).
-const V2_MAX_BODY: usize = 1024;
+pub const V2_MAX_BODY: usize = 1024;
 
 /// Why a header was refused (metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,8 +35,8 @@ impl ProxyError {
 
 /// Reads the header within `timeout`; returns the client's address (the proxy's own for
 /// LOCAL/UNKNOWN headers, which health checks send).
-pub async fn read_header(
-    tcp: &mut TcpStream,
+pub async fn read_header<R: AsyncRead + Unpin>(
+    tcp: &mut R,
     peer: SocketAddr,
     timeout: Duration,
 ) -> Result<SocketAddr, ProxyError> {
@@ -48,7 +47,7 @@ pub async fn read_header(
     }
 }
 
-async fn read(tcp: &mut TcpStream) -> Result<Vec<u8>, ProxyError> {
+async fn read<R: AsyncRead + Unpin>(tcp: &mut R) -> Result<Vec<u8>, ProxyError> {
     let mut buf = vec![0u8; 12];
     tcp.read_exact(&mut buf)
         .await
@@ -131,6 +130,7 @@ pub fn v2_header(client: SocketAddr, server: SocketAddr) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::TcpStream;
 
     fn peer() -> SocketAddr {
         "10.0.0.9:5000".parse().unwrap()

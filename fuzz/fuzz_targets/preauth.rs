@@ -1,0 +1,114 @@
+//! The pre-auth session state machine fed an arbitrary client byte stream, in arbitrary chunks,
+//! with arbitrary verdicts for the logins it asks to check. Sans-I/O: no sockets, no clock.
+//!
+//! Input layout: byte 0 chooses the listener (bit 0: STARTTLS listener, bit 1: OAuth offered),
+//! byte 1 seeds the chunk sizes and verdicts, the rest is what the client sends.
+#![no_main]
+
+use imapgate::auth::{Credential, Mechanism};
+use imapgate::session::preauth::{PreAuth, PreAuthLimits, Step};
+use libfuzzer_sys::fuzz_target;
+
+const LIMITS: PreAuthLimits = PreAuthLimits {
+    line_bytes: 8 * 1024,
+    literal_bytes: 4 * 1024,
+    sasl_bytes: 24 * 1024,
+    bad_commands_before_bye: 5,
+    auth_failures_per_connection: 3,
+};
+
+fuzz_target!(|data: &[u8]| {
+    let [mode, seed, input @ ..] = data else {
+        return;
+    };
+    let starttls_listener = mode & 1 == 1;
+    let mut sm =
+        PreAuth::new(LIMITS, starttls_listener, !starttls_listener).with_oauth(mode & 2 == 2);
+    let mut tls = !starttls_listener;
+    check_reply(&sm.greeting());
+    let mut rng = u32::from(*seed) | 0x100;
+    let mut rest = input;
+    let mut steps = 0u32;
+    loop {
+        steps += 1;
+        assert!(
+            steps < 1_000_000,
+            "the state machine does not make progress"
+        );
+        match sm.step() {
+            Step::Send(bytes) => check_reply(&bytes),
+            Step::NeedInput => {
+                // Memory stays bounded whatever the client sends: at most one unfinished
+                // command (line, SASL line and literal limits) plus the last chunk.
+                let bound = LIMITS.line_bytes + LIMITS.sasl_bytes + LIMITS.literal_bytes + 64;
+                assert!(sm.buffered() <= bound, "{} bytes buffered", sm.buffered());
+                if rest.is_empty() {
+                    return;
+                }
+                rng = rng.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                let n = (1 + (rng >> 16) as usize % 64).min(rest.len());
+                let (chunk, tail) = rest.split_at(n);
+                sm.feed(chunk);
+                rest = tail;
+            }
+            Step::StartTls => {
+                assert!(
+                    starttls_listener && !tls,
+                    "STARTTLS twice or on the TLS port"
+                );
+                tls = true;
+                sm.tls_started();
+            }
+            Step::Authenticate(req) => {
+                // Invariant 1: no credential is ever checked before TLS.
+                assert!(tls, "a login was accepted for checking in cleartext");
+                match &req.credential {
+                    Credential::Password { user, password } => {
+                        assert!(!user.is_empty() && !password.is_empty());
+                        assert!(matches!(req.mechanism, Mechanism::Login | Mechanism::Plain));
+                    }
+                    Credential::Bearer { token, .. } => {
+                        assert!(req.mechanism.is_oauth() && !token.is_empty());
+                    }
+                    Credential::Malformed(_) => assert_eq!(req.mechanism, Mechanism::Plain),
+                    Credential::MalformedBearer(_) => assert!(req.mechanism.is_oauth()),
+                }
+                rng = rng.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                match (rng >> 16) % 5 {
+                    0 if req.mechanism.is_oauth() => {
+                        sm.oauth_failed(&req.tag, b"{\"status\":\"invalid_token\"}")
+                    }
+                    0 | 1 => sm.auth_failed(&req.tag),
+                    2 => sm.auth_unavailable(&req.tag),
+                    3 => sm.too_many_sessions(&req.tag),
+                    _ => {
+                        let (ok, pipelined) = sm.auth_succeeded(&req.tag, &[]);
+                        check_reply(&ok);
+                        // Whatever the client pipelined is handed on intact, never more than
+                        // it sent.
+                        assert!(pipelined.len() <= input.len());
+                        return;
+                    }
+                }
+            }
+            Step::Close => return,
+        }
+    }
+});
+
+/// Every reply is whole lines, never a bare CR or LF, never a NUL.
+fn check_reply(bytes: &[u8]) {
+    assert!(
+        bytes.ends_with(b"\r\n"),
+        "reply is not a whole line: {bytes:?}"
+    );
+    for (i, b) in bytes.iter().enumerate() {
+        assert_ne!(*b, 0, "NUL in a reply");
+        if *b == b'\n' {
+            assert!(i > 0 && bytes[i - 1] == b'\r', "bare LF in a reply");
+        }
+        if *b == b'\r' {
+            assert_eq!(bytes.get(i + 1), Some(&b'\n'), "bare CR in a reply");
+        }
+    }
+}
