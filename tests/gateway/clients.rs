@@ -4,89 +4,10 @@
 
 use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use crate::harness::*;
-
-struct Binary {
-    child: Child,
-    dir: tempfile::TempDir,
-    imaps: u16,
-    imap: u16,
-    admin: u16,
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_binary(t: &TestGateway) -> Binary {
-    let dir = tempfile::tempdir().unwrap();
-    let (imaps, imap, admin) = (free_port(), free_port(), free_port());
-    let yaml = t
-        .config_yaml
-        .replacen(
-            "127.0.0.1:0\", tls: implicit",
-            &format!("127.0.0.1:{imaps}\", tls: implicit"),
-            1,
-        )
-        .replacen(
-            "127.0.0.1:0\", tls: starttls",
-            &format!("127.0.0.1:{imap}\", tls: starttls"),
-            1,
-        )
-        .replacen(
-            "address: \"127.0.0.1:0\", health_interval",
-            &format!("address: \"127.0.0.1:{admin}\", health_interval"),
-            1,
-        )
-        + &format!(
-            "logging: {{ format: json, level: debug, audit: \"{}\" }}\n",
-            dir.path().join("audit.log").display()
-        );
-    let cfg = dir.path().join("imapgate.yaml");
-    std::fs::write(&cfg, yaml).unwrap();
-    let status = Command::new(env!("CARGO_BIN_EXE_imapgate"))
-        .args(["check-config", "-c"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(
-        status.status.success(),
-        "check-config: {}",
-        String::from_utf8_lossy(&status.stderr)
-    );
-    let child = Command::new(env!("CARGO_BIN_EXE_imapgate"))
-        .args(["run", "-c"])
-        .arg(&cfg)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
-        .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
-        .spawn()
-        .unwrap();
-    for i in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", admin)).is_ok() {
-            break;
-        }
-        assert!(
-            i < 99,
-            "binary did not start: {}",
-            std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Binary {
-        child,
-        dir,
-        imaps,
-        imap,
-        admin,
-    }
-}
 
 fn read(p: &Path) -> String {
     let mut s = String::new();

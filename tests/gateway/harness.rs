@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -635,6 +635,8 @@ pub struct Options {
     pub extra_listeners: &'static str,
     /// The `state` section's body (indented two spaces); empty: memory.
     pub state: String,
+    /// A scripted backend (plain TCP) instead of the real Dovecot.
+    pub backend_address: Option<SocketAddr>,
 }
 
 /// The guard in tests that are not about it: the production budgets, a short tarpit so that
@@ -659,6 +661,7 @@ impl Default for Options {
             guard: TEST_GUARD.to_owned(),
             extra_listeners: "",
             state: String::new(),
+            backend_address: None,
         }
     }
 }
@@ -740,10 +743,10 @@ impl TestGateway {
         let users_file = dir.path().join("users.yaml");
         file.save(&users_file).unwrap();
         let down_port = free_port();
-        let backend_addr = if opts.backend_tls == "starttls" {
-            dovecot.imap
-        } else {
-            dovecot.imaps
+        let backend_addr = match opts.backend_address {
+            Some(a) => a,
+            None if opts.backend_tls == "starttls" => dovecot.imap,
+            None => dovecot.imaps,
         };
         let yaml = format!(
             r#"
@@ -773,7 +776,7 @@ backends:
   - name: dovecot
     address: "{backend_addr}"
     tls: {backend_tls}
-    ca_file: "{ca}"
+{ca}
     server_name: localhost
     login: {login}
     master_user: gateway
@@ -807,10 +810,10 @@ admin: {{ address: "127.0.0.1:0", health_interval: 1s, token_file: "{admin_token
             mfa = opts.mfa,
             keyfile = dir.path().join("k1.key").display(),
             auth_extra = opts.auth_extra,
-            ca = if opts.wrong_backend_ca {
-                pki.ca_pem.display()
-            } else {
-                dovecot.pki.ca_pem.display()
+            ca = match (opts.backend_tls, opts.wrong_backend_ca) {
+                ("none", _) => String::new(),
+                (_, true) => format!("    ca_file: \"{}\"", pki.ca_pem.display()),
+                (_, false) => format!("    ca_file: \"{}\"", dovecot.pki.ca_pem.display()),
             },
             master = dovecot.master_secret_file.display(),
             login = opts.backend_login,
@@ -1071,5 +1074,86 @@ impl Idp {
             .await
             .unwrap();
         assert!(resp.status().is_success());
+    }
+}
+
+/// The real `imapgate` binary, run with a test gateway's configuration on fixed free ports,
+/// JSON logs at debug level in `dir/stderr.log` and the audit log in `dir/audit.log`.
+pub struct Binary {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub imaps: u16,
+    pub imap: u16,
+    pub admin: u16,
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn start_binary(t: &TestGateway) -> Binary {
+    let dir = tempfile::tempdir().unwrap();
+    let (imaps, imap, admin) = (free_port(), free_port(), free_port());
+    let yaml = t
+        .config_yaml
+        .replacen(
+            "127.0.0.1:0\", tls: implicit",
+            &format!("127.0.0.1:{imaps}\", tls: implicit"),
+            1,
+        )
+        .replacen(
+            "127.0.0.1:0\", tls: starttls",
+            &format!("127.0.0.1:{imap}\", tls: starttls"),
+            1,
+        )
+        .replacen(
+            "address: \"127.0.0.1:0\", health_interval",
+            &format!("address: \"127.0.0.1:{admin}\", health_interval"),
+            1,
+        )
+        + &format!(
+            "logging: {{ format: json, level: debug, audit: \"{}\" }}\n",
+            dir.path().join("audit.log").display()
+        );
+    let cfg = dir.path().join("imapgate.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_imapgate"))
+        .args(["check-config", "-c"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "check-config: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let child = Command::new(env!("CARGO_BIN_EXE_imapgate"))
+        .args(["run", "-c"])
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
+        .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
+        .spawn()
+        .unwrap();
+    for i in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", admin)).is_ok() {
+            break;
+        }
+        assert!(
+            i < 99,
+            "binary did not start: {}",
+            std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Binary {
+        child,
+        dir,
+        imaps,
+        imap,
+        admin,
     }
 }

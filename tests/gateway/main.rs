@@ -12,7 +12,9 @@ mod harness;
 
 mod clients;
 mod config_files;
+mod faulty_upstream;
 mod guard;
+mod hostile;
 mod login;
 mod mfa;
 mod oauth;
