@@ -24,6 +24,7 @@ mod keys;
 mod tests;
 
 use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -61,8 +62,6 @@ pub enum Verdict {
     Allow,
     /// Do not check; answer as a failure (after the tarpit delay).
     Reject,
-    /// Too many attempts in flight from this address: answer the failure at once and close.
-    Close,
 }
 
 /// Which key decided.
@@ -113,8 +112,7 @@ impl Decision {
     pub fn action(&self) -> &'static str {
         match (self.verdict, self.would_refuse) {
             (Verdict::Reject, _) => "reject",
-            (Verdict::Close, _) => "close",
-            (Verdict::Allow, true) if self.scope == Scope::InFlight => "would_close",
+            (Verdict::Allow, true) if self.scope == Scope::InFlight => "would_queue",
             (Verdict::Allow, true) => "would_reject",
             (Verdict::Allow, false) if !self.delay.is_zero() => "delay",
             (Verdict::Allow, false) => "allow",
@@ -163,11 +161,15 @@ pub struct Guard {
     metrics: Arc<Metrics>,
     /// Keys the fingerprints of wrong secrets (never stored, never logged).
     fingerprint_key: [u8; 32],
-    in_flight: Arc<Mutex<HashMap<IpNet, u32>>>,
+    /// Attempts per address (per /64 for IPv6) run `max_delayed_per_ip` at a time; the others
+    /// wait their turn (within the session's pre-auth deadline). A burst of good logins from
+    /// one NAT or webmail host only waits milliseconds; an attacker cannot have more guesses
+    /// in flight, nor more connections parked in the tarpit, than that.
+    in_flight: Slots<IpNet>,
     /// Password attempts per account run [`ACCOUNT_SLOTS`] at a time, so that a burst from
     /// many addresses is counted as it goes instead of all passing the check before the first
     /// failure is recorded.
-    accounts: Arc<Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>>,
+    accounts: Slots<String>,
     /// Blocks seen by the last sweep, to report the ones that ended.
     seen: Mutex<HashSet<(String, String)>>,
     /// Refuse (rather than allow) when the state store cannot be read (`on_error: fail_closed`).
@@ -202,8 +204,8 @@ impl Guard {
             store,
             metrics,
             fingerprint_key,
-            in_flight: Arc::new(Mutex::new(HashMap::new())),
-            accounts: Arc::new(Mutex::new(HashMap::new())),
+            in_flight: Slots::default(),
+            accounts: Slots::default(),
             seen: Mutex::new(HashSet::new()),
             fail_closed: false,
         }
@@ -311,16 +313,14 @@ impl Guard {
         if c.allow.iter().any(|n| n.contains(&ip)) {
             return Decision::allow(Scope::AllowList);
         }
-        let in_flight = match self.acquire(ip) {
-            Some(p) => p,
+        let cap = usize::try_from(c.max_delayed_per_ip).unwrap_or(usize::MAX);
+        let in_flight_key = self.in_flight_key(ip);
+        let in_flight = match self.in_flight.try_acquire(&in_flight_key, cap) {
+            Some(slot) => Some(slot),
             None if c.enforce => {
-                return Decision {
-                    verdict: Verdict::Close,
-                    delay: Duration::ZERO,
-                    scope: Scope::InFlight,
-                    would_refuse: false,
-                    permit: None,
-                }
+                // Every place is taken: wait for one (counted, so a saturating source shows).
+                self.count_decision("queue", Scope::InFlight.as_str());
+                self.in_flight.acquire(&in_flight_key, cap).await
             }
             None => {
                 return Decision {
@@ -330,7 +330,7 @@ impl Guard {
             }
         };
         let account = match (key.kind, key.user) {
-            (Kind::Password, Some(u)) => self.account_slot(u).await,
+            (Kind::Password, Some(u)) => self.accounts.acquire(&u.to_owned(), ACCOUNT_SLOTS).await,
             _ => None,
         };
         let permit = Some(Held {
@@ -460,37 +460,6 @@ impl Guard {
             IpAddr::V4(_) => IpNet::from(ip),
             IpAddr::V6(_) => self.subnet(ip),
         }
-    }
-
-    fn acquire(&self, ip: IpAddr) -> Option<InFlight> {
-        let key = self.in_flight_key(ip);
-        let mut map = self.in_flight.lock().ok()?;
-        let n = map.entry(key).or_insert(0);
-        if *n >= self.config().max_delayed_per_ip {
-            return None;
-        }
-        *n += 1;
-        Some(InFlight {
-            map: self.in_flight.clone(),
-            key,
-        })
-    }
-
-    /// Waits for one of the account's slots.
-    async fn account_slot(&self, user: &str) -> Option<AccountSlot> {
-        let sem = {
-            let mut map = self.accounts.lock().ok()?;
-            map.entry(user.to_owned())
-                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(ACCOUNT_SLOTS)))
-                .clone()
-        };
-        let permit = sem.clone().acquire_owned().await.ok()?;
-        Some(AccountSlot {
-            permit: Some(permit),
-            sem,
-            map: self.accounts.clone(),
-            user: user.to_owned(),
-        })
     }
 
     /// After the check (or the refusal).
@@ -857,49 +826,84 @@ impl Guard {
 /// What a decision holds until the attempt is answered.
 #[derive(Debug)]
 pub struct Held {
-    _in_flight: InFlight,
-    _account: Option<AccountSlot>,
+    _in_flight: Option<Slot<IpNet>>,
+    _account: Option<Slot<String>>,
 }
 
-/// This attempt's place in its address's in-flight count.
+/// Counting semaphores by key, created on first use and dropped with their last holder or
+/// waiter (so the map only holds keys with attempts in flight).
 #[derive(Debug)]
-struct InFlight {
-    map: Arc<Mutex<HashMap<IpNet, u32>>>,
-    key: IpNet,
+struct Slots<K: Hash + Eq + Clone> {
+    map: Arc<Mutex<HashMap<K, Arc<tokio::sync::Semaphore>>>>,
 }
 
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        if let Ok(mut map) = self.map.lock() {
-            if let Some(n) = map.get_mut(&self.key) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    map.remove(&self.key);
-                }
-            }
+impl<K: Hash + Eq + Clone> Default for Slots<K> {
+    fn default() -> Self {
+        Slots {
+            map: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 }
 
-/// One of an account's attempt slots; the map entry goes with the last user.
+impl<K: Hash + Eq + Clone> Slots<K> {
+    fn entry(&self, key: &K, permits: usize) -> Option<Entry<K>> {
+        let mut map = self.map.lock().ok()?;
+        let sem = map
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(permits)))
+            .clone();
+        Some(Entry {
+            sem,
+            map: self.map.clone(),
+            key: key.clone(),
+        })
+    }
+
+    /// A place now, or `None` when all `permits` are taken.
+    fn try_acquire(&self, key: &K, permits: usize) -> Option<Slot<K>> {
+        let entry = self.entry(key, permits)?;
+        let permit = entry.sem.clone().try_acquire_owned().ok()?;
+        Some(Slot {
+            _permit: permit,
+            _entry: entry,
+        })
+    }
+
+    /// Waits for a place (cancel by dropping the future).
+    async fn acquire(&self, key: &K, permits: usize) -> Option<Slot<K>> {
+        let entry = self.entry(key, permits)?;
+        let permit = entry.sem.clone().acquire_owned().await.ok()?;
+        Some(Slot {
+            _permit: permit,
+            _entry: entry,
+        })
+    }
+}
+
+/// A reference to a key's semaphore; the last one (holder or waiter) removes the key.
 #[derive(Debug)]
-struct AccountSlot {
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+struct Entry<K: Hash + Eq + Clone> {
     sem: Arc<tokio::sync::Semaphore>,
-    map: Arc<Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>>,
-    user: String,
+    map: Arc<Mutex<HashMap<K, Arc<tokio::sync::Semaphore>>>>,
+    key: K,
 }
 
-impl Drop for AccountSlot {
+impl<K: Hash + Eq + Clone> Drop for Entry<K> {
     fn drop(&mut self) {
-        self.permit.take();
         if let Ok(mut map) = self.map.lock() {
-            // The map's reference and ours: nobody else holds or waits for a slot.
+            // The map's reference and ours: nobody else holds or waits for a place.
             if Arc::strong_count(&self.sem) == 2 {
-                map.remove(&self.user);
+                map.remove(&self.key);
             }
         }
     }
+}
+
+/// One place; the permit is released before the entry is dropped (field order).
+#[derive(Debug)]
+struct Slot<K: Hash + Eq + Clone> {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _entry: Entry<K>,
 }
 
 fn rate(b: Budget) -> crate::state::Rate {

@@ -274,8 +274,8 @@ async fn dry_run_blocks_nothing_and_counts_everything() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn attempts_in_flight_per_address_are_capped() {
-    let g = guard();
+async fn attempts_in_flight_per_address_wait_for_a_place() {
+    let g = Arc::new(guard());
     let cap = g.config().max_delayed_per_ip;
     let mut held = Vec::new();
     let users: Vec<String> = (0..cap + 3).map(|i| format!("u{i}@example.org")).collect();
@@ -284,25 +284,58 @@ async fn attempts_in_flight_per_address_are_capped() {
         assert_eq!(d.verdict, Verdict::Allow);
         held.push(d.permit);
     }
-    let d = g.check(pw("192.0.2.80", &users[cap as usize])).await;
-    assert_eq!((d.verdict, d.scope), (Verdict::Close, Scope::InFlight));
-    // Another address is not affected; a finished attempt frees its place.
+    // One more: it is neither refused nor checked; it waits for a place.
+    let waiting = {
+        let (g, u) = (g.clone(), users[cap as usize].clone());
+        tokio::spawn(async move { g.check(pw("192.0.2.80", &u)).await.verdict })
+    };
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(!waiting.is_finished(), "an attempt over the cap went ahead");
+    let queued = g
+        .metrics
+        .guard_decisions
+        .with_label_values(&["queue", "in_flight"])
+        .get();
+    assert_eq!(queued, 1);
+    // Another address is not affected; a finished attempt lets the waiting one in.
     assert_eq!(
         g.check(pw("192.0.2.81", "x@example.org")).await.verdict,
         Verdict::Allow
     );
     held.pop();
-    assert_eq!(
-        g.check(pw("192.0.2.80", &users[cap as usize + 1]))
-            .await
-            .verdict,
-        Verdict::Allow
-    );
+    assert_eq!(waiting.await.unwrap(), Verdict::Allow);
+    // When everything is answered, nothing is left in the map.
+    held.clear();
+    assert!(g.in_flight.map.lock().unwrap().is_empty());
+    assert!(g.accounts.map.lock().unwrap().is_empty());
 }
 
 #[tokio::test(start_paused = true)]
-async fn ipv6_attempts_in_flight_are_capped_per_64() {
-    let g = guard();
+async fn a_waiting_attempt_that_gives_up_leaves_nothing_behind() {
+    let g = Arc::new(guard());
+    let cap = g.config().max_delayed_per_ip;
+    let mut held = Vec::new();
+    for i in 0..cap {
+        held.push(
+            g.check(pw("192.0.2.90", &format!("u{i}@example.org")))
+                .await
+                .permit,
+        );
+    }
+    // The session's pre-auth deadline cancels the wait.
+    let gone = tokio::time::timeout(
+        Duration::from_secs(5),
+        g.check(pw("192.0.2.90", "late@example.org")),
+    )
+    .await;
+    assert!(gone.is_err());
+    held.clear();
+    assert!(g.in_flight.map.lock().unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn ipv6_attempts_in_flight_are_counted_per_64() {
+    let g = Arc::new(guard());
     let cap = g.config().max_delayed_per_ip;
     let mut held = Vec::new();
     for i in 0..cap {
@@ -312,14 +345,24 @@ async fn ipv6_attempts_in_flight_are_capped_per_64() {
         assert_eq!(d.verdict, Verdict::Allow);
         held.push(d.permit);
     }
-    let d = g.check(pw("2001:db8:1:2::ffff", "z@example.org")).await;
-    assert_eq!(d.verdict, Verdict::Close);
+    let same_64 = {
+        let g = g.clone();
+        tokio::spawn(async move {
+            g.check(pw("2001:db8:1:2::ffff", "z@example.org"))
+                .await
+                .verdict
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(!same_64.is_finished());
     assert_eq!(
         g.check(pw("2001:db8:1:3::1", "z@example.org"))
             .await
             .verdict,
         Verdict::Allow
     );
+    held.clear();
+    assert_eq!(same_64.await.unwrap(), Verdict::Allow);
 }
 
 #[tokio::test(start_paused = true)]

@@ -472,15 +472,10 @@ impl Session {
             _ => None,
         };
         let decision = guard.check(key).await;
+        // The tarpit counts from here: an attempt that waited for a place (the in-flight cap)
+        // still waits its whole delay, so queued guesses cannot share one delay.
+        let decided = Instant::now();
         let action = decision.action();
-        if decision.verdict == Verdict::Close {
-            // Over the in-flight cap: the generic failure at once, then close.
-            guard.record(key, GuardOutcome::Refused).await;
-            m.auth_attempts.with_label_values(&[mech, "failure"]).inc();
-            self.audit(&log_user, mech, "failure", "guard", action, "");
-            sm.auth_failed_close(&req.tag);
-            return LoginEnd::Continue(sm);
-        }
         let mut matched = None;
         let outcome = match decision.verdict {
             Verdict::Allow => {
@@ -495,7 +490,7 @@ impl Session {
                 Some(o)
             }
             // Invariant 4: a refused attempt is never checked.
-            Verdict::Reject | Verdict::Close => None,
+            Verdict::Reject => None,
         };
         let identity = match outcome {
             Some(Outcome::Success(id)) => id,
@@ -517,8 +512,8 @@ impl Session {
                 }
                 // Invariant 5: no failure is answered sooner than the floor; the tarpit may
                 // add to it. The wait is a timer on this session, holding no worker.
-                let floor = self.shared.failure_floor.max(decision.delay);
-                tokio::time::sleep_until(started + floor).await;
+                let answer_at = (started + self.shared.failure_floor).max(decided + decision.delay);
+                tokio::time::sleep_until(answer_at).await;
                 drop(decision.permit);
                 m.auth_attempts.with_label_values(&[mech, "failure"]).inc();
                 m.auth_seconds.observe(started.elapsed().as_secs_f64());

@@ -189,19 +189,6 @@ impl PreAuth {
         }
     }
 
-    /// Login refused and the connection closed at once: the generic reply, then BYE (the
-    /// guard's in-flight cap; nothing waits in a tarpit).
-    pub fn auth_failed_close(&mut self, tag: &Tag<'_>) {
-        self.failures += 1;
-        self.reply(imap::tagged(
-            tag,
-            StatusKind::No,
-            Some(RespCode::AuthenticationFailed),
-            "Authentication failed",
-        ));
-        self.bye(imap::bye(None, "Too many authentication attempts"));
-    }
-
     /// The credential was fine but no backend session could be made.
     pub fn auth_unavailable(&mut self, tag: &Tag<'_>) {
         self.reply(imap::tagged(
