@@ -68,6 +68,22 @@ fn encode_response(resp: &Response<'_>, fallback: &'static [u8]) -> Vec<u8> {
     }
 }
 
+/// imap-codec writes the first capability as `IMAP4REV1`; RFC 3501 spells it `IMAP4rev1`, as
+/// Dovecot, Cyrus and every server clients were tested against do. Matching is
+/// case-insensitive per the RFC, but some tools are not (testssl.sh's STARTTLS probe), so the
+/// gateway writes the usual spelling. Only the word right after `CAPABILITY ` is touched (a
+/// tag cannot hold a space, so client text can never match).
+fn usual_spelling(mut bytes: Vec<u8>) -> Vec<u8> {
+    const ENCODED: &[u8] = b"CAPABILITY IMAP4REV1";
+    if let Some(i) = bytes.windows(ENCODED.len()).position(|w| w == ENCODED) {
+        let start = i + b"CAPABILITY IMAP4".len();
+        if let Some(rev) = bytes.get_mut(start..start + 3) {
+            rev.copy_from_slice(b"rev");
+        }
+    }
+    bytes
+}
+
 fn caps_code(caps: &[Capability<'static>]) -> Option<Code<'static>> {
     Vec1::try_from(caps.to_vec()).ok().map(Code::Capability)
 }
@@ -75,7 +91,7 @@ fn caps_code(caps: &[Capability<'static>]) -> Option<Code<'static>> {
 /// `* OK [CAPABILITY …] ready`, no product name.
 pub fn greeting(caps: &[Capability<'static>]) -> Vec<u8> {
     match Greeting::new(GreetingKind::Ok, caps_code(caps), "ready") {
-        Ok(g) => GreetingCodec::default().encode(&g).dump(),
+        Ok(g) => usual_spelling(GreetingCodec::default().encode(&g).dump()),
         Err(_) => b"* OK ready\r\n".to_vec(),
     }
 }
@@ -83,10 +99,10 @@ pub fn greeting(caps: &[Capability<'static>]) -> Vec<u8> {
 /// `* CAPABILITY …`.
 pub fn capability_data(caps: &[Capability<'static>]) -> Vec<u8> {
     match Vec1::try_from(caps.to_vec()) {
-        Ok(v) => encode_response(
+        Ok(v) => usual_spelling(encode_response(
             &Response::Data(Data::Capability(v)),
             b"* CAPABILITY IMAP4rev1\r\n",
-        ),
+        )),
         Err(_) => b"* CAPABILITY IMAP4rev1\r\n".to_vec(),
     }
 }
@@ -103,7 +119,7 @@ pub fn tagged(
 
 /// A tagged OK carrying capabilities (after login, or after STARTTLS it is not used).
 pub fn tagged_ok_caps(tag: &Tag<'_>, caps: &[Capability<'static>], text: &'static str) -> Vec<u8> {
-    tagged_code(tag, StatusKind::Ok, caps_code(caps), text)
+    usual_spelling(tagged_code(tag, StatusKind::Ok, caps_code(caps), text))
 }
 
 fn tagged_code(
@@ -163,7 +179,7 @@ mod tests {
         let caps = capabilities(["IMAP4rev1", "STARTTLS", "LOGINDISABLED"]);
         assert_eq!(
             greeting(&caps),
-            b"* OK [CAPABILITY IMAP4REV1 STARTTLS LOGINDISABLED] ready\r\n"
+            b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] ready\r\n"
         );
         assert_eq!(
             tagged(
@@ -178,7 +194,7 @@ mod tests {
         assert_eq!(bye(None, "bye"), b"* BYE bye\r\n");
         assert_eq!(
             capability_data(&caps),
-            b"* CAPABILITY IMAP4REV1 STARTTLS LOGINDISABLED\r\n"
+            b"* CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED\r\n"
         );
         assert_eq!(sasl_challenge(b""), b"+ \r\n");
         assert_eq!(continuation("go ahead"), b"+ go ahead\r\n");

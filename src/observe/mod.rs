@@ -25,8 +25,12 @@ pub const AUDIT_TARGET: &str = "imapgate::audit";
 
 /// Installs the global subscriber: the operational log on stderr, the audit log on its sink.
 pub fn init_logging(cfg: &LoggingConfig) -> std::io::Result<()> {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("{},{AUDIT_TARGET}=off", cfg.level)));
+    // rustls warns once per odd handshake (an IP address as SNI, a renegotiation attempt):
+    // things any unauthenticated client can send, so they would let anyone fill the log. The
+    // gateway's own handshake-failure lines and metrics say what matters. RUST_LOG overrides.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!("{},rustls=error,{AUDIT_TARGET}=off", cfg.level))
+    });
     let ops = match cfg.format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()

@@ -219,8 +219,15 @@ async fn hostile_names(b: &Binary, t: &TestGateway) {
         vec!["c NO [AUTHENTICATIONFAILED] Authentication failed\r\n"]
     );
     drop(c);
-    // The master separator in the name: refused before any backend is contacted.
+    // Empty name and password (valid syntax; the fuzzer found it reaching the check): an
+    // ordinary failed login.
     let mut c = greeted(b, t).await;
+    let r = c.cmd("e", "LOGIN \"\" \"\"").await;
+    assert_eq!(
+        r,
+        vec!["e NO [AUTHENTICATIONFAILED] Authentication failed\r\n"]
+    );
+    // The master separator in the name: refused before any backend is contacted.
     let r = c
         .cmd("d", &format!("LOGIN \"dave*gateway\" \"{pw}\""))
         .await;

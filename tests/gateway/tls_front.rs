@@ -12,7 +12,7 @@ async fn starttls_port_refuses_every_credential_before_tls() {
     let mut c = Client::plain(t.imap(), &t.pki.ca_der).await;
     let greeting = c.line().await.unwrap();
     assert!(
-        greeting.starts_with("* OK [CAPABILITY IMAP4REV1 STARTTLS LOGINDISABLED]"),
+        greeting.starts_with("* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED]"),
         "{greeting}"
     );
     assert!(!greeting.contains("AUTH="));
@@ -61,7 +61,7 @@ async fn starttls_drops_pipelined_commands_and_shows_post_tls_capabilities() {
     let mut c = c.starttls().await.unwrap();
     let r = c.cmd("c", "CAPABILITY").await;
     assert_eq!(r.len(), 2, "{r:?}");
-    assert!(r[0].starts_with("* CAPABILITY IMAP4REV1"), "{r:?}");
+    assert!(r[0].starts_with("* CAPABILITY IMAP4rev1"), "{r:?}");
     assert!(
         !r[0].contains("STARTTLS")
             && !r[0].contains("LOGINDISABLED")
@@ -93,7 +93,7 @@ async fn implicit_tls_port_has_no_starttls() {
     let mut c = Client::tls(t.imaps(), &t.pki.ca_der).await;
     let g = c.line().await.unwrap();
     assert_eq!(
-        g, "* OK [CAPABILITY IMAP4REV1 SASL-IR ID AUTH=PLAIN] ready\r\n",
+        g, "* OK [CAPABILITY IMAP4rev1 SASL-IR ID AUTH=PLAIN] ready\r\n",
         "no product name, no STARTTLS"
     );
     let r = c.cmd("a", "STARTTLS").await;

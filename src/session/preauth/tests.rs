@@ -30,12 +30,12 @@ fn greeting_and_capabilities_depend_on_tls() {
     let pre = PreAuth::new(limits(), true, false);
     assert_eq!(
         pre.greeting(),
-        b"* OK [CAPABILITY IMAP4REV1 STARTTLS LOGINDISABLED] ready\r\n"
+        b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] ready\r\n"
     );
     let post = PreAuth::new(limits(), false, true);
     assert_eq!(
         post.greeting(),
-        b"* OK [CAPABILITY IMAP4REV1 SASL-IR ID AUTH=PLAIN] ready\r\n"
+        b"* OK [CAPABILITY IMAP4rev1 SASL-IR ID AUTH=PLAIN] ready\r\n"
     );
 }
 
@@ -63,7 +63,7 @@ fn starttls_discards_pipelined_bytes() {
     assert!(step.is_none());
     assert_eq!(
         out,
-        "* CAPABILITY IMAP4REV1 SASL-IR ID AUTH=PLAIN\r\nc OK CAPABILITY completed\r\n"
+        "* CAPABILITY IMAP4rev1 SASL-IR ID AUTH=PLAIN\r\nc OK CAPABILITY completed\r\n"
     );
     let (out, _) = run(&mut sm, b"d STARTTLS\r\n");
     assert_eq!(out, "d BAD TLS is already active\r\n");
@@ -86,7 +86,7 @@ fn login_and_plain_produce_attempts_and_pipelined_bytes_survive() {
     assert!(password.ct_eq(b"p w"));
     let caps = crate::imap::capabilities(["IMAP4rev1", "IDLE"]);
     let (ok, rest) = sm.auth_succeeded(&req.tag, &caps);
-    assert_eq!(ok, b"a OK [CAPABILITY IMAP4REV1 IDLE] Logged in\r\n");
+    assert_eq!(ok, b"a OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n");
     assert_eq!(&rest[..], b"b SELECT INBOX\r\n");
 }
 
