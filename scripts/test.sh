@@ -8,7 +8,9 @@
 # (tests whose real component is missing fail instead of skipping), 5 the Helm chart and deploy/
 # checks if scripts/check-chart.sh exists (helm, kubernetes-validate, checkov, promtool, and
 # imapgate check-config with the binary step 4 built), 6 scripts/demo.sh --check --oauth (the
-# demo, TOTP and OAuth).
+# demo, TOTP and OAuth), 7 scripts/tls_scan.sh (sslscan and openssl against both listener kinds
+# of the binary step 4 built), 8 fuzz/run.sh --smoke (every fuzz target for 10 s, stable Rust,
+# `-s none`; cargo-fuzz is installed with `cargo install --locked` when missing).
 #
 # Expects a Debian 12 machine with cargo (rustfmt and clippy components), run as root (the test
 # harness and the demo start Dovecot, which must start as root). Warm runs skip apt and reuse
@@ -30,11 +32,12 @@ SYSTEM_PACKAGES=(
   npm:npm
   prometheus:promtool # promtool for the alert rules' checks and unit tests (step 5); the service is not started
   redis-server:redis-server # the shared state store the tests start on free ports; the service is not started
+  sslscan:sslscan           # the TLS scan of both listener kinds (step 7)
 )
 ADVISORY_SRC=../shared/advisory-db
 DENY_DB_ROOT=/tmp/deny-dbs
 DENY_DB="$DENY_DB_ROOT/advisory-db-3157b0e258782691" # the name cargo-deny gives the default URL
-TOTAL_STEPS=6
+TOTAL_STEPS=8
 
 STARTED=$SECONDS
 STEP_NO=0
@@ -143,3 +146,15 @@ begin "demo check (scripts/demo.sh --check --oauth)"
 # The binary step 4 built (cargo test builds it for the integration tests). A plain `cargo build`
 # would compile every dependency again: dev-dependencies change tokio's features.
 IMAPGATE_DEMO_BIN="${CARGO_TARGET_DIR:-target}/debug/imapgate" bash scripts/demo.sh --check --oauth
+
+# --- 7 ---------------------------------------------------------------------------------------
+begin "TLS scan (scripts/tls_scan.sh: sslscan + openssl, implicit TLS and STARTTLS)"
+bash scripts/tls_scan.sh --bin "${CARGO_TARGET_DIR:-target}/debug/imapgate"
+
+# --- 8 ---------------------------------------------------------------------------------------
+begin "fuzz smoke (fuzz/run.sh --smoke: each target 10 s)"
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  log "cargo-fuzz not found; installing it (cargo install cargo-fuzz --locked)"
+  cargo install cargo-fuzz --locked
+fi
+bash fuzz/run.sh --smoke
