@@ -2,7 +2,8 @@
 """Writes the seed corpora (fuzz/seeds/<target>/) from transcripts of real clients and of
 Dovecot 2.3. Run from anywhere; the seeds are committed, so this only needs rerunning when a
 transcript is added. Byte 0/1 of the preauth and upstream_login seeds are the mode and chunk
-seed those targets read first."""
+seed those targets read first. Files named regress-* are inputs the fuzzer once failed on,
+kept as seeds (this script does not write or delete them)."""
 import base64
 import os
 import pathlib
