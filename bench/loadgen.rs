@@ -26,10 +26,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+
+#[path = "client.rs"]
+mod client;
+use client::{connector, Conn};
 
 struct Args {
     mode: String,
@@ -44,6 +45,8 @@ struct Args {
     hold: f64,
     pid: Option<u32>,
     label: String,
+    /// `--mech xoauth2`: the users file holds `user token` lines; log in with XOAUTH2.
+    xoauth2: bool,
 }
 
 fn parse_args() -> Args {
@@ -62,6 +65,7 @@ fn parse_args() -> Args {
         hold: 10.0,
         pid: None,
         label: String::new(),
+        xoauth2: false,
     };
     while let Some(flag) = it.next() {
         let v = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -86,6 +90,13 @@ fn parse_args() -> Args {
             "--hold" => a.hold = v.parse().unwrap(),
             "--pid" => a.pid = Some(v.parse().unwrap()),
             "--label" => a.label = v,
+            "--mech" => {
+                a.xoauth2 = match v.as_str() {
+                    "login" => false,
+                    "xoauth2" => true,
+                    other => panic!("--mech login|xoauth2, not {other}"),
+                }
+            }
             other => panic!("unknown flag {other}"),
         }
     }
@@ -95,121 +106,6 @@ fn parse_args() -> Args {
     );
     assert!(!a.users.is_empty(), "--users: no `user password` lines");
     a
-}
-
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-/// An IMAP client connection: line reads that swallow literals.
-struct Conn {
-    io: Box<dyn Io>,
-    buf: Vec<u8>,
-    /// Literal and line bytes received, for throughput.
-    received: u64,
-}
-
-impl Conn {
-    async fn open(addr: SocketAddr, tls: &TlsConnector) -> std::io::Result<Conn> {
-        let tcp = TcpStream::connect(addr).await?;
-        tcp.set_nodelay(true)?;
-        let s = tls
-            .connect(ServerName::try_from("localhost").unwrap(), tcp)
-            .await?;
-        let mut c = Conn {
-            io: Box::new(s),
-            buf: Vec::with_capacity(64 * 1024),
-            received: 0,
-        };
-        let greeting = c.line().await?;
-        if !greeting.starts_with(b"* OK") {
-            return Err(std::io::Error::other("no OK greeting"));
-        }
-        Ok(c)
-    }
-
-    async fn fill(&mut self) -> std::io::Result<()> {
-        let mut chunk = [0u8; 64 * 1024];
-        let n = self.io.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        self.received += n as u64;
-        self.buf.extend_from_slice(&chunk[..n]);
-        Ok(())
-    }
-
-    /// One response line; a `{n}` literal at its end is read and dropped with the rest.
-    async fn line(&mut self) -> std::io::Result<Vec<u8>> {
-        let mut line = Vec::new();
-        loop {
-            let Some(pos) = self.buf.windows(2).position(|w| w == b"\r\n") else {
-                self.fill().await?;
-                continue;
-            };
-            let part: Vec<u8> = self.buf.drain(..pos + 2).collect();
-            line.extend_from_slice(&part);
-            // A literal: `{123}\r\n` then 123 bytes, then the line continues.
-            let body = &part[..part.len() - 2];
-            if body.ends_with(b"}") {
-                if let Some(open) = body.iter().rposition(|&b| b == b'{') {
-                    let digits = &body[open + 1..body.len() - 1];
-                    if let Ok(n) = std::str::from_utf8(digits).unwrap_or("x").parse::<usize>() {
-                        while self.buf.len() < n {
-                            self.fill().await?;
-                        }
-                        self.buf.drain(..n);
-                        continue;
-                    }
-                }
-            }
-            return Ok(line);
-        }
-    }
-
-    async fn send(&mut self, cmd: &str) -> std::io::Result<()> {
-        self.io.write_all(cmd.as_bytes()).await?;
-        self.io.flush().await
-    }
-
-    /// Sends `tag cmd` and reads to the tagged reply; Err unless it is OK.
-    async fn cmd(&mut self, tag: &str, cmd: &str) -> std::io::Result<()> {
-        self.send(&format!("{tag} {cmd}\r\n")).await?;
-        let t = format!("{tag} ").into_bytes();
-        loop {
-            let l = self.line().await?;
-            if l.starts_with(&t) {
-                return if l[t.len()..].starts_with(b"OK") {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::other(
-                        String::from_utf8_lossy(&l).trim_end().to_owned(),
-                    ))
-                };
-            }
-        }
-    }
-
-    async fn login(&mut self, user: &str, password: &str) -> std::io::Result<()> {
-        self.cmd("l", &format!("LOGIN \"{user}\" \"{password}\""))
-            .await
-    }
-}
-
-fn connector(ca: &str) -> TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).expect("--ca PEM") {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let mut config = config;
-    config.alpn_protocols = vec![b"imap".to_vec()];
-    TlsConnector::from(Arc::new(config))
 }
 
 /// CPU seconds (user + system) and resident bytes of a process and all its descendants, from
@@ -290,11 +186,11 @@ async fn warm_up(a: &Args, tls: &TlsConnector) {
     let sem = Arc::new(tokio::sync::Semaphore::new(a.concurrency.max(1)));
     let mut tasks = Vec::new();
     for (user, pw) in a.users.clone() {
-        let (tls, sem, addr) = (tls.clone(), sem.clone(), a.addr);
+        let (tls, sem, addr, xoauth2) = (tls.clone(), sem.clone(), a.addr, a.xoauth2);
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await.unwrap();
             if let Ok(mut c) = Conn::open(addr, &tls).await {
-                let _ = c.login(&user, &pw).await;
+                let _ = c.auth(xoauth2, &user, &pw).await;
                 let _ = c.send("z LOGOUT\r\n").await;
             }
         }));
@@ -314,13 +210,14 @@ async fn logins(a: &Args, tls: TlsConnector) {
     for i in 0..a.concurrency {
         let (user, pw) = a.users[i % a.users.len()].clone();
         let (tls, stop, errors, addr) = (tls.clone(), stop.clone(), errors.clone(), a.addr);
+        let xoauth2 = a.xoauth2;
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
                 let ok = async {
                     let mut c = Conn::open(addr, &tls).await?;
-                    c.login(&user, &pw).await?;
+                    c.auth(xoauth2, &user, &pw).await?;
                     c.send("z LOGOUT\r\n").await?;
                     // Read to the tagged OK (or EOF): a full cycle.
                     while let Ok(l) = c.line().await {
@@ -445,11 +342,12 @@ async fn idle(a: &Args, tls: TlsConnector) {
     for i in 0..a.sessions {
         let (user, pw) = a.users[i % a.users.len()].clone();
         let (tls, sem, errors, addr) = (tls.clone(), sem.clone(), errors.clone(), a.addr);
+        let xoauth2 = a.xoauth2;
         tasks.push(tokio::spawn(async move {
             let permit = sem.acquire_owned().await.unwrap();
             let r = async {
                 let mut c = Conn::open(addr, &tls).await?;
-                c.login(&user, &pw).await?;
+                c.auth(xoauth2, &user, &pw).await?;
                 c.cmd("s", "SELECT INBOX").await?;
                 c.send("i IDLE\r\n").await?;
                 let l = c.line().await?;

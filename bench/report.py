@@ -26,7 +26,7 @@ def main():
         return median([r.get(field) for r in groups.get((mode, concurrency, label), [])])
 
     figures = []  # (name, unit, higher_is_better, {label: value})
-    labels = ["dovecot", "nginx", "imapgate", "imapgate-cold", "imapgate-tls-upstream"]
+    labels = ["dovecot", "nginx", "imapgate", "imapgate-cold", "imapgate-oauth", "imapgate-tls-upstream"]
     for c in (8, 64):
         figures.append((f"logins/s, {c} clients", "1/s", True,
                         {l: agg("logins", l, "per_second", c) for l in labels}))
@@ -62,12 +62,14 @@ def main():
     def ratio(a, b):
         return f"{a / b:.2f}×" if a is not None and b not in (None, 0) else "—"
 
-    head = ["figure", "unit"] + labels + ["imapgate ÷ dovecot", "imapgate ÷ nginx"]
+    head = ["figure", "unit"] + labels + ["imapgate ÷ dovecot", "imapgate ÷ nginx",
+                                          "oauth ÷ dovecot"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, unit, _, vals in figures:
         cells = [name, unit] + [fmt(vals.get(l)) for l in labels]
         cells += [ratio(vals.get("imapgate"), vals.get("dovecot")),
-                  ratio(vals.get("imapgate"), vals.get("nginx"))]
+                  ratio(vals.get("imapgate"), vals.get("nginx")),
+                  ratio(vals.get("imapgate-oauth"), vals.get("dovecot"))]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)

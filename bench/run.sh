@@ -12,8 +12,10 @@
 #     the same nginx that logs in upstream as Dovecot's master user, plain to Dovecot;
 #   - imapgate, plain to Dovecot like nginx (`tls: none`), app passwords checked (warm: the
 #     verified-credential cache; a second instance with the cache off measures cold argon2
-#     logins), and a third with a TLS upstream, reported beside.
-# Figures: logins/s at 8 and 64 clients with p50/p99 and the proxy's CPU per login; bulk FETCH
+#     logins), and a third with a TLS upstream, reported beside;
+#   - the test identity provider (tests/idp, npm oidc-provider) issuing RS256 JWTs, for OAuth
+#     logins (AUTHENTICATE XOAUTH2) through the warm imapgate.
+# Figures: logins/s (password, and for imapgate also OAuth) at 8 and 64 clients with p50/p99 and the proxy's CPU per login; bulk FETCH
 # MB/s and CPU per MB; NOOP round-trip p50/p99; N idle sessions (IDLE) with the proxy's memory
 # per session and CPU while idle. A table with ratios to Dovecot and to nginx goes to stdout,
 # every raw result to the JSON file (default target/bench/results.json).
@@ -51,7 +53,11 @@ fi
 [ "$(id -u)" -eq 0 ] || die "run as root: Dovecot must start as root"
 
 step "packages"
-ensure_packages dovecot-imapd:dovecot nginx-light:nginx libnginx-mod-mail python3:python3 openssl:openssl
+ensure_packages dovecot-imapd:dovecot nginx-light:nginx libnginx-mod-mail python3:python3 openssl:openssl \
+  nodejs:node npm:npm curl:curl
+if [ ! -d tests/idp/node_modules/oidc-provider ] || [ tests/idp/package-lock.json -nt tests/idp/node_modules ]; then
+  (cd tests/idp && npm ci --no-audit --no-fund --loglevel=error)
+fi
 for s in nginx dovecot; do disable_boot_service "$s"; done
 
 step "building imapgate and the load generator (release)"
@@ -68,6 +74,7 @@ PIDS=()
 cleanup() {
   local p
   for p in "${PIDS[@]}"; do stop_pid "$p" bench || true; done
+  idp_stop || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -92,6 +99,9 @@ for i in $(seq -w 1 "$NUSERS"); do
   printf '%s:{PLAIN}%s\n' "$u" "$pw" >>"$WORK/dovecot-users"
   printf '%s %s\n' "$u" "$pw" >>"$WORK/direct.txt"
 done
+# The identity provider's client `demo` gets tokens whose email is demo@example.org: that user
+# has a mailbox too (the OAuth logins), but is not in direct.txt.
+printf 'demo@example.org:{PLAIN}%s\n' "$(random_secret)" >>"$WORK/dovecot-users"
 printf 'gateway:{PLAIN}%s\n' "$MASTER_PW" >"$WORK/dovecot-masters"
 chown root:dovecot "$WORK/dovecot-users" "$WORK/dovecot-masters"
 chmod 640 "$WORK/dovecot-users" "$WORK/dovecot-masters"
@@ -101,8 +111,8 @@ python3 - "$WORK/mail" "$MESSAGES" "$NUSERS" <<'PY'
 import os, random, sys
 root, n, users = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rnd = random.Random(7)
-for u in range(1, users + 1):
-    md = os.path.join(root, f"user{u:02d}@bench.test", "Maildir")
+for name in [f"user{u:02d}@bench.test" for u in range(1, users + 1)] + ["demo@example.org"]:
+    md = os.path.join(root, name, "Maildir")
     for d in ("cur", "new", "tmp"):
         os.makedirs(os.path.join(md, d), exist_ok=True)
 md = os.path.join(root, "user01@bench.test", "Maildir", "cur")
@@ -238,6 +248,10 @@ NGX_PID=$!
 PIDS+=("$NGX_PID")
 wait_for_port 127.0.0.1 "$NGX" 30 "$NGX_PID" || die "nginx did not start: $(cat "$WORK/nginx.stderr")"
 
+step "identity provider (tests/idp)"
+idp_start "$WORK/idp" || die "the identity provider did not start: $(cat "$WORK/idp/idp.log")"
+log "issuer $IDP_URL"
+
 step "imapgate: warm (:$GW), cold (:$GWC, no verified-credential cache), TLS upstream (:$GWT)"
 gw_config() { # NAME PORT ADMIN CACHE BACKEND_TLS BACKEND_PORT
   cat <<EOF
@@ -248,6 +262,7 @@ auth:
   users_file: "$WORK/users.yaml"
   mfa: { default: off }
   verified_cache_ttl: $4
+$(if [ "$1" = warm ]; then printf '  oauth: { issuers: [{ name: idp, issuer: "%s", audiences: [imap], required_scopes: [imap] }] }' "$IDP_URL"; fi)
 guard: { allow: [127.0.0.0/8] }   # one source address for every client: the benchmark, not an attack
 backends:
   - name: dovecot
@@ -273,6 +288,14 @@ while read -r u _; do
   pw="$("$BIN" app-password create "$u" -c "$WORK/gw.yaml" 2>>"$WORK/cli.log")"
   printf '%s %s\n' "$u" "${pw// /}" >>"$WORK/gateway.txt"
 done <"$WORK/direct.txt"
+"$BIN" users add demo@example.org -c "$WORK/gw.yaml" 2>>"$WORK/cli.log"
+# oauth.txt: `user token` for loadgen --mech xoauth2, fetched fresh before each run (tokens
+# live 10 minutes).
+oauth_users() {
+  local token
+  token="$(idp_client_token "$IDP_URL" demo secret-demo)" || die "no token from the identity provider"
+  printf 'demo@example.org %s\n' "$token" >"$WORK/oauth.txt"
+}
 for name in gw gwc gwt; do
   "$BIN" run -c "$WORK/$name.yaml" >"$WORK/$name.log" 2>&1 &
   pid=$!
@@ -333,6 +356,8 @@ for r in $(seq 1 "$ROUNDS"); do
     run nginx "$NGX" "$WORK/direct.txt" "$NGX_PID" logins --concurrency "$c" --seconds "$SECONDS_PER_RUN"
     run imapgate "$GW" "$WORK/gateway.txt" "$GW_PID" logins --concurrency "$c" --seconds "$SECONDS_PER_RUN"
     run imapgate-cold "$GWC" "$WORK/gateway.txt" "$GWC_PID" logins --concurrency "$c" --seconds "$SECONDS_PER_RUN"
+    oauth_users
+    run imapgate-oauth "$GW" "$WORK/oauth.txt" "$GW_PID" logins --concurrency "$c" --seconds "$SECONDS_PER_RUN" --mech xoauth2
     run imapgate-tls-upstream "$GWT" "$WORK/gateway.txt" "$GWT_PID" logins --concurrency "$c" --seconds "$SECONDS_PER_RUN"
   done
   run dovecot "$DV_TLS" "$WORK/direct.txt" "$DV_PID" fetch --rounds 3
