@@ -4,7 +4,7 @@
 //! It sees only cheap keys — the resolved client address, its subnet, the claimed account
 //! name, a keyed fingerprint of the wrong secret — and never a secret. Security invariant 4:
 //! the session calls [`Guard::check`] before the authenticator and does not call the
-//! authenticator on `Reject` or `Close`, so a throttled attempt never reaches argon2, a JWKS
+//! authenticator on `Reject`, so a throttled attempt never reaches argon2, a JWKS
 //! fetch or an introspection call.
 //!
 //! What it keeps, all in the shared [`Store`] with a TTL (keys in [`keys`]):
@@ -26,7 +26,7 @@ mod tests;
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
@@ -112,7 +112,6 @@ impl Decision {
     pub fn action(&self) -> &'static str {
         match (self.verdict, self.would_refuse) {
             (Verdict::Reject, _) => "reject",
-            (Verdict::Allow, true) if self.scope == Scope::InFlight => "would_queue",
             (Verdict::Allow, true) => "would_reject",
             (Verdict::Allow, false) if !self.delay.is_zero() => "delay",
             (Verdict::Allow, false) => "allow",
@@ -161,7 +160,7 @@ pub struct Guard {
     metrics: Arc<Metrics>,
     /// Keys the fingerprints of wrong secrets (never stored, never logged).
     fingerprint_key: [u8; 32],
-    /// Attempts per address (per /64 for IPv6) run `max_delayed_per_ip` at a time; the others
+    /// Attempts per address (per `subnet_v6` subnet for IPv6) run `max_delayed_per_ip` at a time; the others
     /// wait their turn (within the session's pre-auth deadline). A burst of good logins from
     /// one NAT or webmail host only waits milliseconds; an attacker cannot have more guesses
     /// in flight, nor more connections parked in the tarpit, than that.
@@ -323,10 +322,10 @@ impl Guard {
                 self.in_flight.acquire(&in_flight_key, cap).await
             }
             None => {
-                return Decision {
-                    would_refuse: true,
-                    ..Decision::allow(Scope::InFlight)
-                }
+                // Dry run: counted, then decided like any other attempt (controls enforced on
+                // their own still apply), without a place.
+                self.count_decision("would_queue", Scope::InFlight.as_str());
+                None
             }
         };
         let account = match (key.kind, key.user) {
@@ -830,11 +829,22 @@ pub struct Held {
     _account: Option<Slot<String>>,
 }
 
-/// Counting semaphores by key, created on first use and dropped with their last holder or
-/// waiter (so the map only holds keys with attempts in flight).
+/// Counting semaphores by key, created on first use and removed with their last holder or
+/// waiter (so the map only holds keys with attempts in flight). Users are counted explicitly
+/// under the lock (an `Arc` count read under the lock can be stale: its clones are dropped
+/// outside it). A key whose size changed (a reload) gets a fresh semaphore; attempts already
+/// holding the old one finish on it.
 #[derive(Debug)]
 struct Slots<K: Hash + Eq + Clone> {
-    map: Arc<Mutex<HashMap<K, Arc<tokio::sync::Semaphore>>>>,
+    map: Arc<Mutex<HashMap<K, SlotsEntry>>>,
+}
+
+#[derive(Debug)]
+struct SlotsEntry {
+    sem: Arc<tokio::sync::Semaphore>,
+    size: usize,
+    /// Live `Entry` values for this semaphore (holders and waiters).
+    users: usize,
 }
 
 impl<K: Hash + Eq + Clone> Default for Slots<K> {
@@ -846,22 +856,31 @@ impl<K: Hash + Eq + Clone> Default for Slots<K> {
 }
 
 impl<K: Hash + Eq + Clone> Slots<K> {
-    fn entry(&self, key: &K, permits: usize) -> Option<Entry<K>> {
-        let mut map = self.map.lock().ok()?;
-        let sem = map
-            .entry(key.clone())
-            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(permits)))
-            .clone();
-        Some(Entry {
-            sem,
+    fn entry(&self, key: &K, permits: usize) -> Entry<K> {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        let e = map.entry(key.clone()).or_insert_with(|| SlotsEntry {
+            sem: Arc::new(tokio::sync::Semaphore::new(permits)),
+            size: permits,
+            users: 0,
+        });
+        if e.size != permits {
+            *e = SlotsEntry {
+                sem: Arc::new(tokio::sync::Semaphore::new(permits)),
+                size: permits,
+                users: 0,
+            };
+        }
+        e.users += 1;
+        Entry {
+            sem: e.sem.clone(),
             map: self.map.clone(),
             key: key.clone(),
-        })
+        }
     }
 
     /// A place now, or `None` when all `permits` are taken.
     fn try_acquire(&self, key: &K, permits: usize) -> Option<Slot<K>> {
-        let entry = self.entry(key, permits)?;
+        let entry = self.entry(key, permits);
         let permit = entry.sem.clone().try_acquire_owned().ok()?;
         Some(Slot {
             _permit: permit,
@@ -871,30 +890,44 @@ impl<K: Hash + Eq + Clone> Slots<K> {
 
     /// Waits for a place (cancel by dropping the future).
     async fn acquire(&self, key: &K, permits: usize) -> Option<Slot<K>> {
-        let entry = self.entry(key, permits)?;
+        let entry = self.entry(key, permits);
         let permit = entry.sem.clone().acquire_owned().await.ok()?;
         Some(Slot {
             _permit: permit,
             _entry: entry,
         })
     }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
 }
 
-/// A reference to a key's semaphore; the last one (holder or waiter) removes the key.
+/// One user of a key's semaphore (a holder or a waiter); the last one removes the key.
 #[derive(Debug)]
 struct Entry<K: Hash + Eq + Clone> {
     sem: Arc<tokio::sync::Semaphore>,
-    map: Arc<Mutex<HashMap<K, Arc<tokio::sync::Semaphore>>>>,
+    map: Arc<Mutex<HashMap<K, SlotsEntry>>>,
     key: K,
 }
 
 impl<K: Hash + Eq + Clone> Drop for Entry<K> {
     fn drop(&mut self) {
-        if let Ok(mut map) = self.map.lock() {
-            // The map's reference and ours: nobody else holds or waits for a place.
-            if Arc::strong_count(&self.sem) == 2 {
-                map.remove(&self.key);
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        let last = match map.get_mut(&self.key) {
+            // Only the current semaphore's record counts (a reload may have replaced it).
+            Some(e) if Arc::ptr_eq(&e.sem, &self.sem) => {
+                e.users = e.users.saturating_sub(1);
+                e.users == 0
             }
+            _ => false,
+        };
+        if last {
+            map.remove(&self.key);
         }
     }
 }

@@ -359,9 +359,15 @@ impl Session {
                     sm.tls_started();
                 }
                 Step::Authenticate(req) => {
+                    let mech = req.mechanism.as_str();
                     let login = tokio::select! {
                         end = self.login(req, sm) => end,
                         () = tokio::time::sleep_until(deadline) => {
+                            // The pre-auth deadline ended a login still waiting (for a place in
+                            // the guard's queue, a backend, or its tarpit): counted and logged,
+                            // then BYE.
+                            self.shared.metrics.auth_attempts.with_label_values(&[mech, "timeout"]).inc();
+                            tracing::info!(mechanism = mech, "login ended by the pre-auth deadline");
                             self.close(&mut conn, Some(&crate::imap::bye(None, "Authentication timeout"))).await;
                             return None;
                         }
