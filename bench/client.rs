@@ -150,6 +150,19 @@ impl Conn {
     }
 }
 
+/// A users file: `user secret` lines (the secret is everything after the first space: an app
+/// password in groups, a password or a token).
+pub fn read_users(path: &str) -> Vec<(String, String)> {
+    std::fs::read_to_string(path)
+        .expect("--users file")
+        .lines()
+        .filter_map(|l| {
+            let (u, p) = l.split_once(' ')?;
+            Some((u.to_owned(), p.to_owned()))
+        })
+        .collect()
+}
+
 pub fn connector(ca: &str) -> TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(ca).expect("--ca PEM") {

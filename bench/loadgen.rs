@@ -30,7 +30,7 @@ use tokio_rustls::TlsConnector;
 
 #[path = "client.rs"]
 mod client;
-use client::{connector, Conn};
+use client::{connector, read_users, Conn};
 
 struct Args {
     mode: String,
@@ -72,16 +72,7 @@ fn parse_args() -> Args {
         match flag.as_str() {
             "--addr" => a.addr = v.parse().expect("--addr IP:PORT"),
             "--ca" => a.ca = v,
-            "--users" => {
-                a.users = std::fs::read_to_string(&v)
-                    .expect("--users file")
-                    .lines()
-                    .filter_map(|l| {
-                        let (u, p) = l.split_once(' ')?;
-                        Some((u.to_owned(), p.to_owned()))
-                    })
-                    .collect()
-            }
+            "--users" => a.users = read_users(&v),
             "--concurrency" => a.concurrency = v.parse().unwrap(),
             "--seconds" => a.seconds = v.parse().unwrap(),
             "--rounds" => a.rounds = v.parse().unwrap(),

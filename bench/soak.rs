@@ -29,7 +29,7 @@ use tokio_rustls::TlsConnector;
 
 #[path = "client.rs"]
 mod client;
-use client::{connector, Conn};
+use client::{connector, read_users, Conn};
 
 struct Args {
     addr: SocketAddr,
@@ -54,16 +54,7 @@ fn parse_args() -> Args {
         match flag.as_str() {
             "--addr" => a.addr = v.parse().expect("--addr IP:PORT"),
             "--ca" => a.ca = v,
-            "--users" => {
-                a.users = std::fs::read_to_string(&v)
-                    .expect("--users file")
-                    .lines()
-                    .filter_map(|l| {
-                        let (u, p) = l.split_once(' ')?;
-                        Some((u.to_owned(), p.to_owned()))
-                    })
-                    .collect()
-            }
+            "--users" => a.users = read_users(&v),
             "--seconds" => a.seconds = v.parse().unwrap(),
             "--outage" => {
                 let (s, e) = v.split_once(':').expect("--outage START:END");

@@ -24,6 +24,7 @@ const FAULTY: &[&str] = &[
     "rejectlogin@example.org",
     "cutfetch@example.org",
     "stallfetch@example.org",
+    "deadlinelogin@example.org",
 ];
 
 /// Reads one command, literals included (synchronising ones get a `+`); `None` at the end.
@@ -93,10 +94,15 @@ async fn serve(s: TcpStream) {
                 user = login_user(&cmd);
                 match user.split('@').next().unwrap_or_default() {
                     "closelogin" => return,
-                    "stalllogin" => {
+                    local @ ("stalllogin" | "deadlinelogin") => {
                         // Half a literal, then silence until the gateway hangs up.
                         let _ = w.write_all(b"* 1 FETCH (BODY[] {100}\r\nabc").await;
-                        wait_for_hangup(&mut r, &STALLED_LOGINS_HUNG_UP).await;
+                        let count = if local == "stalllogin" {
+                            &STALLED_LOGINS_HUNG_UP
+                        } else {
+                            &DEADLINE_LOGINS_HUNG_UP
+                        };
+                        wait_for_hangup(&mut r, count).await;
                         return;
                     }
                     "garbagelogin" => format!("\0\u{7f}garbage }}{{ ({tag}\r\n"),
@@ -149,6 +155,7 @@ async fn serve(s: TcpStream) {
 /// Stalled backend connections the gateway closed (the scripted backend sees the end).
 static STALLED_LOGINS_HUNG_UP: AtomicUsize = AtomicUsize::new(0);
 static STALLED_FETCHES_HUNG_UP: AtomicUsize = AtomicUsize::new(0);
+static DEADLINE_LOGINS_HUNG_UP: AtomicUsize = AtomicUsize::new(0);
 
 /// Silence until the gateway closes the connection (bounded: the test's own limit).
 async fn wait_for_hangup(r: &mut BufReader<TcpStream>, count: &AtomicUsize) {
@@ -330,5 +337,35 @@ async fn faults_in_the_middle_of_a_fetch_close_cleanly_and_touch_no_other_sessio
     assert!(last(&r).starts_with("a OK"), "{r:?}");
     noop_says(&mut again, "cutfetch@example.org").await;
     noop_says(&mut alice, "alice@example.org").await;
+    h.abort();
+}
+
+#[tokio::test]
+async fn a_login_still_waiting_at_the_preauth_deadline_is_ended_and_counted() {
+    // The total pre-auth deadline (3 s) falls before the backend's login timeout (5 s): the
+    // stalled login is ended with BYE, counted as result="timeout", and its backend hung up on.
+    let (addr, h) = scripted_backend().await;
+    let Some(t) = gateway(addr, "  preauth_total_timeout: 3s").await else {
+        return;
+    };
+    let mut c = t.client().await;
+    let user = "deadlinelogin@example.org";
+    c.send(format!("a LOGIN {user} \"{}\"\r\n", t.password(user)))
+        .await;
+    assert!(c.closed_within(Duration::from_secs(6)).await);
+    assert_eq!(c.pending(), "* BYE Authentication timeout\r\n");
+    assert_eq!(
+        t.metric("imapgate_auth_attempts_total", &["result=\"timeout\""])
+            .await,
+        1.0
+    );
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while DEADLINE_LOGINS_HUNG_UP.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled login's connection was kept"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     h.abort();
 }
