@@ -4,6 +4,8 @@
 //! one we may relay to) → for `starttls`, CAPABILITY if the greeting had none, then STARTTLS
 //! (abort if not offered) → optional `ID ("x-originating-ip" …)` → LOGIN `user<sep>master` or
 //! AUTHENTICATE PLAIN with authzid = user → tagged OK → CAPABILITY if the OK carried none.
+//! ID and the login go out together in one write (pipelined, RFC 9051 §5.5): the login does
+//! not depend on ID's answer, and a round trip to the backend is saved on every login.
 //! Commands are encoded with imap-codec; a literal it chooses (e.g. an 8-bit password) is sent
 //! only after the backend's `+`. Backend text never reaches the client: errors are typed.
 
@@ -90,6 +92,8 @@ pub struct UpstreamLogin {
     caps: Vec<String>,
     tag_no: u32,
     current: Option<Tag<'static>>,
+    /// ID's tag while its answer is awaited (the login is already on its way behind it).
+    id_tag: Option<Tag<'static>>,
     starttls: bool,
     send_id: bool,
     login_cmd: Command<'static>,
@@ -160,6 +164,7 @@ impl UpstreamLogin {
             caps: Vec::new(),
             tag_no: 0,
             current: None,
+            id_tag: None,
             starttls: backend.tls == BackendTls::Starttls,
             send_id: backend.send_id,
             login_cmd,
@@ -238,7 +243,6 @@ impl UpstreamLogin {
 
     fn after_tls(&mut self) {
         if self.send_id {
-            self.phase = Phase::Id;
             let ip = self.client.ip().to_string();
             let port = self.client.port().to_string();
             let params = [("x-originating-ip", ip), ("x-originating-port", port)]
@@ -256,6 +260,10 @@ impl UpstreamLogin {
                     parameters: Some(params),
                 },
             });
+            self.id_tag = self.current.clone();
+            self.login();
+            // Answers come in order: ID's first, then the login's.
+            self.phase = Phase::Id;
         } else {
             self.login();
         }
@@ -268,10 +276,13 @@ impl UpstreamLogin {
         self.send(cmd);
     }
 
-    /// The next thing to do.
+    /// The next thing to do. Everything queued goes out as one write.
     pub fn step(&mut self) -> UpStep {
         loop {
-            if let Some(bytes) = self.out.pop_front() {
+            if let Some(mut bytes) = self.out.pop_front() {
+                while let Some(more) = self.out.pop_front() {
+                    bytes.extend_from_slice(&more);
+                }
                 return UpStep::Send(bytes);
             }
             if self.phase == Phase::Finished {
@@ -310,8 +321,8 @@ impl UpstreamLogin {
         match resp {
             Response::CommandContinuationRequest(_) => {
                 // Only our LOGIN literal or AUTHENTICATE may be continued: a `+` in any other
-                // phase (e.g. to a cleartext CAPABILITY before STARTTLS) must never release
-                // the master credential.
+                // phase (e.g. to a cleartext CAPABILITY before STARTTLS, or before ID has been
+                // answered) must never release the master credential.
                 if self.phase != Phase::Login {
                     return Some(UpStep::Fail(LoginError::Protocol));
                 }
@@ -335,7 +346,11 @@ impl UpstreamLogin {
                 _ => LoginError::Bye,
             })),
             Response::Status(Status::Tagged(Tagged { tag, body })) => {
-                if Some(&tag) != self.current.as_ref() {
+                let expected = match self.phase {
+                    Phase::Id => self.id_tag.as_ref(),
+                    _ => self.current.as_ref(),
+                };
+                if Some(&tag) != expected {
                     return Some(UpStep::Fail(LoginError::Protocol));
                 }
                 self.tagged(body)
@@ -366,8 +381,9 @@ impl UpstreamLogin {
                 Some(UpStep::StartTls)
             }
             Phase::Id => {
-                // A backend that does not like ID still gets the login.
-                self.login();
+                // Whatever the backend thinks of ID, the login sent behind it comes next.
+                self.id_tag = None;
+                self.phase = Phase::Login;
                 None
             }
             Phase::Login => {

@@ -248,3 +248,89 @@ fn a_continuation_outside_the_login_never_releases_the_master_credential() {
         assert!(!sent.contains("m pw"));
     }
 }
+
+#[test]
+fn id_and_login_go_out_in_one_write_and_answers_are_taken_in_order() {
+    let b = backend(
+        BackendTls::None,
+        BackendLogin::MasterUser {
+            separator: "*".into(),
+        },
+        true,
+    );
+    // One write, before any answer to ID.
+    let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
+    m.feed(b"* OK ready\r\n");
+    let UpStep::Send(first) = m.step() else {
+        panic!("nothing sent after the greeting")
+    };
+    let first = String::from_utf8(first).unwrap();
+    assert!(first.starts_with("g1 ID ("), "{first}");
+    assert!(
+        first.ends_with("\r\ng2 LOGIN \"alice*gateway\" \"m pw\"\r\n"),
+        "{first}"
+    );
+    assert!(matches!(m.step(), UpStep::NeedInput));
+
+    // A backend that refuses ID still logs us in.
+    let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
+    let (_, end) = drive(
+        &mut m,
+        &[
+            b"* OK ready\r\n",
+            b"g1 BAD no ID here\r\ng2 OK [CAPABILITY IMAP4rev1] in\r\n",
+        ],
+    );
+    assert!(matches!(end, UpStep::Done(_)), "{end:?}");
+
+    // The login's answer before ID's is out of order: refused, not taken as a login.
+    let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
+    let (_, end) = drive(
+        &mut m,
+        &[b"* OK ready\r\n", b"g2 OK [CAPABILITY IMAP4rev1] in\r\n"],
+    );
+    assert!(matches!(end, UpStep::Fail(LoginError::Protocol)), "{end:?}");
+
+    // A rejected login behind ID is a rejection.
+    let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
+    let (_, end) = drive(
+        &mut m,
+        &[
+            b"* OK ready\r\n",
+            b"g1 OK done\r\ng2 NO [AUTHENTICATIONFAILED] no\r\n",
+        ],
+    );
+    assert!(matches!(end, UpStep::Fail(LoginError::Rejected)), "{end:?}");
+}
+
+#[test]
+fn a_continuation_before_id_is_answered_never_releases_the_literal_password() {
+    let mut b = backend(
+        BackendTls::None,
+        BackendLogin::MasterUser {
+            separator: "*".into(),
+        },
+        true,
+    );
+    b.master_password = Secret::from_slice("pässword".as_bytes());
+    let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
+    let (sent, end) = drive(&mut m, &[b"* OK hi\r\n", b"+ go\r\n"]);
+    assert!(matches!(end, UpStep::Fail(LoginError::Protocol)), "{end:?}");
+    assert!(
+        sent.contains("g2 LOGIN \"alice*gateway\" {9}\r\n"),
+        "{sent}"
+    );
+    assert!(!sent.contains("pässword"), "{sent}");
+    // In order, the literal follows the `+` that comes after ID's answer.
+    let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
+    let (sent, end) = drive(
+        &mut m,
+        &[
+            b"* OK hi\r\n",
+            b"g1 OK done\r\n+ go\r\n",
+            b"g2 OK [CAPABILITY IMAP4rev1] in\r\n",
+        ],
+    );
+    assert!(sent.ends_with("pässword\r\n"), "{sent}");
+    assert!(matches!(end, UpStep::Done(_)), "{end:?}");
+}
