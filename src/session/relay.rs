@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
@@ -38,16 +39,15 @@ pub struct RelayLimits {
 /// full TLS records.
 const BUF: usize = 64 * 1024;
 
-/// Reads into `buf` only if data is ready now (None: it would wait).
+/// Appends to `buf` (into its spare capacity, never zeroed first) only if data is ready now
+/// (None: it would wait).
 async fn read_now<R: AsyncRead + Unpin>(
     from: &mut R,
-    buf: &mut [u8],
+    buf: &mut BytesMut,
 ) -> Option<std::io::Result<usize>> {
     std::future::poll_fn(|cx| {
-        let mut rb = tokio::io::ReadBuf::new(buf);
-        match std::pin::Pin::new(&mut *from).poll_read(cx, &mut rb) {
-            std::task::Poll::Ready(Ok(())) => std::task::Poll::Ready(Some(Ok(rb.filled().len()))),
-            std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Some(Err(e))),
+        match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *from), cx, buf) {
+            std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
             std::task::Poll::Pending => std::task::Poll::Ready(None),
         }
     })
@@ -57,7 +57,8 @@ async fn read_now<R: AsyncRead + Unpin>(
 /// One direction. While the session is quiet (IDLE for hours) it holds no buffer: it waits on
 /// a one-byte read, and only when data arrives takes a [`BUF`] buffer, which it keeps while
 /// more data is ready at once and gives back as soon as the flow pauses. An idle session costs
-/// its sockets and TLS state, not 2 × 64 KiB.
+/// its sockets and TLS state, not 2 × 64 KiB. The buffer is not zeroed: reads fill its spare
+/// capacity and only what was read is ever written.
 async fn copy<R, W>(
     mut from: R,
     mut to: W,
@@ -76,40 +77,37 @@ where
             return Ok(());
         }
         activity.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-        let mut buf = vec![0u8; BUF];
-        if let Some(b) = buf.first_mut() {
-            *b = first[0];
-        }
-        let mut len = 1;
+        let mut buf = BytesMut::with_capacity(BUF);
+        buf.extend_from_slice(&first);
         let mut eof = false;
         loop {
             // Gather what is ready now behind what we have, then write it in one go.
-            while len < BUF {
-                match read_now(&mut from, buf.get_mut(len..).unwrap_or_default()).await {
+            while buf.len() < BUF {
+                match read_now(&mut from, &mut buf).await {
                     Some(Ok(0)) => {
                         eof = true;
                         break;
                     }
-                    Some(Ok(n)) => len += n,
+                    Some(Ok(_)) => {}
                     Some(Err(e)) => return Err(e),
                     None => break,
                 }
             }
-            to.write_all(buf.get(..len).unwrap_or(&[])).await?;
+            to.write_all(&buf).await?;
             to.flush().await?;
-            bytes.inc_by(len as u64);
+            bytes.inc_by(buf.len() as u64);
             if eof {
                 let _ = to.shutdown().await;
                 return Ok(());
             }
             // More right away (a bulk transfer): keep the buffer; otherwise give it back.
+            buf.clear();
             match read_now(&mut from, &mut buf).await {
                 Some(Ok(0)) => {
                     let _ = to.shutdown().await;
                     return Ok(());
                 }
-                Some(Ok(n)) => {
-                    len = n;
+                Some(Ok(_)) => {
                     activity.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
                 }
                 Some(Err(e)) => return Err(e),

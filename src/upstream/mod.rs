@@ -116,7 +116,8 @@ impl Backend {
                 BackendTls::Implicit => self.tls_upgrade(tcp).await?,
                 BackendTls::Starttls | BackendTls::None => Conn::Plain(tcp),
             };
-            let mut buf = vec![0u8; 16 * 1024];
+            // Login replies are a few lines: a small buffer, filled without zeroing it first.
+            let mut buf = BytesMut::with_capacity(4096);
             loop {
                 match machine.step() {
                     UpStep::Send(bytes) => conn
@@ -125,14 +126,15 @@ impl Backend {
                         .map_err(|_| UpstreamError::Closed)?,
                     UpStep::NeedInput => {
                         conn.flush().await.map_err(|_| UpstreamError::Closed)?;
+                        buf.clear();
                         let n = conn
-                            .read(&mut buf)
+                            .read_buf(&mut buf)
                             .await
                             .map_err(|_| UpstreamError::Closed)?;
                         if n == 0 {
                             return Err(UpstreamError::Closed);
                         }
-                        machine.feed(buf.get(..n).unwrap_or(&[]));
+                        machine.feed(&buf);
                     }
                     UpStep::StartTls => {
                         let Conn::Plain(tcp) = conn else {
