@@ -1,5 +1,6 @@
 //! The TLS front: invariants 1, 2 and 11, SNI, ALPN, handshake deadline, admission caps.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::harness::*;
@@ -98,6 +99,46 @@ async fn implicit_tls_port_has_no_starttls() {
     );
     let r = c.cmd("a", "STARTTLS").await;
     assert!(last(&r).starts_with("a BAD"), "{r:?}");
+}
+
+#[tokio::test]
+async fn the_server_prefers_aes_128_gcm_whatever_the_client_lists_first() {
+    let Some(t) = TestGateway::start().await else {
+        return;
+    };
+    use rustls::pki_types::ServerName;
+    use rustls::CipherSuite as S;
+    // aws-lc-rs's default client lists the AES-256 suites first; the gateway's order wins.
+    for (versions, want) in [
+        (&[&rustls::version::TLS13][..], S::TLS13_AES_128_GCM_SHA256),
+        (
+            &[&rustls::version::TLS12][..],
+            S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        ),
+    ] {
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        assert!(
+            matches!(
+                provider.cipher_suites.first().map(|s| s.suite()),
+                Some(S::TLS13_AES_256_GCM_SHA384)
+            ),
+            "the client no longer lists AES-256 first: the check proves nothing"
+        );
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(t.pki.ca_der.clone()).unwrap();
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(t.imaps()).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        let got = tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite());
+        assert_eq!(got, Some(want), "{versions:?}");
+    }
 }
 
 #[tokio::test]
