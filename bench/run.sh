@@ -3,6 +3,7 @@
 # machine, in one run, on the same work, interleaved so that machine drift hits all alike.
 #
 #   bench/run.sh [--quick] [--sessions N] [--rounds R] [--seconds S] [--out FILE]
+#   bench/run.sh --compare OTHER_BINARY [--rounds R] [--seconds S]
 #
 # What runs (all on 127.0.0.1, ports chosen at run time):
 #   - Dovecot (Debian's), with a generated mailbox (2000 messages of 50 KB; --quick: 200), a
@@ -31,15 +32,19 @@ QUICK=0
 SESSIONS=2000
 SESSIONS_GIVEN=0
 ROUNDS=3
+ROUNDS_GIVEN=0
 SECONDS_PER_RUN=10
+SECONDS_GIVEN=0
 OUT="$REPO/target/bench/results.json"
+COMPARE=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
     --sessions) SESSIONS="$2"; SESSIONS_GIVEN=1; shift ;;
-    --rounds) ROUNDS="$2"; shift ;;
-    --seconds) SECONDS_PER_RUN="$2"; shift ;;
+    --rounds) ROUNDS="$2"; ROUNDS_GIVEN=1; shift ;;
+    --seconds) SECONDS_PER_RUN="$2"; SECONDS_GIVEN=1; shift ;;
     --out) OUT="$2"; shift ;;
+    --compare) COMPARE="$(realpath "$2")"; shift ;;
     -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
     *) die "unknown argument $1" ;;
   esac
@@ -47,7 +52,9 @@ while [ $# -gt 0 ]; do
 done
 MESSAGES=2000
 if [ "$QUICK" -eq 1 ]; then
-  MESSAGES=200 ROUNDS=1 SECONDS_PER_RUN=3
+  MESSAGES=200
+  [ "$ROUNDS_GIVEN" -eq 1 ] || ROUNDS=1
+  [ "$SECONDS_GIVEN" -eq 1 ] || SECONDS_PER_RUN=3
   [ "$SESSIONS_GIVEN" -eq 1 ] || SESSIONS=200
 fi
 [ "$(id -u)" -eq 0 ] || die "run as root: Dovecot must start as root"
@@ -79,10 +86,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-mapfile -t PORTS < <(free_ports 10)
+mapfile -t PORTS < <(free_ports 12)
 DV_PLAIN=${PORTS[0]} DV_TLS=${PORTS[1]} NGX=${PORTS[2]} NGX_HTTP=${PORTS[3]}
 GW=${PORTS[4]} GW_ADMIN=${PORTS[5]} GWC=${PORTS[6]} GWC_ADMIN=${PORTS[7]} GWT=${PORTS[8]}
-GWT_ADMIN=${PORTS[9]}
+GWT_ADMIN=${PORTS[9]} GWB=${PORTS[10]} GWB_ADMIN=${PORTS[11]}
 
 step "PKI and users"
 make_test_pki "$WORK/tls"
@@ -323,12 +330,26 @@ perf_summary() {
   perf report -i "$1" --no-children --sort dso --stdio 2>/dev/null | grep -E '^ +[0-9]' || true
   echo
   perf report -i "$1" --no-children --sort sym -g none --stdio 2>/dev/null | grep -E '^ +[0-9]' | sed -n '1,60p' || true
+  echo
+  echo "# inclusive (with callees)"
+  perf report -i "$1" --children --sort sym -g none --stdio 2>/dev/null | grep -E '^ +[0-9]' | sed -n '1,80p' || true
 }
 
 if [ -n "${BENCH_PERF:-}" ]; then
   # Profile imapgate's warm logins (8 clients) and FETCH with perf, then stop.
   step "perf: imapgate logins and FETCH -> $BENCH_PERF.{logins,fetch}.txt"
-  perf record -F 999 -g -p "$GW_PID" -o "$WORK/logins.data" -- sleep "$SECONDS_PER_RUN" 2>/dev/null &
+  # Scheduler and syscall counts first (perf stat), then a sampled profile.
+  perf stat -e task-clock,context-switches,cpu-migrations,raw_syscalls:sys_enter -p "$GW_PID" \
+    -o "$BENCH_PERF.logins.stat" -- sleep "$SECONDS_PER_RUN" &
+  perf_pid=$!
+  run imapgate "$GW" "$WORK/gateway.txt" "$GW_PID" logins --concurrency 8 --seconds "$SECONDS_PER_RUN"
+  wait "$perf_pid" || true
+  # Which system calls, per thread.
+  perf trace -s -p "$GW_PID" -o "$BENCH_PERF.logins.syscalls" -- sleep "$SECONDS_PER_RUN" 2>/dev/null &
+  perf_pid=$!
+  run imapgate "$GW" "$WORK/gateway.txt" "$GW_PID" logins --concurrency 8 --seconds "$SECONDS_PER_RUN"
+  wait "$perf_pid" || true
+  perf record -F 999 --call-graph "${BENCH_PERF_CALLGRAPH:-fp}" -p "$GW_PID" -o "$WORK/logins.data" -- sleep "$SECONDS_PER_RUN" 2>/dev/null &
   perf_pid=$!
   run imapgate "$GW" "$WORK/gateway.txt" "$GW_PID" logins --concurrency 8 --seconds "$SECONDS_PER_RUN"
   wait "$perf_pid" || true
@@ -338,6 +359,34 @@ if [ -n "${BENCH_PERF:-}" ]; then
   run imapgate "$GW" "$WORK/gateway.txt" "$GW_PID" fetch --rounds 5
   wait "$perf_pid" || true
   perf_summary "$WORK/fetch.data" >"$BENCH_PERF.fetch.txt"
+  exit 0
+fi
+
+if [ -n "$COMPARE" ]; then
+  # A/B: the same warm configuration served by another build, logins interleaved round by
+  # round, so that a change's effect on CPU per login stands out of the machine's drift.
+  step "compare: this build (:$GW) against $COMPARE (:$GWB), $ROUNDS round(s)"
+  gw_config base "$GWB" "$GWB_ADMIN" 5m none "$DV_PLAIN" >"$WORK/gwb.yaml"
+  "$COMPARE" run -c "$WORK/gwb.yaml" >"$WORK/gwb.log" 2>&1 &
+  GWB_PID=$!
+  PIDS+=("$GWB_PID")
+  wait_for_port 127.0.0.1 "$GWB" 30 || die "the other build did not start: $(cat "$WORK/gwb.log")"
+  for r in $(seq 1 "$ROUNDS"); do
+    for c in 8 64; do
+      run imapgate-base "$GWB" "$WORK/gateway.txt" "$GWB_PID" logins --concurrency "$c" --seconds "$SECONDS_PER_RUN"
+      run imapgate "$GW" "$WORK/gateway.txt" "$GW_PID" logins --concurrency "$c" --seconds "$SECONDS_PER_RUN"
+    done
+  done
+  python3 - "$RAW" <<'PY'
+import json, sys, statistics
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+for label in ("imapgate-base", "imapgate"):
+    for c in (8, 64):
+        r = [x for x in rows if x["label"] == label and x["concurrency"] == c]
+        cpu = statistics.median(x["cpu_ms_per_login"] for x in r)
+        rate = statistics.median(x["per_second"] for x in r)
+        print(f"{label:14} {c:3} clients: {rate:6.0f} logins/s, {cpu:.3f} ms CPU per login (median of {len(r)})")
+PY
   exit 0
 fi
 
