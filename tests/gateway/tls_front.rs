@@ -141,6 +141,64 @@ async fn the_server_prefers_aes_128_gcm_whatever_the_client_lists_first() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_implicit_tls_greeting_arrives_before_the_client_finishes_its_handshake() {
+    let Some(t) = TestGateway::start().await else {
+        return;
+    };
+    use std::io::{Read, Write};
+    let ca = t.pki.ca_der.clone();
+    let addr = t.imaps();
+    // A TLS 1.3 client driven by hand: it sends its ClientHello, reads the server's flight,
+    // and never sends its Finished. The greeting must already be there (half-RTT data).
+    let greeting = tokio::task::spawn_blocking(move || {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca).unwrap();
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"imap".to_vec()];
+        let mut conn = rustls::ClientConnection::new(
+            Arc::new(cfg),
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+        )
+        .unwrap();
+        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // The ClientHello only: nothing else is queued yet.
+        let mut hello = Vec::new();
+        conn.write_tls(&mut hello).unwrap();
+        tcp.write_all(&hello).unwrap();
+        let mut plain = Vec::new();
+        let mut raw = [0u8; 16384];
+        while !plain.ends_with(b"\r\n") {
+            let n = tcp.read(&mut raw).unwrap();
+            assert!(n > 0, "closed before the greeting");
+            conn.read_tls(&mut &raw[..n]).unwrap();
+            conn.process_new_packets().unwrap();
+            let mut chunk = [0u8; 1024];
+            match conn.reader().read(&mut chunk) {
+                Ok(k) => plain.extend_from_slice(&chunk[..k]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        // Our Finished is still unsent.
+        assert!(conn.wants_write(), "the client's Finished went out");
+        String::from_utf8(plain).unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        greeting.starts_with("* OK [CAPABILITY IMAP4rev1"),
+        "{greeting}"
+    );
+}
+
 #[tokio::test]
 async fn alpn_without_imap_is_refused_alpaca() {
     let Some(t) = TestGateway::start().await else {
