@@ -522,8 +522,9 @@ scan_listener() {
   local sess="$WORK/sess-$kind.pem" forged="$WORK/sess-$kind-forged.pem" first second third st=()
   [ "$kind" = starttls ] && st=(-starttls imap)
   rm -f "$sess" "$forged"
-  # The ticket (NewSessionTicket) comes after the handshake: keep stdin open for a moment.
-  first="$( (sleep 1) | timeout 20 openssl s_client -connect "$HOST:$port" \
+  # The tickets (NewSessionTicket) are written when the handshake completes and leave with the
+  # session's first reply: send a command, and keep stdin open for a moment.
+  first="$( (printf 'n1 NOOP\r\n'; sleep 1) | timeout 20 openssl s_client -connect "$HOST:$port" \
     "${st[@]}" -servername "$SERVER_NAME" -CAfile "$CA" \
     -tls1_3 -sess_out "$sess" 2>&1 || true)"
   if [ ! -s "$sess" ]; then
@@ -548,7 +549,7 @@ scan_listener() {
   # A client that sends early data anyway: a fresh ticket (tickets are single-use) with
   # max_early_data forced up.
   rm -f "$sess"
-  (sleep 1) | timeout 20 openssl s_client -connect "$HOST:$port" \
+  (printf 'n2 NOOP\r\n'; sleep 1) | timeout 20 openssl s_client -connect "$HOST:$port" \
     "${st[@]}" -servername "$SERVER_NAME" -CAfile "$CA" \
     -tls1_3 -sess_out "$sess" >/dev/null 2>&1 || true
   if [ ! -s "$sess" ] || ! python3 "$WORK/tlsprobe.py" forge-early-data "$sess" "$forged" 2>"$WORK/forge.err"; then

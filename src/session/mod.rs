@@ -26,7 +26,7 @@ use crate::auth::{self, Attempt, Authenticator, Credential, Outcome};
 use crate::config::Limits;
 use crate::guard::{AttemptKey, Guard, Kind, Outcome as GuardOutcome, Verdict};
 use crate::observe::{self, AuditEvent, Metrics};
-use crate::tls::Conn;
+use crate::tls::{Conn, Wire};
 use crate::upstream::Upstreams;
 use preauth::{LoginRequest, PreAuth, PreAuthLimits, Step};
 
@@ -230,14 +230,17 @@ impl Session {
     /// handshake completes.
     async fn handshake(&self, tcp: TcpStream, first: Option<&[u8]>) -> Option<Conn> {
         let m = &self.shared.metrics;
-        let accept = self.shared.acceptor.accept_with(tcp, |c| {
+        let accept = self.shared.acceptor.accept_with(Wire::server(tcp), |c| {
             if let Some(bytes) = first {
                 // Buffered by rustls until it may send application data.
                 let _ = std::io::Write::write_all(&mut c.writer(), bytes);
             }
         });
         match tokio::time::timeout(self.shared.limits.tls_handshake_timeout, accept).await {
-            Ok(Ok(s)) => Some(Conn::Tls(Box::new(tokio_rustls::TlsStream::Server(s)))),
+            Ok(Ok(mut s)) => {
+                s.get_mut().0.handshake_done();
+                Some(Conn::Tls(Box::new(tokio_rustls::TlsStream::Server(s))))
+            }
             Ok(Err(e)) => {
                 let reason = handshake_failure_reason(&e);
                 m.tls_handshake_failures

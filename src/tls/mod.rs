@@ -24,7 +24,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use crate::config::{BackendConfig, TlsConfig};
-pub use stream::Conn;
+pub use stream::{Conn, Wire};
 
 /// The only ALPN protocol we accept (RFC 7301 registry name for IMAP).
 pub const ALPN_IMAP: &[u8] = b"imap";

@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 /// Plain TCP before STARTTLS (or to a `tls: none` backend), TLS otherwise.
 pub enum Conn {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+    Tls(Box<tokio_rustls::TlsStream<Wire>>),
 }
 
 impl Conn {
@@ -56,5 +56,242 @@ impl AsyncWrite for Conn {
             Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+/// The TCP stream under a TLS session. On the client-facing side it holds back what rustls
+/// writes after the handshake's first flight and before the handshake completes, when that is
+/// TLS 1.3 application-data records: the session tickets sent once the client's Finished
+/// arrives. They then leave with the session's first reply (one write and one packet fewer
+/// per connection) instead of on their own. Clients never wait for tickets; everything a
+/// client needs to finish the handshake is in the first flight (TLS 1.3) or starts with a
+/// handshake or ChangeCipherSpec record (TLS 1.2), and is never held.
+pub struct Wire {
+    tcp: TcpStream,
+    held: Vec<u8>,
+    phase: WirePhase,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WirePhase {
+    /// Server side, nothing written yet: the first flight goes out as is.
+    First,
+    /// Server side, handshake under way: TLS 1.3 records may be held.
+    Handshake,
+    /// Everything goes out (after anything held).
+    Open,
+}
+
+/// TLS record content type of TLS 1.3's encrypted records (RFC 8446 §5.2).
+const APPLICATION_DATA: u8 = 0x17;
+/// More than tickets ever take: past this, nothing more is held.
+const HOLD_MAX: usize = 16 * 1024;
+
+impl Wire {
+    /// For the server side of a handshake ([`Wire::handshake_done`] once it completes).
+    pub fn server(tcp: TcpStream) -> Wire {
+        Wire {
+            tcp,
+            held: Vec::new(),
+            phase: WirePhase::First,
+        }
+    }
+
+    /// Writes go straight out (the backend side).
+    pub fn open(tcp: TcpStream) -> Wire {
+        Wire {
+            tcp,
+            held: Vec::new(),
+            phase: WirePhase::Open,
+        }
+    }
+
+    /// The handshake completed: what was held leaves with the next write.
+    pub fn handshake_done(&mut self) {
+        self.phase = WirePhase::Open;
+    }
+
+    /// Bytes held back (for tests).
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    fn hold(&mut self, bufs: &[io::IoSlice<'_>]) -> Option<usize> {
+        let first = bufs.iter().find(|b| !b.is_empty())?.first().copied();
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        match self.phase {
+            WirePhase::First => {
+                self.phase = WirePhase::Handshake;
+                None
+            }
+            WirePhase::Handshake
+                if first == Some(APPLICATION_DATA) && self.held.len() + total <= HOLD_MAX =>
+            {
+                for b in bufs {
+                    self.held.extend_from_slice(b);
+                }
+                Some(total)
+            }
+            _ => None,
+        }
+    }
+
+    /// Writes `bufs` behind anything held, in one system call when possible.
+    fn poll_out(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if let Some(n) = self.hold(bufs) {
+            return Poll::Ready(Ok(n));
+        }
+        loop {
+            if self.held.is_empty() {
+                return Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+            }
+            let mut all = Vec::with_capacity(bufs.len() + 1);
+            all.push(io::IoSlice::new(&self.held));
+            all.extend(bufs.iter().map(|b| io::IoSlice::new(b)));
+            let n = match Pin::new(&mut self.tcp).poll_write_vectored(cx, &all) {
+                Poll::Ready(Ok(n)) => n,
+                other => return other,
+            };
+            if n == 0 {
+                return Poll::Ready(Ok(0));
+            }
+            let held = self.held.len();
+            if n < held {
+                self.held.drain(..n);
+                continue;
+            }
+            self.held = Vec::new();
+            if n > held || bufs.iter().all(|b| b.is_empty()) {
+                return Poll::Ready(Ok(n - held));
+            }
+        }
+    }
+}
+
+impl AsyncRead for Wire {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Wire {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().poll_out(cx, &[io::IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().poll_out(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        // What was held goes out before the end.
+        while !me.held.is_empty() {
+            match me.poll_out(cx, &[]) {
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Pin::new(&mut me.tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (Wire, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (tcp, _) = l.accept().await.unwrap();
+        (Wire::server(tcp), peer)
+    }
+
+    async fn nothing_arrives(peer: &mut TcpStream) -> bool {
+        let mut b = [0u8; 64];
+        tokio::time::timeout(Duration::from_millis(200), peer.read(&mut b))
+            .await
+            .is_err()
+    }
+
+    #[tokio::test]
+    async fn tls13_records_after_the_first_flight_leave_with_the_next_write() {
+        let (mut w, mut peer) = pair().await;
+        // The first flight (a handshake record) goes out at once.
+        w.write_all(&[0x16, 3, 3, 0, 1, 9]).await.unwrap();
+        let mut got = [0u8; 6];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, [0x16, 3, 3, 0, 1, 9]);
+        // Tickets (application-data records) written while the handshake completes are held.
+        w.write_all(&[0x17, 3, 3, 0, 2, 1, 2]).await.unwrap();
+        w.flush().await.unwrap();
+        assert_eq!(w.held(), 7);
+        assert!(nothing_arrives(&mut peer).await, "held bytes went out");
+        w.handshake_done();
+        // They precede the first reply, in one piece.
+        w.write_all(&[0x17, 3, 3, 0, 1, 7]).await.unwrap();
+        assert_eq!(w.held(), 0);
+        let mut got = [0u8; 13];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, [0x17, 3, 3, 0, 2, 1, 2, 0x17, 3, 3, 0, 1, 7]);
+    }
+
+    #[tokio::test]
+    async fn a_tls12_final_flight_is_never_held_and_shutdown_sends_what_was() {
+        let (mut w, mut peer) = pair().await;
+        w.write_all(&[0x16, 1]).await.unwrap();
+        // TLS 1.2's last flight starts with ChangeCipherSpec: the client waits for it.
+        w.write_all(&[0x14, 2]).await.unwrap();
+        let mut got = [0u8; 4];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, [0x16, 1, 0x14, 2]);
+        // Held bytes are not lost when the connection ends without another write.
+        w.write_all(&[0x17, 5]).await.unwrap();
+        assert!(nothing_arrives(&mut peer).await);
+        w.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        peer.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, [0x17, 5]);
+    }
+
+    #[tokio::test]
+    async fn the_backend_side_never_holds() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (mut peer, _) = l.accept().await.unwrap();
+        let mut w = Wire::open(tcp);
+        w.write_all(&[0x16]).await.unwrap();
+        w.write_all(&[0x17, 1]).await.unwrap();
+        let mut got = [0u8; 3];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, [0x16, 0x17, 1]);
     }
 }

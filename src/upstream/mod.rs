@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{BackendConfig, BackendTls, Config};
 use crate::imap;
 use crate::observe::{Health, Metrics};
-use crate::tls::{self, Conn};
+use crate::tls::{self, Conn, Wire};
 use login::{LoginError, UpStep, UpstreamLogin};
 
 /// Why no backend session could be made (a closed set: metric label and audit reason).
@@ -96,7 +96,7 @@ impl Backend {
             return Ok(Conn::Plain(tcp));
         };
         let s = connector
-            .connect(name.clone(), tcp)
+            .connect(name.clone(), Wire::open(tcp))
             .await
             .map_err(|e| UpstreamError::Tls(e.to_string()))?;
         Ok(Conn::Tls(Box::new(tokio_rustls::TlsStream::Client(s))))

@@ -200,6 +200,51 @@ async fn the_implicit_tls_greeting_arrives_before_the_client_finishes_its_handsh
 }
 
 #[tokio::test]
+async fn tickets_come_with_the_first_reply_and_the_next_connection_resumes() {
+    let Some(t) = TestGateway::start().await else {
+        return;
+    };
+    use rustls::pki_types::ServerName;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let connector = client_tls(&t.pki.ca_der, &[b"imap"]);
+    let name = ServerName::try_from("localhost").unwrap();
+    let connect = || async {
+        let tcp = tokio::net::TcpStream::connect(t.imaps()).await.unwrap();
+        connector.connect(name.clone(), tcp).await.unwrap()
+    };
+    async fn read_line(s: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> String {
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while !line.ends_with(b"\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+                .await
+                .expect("no reply")
+                .unwrap();
+            assert_eq!(n, 1, "closed");
+            line.push(b[0]);
+        }
+        String::from_utf8(line).unwrap()
+    }
+    let mut first = connect().await;
+    assert_eq!(
+        first.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Full)
+    );
+    assert!(read_line(&mut first).await.starts_with("* OK"));
+    first.write_all(b"a NOOP\r\n").await.unwrap();
+    assert_eq!(read_line(&mut first).await, "a OK NOOP completed\r\n");
+    drop(first);
+    // The tickets held back at the end of the handshake went out with that reply.
+    let mut second = connect().await;
+    assert_eq!(
+        second.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed),
+        "no session ticket reached the client"
+    );
+    assert!(read_line(&mut second).await.starts_with("* OK"));
+}
+
+#[tokio::test]
 async fn alpn_without_imap_is_refused_alpaca() {
     let Some(t) = TestGateway::start().await else {
         return;
