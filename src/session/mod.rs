@@ -184,7 +184,10 @@ pub async fn run(
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("conn", id, peer = %peer, listener = %listener.name);
     async move {
-        let _ = tcp.set_nodelay(true);
+        // Linux copies TCP_NODELAY from the listening socket (`server::bind_listener`).
+        if !cfg!(target_os = "linux") {
+            let _ = tcp.set_nodelay(true);
+        }
         Session {
             shared,
             listener,
