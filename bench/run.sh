@@ -344,21 +344,28 @@ if [ -n "${BENCH_PERF:-}" ]; then
   perf_pid=$!
   run imapgate "$GW" "$WORK/gateway.txt" "$GW_PID" logins --concurrency 8 --seconds "$SECONDS_PER_RUN"
   wait "$perf_pid" || true
+  # One client's logins, every system call in order (a few hundred milliseconds).
+  strace -f -tt -p "$GW_PID" -o "$BENCH_PERF.logins.strace" 2>/dev/null &
+  strace_pid=$!
+  sleep 1
+  run imapgate "$GW" "$WORK/gateway.txt" "$GW_PID" logins --concurrency 1 --seconds 1
+  kill "$strace_pid" 2>/dev/null || true
+  wait "$strace_pid" 2>/dev/null || true
   # Which system calls, per thread.
   perf trace -s -p "$GW_PID" -o "$BENCH_PERF.logins.syscalls" -- sleep "$SECONDS_PER_RUN" 2>/dev/null &
   perf_pid=$!
   run imapgate "$GW" "$WORK/gateway.txt" "$GW_PID" logins --concurrency 8 --seconds "$SECONDS_PER_RUN"
   wait "$perf_pid" || true
-  perf record -F 999 --call-graph "${BENCH_PERF_CALLGRAPH:-fp}" -p "$GW_PID" -o "$WORK/logins.data" -- sleep "$SECONDS_PER_RUN" 2>/dev/null &
+  perf record -F 999 --call-graph "${BENCH_PERF_CALLGRAPH:-fp}" -p "$GW_PID" -o "$BENCH_PERF.logins.data" -- sleep "$SECONDS_PER_RUN" 2>/dev/null &
   perf_pid=$!
   run imapgate "$GW" "$WORK/gateway.txt" "$GW_PID" logins --concurrency 8 --seconds "$SECONDS_PER_RUN"
   wait "$perf_pid" || true
-  perf_summary "$WORK/logins.data" >"$BENCH_PERF.logins.txt"
-  perf record -F 999 -g -p "$GW_PID" -o "$WORK/fetch.data" -- sleep 8 2>/dev/null &
+  perf_summary "$BENCH_PERF.logins.data" >"$BENCH_PERF.logins.txt"
+  perf record -F 999 -g -p "$GW_PID" -o "$BENCH_PERF.fetch.data" -- sleep 8 2>/dev/null &
   perf_pid=$!
   run imapgate "$GW" "$WORK/gateway.txt" "$GW_PID" fetch --rounds 5
   wait "$perf_pid" || true
-  perf_summary "$WORK/fetch.data" >"$BENCH_PERF.fetch.txt"
+  perf_summary "$BENCH_PERF.fetch.data" >"$BENCH_PERF.fetch.txt"
   exit 0
 fi
 
