@@ -39,6 +39,11 @@ pub struct RelayLimits {
 /// full TLS records.
 const BUF: usize = 64 * 1024;
 
+/// What a quiet direction waits with: room for a typical reply or notification (`* 3 EXISTS`,
+/// `a OK NOOP completed`, a LOGOUT's `BYE` and `OK`) in one read, at 2 × 128 bytes per idle
+/// session.
+const FIRST: usize = 128;
+
 /// Appends to `buf` (into its spare capacity, never zeroed first) only if data is ready now
 /// (None: it would wait).
 async fn read_now<R: AsyncRead + Unpin>(
@@ -55,7 +60,7 @@ async fn read_now<R: AsyncRead + Unpin>(
 }
 
 /// One direction. While the session is quiet (IDLE for hours) it holds no buffer: it waits on
-/// a one-byte read, and only when data arrives takes a [`BUF`] buffer, which it keeps while
+/// a [`FIRST`]-byte read, and only when data arrives takes a [`BUF`] buffer, which it keeps while
 /// more data is ready at once and gives back as soon as the flow pauses. An idle session costs
 /// its sockets and TLS state, not 2 × 64 KiB. The buffer is not zeroed: reads fill its spare
 /// capacity and only what was read is ever written.
@@ -71,14 +76,15 @@ where
     W: AsyncWrite + Unpin,
 {
     loop {
-        let mut first = [0u8; 1];
-        if from.read(&mut first).await? == 0 {
+        let mut first = [0u8; FIRST];
+        let n = from.read(&mut first).await?;
+        if n == 0 {
             let _ = to.shutdown().await;
             return Ok(());
         }
         activity.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
         let mut buf = BytesMut::with_capacity(BUF);
-        buf.extend_from_slice(&first);
+        buf.extend_from_slice(first.get(..n).unwrap_or(&[]));
         let mut eof = false;
         loop {
             // Gather what is ready now behind what we have, then write it in one go.
