@@ -60,7 +60,8 @@ def main():
         return f"{v:.2f}"
 
     def ratio(a, b):
-        return f"{a / b:.2f}×" if a is not None and b not in (None, 0) else "—"
+        # A zero (or a float residue of one, e.g. 1e-14 % idle CPU) has no meaningful ratio.
+        return f"{a / b:.2f}×" if a is not None and b is not None and abs(b) > 1e-9 else "—"
 
     head = ["figure", "unit"] + labels + ["imapgate ÷ dovecot", "imapgate ÷ nginx",
                                           "oauth ÷ dovecot"]
