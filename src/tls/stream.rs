@@ -65,11 +65,16 @@ impl AsyncWrite for Conn {
 /// arrives. They then leave with the session's first reply (one write and one packet fewer
 /// per connection) instead of on their own. Clients never wait for tickets; everything a
 /// client needs to finish the handshake is in the first flight (TLS 1.3) or starts with a
-/// handshake or ChangeCipherSpec record (TLS 1.2), and is never held.
+/// handshake or ChangeCipherSpec record (TLS 1.2), and is never held. Only a write that starts
+/// a record is judged by its first byte: the rest of a write the socket took in part goes out
+/// as it comes.
 pub struct Wire {
     tcp: TcpStream,
     held: Vec<u8>,
     phase: WirePhase,
+    /// The last write was taken only in part: the next one continues a record, and its first
+    /// byte is not a record's content type.
+    mid_record: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +99,7 @@ impl Wire {
             tcp,
             held: Vec::new(),
             phase: WirePhase::First,
+            mid_record: false,
         }
     }
 
@@ -103,6 +109,7 @@ impl Wire {
             tcp,
             held: Vec::new(),
             phase: WirePhase::Open,
+            mid_record: false,
         }
     }
 
@@ -125,7 +132,9 @@ impl Wire {
                 None
             }
             WirePhase::Handshake
-                if first == Some(APPLICATION_DATA) && self.held.len() + total <= HOLD_MAX =>
+                if !self.mid_record
+                    && first == Some(APPLICATION_DATA)
+                    && self.held.len() + total <= HOLD_MAX =>
             {
                 for b in bufs {
                     self.held.extend_from_slice(b);
@@ -145,6 +154,19 @@ impl Wire {
         if let Some(n) = self.hold(bufs) {
             return Poll::Ready(Ok(n));
         }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let r = self.poll_through(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            self.mid_record = n < total;
+        }
+        r
+    }
+
+    fn poll_through(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         loop {
             if self.held.is_empty() {
                 return Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
@@ -280,6 +302,56 @@ mod tests {
         let mut rest = Vec::new();
         peer.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, [0x17, 5]);
+    }
+
+    #[tokio::test]
+    async fn a_write_taken_in_part_is_continued_never_held() {
+        // Small socket buffers, so that the first flight is taken in part and its continuation
+        // (which starts with whatever byte comes next, here 0x17, not a record header) is
+        // small enough to be held if it were mistaken for a record.
+        let ls = tokio::net::TcpSocket::new_v4().unwrap();
+        ls.set_recv_buffer_size(2048).unwrap(); // inherited by the accepted peer
+        ls.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let l = ls.listen(8).unwrap();
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_send_buffer_size(1024).unwrap();
+        let tcp = sock.connect(l.local_addr().unwrap()).await.unwrap();
+        let (mut peer, _) = l.accept().await.unwrap();
+        let mut w = Wire::server(tcp);
+        let size = 12 * 1024;
+        let mut flight = vec![0x17u8; size];
+        flight[0] = 0x16;
+        let mut parts = 0;
+        let mut sent = 0;
+        while sent < size {
+            let n = std::future::poll_fn(|cx| {
+                Pin::new(&mut w).poll_write(cx, flight.get(sent..).unwrap_or_default())
+            });
+            let n = match tokio::time::timeout(Duration::from_millis(200), n).await {
+                Ok(r) => r.unwrap(),
+                Err(_) => {
+                    // The socket is full: let the peer read some, then go on.
+                    let mut b = vec![0u8; 1024];
+                    let _ = peer.read(&mut b).await.unwrap();
+                    continue;
+                }
+            };
+            parts += 1;
+            sent += n;
+        }
+        assert_eq!(w.held(), 0, "a continuation was held back");
+        let mut got = 0;
+        let mut b = vec![0u8; 4096];
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(300), peer.read(&mut b)).await
+        {
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        assert!(parts >= 2, "the flight went out whole: nothing was checked");
+        assert!(got > 0);
     }
 
     #[tokio::test]
