@@ -326,12 +326,14 @@ fn start_dovecot() -> Dovecot {
     let conf_path = dir.join("dovecot.conf");
     std::fs::write(&conf_path, conf).unwrap();
     let bin = which("dovecot").unwrap();
-    // Dovecot runs in the foreground under a shell that kills it when this test process ends.
+    // Dovecot runs in the foreground under a shell that kills it when this test process ends,
+    // then removes its directory (mailboxes and all), which nothing else would.
     let script = format!(
-        "{} -F -c {} & D=$!; while kill -0 {} 2>/dev/null && kill -0 $D 2>/dev/null; do sleep 1; done; kill $D 2>/dev/null; wait $D",
+        "{} -F -c {} & D=$!; while kill -0 {} 2>/dev/null && kill -0 $D 2>/dev/null; do sleep 1; done; kill $D 2>/dev/null; wait $D; rm -rf '{}'",
         bin.display(),
         conf_path.display(),
-        std::process::id()
+        std::process::id(),
+        dir.display()
     );
     let mut child = Command::new("sh")
         .arg("-c")
