@@ -546,8 +546,7 @@ scan_listener() {
   else
     check_ok "$label: resumption with the server's ticket: $(grep -E '^(New|Reused),' <<<"$second" | head -n 1 | cut -d, -f1); $(grep -i 'early data' <<<"$second" | head -n 1)"
   fi
-  # A client that sends early data anyway: a fresh ticket (tickets are single-use) with
-  # max_early_data forced up.
+  # A client that sends early data anyway: a fresh ticket with max_early_data forced up.
   rm -f "$sess"
   (printf 'n2 NOOP\r\n'; sleep 1) | timeout 20 openssl s_client -connect "$HOST:$port" \
     "${st[@]}" -servername "$SERVER_NAME" -CAfile "$CA" \

@@ -245,6 +245,64 @@ async fn tickets_come_with_the_first_reply_and_the_next_connection_resumes() {
 }
 
 #[tokio::test]
+async fn a_ticket_still_resumes_after_hundreds_of_other_clients() {
+    // An organisation's clients reconnect all day: a ticket must not depend on a small
+    // server-side cache that the next few hundred handshakes push it out of.
+    let Some(t) = TestGateway::start().await else {
+        return;
+    };
+    use rustls::pki_types::ServerName;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    async fn handshake(
+        addr: std::net::SocketAddr,
+        connector: tokio_rustls::TlsConnector,
+    ) -> Option<rustls::HandshakeKind> {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let tls = connector.connect(name, tcp).await.unwrap();
+        let kind = tls.get_ref().1.handshake_kind();
+        let mut tls = tokio::io::BufReader::new(tls);
+        let mut line = String::new();
+        let within = Duration::from_secs(10);
+        tokio::time::timeout(within, tls.read_line(&mut line))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(line.starts_with("* OK"), "{line}");
+        // The tickets travel with the first reply.
+        tls.get_mut().write_all(b"a NOOP\r\n").await.unwrap();
+        line.clear();
+        tokio::time::timeout(within, tls.read_line(&mut line))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(line, "a OK NOOP completed\r\n");
+        kind
+    }
+    let addr = t.imaps();
+    let ours = client_tls(&t.pki.ca_der, &[b"imap"]);
+    assert_eq!(
+        handshake(addr, ours.clone()).await,
+        Some(rustls::HandshakeKind::Full)
+    );
+    // 300 other clients, each with its own session cache (a full handshake each), 10 at a time.
+    for _ in 0..30 {
+        let mut others = tokio::task::JoinSet::new();
+        for _ in 0..10 {
+            others.spawn(handshake(addr, client_tls(&t.pki.ca_der, &[b"imap"])));
+        }
+        while let Some(kind) = others.join_next().await {
+            assert_eq!(kind.unwrap(), Some(rustls::HandshakeKind::Full));
+        }
+    }
+    assert_eq!(
+        handshake(addr, ours).await,
+        Some(rustls::HandshakeKind::Resumed),
+        "the ticket no longer resumes"
+    );
+}
+
+#[tokio::test]
 async fn alpn_without_imap_is_refused_alpaca() {
     let Some(t) = TestGateway::start().await else {
         return;
