@@ -122,6 +122,39 @@ pub fn tagged_ok_caps(tag: &Tag<'_>, caps: &[Capability<'static>], text: &'stati
     usual_spelling(tagged_code(tag, StatusKind::Ok, caps_code(caps), text))
 }
 
+/// The login's `tag OK [CAPABILITY …] Logged in`, encoded once per capability list: a backend
+/// answers every login with the same list, so only the tag changes from one login to the next.
+#[derive(Debug)]
+pub struct LoginOk {
+    /// Everything after the tag (` OK [CAPABILITY …] Logged in\r\n`), or `None` when the
+    /// reply could not be encoded and `fallback` (an untagged BAD) is all there is to say.
+    after_tag: Option<Vec<u8>>,
+    fallback: Vec<u8>,
+}
+
+impl LoginOk {
+    pub fn new(caps: &[Capability<'static>]) -> LoginOk {
+        const TAG: &[u8] = b"x";
+        let line = tagged_ok_caps(&Tag::unvalidated("x"), caps, "Logged in");
+        LoginOk {
+            after_tag: line.strip_prefix(TAG).map(<[u8]>::to_vec),
+            fallback: line,
+        }
+    }
+
+    /// The reply to the login tagged `tag` (a valid tag is its own encoding).
+    pub fn for_tag(&self, tag: &Tag<'_>) -> Vec<u8> {
+        let Some(after_tag) = &self.after_tag else {
+            return self.fallback.clone();
+        };
+        let tag = AsRef::<str>::as_ref(tag).as_bytes();
+        let mut line = Vec::with_capacity(tag.len() + after_tag.len());
+        line.extend_from_slice(tag);
+        line.extend_from_slice(after_tag);
+        line
+    }
+}
+
 fn tagged_code(
     tag: &Tag<'_>,
     kind: StatusKind,
@@ -198,5 +231,23 @@ mod tests {
         );
         assert_eq!(sasl_challenge(b""), b"+ \r\n");
         assert_eq!(continuation("go ahead"), b"+ go ahead\r\n");
+    }
+
+    #[test]
+    fn login_ok_made_once_is_the_reply_encoded_for_each_tag() {
+        let caps = capabilities(["IMAP4rev1", "IDLE", "X-A+B"]);
+        let ok = LoginOk::new(&caps);
+        for t in ["a", "A0001", "x", "t.a-g]", "9"] {
+            let tag = Tag::try_from(t).unwrap();
+            assert_eq!(
+                ok.for_tag(&tag),
+                tagged_ok_caps(&tag, &caps, "Logged in"),
+                "{t}"
+            );
+        }
+        assert_eq!(
+            ok.for_tag(&Tag::try_from("a1").unwrap()),
+            b"a1 OK [CAPABILITY IMAP4rev1 IDLE X-A+B] Logged in\r\n"
+        );
     }
 }

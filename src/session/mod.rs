@@ -279,7 +279,7 @@ impl Session {
         )
         .with_oauth(self.shared.oauth.is_some());
         let conn = if implicit {
-            match self.handshake(tcp, Some(&sm.greeting())).await {
+            match self.handshake(tcp, Some(sm.greeting())).await {
                 Some(c) => c,
                 None => return,
             }
@@ -324,7 +324,7 @@ impl Session {
         deadline: Instant,
         greeted: bool,
     ) -> Option<RelayParts> {
-        if !greeted && !self.write(&mut conn, &sm.greeting(), deadline).await {
+        if !greeted && !self.write(&mut conn, sm.greeting(), deadline).await {
             return None;
         }
         // Reads may carry a password: wipe the buffer when the session is done with it.
@@ -596,7 +596,7 @@ impl Session {
         let name = backend.config.name.clone();
         let up_started = Instant::now();
         match backend.open(&identity.upstream_user, self.peer).await {
-            Ok((conn, caps, backend_extra)) => {
+            Ok((conn, login_ok, backend_extra)) => {
                 m.upstream_logins.with_label_values(&[&name, "ok"]).inc();
                 m.upstream_login_seconds
                     .with_label_values(&[&name])
@@ -614,7 +614,7 @@ impl Session {
                     identity.mfa,
                 );
                 tracing::info!(user = %identity.user, backend = %name, "logged in");
-                let (ok, pipelined) = sm.auth_succeeded(&req.tag, &caps);
+                let (ok, pipelined) = sm.auth_succeeded(&req.tag, &login_ok);
                 LoginEnd::Relay {
                     conn,
                     ok,

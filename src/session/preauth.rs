@@ -147,9 +147,18 @@ impl PreAuth {
         }
     }
 
-    /// `* OK [CAPABILITY …] ready`.
-    pub fn greeting(&self) -> Vec<u8> {
-        imap::greeting(&self.capabilities())
+    /// `* OK [CAPABILITY …] ready`: one of three fixed lines, encoded once per process.
+    pub fn greeting(&self) -> &'static [u8] {
+        use std::sync::OnceLock;
+        static WITH_OAUTH: OnceLock<Vec<u8>> = OnceLock::new();
+        static TLS: OnceLock<Vec<u8>> = OnceLock::new();
+        static BEFORE_TLS: OnceLock<Vec<u8>> = OnceLock::new();
+        let line = match (self.tls, self.oauth) {
+            (true, true) => &WITH_OAUTH,
+            (true, false) => &TLS,
+            (false, _) => &BEFORE_TLS,
+        };
+        line.get_or_init(|| imap::greeting(&self.capabilities()))
     }
 
     pub fn is_tls(&self) -> bool {
@@ -213,13 +222,8 @@ impl PreAuth {
 
     /// Login done: the tagged OK with the backend's capabilities, and the bytes the client
     /// pipelined behind its login, to forward in order (invariant 3).
-    pub fn auth_succeeded(
-        mut self,
-        tag: &Tag<'_>,
-        caps: &[Capability<'static>],
-    ) -> (Vec<u8>, BytesMut) {
-        let ok = imap::tagged_ok_caps(tag, caps, "Logged in");
-        (ok, self.framer.take_remaining())
+    pub fn auth_succeeded(mut self, tag: &Tag<'_>, ok: &imap::LoginOk) -> (Vec<u8>, BytesMut) {
+        (ok.for_tag(tag), self.framer.take_remaining())
     }
 
     /// A `* BYE` for shutdown or timeouts; the session ends.

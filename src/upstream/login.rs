@@ -309,7 +309,9 @@ impl UpstreamLogin {
                 GreetingKind::Bye => return Some(UpStep::Fail(LoginError::Bye)),
                 GreetingKind::Ok => {}
             }
-            if let Some(Code::Capability(caps)) = &greeting.code {
+            // Only STARTTLS looks at the capabilities before login (the login's OK brings the
+            // ones that count).
+            if let (true, Some(Code::Capability(caps))) = (self.starttls, &greeting.code) {
                 self.caps = names(caps.as_ref());
             }
             self.after_greeting();

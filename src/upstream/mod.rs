@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use imap_codec::imap_types::response::Capability;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -54,6 +53,9 @@ impl UpstreamError {
 pub struct Backend {
     pub config: BackendConfig,
     tls: Option<(TlsConnector, rustls_pki_types::ServerName<'static>)>,
+    /// The last capability list this backend answered a login with, and the client's reply
+    /// made from it (the list rarely changes; a new one replaces it).
+    login_ok: std::sync::Mutex<Option<(Vec<String>, Arc<imap::LoginOk>)>>,
 }
 
 impl Backend {
@@ -65,7 +67,27 @@ impl Backend {
                 tls::backend_server_name(&config)?,
             )),
         };
-        Ok(Self { config, tls })
+        Ok(Self {
+            config,
+            tls,
+            login_ok: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// The client's login reply for the capabilities the backend announced after login.
+    fn login_ok(&self, backend_caps: Vec<String>) -> Arc<imap::LoginOk> {
+        let mut memo = self.login_ok.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((caps, ok)) = memo.as_ref() {
+            if *caps == backend_caps {
+                return ok.clone();
+            }
+        }
+        let visible = login::client_capabilities(&backend_caps);
+        let ok = Arc::new(imap::LoginOk::new(&imap::capabilities(
+            visible.iter().map(String::as_str),
+        )));
+        *memo = Some((backend_caps, ok.clone()));
+        ok
     }
 
     async fn connect_tcp(&self) -> Result<TcpStream, UpstreamError> {
@@ -102,13 +124,13 @@ impl Backend {
         Ok(Conn::Tls(Box::new(tokio_rustls::TlsStream::Client(s))))
     }
 
-    /// Connects and logs in as `user`; returns the stream, the client-visible capabilities and
-    /// any bytes the backend sent past its final OK.
+    /// Connects and logs in as `user`; returns the stream, the client's login reply (with the
+    /// capabilities the client may see) and any bytes the backend sent past its final OK.
     pub async fn open(
         &self,
         user: &str,
         client: SocketAddr,
-    ) -> Result<(Conn, Vec<Capability<'static>>, BytesMut), UpstreamError> {
+    ) -> Result<(Conn, Arc<imap::LoginOk>, BytesMut), UpstreamError> {
         let mut machine = UpstreamLogin::new(&self.config, user, client)?;
         let tcp = self.connect_tcp().await?;
         let dialogue = async {
@@ -144,9 +166,7 @@ impl Backend {
                         machine.tls_started();
                     }
                     UpStep::Done(caps) => {
-                        let visible = login::client_capabilities(&caps);
-                        let caps = imap::capabilities(visible.iter().map(String::as_str));
-                        return Ok((conn, caps, machine.take_remaining()));
+                        return Ok((conn, self.login_ok(caps), machine.take_remaining()));
                     }
                     UpStep::Fail(e) => return Err(e.into()),
                 }

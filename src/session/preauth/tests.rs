@@ -85,7 +85,7 @@ fn login_and_plain_produce_attempts_and_pipelined_bytes_survive() {
     assert_eq!(user, "Alice");
     assert!(password.ct_eq(b"p w"));
     let caps = crate::imap::capabilities(["IMAP4rev1", "IDLE"]);
-    let (ok, rest) = sm.auth_succeeded(&req.tag, &caps);
+    let (ok, rest) = sm.auth_succeeded(&req.tag, &crate::imap::LoginOk::new(&caps));
     assert_eq!(ok, b"a OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n");
     assert_eq!(&rest[..], b"b SELECT INBOX\r\n");
 }
@@ -229,7 +229,7 @@ fn the_number_of_preauth_commands_is_capped() {
 #[test]
 fn token_mechanisms_only_when_configured_and_the_error_challenge_flow() {
     let plain_only = PreAuth::new(limits(), false, true);
-    assert!(!String::from_utf8(plain_only.greeting())
+    assert!(!String::from_utf8(plain_only.greeting().to_vec())
         .unwrap()
         .contains("XOAUTH2"));
     let mut sm = PreAuth::new(limits(), false, true);
@@ -240,7 +240,7 @@ fn token_mechanisms_only_when_configured_and_the_error_challenge_flow() {
     assert_eq!(out, "a NO Unsupported mechanism\r\n");
 
     let mut sm = PreAuth::new(limits(), false, true).with_oauth(true);
-    assert!(String::from_utf8(sm.greeting())
+    assert!(String::from_utf8(sm.greeting().to_vec())
         .unwrap()
         .contains("AUTH=XOAUTH2 AUTH=OAUTHBEARER"));
     // base64("user=a\x01auth=Bearer t\x01\x01")
