@@ -2,7 +2,11 @@
 //! sessions against any IMAP-over-TLS server — direct Dovecot, the nginx mail proxy or imapgate
 //! — so that `bench/run.sh` measures all three on the same work. One JSON object per run on
 //! stdout. With `--pid`, it also reads that server process's CPU time and resident memory from
-//! /proc before and after (the proxy's own cost).
+//! /proc before and after (the proxy's own cost; the process and its children).
+//!
+//! `idle` also takes several servers (`--addr A,B --pid P,Q`): sessions are spread over them
+//! round-robin and the processes' figures added up (replicas, for a session count one process
+//! may not hold under its open-files limit).
 //!
 //! Loopback only: it refuses any address that is not 127.0.0.0/8 or ::1.
 //!
@@ -35,6 +39,8 @@ use client::{connector, read_users, Conn};
 struct Args {
     mode: String,
     addr: SocketAddr,
+    /// Every `--addr` (idle spreads its sessions over them); `addr` is the first.
+    addrs: Vec<SocketAddr>,
     ca: String,
     users: Vec<(String, String)>,
     concurrency: usize,
@@ -43,7 +49,7 @@ struct Args {
     count: usize,
     sessions: usize,
     hold: f64,
-    pid: Option<u32>,
+    pids: Vec<u32>,
     label: String,
     /// `--mech xoauth2`: the users file holds `user token` lines; log in with XOAUTH2.
     xoauth2: bool,
@@ -55,6 +61,7 @@ fn parse_args() -> Args {
     let mut a = Args {
         mode,
         addr: "127.0.0.1:993".parse().unwrap(),
+        addrs: Vec::new(),
         ca: String::new(),
         users: Vec::new(),
         concurrency: 8,
@@ -63,14 +70,20 @@ fn parse_args() -> Args {
         count: 2000,
         sessions: 2000,
         hold: 10.0,
-        pid: None,
+        pids: Vec::new(),
         label: String::new(),
         xoauth2: false,
     };
     while let Some(flag) = it.next() {
         let v = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
         match flag.as_str() {
-            "--addr" => a.addr = v.parse().expect("--addr IP:PORT"),
+            "--addr" => {
+                a.addrs = v
+                    .split(',')
+                    .map(|x| x.parse().expect("--addr IP:PORT[,IP:PORT…]"))
+                    .collect();
+                a.addr = a.addrs[0];
+            }
             "--ca" => a.ca = v,
             "--users" => a.users = read_users(&v),
             "--concurrency" => a.concurrency = v.parse().unwrap(),
@@ -79,7 +92,7 @@ fn parse_args() -> Args {
             "--count" => a.count = v.parse().unwrap(),
             "--sessions" => a.sessions = v.parse().unwrap(),
             "--hold" => a.hold = v.parse().unwrap(),
-            "--pid" => a.pid = Some(v.parse().unwrap()),
+            "--pid" => a.pids = v.split(',').map(|x| x.parse().unwrap()).collect(),
             "--label" => a.label = v,
             "--mech" => {
                 a.xoauth2 = match v.as_str() {
@@ -91,8 +104,11 @@ fn parse_args() -> Args {
             other => panic!("unknown flag {other}"),
         }
     }
+    if a.addrs.is_empty() {
+        a.addrs.push(a.addr);
+    }
     assert!(
-        a.addr.ip().is_loopback(),
+        a.addrs.iter().all(|x| x.ip().is_loopback()),
         "loadgen talks to loopback addresses only"
     );
     assert!(!a.users.is_empty(), "--users: no `user password` lines");
@@ -101,8 +117,10 @@ fn parse_args() -> Args {
 
 /// CPU seconds (user + system) and resident bytes of a process and all its descendants, from
 /// /proc (nginx and Dovecot do their work in child processes).
-fn proc_usage(pid: Option<u32>) -> Option<(f64, u64)> {
-    let root = pid?;
+fn proc_usage(pids: &[u32]) -> Option<(f64, u64)> {
+    if pids.is_empty() {
+        return None;
+    }
     let mut parent = std::collections::HashMap::new();
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
         let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
@@ -114,7 +132,7 @@ fn proc_usage(pid: Option<u32>) -> Option<(f64, u64)> {
     }
     let in_tree = |mut p: u32| {
         for _ in 0..64 {
-            if p == root {
+            if pids.contains(&p) {
                 return true;
             }
             match parent.get(&p) {
@@ -164,7 +182,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn emit(a: &Args, fields: serde_json::Value) {
-    let mut o = serde_json::json!({ "mode": a.mode, "label": a.label, "addr": a.addr.to_string() });
+    let addrs: Vec<String> = a.addrs.iter().map(ToString::to_string).collect();
+    let mut o = serde_json::json!({ "mode": a.mode, "label": a.label, "addr": addrs.join(",") });
     if let (Some(m), serde_json::Value::Object(extra)) = (o.as_object_mut(), fields) {
         m.extend(extra);
     }
@@ -176,8 +195,12 @@ fn emit(a: &Args, fields: serde_json::Value) {
 async fn warm_up(a: &Args, tls: &TlsConnector) {
     let sem = Arc::new(tokio::sync::Semaphore::new(a.concurrency.max(1)));
     let mut tasks = Vec::new();
-    for (user, pw) in a.users.clone() {
-        let (tls, sem, addr, xoauth2) = (tls.clone(), sem.clone(), a.addr, a.xoauth2);
+    let every = a
+        .addrs
+        .iter()
+        .flat_map(|&addr| a.users.iter().map(move |u| (addr, u.clone())));
+    for (addr, (user, pw)) in every {
+        let (tls, sem, xoauth2) = (tls.clone(), sem.clone(), a.xoauth2);
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await.unwrap();
             if let Ok(mut c) = Conn::open(addr, &tls).await {
@@ -195,7 +218,7 @@ async fn logins(a: &Args, tls: TlsConnector) {
     warm_up(a, &tls).await;
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
-    let before = proc_usage(a.pid);
+    let before = proc_usage(&a.pids);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..a.concurrency {
@@ -238,7 +261,7 @@ async fn logins(a: &Args, tls: TlsConnector) {
         lat.extend(t.await.unwrap());
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let after = proc_usage(a.pid);
+    let after = proc_usage(&a.pids);
     lat.sort_by(|x, y| x.partial_cmp(y).unwrap());
     let n = lat.len() as f64;
     let cpu_ms_per_login = match (before, after) {
@@ -267,7 +290,7 @@ async fn fetch(a: &Args, tls: TlsConnector) {
     let mut rates = Vec::new();
     let mut cpu = Vec::new();
     for r in 0..a.rounds {
-        let before = proc_usage(a.pid);
+        let before = proc_usage(&a.pids);
         let start_bytes = c.received;
         let t = Instant::now();
         c.cmd(&format!("f{r}"), "FETCH 1:* BODY.PEEK[]")
@@ -276,7 +299,7 @@ async fn fetch(a: &Args, tls: TlsConnector) {
         let secs = t.elapsed().as_secs_f64();
         let mb = (c.received - start_bytes) as f64 / 1e6;
         rates.push(mb / secs);
-        if let (Some((c0, _)), Some((c1, _))) = (before, proc_usage(a.pid)) {
+        if let (Some((c0, _)), Some((c1, _))) = (before, proc_usage(&a.pids)) {
             cpu.push((c1 - c0) * 1000.0 / mb);
         }
     }
@@ -325,14 +348,15 @@ async fn idle(a: &Args, tls: TlsConnector) {
     // good (caches, argon2's working memory), and the growth is the sessions' own.
     warm_up(a, &tls).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = proc_usage(a.pid);
+    let before = proc_usage(&a.pids);
     let sem = Arc::new(tokio::sync::Semaphore::new(a.concurrency.max(1)));
     let errors = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     let started = Instant::now();
     for i in 0..a.sessions {
         let (user, pw) = a.users[i % a.users.len()].clone();
-        let (tls, sem, errors, addr) = (tls.clone(), sem.clone(), errors.clone(), a.addr);
+        let addr = a.addrs[i % a.addrs.len()];
+        let (tls, sem, errors) = (tls.clone(), sem.clone(), errors.clone());
         let xoauth2 = a.xoauth2;
         tasks.push(tokio::spawn(async move {
             let permit = sem.acquire_owned().await.unwrap();
@@ -369,9 +393,9 @@ async fn idle(a: &Args, tls: TlsConnector) {
     let setup = started.elapsed().as_secs_f64();
     // Let the server settle, then measure memory and CPU while everyone idles.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let settled = proc_usage(a.pid);
+    let settled = proc_usage(&a.pids);
     tokio::time::sleep(Duration::from_secs_f64(a.hold)).await;
-    let held = proc_usage(a.pid);
+    let held = proc_usage(&a.pids);
     let n = conns.len();
     let per_session = match (before, settled) {
         (Some((_, r0)), Some((_, r1))) if n > 0 => Some((r1.saturating_sub(r0)) as f64 / n as f64),

@@ -75,6 +75,14 @@ def main():
     table = "\n".join(lines)
     print(table)
     machine = dict(kv.split("=", 1) for kv in meta)
+    # Replicas in the idle run (bench/run.sh starts them when one process may not hold the
+    # sessions under the open-files limit): the idle figures above are their sums and averages.
+    for r in groups.get(("idle", None, "imapgate"), []):
+        n = len(r.get("addr", "").split(","))
+        if n > 1:
+            print(f"\nimapgate's idle sessions were spread over {n} processes (open-files limit "
+                  f"{machine.get('fd_hard_limit', '?')}); memory per session is their growth added "
+                  f"up, divided by the sessions held.")
     out = {
         "machine": machine,
         "figures": [{"figure": n, "unit": u, "higher_is_better": h, "values": v}

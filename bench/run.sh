@@ -18,7 +18,9 @@
 #     logins (AUTHENTICATE XOAUTH2) through the warm imapgate.
 # Figures: logins/s (password, and for imapgate also OAuth) at 8 and 64 clients with p50/p99 and the proxy's CPU per login; bulk FETCH
 # MB/s and CPU per MB; NOOP round-trip p50/p99; N idle sessions (IDLE) with the proxy's memory
-# per session and CPU while idle. A table with ratios to Dovecot and to nginx goes to stdout,
+# per session and CPU while idle. When the hard open-files limit keeps one imapgate process
+# from holding N sessions (two descriptors each), the idle run spreads them over replicas of
+# the warm gateway and adds up their figures (nginx, with two workers, is two processes too). A table with ratios to Dovecot and to nginx goes to stdout,
 # every raw result to the JSON file (default target/bench/results.json).
 #
 # Needs root (Dovecot), cargo, python3; installs missing Debian packages behind policy-rc.d.
@@ -86,10 +88,20 @@ cleanup() {
 }
 trap cleanup EXIT
 
-mapfile -t PORTS < <(free_ports 12)
+mapfile -t PORTS < <(free_ports 16)
 DV_PLAIN=${PORTS[0]} DV_TLS=${PORTS[1]} NGX=${PORTS[2]} NGX_HTTP=${PORTS[3]}
 GW=${PORTS[4]} GW_ADMIN=${PORTS[5]} GWC=${PORTS[6]} GWC_ADMIN=${PORTS[7]} GWT=${PORTS[8]}
 GWT_ADMIN=${PORTS[9]} GWB=${PORTS[10]} GWB_ADMIN=${PORTS[11]}
+# Replicas of the warm gateway for the idle run, when one process may not hold --sessions:
+# a relayed session holds two descriptors (client and Dovecot), and where the hard open-files
+# limit is below twice the sessions (this sandbox: 20000, and no CAP_SYS_RESOURCE to raise
+# it) the sessions are spread over replicas, as a deployment would, and their figures added.
+FD_HARD="$(ulimit -Hn)"
+GW_REPLICAS=1
+if [ "$FD_HARD" != unlimited ]; then
+  GW_REPLICAS=$(((2 * SESSIONS + 200 + FD_HARD - 1) / FD_HARD))
+fi
+[ "$GW_REPLICAS" -le 3 ] || die "--sessions $SESSIONS needs $GW_REPLICAS gateway processes under an open-files limit of $FD_HARD (at most 3 here)"
 
 step "PKI and users"
 make_test_pki "$WORK/tls"
@@ -312,17 +324,28 @@ done
 for p in "$GW" "$GWC" "$GWT"; do
   wait_for_port 127.0.0.1 "$p" 30 || die "imapgate did not start on $p: $(cat "$WORK"/gw*.log)"
 done
+IDLE_GW_PORTS="$GW" IDLE_GW_PIDS="$GW_PID"
+for i in $(seq 2 "$GW_REPLICAS"); do
+  port=${PORTS[$((8 + 2 * i))]} admin=${PORTS[$((9 + 2 * i))]}
+  gw_config warm "$port" "$admin" 5m none "$DV_PLAIN" |
+    sed "s#warm-audit.log#warm$i-audit.log#" >"$WORK/gw$i.yaml"
+  "$BIN" run -c "$WORK/gw$i.yaml" >"$WORK/gw$i.log" 2>&1 &
+  PIDS+=("$!")
+  IDLE_GW_PORTS+=",$port" IDLE_GW_PIDS+=",$!"
+  wait_for_port 127.0.0.1 "$port" 30 || die "imapgate replica $i did not start: $(cat "$WORK/gw$i.log")"
+done
+[ "$GW_REPLICAS" -eq 1 ] || log "idle run: $SESSIONS sessions over $GW_REPLICAS imapgate processes (ports $IDLE_GW_PORTS) under an open-files limit of $FD_HARD"
 # shellcheck disable=SC2153 # set by eval above
 log "pids: dovecot $DV_PID, nginx $NGX_PID, imapgate $GW_PID (cold $GWC_PID, tls upstream $GWT_PID)"
 
 mkdir -p "$(dirname "$OUT")"
 RAW="$WORK/raw.jsonl"
 : >"$RAW"
-run() { # LABEL PORT USERS PID MODE ARGS...
+run() { # LABEL PORT[,PORT…] USERS PID[,PID…] MODE ARGS...
   local label="$1" port="$2" users="$3" pid="$4" mode="$5"
   shift 5
-  "$LOADGEN" "$mode" --label "$label" --addr "127.0.0.1:$port" --ca "$CA" --users "$users" \
-    --pid "$pid" "$@" | tee -a "$RAW"
+  "$LOADGEN" "$mode" --label "$label" --addr "$(sed 's/[0-9][0-9]*/127.0.0.1:&/g' <<<"$port")" \
+    --ca "$CA" --users "$users" --pid "$pid" "$@" | tee -a "$RAW"
 }
 
 # perf_summary DATA: where the time went, by shared object, then the top symbols.
@@ -402,7 +425,7 @@ fi
 step "idle sessions: $SESSIONS per target"
 run dovecot "$DV_TLS" "$WORK/direct.txt" "$DV_PID" idle --sessions "$SESSIONS" --concurrency 64 --hold 10
 run nginx "$NGX" "$WORK/direct.txt" "$NGX_PID" idle --sessions "$SESSIONS" --concurrency 64 --hold 10
-run imapgate "$GW" "$WORK/gateway.txt" "$GW_PID" idle --sessions "$SESSIONS" --concurrency 64 --hold 10
+run imapgate "$IDLE_GW_PORTS" "$WORK/gateway.txt" "$IDLE_GW_PIDS" idle --sessions "$SESSIONS" --concurrency 64 --hold 10
 
 step "measuring: $ROUNDS round(s), targets interleaved"
 for r in $(seq 1 "$ROUNDS"); do
@@ -431,4 +454,5 @@ python3 "$REPO/bench/report.py" "$RAW" "$OUT" \
   "cpus=$(nproc)" "model=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)" \
   "mem_gib=$(awk '/MemTotal/ { printf "%.0f", $2 / 1048576 }' /proc/meminfo)" \
   "quick=$QUICK" "messages=$MESSAGES" "sessions=$SESSIONS" "rounds=$ROUNDS" \
+  "fd_hard_limit=$FD_HARD" "idle_gateway_processes=$GW_REPLICAS" \
   "dovecot=$(dovecot --version 2>/dev/null | head -1)" "nginx=$(nginx -v 2>&1 | sed 's/.*nginx\///')"
