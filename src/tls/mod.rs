@@ -232,9 +232,9 @@ impl ServerTls {
         // client sends is read before the handshake completes. No 0-RTT: see above.
         config.send_half_rtt_data = true;
         // Stateless session tickets (RFC 5077 construction, keys random per process, rotated
-        // every 6 hours, tickets valid 12): a reconnecting client resumes however many others
-        // connected meanwhile, where rustls's default server-side cache (256 sessions) forgets
-        // it after a hundred or so handshakes. Resumption still runs an ECDHE exchange
+        // every 6 hours, tickets valid 12 hours): a reconnecting client resumes however many
+        // others connected meanwhile, where rustls's default server-side cache (256 sessions)
+        // forgets it after a hundred or so handshakes. Resumption still runs an ECDHE exchange
         // (psk_dhe_ke), so a ticket key leak does not open recorded sessions. One ticket per
         // connection: each reconnect brings the next, and a mail client opening several
         // connections gets one with each.
