@@ -324,6 +324,7 @@ done
 for p in "$GW" "$GWC" "$GWT"; do
   wait_for_port 127.0.0.1 "$p" 30 || die "imapgate did not start on $p: $(cat "$WORK"/gw*.log)"
 done
+# shellcheck disable=SC2153 # GW_PID is set by eval above
 IDLE_GW_PORTS="$GW" IDLE_GW_PIDS="$GW_PID"
 for i in $(seq 2 "$GW_REPLICAS"); do
   port=${PORTS[$((8 + 2 * i))]} admin=${PORTS[$((9 + 2 * i))]}
@@ -344,7 +345,7 @@ RAW="$WORK/raw.jsonl"
 run() { # LABEL PORT[,PORT…] USERS PID[,PID…] MODE ARGS...
   local label="$1" port="$2" users="$3" pid="$4" mode="$5"
   shift 5
-  "$LOADGEN" "$mode" --label "$label" --addr "$(sed 's/[0-9][0-9]*/127.0.0.1:&/g' <<<"$port")" \
+  "$LOADGEN" "$mode" --label "$label" --addr "127.0.0.1:${port//,/,127.0.0.1:}" \
     --ca "$CA" --users "$users" --pid "$pid" "$@" | tee -a "$RAW"
 }
 
