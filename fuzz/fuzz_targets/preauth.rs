@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
     let mut sm =
         PreAuth::new(LIMITS, starttls_listener, !starttls_listener).with_oauth(mode & 2 == 2);
     let mut tls = !starttls_listener;
-    check_reply(&sm.greeting());
+    check_reply(sm.greeting());
     let mut rng = u32::from(*seed) | 0x100;
     let mut rest = input;
     let mut steps = 0u32;
@@ -86,7 +86,12 @@ fuzz_target!(|data: &[u8]| {
                     2 => sm.auth_unavailable(&req.tag),
                     3 => sm.too_many_sessions(&req.tag),
                     _ => {
-                        let (ok, pipelined) = sm.auth_succeeded(&req.tag, &[]);
+                        // The login reply is made once per capability list, then tagged.
+                        let reply = imapgate::imap::LoginOk::new(&imapgate::imap::capabilities([
+                            "IMAP4rev1",
+                            "IDLE",
+                        ]));
+                        let (ok, pipelined) = sm.auth_succeeded(&req.tag, &reply);
                         check_reply(&ok);
                         // Whatever the client pipelined is handed on intact, never more than
                         // it sent.
