@@ -11,6 +11,9 @@
 //! - `tls`: client-facing rustls config (SNI, ALPN policy), backend TLS, the `Conn` stream.
 //! - `imap`: bounded framing, imap-codec decoding, encoded replies.
 //! - `session`: per-connection driver; the pre-auth state machine; the relay.
+//! - `login`: one login attempt from credential to a ready backend session (guard → check →
+//!   record → delay → per-user slot → route → upstream login), with its one audit record.
+//! - `net`: which addresses count as one client network or source.
 //! - `auth`: the `Authenticator` seam, users file, app passwords (argon2id), SASL PLAIN.
 //! - `guard`: the decision before every credential check (brute-force defence seam).
 //! - `state`: the shared `Store` (memory now; Redis later).
@@ -24,6 +27,8 @@ pub mod cli;
 pub mod config;
 pub mod guard;
 pub mod imap;
+pub mod login;
+pub mod net;
 pub mod observe;
 pub mod secret;
 pub mod server;

@@ -73,6 +73,10 @@ pub struct Attempt {
     /// Set by the authenticator when an app password matched, also if the attempt then fails
     /// (a wrong TOTP code): the audit log names it, so the leaked one can be revoked.
     pub matched_credential: std::sync::OnceLock<String>,
+    /// The account is in attack mode and this network is not known-good for it (the guard's
+    /// `RequireCode`): only an app password with a fresh, never-used TOTP code logs in; unlock
+    /// windows do not count, code-less logins and accounts without TOTP are refused.
+    pub require_code: bool,
 }
 
 /// Why an attempt failed (never shown to the client).
@@ -100,6 +104,10 @@ pub enum FailureReason {
     CodeReplayed,
     /// The shared state could not be consulted (fail closed).
     StateUnavailable,
+    /// Attack mode from an unknown network, and no fresh code (or no TOTP enrolled).
+    AttackMode,
+    /// The app password was marked suspect (too many wrong codes) and is not unlocked here.
+    SuspectAppPassword,
     /// The bearer token was refused.
     Token(oauth::OAuthError),
     /// A token mechanism was used but no issuer is configured.
@@ -122,6 +130,8 @@ impl FailureReason {
             FailureReason::StaleCode => "stale_code",
             FailureReason::CodeReplayed => "code_replayed",
             FailureReason::StateUnavailable => "state_unavailable",
+            FailureReason::AttackMode => "attack_mode",
+            FailureReason::SuspectAppPassword => "suspect_app_password",
             FailureReason::Token(e) => e.as_str(),
             FailureReason::OAuthNotConfigured => "oauth_not_configured",
         }

@@ -432,6 +432,14 @@ impl Authenticator for CredentialStore {
             self.dummy().await;
             return Outcome::Failure(FailureReason::BadName);
         };
+        if attempt.require_code
+            && split_password(password, self.mfa.code_digits).is_none_or(|(_, c)| c.is_none())
+        {
+            // Attack mode from an unknown network: a code-less login cannot pass, whoever
+            // sends it, so it is refused before any lookup or hash (the floor hides the
+            // difference in time).
+            return Outcome::Failure(FailureReason::AttackMode);
+        }
         let Some((file, secrets)) = self.snapshot() else {
             return Outcome::Failure(FailureReason::StateUnavailable);
         };
@@ -528,10 +536,14 @@ impl Authenticator for CredentialStore {
             MfaMode::Optional => secret.is_some(),
             MfaMode::Required => true,
         };
-        if !needed {
+        if !needed && !attempt.require_code {
             return Outcome::Success(identity("none"));
         }
         let Some(secret) = secret else {
+            if attempt.require_code {
+                // Attack mode and no second factor to prove who this is.
+                return Outcome::Failure(FailureReason::AttackMode);
+            }
             return self.totp_failure(FailureReason::MfaNotEnrolled);
         };
         let scope = if self.mfa.unlock_bind_subnet {
@@ -550,15 +562,31 @@ impl Authenticator for CredentialStore {
                 .collect::<String>()
         };
         let unlock_key = format!("unlock:{name}:{}:{scope}:{enrolment}", ap.id);
-        if !self.mfa.unlock_ttl.is_zero() {
-            match self.state.get(&unlock_key).await {
-                Ok(Some(_)) => return Outcome::Success(identity("unlocked")),
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "state store unavailable for unlock lookup");
-                    return Outcome::Failure(FailureReason::StateUnavailable);
-                }
+        // One read: is this app password unlocked here, and has the guard marked it suspect
+        // (correct, but given too many wrong codes)?
+        let (unlocked, suspect) = match self
+            .state
+            .get_many(&[unlock_key.clone(), crate::state::suspect_key(&name, &ap.id)])
+            .await
+        {
+            Ok(v) => (
+                !self.mfa.unlock_ttl.is_zero() && v.first().is_some_and(Option::is_some),
+                v.get(1).is_some_and(Option::is_some),
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "state store unavailable for unlock lookup");
+                return Outcome::Failure(FailureReason::StateUnavailable);
             }
+        };
+        // In attack mode from an unknown network an unlock window does not count: only a
+        // fresh code does.
+        if unlocked && !attempt.require_code {
+            return Outcome::Success(identity("unlocked"));
+        }
+        if suspect {
+            // Someone else holds this app password: it keeps working only where its owner
+            // already unlocked it, and no code — not even a right one — unlocks it anew.
+            return self.totp_failure(FailureReason::SuspectAppPassword);
         }
         let Some(code) = code else {
             return self.totp_failure(FailureReason::CodeMissing);

@@ -66,6 +66,24 @@ pub(super) fn guard(cx: &mut Ctx, v: &Value) -> GuardConfig {
         d.per_token_ip,
         enforce,
     );
+    let per_token_subnet = budget(
+        cx,
+        g.per_token_subnet.as_ref(),
+        "guard.per_token_subnet",
+        d.per_token_subnet,
+        enforce,
+    );
+    let wrong_codes = budget(
+        cx,
+        g.wrong_codes.as_ref(),
+        "guard.wrong_codes",
+        d.wrong_codes,
+        enforce,
+    );
+    let suspect_for = cx.duration(g.suspect_for.as_ref(), "guard.suspect_for", d.suspect_for);
+    if suspect_for < Duration::from_secs(60) || suspect_for > KNOWN_GOOD_MAX {
+        cx.err("guard.suspect_for", "must be between 1m and 400d");
+    }
     let spray = match &g.spray {
         None => Budget { enforce, ..d.spray },
         Some(s) => budget(
@@ -120,6 +138,9 @@ pub(super) fn guard(cx: &mut Ctx, v: &Value) -> GuardConfig {
         per_subnet,
         per_account,
         per_token_ip,
+        per_token_subnet,
+        wrong_codes,
+        suspect_for,
         spray,
         known_good_ttl,
         tarpit_start,

@@ -73,7 +73,17 @@ pub mod defaults {
     /// Refused bearer tokens per client address before token attempts from it are refused
     /// unchecked (protects the identity provider's introspection endpoint).
     pub const PER_TOKEN_IP_FAILURES: u32 = 20;
+    /// Refused bearer tokens per subnet: a NAT's worth of clients with stale tokens.
+    pub const PER_TOKEN_SUBNET_FAILURES: u32 = 60;
     pub const FAILURE_WINDOW: Duration = Duration::from_secs(15 * 60);
+    /// A correct app password with a wrong code, per account, across every network and replica,
+    /// before that app password is marked suspect: 5 per hour leaves a 6-digit code (three
+    /// valid at a time) a 1-in-67,000 chance per hour, and no owner mistypes more often.
+    pub const WRONG_CODES: u32 = 5;
+    pub const WRONG_CODES_WINDOW: Duration = Duration::from_secs(3600);
+    /// How long a suspect app password stays limited to its unlock windows unless its owner
+    /// (or an operator) acts first.
+    pub const SUSPECT_FOR: Duration = Duration::from_secs(30 * 86_400);
     pub const SPRAY_ACCOUNTS: u32 = 5;
     pub const SPRAY_WINDOW: Duration = Duration::from_secs(3600);
     pub const KNOWN_GOOD_TTL: Duration = Duration::from_secs(30 * 86_400);
@@ -170,6 +180,12 @@ pub struct GuardConfig {
     pub per_subnet: Budget,
     pub per_account: Budget,
     pub per_token_ip: Budget,
+    /// Refused bearer tokens per subnet.
+    pub per_token_subnet: Budget,
+    /// Correct app password, wrong code: per account (`failures` per `per`).
+    pub wrong_codes: Budget,
+    /// How long an app password marked suspect stays limited to its unlock windows.
+    pub suspect_for: Duration,
     /// Distinct accounts failed from one address or subnet within `per`.
     pub spray: Budget,
     pub known_good_ttl: Duration,
@@ -199,6 +215,9 @@ impl Default for GuardConfig {
             per_subnet: budget(PER_SUBNET_FAILURES, FAILURE_WINDOW),
             per_account: budget(PER_ACCOUNT_FAILURES, FAILURE_WINDOW),
             per_token_ip: budget(PER_TOKEN_IP_FAILURES, FAILURE_WINDOW),
+            per_token_subnet: budget(PER_TOKEN_SUBNET_FAILURES, FAILURE_WINDOW),
+            wrong_codes: budget(WRONG_CODES, WRONG_CODES_WINDOW),
+            suspect_for: SUSPECT_FOR,
             spray: budget(SPRAY_ACCOUNTS, SPRAY_WINDOW),
             known_good_ttl: KNOWN_GOOD_TTL,
             tarpit_start: TARPIT_START,

@@ -27,6 +27,8 @@ pub fn scope_named(s: &str) -> Option<Scope> {
         "subnet" => Scope::Subnet,
         "account" => Scope::Account,
         "token_ip" => Scope::TokenIp,
+        "token_subnet" => Scope::TokenSubnet,
+        "app_password" => Scope::AppPassword,
         _ => return None,
     })
 }
@@ -61,6 +63,17 @@ pub fn reset(net: &IpNet) -> String {
     format!("g:reset:{net}")
 }
 
+/// GCRA cell of the account's budget of wrong codes after a correct app password.
+pub fn wrong_codes(user: &str) -> String {
+    format!("g:fail:code:{user}")
+}
+
+/// The value of an app password's block: `{user}/{credential id}`. The whole key is
+/// [`crate::state::suspect_key`], which the authenticator reads.
+pub fn app_password(user: &str, credential: &str) -> String {
+    format!("{user}/{credential}")
+}
+
 /// A wrong secret (its keyed fingerprint) this account failed with recently.
 pub fn seen(user: &str, fingerprint: &str) -> String {
     format!("g:seen:{fingerprint}:{user}")
@@ -77,5 +90,10 @@ mod tests {
         let k = block(Scope::Account, "alice@example.org");
         assert_eq!(parse_block(&k), Some((Scope::Account, "alice@example.org")));
         assert_eq!(parse_block("g:block:nope:x"), None);
+        // The authenticator finds a suspect app password under the key the guard writes.
+        assert_eq!(
+            block(Scope::AppPassword, &app_password("bob@x", "ap_1")),
+            crate::state::suspect_key("bob@x", "ap_1")
+        );
     }
 }

@@ -15,18 +15,30 @@
 //!   from blocks and from its own attack mode: a lockout cannot be aimed at a user;
 //! - failure counts per address and per (account, subnet) for the tarpit;
 //! - fingerprints of recent wrong secrets per account, so a client repeating a stale password
-//!   counts once.
+//!   counts once;
+//! - wrong TOTP codes after a correct app password, per account, and the app passwords that
+//!   crossed that budget (suspect: they log in only where they are already unlocked).
 //!
-//! The in-flight cap (`max_delayed_per_ip`) is per process: it bounds this replica's sessions.
+//! Order of a decision (no lockout an attacker can aim): the allow list; then one read of the
+//! store decides blocks, attack mode and the known-good exemption; only an attempt that will be
+//! checked then takes a place — per source address (`max_delayed_per_ip`) and in its account's
+//! lane — and every wait for one is bounded ([`QUEUE_WAIT`]; a wait that runs out is refused
+//! like a throttled attempt, never a stall). A login from a network where the account succeeded
+//! recently has a lane of its own, so attempts from other networks never queue in front of it;
+//! tokens take no account lane. The caller gives the places back (drops [`Decision::permit`])
+//! as soon as the check is recorded, before any floor or tarpit sleep.
+//!
+//! The places are per process: they bound this replica's concurrent checks.
 
+mod blocks;
 mod keys;
+mod slots;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, HashSet};
-use std::hash::Hash;
+use std::collections::HashSet;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
@@ -36,6 +48,8 @@ use sha2::Sha256;
 use crate::config::{Budget, GuardConfig};
 use crate::observe::{self, GuardAuditEvent, Metrics};
 use crate::state::{RateDecision, Store};
+pub use slots::Held;
+use slots::Slots;
 
 /// What is being tried: password mechanisms or bearer tokens. Attack mode and source blocks
 /// stop password guesses; tokens cannot be guessed, so they have their own budget (which
@@ -60,6 +74,10 @@ pub struct AttemptKey<'a> {
 pub enum Verdict {
     /// Check the credential.
     Allow,
+    /// The account is in attack mode and this network is not known-good for it: check the
+    /// credential only as an app password with a fresh, never-used TOTP code (unlock windows
+    /// and code-less logins do not count; accounts without TOTP are refused).
+    RequireCode,
     /// Do not check; answer as a failure (after the tarpit delay).
     Reject,
 }
@@ -75,7 +93,13 @@ pub enum Scope {
     Subnet,
     Account,
     TokenIp,
+    TokenSubnet,
+    /// An app password that was given wrong codes past the `wrong_codes` budget.
+    AppPassword,
+    /// The source's in-flight places stayed taken for [`QUEUE_WAIT`].
     InFlight,
+    /// The account's lane stayed taken for [`QUEUE_WAIT`].
+    AccountQueue,
 }
 
 impl Scope {
@@ -88,7 +112,10 @@ impl Scope {
             Scope::Subnet => "subnet",
             Scope::Account => "account",
             Scope::TokenIp => "token_ip",
+            Scope::TokenSubnet => "token_subnet",
+            Scope::AppPassword => "app_password",
             Scope::InFlight => "in_flight",
+            Scope::AccountQueue => "account_queue",
         }
     }
 }
@@ -102,8 +129,11 @@ pub struct Decision {
     pub scope: Scope,
     /// A dry-run control would have refused this attempt (it is allowed).
     pub would_refuse: bool,
+    /// The account logged in from this network recently: its own lane, exempt from blocks
+    /// and attack mode.
+    pub known_good: bool,
     /// Holds this attempt's place in the per-address in-flight count (and its account's
-    /// slot) until dropped.
+    /// lane) until dropped: drop it as soon as the check is recorded.
     pub permit: Option<Held>,
 }
 
@@ -112,6 +142,7 @@ impl Decision {
     pub fn action(&self) -> &'static str {
         match (self.verdict, self.would_refuse) {
             (Verdict::Reject, _) => "reject",
+            (Verdict::RequireCode, _) => "require_code",
             (Verdict::Allow, true) => "would_reject",
             (Verdict::Allow, false) if !self.delay.is_zero() => "delay",
             (Verdict::Allow, false) => "allow",
@@ -124,6 +155,7 @@ impl Decision {
             delay: Duration::ZERO,
             scope,
             would_refuse: false,
+            known_good: false,
             permit: None,
         }
     }
@@ -135,8 +167,12 @@ pub enum Outcome<'a> {
     /// Authenticated as `user` (the authoritative name, not the claimed one).
     Success { user: &'a str },
     /// The credential was checked and refused. `fingerprint` is [`Guard::fingerprint`] of
-    /// the secret, when there was one.
-    Failure { fingerprint: Option<&'a str> },
+    /// the secret, when there was one; `wrong_code` the id of an app password that was
+    /// correct while its TOTP code was wrong (it has probably leaked).
+    Failure {
+        fingerprint: Option<&'a str>,
+        wrong_code: Option<&'a str>,
+    },
     /// Refused by the guard without a check.
     Refused,
 }
@@ -160,24 +196,34 @@ pub struct Guard {
     metrics: Arc<Metrics>,
     /// Keys the fingerprints of wrong secrets (never stored, never logged).
     fingerprint_key: [u8; 32],
-    /// Attempts per address (per `subnet_v6` subnet for IPv6) run `max_delayed_per_ip` at a time; the others
-    /// wait their turn (within the session's pre-auth deadline). A burst of good logins from
-    /// one NAT or webmail host only waits milliseconds; an attacker cannot have more guesses
-    /// in flight, nor more connections parked in the tarpit, than that.
+    /// Checks per address (per `subnet_v6` subnet for IPv6) run `max_delayed_per_ip` at a
+    /// time; the others wait their turn for at most [`QUEUE_WAIT`]. A burst of good logins
+    /// from one NAT or webmail host only waits milliseconds; an attacker cannot have more
+    /// guesses being checked at once than that.
     in_flight: Slots<IpNet>,
-    /// Password attempts per account run [`ACCOUNT_SLOTS`] at a time, so that a burst from
+    /// Password checks per account lane run [`ACCOUNT_SLOTS`] at a time, so that a burst from
     /// many addresses is counted as it goes instead of all passing the check before the first
-    /// failure is recorded.
+    /// failure is recorded. The lane is the account, or (account, network) for a network the
+    /// account is known-good from: its owner never queues behind other networks.
     accounts: Slots<String>,
+    /// Failures per source wait out their tarpit `max_delayed_per_ip` at a time (a place
+    /// here is taken after the check places were given back): one source cannot run its
+    /// guesses in parallel to share one delay, and only its own failure answers ever wait
+    /// for it — never a success, never another source.
+    parking: Slots<IpNet>,
     /// Blocks seen by the last sweep, to report the ones that ended.
     seen: Mutex<HashSet<(String, String)>>,
     /// Refuse (rather than allow) when the state store cannot be read (`on_error: fail_closed`).
     fail_closed: bool,
 }
 
-/// Concurrent password attempts per account (the others wait their turn, within the
-/// session's pre-auth deadline).
+/// Concurrent password checks per account lane (the others wait their turn).
 const ACCOUNT_SLOTS: usize = 4;
+
+/// The longest an attempt waits for a place before it is refused as throttled. Well inside
+/// the pre-auth deadline (`limits.preauth_total_timeout`, at least 10 s), so a queue can
+/// never end a session with BYE.
+pub const QUEUE_WAIT: Duration = Duration::from_secs(5);
 
 /// Most entries listed at once (admin endpoint, gauges).
 const LIST_LIMIT: usize = 10_000;
@@ -205,6 +251,7 @@ impl Guard {
             fingerprint_key,
             in_flight: Slots::default(),
             accounts: Slots::default(),
+            parking: Slots::default(),
             seen: Mutex::new(HashSet::new()),
             fail_closed: false,
         }
@@ -234,11 +281,8 @@ impl Guard {
 
     /// The client's subnet (`subnet_v4`/`subnet_v6`).
     pub fn subnet(&self, ip: IpAddr) -> IpNet {
-        let prefix = match ip {
-            IpAddr::V4(_) => self.config().subnet_v4,
-            IpAddr::V6(_) => self.config().subnet_v6,
-        };
-        IpNet::new(ip, prefix).map_or_else(|_| IpNet::from(ip), |n| n.trunc())
+        let c = self.config();
+        crate::net::subnet(ip, c.subnet_v4, c.subnet_v6)
     }
 
     /// True if connections from `ip` are refused before TLS (and the deny list is enforced).
@@ -292,9 +336,29 @@ impl Guard {
         tracing::warn!(error = %e, op, "guard: state store failed; deciding without it");
     }
 
-    /// Before the check. Reads at most one batch of keys (one round trip).
+    /// Before the check. Reads at most one batch of keys (one round trip); then, for an
+    /// attempt that will be checked, takes its places (waiting at most [`QUEUE_WAIT`]).
     pub async fn check(&self, key: AttemptKey<'_>) -> Decision {
-        let d = self.decide(key).await;
+        let mut d = self.decide(key).await;
+        if d.verdict != Verdict::Reject && d.scope != Scope::AllowList {
+            match self.take_places(key, &mut d).await {
+                Err(scope) => {
+                    d.verdict = Verdict::Reject;
+                    d.scope = scope;
+                    d.would_refuse = false;
+                }
+                Ok(true) => {
+                    // It waited: the attempts ahead of it were recorded meanwhile (a burst on
+                    // one account is counted as it goes), so decide again with the places held.
+                    let permit = d.permit.take();
+                    d = self.decide(key).await;
+                    if d.verdict != Verdict::Reject {
+                        d.permit = permit;
+                    }
+                }
+                Ok(false) => {}
+            }
+        }
         self.count_decision(d.action(), d.scope.as_str());
         if d.would_refuse {
             tracing::info!(
@@ -306,36 +370,93 @@ impl Guard {
         d
     }
 
+    /// The places of an attempt that will be checked: one of its source's in-flight places,
+    /// then (passwords) one in its account's lane. Each wait is bounded; `Err` names the
+    /// queue that stayed full, `Ok(true)` says the attempt had to wait.
+    async fn take_places(&self, key: AttemptKey<'_>, d: &mut Decision) -> Result<bool, Scope> {
+        let mut waited = false;
+        let c = self.config();
+        let cap = usize::try_from(c.max_delayed_per_ip).unwrap_or(usize::MAX);
+        let source = self.in_flight_key(key.client_ip);
+        let in_flight = match self.in_flight.try_acquire(&source, cap) {
+            Some(slot) => Some(slot),
+            None if c.enforce => {
+                // Every place is taken: wait for one (counted, so a saturating source shows).
+                self.count_decision("queue", Scope::InFlight.as_str());
+                waited = true;
+                tokio::time::timeout(QUEUE_WAIT, self.in_flight.acquire(&source, cap))
+                    .await
+                    .map_err(|_| Scope::InFlight)?
+            }
+            None => {
+                // Dry run: counted, then decided like any other attempt, without a place.
+                self.count_decision("would_queue", Scope::InFlight.as_str());
+                None
+            }
+        };
+        let account = match (key.kind, key.user) {
+            (Kind::Password, Some(u)) => {
+                // Normalised names hold no space, so the two kinds of lane cannot collide.
+                let lane = if d.known_good {
+                    format!("{u} {}", self.subnet(key.client_ip))
+                } else {
+                    u.to_owned()
+                };
+                match self.accounts.try_acquire(&lane, ACCOUNT_SLOTS) {
+                    Some(slot) => Some(slot),
+                    None => {
+                        self.count_decision("queue", Scope::AccountQueue.as_str());
+                        waited = true;
+                        tokio::time::timeout(
+                            QUEUE_WAIT,
+                            self.accounts.acquire(&lane, ACCOUNT_SLOTS),
+                        )
+                        .await
+                        .map_err(|_| Scope::AccountQueue)?
+                    }
+                }
+            }
+            _ => None,
+        };
+        d.permit = Some(Held {
+            _in_flight: in_flight,
+            _account: account,
+        });
+        Ok(waited)
+    }
+
+    /// A place to wait out a failure's tarpit, per source; waits (unbounded here: the
+    /// caller's pre-auth deadline bounds it) while the source's other failures are parked.
+    /// Returns the place (hold it through the sleep) and when it was taken: the tarpit counts
+    /// from then.
+    pub async fn park(&self, ip: IpAddr) -> (Option<Held>, tokio::time::Instant) {
+        let c = self.config();
+        if !c.enforce || c.allow.iter().any(|n| n.contains(&ip)) {
+            return (None, tokio::time::Instant::now());
+        }
+        let cap = usize::try_from(c.max_delayed_per_ip).unwrap_or(usize::MAX);
+        let source = self.in_flight_key(ip);
+        let slot = match self.parking.try_acquire(&source, cap) {
+            Some(slot) => Some(slot),
+            None => {
+                self.count_decision("queue", "tarpit");
+                self.parking.acquire(&source, cap).await
+            }
+        };
+        let held = Held {
+            _in_flight: slot,
+            _account: None,
+        };
+        (Some(held), tokio::time::Instant::now())
+    }
+
+    /// The decision from the lists and one batch read of the store; takes no place.
     async fn decide(&self, key: AttemptKey<'_>) -> Decision {
         let c = self.config();
         let ip = key.client_ip;
         if c.allow.iter().any(|n| n.contains(&ip)) {
             return Decision::allow(Scope::AllowList);
         }
-        let cap = usize::try_from(c.max_delayed_per_ip).unwrap_or(usize::MAX);
-        let in_flight_key = self.in_flight_key(ip);
-        let in_flight = match self.in_flight.try_acquire(&in_flight_key, cap) {
-            Some(slot) => Some(slot),
-            None if c.enforce => {
-                // Every place is taken: wait for one (counted, so a saturating source shows).
-                self.count_decision("queue", Scope::InFlight.as_str());
-                self.in_flight.acquire(&in_flight_key, cap).await
-            }
-            None => {
-                // Dry run: counted, then decided like any other attempt (controls enforced on
-                // their own still apply), without a place.
-                self.count_decision("would_queue", Scope::InFlight.as_str());
-                None
-            }
-        };
-        let account = match (key.kind, key.user) {
-            (Kind::Password, Some(u)) => self.accounts.acquire(&u.to_owned(), ACCOUNT_SLOTS).await,
-            _ => None,
-        };
-        let permit = Some(Held {
-            _in_flight: in_flight,
-            _account: account,
-        });
         let net = self.subnet(ip);
         let user = key.user;
         // One batch: [tarpit ip, tarpit account+net, then per kind…]
@@ -354,7 +475,10 @@ impl Guard {
                 );
                 wanted.push(user.map(|u| keys::known_good(u, &net)).unwrap_or_default());
             }
-            Kind::Token => wanted.push(keys::block(Scope::TokenIp, &ip.to_string())),
+            Kind::Token => {
+                wanted.push(keys::block(Scope::TokenIp, &ip.to_string()));
+                wanted.push(keys::block(Scope::TokenSubnet, &net.to_string()));
+            }
         }
         let values = match self.store.get_many(&wanted).await {
             Ok(v) => v,
@@ -367,7 +491,6 @@ impl Guard {
                 };
                 return Decision {
                     verdict,
-                    permit,
                     ..Decision::allow(Scope::None)
                 };
             }
@@ -380,28 +503,35 @@ impl Guard {
         } else {
             Duration::ZERO
         };
-        // The refusing keys: an enforced one refuses; dry-run ones only report.
+        let known_good = key.kind == Kind::Password && at(5).is_some();
+        // The refusing keys, sources before the account: an enforced one refuses; dry-run
+        // ones only report.
         let hits: Vec<(Scope, bool)> = match key.kind {
             Kind::Password => [
                 (Scope::Ip, at(2)),
                 (Scope::Subnet, at(3)),
                 (Scope::Account, at(4)),
-            ]
-            .iter()
-            .filter_map(|(s, v)| v.map(|v| (*s, self.enforced(*s, v))))
-            .collect(),
-            Kind::Token => at(2)
-                .map(|v| (Scope::TokenIp, self.enforced(Scope::TokenIp, v)))
-                .into_iter()
-                .collect(),
+            ],
+            Kind::Token => [
+                (Scope::TokenIp, at(2)),
+                (Scope::TokenSubnet, at(3)),
+                (Scope::None, None),
+            ],
+        }
+        .iter()
+        .filter_map(|(s, v)| v.map(|v| (*s, self.enforced(*s, v))))
+        .collect();
+        let decision = |verdict, scope, would_refuse| Decision {
+            verdict,
+            delay,
+            scope,
+            would_refuse,
+            known_good,
+            permit: None,
         };
-        if !hits.is_empty() && key.kind == Kind::Password && at(5).is_some() {
+        if !hits.is_empty() && known_good {
             // Known-good: this account succeeded from this network recently.
-            return Decision {
-                delay,
-                permit,
-                ..Decision::allow(Scope::KnownGood)
-            };
+            return decision(Verdict::Allow, Scope::KnownGood, false);
         }
         let refusal = hits
             .iter()
@@ -409,33 +539,21 @@ impl Guard {
             .or_else(|| hits.first())
             .copied();
         match refusal {
-            Some((scope, true)) => Decision {
-                verdict: Verdict::Reject,
-                delay,
-                scope,
-                would_refuse: false,
-                permit,
-            },
-            Some((scope, false)) => Decision {
-                verdict: Verdict::Allow,
-                delay,
-                scope,
-                would_refuse: true,
-                permit,
-            },
-            None => Decision {
-                verdict: Verdict::Allow,
-                delay,
-                scope: if delay.is_zero() {
+            // Attack mode alone: the account's own MFA still gets through.
+            Some((Scope::Account, true)) => decision(Verdict::RequireCode, Scope::Account, false),
+            Some((scope, true)) => decision(Verdict::Reject, scope, false),
+            Some((scope, false)) => decision(Verdict::Allow, scope, true),
+            None => decision(
+                Verdict::Allow,
+                if delay.is_zero() {
                     Scope::None
                 } else if count(1) > count(0) {
                     Scope::Account
                 } else {
                     Scope::Ip
                 },
-                would_refuse: false,
-                permit,
-            },
+                false,
+            ),
         }
     }
 
@@ -444,8 +562,10 @@ impl Guard {
         let b = match (scope, reason_of(value)) {
             (_, "manual") => return self.config().enforce,
             (Scope::Account, _) => self.config().per_account,
-            (Scope::TokenIp, _) => self.config().per_token_ip,
+            (Scope::AppPassword, _) => self.config().wrong_codes,
             (_, "spray") => self.config().spray,
+            (Scope::TokenIp, _) => self.config().per_token_ip,
+            (Scope::TokenSubnet, _) => self.config().per_token_subnet,
             (Scope::Subnet, _) => self.config().per_subnet,
             _ => self.config().per_ip,
         };
@@ -455,10 +575,7 @@ impl Guard {
     /// The in-flight key: the address for IPv4, the subnet for IPv6 (where one customer has a
     /// whole /64 to rotate through).
     fn in_flight_key(&self, ip: IpAddr) -> IpNet {
-        match ip {
-            IpAddr::V4(_) => IpNet::from(ip),
-            IpAddr::V6(_) => self.subnet(ip),
-        }
+        crate::net::source(ip, self.config().subnet_v6)
     }
 
     /// After the check (or the refusal).
@@ -475,7 +592,10 @@ impl Guard {
                 .incr(&keys::tarpit_ip(ip), 1, self.config().per_ip.per)
                 .await
                 .map(drop),
-            Outcome::Failure { fingerprint } => self.failure(key, &net, fingerprint).await,
+            Outcome::Failure {
+                fingerprint,
+                wrong_code,
+            } => self.failure(key, &net, fingerprint, wrong_code).await,
         };
         if let Err(e) = r {
             self.store_error("record", &e);
@@ -518,6 +638,7 @@ impl Guard {
         key: AttemptKey<'_>,
         net: &IpNet,
         fingerprint: Option<&str>,
+        wrong_code: Option<&str>,
     ) -> Result<(), crate::state::StoreError> {
         let ip = key.client_ip;
         let s = &self.store;
@@ -548,41 +669,50 @@ impl Guard {
                 None => Ok(0),
             }
         })?;
-        if key.kind == Kind::Token {
+        // Correct app password, wrong code: its own strict budget per account, across every
+        // network (a 6-digit code must never be guessable by volume).
+        if let (Some(user), Some(credential)) = (key.user, wrong_code) {
             if let RateDecision::Limited(_) = s
-                .rate_check(
-                    &keys::failures(Scope::TokenIp, &ip_text),
-                    rate(c.per_token_ip),
-                )
+                .rate_check(&keys::wrong_codes(user), rate(c.wrong_codes))
                 .await?
             {
                 self.impose(
-                    Scope::TokenIp,
-                    &ip_text,
-                    "failures",
-                    c.per_token_ip.failures as u64,
-                    c.per_token_ip.enforce,
+                    Scope::AppPassword,
+                    &keys::app_password(user, credential),
+                    "wrong_codes",
+                    c.wrong_codes.failures as u64,
+                    c.wrong_codes.enforce,
                 )
                 .await?;
             }
-            return Ok(());
         }
+        // Passwords and tokens each have their own budgets per address and subnet; both feed
+        // the spray sets (distinct accounts failed from one source).
+        let (ip_scope, net_scope, ip_budget, net_budget) = match key.kind {
+            Kind::Password => (Scope::Ip, Scope::Subnet, c.per_ip, c.per_subnet),
+            Kind::Token => (
+                Scope::TokenIp,
+                Scope::TokenSubnet,
+                c.per_token_ip,
+                c.per_token_subnet,
+            ),
+        };
         let (fail_ip, fail_net, spray_ip, spray_net) = (
-            keys::failures(Scope::Ip, &ip_text),
-            keys::failures(Scope::Subnet, &net_text),
+            keys::failures(ip_scope, &ip_text),
+            keys::failures(net_scope, &net_text),
             keys::spray(Scope::Ip, &ip_text),
             keys::spray(Scope::Subnet, &net_text),
         );
         // Spraying: distinct accounts failed from this address and from this subnet.
         let (ip_rate, net_rate, ip_accounts, net_accounts) = tokio::try_join!(
-            s.rate_check(&fail_ip, rate(c.per_ip)),
-            s.rate_check(&fail_net, rate(c.per_subnet)),
+            s.rate_check(&fail_ip, rate(ip_budget)),
+            s.rate_check(&fail_net, rate(net_budget)),
             s.set_add_count(&spray_ip, &member, c.spray.per),
             s.set_add_count(&spray_net, &member, c.spray.per),
         )?;
         for (scope, value, budget, decision) in [
-            (Scope::Ip, &ip_text, c.per_ip, ip_rate),
-            (Scope::Subnet, &net_text, c.per_subnet, net_rate),
+            (ip_scope, &ip_text, ip_budget, ip_rate),
+            (net_scope, &net_text, net_budget, net_rate),
         ] {
             if let RateDecision::Limited(_) = decision {
                 self.impose(
@@ -596,13 +726,17 @@ impl Guard {
             }
         }
         for (scope, value, n) in [
-            (Scope::Ip, &ip_text, ip_accounts),
-            (Scope::Subnet, &net_text, net_accounts),
+            (ip_scope, &ip_text, ip_accounts),
+            (net_scope, &net_text, net_accounts),
         ] {
             if n > u64::from(c.spray.failures) {
                 self.impose(scope, value, "spray", n, c.spray.enforce)
                     .await?;
             }
+        }
+        if key.kind == Kind::Token {
+            // A refused token says nothing about the account's passwords: no attack mode.
+            return Ok(());
         }
         // A distributed attack on one account: attack mode, not lockout. Each subnet counts
         // for at most a quarter of the account's budget, so attack mode needs failures from
@@ -637,15 +771,17 @@ impl Guard {
         enforced: bool,
     ) -> Result<(), crate::state::StoreError> {
         let k = keys::block(scope, value);
-        let mut fresh = self
-            .store
-            .set_if_absent(&k, reason, self.config().block_for)
-            .await?;
+        let ttl = if scope == Scope::AppPassword {
+            self.config().suspect_for
+        } else {
+            self.config().block_for
+        };
+        let mut fresh = self.store.set_if_absent(&k, reason, ttl).await?;
         if !fresh && enforced {
             // A block recorded by a dry-run control must not hide an enforced one.
             let existing = self.store.get(&k).await?;
             if existing.is_some_and(|v| !self.enforced(scope, &v)) {
-                self.store.put(&k, reason, self.config().block_for).await?;
+                self.store.put(&k, reason, ttl).await?;
                 fresh = true;
             }
         }
@@ -656,11 +792,10 @@ impl Guard {
             .guard_blocks
             .with_label_values(&[scope.as_str(), reason])
             .inc();
-        let event = if scope == Scope::Account {
-            "attack_mode"
-        } else {
-            "block"
-        };
+        if scope == Scope::AppPassword {
+            self.metrics.app_password_suspect.inc();
+        }
+        let event = event_name(scope);
         observe::audit_guard(&GuardAuditEvent {
             event,
             scope: scope.as_str(),
@@ -676,267 +811,16 @@ impl Guard {
             count,
             enforced,
             "guard: {}",
-            if scope == Scope::Account {
-                "account in attack mode"
-            } else {
-                "source blocked"
+            match scope {
+                Scope::Account => "account in attack mode",
+                Scope::AppPassword => {
+                    "app password suspect: correct password, too many wrong codes"
+                }
+                _ => "source blocked",
             }
         );
         Ok(())
     }
-
-    /// Active blocks and attack modes.
-    pub async fn status(&self) -> Result<Vec<BlockInfo>, crate::state::StoreError> {
-        let entries = self
-            .store
-            .scan_prefix(keys::BLOCK_PREFIX, LIST_LIMIT)
-            .await?;
-        Ok(entries
-            .into_iter()
-            .filter_map(|(k, v, ttl)| {
-                let (scope, value) = keys::parse_block(&k)?;
-                Some(BlockInfo {
-                    scope: scope.as_str().to_owned(),
-                    value: value.to_owned(),
-                    reason: reason_of(&v).to_owned(),
-                    expires_in_secs: ttl.as_secs(),
-                    enforced: self.enforced(scope, &v),
-                })
-            })
-            .collect())
-    }
-
-    /// Clears the blocks matching `scope` (None: every scope) and `value` (None: all), with
-    /// the budgets that led to them, so the next failure does not block again at once.
-    /// Returns how many were cleared.
-    pub async fn clear(
-        &self,
-        scope: Option<&str>,
-        value: Option<&str>,
-    ) -> Result<usize, crate::state::StoreError> {
-        // The same spelling the guard stores: canonical addresses and networks, lower-case
-        // account names.
-        let value = value.map(|v| {
-            let v = v.trim();
-            if let Ok(ip) = v.parse::<IpAddr>() {
-                ip.to_string()
-            } else if let Ok(net) = v.parse::<IpNet>() {
-                net.trunc().to_string()
-            } else {
-                v.to_lowercase()
-            }
-        });
-        let value = value.as_deref();
-        let mut n = 0;
-        let mut cleared = Vec::new();
-        for b in self.status().await? {
-            if scope.is_some_and(|s| s != b.scope) || value.is_some_and(|v| v != b.value) {
-                continue;
-            }
-            let Some(sc) = keys::scope_named(&b.scope) else {
-                continue;
-            };
-            let mut doomed = vec![keys::block(sc, &b.value), keys::failures(sc, &b.value)];
-            match sc {
-                Scope::Ip | Scope::Subnet => doomed.push(keys::spray(sc, &b.value)),
-                _ => {}
-            }
-            if let Ok(ip) = b.value.parse::<IpAddr>() {
-                doomed.push(keys::tarpit_ip(ip));
-            }
-            self.store.delete_many(&doomed).await?;
-            observe::audit_guard(&GuardAuditEvent {
-                event: "cleared",
-                scope: &b.scope,
-                value: &b.value,
-                reason: &b.reason,
-                count: 0,
-                enforced: b.enforced,
-            });
-            cleared.push((b.scope, b.value));
-            n += 1;
-        }
-        // Reported as cleared above, not as ended by the next sweep.
-        if let Ok(mut seen) = self.seen.lock() {
-            for c in &cleared {
-                seen.remove(c);
-            }
-        }
-        self.sweep().await;
-        Ok(n)
-    }
-
-    /// Refreshes the gauges and reports the blocks and attack modes that ended.
-    pub async fn sweep(&self) {
-        let now = match self.status().await {
-            Ok(s) => s,
-            Err(e) => {
-                self.store_error("scan", &e);
-                return;
-            }
-        };
-        let accounts = now.iter().filter(|b| b.scope == "account").count();
-        self.metrics
-            .guard_attack_mode_accounts
-            .set(i64::try_from(accounts).unwrap_or(i64::MAX));
-        self.metrics
-            .guard_blocked_sources
-            .set(i64::try_from(now.len() - accounts).unwrap_or(i64::MAX));
-        let current: HashSet<(String, String)> = now
-            .iter()
-            .map(|b| (b.scope.clone(), b.value.clone()))
-            .collect();
-        let Ok(mut seen) = self.seen.lock() else {
-            return;
-        };
-        for (scope, value) in seen.difference(&current) {
-            let event = if scope == "account" {
-                "attack_mode_ended"
-            } else {
-                "block_ended"
-            };
-            observe::audit_guard(&GuardAuditEvent {
-                event,
-                scope,
-                value,
-                reason: "expired",
-                count: 0,
-                enforced: true,
-            });
-        }
-        *seen = current;
-    }
-
-    /// Sweeps every `every` until `stop`.
-    pub async fn sweep_loop(
-        self: Arc<Self>,
-        every: Duration,
-        stop: tokio_util::sync::CancellationToken,
-    ) {
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(every) => self.sweep().await,
-            }
-        }
-    }
-}
-
-/// What a decision holds until the attempt is answered.
-#[derive(Debug)]
-pub struct Held {
-    _in_flight: Option<Slot<IpNet>>,
-    _account: Option<Slot<String>>,
-}
-
-/// Counting semaphores by key, created on first use and removed with their last holder or
-/// waiter (so the map only holds keys with attempts in flight). Users are counted explicitly
-/// under the lock (an `Arc` count read under the lock can be stale: its clones are dropped
-/// outside it). A key whose size changed (a reload) gets a fresh semaphore; attempts already
-/// holding the old one finish on it.
-#[derive(Debug)]
-struct Slots<K: Hash + Eq + Clone> {
-    map: Arc<Mutex<HashMap<K, SlotsEntry>>>,
-}
-
-#[derive(Debug)]
-struct SlotsEntry {
-    sem: Arc<tokio::sync::Semaphore>,
-    size: usize,
-    /// Live `Entry` values for this semaphore (holders and waiters).
-    users: usize,
-}
-
-impl<K: Hash + Eq + Clone> Default for Slots<K> {
-    fn default() -> Self {
-        Slots {
-            map: Arc::new(Mutex::new(HashMap::new())),
-        }
-    }
-}
-
-impl<K: Hash + Eq + Clone> Slots<K> {
-    fn entry(&self, key: &K, permits: usize) -> Entry<K> {
-        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        let e = map.entry(key.clone()).or_insert_with(|| SlotsEntry {
-            sem: Arc::new(tokio::sync::Semaphore::new(permits)),
-            size: permits,
-            users: 0,
-        });
-        if e.size != permits {
-            *e = SlotsEntry {
-                sem: Arc::new(tokio::sync::Semaphore::new(permits)),
-                size: permits,
-                users: 0,
-            };
-        }
-        e.users += 1;
-        Entry {
-            sem: e.sem.clone(),
-            map: self.map.clone(),
-            key: key.clone(),
-        }
-    }
-
-    /// A place now, or `None` when all `permits` are taken.
-    fn try_acquire(&self, key: &K, permits: usize) -> Option<Slot<K>> {
-        let entry = self.entry(key, permits);
-        let permit = entry.sem.clone().try_acquire_owned().ok()?;
-        Some(Slot {
-            _permit: permit,
-            _entry: entry,
-        })
-    }
-
-    /// Waits for a place (cancel by dropping the future).
-    async fn acquire(&self, key: &K, permits: usize) -> Option<Slot<K>> {
-        let entry = self.entry(key, permits);
-        let permit = entry.sem.clone().acquire_owned().await.ok()?;
-        Some(Slot {
-            _permit: permit,
-            _entry: entry,
-        })
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
-    }
-}
-
-/// One user of a key's semaphore (a holder or a waiter); the last one removes the key.
-#[derive(Debug)]
-struct Entry<K: Hash + Eq + Clone> {
-    sem: Arc<tokio::sync::Semaphore>,
-    map: Arc<Mutex<HashMap<K, SlotsEntry>>>,
-    key: K,
-}
-
-impl<K: Hash + Eq + Clone> Drop for Entry<K> {
-    fn drop(&mut self) {
-        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        let last = match map.get_mut(&self.key) {
-            // Only the current semaphore's record counts (a reload may have replaced it).
-            Some(e) if Arc::ptr_eq(&e.sem, &self.sem) => {
-                e.users = e.users.saturating_sub(1);
-                e.users == 0
-            }
-            _ => false,
-        };
-        if last {
-            map.remove(&self.key);
-        }
-    }
-}
-
-/// One place; the permit is released before the entry is dropped (field order).
-#[derive(Debug)]
-struct Slot<K: Hash + Eq + Clone> {
-    _permit: tokio::sync::OwnedSemaphorePermit,
-    _entry: Entry<K>,
 }
 
 fn rate(b: Budget) -> crate::state::Rate {
@@ -958,8 +842,17 @@ pub fn tarpit(start: Duration, max: Duration, failures: u32) -> Duration {
 /// The reason part of a block's stored value.
 fn reason_of(value: &str) -> &str {
     match value {
-        "spray" | "manual" | "failures" => value,
+        "spray" | "manual" | "failures" | "wrong_codes" => value,
         _ => "failures",
+    }
+}
+
+/// The audit event of a block imposed on this scope.
+fn event_name(scope: Scope) -> &'static str {
+    match scope {
+        Scope::Account => "attack_mode",
+        Scope::AppPassword => "app_password_suspect",
+        _ => "block",
     }
 }
 

@@ -39,6 +39,7 @@ async fn fail(g: &Guard, key: AttemptKey<'_>, secret: &str) -> (Verdict, Scope) 
             key,
             Outcome::Failure {
                 fingerprint: Some(&fp),
+                wrong_code: None,
             },
         )
         .await;
@@ -104,6 +105,7 @@ async fn the_tarpit_doubles_per_failure_up_to_its_cap() {
             key,
             Outcome::Failure {
                 fingerprint: Some(&fp),
+                wrong_code: None,
             },
         )
         .await;
@@ -169,10 +171,11 @@ async fn a_distributed_attack_puts_the_account_in_attack_mode_without_locking_ou
         let (v, _) = fail(&g, pw(&addr, victim), &format!("guess{i}")).await;
         assert_eq!(v, Verdict::Allow);
     }
-    // Attack mode: password logins from unknown networks are refused unchecked…
+    // Attack mode: password logins from unknown networks are checked only with a fresh
+    // TOTP code (the authenticator refuses code-less ones unchecked)…
     assert_eq!(
         verdict(&g, pw("10.200.0.1", victim)).await,
-        (Verdict::Reject, Scope::Account)
+        (Verdict::RequireCode, Scope::Account)
     );
     // …from her known network (any address in it) they are checked as usual…
     assert_eq!(
@@ -284,12 +287,12 @@ async fn attempts_in_flight_per_address_wait_for_a_place() {
         assert_eq!(d.verdict, Verdict::Allow);
         held.push(d.permit);
     }
-    // One more: it is neither refused nor checked; it waits for a place.
+    // One more: it is neither refused nor checked; it waits for a place (a bounded wait).
     let waiting = {
         let (g, u) = (g.clone(), users[cap as usize].clone());
         tokio::spawn(async move { g.check(pw("192.0.2.80", &u)).await.verdict })
     };
-    tokio::time::sleep(Duration::from_secs(30)).await;
+    tokio::time::sleep(QUEUE_WAIT - Duration::from_secs(1)).await;
     assert!(!waiting.is_finished(), "an attempt over the cap went ahead");
     let queued = g
         .metrics
@@ -323,7 +326,7 @@ async fn a_waiting_attempt_that_gives_up_leaves_nothing_behind() {
     }
     // The session's pre-auth deadline cancels the wait.
     let gone = tokio::time::timeout(
-        Duration::from_secs(5),
+        QUEUE_WAIT / 2,
         g.check(pw("192.0.2.90", "late@example.org")),
     )
     .await;
@@ -360,7 +363,7 @@ async fn a_reloaded_cap_applies_to_an_address_that_is_never_idle() {
         let g = g.clone();
         tokio::spawn(async move { g.check(pw("192.0.2.95", "n2@example.org")).await.verdict })
     };
-    tokio::time::sleep(Duration::from_secs(30)).await;
+    tokio::time::sleep(QUEUE_WAIT / 2).await;
     assert!(!third.is_finished(), "the old cap still applies");
     held.clear();
     assert!(!third.is_finished());
@@ -403,14 +406,12 @@ async fn a_dry_run_cap_still_lets_enforced_controls_decide() {
     };
     cfg.per_ip.enforce = true;
     let (g, _) = guard_with(cfg, 100_000);
-    for i in 0..12 {
-        fail(&g, pw("192.0.2.96", &format!("w{i}@example.org")), "x").await;
-    }
+    // Over the cap in dry run: counted, not queued.
     let first = g.check(pw("192.0.2.96", "a@example.org")).await;
     let second = g.check(pw("192.0.2.96", "b@example.org")).await;
     assert_eq!(
         (first.verdict, second.verdict),
-        (Verdict::Reject, Verdict::Reject)
+        (Verdict::Allow, Verdict::Allow)
     );
     let would = g
         .metrics
@@ -418,6 +419,14 @@ async fn a_dry_run_cap_still_lets_enforced_controls_decide() {
         .with_label_values(&["would_queue", "in_flight"])
         .get();
     assert_eq!(would, 1);
+    drop((first, second));
+    // The enforced address budget still blocks, and a blocked attempt takes no place.
+    for i in 0..12 {
+        fail(&g, pw("192.0.2.96", &format!("w{i}@example.org")), "x").await;
+    }
+    let held = g.check(pw("192.0.2.96", "c@example.org")).await;
+    assert_eq!((held.verdict, held.scope), (Verdict::Reject, Scope::Ip));
+    assert!(held.permit.is_none());
 }
 
 #[tokio::test(start_paused = true)]
@@ -440,7 +449,7 @@ async fn ipv6_attempts_in_flight_are_counted_per_64() {
                 .verdict
         })
     };
-    tokio::time::sleep(Duration::from_secs(30)).await;
+    tokio::time::sleep(QUEUE_WAIT / 2).await;
     assert!(!same_64.is_finished());
     assert_eq!(
         g.check(pw("2001:db8:1:3::1", "z@example.org"))
@@ -479,7 +488,14 @@ async fn token_failures_have_their_own_budget() {
     };
     for _ in 0..=g.config().per_token_ip.failures {
         g.check(key).await;
-        g.record(key, Outcome::Failure { fingerprint: None }).await;
+        g.record(
+            key,
+            Outcome::Failure {
+                fingerprint: None,
+                wrong_code: None,
+            },
+        )
+        .await;
     }
     assert_eq!(verdict(&g, key).await, (Verdict::Reject, Scope::TokenIp));
     // Password logins from there are not blocked by bad tokens.
@@ -535,6 +551,7 @@ async fn a_flood_of_random_keys_stays_bounded() {
             key,
             Outcome::Failure {
                 fingerprint: Some("f"),
+                wrong_code: None,
             },
         )
         .await;
@@ -589,7 +606,7 @@ async fn a_dry_run_control_never_hides_an_enforced_one() {
     }
     assert_eq!(
         verdict(&g, pw("192.0.2.120", "victim@example.org")).await,
-        (Verdict::Reject, Scope::Account)
+        (Verdict::RequireCode, Scope::Account)
     );
 }
 
@@ -712,6 +729,7 @@ async fn a_simultaneous_burst_on_one_account_stays_near_its_budget() {
                 key,
                 Outcome::Failure {
                     fingerprint: Some(&fp),
+                    wrong_code: None,
                 },
             )
             .await;
@@ -727,4 +745,206 @@ async fn a_simultaneous_burst_on_one_account_stays_near_its_budget() {
         checked <= budget + 1 + ACCOUNT_SLOTS as u32,
         "{checked} guesses were checked against a budget of {budget}"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queue_wait_that_runs_out_is_refused_and_leaves_nothing_behind() {
+    let g = Arc::new(guard());
+    let cap = g.config().max_delayed_per_ip;
+    let held: Vec<_> = {
+        let mut v = Vec::new();
+        for i in 0..cap {
+            v.push(
+                g.check(pw("192.0.2.97", &format!("u{i}@example.org")))
+                    .await,
+            );
+        }
+        v
+    };
+    let started = tokio::time::Instant::now();
+    let d = g.check(pw("192.0.2.97", "late@example.org")).await;
+    // Refused as throttled after the bounded wait, never checked, holding nothing.
+    assert_eq!((d.verdict, d.scope), (Verdict::Reject, Scope::InFlight));
+    assert!(d.permit.is_none());
+    assert_eq!(started.elapsed(), QUEUE_WAIT);
+    drop(held);
+    assert_eq!((g.in_flight.len(), g.accounts.len()), (0, 0));
+}
+
+/// The aimed lockout of issue 16: attackers from many networks hold every place of an
+/// account's lane; its owner, from the network she used before, is not queued behind them.
+#[tokio::test(start_paused = true)]
+async fn the_owner_from_her_known_network_never_queues_behind_a_flood() {
+    let g = Arc::new(guard());
+    let owner = "alice@example.org";
+    g.record(pw("198.51.100.7", owner), Outcome::Success { user: owner })
+        .await;
+    let mut attackers = Vec::new();
+    for i in 0..ACCOUNT_SLOTS * 4 {
+        let g = g.clone();
+        attackers.push(tokio::spawn(async move {
+            let d = g.check(pw(&format!("10.{i}.0.1"), owner)).await;
+            // Each attacker holds its place for a long check.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(d);
+        }));
+    }
+    tokio::task::yield_now().await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let d = tokio::time::timeout(Duration::from_millis(1), g.check(pw("198.51.100.8", owner)))
+        .await
+        .expect("the owner waited behind the attackers");
+    assert_eq!(d.verdict, Verdict::Allow);
+    assert!(d.known_good && d.permit.is_some());
+    // A login from a network the account never used does wait (bounded) for the lane.
+    let stranger = g.check(pw("203.0.113.9", owner)).await;
+    assert_eq!(
+        (stranger.verdict, stranger.scope),
+        (Verdict::Reject, Scope::AccountQueue)
+    );
+    for a in attackers {
+        a.abort();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_that_reaches_attack_mode_while_queued_is_decided_again() {
+    let g = Arc::new(guard());
+    let user = "jay@example.org";
+    // Four checks hold the lane; ten more queue behind them.
+    let mut tasks = Vec::new();
+    for i in 0..14u32 {
+        let g = g.clone();
+        tasks.push(tokio::spawn(async move {
+            let key = pw(&format!("10.{i}.7.1"), user);
+            let d = g.check(key).await;
+            let v = d.verdict;
+            if v == Verdict::Allow {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let fp = g.fingerprint(user, format!("p{i}").as_bytes());
+                g.record(
+                    key,
+                    Outcome::Failure {
+                        fingerprint: Some(&fp),
+                        wrong_code: None,
+                    },
+                )
+                .await;
+            }
+            v
+        }));
+    }
+    let mut verdicts = Vec::new();
+    for t in tasks {
+        verdicts.push(t.await.unwrap());
+    }
+    let allowed = verdicts.iter().filter(|v| **v == Verdict::Allow).count();
+    let budget = g.config().per_account.failures as usize;
+    // At most the lane's width beyond the budget: those were already being checked.
+    assert!(
+        allowed <= budget + ACCOUNT_SLOTS,
+        "{allowed} plain checks past a budget of {budget}"
+    );
+    assert!(verdicts.contains(&Verdict::RequireCode), "{verdicts:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn wrong_codes_past_their_budget_make_the_app_password_suspect() {
+    let g = guard();
+    let user = "kim@example.org";
+    let budget = g.config().wrong_codes.failures;
+    // A thief with kim's app password tries codes from several networks.
+    for i in 0..=budget {
+        let key = pw(&format!("10.{i}.9.1"), user);
+        let d = g.check(key).await;
+        assert_eq!(d.verdict, Verdict::Allow);
+        let fp = g.fingerprint(user, format!("apppassword{i:06}").as_bytes());
+        g.record(
+            key,
+            Outcome::Failure {
+                fingerprint: Some(&fp),
+                wrong_code: Some("ap_stolen"),
+            },
+        )
+        .await;
+    }
+    assert_eq!(g.metrics.app_password_suspect.get(), 1);
+    let marked = g
+        .store
+        .get(&crate::state::suspect_key(user, "ap_stolen"))
+        .await
+        .unwrap();
+    assert!(marked.is_some(), "the authenticator would not see the mark");
+    let status = g.status().await.unwrap();
+    let entry = status
+        .iter()
+        .find(|b| b.scope == "app_password")
+        .expect("listed for operators");
+    assert_eq!(entry.value, "kim@example.org/ap_stolen");
+    assert!(entry.expires_in_secs > 86_400, "lasts until someone acts");
+    // It does not count as a blocked source, and an operator can clear it.
+    g.sweep().await;
+    assert_eq!(g.metrics.guard_blocked_sources.get(), 0);
+    assert_eq!(g.clear(Some("app_password"), None).await.unwrap(), 1);
+    assert!(g
+        .store
+        .get(&crate::state::suspect_key(user, "ap_stolen"))
+        .await
+        .unwrap()
+        .is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn refused_tokens_count_per_subnet_and_feed_spray_detection() {
+    let g = guard();
+    let token = |addr: &str, user: &'static str| AttemptKey {
+        client_ip: ip(addr),
+        user: Some(user),
+        kind: Kind::Token,
+    };
+    // One token each from many addresses of one /24: no address is over its budget, the
+    // subnet is.
+    let budget = g.config().per_token_subnet.failures;
+    for i in 0..=budget {
+        let key = token(&format!("198.18.5.{}", i % 250 + 1), "t@example.org");
+        if g.check(key).await.verdict == Verdict::Allow {
+            g.record(
+                key,
+                Outcome::Failure {
+                    fingerprint: None,
+                    wrong_code: None,
+                },
+            )
+            .await;
+        }
+    }
+    assert_eq!(
+        verdict(&g, token("198.18.5.251", "t@example.org")).await,
+        (Verdict::Reject, Scope::TokenSubnet)
+    );
+    // Tokens for many accounts from one address: spraying.
+    let users = [
+        "a@x.org", "b@x.org", "c@x.org", "d@x.org", "e@x.org", "f@x.org", "g@x.org",
+    ];
+    for u in users {
+        let key = token("198.19.0.1", u);
+        if g.check(key).await.verdict == Verdict::Allow {
+            g.record(
+                key,
+                Outcome::Failure {
+                    fingerprint: None,
+                    wrong_code: None,
+                },
+            )
+            .await;
+        }
+    }
+    assert_eq!(
+        verdict(&g, token("198.19.0.1", "h@x.org")).await,
+        (Verdict::Reject, Scope::TokenIp)
+    );
+    let status = g.status().await.unwrap();
+    assert!(status
+        .iter()
+        .any(|b| b.scope == "token_ip" && b.value == "198.19.0.1" && b.reason == "spray"));
 }

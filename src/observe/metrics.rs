@@ -26,6 +26,7 @@ pub struct Metrics {
     pub guard_blocks: IntCounterVec,
     pub guard_blocked_sources: IntGauge,
     pub guard_attack_mode_accounts: IntGauge,
+    pub app_password_suspect: IntCounter,
     pub state_store_errors: IntCounterVec,
     pub state_store_up: IntGauge,
     pub upstream_logins: IntCounterVec,
@@ -88,11 +89,11 @@ pub const CATALOGUE: &[(&str, &str)] = &[
     ),
     (
         "imapgate_guard_decisions_total",
-        "Guard verdicts before a credential check, by action (allow, delay, reject, close, or would_* in dry run) and scope (the key that decided).",
+        "Guard verdicts before a credential check, by action (allow, delay, require_code, reject, queue, or would_* in dry run) and scope (the key that decided).",
     ),
     (
         "imapgate_guard_blocks_total",
-        "Blocks imposed by the guard, by scope (ip, subnet, token_ip; account = attack mode) and reason.",
+        "Blocks imposed by the guard, by scope (ip, subnet, token_ip, token_subnet; account = attack mode; app_password = suspect) and reason.",
     ),
     (
         "imapgate_guard_blocked_sources",
@@ -101,6 +102,10 @@ pub const CATALOGUE: &[(&str, &str)] = &[
     (
         "imapgate_guard_attack_mode_accounts",
         "Accounts in attack mode now: password logins only from their known-good networks.",
+    ),
+    (
+        "imapgate_app_password_suspect_total",
+        "App passwords marked suspect: correct, but given more wrong TOTP codes than guard.wrong_codes allows (probably leaked).",
     ),
     (
         "imapgate_state_store_errors_total",
@@ -213,6 +218,11 @@ impl Metrics {
         let guard_blocks = counter_vec("imapgate_guard_blocks_total", &["scope", "reason"])?;
         let guard_blocked_sources = gauge("imapgate_guard_blocked_sources")?;
         let guard_attack_mode_accounts = gauge("imapgate_guard_attack_mode_accounts")?;
+        let app_password_suspect = IntCounter::new(
+            "imapgate_app_password_suspect_total",
+            help("imapgate_app_password_suspect_total"),
+        )?;
+        registry.register(Box::new(app_password_suspect.clone()))?;
         let state_store_errors = counter_vec("imapgate_state_store_errors_total", &["op"])?;
         let state_store_up = gauge("imapgate_state_store_up")?;
         state_store_up.set(1);
@@ -266,6 +276,8 @@ impl Metrics {
             ("subnet", "spray"),
             ("account", "failures"),
             ("token_ip", "failures"),
+            ("token_subnet", "failures"),
+            ("app_password", "wrong_codes"),
         ] {
             guard_blocks.with_label_values(&[scope, reason]);
         }
@@ -295,6 +307,7 @@ impl Metrics {
             guard_blocks,
             guard_blocked_sources,
             guard_attack_mode_accounts,
+            app_password_suspect,
             state_store_errors,
             state_store_up,
             upstream_logins,

@@ -24,8 +24,10 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{Authenticator, CredentialStore};
 use crate::config::{Config, ListenerTls};
 use crate::guard::Guard;
+use crate::login::{self, UserSessions};
 use crate::observe::{self, Health, Metrics};
-use crate::session::{self, ListenerInfo, Shared, UserSessions};
+use crate::session::preauth::OAuthChallenges;
+use crate::session::{self, ListenerInfo, Shared};
 use crate::state::MemoryStore;
 use crate::tls::ServerTls;
 use crate::upstream::Upstreams;
@@ -313,18 +315,25 @@ impl Gateway {
         let shared = Arc::new(Shared {
             limits: config.limits.clone(),
             acceptor: TlsAcceptor::from(server_tls.config.clone()),
-            authenticator: store.clone() as Arc<dyn Authenticator>,
-            guard: guard.clone(),
-            upstreams: upstreams.clone(),
+            login: login::Services {
+                authenticator: store.clone() as Arc<dyn Authenticator>,
+                guard: guard.clone(),
+                upstreams: upstreams.clone(),
+                metrics: metrics.clone(),
+                failure_floor: config.auth.failure_floor,
+                max_sessions_per_user: config.limits.max_sessions_per_user,
+                user_sessions: UserSessions::default(),
+            },
             metrics: metrics.clone(),
-            failure_floor: config.auth.failure_floor,
-            oauth: store.oauth_enabled().then(|| store.oauth_challenge_hints()),
-            user_sessions: UserSessions::default(),
+            oauth: store.oauth_enabled().then(|| {
+                let (discovery, scope) = store.oauth_challenge_hints();
+                Arc::new(OAuthChallenges::new(discovery.as_deref(), &scope))
+            }),
             next_id: AtomicU64::new(1),
             stopping: stopping.clone(),
         });
         if config.auth.revoke_closes_sessions {
-            let sessions = shared.user_sessions.clone();
+            let sessions = shared.login.user_sessions.clone();
             store.set_reload_hook(Box::new(move |file| {
                 sessions.close_revoked(file);
             }));
@@ -333,6 +342,7 @@ impl Gateway {
             config.limits.max_connections,
             config.limits.max_sessions_per_ip,
             config.limits.max_preauth_per_ip,
+            config.guard.subnet_v6,
         ));
 
         let tracker = TaskTracker::new();
@@ -508,7 +518,7 @@ async fn accept_loop(
         if info.proxy_protocol {
             // The header is read in the connection's own task (bounded by the handshake
             // timeout); only trusted proxies get that far.
-            if !shared.guard.trusted_proxy(peer.ip()) {
+            if !shared.login.guard.trusted_proxy(peer.ip()) {
                 refuse("refused_untrusted_proxy");
                 drop(tcp);
                 continue;
@@ -542,7 +552,7 @@ async fn accept_loop(
             });
             continue;
         }
-        if shared.guard.denied(peer.ip()) {
+        if shared.login.guard.denied(peer.ip()) {
             refuse("refused_deny_list");
             drop(tcp);
             continue;
@@ -587,7 +597,7 @@ async fn admit(
             .with_label_values(&[&info.name, outcome])
             .inc();
     };
-    if shared.guard.denied(client.ip()) {
+    if shared.login.guard.denied(client.ip()) {
         count("refused_deny_list");
         return;
     }

@@ -55,6 +55,54 @@ pub enum Step {
     Close,
 }
 
+/// The RFC 7628 §3.2.2 error challenges (and XOAUTH2's equivalent), encoded once per process
+/// from the issuers' discovery URL and scope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OAuthChallenges {
+    xoauth2: Vec<u8>,
+    oauthbearer: Vec<u8>,
+}
+
+impl OAuthChallenges {
+    /// `discovery`: the OpenID configuration URL for OAUTHBEARER clients; `scope`: the scopes
+    /// a token needs.
+    pub fn new(discovery: Option<&str>, scope: &str) -> Self {
+        let challenge = |status: &str, discovery: Option<&str>| {
+            let mut v = serde_json::Map::new();
+            v.insert("status".into(), status.into());
+            v.insert("schemes".into(), "bearer".into());
+            v.insert("scope".into(), scope.into());
+            if let Some(c) = discovery {
+                v.insert("openid-configuration".into(), c.into());
+            }
+            serde_json::Value::Object(v).to_string().into_bytes()
+        };
+        Self {
+            xoauth2: challenge("401", None),
+            oauthbearer: challenge("invalid_token", discovery),
+        }
+    }
+
+    fn for_mechanism(&self, mechanism: Mechanism) -> &[u8] {
+        if mechanism == Mechanism::OAuthBearer {
+            &self.oauthbearer
+        } else {
+            &self.xoauth2
+        }
+    }
+}
+
+/// Why a login did not succeed, as the client is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Any refused or unchecked credential: one generic answer (invariant 5).
+    Failed,
+    /// The credential was good but no backend session could be made.
+    Unavailable,
+    /// The user has too many sessions.
+    TooManySessions,
+}
+
 /// A login to check.
 #[derive(Debug)]
 pub struct LoginRequest {
@@ -85,6 +133,8 @@ pub struct PreAuth {
     tls: bool,
     /// Token mechanisms (XOAUTH2, OAUTHBEARER) are offered.
     oauth: bool,
+    /// Their error challenges (a default one when only `with_oauth` was called).
+    challenges: Option<std::sync::Arc<OAuthChallenges>>,
     state: State,
     framer: Framer,
     out: Vec<Vec<u8>>,
@@ -120,6 +170,7 @@ impl PreAuth {
             failures: 0,
             commands: 0,
             oauth: false,
+            challenges: None,
         }
     }
 
@@ -127,6 +178,39 @@ impl PreAuth {
     pub fn with_oauth(mut self, on: bool) -> Self {
         self.oauth = on;
         self
+    }
+
+    /// Offers XOAUTH2 and OAUTHBEARER after TLS when `challenges` is given, and answers a
+    /// refused token with them.
+    pub fn with_oauth_challenges(
+        mut self,
+        challenges: Option<std::sync::Arc<OAuthChallenges>>,
+    ) -> Self {
+        self.oauth = challenges.is_some();
+        self.challenges = challenges;
+        self
+    }
+
+    /// The answer to a login that did not succeed: `NO [AUTHENTICATIONFAILED]` (a token
+    /// mechanism gets the error challenge first), `NO [UNAVAILABLE]` or `NO [LIMIT]`.
+    pub fn login_refused(&mut self, tag: &Tag<'static>, mechanism: Mechanism, why: Refused) {
+        match why {
+            Refused::Failed if mechanism.is_oauth() => {
+                let challenge = self
+                    .challenges
+                    .as_ref()
+                    .map(|c| c.for_mechanism(mechanism).to_vec())
+                    .unwrap_or_else(|| {
+                        OAuthChallenges::new(None, "")
+                            .for_mechanism(mechanism)
+                            .to_vec()
+                    });
+                self.oauth_failed(tag, &challenge);
+            }
+            Refused::Failed => self.auth_failed(tag),
+            Refused::Unavailable => self.auth_unavailable(tag),
+            Refused::TooManySessions => self.too_many_sessions(tag),
+        }
     }
 
     /// The capabilities for the current state (RFC 9051 §6.2.1, RFC 4959, RFC 2971).

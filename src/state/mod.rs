@@ -75,3 +75,10 @@ pub trait Store: Send + Sync {
     /// Removes several keys (one round trip for a remote store).
     async fn delete_many(&self, keys: &[String]) -> Result<(), StoreError>;
 }
+
+/// The key under which the guard marks an app password suspect (a correct app password given
+/// too many wrong codes): the authenticator then accepts it only where it is already unlocked.
+/// One definition for the guard, which writes it, and the authenticator, which reads it.
+pub fn suspect_key(user: &str, credential: &str) -> String {
+    format!("g:block:app_password:{user}/{credential}")
+}

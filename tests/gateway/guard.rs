@@ -3,6 +3,7 @@
 //! sends a v2 header naming its "client", exactly as a load balancer would.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use imapgate::server::proxy::v2_header;
@@ -539,4 +540,103 @@ async fn a_burst_of_good_logins_from_one_address_is_never_refused() {
             .await,
         0.0
     );
+}
+
+/// Issue 16's aimed lockout: many addresses flood one account with wrong passwords, as many
+/// at a time as each address may have checked (the in-flight cap), while the account's owner
+/// logs in from the network she used before. She is answered OK within 2 s.
+async fn a_flood_on_one_account_never_holds_up_its_owner(state: String) -> Option<()> {
+    const ADDRESSES: usize = 12;
+    const CAP: usize = 4;
+    let t = TestGateway::start_with(Options {
+        guard: format!(
+            "  trusted_proxies: [127.0.0.1]\n  tarpit: {{ start: 100ms, max: 400ms }}\n  max_delayed_per_ip: {CAP}"
+        ),
+        extra_listeners: PROXIED,
+        state,
+        ..Default::default()
+    })
+    .await?;
+    let owner = "alice@example.org";
+    let alice = t.password(owner);
+    assert!(login_as(&t, "198.51.100.7", owner, &alice)
+        .await
+        .starts_with("a OK"));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut attackers = Vec::new();
+    for a in 0..ADDRESSES * CAP {
+        let (addr, ca, stop) = (proxied(&t), t.pki.ca_der.clone(), stop.clone());
+        attackers.push(tokio::spawn(async move {
+            let from: SocketAddr = format!("10.{}.0.1:40000", a % ADDRESSES).parse().unwrap();
+            let header = v2_header(from, addr);
+            let mut guesses = 0u32;
+            // Bounded: stops when told, or after 30 s whatever happens.
+            let until = tokio::time::Instant::now() + Duration::from_secs(30);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && tokio::time::Instant::now() < until
+            {
+                let one = async {
+                    let mut c = Client::tls_after_header(addr, "127.0.0.1", &header, &ca)
+                        .await
+                        .ok()?;
+                    c.line().await?;
+                    for _ in 0..3 {
+                        guesses += 1;
+                        c.try_send(format!("g LOGIN {owner} \"wrong-{a}-{guesses}\"\r\n"))
+                            .await
+                            .ok()?;
+                        c.line().await?;
+                    }
+                    Some(())
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(10), one).await;
+            }
+            guesses
+        }));
+    }
+    // Let the flood fill every queue before the owner comes back.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut slowest = Duration::ZERO;
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let reply = login_as(&t, "198.51.100.7", owner, &alice).await;
+        let took = started.elapsed();
+        assert!(reply.starts_with("a OK"), "{reply}");
+        slowest = slowest.max(took);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut guesses = 0;
+    for a in attackers {
+        guesses += a.await.unwrap_or(0);
+    }
+    assert!(
+        guesses as usize >= ADDRESSES * CAP,
+        "the flood did not run: {guesses} guesses"
+    );
+    assert!(
+        slowest < Duration::from_secs(2),
+        "the owner waited {slowest:?} behind {guesses} guesses"
+    );
+    Some(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_on_one_account_never_holds_up_its_owner_memory_store() {
+    a_flood_on_one_account_never_holds_up_its_owner(String::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_on_one_account_never_holds_up_its_owner_redis() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let url_file = dir.path().join("redis.url");
+    std::fs::write(&url_file, redis.url()).unwrap();
+    let state = format!(
+        "  backend: redis\n  redis: {{ url_file: \"{}\", key_prefix: \"f:\", timeout: 300ms, on_error: fail_closed }}",
+        url_file.display()
+    );
+    a_flood_on_one_account_never_holds_up_its_owner(state).await;
 }

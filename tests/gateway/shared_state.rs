@@ -346,6 +346,7 @@ async fn redis_memory_per_failed_attempt() {
                 key,
                 Outcome::Failure {
                     fingerprint: Some(&fp),
+                    wrong_code: None,
                 },
             )
             .await;
