@@ -640,3 +640,71 @@ async fn a_flood_on_one_account_never_holds_up_its_owner_redis() {
     );
     a_flood_on_one_account_never_holds_up_its_owner(state).await;
 }
+
+/// Attack mode keeps an MFA user working from anywhere with a fresh code, and a stolen app
+/// password cannot be used to guess codes by volume.
+#[tokio::test(flavor = "multi_thread")]
+async fn attack_mode_lets_a_fresh_code_through_and_wrong_codes_make_an_app_password_suspect() {
+    let Some(t) = start("", None).await else {
+        return;
+    };
+    let user = "max@example.org";
+    let pw = t.password(user);
+    // A sprayer's guesses from many networks put max's account in attack mode.
+    let logins = (0..30)
+        .map(|i| (format!("10.{i}.0.1"), user.to_owned(), format!("guess-{i}")))
+        .collect();
+    burst(&t, logins, 8).await;
+    assert!(
+        t.metric("imapgate_guard_blocks_total", &["scope=\"account\""])
+            .await
+            >= 1.0
+    );
+    // From a network max never used: the app password alone is refused unchecked…
+    let before = hashes(&t).await;
+    assert_eq!(login_as(&t, "10.200.0.1", user, &pw).await, FAILED);
+    assert_eq!(hashes(&t).await, before, "a code-less login reached argon2");
+    // …with a fresh code it gets in (travel, a new mobile carrier).
+    let code = t.code(user, 0);
+    let reply = login_as(&t, "10.201.0.1", user, &format!("{pw}{code}")).await;
+    assert!(reply.starts_with("a OK"), "{reply}");
+    assert!(
+        t.metric(
+            "imapgate_guard_decisions_total",
+            &["action=\"require_code\""]
+        )
+        .await
+            >= 2.0
+    );
+    // Someone else has max's app password and tries codes from several networks.
+    let wrong_budget = 5;
+    for i in 0..=wrong_budget {
+        let wrong = t.code(user, 40 + i);
+        assert_eq!(
+            login_as(
+                &t,
+                &format!("10.{}.0.1", 210 + i),
+                user,
+                &format!("{pw}{wrong}")
+            )
+            .await,
+            FAILED
+        );
+    }
+    assert_eq!(
+        t.metric("imapgate_app_password_suspect_total", &[]).await,
+        1.0
+    );
+    // Now even a right, never-used code opens nothing new…
+    let next = t.code(user, 1);
+    assert_eq!(
+        login_as(&t, "10.230.0.1", user, &format!("{pw}{next}")).await,
+        FAILED
+    );
+    // …while max's own client, where the app password is unlocked, keeps working.
+    let reply = login_as(&t, "10.201.0.9", user, &pw).await;
+    assert!(reply.starts_with("a OK"), "{reply}");
+    let (code, body) = admin_request(t.gw.admin, "GET", "/guard/blocks", Some(ADMIN_TOKEN)).await;
+    assert_eq!(code, 200);
+    assert!(body.contains("\"scope\":\"app_password\""), "{body}");
+}

@@ -1,7 +1,10 @@
 //! The TLS front: invariants 1, 2 and 11, SNI, ALPN, handshake deadline, admission caps.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
 
 use crate::harness::*;
 
@@ -523,4 +526,119 @@ async fn certificates_reload_without_dropping_sessions() {
         connect("reloaded.test").await.is_ok(),
         "a failed reload dropped the certificates"
     );
+}
+
+/// A /64 routed to loopback for one test (`ip -6 route add local …/64 dev lo`): traffic to and
+/// from it never leaves the machine. Removed on drop.
+struct LocalPrefix(String);
+
+impl LocalPrefix {
+    fn add() -> Option<LocalPrefix> {
+        // A documentation prefix (RFC 3849), a different /64 per test process.
+        let prefix = format!(
+            "2001:db8:{:x}:{:x}::/64",
+            std::process::id() & 0xffff,
+            rand_u16()
+        );
+        let ok = std::process::Command::new("ip")
+            .args(["-6", "route", "add", "local", &prefix, "dev", "lo"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            assert!(
+                !require_real(),
+                "cannot route {prefix} to loopback (needs root and iproute2)"
+            );
+            eprintln!("skipped: cannot route {prefix} to loopback");
+            return None;
+        }
+        Some(LocalPrefix(prefix))
+    }
+
+    /// The n-th address of the prefix.
+    fn addr(&self, n: u16) -> std::net::Ipv6Addr {
+        let net: ipnet::Ipv6Net = self.0.parse().unwrap();
+        let mut o = net.network().octets();
+        o[14..].copy_from_slice(&n.to_be_bytes());
+        std::net::Ipv6Addr::from(o)
+    }
+}
+
+impl Drop for LocalPrefix {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["-6", "route", "del", "local", &self.0, "dev", "lo"])
+            .status();
+    }
+}
+
+fn rand_u16() -> u16 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    (t.subsec_nanos() & 0xffff) as u16
+}
+
+/// A TCP connection to `to` from `from`, an address of a loopback-routed prefix.
+async fn connect_from(from: std::net::Ipv6Addr, to: SocketAddr) -> tokio::net::TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+    s.set_freebind_v6(true).unwrap();
+    s.bind(&SocketAddr::new(from.into(), 0).into()).unwrap();
+    s.set_nonblocking(true).unwrap();
+    let s = tokio::net::TcpSocket::from_std_stream(s.into());
+    s.connect(to).await.unwrap()
+}
+
+/// One host with a /64 cannot hold the per-address caps once per address: admission counts
+/// IPv6 clients per `guard.subnet_v6` prefix.
+#[tokio::test]
+async fn preauth_connections_are_capped_per_ipv6_64() {
+    let Some(prefix) = LocalPrefix::add() else {
+        return;
+    };
+    let Some(t) = TestGateway::start_with(Options {
+        limits: "  max_preauth_per_ip: 3".into(),
+        extra_listeners: "  - { name: v6, address: \"[::1]:0\", tls: starttls }",
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let v6 = t.gw.listener("v6").unwrap();
+    let mut held = Vec::new();
+    for n in 1..=3 {
+        let mut s = connect_from(prefix.addr(n), v6).await;
+        let mut greeting = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut greeting))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&greeting, b"* OK");
+        held.push(s);
+    }
+    // A fourth address of the same /64 is the same source: refused before TLS.
+    let mut fourth = connect_from(prefix.addr(0x4444), v6).await;
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(3), fourth.read(&mut buf))
+        .await
+        .expect("fourth connection neither greeted nor closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "a fourth address of one /64 was admitted");
+    assert_eq!(
+        t.metric(
+            "imapgate_connections_total",
+            &["outcome=\"refused_preauth_per_ip\""]
+        )
+        .await,
+        1.0
+    );
+    // ::1 is another /64: admitted.
+    let mut other = tokio::net::TcpStream::connect(v6).await.unwrap();
+    let mut greeting = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), other.read_exact(&mut greeting))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&greeting, b"* OK");
 }
