@@ -962,8 +962,9 @@ async fn a_slow_key_fetch_does_not_stall_logins_whose_key_is_known() {
     // A token whose key is known is answered at once, fetch or no fetch.
     let started = std::time::Instant::now();
     accepted(&t, "XOAUTH2", &xoauth2("alice@example.org", &alice)).await;
+    // (Before, it waited for the fetch to time out: about 5 s.)
     assert!(
-        started.elapsed() < Duration::from_millis(1500),
+        started.elapsed() < Duration::from_secs(3),
         "a known key waited {:?} for a slow fetch",
         started.elapsed()
     );
@@ -976,6 +977,7 @@ async fn a_slow_key_fetch_does_not_stall_logins_whose_key_is_known() {
             .expect("unknown kids hung")
             .unwrap();
     }
+    // The second unknown kid was answered by the first one's fetch, not a fetch of its own.
     assert_eq!(gate(&idp, &name, "state").await["served"], 2);
 }
 

@@ -333,6 +333,8 @@ impl Issuer {
             c.jwks_uri.clone()
         };
         let res = self.fetch_key_set(jwks_uri).await;
+        // The interval counts from the end too: a slow issuer gets no back-to-back fetches.
+        lock(&self.cache).last_fetch = Some(Instant::now());
         let label = if res.is_ok() { "ok" } else { "error" };
         self.metrics
             .oauth_key_fetches
