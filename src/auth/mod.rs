@@ -166,19 +166,115 @@ pub trait Authenticator: Send + Sync {
     async fn authenticate(&self, attempt: &Attempt) -> Outcome;
 }
 
-/// Normalises a login name: full address folded to lower case. Refuses names that are empty,
-/// longer than 255 bytes, or contain whitespace, control characters (CR, LF, NUL, DEL …), or
-/// quote/backslash, before any lookup or upstream contact.
+/// How user names are compared (`auth.unicode_names`).
+///
+/// The rule travels as a value, not as a process-wide setting: one process may run several
+/// gateways (the integration tests do, in parallel), a failed reload must not change it half
+/// way, and a caller that does not know the option gets the strict rule, so forgetting it
+/// refuses a Unicode name instead of folding it into someone else's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum NameRules {
+    /// ASCII only, compared after ASCII lower-casing (the default).
+    #[default]
+    Ascii,
+    /// Unicode names too: NFKC-stable, lower-cased, single script per label, and not a
+    /// look-alike of an ASCII name (UTS #39).
+    Unicode,
+}
+
+impl NameRules {
+    /// The rule the configuration asks for.
+    pub fn from_config(unicode_names: bool) -> Self {
+        if unicode_names {
+            NameRules::Unicode
+        } else {
+            NameRules::Ascii
+        }
+    }
+}
+
+/// Normalises a login name with the strict default ([`NameRules::Ascii`]): the full address,
+/// ASCII only, folded to lower case. Refuses names that are empty, longer than 255 bytes,
+/// contain whitespace, control characters (CR, LF, NUL, DEL …), quote or backslash, or any
+/// non-ASCII character, before any lookup or upstream contact.
+///
+/// Only ASCII is folded: Rust's `to_lowercase` maps U+212A KELVIN SIGN to `k`, so a full
+/// Unicode fold would let a name (or a token claim) with a Kelvin sign open `kate@…`.
 pub fn normalize_user(name: &str) -> Result<String, FailureReason> {
-    let bad = name.is_empty()
-        || name.len() > 255
-        || name
-            .chars()
-            .any(|c| c.is_control() || c.is_whitespace() || c == '"' || c == '\\');
-    if bad {
+    normalize_user_with(name, NameRules::Ascii)
+}
+
+/// [`normalize_user`] under the configured rule.
+///
+/// With [`NameRules::Unicode`] a non-ASCII name is accepted only if:
+/// 1. it has no compatibility characters: its NFKC form equals its NFC form (so U+212A KELVIN
+///    SIGN, fullwidth letters, ligatures and superscripts are refused, not mapped; canonical
+///    variants such as a decomposed `ö` are composed);
+/// 2. after Unicode lower-casing (and NFC again) it is still not ASCII: no non-ASCII name may
+///    fold into an ASCII one;
+/// 3. every non-ASCII character is allowed in identifiers (UTS #39 §3.1, Identifier_Status);
+/// 4. the local part and each domain label are single-script (UTS #39 §5.1), so a Latin name
+///    with a Cyrillic `а` is refused;
+/// 5. its confusable skeleton (UTS #39 §4) is not all ASCII: a name that looks like an ASCII
+///    name (all-Cyrillic `аре`, dotless `ı`) is refused;
+/// 6. no mark hides in its letter (UTS #39 §5.4): no dot above on a soft-dotted letter (`i̇`,
+///    what `İ` lower-cases to), no combining mark repeated.
+pub fn normalize_user_with(name: &str, rules: NameRules) -> Result<String, FailureReason> {
+    let bad_char = |c: char| c.is_control() || c.is_whitespace() || c == '"' || c == '\\';
+    if name.is_empty() || name.len() > 255 || name.chars().any(bad_char) {
         return Err(FailureReason::BadName);
     }
-    Ok(name.to_lowercase())
+    if name.is_ascii() {
+        return Ok(name.to_ascii_lowercase());
+    }
+    if rules == NameRules::Ascii {
+        return Err(FailureReason::BadName);
+    }
+    use unicode_normalization::UnicodeNormalization;
+    use unicode_security::{GeneralSecurityProfile, MixedScript};
+    let nfc: String = name.nfc().collect();
+    if name.nfkc().ne(nfc.chars()) {
+        return Err(FailureReason::BadName);
+    }
+    let folded: String = nfc.to_lowercase().nfc().collect();
+    let allowed = |c: char| c.is_ascii() || c.identifier_allowed();
+    let single_script = || {
+        let (local, domain) = folded.rsplit_once('@').unwrap_or((folded.as_str(), ""));
+        std::iter::once(local)
+            .chain(domain.split('.'))
+            .all(MixedScript::is_single_script)
+    };
+    let ascii_skeleton = || unicode_security::skeleton(&folded).all(|c| c.is_ascii());
+    let hidden_mark = || {
+        let mut prev = ' ';
+        folded.nfd().any(|c| {
+            let dotted = matches!(
+                prev,
+                'i' | 'j'
+                    | '\u{12F}'
+                    | '\u{249}'
+                    | '\u{268}'
+                    | '\u{456}'
+                    | '\u{458}'
+                    | '\u{1E2D}'
+                    | '\u{1ECB}'
+            );
+            let hidden = (c == '\u{307}' && dotted)
+                || (c == prev && unicode_normalization::char::is_combining_mark(c));
+            prev = c;
+            hidden
+        })
+    };
+    if folded.is_ascii()
+        || folded.len() > 255
+        || folded.chars().any(|c| bad_char(c) || !allowed(c))
+        || !single_script()
+        || ascii_skeleton()
+        || hidden_mark()
+    {
+        return Err(FailureReason::BadName);
+    }
+    Ok(folded)
 }
 
 /// A name safe to put in a log line: the normalised name, or a placeholder.
@@ -206,5 +302,113 @@ mod tests {
             Err(FailureReason::BadName)
         );
         assert_eq!(loggable_user("x\r\ny"), "<invalid>");
+    }
+
+    /// Look-alikes of ASCII names: refused under both rules (never folded into `kate@…`).
+    #[test]
+    fn look_alikes_never_become_ascii_names() {
+        use NameRules::{Ascii, Unicode};
+        let cases = [
+            // U+212A KELVIN SIGN: `to_lowercase` would make it `k`.
+            "\u{212A}ate@example.org",
+            "\u{212A}ATE@EXAMPLE.ORG",
+            // Fullwidth letters (NFKC would make them ASCII).
+            "\u{FF4B}ate@example.org",
+            "kate@\u{FF45}xample.org",
+            // Cyrillic а (U+0430) inside a Latin name: mixed script.
+            "k\u{0430}te@example.org",
+            // All-Cyrillic, looks like `ape`: a whole-script confusable.
+            "\u{0430}\u{0440}\u{0435}@example.org",
+            // Dotless ı (U+0131) looks like i.
+            "k\u{0131}t@example.org",
+            // Capital I with dot above lower-cases to i + combining dot.
+            "\u{0130}da@example.org",
+            // Ligature ﬁ (NFKC: fi).
+            "\u{FB01}ona@example.org",
+            // Mathematical bold k.
+            "\u{1D424}ate@example.org",
+            // A zero-width joiner (default-ignorable, not an identifier character).
+            "ka\u{200D}te@example.org",
+        ];
+        for name in cases {
+            for rules in [Ascii, Unicode] {
+                assert_eq!(
+                    normalize_user_with(name, rules),
+                    Err(FailureReason::BadName),
+                    "{name:?} {rules:?}"
+                );
+            }
+            assert_eq!(
+                normalize_user(name),
+                Err(FailureReason::BadName),
+                "{name:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn plain_ascii_is_folded_the_same_under_both_rules() {
+        for rules in [NameRules::Ascii, NameRules::Unicode] {
+            assert_eq!(
+                normalize_user_with("Kate@Example.ORG", rules),
+                Ok("kate@example.org".into())
+            );
+            assert_eq!(
+                normalize_user_with("a.b+c_d-e@x-1.example", rules),
+                Ok("a.b+c_d-e@x-1.example".into())
+            );
+        }
+    }
+
+    /// Real non-ASCII names: refused by default, accepted (NFC, lower case) with Unicode on.
+    #[test]
+    fn unicode_names_only_when_enabled() {
+        let cases = [
+            ("J\u{00F6}rg@example.org", "j\u{00F6}rg@example.org"),
+            // Decomposed ö (as some clients send it) composes to the same name.
+            ("Jo\u{0308}rg@example.org", "j\u{00F6}rg@example.org"),
+            ("Jos\u{00E9}@example.org", "jos\u{00E9}@example.org"),
+            // All-Cyrillic name (single script, not an ASCII look-alike).
+            (
+                "\u{0418}\u{0432}\u{0430}\u{043D}@example.org",
+                "\u{0438}\u{0432}\u{0430}\u{043D}@example.org",
+            ),
+            // Greek.
+            (
+                "\u{0394}\u{03B7}\u{03BC}\u{03AE}\u{03C4}\u{03C1}\u{03B7}\u{03C2}@example.org",
+                "\u{03B4}\u{03B7}\u{03BC}\u{03AE}\u{03C4}\u{03C1}\u{03B7}\u{03C2}@example.org",
+            ),
+            // An internationalised domain in Unicode form.
+            ("anna@b\u{00FC}cher.example", "anna@b\u{00FC}cher.example"),
+        ];
+        for (name, want) in cases {
+            assert_eq!(
+                normalize_user(name),
+                Err(FailureReason::BadName),
+                "{name:?}"
+            );
+            assert_eq!(
+                normalize_user_with(name, NameRules::Unicode),
+                Ok(want.to_owned()),
+                "{name:?}"
+            );
+        }
+        // The usual refusals hold with Unicode too.
+        for bad in [
+            "j\u{00F6}rg\r@example.org",
+            "j\u{00F6} rg@example.org",
+            "j\u{00F6}\u{2028}@x",
+        ] {
+            assert_eq!(
+                normalize_user_with(bad, NameRules::Unicode),
+                Err(FailureReason::BadName),
+                "{bad:?}"
+            );
+        }
+        // 255 bytes at most, after folding too.
+        assert_eq!(
+            normalize_user_with(&"\u{00F6}".repeat(128), NameRules::Unicode),
+            Err(FailureReason::BadName)
+        );
     }
 }

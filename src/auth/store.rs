@@ -28,8 +28,8 @@ use super::cache::VerifiedCache;
 use super::keyring::KeyRing;
 use super::users::{UsersError, UsersFile};
 use super::{
-    app_password, normalize_user, totp, Attempt, Authenticator, Credential, FailureReason,
-    Identity, Outcome,
+    app_password, normalize_user_with, totp, Attempt, Authenticator, Credential, FailureReason,
+    Identity, NameRules, Outcome,
 };
 use crate::config::{Argon2Params, AuthConfig, MfaConfig, MfaMode};
 use crate::observe::Metrics;
@@ -66,6 +66,8 @@ pub struct CredentialStore {
     argon2: Argon2Params,
     on_reload: RwLock<Option<ReloadHook>>,
     oauth: Option<super::oauth::OAuthValidator>,
+    /// How login names and token claims are compared (`auth.unicode_names`).
+    names: NameRules,
 }
 
 /// The client's subnet for unlock binding: /24 for IPv4, /64 for IPv6.
@@ -159,12 +161,15 @@ impl CredentialStore {
             None
         } else {
             Some(
-                super::oauth::OAuthValidator::new(&cfg.oauth_issuers, metrics.clone()).map_err(
-                    |message| UsersError::Invalid {
-                        path: "auth.oauth.issuers".into(),
-                        message,
-                    },
-                )?,
+                super::oauth::OAuthValidator::new(
+                    &cfg.oauth_issuers,
+                    metrics.clone(),
+                    NameRules::from_config(cfg.unicode_names),
+                )
+                .map_err(|message| UsersError::Invalid {
+                    path: "auth.oauth.issuers".into(),
+                    message,
+                })?,
             )
         };
         Ok(Self {
@@ -182,6 +187,7 @@ impl CredentialStore {
             argon2: cfg.argon2,
             on_reload: RwLock::new(None),
             oauth,
+            names: NameRules::from_config(cfg.unicode_names),
         })
     }
 
@@ -351,7 +357,7 @@ impl CredentialStore {
         let Some(oauth) = &self.oauth else {
             return Outcome::Failure(FailureReason::OAuthNotConfigured);
         };
-        let claimed = match user.map(normalize_user) {
+        let claimed = match user.map(|u| normalize_user_with(u, self.names)) {
             None => None,
             Some(Ok(u)) => Some(u),
             Some(Err(r)) => return Outcome::Failure(r),
@@ -428,7 +434,7 @@ impl Authenticator for CredentialStore {
             }
             Credential::MalformedBearer(_) => return Outcome::Failure(FailureReason::Malformed),
         };
-        let Ok(name) = normalize_user(user) else {
+        let Ok(name) = normalize_user_with(user, self.names) else {
             self.dummy().await;
             return Outcome::Failure(FailureReason::BadName);
         };

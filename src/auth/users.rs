@@ -139,7 +139,9 @@ impl UsersFile {
             ));
         }
         for (name, user) in &file.users {
-            match super::normalize_user(name) {
+            // The wider rule: a Unicode name is kept (it can log in only with
+            // `auth.unicode_names`); every name must already be in its normalised form.
+            match super::normalize_user_with(name, super::NameRules::Unicode) {
                 Ok(n) if &n == name => {}
                 _ => return Err(format!("users.{name}: not a valid, lower-case user name")),
             }

@@ -340,8 +340,10 @@ pub(crate) fn audited(
     code
 }
 
+/// A user name for the users file: the wider (Unicode) rule, as the file itself accepts; a
+/// non-ASCII name can log in only with `auth.unicode_names: true`.
 pub(crate) fn user_name(user: &str) -> Result<String, ExitCode> {
-    normalize_user(user).map_err(|_| {
+    crate::auth::normalize_user_with(user, crate::auth::NameRules::Unicode).map_err(|_| {
         fail(
             EXIT_CONFIG,
             format!("`{}` is not a valid user name", user.escape_debug()),

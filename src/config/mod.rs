@@ -315,6 +315,8 @@ pub struct AuthConfig {
     pub failure_floor: Duration,
     pub revoke_closes_sessions: bool,
     pub oauth_issuers: Vec<IssuerConfig>,
+    /// Non-ASCII user names are accepted (NFKC, lower case, UTS #39 checks); false: ASCII only.
+    pub unicode_names: bool,
 }
 
 /// One trusted OAuth 2.0 / OpenID issuer.
@@ -343,6 +345,10 @@ pub struct IssuerConfig {
     pub end_session_at_expiry: bool,
     /// RFC 7662 introspection for opaque tokens.
     pub introspection: Option<IntrospectionConfig>,
+    /// Lower-cased mail domains its tokens may log into; empty: any domain.
+    pub domains: Vec<String>,
+    /// With `user_claim: email`, the token must say `email_verified: true`.
+    pub require_email_verified: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -83,6 +83,9 @@ pub struct Auth {
     pub revoke_closes_sessions: bool,
     #[serde(default)]
     pub oauth: OAuth,
+    /// Accept non-ASCII user names (NFKC + confusable checks); default ASCII only.
+    #[serde(default)]
+    pub unicode_names: bool,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -116,6 +119,11 @@ pub struct Issuer {
     #[serde(default)]
     pub end_session_at_expiry: bool,
     pub introspection: Option<Introspection>,
+    /// Mail domains this issuer's tokens may log into (empty: any).
+    #[serde(default)]
+    pub domains: Vec<String>,
+    /// With `user_claim: email`, require `email_verified: true` (default true).
+    pub require_email_verified: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

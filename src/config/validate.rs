@@ -665,6 +665,7 @@ fn auth(cx: &mut Ctx, v: &Value) -> Option<AuthConfig> {
         failure_floor,
         revoke_closes_sessions: a.revoke_closes_sessions,
         oauth_issuers: issuers(cx, &a.oauth),
+        unicode_names: a.unicode_names,
     })
 }
 
@@ -773,6 +774,13 @@ fn issuers(cx: &mut Ctx, o: &raw::OAuth) -> Vec<super::IssuerConfig> {
                 "must be email, preferred_username, upn, unique_name or sub",
             );
         }
+        let domains = issuer_domains(cx, r, &path, &out);
+        let require_email_verified = r.require_email_verified.unwrap_or(true);
+        if !require_email_verified && user_claim == "email" {
+            cx.warnings.push(format!(
+                "{path}.require_email_verified is false: a token whose email address the provider has not verified can open that mailbox"
+            ));
+        }
         let leeway = cx.duration(
             r.leeway.as_ref(),
             &format!("{path}.leeway"),
@@ -857,9 +865,67 @@ fn issuers(cx: &mut Ctx, o: &raw::OAuth) -> Vec<super::IssuerConfig> {
                     cache_ttl,
                 })
             }),
+            domains,
+            require_email_verified,
         });
     }
+    let introspecting = out.iter().filter(|i| i.introspection.is_some());
+    let open = introspecting
+        .clone()
+        .filter(|i| i.domains.is_empty())
+        .count();
+    if open >= 2 {
+        cx.warnings.push(format!(
+            "auth.oauth.issuers: {open} issuers introspect opaque tokens without listing `domains`; an opaque token for a domain no issuer lists is refused (it is sent to one issuer only, and none can be chosen)"
+        ));
+    }
     out
+}
+
+/// An issuer's `domains`: lower-case ASCII domain names, each once. Two issuers with
+/// introspection that list the same domain make opaque tokens for it ambiguous (refused).
+fn issuer_domains(
+    cx: &mut Ctx,
+    r: &raw::Issuer,
+    path: &str,
+    earlier: &[super::IssuerConfig],
+) -> Vec<String> {
+    let mut domains: Vec<String> = Vec::new();
+    for (j, d) in r.domains.iter().enumerate() {
+        let d = d.to_ascii_lowercase();
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        };
+        if d.len() > 253 || !d.split('.').all(label_ok) {
+            cx.err(
+                format!("{path}.domains[{j}]"),
+                "must be a domain name in ASCII (an internationalised one in its xn-- form)",
+            );
+        } else if domains.contains(&d) {
+            cx.err(
+                format!("{path}.domains[{j}]"),
+                format!("`{d}` is listed twice"),
+            );
+        } else {
+            if r.introspection.is_some() {
+                if let Some(other) = earlier
+                    .iter()
+                    .find(|o| o.introspection.is_some() && o.domains.contains(&d))
+                {
+                    cx.warnings.push(format!(
+                        "{path}.domains: `{d}` is also listed by issuer `{}`; both introspect opaque tokens, so an opaque token for {d} is refused (no issuer can be chosen)",
+                        other.name
+                    ));
+                }
+            }
+            domains.push(d);
+        }
+    }
+    domains
 }
 
 /// A 32-byte key written as base64 text (one line).
@@ -1303,5 +1369,71 @@ mod tests {
             "{msgs:?}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn oauth_name_options_and_their_warnings() {
+        let yaml = |extra: &str| {
+            format!(
+                "listeners: [{{ name: imaps, address: \"127.0.0.1:993\", tls: implicit }}]\n\
+                 tls: {{ self_signed: true }}\n\
+                 auth:\n  users_file: users.yaml\n{extra}\n\
+                 backends: [{{ name: b, address: \"mail:993\", tls: implicit, login: master_user, master_user: g, master_password_env: PATH }}]\n\
+                 routes: {{ default: b }}\n"
+            )
+        };
+        let issuer = |name: &str, more: &str| {
+            format!("      - {{ name: {name}, issuer: \"https://{name}.example\", audiences: [imap]{more} }}\n")
+        };
+        // Defaults: ASCII names, email_verified required, any domain; no warning.
+        let plain = format!("  oauth:\n    issuers:\n{}", issuer("a", ""));
+        let c = Config::from_yaml(&yaml(&plain), Path::new(".")).unwrap();
+        let i = &c.auth.oauth_issuers[0];
+        assert!(!c.auth.unicode_names && i.require_email_verified && i.domains.is_empty());
+        assert!(
+            !c.warnings.iter().any(|w| w.contains("auth.oauth")),
+            "{:?}",
+            c.warnings
+        );
+        // Off, domains lower-cased, a domain two introspecting issuers claim: two warnings.
+        let intro = ", introspection: { endpoint: \"https://x.example/i\", client_id: c, client_secret_env: PATH }";
+        let text = format!(
+            "  unicode_names: true\n  oauth:\n    issuers:\n{}{}",
+            issuer(
+                "a",
+                &format!(", require_email_verified: false, domains: [Example.ORG]{intro}")
+            ),
+            issuer("b", &format!(", domains: [example.org]{intro}")),
+        );
+        let c = Config::from_yaml(&yaml(&text), Path::new(".")).unwrap();
+        assert!(c.auth.unicode_names);
+        let i = &c.auth.oauth_issuers[0];
+        assert!(!i.require_email_verified);
+        assert_eq!(i.domains, vec!["example.org".to_owned()]);
+        let w: Vec<&String> = c
+            .warnings
+            .iter()
+            .filter(|w| w.contains("auth.oauth"))
+            .collect();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].contains("issuers[0].require_email_verified is false"),
+            "{w:?}"
+        );
+        assert!(
+            w[1].contains("issuers[1].domains: `example.org` is also listed by issuer `a`"),
+            "{w:?}"
+        );
+        // With another user claim the option does nothing, and says nothing.
+        let other = format!(
+            "  oauth:\n    issuers:\n{}",
+            issuer("a", ", user_claim: upn, require_email_verified: false")
+        );
+        let c = Config::from_yaml(&yaml(&other), Path::new(".")).unwrap();
+        assert!(
+            !c.warnings.iter().any(|w| w.contains("auth.oauth")),
+            "{:?}",
+            c.warnings
+        );
     }
 }

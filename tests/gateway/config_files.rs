@@ -75,6 +75,9 @@ fn the_example_config_documents_a_valid_config() {
     assert_eq!(cfg.state.max_entries, 500_000);
     let issuer = &cfg.auth.oauth_issuers[0];
     assert_eq!(issuer.audiences, vec!["imap".to_owned()]);
+    // The documented OAuth defaults: email_verified required, any domain, ASCII names.
+    assert!(issuer.require_email_verified && issuer.domains.is_empty());
+    assert!(!cfg.auth.unicode_names);
     assert!(issuer.jwks_uri.is_none(), "discovery by default");
     assert_eq!(
         issuer

@@ -659,3 +659,425 @@ async fn oauth_only_gateway(
     .unwrap();
     (gw, pki, dir)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Issue 16: which issuer an opaque token goes to, strict introspection answers, key fetches
+// that do not stall, email_verified, issuer domains, ASCII-only names.
+// ---------------------------------------------------------------------------------------------
+
+/// A string for a config fragment that lives as long as the test binary.
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+/// A name no other test (or earlier run against the same IdP) uses.
+fn unique(prefix: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}-{t}-{n}")
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// The gateway's introspection client secret, in a file (absolute path) for config fragments.
+fn gateway_secret_file() -> &'static str {
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let p = dir.join("gateway.secret");
+        std::fs::write(&p, "secret-imapgate-gateway").unwrap();
+        p.display().to_string()
+    })
+}
+
+/// The test IdP's scripted introspection endpoint answers `answer` for `token`.
+async fn script(idp: &Idp, token: &str, answer: serde_json::Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{}/__scripted/answer", idp.url))
+        .json(&serde_json::json!({ "token": token, "answer": answer }))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+}
+
+/// How many introspection requests the scripted endpoint got for `token`.
+async fn scripted_calls(idp: &Idp, token: &str) -> u64 {
+    let v: serde_json::Value = reqwest::Client::new()
+        // Tokens here are base64url or our own names: nothing to escape.
+        .get(format!("{}/__scripted/calls?token={token}", idp.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["calls"].as_u64().unwrap()
+}
+
+/// A second issuer (not the test IdP's own `iss`) whose introspection endpoint is the scripted
+/// one, so the test can count what reaches it. `more`: extra keys of its flow mapping.
+fn other_issuer(idp: &Idp, more: &str) -> String {
+    format!(
+        "      - {{ name: other, issuer: \"{u}/other\", discovery: false, jwks_uri: \"{u}/jwks\", audiences: [imap], introspection: {{ endpoint: \"{u}/__scripted/introspect\", client_id: imapgate-gateway, client_secret_file: \"{s}\" }}{more} }}",
+        u = idp.url,
+        s = gateway_secret_file()
+    )
+}
+
+/// The test issuer's own introspection (the real endpoint), with `more` issuer lines.
+fn real_introspection(more: &str) -> String {
+    format!(
+        "        introspection: {{ client_id: imapgate-gateway, client_secret_file: \"{}\", cache_ttl: 30s }}\n{more}",
+        gateway_secret_file()
+    )
+}
+
+#[tokio::test]
+async fn an_opaque_token_is_introspected_only_where_it_can_belong() {
+    let Some(idp) = idp() else { return };
+    // Two issuers introspect and neither says which domains it serves: the gateway cannot
+    // tell whose token it is, so it sends it to neither (before: to each in turn).
+    let extra = leak(format!(
+        "{}{}",
+        real_introspection(""),
+        other_issuer(&idp, "")
+    ));
+    let Some((t, _)) = start(extra).await else {
+        return;
+    };
+    let real = idp.token("alice", "urn:imapgate:opaque", "imap").await;
+    let unknown = unique("opaque-unknown");
+    refused(&t, "XOAUTH2", &xoauth2("alice@example.org", &unknown)).await;
+    assert_eq!(
+        scripted_calls(&idp, &unknown).await,
+        0,
+        "a token for example.org reached the other issuer"
+    );
+    refused(&t, "XOAUTH2", &xoauth2("alice@example.org", &real)).await;
+    assert_eq!(scripted_calls(&idp, &real).await, 0, "alice's token leaked");
+    assert_eq!(
+        t.metric(
+            "imapgate_oauth_tokens_total",
+            &["result=\"unknown_issuer\""]
+        )
+        .await,
+        2.0
+    );
+
+    // With domains, the SASL user's domain picks the one issuer.
+    let extra = leak(format!(
+        "{}{}",
+        real_introspection("        domains: [example.org]\n"),
+        other_issuer(&idp, ", domains: [other.test]")
+    ));
+    let Some((t, _)) = start(extra).await else {
+        return;
+    };
+    accepted(&t, "XOAUTH2", &xoauth2("alice@example.org", &real)).await;
+    refused(&t, "XOAUTH2", &xoauth2("alice@example.org", &unknown)).await;
+    assert_eq!(scripted_calls(&idp, &real).await, 0, "alice's token leaked");
+    assert_eq!(scripted_calls(&idp, &unknown).await, 0, "token leaked");
+    // A token for the other domain goes there, once, and nowhere else.
+    let theirs = unique("opaque-other");
+    refused(&t, "XOAUTH2", &xoauth2("someone@other.test", &theirs)).await;
+    assert_eq!(scripted_calls(&idp, &theirs).await, 1);
+    // A domain no issuer serves: refused without asking anyone.
+    let nowhere = unique("opaque-nowhere");
+    refused(&t, "XOAUTH2", &xoauth2("someone@nowhere.test", &nowhere)).await;
+    assert_eq!(scripted_calls(&idp, &nowhere).await, 0);
+    assert_eq!(
+        t.metric("imapgate_oauth_tokens_total", &["result=\"wrong_domain\""])
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn introspection_answers_are_checked_strictly_and_only_good_ones_cached() {
+    let Some(idp) = idp() else { return };
+    let extra = leak(format!(
+        "        introspection: {{ endpoint: \"{}/__scripted/introspect\", client_id: imapgate-gateway, client_secret_file: \"{}\", cache_ttl: 30s }}",
+        idp.url,
+        gateway_secret_file()
+    ));
+    let Some((t, _)) = start(extra).await else {
+        return;
+    };
+    let now = unix_now();
+    let good = serde_json::json!({
+        "active": true, "exp": now + 600, "iat": now, "iss": idp.url, "aud": "imap",
+        "client_id": "alice", "scope": "imap", "email": "alice@example.org",
+        "email_verified": true, "token_type": "Bearer"
+    });
+    let with = |changes: &[(&str, serde_json::Value)]| {
+        let mut v = good.clone();
+        for (k, x) in changes {
+            if x.is_null() {
+                v.as_object_mut().unwrap().remove(*k);
+            } else {
+                v[*k] = x.clone();
+            }
+        }
+        v
+    };
+    // Accepted: the well-formed answer, and one whose audience is in `client_id` only
+    // (RFC 7662 §2.2). The good one is cached: the second login asks nobody.
+    let ok = unique("good");
+    script(&idp, &ok, good.clone()).await;
+    accepted(&t, "XOAUTH2", &xoauth2("alice@example.org", &ok)).await;
+    accepted(&t, "XOAUTH2", &xoauth2("alice@example.org", &ok)).await;
+    assert_eq!(scripted_calls(&idp, &ok).await, 1);
+    let by_client = unique("client-id");
+    script(
+        &idp,
+        &by_client,
+        with(&[
+            ("aud", serde_json::Value::Null),
+            ("client_id", "imap".into()),
+        ]),
+    )
+    .await;
+    accepted(&t, "XOAUTH2", &xoauth2("alice@example.org", &by_client)).await;
+    // Refused, each asked again at the next attempt (a refused answer is never cached).
+    let null = serde_json::Value::Null;
+    let cases: Vec<(&str, serde_json::Value)> = vec![
+        ("inactive", with(&[("active", false.into())])),
+        ("active-string", with(&[("active", "true".into())])),
+        ("no-exp", with(&[("exp", null.clone())])),
+        ("expired", with(&[("exp", (now - 5).into())])),
+        ("no-iss", with(&[("iss", null.clone())])),
+        ("other-iss", with(&[("iss", "https://evil.example".into())])),
+        (
+            "other-aud",
+            with(&[("aud", "not-imap".into()), ("client_id", "alice".into())]),
+        ),
+        (
+            "no-aud",
+            with(&[("aud", null.clone()), ("client_id", "alice".into())]),
+        ),
+    ];
+    for (name, answer) in cases {
+        let token = unique(name);
+        script(&idp, &token, answer).await;
+        refused(&t, "XOAUTH2", &xoauth2("alice@example.org", &token)).await;
+        refused(&t, "XOAUTH2", &xoauth2("alice@example.org", &token)).await;
+        assert_eq!(scripted_calls(&idp, &token).await, 2, "{name} was cached");
+    }
+    for reason in [
+        "inactive",
+        "malformed",
+        "expired",
+        "wrong_issuer",
+        "wrong_audience",
+    ] {
+        assert!(
+            t.metric(
+                "imapgate_oauth_tokens_total",
+                &[&format!("result=\"{reason}\"")]
+            )
+            .await
+                >= 2.0,
+            "{reason} not counted"
+        );
+    }
+    // A good answer is cached no longer than its exp.
+    let short = unique("short");
+    script(&idp, &short, with(&[("exp", (unix_now() + 2).into())])).await;
+    accepted(&t, "XOAUTH2", &xoauth2("alice@example.org", &short)).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    refused(&t, "XOAUTH2", &xoauth2("alice@example.org", &short)).await;
+    assert_eq!(scripted_calls(&idp, &short).await, 2);
+}
+
+/// An RS256 token with a `kid` the issuer never published, for `email`.
+fn unknown_kid_token(idp: &Idp, email: &str) -> String {
+    let header = jsonwebtoken::Header {
+        alg: jsonwebtoken::Algorithm::RS256,
+        kid: Some(unique("kid")),
+        ..Default::default()
+    };
+    format!(
+        "{}.{}.{}",
+        b64url(serde_json::to_string(&header).unwrap().as_bytes()),
+        b64url(payload_for(idp, email).to_string().as_bytes()),
+        b64url(b"sig")
+    )
+}
+
+async fn gate(idp: &Idp, name: &str, action: &str) -> serde_json::Value {
+    let c = reqwest::Client::new();
+    let url = format!("{}/__gated/{name}/{action}", idp.url);
+    let r = if action == "state" {
+        c.get(url)
+    } else {
+        c.post(url)
+    };
+    r.send().await.unwrap().json().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_key_fetch_does_not_stall_logins_whose_key_is_known() {
+    let Some(idp) = idp() else { return };
+    let name = unique("gate");
+    let extra = leak(format!(
+        "        discovery: false\n        jwks_uri: \"{}/__gated/{name}/jwks\"",
+        idp.url
+    ));
+    let Some((t, _)) = start(extra).await else {
+        return;
+    };
+    let t = std::sync::Arc::new(t);
+    // The keys are fetched once and known.
+    let alice = idp.token("alice", "urn:imapgate:rs256", "imap").await;
+    accepted(&t, "XOAUTH2", &xoauth2("alice@example.org", &alice)).await;
+    // Now the IdP hangs, and past the refresh interval (1 s) two tokens with unknown kids
+    // make the gateway fetch again.
+    gate(&idp, &name, "hold").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut waiting = Vec::new();
+    for user in ["mia@example.org", "bob@example.org"] {
+        let t = t.clone();
+        let token = unknown_kid_token(&idp, user);
+        waiting.push(tokio::spawn(async move {
+            refused(&t, "XOAUTH2", &xoauth2(user, &token)).await;
+        }));
+        // The first one's fetch is under way before the second arrives.
+        let since = std::time::Instant::now();
+        while gate(&idp, &name, "state").await["waiting"] == 0 {
+            assert!(since.elapsed() < Duration::from_secs(5), "no key fetch");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A token whose key is known is answered at once, fetch or no fetch.
+    let started = std::time::Instant::now();
+    accepted(&t, "XOAUTH2", &xoauth2("alice@example.org", &alice)).await;
+    // (Before, it waited for the fetch to time out: about 5 s.)
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "a known key waited {:?} for a slow fetch",
+        started.elapsed()
+    );
+    // One fetch at a time: the second unknown kid waits for the first's.
+    assert_eq!(gate(&idp, &name, "state").await["waiting"], 1);
+    gate(&idp, &name, "release").await;
+    for w in waiting {
+        tokio::time::timeout(Duration::from_secs(15), w)
+            .await
+            .expect("unknown kids hung")
+            .unwrap();
+    }
+    // The second unknown kid was answered by the first one's fetch, not a fetch of its own.
+    assert_eq!(gate(&idp, &name, "state").await["served"], 2);
+}
+
+#[tokio::test]
+async fn the_email_claim_needs_email_verified_true() {
+    let Some((t, idp)) = start("").await else {
+        return;
+    };
+    // eve's address is unverified; sam's provider says "true", a string.
+    let eve = idp.token("eve", "urn:imapgate:rs256", "imap").await;
+    refused(&t, "XOAUTH2", &xoauth2("eve@example.org", &eve)).await;
+    let sam = idp.token("sam", "urn:imapgate:rs256", "imap").await;
+    refused(&t, "XOAUTH2", &xoauth2("sam@example.org", &sam)).await;
+    assert_eq!(
+        t.metric(
+            "imapgate_oauth_tokens_total",
+            &["result=\"email_not_verified\""]
+        )
+        .await,
+        2.0
+    );
+    let alice = idp.token("alice", "urn:imapgate:rs256", "imap").await;
+    accepted(&t, "XOAUTH2", &xoauth2("alice@example.org", &alice)).await;
+    // Switched off: eve's token passes the token checks (the backend, which has no eve, is
+    // then the one to refuse her).
+    let Some((t, _)) = start("        require_email_verified: false").await else {
+        return;
+    };
+    let mut c = t.client().await;
+    let r = c
+        .cmd(
+            "a",
+            &format!("AUTHENTICATE XOAUTH2 {}", xoauth2("eve@example.org", &eve)),
+        )
+        .await;
+    assert!(!r[0].starts_with("+ "), "{r:?}");
+    assert_eq!(
+        t.metric("imapgate_oauth_tokens_total", &["result=\"valid\""])
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn an_issuer_opens_only_the_domains_it_lists() {
+    let Some((t, idp)) = start("        domains: [example.net, Example.COM]").await else {
+        return;
+    };
+    let alice = idp.token("alice", "urn:imapgate:rs256", "imap").await;
+    refused(&t, "XOAUTH2", &xoauth2("alice@example.org", &alice)).await;
+    refused(&t, "OAUTHBEARER", &oauthbearer(None, &alice)).await;
+    assert_eq!(
+        t.metric("imapgate_oauth_tokens_total", &["result=\"wrong_domain\""])
+            .await,
+        2.0
+    );
+    let Some((t, _)) = start("        domains: [example.net, example.org]").await else {
+        return;
+    };
+    accepted(&t, "XOAUTH2", &xoauth2("alice@example.org", &alice)).await;
+}
+
+#[tokio::test]
+async fn a_kelvin_sign_opens_no_mailbox() {
+    // The IdP's kelvin account has the email "\u{212A}ate@example.org" (KELVIN SIGN, not k).
+    // A full Unicode lower-casing would take it for kate@example.org.
+    for unicode in [false, true] {
+        let Some(t) = TestGateway::start_with(Options {
+            oauth: Some(""),
+            auth_extra: if unicode { "  unicode_names: true" } else { "" },
+            ..Default::default()
+        })
+        .await
+        else {
+            return;
+        };
+        let idp = idp().unwrap();
+        let kelvin = idp.token("kelvin", "urn:imapgate:rs256", "imap").await;
+        refused(&t, "XOAUTH2", &xoauth2("kate@example.org", &kelvin)).await;
+        refused(&t, "OAUTHBEARER", &oauthbearer(None, &kelvin)).await;
+        assert_eq!(
+            t.metric("imapgate_oauth_tokens_total", &["result=\"no_user\""])
+                .await,
+            2.0,
+            "unicode_names: {unicode}"
+        );
+        // The SASL user with a Kelvin sign is refused before the token is looked at.
+        let alice = idp.token("alice", "urn:imapgate:rs256", "imap").await;
+        refused(&t, "XOAUTH2", &xoauth2("\u{212A}ate@example.org", &alice)).await;
+        // A LOGIN name with one is refused like an unknown user.
+        let mut c = t.client().await;
+        let r = c
+            .cmd(
+                "l",
+                "LOGIN \"\u{212A}ate@example.org\" \"abcdabcdabcdabcd\"",
+            )
+            .await;
+        assert!(
+            last(&r).starts_with("l NO") || last(&r).starts_with("l BAD"),
+            "{r:?}"
+        );
+    }
+}

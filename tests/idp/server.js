@@ -33,6 +33,16 @@
 //                                            old keys stay published in the JWKS unless
 //                                            `?drop_old=1` is given. 200 {"rs256":kid,"es256":kid,"kids":[...published]}
 //   GET  /__health                           200 {"ok":true}
+//   POST /__scripted/introspect              test hook: an RFC 7662 endpoint with answers the
+//                                            test chooses (see SCRIPTED INTROSPECTION below)
+//   POST /__scripted/answer                  test hook: JSON {"token":..,"answer":{..}}
+//   GET  /__scripted/calls?token=T           test hook: {"calls":n} requests seen for T
+//                                            (without token=: {"calls":n} for every token)
+//   GET  /__gated/<name>/jwks                the same public JWKS as /jwks, unless held
+//   POST /__gated/<name>/hold                test hook: from now on /__gated/<name>/jwks
+//                                            requests hang until released (a slow IdP)
+//   POST /__gated/<name>/release             test hook: answer every held request, stop holding
+//   GET  /__gated/<name>/state               test hook: {"held":bool,"waiting":n,"served":n}
 //
 // Token request (client credentials grant, client_secret_basic):
 //   POST /token   Authorization: Basic base64(<client_id>:secret-<client_id>)
@@ -47,6 +57,10 @@
 //   bob                      secret-bob      email=bob@example.org, amr=["pwd"]
 //   mia                      secret-mia      email=mia@example.org, amr=["pwd","mfa"]
 //   demo                     secret-demo     email=demo@example.org, amr=["pwd","mfa"]  (scripts/demo.sh)
+//   eve                      secret-eve      email=eve@example.org, email_verified=false
+//   sam                      secret-sam      email=sam@example.org, email_verified="true" (a string)
+//   kelvin                   secret-kelvin   email="\u212Aate@example.org" (U+212A KELVIN SIGN, not k)
+//   Every other user has email_verified=true (a boolean).
 //   Allowed scopes: `imap`, `other` (space separated in `scope=`). Unknown scope values are
 //   dropped silently (oidc-provider behaviour); without `scope=` the token has no scope claim.
 //   `sub` = the client id (e.g. "alice"); `client_id` = the client id.
@@ -111,6 +125,14 @@
 //   none, every resource in the table above is granted and step 4 picks one with resource=
 //   (none -> urn:imapgate:rs256). Scope: the requested imap/other values (none -> imap).
 //   The codes live in the same in-memory store as tokens, so they survive POST /__rotate.
+//
+// SCRIPTED INTROSPECTION (answers a real IdP will not give: for the gateway's strictness tests)
+//   POST /__scripted/answer   {"token":"t1","answer":{"active":true,"exp":...,"iss":...}}
+//                             -> 200 {"ok":true}; the answer is returned as given, verbatim
+//   POST /__scripted/introspect   Authorization: Basic base64(imapgate-gateway:secret-imapgate-gateway)
+//                             token=t1 -> the scripted answer, or {"active":false} for an unknown
+//                             token; wrong or missing client credentials -> 401 invalid_client.
+//                             Every request with a token= is counted (GET /__scripted/calls).
 // ============================================================================================
 
 import * as crypto from 'node:crypto';
@@ -158,11 +180,19 @@ const { default: Provider, errors: oidcErrors } = await import('oidc-provider');
 // Test users = client-credentials clients
 // ----------------------------------------------------------------------------------------------
 const USERS = {
-  alice: { email: 'alice@example.org', preferred_username: 'alice', amr: ['pwd', 'mfa'] },
-  bob: { email: 'bob@example.org', amr: ['pwd'] },
-  mia: { email: 'mia@example.org', amr: ['pwd', 'mfa'] },
+  alice: {
+    email: 'alice@example.org', email_verified: true, preferred_username: 'alice', amr: ['pwd', 'mfa'],
+  },
+  bob: { email: 'bob@example.org', email_verified: true, amr: ['pwd'] },
+  mia: { email: 'mia@example.org', email_verified: true, amr: ['pwd', 'mfa'] },
   // The mailbox of scripts/demo.sh (its one Dovecot user).
-  demo: { email: 'demo@example.org', amr: ['pwd', 'mfa'] },
+  demo: { email: 'demo@example.org', email_verified: true, amr: ['pwd', 'mfa'] },
+  // An address the provider has not verified (anyone may type it at sign-up).
+  eve: { email: 'eve@example.org', email_verified: false, amr: ['pwd', 'mfa'] },
+  // A provider that says "true" (a string), not true.
+  sam: { email: 'sam@example.org', email_verified: 'true', amr: ['pwd', 'mfa'] },
+  // U+212A KELVIN SIGN: a full Unicode lower-casing makes this kate@example.org.
+  kelvin: { email: '\u212Aate@example.org', email_verified: true, amr: ['pwd', 'mfa'] },
 };
 const GATEWAY_CLIENT = 'imapgate-gateway';
 // Public client for the device authorization grant (RFC 8628), as `imapgate oauth token` uses it.
@@ -514,6 +544,106 @@ function readFields(req, url) {
 }
 
 // ----------------------------------------------------------------------------------------------
+// Scripted introspection and a JWKS endpoint that can be held (slow IdP)
+// ----------------------------------------------------------------------------------------------
+/** token -> the answer to give verbatim */
+const scriptedAnswers = new Map();
+/** token -> requests seen */
+const scriptedCalls = new Map();
+
+function gatewayClientAuthorized(req) {
+  const want = `Basic ${Buffer.from(`${GATEWAY_CLIENT}:secret-${GATEWAY_CLIENT}`).toString('base64')}`;
+  return req.headers.authorization === want;
+}
+
+/** The signing keys without their private parts, as /jwks publishes them. */
+function publicJwks() {
+  const PRIVATE = ['d', 'p', 'q', 'dp', 'dq', 'qi'];
+  return {
+    keys: privateJwks.map((k) => Object.fromEntries(Object.entries(k).filter(([f]) => !PRIVATE.includes(f)))),
+  };
+}
+
+/** name -> { held, waiting: [res], served } */
+const gates = new Map();
+function gate(name) {
+  if (!gates.has(name)) gates.set(name, { held: false, waiting: [], served: 0 });
+  return gates.get(name);
+}
+function serveJwks(g, res) {
+  g.served += 1;
+  sendJson(res, 200, publicJwks(), { 'Content-Type': 'application/jwk-set+json', 'Cache-Control': `public, max-age=${jwksMaxAge}` });
+}
+
+async function scripted(req, res, url) {
+  if (url.pathname === '/__scripted/calls' && req.method === 'GET') {
+    const token = url.searchParams.get('token');
+    const calls = token === null
+      ? [...scriptedCalls.values()].reduce((a, b) => a + b, 0)
+      : (scriptedCalls.get(token) ?? 0);
+    sendJson(res, 200, { calls });
+    return;
+  }
+  if (req.method !== 'POST') {
+    sendJson(res, 405, { error: 'method_not_allowed' }, { Allow: 'POST' });
+    return;
+  }
+  const fields = await readFields(req, url);
+  if (url.pathname === '/__scripted/answer') {
+    if (typeof fields.token !== 'string' || typeof fields.answer !== 'object') {
+      sendJson(res, 400, { error: 'invalid_request', error_description: 'token and answer are required' });
+      return;
+    }
+    scriptedAnswers.set(fields.token, fields.answer);
+    sendJson(res, 200, { ok: true });
+    return;
+  }
+  if (url.pathname === '/__scripted/introspect') {
+    if (!gatewayClientAuthorized(req)) {
+      sendJson(res, 401, { error: 'invalid_client' });
+      return;
+    }
+    const token = typeof fields.token === 'string' ? fields.token : '';
+    if (token) scriptedCalls.set(token, (scriptedCalls.get(token) ?? 0) + 1);
+    sendJson(res, 200, scriptedAnswers.get(token) ?? { active: false });
+    return;
+  }
+  sendJson(res, 404, { error: 'not_found' });
+}
+
+function gated(req, res, url) {
+  const [, , name, action] = url.pathname.split('/');
+  const g = gate(name);
+  if (action === 'jwks' && req.method === 'GET') {
+    if (!g.held) {
+      serveJwks(g, res);
+      return;
+    }
+    g.waiting.push(res);
+    res.on('close', () => {
+      g.waiting = g.waiting.filter((r) => r !== res);
+    });
+    return;
+  }
+  if (action === 'state' && req.method === 'GET') {
+    sendJson(res, 200, { held: g.held, waiting: g.waiting.length, served: g.served });
+    return;
+  }
+  if ((action === 'hold' || action === 'release') && req.method === 'POST') {
+    req.resume();
+    g.held = action === 'hold';
+    if (!g.held) {
+      const waiting = g.waiting;
+      g.waiting = [];
+      for (const r of waiting) if (!r.writableEnded) serveJwks(g, r);
+    }
+    sendJson(res, 200, { held: g.held });
+    return;
+  }
+  sendJson(res, 404, { error: 'not_found' });
+}
+
+// ----------------------------------------------------------------------------------------------
 // HTTP wrapper: test hooks + delegate to the current provider instance
 // ----------------------------------------------------------------------------------------------
 function sendJson(res, status, body, extraHeaders = {}) {
@@ -568,6 +698,16 @@ const server = http.createServer((req, res) => {
         process.stderr.write(`idp: ${url.pathname} failed: ${err?.stack ?? err}\n`);
         sendJson(res, 400, { error: 'invalid_request', error_description: String(err?.message ?? err) });
       });
+    return;
+  }
+  if (url.pathname.startsWith('/__scripted/')) {
+    scripted(req, res, url).catch((err) => {
+      sendJson(res, 400, { error: 'invalid_request', error_description: String(err?.message ?? err) });
+    });
+    return;
+  }
+  if (url.pathname.startsWith('/__gated/')) {
+    gated(req, res, url);
     return;
   }
   if (url.pathname === '/__health') {

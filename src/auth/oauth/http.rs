@@ -12,7 +12,7 @@ use super::OAuthError;
 use crate::config::IssuerConfig;
 
 pub const MAX_BODY: usize = 1024 * 1024;
-const TIMEOUT: Duration = Duration::from_secs(5);
+pub const TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn client(cfg: &IssuerConfig) -> Result<reqwest::Client, String> {
     let mut roots = rustls::RootCertStore::empty();

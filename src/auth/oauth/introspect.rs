@@ -1,9 +1,11 @@
 //! Opaque tokens: RFC 7662 introspection with the `oauth2` crate, over the project's own
 //! bounded reqwest client (a small adapter, so no second HTTP stack is pulled in).
 //!
-//! Results are cached by SHA-256 of the token: positive ones for at most
-//! min(token lifetime, `cache_ttl`), negative ones for a few seconds. A slow, failing or
-//! oversized endpoint fails closed within the request deadline; there are no retries.
+//! Only accepted answers are cached (by SHA-256 of the token), for at most
+//! min(time to `exp`, `cache_ttl`): an answer the caller's check refuses (inactive, expired,
+//! another issuer or audience) is not kept, so every attempt with such a token asks again (the
+//! guard's `per_token_ip` budget bounds how often). A slow, failing, unparsable or oversized
+//! endpoint fails closed within the request deadline; there are no retries.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -14,7 +16,6 @@ use oauth2::basic::{
 use oauth2::{
     AccessToken, ClientId, ClientSecret, EndpointNotSet, EndpointSet, ExtraTokenFields,
     IntrospectionUrl, StandardRevocableToken, StandardTokenIntrospectionResponse,
-    TokenIntrospectionResponse,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -50,10 +51,9 @@ type IntrospectionClient = oauth2::Client<
     EndpointNotSet,
 >;
 
-/// Until when, and the claims (None: inactive).
-type Cached = (Instant, Option<Value>);
+/// Until when, and the accepted claims.
+type Cached = (Instant, Value);
 
-const NEGATIVE_TTL: Duration = Duration::from_secs(5);
 const MAX_CACHE: usize = 10_000;
 
 pub struct Introspector {
@@ -113,14 +113,20 @@ impl Introspector {
         })
     }
 
-    /// The token's claims if active, `None` if inactive.
-    pub async fn introspect(&self, token: &str) -> Result<Option<Value>, OAuthError> {
+    /// The token's claims, if the endpoint's answer passes `accept`, which checks it and
+    /// returns its `exp` (Unix seconds). Accepted answers are cached until that `exp` at the
+    /// latest; refused ones are not cached.
+    pub async fn introspect(
+        &self,
+        token: &str,
+        accept: impl FnOnce(&Value) -> Result<u64, OAuthError>,
+    ) -> Result<Value, OAuthError> {
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let now = Instant::now();
         {
             let cache = self.cache.lock().await;
-            if let Some((exp, v)) = cache.get(&key) {
-                if *exp > now {
+            if let Some((until, v)) = cache.get(&key) {
+                if *until > now {
                     return Ok(v.clone());
                 }
             }
@@ -128,6 +134,8 @@ impl Introspector {
         let http = self.http.clone();
         let call = move |req: oauth2::HttpRequest| send(http.clone(), req);
         let access = AccessToken::new(token.to_owned());
+        // The typed answer refuses a non-boolean `active` or a non-numeric `exp` (a parse
+        // error, so `idp_unavailable`); `accept` then sees the answer as JSON.
         let resp = self
             .client
             .introspect(&access)
@@ -144,18 +152,16 @@ impl Introspector {
                 tracing::warn!(kind, "token introspection failed");
                 OAuthError::IdpUnavailable
             })?;
-        let (value, ttl) = if resp.active() {
-            let left = resp
-                .exp()
-                .map(|e| (e.timestamp() - chrono_now()).max(0) as u64)
-                .map_or(self.cache_ttl, Duration::from_secs);
-            (serde_json::to_value(&resp).ok(), self.cache_ttl.min(left))
-        } else {
-            (None, NEGATIVE_TTL)
-        };
+        let value = serde_json::to_value(&resp).map_err(|_| OAuthError::IdpUnavailable)?;
+        let exp = accept(&value)?;
+        let left = Duration::from_secs(exp.saturating_sub(unix_now()));
+        let ttl = self.cache_ttl.min(left);
+        if ttl.is_zero() {
+            return Ok(value);
+        }
         let mut cache = self.cache.lock().await;
         if cache.len() >= MAX_CACHE {
-            cache.retain(|_, (e, _)| *e > now);
+            cache.retain(|_, (until, _)| *until > now);
             if cache.len() >= MAX_CACHE {
                 cache.clear();
             }
@@ -165,8 +171,8 @@ impl Introspector {
     }
 }
 
-fn chrono_now() -> i64 {
+fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+        .map_or(0, |d| d.as_secs())
 }

@@ -11,20 +11,34 @@
 //!
 //! Key sets are cached for their HTTP max-age (bounded); an unknown `kid` re-fetches at most
 //! once per `key_refresh_interval`, so a flood of tokens with random kids causes no fetch storm.
+//! No lock is held across a network fetch: the key cache is read and swapped under a short
+//! lock, and one fetch at a time per issuer runs in its own task (single flight). A token whose
+//! key is known never waits for a fetch (a stale set is refreshed in the background); one whose
+//! `kid` is unknown waits for the fetch in flight, within [`FETCH_WAIT`].
+//!
+//! Opaque tokens (RFC 7662) go to at most one issuer, chosen without sending the token anywhere
+//! ([`OAuthValidator::opaque_issuer`]): an introspection endpoint sees only tokens that can be
+//! its own. Its answer counts only if `active` is `true`, `exp` is in the future, `iss` is the
+//! issuer and the audience (`aud`, or `client_id`, RFC 7662 §2.2) is a configured one.
+//!
+//! The user claim must be a valid name under the configured [`NameRules`], with
+//! `email_verified: true` when it is `email` (unless `require_email_verified: false`), and in
+//! one of the issuer's `domains` when it lists any.
 
 pub mod device;
 mod http;
 mod introspect;
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
-use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+use super::NameRules;
 use crate::config::IssuerConfig;
 use crate::secret::Secret;
 
@@ -63,6 +77,10 @@ pub enum OAuthError {
     IdpUnavailable,
     #[error("token not active")]
     Inactive,
+    #[error("email address not verified")]
+    EmailNotVerified,
+    #[error("user's domain not served by this issuer")]
+    WrongDomain,
 }
 
 impl OAuthError {
@@ -84,6 +102,8 @@ impl OAuthError {
             OAuthError::UserMismatch => "user_mismatch",
             OAuthError::IdpUnavailable => "idp_unavailable",
             OAuthError::Inactive => "inactive",
+            OAuthError::EmailNotVerified => "email_not_verified",
+            OAuthError::WrongDomain => "wrong_domain",
         }
     }
 }
@@ -99,49 +119,91 @@ pub struct TokenIdentity {
     pub end_session_at: Option<u64>,
 }
 
+type Key = (DecodingKey, Option<Algorithm>);
+
 #[derive(Default)]
 struct KeyCache {
     jwks_uri: Option<String>,
-    keys: HashMap<String, (DecodingKey, Option<Algorithm>)>,
+    keys: HashMap<String, Key>,
     /// Keys without a `kid` (usable only when the token has none and there is one such key).
-    anonymous: Vec<(DecodingKey, Option<Algorithm>)>,
+    anonymous: Vec<Key>,
     expires: Option<Instant>,
     last_fetch: Option<Instant>,
 }
 
+impl KeyCache {
+    fn lookup(&self, kid: Option<&str>) -> Option<Key> {
+        match kid {
+            Some(k) => self.keys.get(k).cloned(),
+            None if self.anonymous.len() == 1 && self.keys.is_empty() => {
+                self.anonymous.first().cloned()
+            }
+            None if self.keys.len() == 1 && self.anonymous.is_empty() => {
+                self.keys.values().next().cloned()
+            }
+            None => None,
+        }
+    }
+}
+
+/// A key set as fetched, before it replaces the cached one.
+struct KeySet {
+    jwks_uri: String,
+    keys: HashMap<String, Key>,
+    anonymous: Vec<Key>,
+    ttl: Duration,
+}
+
 struct Issuer {
     cfg: IssuerConfig,
-    metrics: std::sync::Arc<crate::observe::Metrics>,
+    metrics: Arc<crate::observe::Metrics>,
     http: reqwest::Client,
+    /// Read and swapped under this short lock; never held across an await.
     cache: Mutex<KeyCache>,
+    /// Single flight: held by the one task fetching this issuer's keys.
+    key_fetch: Arc<tokio::sync::Mutex<()>>,
     algorithms: Vec<Algorithm>,
-    introspector: Mutex<Option<std::sync::Arc<introspect::Introspector>>>,
+    /// The introspection client once made (short lock, never held across an await).
+    introspector: Mutex<Option<Arc<introspect::Introspector>>>,
+    /// Single flight for making it (its endpoint may come from discovery).
+    introspector_make: tokio::sync::Mutex<()>,
 }
 
 /// Bounds on how long a key set is trusted without re-fetching.
 const MIN_KEYS_TTL: Duration = Duration::from_secs(60);
 const MAX_KEYS_TTL: Duration = Duration::from_secs(24 * 3600);
 
+/// How long a login waits for a fetch another login started (discovery and key set, each
+/// bounded by the HTTP deadline); then it fails as `idp_unavailable`.
+const FETCH_WAIT: Duration = Duration::from_secs(2 * http::TIMEOUT.as_secs() + 1);
+
+/// A short lock that survives a panic elsewhere (the data is replaced whole, never torn).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Issuer {
     fn from_config(
         cfg: &IssuerConfig,
-        metrics: Option<std::sync::Arc<crate::observe::Metrics>>,
+        metrics: Option<Arc<crate::observe::Metrics>>,
     ) -> Result<Self, String> {
         let metrics = match metrics {
             Some(m) => m,
-            None => std::sync::Arc::new(crate::observe::Metrics::new().map_err(|e| e.to_string())?),
+            None => Arc::new(crate::observe::Metrics::new().map_err(|e| e.to_string())?),
         };
         Ok(Issuer {
             http: http::client(cfg)?,
             cfg: cfg.clone(),
             metrics,
             cache: Mutex::new(KeyCache::default()),
+            key_fetch: Arc::new(tokio::sync::Mutex::new(())),
             algorithms: cfg
                 .algorithms
                 .iter()
                 .filter_map(|a| a.parse::<Algorithm>().ok())
                 .collect(),
             introspector: Mutex::new(None),
+            introspector_make: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -182,15 +244,19 @@ impl Issuer {
         self.endpoint(&doc, "jwks_uri")
     }
 
-    /// The introspection client, made on first use (its endpoint may come from discovery).
-    async fn introspector(
-        &self,
-    ) -> Result<Option<std::sync::Arc<introspect::Introspector>>, OAuthError> {
+    /// The introspection client, made on first use (its endpoint may come from discovery). The
+    /// slot is read under a short lock; making it is single-flight, outside that lock.
+    async fn introspector(&self) -> Result<Option<Arc<introspect::Introspector>>, OAuthError> {
         let Some(icfg) = &self.cfg.introspection else {
             return Ok(None);
         };
-        let mut slot = self.introspector.lock().await;
-        if let Some(i) = slot.as_ref() {
+        if let Some(i) = lock(&self.introspector).as_ref() {
+            return Ok(Some(i.clone()));
+        }
+        let _one = tokio::time::timeout(FETCH_WAIT, self.introspector_make.lock())
+            .await
+            .map_err(|_| OAuthError::IdpUnavailable)?;
+        if let Some(i) = lock(&self.introspector).as_ref() {
             return Ok(Some(i.clone()));
         }
         let endpoint = match &icfg.endpoint {
@@ -208,33 +274,16 @@ impl Issuer {
             self.http.clone(),
         )
         .map_err(|_| OAuthError::IdpUnavailable)?;
-        let i = std::sync::Arc::new(i);
-        *slot = Some(i.clone());
+        let i = Arc::new(i);
+        *lock(&self.introspector) = Some(i.clone());
         Ok(Some(i))
     }
 
-    async fn refresh(&self, cache: &mut KeyCache) -> Result<(), OAuthError> {
-        let res = self.fetch_keys(cache).await;
-        let label = if res.is_ok() { "ok" } else { "error" };
-        self.metrics
-            .oauth_key_fetches
-            .with_label_values(&[&self.cfg.name, label])
-            .inc();
-        if res.is_err() {
-            tracing::warn!(issuer = %self.cfg.name, "could not fetch the issuer's keys");
-        }
-        res
-    }
-
-    async fn fetch_keys(&self, cache: &mut KeyCache) -> Result<(), OAuthError> {
-        cache.last_fetch = Some(Instant::now());
-        let uri = match &cache.jwks_uri {
-            Some(u) => u.clone(),
-            None => {
-                let u = self.discover().await?;
-                cache.jwks_uri = Some(u.clone());
-                u
-            }
+    /// Fetches the key set (after discovery, when its URL is not known yet). Touches no lock.
+    async fn fetch_key_set(&self, jwks_uri: Option<String>) -> Result<KeySet, OAuthError> {
+        let uri = match jwks_uri {
+            Some(u) => u,
+            None => self.discover().await?,
         };
         let (doc, max_age) = http::get_json(&self.http, &uri).await?;
         let set: JwkSet = serde_json::from_value(doc).map_err(|_| OAuthError::IdpUnavailable)?;
@@ -267,53 +316,104 @@ impl Issuer {
             .unwrap_or(Duration::from_secs(300))
             .clamp(MIN_KEYS_TTL, MAX_KEYS_TTL);
         tracing::debug!(issuer = %self.cfg.name, keys = keys.len() + anonymous.len(), "issuer keys fetched");
-        cache.keys = keys;
-        cache.anonymous = anonymous;
-        cache.expires = Some(Instant::now() + ttl);
+        Ok(KeySet {
+            jwks_uri: uri,
+            keys,
+            anonymous,
+            ttl,
+        })
+    }
+
+    /// One fetch, counted, then the new set replaces the cached one (a failed fetch keeps the
+    /// old keys). The caller holds `key_fetch`.
+    async fn refresh(&self) -> Result<(), OAuthError> {
+        let jwks_uri = {
+            let mut c = lock(&self.cache);
+            c.last_fetch = Some(Instant::now());
+            c.jwks_uri.clone()
+        };
+        let res = self.fetch_key_set(jwks_uri).await;
+        // The interval counts from the end too: a slow issuer gets no back-to-back fetches.
+        lock(&self.cache).last_fetch = Some(Instant::now());
+        let label = if res.is_ok() { "ok" } else { "error" };
+        self.metrics
+            .oauth_key_fetches
+            .with_label_values(&[&self.cfg.name, label])
+            .inc();
+        let set = res.inspect_err(|_| {
+            tracing::warn!(issuer = %self.cfg.name, "could not fetch the issuer's keys");
+        })?;
+        let mut c = lock(&self.cache);
+        c.jwks_uri = Some(set.jwks_uri);
+        c.keys = set.keys;
+        c.anonymous = set.anonymous;
+        c.expires = Some(Instant::now() + set.ttl);
         Ok(())
     }
 
-    /// The key for `kid`, fetching or refreshing the key set within the rate limit.
-    async fn key(&self, kid: Option<&str>) -> Result<(DecodingKey, Option<Algorithm>), OAuthError> {
-        let mut cache = self.cache.lock().await;
-        let now = Instant::now();
-        let may_fetch = cache
-            .last_fetch
-            .is_none_or(|t| now.duration_since(t) >= self.cfg.key_refresh_interval);
-        let stale = cache.expires.is_none_or(|e| e <= now);
-        let lookup = |c: &KeyCache| match kid {
-            Some(k) => c.keys.get(k).cloned(),
-            None if c.anonymous.len() == 1 && c.keys.is_empty() => c.anonymous.first().cloned(),
-            None if c.keys.len() == 1 && c.anonymous.is_empty() => c.keys.values().next().cloned(),
-            None => None,
-        };
-        if stale && may_fetch {
-            // Keep serving the old keys if the issuer is down.
-            if let Err(e) = self.refresh(&mut cache).await {
-                if cache.keys.is_empty() && cache.anonymous.is_empty() {
-                    return Err(e);
-                }
-            }
-        }
-        if let Some(k) = lookup(&cache) {
-            return Ok(k);
-        }
-        // Unknown kid: one refresh per interval at most (an unknown-kid flood causes no storm).
-        let may_fetch = cache
-            .last_fetch
-            .is_none_or(|t| Instant::now().duration_since(t) >= self.cfg.key_refresh_interval);
-        if may_fetch {
-            self.refresh(&mut cache).await?;
-            if let Some(k) = lookup(&cache) {
-                return Ok(k);
-            }
-        }
-        Err(OAuthError::UnknownKey)
+    /// Runs a refresh in its own task, holding the single-flight gate until it ends, so a
+    /// login that gives up (its client went away) does not cancel a fetch others wait for.
+    fn spawn_refresh(
+        self: &Arc<Self>,
+        gate: tokio::sync::OwnedMutexGuard<()>,
+    ) -> tokio::task::JoinHandle<Result<(), OAuthError>> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let res = me.refresh().await;
+            drop(gate);
+            res
+        })
     }
 
-    /// Fetches at most on the rate limit; how many fetches happened (for tests/metrics).
+    /// Under the short lock: the key for `kid` if known, whether the set is stale, and whether
+    /// the refresh interval allows a fetch now.
+    fn peek(&self, kid: Option<&str>) -> (Option<Key>, bool, bool) {
+        let c = lock(&self.cache);
+        let now = Instant::now();
+        let stale = c.expires.is_none_or(|e| e <= now);
+        let may_fetch = c
+            .last_fetch
+            .is_none_or(|t| now.duration_since(t) >= self.cfg.key_refresh_interval);
+        (c.lookup(kid), stale, may_fetch)
+    }
+
+    /// The key for `kid`. A known key is returned at once (a stale set is refreshed in the
+    /// background, within the rate limit; the old keys serve until it succeeds, also while the
+    /// issuer is down). An unknown `kid` waits for the one fetch in flight or starts it, at
+    /// most once per `key_refresh_interval` (an unknown-kid flood causes no storm).
+    async fn key(self: &Arc<Self>, kid: Option<&str>) -> Result<Key, OAuthError> {
+        let (found, stale, may_fetch) = self.peek(kid);
+        if let Some(k) = found {
+            if stale && may_fetch {
+                // One fetch at a time: if one is running, it brings the new set.
+                if let Ok(gate) = self.key_fetch.clone().try_lock_owned() {
+                    if matches!(self.peek(kid), (_, true, true)) {
+                        drop(self.spawn_refresh(gate));
+                    }
+                }
+            }
+            return Ok(k);
+        }
+        let gate = tokio::time::timeout(FETCH_WAIT, self.key_fetch.clone().lock_owned())
+            .await
+            .map_err(|_| OAuthError::IdpUnavailable)?;
+        // A fetch may have ended while this one waited.
+        let (found, _, may_fetch) = self.peek(kid);
+        if let Some(k) = found {
+            return Ok(k);
+        }
+        if !may_fetch {
+            return Err(OAuthError::UnknownKey);
+        }
+        self.spawn_refresh(gate)
+            .await
+            .unwrap_or(Err(OAuthError::IdpUnavailable))?;
+        self.peek(kid).0.ok_or(OAuthError::UnknownKey)
+    }
+
+    /// Signature and registered claims; the key fetched within the rate limit.
     async fn validate(
-        &self,
+        self: &Arc<Self>,
         token: &str,
         header: &jsonwebtoken::Header,
     ) -> Result<Value, OAuthError> {
@@ -350,7 +450,8 @@ impl Issuer {
 
 /// Validates bearer tokens against the configured issuers.
 pub struct OAuthValidator {
-    issuers: Vec<Issuer>,
+    issuers: Vec<Arc<Issuer>>,
+    names: NameRules,
 }
 
 fn str_list(v: Option<&Value>) -> Vec<String> {
@@ -373,21 +474,17 @@ fn str_list(v: Option<&Value>) -> Vec<String> {
 /// the gateway would. Returns a summary or what failed.
 pub async fn diagnose_issuer(cfg: &IssuerConfig) -> Result<String, String> {
     let issuer = Issuer::from_config(cfg, None)?;
-    let mut cache = KeyCache::default();
-    issuer.fetch_keys(&mut cache).await.map_err(|e| {
+    let set = issuer.fetch_key_set(None).await.map_err(|e| {
         format!(
             "cannot fetch the signing keys ({}); check the issuer URL, its discovery document and the network",
             e.as_str()
         )
     })?;
-    let n = cache.keys.len() + cache.anonymous.len();
+    let n = set.keys.len() + set.anonymous.len();
     if n == 0 {
         return Err("the key set has no usable signing key".into());
     }
-    let mut summary = format!(
-        "{n} signing key(s) from {}",
-        cache.jwks_uri.as_deref().unwrap_or("?")
-    );
+    let mut summary = format!("{n} signing key(s) from {}", set.jwks_uri);
     if cfg.introspection.is_some() {
         match issuer.introspector().await {
             Ok(Some(_)) => summary.push_str("; introspection endpoint found"),
@@ -398,15 +495,17 @@ pub async fn diagnose_issuer(cfg: &IssuerConfig) -> Result<String, String> {
 }
 
 impl OAuthValidator {
+    /// `names`: how user names and claims are compared (`auth.unicode_names`).
     pub fn new(
         issuers: &[IssuerConfig],
-        metrics: std::sync::Arc<crate::observe::Metrics>,
+        metrics: Arc<crate::observe::Metrics>,
+        names: NameRules,
     ) -> Result<Self, String> {
         let issuers = issuers
             .iter()
-            .map(|cfg| Issuer::from_config(cfg, Some(metrics.clone())))
+            .map(|cfg| Issuer::from_config(cfg, Some(metrics.clone())).map(Arc::new))
             .collect::<Result<_, String>>()?;
-        Ok(Self { issuers })
+        Ok(Self { issuers, names })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -471,11 +570,59 @@ impl OAuthValidator {
         {
             return Err(OAuthError::NotYetValid);
         }
-        check_claims(&issuer.cfg, &claims, sasl_user)
+        check_claims(&issuer.cfg, &claims, sasl_user, self.names)
     }
 
-    /// Opaque tokens: each issuer with introspection, in order; the first that says active
-    /// decides. All inactive → `Inactive`; an endpoint that fails → `IdpUnavailable`.
+    /// The one issuer an opaque token may be introspected at, chosen from the configuration
+    /// and the SASL user alone (the token is sent nowhere to find out), never several:
+    /// 1. the SASL user's domain is in exactly one introspecting issuer's `domains`: that one;
+    ///    listed by several: none (`unknown_issuer`);
+    /// 2. listed by none: the one introspecting issuer without `domains`, if there is exactly
+    ///    one; none without `domains`: `wrong_domain`; several: `unknown_issuer`;
+    /// 3. no SASL user, or one without a domain: the only introspecting issuer, if there is
+    ///    exactly one; else `unknown_issuer`.
+    ///
+    /// No issuer with introspection at all: `malformed` (an opaque token cannot be checked).
+    fn opaque_issuer<'a>(&'a self, sasl_user: Option<&str>) -> Result<&'a Arc<Issuer>, OAuthError> {
+        let introspecting: Vec<&'a Arc<Issuer>> = self
+            .issuers
+            .iter()
+            .filter(|i| i.cfg.introspection.is_some())
+            .collect();
+        if introspecting.is_empty() {
+            return Err(OAuthError::Malformed);
+        }
+        let only = |list: &[&'a Arc<Issuer>]| match list {
+            [one] => Ok(*one),
+            _ => Err(OAuthError::UnknownIssuer),
+        };
+        match sasl_user.and_then(|u| u.rsplit_once('@')) {
+            Some((_, domain)) => {
+                let listing: Vec<&'a Arc<Issuer>> = introspecting
+                    .iter()
+                    .copied()
+                    .filter(|i| i.cfg.domains.iter().any(|d| d == domain))
+                    .collect();
+                let open: Vec<&'a Arc<Issuer>> = introspecting
+                    .iter()
+                    .copied()
+                    .filter(|i| i.cfg.domains.is_empty())
+                    .collect();
+                if !listing.is_empty() {
+                    only(&listing)
+                } else if open.is_empty() {
+                    Err(OAuthError::WrongDomain)
+                } else {
+                    only(&open)
+                }
+            }
+            None => only(&introspecting),
+        }
+    }
+
+    /// Opaque tokens: introspected at the one issuer they can belong to; only an answer that
+    /// passes [`check_introspection`] and [`check_claims`] is accepted (and cached, never past
+    /// its `exp`).
     async fn validate_opaque(
         &self,
         token: &str,
@@ -484,50 +631,60 @@ impl OAuthValidator {
         if token.is_empty() {
             return Err(OAuthError::Malformed);
         }
-        let mut outcome = Err(OAuthError::Malformed);
-        for issuer in &self.issuers {
-            let intro = match issuer.introspector().await {
-                Ok(Some(i)) => i,
-                Ok(None) => continue,
-                Err(e) => {
-                    outcome = Err(e);
-                    continue;
-                }
-            };
-            match intro.introspect(token).await {
-                Ok(Some(claims)) => {
-                    let cfg = &issuer.cfg;
-                    if claims
-                        .get("iss")
-                        .and_then(Value::as_str)
-                        .is_some_and(|i| i != cfg.issuer)
-                    {
-                        return Err(OAuthError::WrongIssuer);
-                    }
-                    let aud = str_list(claims.get("aud"));
-                    if !aud.iter().any(|a| cfg.audiences.contains(a)) {
-                        return Err(OAuthError::WrongAudience);
-                    }
-                    let now = jsonwebtoken::get_current_timestamp();
-                    if claims
-                        .get("exp")
-                        .and_then(Value::as_u64)
-                        .is_some_and(|e| e + cfg.leeway.as_secs() < now)
-                    {
-                        return Err(OAuthError::Expired);
-                    }
-                    return check_claims(cfg, &claims, sasl_user);
-                }
-                Ok(None) => outcome = Err(OAuthError::Inactive),
-                Err(e) => {
-                    if outcome != Err(OAuthError::Inactive) {
-                        outcome = Err(e);
-                    }
-                }
-            }
-        }
-        outcome
+        let issuer = self.opaque_issuer(sasl_user)?;
+        let intro = issuer.introspector().await?.ok_or(OAuthError::Malformed)?;
+        let cfg = &issuer.cfg;
+        // Cached only if the answer and its claims pass (the SASL user differs per attempt,
+        // so it is compared after, also on a cache hit).
+        let claims = intro
+            .introspect(token, |answer| {
+                let exp = check_introspection(cfg, answer, jsonwebtoken::get_current_timestamp())?;
+                check_claims(cfg, answer, None, self.names).map(|_| exp)
+            })
+            .await?;
+        check_claims(cfg, &claims, sasl_user, self.names)
     }
+}
+
+/// An RFC 7662 answer (§2.2) is accepted only if `active` is the boolean `true`, `exp` is
+/// present and not passed (with `leeway`), `nbf` (if any) is reached, `iss` is the issuer's,
+/// and `aud` (a string or a list) contains a configured audience or `client_id` is one.
+/// Returns `exp` (Unix seconds).
+fn check_introspection(cfg: &IssuerConfig, answer: &Value, now: u64) -> Result<u64, OAuthError> {
+    if answer.get("active") != Some(&Value::Bool(true)) {
+        return Err(OAuthError::Inactive);
+    }
+    let leeway = cfg.leeway.as_secs();
+    let exp = answer
+        .get("exp")
+        .and_then(Value::as_u64)
+        .ok_or(OAuthError::Malformed)?;
+    if exp.saturating_add(leeway) < now {
+        return Err(OAuthError::Expired);
+    }
+    if answer
+        .get("nbf")
+        .and_then(Value::as_u64)
+        .is_some_and(|nbf| nbf > now.saturating_add(leeway))
+    {
+        return Err(OAuthError::NotYetValid);
+    }
+    if answer.get("iss").and_then(Value::as_str) != Some(cfg.issuer.as_str()) {
+        return Err(OAuthError::WrongIssuer);
+    }
+    let configured = |v: &Value| {
+        v.as_str()
+            .is_some_and(|a| cfg.audiences.iter().any(|c| c == a))
+    };
+    let aud_ok = match answer.get("aud") {
+        Some(Value::Array(list)) => list.iter().any(configured),
+        Some(one) => configured(one),
+        None => false,
+    };
+    if !aud_ok && !answer.get("client_id").is_some_and(configured) {
+        return Err(OAuthError::WrongAudience);
+    }
+    Ok(exp)
 }
 
 /// The checks common to JWTs and introspected tokens.
@@ -535,6 +692,7 @@ fn check_claims(
     cfg: &IssuerConfig,
     claims: &Value,
     sasl_user: Option<&str>,
+    names: NameRules,
 ) -> Result<TokenIdentity, OAuthError> {
     if !cfg.accept_id_tokens && (claims.get("nonce").is_some() || claims.get("at_hash").is_some()) {
         return Err(OAuthError::NotAccessToken);
@@ -558,10 +716,23 @@ fn check_claims(
         .get(&cfg.user_claim)
         .and_then(Value::as_str)
         .ok_or(OAuthError::NoUser)?;
-    let mut user = super::normalize_user(raw).map_err(|_| OAuthError::NoUser)?;
+    let mut user = super::normalize_user_with(raw, names).map_err(|_| OAuthError::NoUser)?;
+    // An address the provider has not verified names nobody (OpenID Connect Core §5.1).
+    if cfg.user_claim == "email"
+        && cfg.require_email_verified
+        && claims.get("email_verified") != Some(&Value::Bool(true))
+    {
+        return Err(OAuthError::EmailNotVerified);
+    }
     if !user.contains('@') {
         if let Some(d) = &cfg.user_domain {
             user = format!("{user}@{d}");
+        }
+    }
+    if !cfg.domains.is_empty() {
+        let domain = user.rsplit_once('@').map(|(_, d)| d);
+        if !domain.is_some_and(|d| cfg.domains.iter().any(|x| x == d)) {
+            return Err(OAuthError::WrongDomain);
         }
     }
     if let Some(claimed) = sasl_user {
@@ -577,3 +748,5 @@ fn check_claims(
         end_session_at: cfg.end_session_at_expiry.then_some(expires),
     })
 }
+#[cfg(test)]
+mod tests;
