@@ -42,6 +42,9 @@ pub struct Services {
     pub failure_floor: Duration,
     pub max_sessions_per_user: u32,
     pub user_sessions: UserSessions,
+    /// How login names are compared (`auth.unicode_names`): the guard counts the account the
+    /// authenticator will check.
+    pub names: auth::NameRules,
 }
 
 /// The connection a login comes from.
@@ -87,12 +90,11 @@ pub struct Ready {
 }
 
 /// The normalised name a credential claims, if it is a valid one.
-fn claimed_user(credential: &Credential) -> Option<String> {
+fn claimed_user(credential: &Credential, names: auth::NameRules) -> Option<String> {
+    let normalize = |u: &str| auth::normalize_user_with(u, names).ok();
     match credential {
-        Credential::Password { user, .. } => auth::normalize_user(user).ok(),
-        Credential::Bearer { user, .. } => {
-            user.as_deref().and_then(|u| auth::normalize_user(u).ok())
-        }
+        Credential::Password { user, .. } => normalize(user),
+        Credential::Bearer { user, .. } => user.as_deref().and_then(normalize),
         Credential::Malformed(_) | Credential::MalformedBearer(_) => None,
     }
 }
@@ -106,7 +108,7 @@ impl Services {
         credential: Credential,
         deadline: Instant,
     ) -> LoginResult {
-        let claimed = claimed_user(&credential);
+        let claimed = claimed_user(&credential, self.names);
         let mut record = LoginRecord {
             session: client.session,
             listener: client.listener,

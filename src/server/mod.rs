@@ -323,6 +323,7 @@ impl Gateway {
                 failure_floor: config.auth.failure_floor,
                 max_sessions_per_user: config.limits.max_sessions_per_user,
                 user_sessions: UserSessions::default(),
+                names: crate::auth::NameRules::from_config(config.auth.unicode_names),
             },
             metrics: metrics.clone(),
             oauth: store.oauth_enabled().then(|| {
