@@ -75,14 +75,8 @@ pub fn doctor(args: DoctorArgs) -> ExitCode {
     rt.block_on(async {
         backends(&mut r, &config, user.as_deref()).await;
         issuers(&mut r, &config).await;
+        state(&mut r, &config).await;
     });
-    r.ok(
-        "state",
-        format!(
-            "in-process memory, at most {} entries (nothing to reach)",
-            config.state.max_entries
-        ),
-    );
     if config.admin.token.is_none() {
         r.warn(
             "admin",
@@ -230,6 +224,60 @@ async fn backends(r: &mut Report, config: &Config, user: Option<&str>) {
                 ),
             }
         }
+    }
+}
+
+/// The state store: memory needs nothing; Redis must answer and must not evict keys before
+/// their TTL (a used TOTP code evicted early could be replayed).
+async fn state(r: &mut Report, config: &Config) {
+    let Some(cfg) = config
+        .state
+        .redis
+        .as_ref()
+        .filter(|_| config.state.backend == crate::config::StateBackend::Redis)
+    else {
+        r.ok(
+            "state",
+            format!(
+                "in-process memory, at most {} entries (nothing to reach)",
+                config.state.max_entries
+            ),
+        );
+        return;
+    };
+    // The Redis client's TLS uses the process default provider: ours.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let redis = match crate::state::RedisStore::new(cfg) {
+        Ok(x) => x,
+        Err(e) => return r.fail("state (redis)", e),
+    };
+    if let Err(e) = redis.ping().await {
+        return r.fail("state (redis)", e);
+    }
+    use crate::state::Eviction;
+    const FIX: &str = "set `maxmemory-policy noeviction` for the gateway's Redis (CONFIG SET maxmemory-policy noeviction, and in redis.conf), or `maxmemory 0`";
+    match redis.eviction().await {
+        Ok(Eviction::Never) => r.ok(
+            "state (redis)",
+            "answers; keys are never evicted before their TTL (noeviction or no maxmemory)",
+        ),
+        Ok(Eviction::Possible(policy)) if cfg.allow_eviction => r.warn(
+            "state (redis)",
+            format!("maxmemory-policy {policy} may evict used TOTP codes before they expire (accepted by state.redis.allow_eviction); to close this, {FIX}"),
+        ),
+        Ok(Eviction::Possible(policy)) => r.fail(
+            "state (redis)",
+            format!("maxmemory-policy {policy} with a maxmemory may evict used TOTP codes before they expire, so a code could be replayed, and /readyz stays false: {FIX} (or accept the risk with state.redis.allow_eviction: true)"),
+        ),
+        Ok(Eviction::Unknown) if cfg.allow_eviction => r.warn(
+            "state (redis)",
+            "cannot read maxmemory-policy (CONFIG GET and INFO refused); accepted by state.redis.allow_eviction",
+        ),
+        Ok(Eviction::Unknown) => r.fail(
+            "state (redis)",
+            format!("cannot read maxmemory-policy (CONFIG GET and INFO refused), and /readyz stays false: allow INFO for the gateway's ACL user and {FIX} (or accept the risk with state.redis.allow_eviction: true)"),
+        ),
+        Err(e) => r.fail("state (redis)", e),
     }
 }
 

@@ -20,7 +20,7 @@ mod shared;
 use std::time::Duration;
 
 pub use memory::MemoryStore;
-pub use redis::RedisStore;
+pub use redis::{Eviction, RedisStore};
 pub use shared::SharedStore;
 
 /// Prefixes of the keys that are guard state: rate cells, counters and sets the guard writes
