@@ -24,6 +24,9 @@ pub struct DoctorArgs {
     pub server_name: Option<String>,
 }
 
+/// RFC 8437: after login, the way back to the backend's own login (see `backends`).
+const UNAUTHENTICATE: &str = "UNAUTHENTICATE";
+
 /// Warn when a certificate expires within this long.
 const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 86_400);
 
@@ -194,6 +197,14 @@ async fn backends(r: &mut Report, config: &Config, user: Option<&str>) {
                 if caps.contains("LOGINDISABLED") {
                     notes.push("LOGINDISABLED offered: master LOGIN will fail");
                 }
+                if caps
+                    .split_whitespace()
+                    .any(|c| c.eq_ignore_ascii_case(UNAUTHENTICATE))
+                {
+                    notes.push(
+                        "UNAUTHENTICATE offered: turn it off on the backend (docs/backends.md)",
+                    );
+                }
                 let detail = format!("greeting and capabilities: {caps}");
                 if notes.is_empty() {
                     r.ok(&what, detail);
@@ -207,21 +218,15 @@ async fn backends(r: &mut Report, config: &Config, user: Option<&str>) {
             }
         }
         if let Some(u) = user {
-            let client = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-            match backend.open(u, client).await {
-                Ok((mut conn, _, _)) => {
-                    use tokio::io::AsyncWriteExt;
-                    let _ = conn.write_all(b"z LOGOUT\r\n").await;
-                    let _ = conn.shutdown().await;
-                    r.ok(
-                        &what,
-                        format!("logged in as {u} with the master credential"),
-                    );
+            match backend.diagnose_login(u).await {
+                Ok(caps) if caps.iter().any(|c| c.eq_ignore_ascii_case(UNAUTHENTICATE)) => {
+                    r.warn(&what, format!("logged in as {u} with the master credential, but the backend offers UNAUTHENTICATE (RFC 8437) after login: the gateway leaves it out of the client's login reply, yet relays every command unchanged, so a client that sends it is back at the backend's own login with no second factor. Turn it off on the backend (docs/backends.md)"));
                 }
-                Err(e) => r.fail(
+                Ok(_) => r.ok(
                     &what,
-                    format!("master login as {u}: {}", crate::upstream::describe(&e)),
+                    format!("logged in as {u} with the master credential"),
                 ),
+                Err(e) => r.fail(&what, e),
             }
         }
     }
