@@ -71,6 +71,18 @@ impl Pair {
     }
 }
 
+/// A store configuration for `redis` (local fallback, 2 s timeout) with keys under `prefix`.
+fn redis_config(redis: &RedisServer, prefix: &str) -> imapgate::config::RedisConfig {
+    imapgate::config::RedisConfig {
+        url: imapgate::secret::Secret::from(redis.url()),
+        ca_file: None,
+        key_prefix: prefix.into(),
+        on_error: imapgate::config::OnError::Local,
+        timeout: Duration::from_secs(2),
+        allow_eviction: false,
+    }
+}
+
 fn ok(r: &str) -> bool {
     r.starts_with("a OK")
 }
@@ -368,14 +380,7 @@ async fn a_local_store_full_of_markers_defers_to_redis() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let cfg = imapgate::config::RedisConfig {
-        url: imapgate::secret::Secret::from(redis.url()),
-        ca_file: None,
-        key_prefix: "f:".into(),
-        on_error: imapgate::config::OnError::Local,
-        timeout: Duration::from_secs(2),
-        allow_eviction: false,
-    };
+    let cfg = redis_config(&redis, "f:");
     let local = Arc::new(MemoryStore::new(1000));
     let ttl = Duration::from_secs(600);
     for i in 0..1000 {
@@ -422,14 +427,7 @@ async fn concurrent_checks_on_one_key_never_exceed_the_budget() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let cfg = imapgate::config::RedisConfig {
-        url: imapgate::secret::Secret::from(redis.url()),
-        ca_file: None,
-        key_prefix: "c:".into(),
-        on_error: imapgate::config::OnError::Local,
-        timeout: Duration::from_secs(2),
-        allow_eviction: false,
-    };
+    let cfg = redis_config(&redis, "c:");
     let stores: Vec<Arc<RedisStore>> = (0..2)
         .map(|_| Arc::new(RedisStore::new(&cfg).unwrap()))
         .collect();
@@ -473,14 +471,7 @@ async fn redis_memory_per_failed_attempt() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let cfg = imapgate::config::RedisConfig {
-        url: imapgate::secret::Secret::from(redis.url()),
-        ca_file: None,
-        key_prefix: "imapgate:".into(),
-        on_error: imapgate::config::OnError::Local,
-        timeout: Duration::from_secs(2),
-        allow_eviction: false,
-    };
+    let cfg = redis_config(&redis, "imapgate:");
     let store = Arc::new(imapgate::state::RedisStore::new(&cfg).unwrap());
     let metrics = Arc::new(imapgate::observe::Metrics::new().unwrap());
     let guard = Guard::new(Default::default(), store, metrics, Some(b"seed"));
