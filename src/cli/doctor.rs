@@ -24,6 +24,9 @@ pub struct DoctorArgs {
     pub server_name: Option<String>,
 }
 
+/// RFC 8437: after login, the way back to the backend's own login (see `backends`).
+const UNAUTHENTICATE: &str = "UNAUTHENTICATE";
+
 /// Warn when a certificate expires within this long.
 const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 86_400);
 
@@ -75,14 +78,8 @@ pub fn doctor(args: DoctorArgs) -> ExitCode {
     rt.block_on(async {
         backends(&mut r, &config, user.as_deref()).await;
         issuers(&mut r, &config).await;
+        state(&mut r, &config).await;
     });
-    r.ok(
-        "state",
-        format!(
-            "in-process memory, at most {} entries (nothing to reach)",
-            config.state.max_entries
-        ),
-    );
     if config.admin.token.is_none() {
         r.warn(
             "admin",
@@ -200,6 +197,14 @@ async fn backends(r: &mut Report, config: &Config, user: Option<&str>) {
                 if caps.contains("LOGINDISABLED") {
                     notes.push("LOGINDISABLED offered: master LOGIN will fail");
                 }
+                if caps
+                    .split_whitespace()
+                    .any(|c| c.eq_ignore_ascii_case(UNAUTHENTICATE))
+                {
+                    notes.push(
+                        "UNAUTHENTICATE offered: turn it off on the backend (docs/backends.md)",
+                    );
+                }
                 let detail = format!("greeting and capabilities: {caps}");
                 if notes.is_empty() {
                     r.ok(&what, detail);
@@ -213,23 +218,71 @@ async fn backends(r: &mut Report, config: &Config, user: Option<&str>) {
             }
         }
         if let Some(u) = user {
-            let client = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-            match backend.open(u, client).await {
-                Ok((mut conn, _, _)) => {
-                    use tokio::io::AsyncWriteExt;
-                    let _ = conn.write_all(b"z LOGOUT\r\n").await;
-                    let _ = conn.shutdown().await;
-                    r.ok(
-                        &what,
-                        format!("logged in as {u} with the master credential"),
-                    );
+            match backend.diagnose_login(u).await {
+                Ok(caps) if caps.iter().any(|c| c.eq_ignore_ascii_case(UNAUTHENTICATE)) => {
+                    r.warn(&what, format!("logged in as {u} with the master credential, but the backend offers UNAUTHENTICATE (RFC 8437) after login: the gateway leaves it out of the client's login reply, yet relays every command unchanged, so a client that sends it is back at the backend's own login with no second factor. Turn it off on the backend (docs/backends.md)"));
                 }
-                Err(e) => r.fail(
+                Ok(_) => r.ok(
                     &what,
-                    format!("master login as {u}: {}", crate::upstream::describe(&e)),
+                    format!("logged in as {u} with the master credential"),
                 ),
+                Err(e) => r.fail(&what, e),
             }
         }
+    }
+}
+
+/// The state store: memory needs nothing; Redis must answer and must not evict keys before
+/// their TTL (a used TOTP code evicted early could be replayed).
+async fn state(r: &mut Report, config: &Config) {
+    let Some(cfg) = config
+        .state
+        .redis
+        .as_ref()
+        .filter(|_| config.state.backend == crate::config::StateBackend::Redis)
+    else {
+        r.ok(
+            "state",
+            format!(
+                "in-process memory, at most {} entries (nothing to reach)",
+                config.state.max_entries
+            ),
+        );
+        return;
+    };
+    // The Redis client's TLS uses the process default provider: ours.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let redis = match crate::state::RedisStore::new(cfg) {
+        Ok(x) => x,
+        Err(e) => return r.fail("state (redis)", e),
+    };
+    if let Err(e) = redis.ping().await {
+        return r.fail("state (redis)", e);
+    }
+    use crate::state::Eviction;
+    const FIX: &str = "set `maxmemory-policy noeviction` for the gateway's Redis (CONFIG SET maxmemory-policy noeviction, and in redis.conf), or `maxmemory 0`";
+    match redis.eviction().await {
+        Ok(Eviction::Never) => r.ok(
+            "state (redis)",
+            "answers; keys are never evicted before their TTL (noeviction or no maxmemory)",
+        ),
+        Ok(Eviction::Possible(policy)) if cfg.allow_eviction => r.warn(
+            "state (redis)",
+            format!("maxmemory-policy {policy} may evict used TOTP codes before they expire (accepted by state.redis.allow_eviction); to close this, {FIX}"),
+        ),
+        Ok(Eviction::Possible(policy)) => r.fail(
+            "state (redis)",
+            format!("maxmemory-policy {policy} with a maxmemory may evict used TOTP codes before they expire, so a code could be replayed, and /readyz stays false: {FIX} (or accept the risk with state.redis.allow_eviction: true)"),
+        ),
+        Ok(Eviction::Unknown) if cfg.allow_eviction => r.warn(
+            "state (redis)",
+            "cannot read maxmemory-policy (CONFIG GET and INFO refused); accepted by state.redis.allow_eviction",
+        ),
+        Ok(Eviction::Unknown) => r.fail(
+            "state (redis)",
+            format!("cannot read maxmemory-policy (CONFIG GET and INFO refused), and /readyz stays false: allow INFO for the gateway's ACL user and {FIX} (or accept the risk with state.redis.allow_eviction: true)"),
+        ),
+        Err(e) => r.fail("state (redis)", e),
     }
 }
 

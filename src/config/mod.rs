@@ -146,6 +146,9 @@ pub struct RedisConfig {
     pub on_error: OnError,
     /// Each operation's deadline.
     pub timeout: Duration,
+    /// Stay ready when Redis's `maxmemory-policy` may evict keys (used TOTP codes could be
+    /// evicted and replayed); default false: `/readyz` fails and `doctor` reports it.
+    pub allow_eviction: bool,
 }
 
 impl Default for StateConfig {

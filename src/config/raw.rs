@@ -197,6 +197,7 @@ pub struct Redis {
     pub key_prefix: Option<String>,
     pub on_error: Option<OnError>,
     pub timeout: Option<Scalar>,
+    pub allow_eviction: Option<bool>,
 }
 
 /// What the gateway does while Redis cannot be reached.

@@ -1047,6 +1047,7 @@ fn redis(cx: &mut Ctx, r: raw::Redis) -> Option<super::RedisConfig> {
         key_prefix,
         on_error: r.on_error.unwrap_or(raw::OnError::Local),
         timeout,
+        allow_eviction: r.allow_eviction.unwrap_or(false),
     })
 }
 

@@ -255,12 +255,10 @@ impl Gateway {
                 // The Redis client's TLS uses the process default provider: ours.
                 let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
                 let remote = crate::state::RedisStore::new(r).map_err(StartError::State)?;
-                let shared = Arc::new(crate::state::SharedStore::new(
-                    remote,
-                    local,
-                    r.on_error,
-                    metrics.clone(),
-                ));
+                let shared = Arc::new(
+                    crate::state::SharedStore::new(remote, local, r.on_error, metrics.clone())
+                        .allow_eviction(r.allow_eviction),
+                );
                 let _ = health.state.set(shared.clone());
                 (shared.clone() as Arc<dyn crate::state::Store>, Some(shared))
             }

@@ -1,4 +1,14 @@
 //! The in-process [`Store`]: one mutex-protected map, bounded in size, with expiry.
+//!
+//! When the map reaches its bound, expired entries are swept and then guard state
+//! ([`KeyClass::Guard`]: rate cells, counters, sets), soonest-expiring first, down to nine
+//! tenths of the bound. A marker ([`KeyClass::Marker`]: used TOTP codes, unlock grants, blocks,
+//! known-good networks) is never evicted: it leaves when its TTL ends or it is deleted. If
+//! markers alone fill the store, a write that would add a key finds no room: a new guard key is
+//! not recorded (the guard fails open for it: a rate cell allows, a counter or a set counts
+//! one) and a new marker is refused with [`StoreError::Unavailable`] (a TOTP login then fails
+//! as `state_unavailable`: a code is never accepted without being remembered). Writes to keys
+//! that exist always succeed. docs/state.md says what this means for an operator.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -6,10 +16,14 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Rate, RateDecision, Store, StoreError};
+use super::{key_class, KeyClass, Rate, RateDecision, Store, StoreError};
 
-/// Entries kept at most; beyond, expired entries are swept and then the oldest-expiring go.
+/// Entries kept at most; beyond, expired entries are swept and then guard state goes.
 pub const DEFAULT_MAX_ENTRIES: usize = 500_000;
+
+/// After a sweep that could not free a tenth of the store (markers fill it), no new sweep for
+/// this long: a full store costs one O(n) pass per second, not one per write.
+const SWEEP_BACKOFF: Duration = Duration::from_secs(1);
 
 enum Value {
     /// GCRA theoretical arrival time.
@@ -24,8 +38,18 @@ struct Entry {
     expires: Instant,
 }
 
+type Map = HashMap<String, Entry>;
+
+struct Inner {
+    map: Map,
+    /// No sweep before this (set when the last sweep found markers filling the store).
+    quiet_until: Option<Instant>,
+    /// The "full of markers" warning was logged and the store has not had room since.
+    warned: bool,
+}
+
 pub struct MemoryStore {
-    map: Mutex<HashMap<String, Entry>>,
+    inner: Mutex<Inner>,
     max_entries: usize,
     /// Members per set at most (a spray of random names cannot grow one set without bound).
     max_set_members: usize,
@@ -37,61 +61,94 @@ impl Default for MemoryStore {
     }
 }
 
+/// Whether `key` may be written: it exists, or there is room for one more entry.
+fn fits(map: &Map, key: &str, max: usize) -> bool {
+    map.len() < max || map.contains_key(key)
+}
+
+fn full_of_markers() -> StoreError {
+    StoreError::Unavailable("memory store full of markers".into())
+}
+
 impl MemoryStore {
     pub fn new(max_entries: usize) -> Self {
         Self {
-            map: Mutex::new(HashMap::new()),
+            inner: Mutex::new(Inner {
+                map: HashMap::new(),
+                quiet_until: None,
+                warned: false,
+            }),
             max_entries: max_entries.max(1),
             max_set_members: 10_000,
         }
     }
 
-    fn with<T>(
-        &self,
-        f: impl FnOnce(&mut HashMap<String, Entry>, Instant) -> T,
-    ) -> Result<T, StoreError> {
-        let mut map = self
-            .map
+    /// Runs `f` on the map (made room in first when full); `f` gets the bound to check with
+    /// [`fits`] before adding a key.
+    fn with<T>(&self, f: impl FnOnce(&mut Map, Instant, usize) -> T) -> Result<T, StoreError> {
+        let mut inner = self
+            .inner
             .lock()
             .map_err(|_| StoreError::Unavailable("memory store poisoned".into()))?;
         let now = Instant::now();
-        if map.len() >= self.max_entries {
-            self.make_room(&mut map, now);
+        if inner.map.len() >= self.max_entries {
+            self.make_room(&mut inner, now);
         }
-        Ok(f(&mut map, now))
+        Ok(f(&mut inner.map, now, self.max_entries))
     }
 
-    /// Drops expired entries; if that is not enough, the tenth of the entries that are
-    /// cheapest to lose. Batching keeps a flood of new keys at amortised O(1) per insert (one
-    /// O(n) pass per n/10 inserts). Rate cells, counters and sets go first (losing one forgives
-    /// a little), soonest-expiring first; markers (`put`/`set_if_absent`: blocks, attack mode,
-    /// known-good networks, used TOTP codes, unlocks) go only when nothing else is left, so a
-    /// flood of random keys cannot wash them out.
-    fn make_room(&self, map: &mut HashMap<String, Entry>, now: Instant) {
-        map.retain(|_, e| e.expires > now);
-        if map.len() < self.max_entries * 9 / 10 + 1 {
+    /// Drops expired entries, then guard state, soonest-expiring first, down to nine tenths of
+    /// the bound. Batching keeps a flood of new keys at amortised O(1) per insert (one O(n) pass
+    /// per n/10 inserts); when markers leave less than that to free, the next pass waits
+    /// [`SWEEP_BACKOFF`]. Markers are never evicted here.
+    fn make_room(&self, inner: &mut Inner, now: Instant) {
+        if inner.quiet_until.is_some_and(|t| now < t) {
             return;
         }
-        let rank = |e: &Entry| (matches!(e.value, Value::Text(_)), e.expires);
-        let mut ranks: Vec<(bool, Instant)> = map.values().map(rank).collect();
-        let cut = (self.max_entries / 10)
-            .max(1)
-            .min(ranks.len().saturating_sub(1));
-        let (_, nth, _) = ranks.select_nth_unstable(cut);
-        let threshold = *nth;
-        let mut budget = cut + 1;
-        map.retain(|_, e| {
-            if budget > 0 && rank(e) <= threshold {
-                budget -= 1;
-                false
+        let map = &mut inner.map;
+        map.retain(|_, e| e.expires > now);
+        let target = self.max_entries - self.max_entries / 10;
+        if map.len() > target {
+            let excess = map.len() - target;
+            let mut guard: Vec<Instant> = map
+                .iter()
+                .filter(|(k, _)| key_class(k) == KeyClass::Guard)
+                .map(|(_, e)| e.expires)
+                .collect();
+            if guard.len() <= excess {
+                map.retain(|k, _| key_class(k) == KeyClass::Marker);
             } else {
-                true
+                let (_, nth, _) = guard.select_nth_unstable(excess - 1);
+                let threshold = *nth;
+                let mut budget = excess;
+                map.retain(|k, e| {
+                    if budget > 0 && e.expires <= threshold && key_class(k) == KeyClass::Guard {
+                        budget -= 1;
+                        false
+                    } else {
+                        true
+                    }
+                });
             }
-        });
+        }
+        if map.len() > target {
+            inner.quiet_until = Some(now + SWEEP_BACKOFF);
+            if !inner.warned {
+                inner.warned = true;
+                tracing::warn!(
+                    entries = map.len(),
+                    max_entries = self.max_entries,
+                    "state store full of markers (blocks, used codes, unlocks, known-good networks): new guard counters are not recorded and new markers are refused until some expire; raise state.max_entries"
+                );
+            }
+        } else {
+            inner.quiet_until = None;
+            inner.warned = false;
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.map.lock().map(|m| m.len()).unwrap_or(0)
+        self.inner.lock().map(|i| i.map.len()).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -99,14 +156,14 @@ impl MemoryStore {
     }
 }
 
-fn live<'m>(map: &'m mut HashMap<String, Entry>, key: &str, now: Instant) -> Option<&'m mut Entry> {
+fn live<'m>(map: &'m mut Map, key: &str, now: Instant) -> Option<&'m mut Entry> {
     if map.get(key).is_some_and(|e| e.expires <= now) {
         map.remove(key);
     }
     map.get_mut(key)
 }
 
-fn text(map: &mut HashMap<String, Entry>, key: &str, now: Instant) -> Option<String> {
+fn text(map: &mut Map, key: &str, now: Instant) -> Option<String> {
     match live(map, key, now).map(|e| &e.value) {
         Some(Value::Text(t)) => Some(t.clone()),
         Some(Value::Counter(n)) => Some(n.to_string()),
@@ -119,7 +176,7 @@ impl Store for MemoryStore {
     async fn rate_check(&self, key: &str, rate: Rate) -> Result<RateDecision, StoreError> {
         let interval = rate.period / rate.burst.max(1);
         let tolerance = rate.period.saturating_sub(interval);
-        self.with(|map, now| {
+        self.with(|map, now, max| {
             let tat = match live(map, key, now).map(|e| &e.value) {
                 Some(Value::Tat(t)) => (*t).max(now),
                 _ => now,
@@ -127,6 +184,10 @@ impl Store for MemoryStore {
             let allow_at = tat.checked_sub(tolerance).unwrap_or(now);
             if allow_at > now {
                 return RateDecision::Limited(allow_at - now);
+            }
+            if !fits(map, key, max) {
+                // No room for a new cell: this event is not counted (fail open).
+                return RateDecision::Allowed;
             }
             let new_tat = tat + interval;
             map.insert(
@@ -141,14 +202,21 @@ impl Store for MemoryStore {
     }
 
     async fn incr(&self, key: &str, by: u64, ttl: Duration) -> Result<u64, StoreError> {
-        self.with(|map, now| {
+        self.with(|map, now, max| {
             if let Some(Entry {
                 value: Value::Counter(n),
                 ..
             }) = live(map, key, now)
             {
                 *n = n.saturating_add(by);
-                return *n;
+                return Ok(*n);
+            }
+            if !fits(map, key, max) {
+                return match key_class(key) {
+                    // Not recorded: the caller sees a fresh counter (fail open).
+                    KeyClass::Guard => Ok(by),
+                    KeyClass::Marker => Err(full_of_markers()),
+                };
             }
             map.insert(
                 key.to_owned(),
@@ -157,8 +225,8 @@ impl Store for MemoryStore {
                     expires: now + ttl,
                 },
             );
-            by
-        })
+            Ok(by)
+        })?
     }
 
     async fn set_if_absent(
@@ -167,9 +235,16 @@ impl Store for MemoryStore {
         value: &str,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        self.with(|map, now| {
+        self.with(|map, now, max| {
             if live(map, key, now).is_some() {
-                return false;
+                return Ok(false);
+            }
+            if !fits(map, key, max) {
+                return match key_class(key) {
+                    // Not recorded: as if the key were new (fail open).
+                    KeyClass::Guard => Ok(true),
+                    KeyClass::Marker => Err(full_of_markers()),
+                };
             }
             map.insert(
                 key.to_owned(),
@@ -178,8 +253,8 @@ impl Store for MemoryStore {
                     expires: now + ttl,
                 },
             );
-            true
-        })
+            Ok(true)
+        })?
     }
 
     async fn set_add_count(
@@ -189,7 +264,7 @@ impl Store for MemoryStore {
         ttl: Duration,
     ) -> Result<u64, StoreError> {
         let cap = self.max_set_members;
-        self.with(|map, now| {
+        self.with(|map, now, max| {
             if let Some(Entry {
                 value: Value::Set(s),
                 expires,
@@ -199,7 +274,14 @@ impl Store for MemoryStore {
                     s.insert(member.to_owned());
                 }
                 *expires = now + ttl;
-                return s.len() as u64;
+                return Ok(s.len() as u64);
+            }
+            if !fits(map, key, max) {
+                return match key_class(key) {
+                    // Not recorded: a set of one (fail open).
+                    KeyClass::Guard => Ok(1),
+                    KeyClass::Marker => Err(full_of_markers()),
+                };
             }
             let set = BTreeSet::from([member.to_owned()]);
             map.insert(
@@ -209,12 +291,19 @@ impl Store for MemoryStore {
                     expires: now + ttl,
                 },
             );
-            1
-        })
+            Ok(1)
+        })?
     }
 
     async fn put(&self, key: &str, value: &str, ttl: Duration) -> Result<(), StoreError> {
-        self.with(|map, now| {
+        self.with(|map, now, max| {
+            live(map, key, now);
+            if !fits(map, key, max) {
+                return match key_class(key) {
+                    KeyClass::Guard => Ok(()),
+                    KeyClass::Marker => Err(full_of_markers()),
+                };
+            }
             map.insert(
                 key.to_owned(),
                 Entry {
@@ -222,15 +311,16 @@ impl Store for MemoryStore {
                     expires: now + ttl,
                 },
             );
-        })
+            Ok(())
+        })?
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
-        self.with(|map, now| text(map, key, now))
+        self.with(|map, now, _| text(map, key, now))
     }
 
     async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<String>>, StoreError> {
-        self.with(|map, now| keys.iter().map(|k| text(map, k, now)).collect())
+        self.with(|map, now, _| keys.iter().map(|k| text(map, k, now)).collect())
     }
 
     async fn scan_prefix(
@@ -238,7 +328,7 @@ impl Store for MemoryStore {
         prefix: &str,
         limit: usize,
     ) -> Result<Vec<(String, String, Duration)>, StoreError> {
-        self.with(|map, now| {
+        self.with(|map, now, _| {
             let mut out: Vec<(String, String, Duration)> = map
                 .iter()
                 .filter(|(k, e)| k.starts_with(prefix) && e.expires > now)
@@ -258,13 +348,13 @@ impl Store for MemoryStore {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.with(|map, _| {
+        self.with(|map, _, _| {
             map.remove(key);
         })
     }
 
     async fn delete_many(&self, keys: &[String]) -> Result<(), StoreError> {
-        self.with(|map, _| {
+        self.with(|map, _, _| {
             for k in keys {
                 map.remove(k);
             }
@@ -324,7 +414,7 @@ mod tests {
     async fn size_is_bounded() {
         let s = MemoryStore::new(100);
         for i in 0..1000 {
-            s.incr(&format!("k{i}"), 1, Duration::from_secs(60))
+            s.incr(&format!("g:tp:ip:{i}"), 1, Duration::from_secs(60))
                 .await
                 .unwrap();
         }
@@ -332,24 +422,159 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn eviction_keeps_long_lived_markers_over_short_cells() {
+    async fn eviction_keeps_markers_over_cells_and_drops_the_soonest_cells_first() {
         let s = MemoryStore::new(1000);
-        s.put("block", "spray", Duration::from_secs(900))
+        // A short-lived marker outlives long-lived cells.
+        s.put("g:block:ip:192.0.2.7", "spray", Duration::from_secs(5))
+            .await
+            .unwrap();
+        s.incr("g:tp:ip:long", 1, Duration::from_secs(3600))
             .await
             .unwrap();
         for i in 0..10_000 {
-            s.incr(&format!("k{i}"), 1, Duration::from_secs(60))
+            s.incr(&format!("g:tp:ip:{i}"), 1, Duration::from_secs(60))
                 .await
                 .unwrap();
         }
         assert!(s.len() <= 1000);
-        assert_eq!(s.get("block").await.unwrap().as_deref(), Some("spray"));
-        let listed = s.scan_prefix("bl", 10).await.unwrap();
+        assert_eq!(
+            s.get("g:block:ip:192.0.2.7").await.unwrap().as_deref(),
+            Some("spray")
+        );
+        assert_eq!(s.get("g:tp:ip:long").await.unwrap().as_deref(), Some("1"));
+        let listed = s.scan_prefix("g:bl", 10).await.unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(
-            s.get_many(&["k9999".into(), "nope".into()]).await.unwrap(),
+            s.get_many(&["g:tp:ip:9999".into(), "nope".into()])
+                .await
+                .unwrap(),
             vec![Some("1".into()), None]
         );
+    }
+
+    /// Markers alone fill the store: new guard keys are not recorded (the guard fails open for
+    /// them), new markers are refused with an error, keys that exist still change, and room
+    /// comes back by itself when markers expire.
+    #[tokio::test(start_paused = true)]
+    async fn full_of_markers_refuses_new_keys_and_drops_none() {
+        let s = MemoryStore::new(1000);
+        let ttl = Duration::from_secs(60);
+        for i in 0..1000 {
+            s.put(&format!("g:block:ip:10.0.0.{i}"), "spray", ttl)
+                .await
+                .unwrap();
+        }
+        assert!(s
+            .set_if_absent("totp:bob@example.org:7", "ap", ttl)
+            .await
+            .is_err());
+        assert!(s.put("unlock:bob@example.org:x", "1", ttl).await.is_err());
+        assert!(s.incr("totp:new", 1, ttl).await.is_err());
+        let rate = Rate {
+            burst: 1,
+            period: Duration::from_secs(60),
+        };
+        for _ in 0..3 {
+            assert_eq!(
+                s.rate_check("g:fail:ip:192.0.2.1", rate).await.unwrap(),
+                RateDecision::Allowed
+            );
+            assert_eq!(s.incr("g:tp:ip:192.0.2.1", 1, ttl).await.unwrap(), 1);
+            assert_eq!(
+                s.set_add_count("g:spray:ip:192.0.2.1", "a", ttl)
+                    .await
+                    .unwrap(),
+                1
+            );
+            assert!(s
+                .set_if_absent("g:reset:192.0.2.0/24", "1", ttl)
+                .await
+                .unwrap());
+        }
+        assert_eq!(s.len(), 1000);
+        assert_eq!(s.scan_prefix("g:block:", 2000).await.unwrap().len(), 1000);
+        // An existing marker can still be replaced (a dry-run block made enforced).
+        s.put("g:block:ip:10.0.0.1", "enforced", ttl).await.unwrap();
+        assert_eq!(
+            s.get("g:block:ip:10.0.0.1").await.unwrap().as_deref(),
+            Some("enforced")
+        );
+        // A deleted marker makes room for one more.
+        s.delete("g:block:ip:10.0.0.2").await.unwrap();
+        assert!(s
+            .set_if_absent("totp:bob@example.org:7", "ap", ttl)
+            .await
+            .unwrap());
+        assert!(!s
+            .set_if_absent("totp:bob@example.org:7", "ap", ttl)
+            .await
+            .unwrap());
+        // When the markers expire, everything is recorded again.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(s
+            .set_if_absent("totp:carol@example.org:8", "ap", ttl)
+            .await
+            .unwrap());
+        assert_eq!(s.incr("g:tp:ip:192.0.2.1", 1, ttl).await.unwrap(), 1);
+        assert_eq!(s.incr("g:tp:ip:192.0.2.1", 1, ttl).await.unwrap(), 2);
+    }
+
+    /// Item 7 of issue 16: a sprayer's blocks fill most of the store, then a flood of random
+    /// failure cells and spray sets fills the rest, again and again. A used TOTP code must stay
+    /// refused through it (it has the shortest TTL of all markers, so an eviction that falls
+    /// back to "soonest-expiring marker" drops it first), and so must every other marker.
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_never_evicts_a_used_code_or_any_other_marker() {
+        let s = MemoryStore::new(1000);
+        let code = "totp:alice@example.org:58000000";
+        let code_ttl = Duration::from_secs(120);
+        assert!(s.set_if_absent(code, "ap1", code_ttl).await.unwrap());
+        let unlock = "unlock:alice@example.org:ap1:192.0.2.0/24:abcdef";
+        assert!(s
+            .set_if_absent(unlock, "1", Duration::from_secs(12 * 3600))
+            .await
+            .unwrap());
+        s.put(
+            "g:good:192.0.2.0/24:alice@example.org",
+            "1",
+            Duration::from_secs(30 * 86_400),
+        )
+        .await
+        .unwrap();
+        // Blocks imposed one after the other (so each ends a little later than the last).
+        for i in 0..950u32 {
+            let k = format!("g:block:ip:10.0.{}.{}", i / 256, i % 256);
+            let ttl = Duration::from_secs(900 + u64::from(i));
+            s.put(&k, "spray", ttl).await.unwrap();
+        }
+        let rate = Rate {
+            burst: 10,
+            period: Duration::from_secs(900),
+        };
+        for i in 0..20_000u32 {
+            let ip = std::net::Ipv4Addr::from(0xC000_0000u32 | i.wrapping_mul(2_654_435_761));
+            s.rate_check(&format!("g:fail:ip:{ip}"), rate)
+                .await
+                .unwrap();
+            s.set_add_count(&format!("g:spray:ip:{ip}"), "h", Duration::from_secs(3600))
+                .await
+                .unwrap();
+            s.incr(&format!("g:tp:ip:{ip}"), 1, Duration::from_secs(900))
+                .await
+                .unwrap();
+        }
+        assert!(s.len() <= 1000, "{}", s.len());
+        // The replay is refused, and every marker is still there.
+        assert!(!s.set_if_absent(code, "ap1", code_ttl).await.unwrap());
+        assert_eq!(s.get(unlock).await.unwrap().as_deref(), Some("1"));
+        assert_eq!(
+            s.get("g:good:192.0.2.0/24:alice@example.org")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("1")
+        );
+        assert_eq!(s.scan_prefix("g:block:", 2000).await.unwrap().len(), 950);
     }
 
     /// Measures resident memory per entry for docs/guard.md:

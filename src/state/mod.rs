@@ -5,6 +5,13 @@
 //! nothing grows without bound. [`MemoryStore`] is the default for a single instance; it bounds
 //! its size and evicts as it goes. [`SharedStore`] is Redis ([`RedisStore`]) with that memory
 //! store as the fallback, for several replicas (docs/state.md).
+//!
+//! Keys come in two classes ([`key_class`], decided here from the key's prefix and nowhere
+//! else): guard state, which a flood of random keys may push out (losing a cell forgives a few
+//! failures), and markers (used TOTP codes, unlock grants, blocks, known-good networks), which
+//! must live out their TTL: a used code evicted early could be replayed. The memory store never
+//! evicts a marker to make room; Redis must not evict either (`maxmemory-policy noeviction`,
+//! checked by `doctor` and `/readyz`).
 
 mod memory;
 mod redis;
@@ -13,8 +20,41 @@ mod shared;
 use std::time::Duration;
 
 pub use memory::MemoryStore;
-pub use redis::RedisStore;
+pub use redis::{Eviction, RedisStore};
 pub use shared::SharedStore;
+
+/// Prefixes of the keys that are guard state: rate cells, counters and sets the guard writes
+/// on every failure (`src/guard/keys.rs`). Every other key is a [`KeyClass::Marker`]; a new
+/// kind of guard key that may be lost under pressure must be listed here, or it is kept like
+/// a marker (the safe side: kept too long, never dropped too early).
+pub const GUARD_PREFIXES: &[&str] = &[
+    "g:fail:",  // GCRA failure budgets
+    "g:spray:", // distinct accounts failed from an address or subnet
+    "g:tp:",    // tarpit counters
+    "g:seen:",  // wrong secrets already counted
+    "g:reset:", // a success already reset this network's budgets in this window
+];
+
+/// What a key holds, for eviction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyClass {
+    /// Rate cells, counters, sets: evicted first under memory pressure, and not recorded when
+    /// there is no room (the guard then fails open for that one key).
+    Guard,
+    /// Used TOTP codes (`totp:`), unlock grants (`unlock:`), blocks and attack modes
+    /// (`g:block:`), known-good networks (`g:good:`), and any key not listed as guard state:
+    /// never evicted before its TTL ends.
+    Marker,
+}
+
+/// The class of `key`, from its prefix (the one place that decides it).
+pub fn key_class(key: &str) -> KeyClass {
+    if GUARD_PREFIXES.iter().any(|p| key.starts_with(p)) {
+        KeyClass::Guard
+    } else {
+        KeyClass::Marker
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -81,4 +121,38 @@ pub trait Store: Send + Sync {
 /// One definition for the guard, which writes it, and the authenticator, which reads it.
 pub fn suspect_key(user: &str, credential: &str) -> String {
     format!("g:block:app_password:{user}/{credential}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{key_class, KeyClass};
+
+    #[test]
+    fn keys_are_classed_by_prefix() {
+        // The shapes written by src/guard/keys.rs and src/auth/store.rs.
+        for k in [
+            "g:fail:ip:192.0.2.7",
+            "g:fail:account:alice@example.org",
+            "g:spray:subnet:2001:db8::/64",
+            "g:tp:ip:192.0.2.7",
+            "g:tp:an:192.0.2.0/24:alice@example.org",
+            "g:seen:0123abcd:alice@example.org",
+            "g:reset:192.0.2.0/24",
+            "g:fail:code:alice@example.org",
+        ] {
+            assert_eq!(key_class(k), KeyClass::Guard, "{k}");
+        }
+        for k in [
+            "totp:alice@example.org:58000000",
+            "unlock:alice@example.org:ap1:192.0.2.0/24:abcdef",
+            "g:block:ip:192.0.2.7",
+            "g:block:account:alice@example.org",
+            "g:good:192.0.2.0/24:alice@example.org",
+            &super::suspect_key("alice@example.org", "ap_1"),
+            "g:something-new:x",
+            "anything",
+        ] {
+            assert_eq!(key_class(k), KeyClass::Marker, "{k}");
+        }
+    }
 }

@@ -7,12 +7,17 @@
 //! (`scan_prefix`, operators only) uses `SCAN`, never `KEYS`, and is never on a login's path.
 //!
 //! Errors never carry the URL (it may hold a password) or a reply's text: only the kind.
+//!
+//! Every key has a TTL, so any `maxmemory-policy` but `noeviction` (the `volatile-*` ones
+//! included) lets Redis drop a used-code marker before it expires, and the code could be
+//! replayed. [`RedisStore::eviction`] reads the policy (`CONFIG GET`, or `INFO memory` where
+//! `CONFIG` is disabled, as on managed Redis) for `imapgate doctor` and `/readyz`.
 
 use std::sync::LazyLock;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, RedisError, Script};
+use redis::{Client, ErrorKind, RedisError, Script};
 
 use super::{Rate, RateDecision, Store, StoreError};
 use crate::config::RedisConfig;
@@ -65,6 +70,68 @@ return redis.call('SCARD', KEYS[1])
 ",
     )
 });
+
+/// Whether Redis may drop the gateway's keys before their TTL ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Eviction {
+    /// `maxmemory-policy noeviction`, or no `maxmemory`: a key leaves only when its TTL ends
+    /// (when memory is full, writes fail instead, and the gateway treats Redis as failing).
+    Never,
+    /// `maxmemory` is set and the policy (named here) may evict: every gateway key has a TTL,
+    /// so `volatile-*` policies can drop markers too.
+    Possible(&'static str),
+    /// Redis answered, but refused both `CONFIG GET` and `INFO` (ACL or renamed commands).
+    Unknown,
+}
+
+/// The policy names Redis knows (never the server's own text, which is echoed nowhere).
+fn policy_name(s: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "noeviction",
+        "allkeys-lru",
+        "allkeys-lfu",
+        "allkeys-random",
+        "volatile-lru",
+        "volatile-lfu",
+        "volatile-random",
+        "volatile-ttl",
+    ];
+    let s = s.trim();
+    KNOWN
+        .iter()
+        .find(|k| k.eq_ignore_ascii_case(s))
+        .copied()
+        .unwrap_or("an unrecognised policy")
+}
+
+/// The verdict from `maxmemory` (bytes, 0 = no limit) and the policy; `None` when unreadable.
+fn eviction_of(maxmemory: Option<&str>, policy: Option<&str>) -> Option<Eviction> {
+    let policy = policy_name(policy?);
+    if policy == "noeviction" {
+        return Some(Eviction::Never);
+    }
+    let limit: u64 = maxmemory?.trim().parse().ok()?;
+    Some(if limit == 0 {
+        Eviction::Never
+    } else {
+        Eviction::Possible(policy)
+    })
+}
+
+/// `maxmemory` and `maxmemory_policy` from the text of `INFO memory`.
+fn eviction_from_info(info: &str) -> Option<Eviction> {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+    };
+    eviction_of(field("maxmemory"), field("maxmemory_policy"))
+}
+
+/// The server answered with an error (refused, unknown command), as opposed to a connection
+/// that failed.
+fn refused_by_server(e: &RedisError) -> bool {
+    matches!(e.kind(), ErrorKind::Server(_) | ErrorKind::Extension)
+}
 
 pub struct RedisStore {
     conn: ConnectionManager,
@@ -127,6 +194,45 @@ impl RedisStore {
         match tokio::time::timeout(self.timeout, f).await {
             Ok(r) => r.map_err(|e| err(&e)),
             Err(_) => Err(StoreError::Unavailable("redis: timed out".into())),
+        }
+    }
+
+    /// Reads whether Redis may evict keys: `CONFIG GET maxmemory*`, or `INFO memory` where
+    /// `CONFIG` is refused. An error only when Redis cannot be reached.
+    pub async fn eviction(&self) -> Result<Eviction, StoreError> {
+        let mut c = self.conn.clone();
+        let config = tokio::time::timeout(self.timeout, async move {
+            redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("maxmemory*")
+                .query_async::<std::collections::HashMap<String, String>>(&mut c)
+                .await
+        })
+        .await
+        .map_err(|_| StoreError::Unavailable("redis: timed out".into()))?;
+        match config {
+            Ok(map) => {
+                let field = |k: &str| map.get(k).map(String::as_str);
+                if let Some(e) = eviction_of(field("maxmemory"), field("maxmemory-policy")) {
+                    return Ok(e);
+                }
+            }
+            Err(e) if refused_by_server(&e) => {}
+            Err(e) => return Err(err(&e)),
+        }
+        let mut c = self.conn.clone();
+        let info = tokio::time::timeout(self.timeout, async move {
+            redis::cmd("INFO")
+                .arg("memory")
+                .query_async::<String>(&mut c)
+                .await
+        })
+        .await
+        .map_err(|_| StoreError::Unavailable("redis: timed out".into()))?;
+        match info {
+            Ok(text) => Ok(eviction_from_info(&text).unwrap_or(Eviction::Unknown)),
+            Err(e) if refused_by_server(&e) => Ok(Eviction::Unknown),
+            Err(e) => Err(err(&e)),
         }
     }
 
@@ -337,6 +443,37 @@ impl Store for RedisStore {
 
 #[cfg(test)]
 mod tests {
+    use super::{eviction_from_info, eviction_of, Eviction};
+
+    #[test]
+    fn eviction_is_read_from_maxmemory_and_the_policy() {
+        assert_eq!(
+            eviction_of(Some("0"), Some("allkeys-lru")),
+            Some(Eviction::Never)
+        );
+        assert_eq!(
+            eviction_of(Some("1048576"), Some("noeviction")),
+            Some(Eviction::Never)
+        );
+        assert_eq!(eviction_of(None, Some("noeviction")), Some(Eviction::Never));
+        assert_eq!(
+            eviction_of(Some("1048576"), Some("volatile-ttl")),
+            Some(Eviction::Possible("volatile-ttl"))
+        );
+        assert_eq!(
+            eviction_of(Some("1048576"), Some("made-up <script>")),
+            Some(Eviction::Possible("an unrecognised policy"))
+        );
+        assert_eq!(eviction_of(Some("1048576"), None), None);
+        assert_eq!(eviction_of(None, Some("allkeys-lru")), None);
+        let info = "# Memory\r\nused_memory:912\r\nmaxmemory:1048576\r\nmaxmemory_human:1.00M\r\nmaxmemory_policy:allkeys-lru\r\n";
+        assert_eq!(
+            eviction_from_info(info),
+            Some(Eviction::Possible("allkeys-lru"))
+        );
+        assert_eq!(eviction_from_info("# Memory\r\n"), None);
+    }
+
     #[test]
     fn glob_characters_are_escaped() {
         assert_eq!(super::glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");

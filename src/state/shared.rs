@@ -9,14 +9,21 @@
 //!
 //! Markers (`set_if_absent`, `put`: used TOTP codes, unlock windows, blocks, known-good
 //! networks) are also written to the local store, always: a code used on this replica before
-//! an outage is still refused during it. Deletes go to both.
+//! an outage is still refused during it. Deletes go to both. When the local store is full of
+//! markers and refuses a new one, Redis's answer alone decides while Redis is up.
+//!
+//! The probe also reads Redis's eviction policy when it connects and every minute
+//! ([`RedisStore::eviction`]): a policy that may evict keys could drop a used-code marker, so
+//! `/readyz` is false unless `state.redis.allow_eviction` accepts that.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::redis::Eviction;
 use super::{MemoryStore, Rate, RateDecision, RedisStore, Store, StoreError};
 use crate::config::OnError;
 use crate::observe::Metrics;
@@ -27,7 +34,14 @@ pub struct SharedStore {
     on_error: OnError,
     metrics: Arc<Metrics>,
     up: AtomicBool,
+    /// `state.redis.allow_eviction`: a policy that may evict keeps the replica ready.
+    allow_eviction: bool,
+    /// What the last check of the eviction policy found (None: not checked yet).
+    eviction: Mutex<Option<Eviction>>,
 }
+
+/// How often the eviction policy is read again while Redis is up (and at every reconnect).
+const EVICTION_CHECK_EVERY: Duration = Duration::from_secs(60);
 
 impl SharedStore {
     pub fn new(
@@ -43,7 +57,69 @@ impl SharedStore {
             on_error,
             metrics,
             up: AtomicBool::new(true),
+            allow_eviction: false,
+            eviction: Mutex::new(None),
         }
+    }
+
+    /// Accepts a Redis policy that may evict keys (`state.redis.allow_eviction`).
+    #[must_use]
+    pub fn allow_eviction(mut self, allow: bool) -> Self {
+        self.allow_eviction = allow;
+        self
+    }
+
+    /// Whether a policy that may evict was accepted in the configuration.
+    pub fn eviction_allowed(&self) -> bool {
+        self.allow_eviction
+    }
+
+    /// The eviction policy as last read from Redis (None: not read yet).
+    pub fn eviction(&self) -> Option<Eviction> {
+        *self.eviction.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads the eviction policy; logs when the verdict changes. False (the last verdict
+    /// kept) when Redis did not answer.
+    async fn check_eviction(&self) -> bool {
+        let Ok(now) = self.remote.eviction().await else {
+            return false;
+        };
+        let before = self
+            .eviction
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(now);
+        if before == Some(now) {
+            return true;
+        }
+        let consequence = if self.allow_eviction {
+            "accepted by state.redis.allow_eviction"
+        } else {
+            "/readyz is false until maxmemory-policy is noeviction (or maxmemory 0), or state.redis.allow_eviction accepts the risk"
+        };
+        match now {
+            Eviction::Never => {
+                if before.is_some() {
+                    tracing::warn!("Redis no longer evicts keys: used TOTP codes are kept for their whole validity");
+                }
+            }
+            Eviction::Possible(policy) => {
+                if self.allow_eviction {
+                    tracing::warn!(policy, "Redis may evict keys under memory pressure (maxmemory-policy): a used TOTP code could be evicted and replayed; {consequence}");
+                } else {
+                    tracing::error!(policy, "Redis may evict keys under memory pressure (maxmemory-policy): a used TOTP code could be evicted and replayed; {consequence}");
+                }
+            }
+            Eviction::Unknown => {
+                if self.allow_eviction {
+                    tracing::warn!("cannot read Redis's maxmemory-policy (CONFIG GET and INFO refused); {consequence}");
+                } else {
+                    tracing::error!("cannot read Redis's maxmemory-policy (CONFIG GET and INFO refused: allow INFO for the gateway's ACL user); {consequence}");
+                }
+            }
+        }
+        true
     }
 
     /// True while Redis answers.
@@ -102,15 +178,26 @@ impl SharedStore {
     }
 
     /// Probes Redis every `every` while it is down (and now and then while up, so that the
-    /// gauge is true even when no login happens), until `stop`.
+    /// gauge is true even when no login happens), until `stop`. The eviction policy is read at
+    /// the first answer, after every outage, and every [`EVICTION_CHECK_EVERY`].
     pub async fn probe_loop(self: Arc<Self>, every: Duration, stop: CancellationToken) {
+        let mut checked: Option<Instant> = None;
         loop {
             match self.remote.ping().await {
-                Ok(()) => self.mark_up(),
+                Ok(()) => {
+                    self.mark_up();
+                    if checked.is_none_or(|t| t.elapsed() >= EVICTION_CHECK_EVERY)
+                        && self.check_eviction().await
+                    {
+                        checked = Some(Instant::now());
+                    }
+                }
                 Err(e) => {
                     if self.is_up() {
                         self.mark_down("ping", &e);
                     }
+                    // Read it again when Redis is back (it may be another server).
+                    checked = None;
                 }
             }
             tokio::select! {
@@ -148,15 +235,18 @@ impl Store for SharedStore {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         // The local copy first: what this replica has seen stays refused through an outage.
-        let fresh_here = self.local.set_if_absent(key, value, ttl).await?;
+        // A local store full of markers refuses a new one: then Redis alone decides (and
+        // without Redis, the refusal stands).
+        let here = self.local.set_if_absent(key, value, ttl).await;
+        let fresh_here = here.as_ref().ok().copied();
         let fresh = self
             .either(
                 "set_if_absent",
                 self.remote.set_if_absent(key, value, ttl),
-                async { Ok(fresh_here) },
+                async { here },
             )
             .await?;
-        Ok(fresh && fresh_here)
+        Ok(fresh && fresh_here.unwrap_or(true))
     }
 
     async fn set_add_count(
@@ -174,8 +264,9 @@ impl Store for SharedStore {
     }
 
     async fn put(&self, key: &str, value: &str, ttl: Duration) -> Result<(), StoreError> {
-        self.local.put(key, value, ttl).await?;
-        self.either("put", self.remote.put(key, value, ttl), async { Ok(()) })
+        // As above: a local refusal matters only when Redis cannot answer.
+        let here = self.local.put(key, value, ttl).await;
+        self.either("put", self.remote.put(key, value, ttl), async { here })
             .await
     }
 

@@ -433,13 +433,19 @@ fn names(caps: &[Capability<'_>]) -> Vec<String> {
 }
 
 /// The backend's capabilities as the client may see them: without STARTTLS, LOGINDISABLED and
-/// AUTH=… (they describe the gateway↔backend link, not the client's session).
+/// AUTH=… (they describe the gateway↔backend link, not the client's session), and without
+/// UNAUTHENTICATE (RFC 8437 §2: it returns the session to the not-authenticated state, where
+/// the backend's own LOGIN would work with no second factor). The relay passes the command
+/// itself unchanged, so `doctor` warns about a backend that offers it.
 pub fn client_capabilities(backend_caps: &[String]) -> Vec<String> {
     backend_caps
         .iter()
         .filter(|c| {
             let u = c.to_ascii_uppercase();
-            u != "STARTTLS" && u != "LOGINDISABLED" && !u.starts_with("AUTH=")
+            u != "STARTTLS"
+                && u != "LOGINDISABLED"
+                && u != "UNAUTHENTICATE"
+                && !u.starts_with("AUTH=")
         })
         .cloned()
         .collect()

@@ -236,6 +236,46 @@ impl Backend {
             .map_err(|_| "no answer within login_timeout".to_owned())?
     }
 
+    /// For `imapgate doctor --user`: the master login as `user` (as a session makes it), then
+    /// `CAPABILITY`, then LOGOUT. Returns every capability the backend announced after the
+    /// login (in its OK and in the CAPABILITY reply), or what went wrong.
+    pub async fn diagnose_login(&self, user: &str) -> Result<Vec<String>, String> {
+        let client = SocketAddr::from(([127, 0, 0, 1], 0));
+        let (mut conn, _, rest) = self
+            .open(user, client)
+            .await
+            .map_err(|e| format!("master login as {user}: {}", describe(&e)))?;
+        let mut caps = self
+            .login_ok
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|(c, _)| c.clone())
+            .unwrap_or_default();
+        let check = async {
+            conn.write_all(b"d3 CAPABILITY\r\n")
+                .await
+                .map_err(|_| "closed".to_owned())?;
+            let mut lines = LineReader { buf: rest.to_vec() };
+            loop {
+                let l = lines.next(&mut conn).await?;
+                if let Some(c) = l.strip_prefix("* CAPABILITY ") {
+                    caps.extend(c.split_whitespace().map(str::to_owned));
+                } else if l.starts_with("d3 ") {
+                    break;
+                }
+            }
+            let _ = conn.write_all(b"d4 LOGOUT\r\n").await;
+            let _ = conn.shutdown().await;
+            Ok::<_, String>(())
+        };
+        tokio::time::timeout(self.config.login_timeout, check)
+            .await
+            .map_err(|_| "no answer to CAPABILITY after login within login_timeout".to_owned())?
+            .map_err(|e| format!("after login as {user}: {e}"))?;
+        Ok(caps)
+    }
+
     /// Health probe: connect, (TLS), read an OK greeting, LOGOUT.
     pub async fn probe(&self) -> bool {
         let Ok(tcp) = self.connect_tcp().await else {

@@ -4,7 +4,8 @@
 //! or a clean close within the configured timeouts, and never disturb another user's session:
 //! every relayed NOOP answers with the name the backend logged in, so a session handed to the
 //! wrong user would show. (Refused connections, silence, PREAUTH/BYE greetings, a missing
-//! STARTTLS, a rejected master login and a wrong certificate are in `upstream.rs`.)
+//! STARTTLS, a rejected master login and a wrong certificate are in `upstream.rs`.) It also
+//! plays a backend that offers UNAUTHENTICATE (RFC 8437) after login, which Dovecot does not.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,6 +26,7 @@ const FAULTY: &[&str] = &[
     "cutfetch@example.org",
     "stallfetch@example.org",
     "deadlinelogin@example.org",
+    "unauth@example.org",
 ];
 
 /// Reads one command, literals included (synchronising ones get a `+`); `None` at the end.
@@ -88,7 +90,15 @@ async fn serve(s: TcpStream) {
         let verb = words.next().unwrap_or("").trim().to_ascii_uppercase();
         let w = r.get_mut();
         let reply = match verb.as_str() {
+            "CAPABILITY" if user.starts_with("unauth@") => {
+                format!("* CAPABILITY IMAP4rev1 IDLE UNAUTHENTICATE\r\n{tag} OK done\r\n")
+            }
             "CAPABILITY" => format!("* CAPABILITY IMAP4rev1 ID LITERAL+\r\n{tag} OK done\r\n"),
+            // RFC 8437: back to the not-authenticated state, where LOGIN works again.
+            "UNAUTHENTICATE" if !user.is_empty() => {
+                user.clear();
+                format!("{tag} OK [CAPABILITY IMAP4rev1 ID LITERAL+] back to the login\r\n")
+            }
             "ID" => format!("* ID NIL\r\n{tag} OK ID done\r\n"),
             "LOGIN" => {
                 user = login_user(&cmd);
@@ -107,6 +117,9 @@ async fn serve(s: TcpStream) {
                     }
                     "garbagelogin" => format!("\0\u{7f}garbage }}{{ ({tag}\r\n"),
                     "rejectlogin" => format!("{tag} NO [AUTHENTICATIONFAILED] master rejected\r\n"),
+                    "unauth" => {
+                        format!("{tag} OK [CAPABILITY IMAP4rev1 IDLE UNAUTHENTICATE] Logged in\r\n")
+                    }
                     _ => format!("{tag} OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n"),
                 }
             }
@@ -367,5 +380,61 @@ async fn a_login_still_waiting_at_the_preauth_deadline_is_ended_and_counted() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    h.abort();
+}
+
+/// Item 9 of issue 16: a backend that offers UNAUTHENTICATE after login. The client's login
+/// reply never lists it; what follows the login is relayed byte for byte (a later CAPABILITY
+/// reply, the UNAUTHENTICATE command itself), which is why `doctor` warns about such a backend
+/// and docs/session-lifecycle.md tells the operator to turn it off there.
+#[tokio::test(flavor = "multi_thread")]
+async fn unauthenticate_is_not_offered_after_login_and_doctor_warns_about_the_backend() {
+    let (addr, h) = scripted_backend().await;
+    let Some(t) = gateway(addr, "").await else {
+        return;
+    };
+    let user = "unauth@example.org";
+    let (r, mut c) = login(&t, user).await;
+    assert_eq!(r, vec!["a OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n"]);
+    noop_says(&mut c, user).await;
+    // The relay does not parse IMAP after login: the backend's own answers pass unchanged.
+    assert_eq!(
+        c.cmd("c", "CAPABILITY").await,
+        vec![
+            "* CAPABILITY IMAP4rev1 IDLE UNAUTHENTICATE\r\n",
+            "c OK done\r\n"
+        ]
+    );
+    assert_eq!(
+        c.cmd("u", "UNAUTHENTICATE").await,
+        vec!["u OK [CAPABILITY IMAP4rev1 ID LITERAL+] back to the login\r\n"]
+    );
+
+    let doctor = |who: &'static str| {
+        let config = t.config_path.clone();
+        tokio::task::spawn_blocking(move || {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_imapgate"))
+                .args(["doctor", "-c"])
+                .arg(config)
+                .args(["--user", who])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+    };
+    let out = doctor("unauth@example.org").await.unwrap();
+    assert!(
+        out.lines().any(|l| l.starts_with("[warn] backend dovecot")
+            && l.contains("logged in as unauth@example.org")
+            && l.contains("UNAUTHENTICATE")),
+        "{out}"
+    );
+    let out = doctor("alice@example.org").await.unwrap();
+    assert!(
+        out.lines().any(|l| l.starts_with("[ok]   backend dovecot")
+            && l.contains("logged in as alice@example.org")),
+        "{out}"
+    );
+    assert!(!out.contains("UNAUTHENTICATE"), "{out}");
     h.abort();
 }

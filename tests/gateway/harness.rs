@@ -69,11 +69,19 @@ pub struct RedisServer {
     pub password: String,
     dir: tempfile::TempDir,
     child: std::sync::Mutex<Option<std::process::Child>>,
+    /// More `redis-server` arguments (see [`RedisServer::start_with`]).
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     /// None (skip) when redis-server is missing, unless IMAPGATE_REQUIRE_REAL=1 (then fail).
     pub fn start() -> Option<RedisServer> {
+        Self::start_with(&[])
+    }
+
+    /// [`RedisServer::start`] with more `redis-server` arguments, e.g.
+    /// `["--maxmemory", "1mb", "--maxmemory-policy", "allkeys-lru"]`.
+    pub fn start_with(extra: &[&str]) -> Option<RedisServer> {
         if !have("redis-server") {
             return None;
         }
@@ -82,6 +90,7 @@ impl RedisServer {
             password: format!("r-{}", app_password::generate().expose_str().unwrap()),
             dir: tempfile::tempdir().unwrap(),
             child: std::sync::Mutex::new(None),
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         r.resume();
         Some(r)
@@ -109,6 +118,7 @@ impl RedisServer {
                 "--dir",
                 self.dir.path().to_str().unwrap(),
             ])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -71,6 +71,18 @@ impl Pair {
     }
 }
 
+/// A store configuration for `redis` (local fallback, 2 s timeout) with keys under `prefix`.
+fn redis_config(redis: &RedisServer, prefix: &str) -> imapgate::config::RedisConfig {
+    imapgate::config::RedisConfig {
+        url: imapgate::secret::Secret::from(redis.url()),
+        ca_file: None,
+        key_prefix: prefix.into(),
+        on_error: imapgate::config::OnError::Local,
+        timeout: Duration::from_secs(2),
+        allow_eviction: false,
+    }
+}
+
 fn ok(r: &str) -> bool {
     r.starts_with("a OK")
 }
@@ -253,6 +265,160 @@ async fn fail_closed_refuses_what_needs_the_shared_state() {
     assert!(back);
 }
 
+/// Item 7 of issue 16: every gateway key has a TTL, so a Redis with a `maxmemory` and any
+/// policy but `noeviction` may drop a used-code marker under memory pressure, and the code
+/// could be replayed. Such a Redis keeps `/readyz` false with the reason and fails `doctor`
+/// (read with `CONFIG GET`, or `INFO memory` where CONFIG is disabled as on managed Redis);
+/// `noeviction` passes both; `allow_eviction: true` accepts the risk with a warning.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redis_that_may_evict_keys_is_not_ready_and_fails_doctor() {
+    const LRU: &[&str] = &["--maxmemory", "1mb", "--maxmemory-policy", "allkeys-lru"];
+    const NO_CONFIG: &[&str] = &["--rename-command", "CONFIG", ""];
+    const NO_INFO: &[&str] = &["--rename-command", "INFO", ""];
+    let cases: [(Vec<&str>, bool, &str, &str, &str); 5] = [
+        // args, allow_eviction, readiness, /readyz line, doctor line
+        (
+            LRU.to_vec(),
+            false,
+            "503",
+            "state (redis): not ok: maxmemory-policy allkeys-lru with a maxmemory may evict used TOTP codes",
+            "[FAIL] state (redis): maxmemory-policy allkeys-lru with a maxmemory may evict used TOTP codes",
+        ),
+        (
+            [LRU, NO_CONFIG].concat(),
+            false,
+            "503",
+            "state (redis): not ok: maxmemory-policy allkeys-lru",
+            "[FAIL] state (redis): maxmemory-policy allkeys-lru",
+        ),
+        (
+            [LRU, NO_CONFIG, NO_INFO].concat(),
+            false,
+            "503",
+            "state (redis): not ok: cannot read maxmemory-policy",
+            "[FAIL] state (redis): cannot read maxmemory-policy",
+        ),
+        (
+            LRU.to_vec(),
+            true,
+            "200",
+            "state: redis ok; maxmemory-policy allkeys-lru may evict used TOTP codes (accepted by state.redis.allow_eviction)",
+            "[warn] state (redis): maxmemory-policy allkeys-lru may evict",
+        ),
+        (
+            vec!["--maxmemory", "1mb", "--maxmemory-policy", "noeviction"],
+            false,
+            "200",
+            "state: redis ok",
+            "[ok]   state (redis): answers; keys are never evicted",
+        ),
+    ];
+    for (args, allow, status, ready_line, doctor_line) in cases {
+        let Some(redis) = RedisServer::start_with(&args) else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let url_file = dir.path().join("redis.url");
+        std::fs::write(&url_file, redis.url()).unwrap();
+        let t = TestGateway::start_with(Options {
+            state: format!(
+                "  backend: redis\n  redis: {{ url_file: \"{}\", key_prefix: \"e:\"{} }}",
+                url_file.display(),
+                if allow { ", allow_eviction: true" } else { "" }
+            ),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        // The policy is read when the probe first reaches Redis, the backend is up after its
+        // first probe: wait for both.
+        let mut last_seen = (0, String::new());
+        for _ in 0..50 {
+            last_seen = http_get(t.gw.admin, "/readyz").await;
+            if !last_seen.1.contains("not read yet") && last_seen.1.contains("backend dovecot: up")
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (code, body) = last_seen;
+        assert_eq!(code.to_string(), status, "{args:?}: {body}");
+        assert!(
+            body.lines().any(|l| l.starts_with(ready_line)),
+            "{args:?}: {body}"
+        );
+        let config = t.config_path.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_imapgate"))
+                .args(["doctor", "-c"])
+                .arg(config)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.lines().any(|l| l.starts_with(doctor_line)),
+            "{args:?}: {out}"
+        );
+        if doctor_line.starts_with("[FAIL]") {
+            assert!(out.contains("noeviction"), "the fix is named: {out}");
+        }
+        assert!(!out.contains(&redis.password), "{out}");
+        assert!(!body.contains(&redis.password), "{body}");
+    }
+}
+
+/// The replica's local store keeps a copy of every marker, and never evicts one: when markers
+/// fill it, a new one is refused there, and Redis alone decides while it answers (a used code
+/// is still refused, a new one accepted). Without Redis, the refusal stands: a code is never
+/// accepted unremembered.
+#[tokio::test]
+async fn a_local_store_full_of_markers_defers_to_redis() {
+    use imapgate::state::{MemoryStore, SharedStore, Store};
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let cfg = redis_config(&redis, "f:");
+    let local = Arc::new(MemoryStore::new(1000));
+    let ttl = Duration::from_secs(600);
+    for i in 0..1000 {
+        local
+            .put(&format!("g:block:ip:10.0.0.{i}"), "spray", ttl)
+            .await
+            .unwrap();
+    }
+    let metrics = Arc::new(imapgate::observe::Metrics::new().unwrap());
+    let shared = SharedStore::new(
+        imapgate::state::RedisStore::new(&cfg).unwrap(),
+        local.clone(),
+        cfg.on_error,
+        metrics,
+    );
+    let code = "totp:alice@example.org:58000001";
+    assert!(shared.set_if_absent(code, "ap", ttl).await.unwrap());
+    assert!(!shared.set_if_absent(code, "ap", ttl).await.unwrap());
+    shared
+        .put("unlock:alice@example.org:x", "1", ttl)
+        .await
+        .unwrap();
+    assert_eq!(
+        shared
+            .get("unlock:alice@example.org:x")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("1")
+    );
+    assert_eq!(local.len(), 1000, "no marker was evicted to make room");
+    redis.kill();
+    assert!(shared
+        .set_if_absent("totp:alice@example.org:58000002", "ap", ttl)
+        .await
+        .is_err());
+}
+
 /// Many attempts at once on one GCRA cell, from two independent store instances: exactly the
 /// budget passes, never more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -261,13 +427,7 @@ async fn concurrent_checks_on_one_key_never_exceed_the_budget() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let cfg = imapgate::config::RedisConfig {
-        url: imapgate::secret::Secret::from(redis.url()),
-        ca_file: None,
-        key_prefix: "c:".into(),
-        on_error: imapgate::config::OnError::Local,
-        timeout: Duration::from_secs(2),
-    };
+    let cfg = redis_config(&redis, "c:");
     let stores: Vec<Arc<RedisStore>> = (0..2)
         .map(|_| Arc::new(RedisStore::new(&cfg).unwrap()))
         .collect();
@@ -311,13 +471,7 @@ async fn redis_memory_per_failed_attempt() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let cfg = imapgate::config::RedisConfig {
-        url: imapgate::secret::Secret::from(redis.url()),
-        ca_file: None,
-        key_prefix: "imapgate:".into(),
-        on_error: imapgate::config::OnError::Local,
-        timeout: Duration::from_secs(2),
-    };
+    let cfg = redis_config(&redis, "imapgate:");
     let store = Arc::new(imapgate::state::RedisStore::new(&cfg).unwrap());
     let metrics = Arc::new(imapgate::observe::Metrics::new().unwrap());
     let guard = Guard::new(Default::default(), store, metrics, Some(b"seed"));

@@ -76,6 +76,35 @@ fn master_user_login_with_id_and_capabilities_in_ok() {
     );
 }
 
+/// RFC 8437: UNAUTHENTICATE would take the relayed session back to the backend's own login,
+/// past the gateway's second factor. It never reaches the client's list, whatever the case or
+/// the list it came in (the login's OK or a CAPABILITY reply).
+#[test]
+fn unauthenticate_is_never_offered_to_the_client() {
+    let b = backend(
+        BackendTls::Implicit,
+        BackendLogin::MasterUser {
+            separator: "*".into(),
+        },
+        false,
+    );
+    for reply in [
+        &b"g1 OK [CAPABILITY IMAP4rev1 UNAUTHENTICATE IDLE] Logged in\r\n"[..],
+        &b"* CAPABILITY IMAP4rev1 IDLE unauthenticate\r\ng1 OK Logged in\r\n"[..],
+    ] {
+        let mut m = UpstreamLogin::new(&b, "alice@example.org", client()).unwrap();
+        let (_, end) = drive(&mut m, &[b"* OK ready\r\n", reply]);
+        let UpStep::Done(caps) = end else {
+            panic!("{end:?}")
+        };
+        assert_eq!(client_capabilities(&caps), vec!["IMAP4REV1", "IDLE"]);
+    }
+    assert_eq!(
+        client_capabilities(&["Unauthenticate".into(), "UNSELECT".into()]),
+        vec!["UNSELECT"]
+    );
+}
+
 #[test]
 fn capability_is_asked_when_the_ok_has_none() {
     let b = backend(
