@@ -159,3 +159,15 @@ impl Guard {
         }
     }
 }
+
+#[async_trait::async_trait]
+impl observe::BlockAdmin for Guard {
+    async fn blocks_json(&self) -> Result<String, ()> {
+        let list = self.status().await.map_err(drop)?;
+        serde_json::to_string(&list).map_err(drop)
+    }
+
+    async fn clear_blocks(&self, scope: Option<&str>, value: Option<&str>) -> Result<usize, ()> {
+        self.clear(scope, value).await.map_err(drop)
+    }
+}

@@ -18,14 +18,13 @@ use axum::Router;
 use tokio_util::sync::CancellationToken;
 
 use super::{Health, Metrics};
-use crate::guard::Guard;
 use crate::secret::Secret;
 
 #[derive(Clone)]
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
-    pub guard: Arc<Guard>,
+    pub guard: Arc<dyn super::BlockAdmin>,
     /// The bearer token for the guard endpoints (none: they are refused).
     pub token: Option<Secret>,
 }
@@ -101,10 +100,10 @@ async fn blocks_handler(
     if let Err(e) = authorised(&s, &headers) {
         return e.into_response();
     }
-    match s.guard.status().await {
+    match s.guard.blocks_json().await {
         Ok(list) => (
             [(header::CONTENT_TYPE, "application/json")],
-            serde_json::to_string(&list).unwrap_or_default(),
+            list,
         )
             .into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "state store unavailable\n").into_response(),
@@ -144,7 +143,7 @@ async fn clear_handler(
         )
             .into_response();
     }
-    match s.guard.clear(scope.as_deref(), value.as_deref()).await {
+    match s.guard.clear_blocks(scope.as_deref(), value.as_deref()).await {
         Ok(n) => (
             [(header::CONTENT_TYPE, "application/json")],
             format!("{{\"cleared\":{n}}}"),

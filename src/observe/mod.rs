@@ -243,6 +243,24 @@ pub fn audit_guard(e: &GuardAuditEvent<'_>) {
     );
 }
 
+/// What `/readyz` asks of a shared state store (implemented by `state`; observe depends on
+/// neither it nor the guard).
+pub trait StateReadiness: Send + Sync {
+    /// Whether the gateway may be ready as far as the state is concerned, and one line saying
+    /// why.
+    fn readiness(&self) -> (bool, String);
+}
+
+/// What the admin endpoints do with the guard's blocks (implemented by `guard`).
+#[async_trait::async_trait]
+pub trait BlockAdmin: Send + Sync {
+    /// The active blocks, attack modes and suspect app passwords, as the JSON array the admin
+    /// endpoint returns; `Err` when the state store cannot be read.
+    async fn blocks_json(&self) -> Result<String, ()>;
+    /// Clears the matching entries; how many.
+    async fn clear_blocks(&self, scope: Option<&str>, value: Option<&str>) -> Result<usize, ()>;
+}
+
 /// What `/readyz` reports.
 #[derive(Default)]
 pub struct Health {
@@ -252,7 +270,7 @@ pub struct Health {
     /// The last reload of the configuration failed (the previous one is in use).
     pub config_stale: AtomicBool,
     /// The shared state store, when there is one (Redis).
-    pub state: std::sync::OnceLock<Arc<crate::state::SharedStore>>,
+    pub state: std::sync::OnceLock<Arc<dyn StateReadiness>>,
     /// One flag per backend, in config order (replaced when a reload changes the backends).
     backends: std::sync::RwLock<Vec<(String, bool)>>,
 }
@@ -319,15 +337,11 @@ impl Health {
         }
         match self.state.get() {
             None => lines.push("state: memory".into()),
-            Some(s) if s.is_up() => redis_eviction(s, &mut lines, &mut ok),
-            Some(s) => match s.on_error() {
-                crate::config::OnError::Local => lines.push(
-                    "state: redis unreachable; serving with this replica's local state".into(),
-                ),
-                crate::config::OnError::FailClosed => {
-                    check(&mut lines, "state (redis, on_error: fail_closed)", false)
-                }
-            },
+            Some(s) => {
+                let (good, line) = s.readiness();
+                ok &= good;
+                lines.push(line);
+            }
         }
         if self.config_stale.load(Ordering::Relaxed) {
             // Still ready: the previous configuration is serving.
@@ -337,37 +351,4 @@ impl Health {
         }
         (ok, lines.join("\n") + "\n")
     }
-}
-
-/// The readiness line of a reachable Redis: not ready while its `maxmemory-policy` may evict
-/// keys (a used TOTP code could be dropped and replayed) or has not been read yet, unless
-/// `state.redis.allow_eviction` accepts it.
-fn redis_eviction(s: &crate::state::SharedStore, lines: &mut Vec<String>, ok: &mut bool) {
-    use crate::state::Eviction;
-    let allowed = s.eviction_allowed();
-    let (good, line) = match s.eviction() {
-        Some(Eviction::Never) => (true, "state: redis ok".to_owned()),
-        None => (
-            false,
-            "state (redis): not ok: maxmemory-policy not read yet".to_owned(),
-        ),
-        Some(Eviction::Possible(policy)) if allowed => (
-            true,
-            format!("state: redis ok; maxmemory-policy {policy} may evict used TOTP codes (accepted by state.redis.allow_eviction)"),
-        ),
-        Some(Eviction::Possible(policy)) => (
-            false,
-            format!("state (redis): not ok: maxmemory-policy {policy} with a maxmemory may evict used TOTP codes before they expire; set maxmemory-policy noeviction (or maxmemory 0), or accept it with state.redis.allow_eviction: true"),
-        ),
-        Some(Eviction::Unknown) if allowed => (
-            true,
-            "state: redis ok; maxmemory-policy unreadable (accepted by state.redis.allow_eviction)".to_owned(),
-        ),
-        Some(Eviction::Unknown) => (
-            false,
-            "state (redis): not ok: cannot read maxmemory-policy (CONFIG GET and INFO refused); allow INFO for the gateway's ACL user, or accept it with state.redis.allow_eviction: true".to_owned(),
-        ),
-    };
-    *ok &= good;
-    lines.push(line);
 }

@@ -309,3 +309,49 @@ impl Store for SharedStore {
             .await
     }
 }
+
+impl crate::observe::StateReadiness for SharedStore {
+    fn readiness(&self) -> (bool, String) {
+        if self.is_up() {
+            return redis_eviction(self);
+        }
+        match self.on_error() {
+            OnError::Local => (
+                true,
+                "state: redis unreachable; serving with this replica's local state".into(),
+            ),
+            OnError::FailClosed => (false, "state (redis, on_error: fail_closed): not ok".into()),
+        }
+    }
+}
+
+/// The readiness line of a reachable Redis: not ready while its `maxmemory-policy` may evict
+/// keys (a used TOTP code could be dropped and replayed) or has not been read yet, unless
+/// `state.redis.allow_eviction` accepts it.
+fn redis_eviction(s: &SharedStore) -> (bool, String) {
+    let allowed = s.eviction_allowed();
+    let (good, line) = match s.eviction() {
+        Some(Eviction::Never) => (true, "state: redis ok".to_owned()),
+        None => (
+            false,
+            "state (redis): not ok: maxmemory-policy not read yet".to_owned(),
+        ),
+        Some(Eviction::Possible(policy)) if allowed => (
+            true,
+            format!("state: redis ok; maxmemory-policy {policy} may evict used TOTP codes (accepted by state.redis.allow_eviction)"),
+        ),
+        Some(Eviction::Possible(policy)) => (
+            false,
+            format!("state (redis): not ok: maxmemory-policy {policy} with a maxmemory may evict used TOTP codes before they expire; set maxmemory-policy noeviction (or maxmemory 0), or accept it with state.redis.allow_eviction: true"),
+        ),
+        Some(Eviction::Unknown) if allowed => (
+            true,
+            "state: redis ok; maxmemory-policy unreadable (accepted by state.redis.allow_eviction)".to_owned(),
+        ),
+        Some(Eviction::Unknown) => (
+            false,
+            "state (redis): not ok: cannot read maxmemory-policy (CONFIG GET and INFO refused); allow INFO for the gateway's ACL user, or accept it with state.redis.allow_eviction: true".to_owned(),
+        ),
+    };
+    (good, line)
+}
