@@ -14,6 +14,7 @@
 pub mod app_password;
 pub mod cache;
 pub mod keyring;
+pub mod locked_file;
 pub mod oauth;
 pub mod sasl;
 mod store;

@@ -4,8 +4,16 @@
 //! One login, in order (DESIGN.md, "App password + TOTP"):
 //! 1. the name is normalised; the password field is split into the 16-letter app password and
 //!    an optional code (letters only, so the split is never ambiguous);
-//! 2. the app password is verified — from the verified cache, or by argon2 over the user's
-//!    active app passwords (unknown and disabled users pay one dummy verification);
+//! 2. the app password is verified — from the verified cache, or by one argon2 run: the keyed
+//!    lookup index (see `keyring`) names the one active app password the guess can be, and only
+//!    that one is verified; when none matches, one dummy verification is paid instead, as for
+//!    unknown and disabled users. So a login costs at most one argon2 run whatever the number
+//!    of app passwords. App passwords made before indexes existed (no `lookup`, or one under a
+//!    key no longer in the ring) are verified the old way when the index matches nothing: at
+//!    most `auth.max_app_passwords_per_user` of them, newest first. After a successful
+//!    verification the gateway writes back what the users file lacks — the index under the
+//!    active key, a hash with the current argon2 parameters — under the users file's lock;
+//!    a read-only file (a mounted Secret) just keeps what it has;
 //! 3. policy: allowed mechanisms and client networks;
 //! 4. MFA (`required`, `optional` = only if enrolled, `off`): if this app password is unlocked
 //!    for the client's subnet, done (appended digits are not evaluated); otherwise a valid code
@@ -14,7 +22,7 @@
 //!
 //! Every failure is the same to the client; the reason goes to the audit log and metrics.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -26,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::cache::VerifiedCache;
 use super::keyring::KeyRing;
-use super::users::{UsersError, UsersFile};
+use super::users::{AppPassword, UsersError, UsersFile};
 use super::{
     app_password, normalize_user, totp, Attempt, Authenticator, Credential, FailureReason,
     Identity, Outcome,
@@ -38,6 +46,10 @@ use crate::state::Store;
 
 /// How long a used TOTP step stays remembered: the ±1-step window plus one step of margin.
 const USED_CODE_TTL: Duration = Duration::from_secs(4 * totp::STEP_SECONDS);
+
+/// How long a write-back after a login waits for the users file's lock (an operator command
+/// holding it longer makes the gateway skip the write-back, not wait).
+const WRITE_BACK_LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// Called after each successful reload (e.g. to close revoked users' sessions).
 pub type ReloadHook = Box<dyn Fn(&UsersFile) + Send + Sync>;
@@ -66,6 +78,11 @@ pub struct CredentialStore {
     argon2: Argon2Params,
     on_reload: RwLock<Option<ReloadHook>>,
     oauth: Option<super::oauth::OAuthValidator>,
+    /// App passwords verified the old way at most this many per guess.
+    max_per_user: usize,
+    allow_group_readable: bool,
+    /// (user, app password id) already written back (or tried) since the last reload.
+    written_back: std::sync::Mutex<HashSet<(String, String)>>,
 }
 
 /// The client's subnet for unlock binding: /24 for IPv4, /64 for IPv6.
@@ -113,8 +130,18 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Loads the users file and decrypts every TOTP secret; any failure refuses the whole file.
-fn load(path: &std::path::Path, keyring: &KeyRing) -> Result<Loaded, UsersError> {
+/// Loads the users file and decrypts every TOTP secret; any failure refuses the whole file,
+/// and so does a file that others can read (see `config::file_mode`).
+fn load(
+    path: &std::path::Path,
+    keyring: &KeyRing,
+    allow_group: bool,
+) -> Result<Loaded, UsersError> {
+    match crate::config::file_mode::check(path, allow_group) {
+        Ok(None) => {}
+        Ok(Some(w)) => tracing::warn!("auth.users_file: {w}"),
+        Err(e) => return Err(UsersError::Exposed(format!("auth.users_file: {e}"))),
+    }
     let file = UsersFile::load(path)?;
     let mut secrets = HashMap::new();
     for (name, user) in &file.users {
@@ -145,6 +172,41 @@ fn needs_rehash(phc: &str, want: Argon2Params) -> bool {
     }
 }
 
+/// What a login writes back for one app password.
+struct WriteBack<'a> {
+    user: &'a str,
+    id: &'a str,
+    /// The hash the login verified; nothing is written if the file holds another by now.
+    verified_hash: &'a str,
+    new_hash: Option<&'a str>,
+    lookup: Option<&'a str>,
+}
+
+/// Applies a write-back to the users file as it is now (read under its lock). `Ok(false)`:
+/// the app password is gone, revoked or changed, and nothing was written.
+fn apply_write_back(
+    path: &std::path::Path,
+    wait: Duration,
+    w: &WriteBack<'_>,
+) -> Result<bool, UsersError> {
+    UsersFile::update(path, wait, |file| {
+        let Some(ap) = file.users.get_mut(w.user).and_then(|u| {
+            u.app_passwords
+                .iter_mut()
+                .find(|a| a.id == w.id && a.hash == w.verified_hash && !a.revoked)
+        }) else {
+            return Ok(false);
+        };
+        if let Some(h) = w.new_hash {
+            ap.hash = h.to_owned();
+        }
+        if let Some(l) = w.lookup {
+            ap.lookup = Some(l.to_owned());
+        }
+        Ok(true)
+    })
+}
+
 impl CredentialStore {
     /// Loads the users file (it must exist, be valid, and every TOTP secret must decrypt).
     pub fn open(
@@ -153,7 +215,7 @@ impl CredentialStore {
         metrics: Arc<Metrics>,
     ) -> Result<Self, UsersError> {
         let keyring = KeyRing::new(cfg.secret_keys.clone(), cfg.active_key.clone());
-        let loaded = load(&cfg.users_file, &keyring)?;
+        let loaded = load(&cfg.users_file, &keyring, cfg.allow_group_readable_secrets)?;
         let permits = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
         let oauth = if cfg.oauth_issuers.is_empty() {
             None
@@ -182,6 +244,9 @@ impl CredentialStore {
             argon2: cfg.argon2,
             on_reload: RwLock::new(None),
             oauth,
+            max_per_user: usize::try_from(cfg.max_app_passwords_per_user).unwrap_or(usize::MAX),
+            allow_group_readable: cfg.allow_group_readable_secrets,
+            written_back: Default::default(),
         })
     }
 
@@ -221,13 +286,16 @@ impl CredentialStore {
         if let Ok(mut s) = self.stamp.write() {
             *s = now;
         }
-        match load(&self.path, &self.keyring) {
+        match load(&self.path, &self.keyring, self.allow_group_readable) {
             Ok(loaded) => {
                 let file = loaded.file.clone();
                 if let Ok(mut l) = self.loaded.write() {
                     *l = loaded;
                 }
                 self.cache.clear();
+                if let Ok(mut w) = self.written_back.lock() {
+                    w.clear();
+                }
                 self.metrics.users_reloads.with_label_values(&["ok"]).inc();
                 tracing::info!(users = file.users.len(), "users file reloaded");
                 if let Ok(hook) = self.on_reload.read() {
@@ -298,31 +366,92 @@ impl CredentialStore {
         self.verify(Secret::default(), Vec::new()).await;
     }
 
-    /// Re-hashes an app password made with older argon2 parameters (best effort: a read-only
-    /// users file, e.g. a mounted Secret, just keeps the old hash).
-    fn rehash_later(&self, user: String, id: String, old_hash: String, password: Secret) {
+    /// The app passwords worth an argon2 run for this guess: the one whose lookup index
+    /// matches, or else those whose index cannot be checked (none yet, or under a key no longer
+    /// in the ring), newest first and at most `max_per_user`. Empty: nothing can match (the
+    /// caller pays one dummy run).
+    fn candidates<'a>(&self, letters: &Secret, active: &[&'a AppPassword]) -> Vec<&'a AppPassword> {
+        let tags = self.keyring.lookup_tags(letters);
+        let mut unindexed = Vec::new();
+        for ap in active {
+            match ap.lookup.as_deref().and_then(|l| tags.check(l)) {
+                Some(true) => return vec![*ap],
+                Some(false) => {}
+                None => unindexed.push(*ap),
+            }
+        }
+        unindexed.sort_by_key(|a| std::cmp::Reverse(a.created));
+        unindexed.truncate(self.max_per_user);
+        unindexed
+    }
+
+    /// After a successful verification: writes back what the stored app password lacks — the
+    /// lookup index under the active key, a hash with the current argon2 parameters — once per
+    /// app password and loaded file, in the background, under the users file's lock. The
+    /// change is applied to the file as re-read under the lock and only if that app password
+    /// is still there, unrevoked, with the hash that was verified; so a revocation or any other
+    /// change made meanwhile is never undone. A read-only users file (a mounted Secret) keeps
+    /// what it has.
+    fn write_back(&self, user: &str, ap: &AppPassword, password: &Secret) {
+        let rehash = needs_rehash(&ap.hash, self.argon2);
+        let index = self
+            .keyring
+            .lookup_index(password)
+            .ok()
+            .filter(|i| ap.lookup.as_deref() != Some(i.as_str()));
+        if !rehash && index.is_none() {
+            return;
+        }
+        let first = self
+            .written_back
+            .lock()
+            .is_ok_and(|mut done| done.insert((user.to_owned(), ap.id.clone())));
+        if !first {
+            return;
+        }
         let path = self.path.clone();
         let params = self.argon2;
+        let (user, id, old_hash) = (user.to_owned(), ap.id.clone(), ap.hash.clone());
+        let password = password.clone();
         tokio::task::spawn_blocking(move || {
-            let Ok(new_hash) = app_password::hash(&password, params) else {
-                return;
+            let new_hash = if rehash {
+                app_password::hash(&password, params).ok()
+            } else {
+                None
             };
-            let Ok(mut file) = UsersFile::load(&path) else {
+            if new_hash.is_none() && index.is_none() {
                 return;
-            };
-            let Some(ap) = file.users.get_mut(&user).and_then(|u| {
-                u.app_passwords
-                    .iter_mut()
-                    .find(|a| a.id == id && a.hash == old_hash)
-            }) else {
-                return;
-            };
-            ap.hash = new_hash;
-            match file.save(&path) {
-                Ok(()) => {
-                    tracing::info!(user = %user, credential = %id, "app password re-hashed with current argon2 parameters")
-                }
-                Err(e) => tracing::debug!(error = %e, "could not re-hash app password"),
+            }
+            let written = apply_write_back(
+                &path,
+                WRITE_BACK_LOCK_WAIT,
+                &WriteBack {
+                    user: &user,
+                    id: &id,
+                    verified_hash: &old_hash,
+                    new_hash: new_hash.as_deref(),
+                    lookup: index.as_deref(),
+                },
+            );
+            match written {
+                Ok(true) => tracing::info!(
+                    user = %user,
+                    credential = %id,
+                    rehashed = new_hash.is_some(),
+                    indexed = index.is_some(),
+                    "app password updated in the users file"
+                ),
+                Ok(false) => tracing::debug!(
+                    user = %user,
+                    credential = %id,
+                    "app password changed meanwhile; nothing written back"
+                ),
+                Err(e) => tracing::info!(
+                    user = %user,
+                    credential = %id,
+                    error = %e,
+                    "could not update the app password in the users file (it keeps working as it is)"
+                ),
             }
         });
     }
@@ -470,21 +599,15 @@ impl Authenticator for CredentialStore {
                 active.iter().find(|a| a.id == id).copied()
             }
             None => {
-                let phcs = active.iter().map(|a| a.hash.clone()).collect();
+                let candidates = self.candidates(&letters, &active);
+                let phcs = candidates.iter().map(|a| a.hash.clone()).collect();
                 let found = self
                     .verify(letters.clone(), phcs)
                     .await
-                    .and_then(|i| active.get(i).copied());
+                    .and_then(|i| candidates.get(i).copied());
                 if let Some(ap) = found {
                     self.cache.insert(&name, &letters, &ap.id);
-                    if needs_rehash(&ap.hash, self.argon2) {
-                        self.rehash_later(
-                            name.clone(),
-                            ap.id.clone(),
-                            ap.hash.clone(),
-                            letters.clone(),
-                        );
-                    }
+                    self.write_back(&name, ap, &letters);
                 }
                 found
             }
@@ -636,6 +759,143 @@ mod tests {
         assert_eq!(
             subnet("2001:db8:1:2:3:4:5:6".parse().unwrap()),
             "2001:db8:1:2::/64"
+        );
+    }
+
+    fn one_user_file(dir: &std::path::Path) -> (std::path::PathBuf, String) {
+        let p = Argon2Params {
+            m_kib: 64,
+            t: 1,
+            p: 1,
+        };
+        let hash = app_password::hash(&Secret::from_slice(b"abcdefghijklmnop"), p).unwrap();
+        let mut f = UsersFile {
+            version: 1,
+            users: Default::default(),
+        };
+        f.users.insert(
+            "alice@example.org".into(),
+            super::super::users::User {
+                app_passwords: vec![AppPassword {
+                    id: "ap_1".into(),
+                    label: String::new(),
+                    hash: hash.clone(),
+                    lookup: None,
+                    created: OffsetDateTime::UNIX_EPOCH,
+                    expires: None,
+                    revoked: false,
+                }],
+                ..Default::default()
+            },
+        );
+        let path = dir.join("users.yaml");
+        f.save(&path).unwrap();
+        (path, hash)
+    }
+
+    fn revoke(path: &std::path::Path) {
+        UsersFile::update(path, Duration::from_secs(1), |f| {
+            let u = f.users.get_mut("alice@example.org").unwrap();
+            u.app_passwords[0].revoked = true;
+            Ok(true)
+        })
+        .unwrap();
+    }
+
+    /// A login verified against the file as it was (its stale view: not revoked); the
+    /// revocation is written before the login's write-back runs. The write-back re-reads the
+    /// file under the lock and leaves the revocation (and the old hash) alone.
+    #[test]
+    fn a_write_back_with_a_stale_view_never_undoes_a_revocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, verified) = one_user_file(dir.path());
+        let stale = UsersFile::load(&path).unwrap();
+        assert!(!stale.users["alice@example.org"].app_passwords[0].revoked);
+        revoke(&path);
+        let wrote = apply_write_back(
+            &path,
+            Duration::from_secs(1),
+            &WriteBack {
+                user: "alice@example.org",
+                id: "ap_1",
+                verified_hash: &verified,
+                new_hash: Some(
+                    "$argon2id$v=19$m=128,t=1,p=1$c29tZXNhbHQ$RdescudvJCsgt3ub+b+dWRWJTmaaJObG",
+                ),
+                lookup: Some(&format!("k1:{}", "ab".repeat(32))),
+            },
+        )
+        .unwrap();
+        assert!(!wrote);
+        let now = UsersFile::load(&path).unwrap();
+        let ap = &now.users["alice@example.org"].app_passwords[0];
+        assert!(ap.revoked && ap.hash == verified && ap.lookup.is_none());
+    }
+
+    /// The same race with the write-back already running: it waits for the lock an operator
+    /// command holds, and the revocation that command writes survives.
+    #[test]
+    fn a_write_back_waits_for_the_lock_and_applies_to_what_it_then_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, verified) = one_user_file(dir.path());
+        let lock =
+            super::super::locked_file::LockedFile::lock(&path, Duration::from_secs(1)).unwrap();
+        let (p2, v2) = (path.clone(), verified.clone());
+        let writer = std::thread::spawn(move || {
+            apply_write_back(
+                &p2,
+                Duration::from_secs(10),
+                &WriteBack {
+                    user: "alice@example.org",
+                    id: "ap_1",
+                    verified_hash: &v2,
+                    new_hash: None,
+                    lookup: Some(&format!("k1:{}", "ab".repeat(32))),
+                },
+            )
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !writer.is_finished(),
+            "the write-back did not wait for the lock"
+        );
+        // The operator command, holding the lock, writes the revocation.
+        let mut f = UsersFile::load(&path).unwrap();
+        f.users.get_mut("alice@example.org").unwrap().app_passwords[0].revoked = true;
+        f.write_locked(&lock).unwrap();
+        drop(lock);
+        assert!(!writer.join().unwrap().unwrap());
+        let ap = &UsersFile::load(&path).unwrap().users["alice@example.org"].app_passwords[0];
+        assert!(ap.revoked && ap.lookup.is_none());
+        // Without a revocation, the write-back lands on the file as it is, keeping what others
+        // added meanwhile.
+        let dir = tempfile::tempdir().unwrap();
+        let (path, verified) = one_user_file(dir.path());
+        UsersFile::update(&path, Duration::from_secs(1), |f| {
+            f.users.insert("bob@example.org".into(), Default::default());
+            Ok(true)
+        })
+        .unwrap();
+        let lookup = format!("k1:{}", "ab".repeat(32));
+        assert!(apply_write_back(
+            &path,
+            Duration::from_secs(1),
+            &WriteBack {
+                user: "alice@example.org",
+                id: "ap_1",
+                verified_hash: &verified,
+                new_hash: None,
+                lookup: Some(&lookup),
+            },
+        )
+        .unwrap());
+        let f = UsersFile::load(&path).unwrap();
+        assert!(f.users.contains_key("bob@example.org"));
+        assert_eq!(
+            f.users["alice@example.org"].app_passwords[0]
+                .lookup
+                .as_deref(),
+            Some(lookup.as_str())
         );
     }
 

@@ -83,6 +83,9 @@ pub struct Auth {
     pub revoke_closes_sessions: bool,
     #[serde(default)]
     pub oauth: OAuth,
+    pub max_app_passwords_per_user: Option<u32>,
+    #[serde(default)]
+    pub allow_group_readable_secrets: bool,
 }
 
 #[derive(Debug, Deserialize, Default)]
