@@ -51,6 +51,8 @@ fn the_example_config_documents_a_valid_config() {
     assert_eq!(cfg.auth.mfa.default, imapgate::config::MfaMode::Required);
     assert_eq!(cfg.auth.mfa.unlock_ttl.as_secs(), 12 * 3600);
     assert_eq!(cfg.auth.active_key.as_deref(), Some("k1"));
+    assert_eq!(cfg.auth.max_app_passwords_per_user, 20);
+    assert!(!cfg.auth.allow_group_readable_secrets);
     // The guard values the example documents are the defaults the code applies.
     let d = imapgate::config::GuardConfig::default();
     let g = &cfg.guard;
