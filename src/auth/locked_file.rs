@@ -30,7 +30,7 @@ const LOCK_RETRY: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
-    #[error("cannot write {path}: it is read-only ({source}); edit a writable copy and replace the file (for a Kubernetes Secret: the chart's notes show how)")]
+    #[error("cannot write {path}: {source}; the file or its directory is read-only for this user (run the command as the gateway's user, or, for a mounted Kubernetes Secret, edit a copy and replace the Secret)")]
     ReadOnly {
         path: String,
         source: std::io::Error,
@@ -272,7 +272,7 @@ mod tests {
             .err()
             .unwrap();
         assert!(matches!(e, WriteError::ReadOnly { .. }), "{e}");
-        assert!(e.to_string().contains("read-only"), "{e}");
+        assert!(e.to_string().contains("is read-only for this user"), "{e}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o500)).unwrap();
         let e = LockedFile::lock(&path, Duration::from_secs(1))

@@ -774,3 +774,66 @@ async fn a_users_file_others_can_read_is_not_reloaded() {
         .login_from("127.0.0.1", user, &t.password(user))
         .await));
 }
+
+#[test]
+fn the_cli_says_so_when_the_users_file_or_its_directory_is_read_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let users = d.join("users.yaml");
+    let u = users.to_str().unwrap();
+    assert!(cli(&["users", "add", "a@example.org", "--users-file", u]).0);
+    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+    });
+    if root && !crate::harness::have("setpriv") {
+        return;
+    }
+    // As a user who may not write there: root drops to nobody, anyone else loses the mode.
+    let as_other = |args: &[&str]| {
+        let mut cmd = if root {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(env!("CARGO_BIN_EXE_imapgate"));
+            c
+        } else {
+            Command::new(env!("CARGO_BIN_EXE_imapgate"))
+        };
+        let out = cmd
+            .args(args)
+            .env_remove("IMAPGATE_CONFIG")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let before = std::fs::read(&users).unwrap();
+    // The file itself cannot be written.
+    if !root {
+        std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o400)).unwrap();
+    }
+    let (code, err) = as_other(&["users", "disable", "a@example.org", "--users-file", u]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot write {u}")) && err.contains("read-only for this user"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    // The file can be written, its directory cannot.
+    if root {
+        std::os::unix::fs::chown(&users, Some(65534), Some(65534)).unwrap();
+        std::fs::remove_file(d.join(".users.yaml.lock")).unwrap();
+    } else {
+        std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o555)).unwrap();
+    }
+    let (code, err) = as_other(&["users", "disable", "a@example.org", "--users-file", u]);
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("read-only for this user"), "{err}");
+    assert_eq!(std::fs::read(&users).unwrap(), before, "the file changed");
+}
