@@ -744,7 +744,7 @@ fn secret_files_others_can_read_are_refused_at_start() {
 }
 
 #[tokio::test]
-async fn a_users_file_others_can_read_is_not_reloaded() {
+async fn secret_files_others_can_read_are_not_reloaded() {
     use std::os::unix::fs::PermissionsExt;
     let Some(t) = crate::harness::TestGateway::start().await else {
         return;
@@ -773,6 +773,21 @@ async fn a_users_file_others_can_read_is_not_reloaded() {
     assert!(!ok(&t
         .login_from("127.0.0.1", user, &t.password(user))
         .await));
+    // A key file of the configuration that everyone can read: the configuration reload is
+    // refused (and counted); what was loaded stays in force.
+    let refused = "result=\"error\"";
+    let before = t.metric("imapgate_config_reloads_total", &[refused]).await;
+    let key = t.dir.path().join("k1.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    t.gw.reload();
+    let after = t.metric("imapgate_config_reloads_total", &[refused]).await;
+    assert_eq!(
+        after - before,
+        1.0,
+        "the configuration reload was not refused"
+    );
+    let bob = "bob@example.org";
+    assert!(ok(&t.login_from("127.0.0.1", bob, &t.password(bob)).await));
 }
 
 #[test]
