@@ -20,6 +20,7 @@ pub mod sasl;
 mod store;
 pub mod totp;
 pub mod users;
+mod write_back;
 
 pub use store::CredentialStore;
 
