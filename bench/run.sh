@@ -279,6 +279,7 @@ tls: { certificates: [{ cert_file: "$WORK/tls/server.pem", key_file: "$WORK/tls/
 limits: { max_connections: 100000, max_preauth_per_ip: 100000, max_sessions_per_ip: 100000, max_sessions_per_user: 100000 }
 auth:
   users_file: "$WORK/users.yaml"
+  secret_keys: [{ id: k1, file: "$WORK/k1.key" }]
   mfa: { default: off }
   verified_cache_ttl: $4
 $(if [ "$1" = warm ]; then printf '  oauth: { issuers: [{ name: idp, issuer: "%s", audiences: [imap], required_scopes: [imap] }] }' "$IDP_URL"; fi)
@@ -298,6 +299,8 @@ admin: { address: "127.0.0.1:$3" }
 logging: { level: warn, audit: "$WORK/$1-audit.log" }
 EOF
 }
+# The key ring: app-password create indexes each new app password under it.
+(umask 077 && "$BIN" keys generate >"$WORK/k1.key")
 gw_config warm "$GW" "$GW_ADMIN" 5m none "$DV_PLAIN" >"$WORK/gw.yaml"
 gw_config cold "$GWC" "$GWC_ADMIN" 0s none "$DV_PLAIN" >"$WORK/gwc.yaml"
 gw_config tlsup "$GWT" "$GWT_ADMIN" 5m implicit "$DV_TLS" >"$WORK/gwt.yaml"

@@ -90,11 +90,14 @@ chown -R nobody:nogroup "$WORK/dv/mail"
 
 step "imapgate on :$GW (admin :$ADMIN)"
 make_test_pki "$WORK/tls"
+# The key ring: app-password create indexes each new app password under it.
+(umask 077 && "$BIN" keys generate >"$WORK/k1.key")
 cat >"$WORK/gw.yaml" <<EOF
 listeners: [{ name: imaps, address: "127.0.0.1:$GW", tls: implicit }]
 tls: { certificates: [{ cert_file: "$WORK/tls/server.pem", key_file: "$WORK/tls/server.key" }] }
 auth:
   users_file: "$WORK/users.yaml"
+  secret_keys: [{ id: k1, file: "$WORK/k1.key" }]
   mfa: { default: off }
 backends:
   - name: dovecot

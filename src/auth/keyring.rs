@@ -4,11 +4,22 @@
 //! the user name as associated data, so a ciphertext copied to another user's entry does not
 //! decrypt. The key id travels with each ciphertext: new ones use the active key, old ones
 //! still decrypt under theirs until `imapgate keys rotate` re-encrypts them.
+//!
+//! The ring also keys the app passwords' lookup index: per ring key an index key
+//! HMAC-SHA-256(ring key, "imapgate app-password index v1"), and per app password
+//! `KEYID:HEX(HMAC-SHA-256(index key, the 16 letters))`. App passwords are 75-bit random strings,
+//! so an index without the key says nothing about the password; with the key and the users file
+//! an attacker still has 2^75 HMACs to try. A login tries every key of the ring (HMAC is cheap),
+//! so indexes made under an older key keep working after `keys rotate`.
 
 use base64::Engine;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
+use hmac::{Hmac, Mac};
 use rand::Rng;
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
 
 use crate::secret::Secret;
 
@@ -27,13 +38,94 @@ pub enum KeyError {
 pub struct KeyRing {
     keys: Vec<(String, Secret)>,
     active: Option<String>,
+    /// Per ring key, the key of the app passwords' lookup index.
+    index_keys: Vec<(String, Secret)>,
 }
 
 const NONCE: usize = 12;
 
+/// Derives the lookup-index key from a ring key; versioned so a later scheme cannot collide.
+const INDEX_LABEL: &[u8] = b"imapgate app-password index v1";
+
+/// A key id as the configuration accepts it: 1-16 of a-z, A-Z, 0-9, - and _.
+pub fn valid_key_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 16
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn hmac(key: &[u8], msg: &[u8]) -> Option<Zeroizing<[u8; 32]>> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).ok()?;
+    mac.update(msg);
+    Some(Zeroizing::new(mac.finalize().into_bytes().into()))
+}
+
+/// One password's index under every key of the ring, computed once per login.
+pub struct LookupTags(Vec<(String, Zeroizing<[u8; 32]>)>);
+
+impl LookupTags {
+    /// Whether a stored index (`KEYID:HEX`) is this password's. `None` when it cannot be
+    /// checked: its key is not in the ring (any more), or it is malformed.
+    pub fn check(&self, stored: &str) -> Option<bool> {
+        let (id, hex) = stored.split_once(':')?;
+        let (_, tag) = self.0.iter().find(|(k, _)| k == id)?;
+        let mut want = Zeroizing::new([0u8; 32]);
+        if hex.len() != 64 {
+            return None;
+        }
+        for (i, out) in want.iter_mut().enumerate() {
+            *out = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(bool::from(tag.as_slice().ct_eq(want.as_slice())))
+    }
+}
+
 impl KeyRing {
     pub fn new(keys: Vec<(String, Secret)>, active: Option<String>) -> Self {
-        Self { keys, active }
+        let index_keys = keys
+            .iter()
+            .filter_map(|(id, k)| {
+                let d = hmac(k.expose(), INDEX_LABEL)?;
+                Some((id.clone(), Secret::from_slice(d.as_slice())))
+            })
+            .collect();
+        Self {
+            keys,
+            active,
+            index_keys,
+        }
+    }
+
+    /// The lookup index of an app password (its 16 letters, normalised) under the active key:
+    /// `KEYID:HEX`, the value of `lookup` in the users file.
+    pub fn lookup_index(&self, letters: &Secret) -> Result<String, KeyError> {
+        let id = self.active.as_deref().ok_or(KeyError::NoActiveKey)?;
+        let (_, key) = self
+            .index_keys
+            .iter()
+            .find(|(k, _)| k == id)
+            .ok_or_else(|| KeyError::UnknownKey(id.to_owned()))?;
+        let tag = hmac(key.expose(), letters.expose())
+            .ok_or_else(|| KeyError::UnknownKey(id.to_owned()))?;
+        let hex: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+        Ok(format!("{id}:{hex}"))
+    }
+
+    /// The password's index under every key of the ring.
+    pub fn lookup_tags(&self, letters: &Secret) -> LookupTags {
+        LookupTags(
+            self.index_keys
+                .iter()
+                .filter_map(|(id, k)| Some((id.clone(), hmac(k.expose(), letters.expose())?)))
+                .collect(),
+        )
+    }
+
+    /// Whether the ring holds a key with this id.
+    pub fn has_key(&self, id: &str) -> bool {
+        self.keys.iter().any(|(k, _)| k == id)
     }
 
     pub fn active_id(&self) -> Option<&str> {
@@ -161,5 +253,40 @@ mod tests {
         let tampered: String = tampered.into_iter().collect();
         assert_ne!(tampered, c);
         assert!(r.decrypt("alice@example.org", &tampered).is_err());
+    }
+
+    #[test]
+    fn lookup_index_is_keyed_and_survives_rotation() {
+        let pw = Secret::from_slice(b"abcdefghijklmnop");
+        let other = Secret::from_slice(b"abcdefghijklmnoq");
+        let only_k1 = KeyRing::new(
+            vec![("k1".into(), Secret::new(vec![1; 32]))],
+            Some("k1".into()),
+        );
+        let idx = only_k1.lookup_index(&pw).unwrap();
+        assert!(idx.starts_with("k1:") && idx.len() == 3 + 64, "{idx}");
+        assert!(crate::auth::users::is_lookup_index(&idx));
+        assert_eq!(idx, only_k1.lookup_index(&pw).unwrap(), "deterministic");
+        assert_ne!(idx, only_k1.lookup_index(&other).unwrap());
+        // Not a plain hash of the password: another key gives another index.
+        let k9 = KeyRing::new(
+            vec![("k1".into(), Secret::new(vec![9; 32]))],
+            Some("k1".into()),
+        );
+        assert_ne!(idx, k9.lookup_index(&pw).unwrap());
+        assert_eq!(k9.lookup_tags(&pw).check(&idx), Some(false));
+        // After rotation (k2 active, k1 still in the ring) the k1 index still matches.
+        let r = ring();
+        assert!(r.lookup_index(&pw).unwrap().starts_with("k2:"));
+        let tags = r.lookup_tags(&pw);
+        assert_eq!(tags.check(&idx), Some(true));
+        assert_eq!(tags.check(&r.lookup_index(&pw).unwrap()), Some(true));
+        assert_eq!(r.lookup_tags(&other).check(&idx), Some(false));
+        // A key no longer in the ring, or garbage: cannot be checked.
+        assert_eq!(tags.check(&idx.replacen("k1", "k7", 1)), None);
+        assert_eq!(tags.check("k1:zz"), None);
+        assert_eq!(tags.check("nothing"), None);
+        let empty = KeyRing::new(Vec::new(), None);
+        assert_eq!(empty.lookup_index(&pw), Err(KeyError::NoActiveKey));
     }
 }

@@ -14,11 +14,13 @@
 pub mod app_password;
 pub mod cache;
 pub mod keyring;
+pub mod locked_file;
 pub mod oauth;
 pub mod sasl;
 mod store;
 pub mod totp;
 pub mod users;
+mod write_back;
 
 pub use store::CredentialStore;
 

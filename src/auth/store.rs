@@ -4,8 +4,16 @@
 //! One login, in order (DESIGN.md, "App password + TOTP"):
 //! 1. the name is normalised; the password field is split into the 16-letter app password and
 //!    an optional code (letters only, so the split is never ambiguous);
-//! 2. the app password is verified — from the verified cache, or by argon2 over the user's
-//!    active app passwords (unknown and disabled users pay one dummy verification);
+//! 2. the app password is verified — from the verified cache, or by one argon2 run: the keyed
+//!    lookup index (see `keyring`) names the one active app password the guess can be, and only
+//!    that one is verified; when none matches, one dummy verification is paid instead, as for
+//!    unknown and disabled users. So a login costs at most one argon2 run whatever the number
+//!    of app passwords. App passwords made before indexes existed (no `lookup`, or one under a
+//!    key no longer in the ring) are verified the old way when the index matches nothing: at
+//!    most `auth.max_app_passwords_per_user` of them, newest first. After a successful
+//!    verification the gateway writes back what the users file lacks — the index under the
+//!    active key, a hash with the current argon2 parameters — under the users file's lock;
+//!    a read-only file (a mounted Secret) just keeps what it has;
 //! 3. policy: allowed mechanisms and client networks;
 //! 4. MFA (`required`, `optional` = only if enrolled, `off`): if this app password is unlocked
 //!    for the client's subnet, done (appended digits are not evaluated); otherwise a valid code
@@ -14,7 +22,7 @@
 //!
 //! Every failure is the same to the client; the reason goes to the audit log and metrics.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -26,7 +34,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::cache::VerifiedCache;
 use super::keyring::KeyRing;
-use super::users::{UsersError, UsersFile};
+use super::users::{AppPassword, UsersError, UsersFile};
+use super::write_back::{apply_write_back, WriteBack};
 use super::{
     app_password, normalize_user_with, totp, Attempt, Authenticator, Credential, FailureReason,
     Identity, NameRules, Outcome,
@@ -38,6 +47,10 @@ use crate::state::Store;
 
 /// How long a used TOTP step stays remembered: the ±1-step window plus one step of margin.
 const USED_CODE_TTL: Duration = Duration::from_secs(4 * totp::STEP_SECONDS);
+
+/// How long a write-back after a login waits for the users file's lock (an operator command
+/// holding it longer makes the gateway skip the write-back, not wait).
+const WRITE_BACK_LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// Called after each successful reload (e.g. to close revoked users' sessions).
 pub type ReloadHook = Box<dyn Fn(&UsersFile) + Send + Sync>;
@@ -68,6 +81,11 @@ pub struct CredentialStore {
     oauth: Option<super::oauth::OAuthValidator>,
     /// How login names and token claims are compared (`auth.unicode_names`).
     names: NameRules,
+    /// App passwords verified the old way at most this many per guess.
+    max_per_user: usize,
+    allow_group_readable: bool,
+    /// (user, app password id) already written back (or tried) since the last reload.
+    written_back: std::sync::Mutex<HashSet<(String, String)>>,
 }
 
 /// The client's subnet for unlock binding: /24 for IPv4, /64 for IPv6.
@@ -115,8 +133,18 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Loads the users file and decrypts every TOTP secret; any failure refuses the whole file.
-fn load(path: &std::path::Path, keyring: &KeyRing) -> Result<Loaded, UsersError> {
+/// Loads the users file and decrypts every TOTP secret; any failure refuses the whole file,
+/// and so does a file that others can read (see `config::file_mode`).
+fn load(
+    path: &std::path::Path,
+    keyring: &KeyRing,
+    allow_group: bool,
+) -> Result<Loaded, UsersError> {
+    match crate::config::file_mode::check(path, allow_group) {
+        Ok(None) => {}
+        Ok(Some(w)) => tracing::warn!("auth.users_file: {w}"),
+        Err(e) => return Err(UsersError::Exposed(format!("auth.users_file: {e}"))),
+    }
     let file = UsersFile::load(path)?;
     let mut secrets = HashMap::new();
     for (name, user) in &file.users {
@@ -155,7 +183,7 @@ impl CredentialStore {
         metrics: Arc<Metrics>,
     ) -> Result<Self, UsersError> {
         let keyring = KeyRing::new(cfg.secret_keys.clone(), cfg.active_key.clone());
-        let loaded = load(&cfg.users_file, &keyring)?;
+        let loaded = load(&cfg.users_file, &keyring, cfg.allow_group_readable_secrets)?;
         let permits = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
         let oauth = if cfg.oauth_issuers.is_empty() {
             None
@@ -188,6 +216,9 @@ impl CredentialStore {
             on_reload: RwLock::new(None),
             oauth,
             names: NameRules::from_config(cfg.unicode_names),
+            max_per_user: usize::try_from(cfg.max_app_passwords_per_user).unwrap_or(usize::MAX),
+            allow_group_readable: cfg.allow_group_readable_secrets,
+            written_back: Default::default(),
         })
     }
 
@@ -227,13 +258,16 @@ impl CredentialStore {
         if let Ok(mut s) = self.stamp.write() {
             *s = now;
         }
-        match load(&self.path, &self.keyring) {
+        match load(&self.path, &self.keyring, self.allow_group_readable) {
             Ok(loaded) => {
                 let file = loaded.file.clone();
                 if let Ok(mut l) = self.loaded.write() {
                     *l = loaded;
                 }
                 self.cache.clear();
+                if let Ok(mut w) = self.written_back.lock() {
+                    w.clear();
+                }
                 self.metrics.users_reloads.with_label_values(&["ok"]).inc();
                 tracing::info!(users = file.users.len(), "users file reloaded");
                 if let Ok(hook) = self.on_reload.read() {
@@ -304,31 +338,92 @@ impl CredentialStore {
         self.verify(Secret::default(), Vec::new()).await;
     }
 
-    /// Re-hashes an app password made with older argon2 parameters (best effort: a read-only
-    /// users file, e.g. a mounted Secret, just keeps the old hash).
-    fn rehash_later(&self, user: String, id: String, old_hash: String, password: Secret) {
+    /// The app passwords worth an argon2 run for this guess: the one whose lookup index
+    /// matches, or else those whose index cannot be checked (none yet, or under a key no longer
+    /// in the ring), newest first and at most `max_per_user`. Empty: nothing can match (the
+    /// caller pays one dummy run).
+    fn candidates<'a>(&self, letters: &Secret, active: &[&'a AppPassword]) -> Vec<&'a AppPassword> {
+        let tags = self.keyring.lookup_tags(letters);
+        let mut unindexed = Vec::new();
+        for ap in active {
+            match ap.lookup.as_deref().and_then(|l| tags.check(l)) {
+                Some(true) => return vec![*ap],
+                Some(false) => {}
+                None => unindexed.push(*ap),
+            }
+        }
+        unindexed.sort_by_key(|a| std::cmp::Reverse(a.created));
+        unindexed.truncate(self.max_per_user);
+        unindexed
+    }
+
+    /// After a successful verification: writes back what the stored app password lacks — the
+    /// lookup index under the active key, a hash with the current argon2 parameters — once per
+    /// app password and loaded file, in the background, under the users file's lock. The
+    /// change is applied to the file as re-read under the lock and only if that app password
+    /// is still there, unrevoked, with the hash that was verified; so a revocation or any other
+    /// change made meanwhile is never undone. A read-only users file (a mounted Secret) keeps
+    /// what it has.
+    fn write_back(&self, user: &str, ap: &AppPassword, password: &Secret) {
+        let rehash = needs_rehash(&ap.hash, self.argon2);
+        let index = self
+            .keyring
+            .lookup_index(password)
+            .ok()
+            .filter(|i| ap.lookup.as_deref() != Some(i.as_str()));
+        if !rehash && index.is_none() {
+            return;
+        }
+        let first = self
+            .written_back
+            .lock()
+            .is_ok_and(|mut done| done.insert((user.to_owned(), ap.id.clone())));
+        if !first {
+            return;
+        }
         let path = self.path.clone();
         let params = self.argon2;
+        let (user, id, old_hash) = (user.to_owned(), ap.id.clone(), ap.hash.clone());
+        let password = password.clone();
         tokio::task::spawn_blocking(move || {
-            let Ok(new_hash) = app_password::hash(&password, params) else {
-                return;
+            let new_hash = if rehash {
+                app_password::hash(&password, params).ok()
+            } else {
+                None
             };
-            let Ok(mut file) = UsersFile::load(&path) else {
+            if new_hash.is_none() && index.is_none() {
                 return;
-            };
-            let Some(ap) = file.users.get_mut(&user).and_then(|u| {
-                u.app_passwords
-                    .iter_mut()
-                    .find(|a| a.id == id && a.hash == old_hash)
-            }) else {
-                return;
-            };
-            ap.hash = new_hash;
-            match file.save(&path) {
-                Ok(()) => {
-                    tracing::info!(user = %user, credential = %id, "app password re-hashed with current argon2 parameters")
-                }
-                Err(e) => tracing::debug!(error = %e, "could not re-hash app password"),
+            }
+            let written = apply_write_back(
+                &path,
+                WRITE_BACK_LOCK_WAIT,
+                &WriteBack {
+                    user: &user,
+                    id: &id,
+                    verified_hash: &old_hash,
+                    new_hash: new_hash.as_deref(),
+                    lookup: index.as_deref(),
+                },
+            );
+            match written {
+                Ok(true) => tracing::info!(
+                    user = %user,
+                    credential = %id,
+                    rehashed = new_hash.is_some(),
+                    indexed = index.is_some(),
+                    "app password updated in the users file"
+                ),
+                Ok(false) => tracing::debug!(
+                    user = %user,
+                    credential = %id,
+                    "app password changed meanwhile; nothing written back"
+                ),
+                Err(e) => tracing::info!(
+                    user = %user,
+                    credential = %id,
+                    error = %e,
+                    "could not update the app password in the users file (it keeps working as it is)"
+                ),
             }
         });
     }
@@ -484,21 +579,15 @@ impl Authenticator for CredentialStore {
                 active.iter().find(|a| a.id == id).copied()
             }
             None => {
-                let phcs = active.iter().map(|a| a.hash.clone()).collect();
+                let candidates = self.candidates(&letters, &active);
+                let phcs = candidates.iter().map(|a| a.hash.clone()).collect();
                 let found = self
                     .verify(letters.clone(), phcs)
                     .await
-                    .and_then(|i| active.get(i).copied());
+                    .and_then(|i| candidates.get(i).copied());
                 if let Some(ap) = found {
                     self.cache.insert(&name, &letters, &ap.id);
-                    if needs_rehash(&ap.hash, self.argon2) {
-                        self.rehash_later(
-                            name.clone(),
-                            ap.id.clone(),
-                            ap.hash.clone(),
-                            letters.clone(),
-                        );
-                    }
+                    self.write_back(&name, ap, &letters);
                 }
                 found
             }

@@ -1,17 +1,36 @@
 //! The users file: who may log in, with which app passwords (argon2id PHC strings only).
 //!
 //! Shape (`version: 1`): a map from the full, lower-cased address to the user's entry. The file
-//! holds no usable secret. It is written atomically (temp file + rename, mode 0600) by the CLI
-//! and re-read by the gateway when it changes on disk.
+//! holds no usable secret. Every write — the CLI's, and the gateway's write-back after a login
+//! (re-hash, lookup index) — goes through [`UsersFile::update`]: an exclusive lock, a fresh read,
+//! the change applied to what was read, a new file renamed into place (see `locked_file`). The
+//! gateway re-reads the file when it changes on disk.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use super::locked_file::{LockedFile, WriteError};
+
 pub const VERSION: u32 = 1;
+
+/// How long a CLI command waits for another writer of the users file.
+pub const CLI_LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// `KEYID:HEX` with 64 hex digits (HMAC-SHA-256), the shape of [`AppPassword::lookup`].
+pub fn is_lookup_index(s: &str) -> bool {
+    let Some((id, hex)) = s.split_once(':') else {
+        return false;
+    };
+    super::keyring::valid_key_id(id)
+        && hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
 
 /// Mechanism names a user entry may list.
 pub const MECHANISMS: &[&str] = &["login", "plain", "xoauth2", "oauthbearer"];
@@ -68,6 +87,12 @@ pub struct AppPassword {
     pub label: String,
     /// argon2id PHC string.
     pub hash: String,
+    /// The keyed lookup index, `KEYID:HEX(HMAC-SHA-256(index key, password))` (see
+    /// `keyring::KeyRing::lookup_index`): a login finds the one app password to verify by it
+    /// instead of running argon2 over all of them. Absent on app passwords made before indexes
+    /// existed; they are verified the old way and gain one at their next successful login.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lookup: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub created: OffsetDateTime,
     #[serde(default, with = "time::serde::rfc3339::option")]
@@ -97,6 +122,14 @@ pub enum UsersError {
     },
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
+    #[error(transparent)]
+    Locked(#[from] WriteError),
+    /// The change itself was refused (e.g. "no user x"); nothing was written.
+    #[error("{0}")]
+    Refused(String),
+    /// The file can be read by others (see `config::file_mode`).
+    #[error("{0}")]
+    Exposed(String),
 }
 
 impl UsersFile {
@@ -168,43 +201,60 @@ impl UsersFile {
                         "users.{name}.app_passwords[{i}].hash: not an argon2id PHC string"
                     ));
                 }
+                if ap.lookup.as_deref().is_some_and(|l| !is_lookup_index(l)) {
+                    return Err(format!(
+                        "users.{name}.app_passwords[{i}].lookup: not a lookup index (KEYID:64 hex digits)"
+                    ));
+                }
             }
         }
         Ok(file)
     }
 
-    /// Writes the file atomically with mode 0600.
-    pub fn save(&self, path: &Path) -> Result<(), UsersError> {
-        let werr = |source| UsersError::Write {
-            path: path.display().to_string(),
-            source,
-        };
-        let text = serde_saphyr::to_string(self)
-            .map_err(|e| werr(std::io::Error::other(e.to_string())))?;
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let tmp = dir.join(format!(
-            ".{}.tmp{}",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("users"),
-            std::process::id()
-        ));
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let mut f = opts.open(&tmp).map_err(werr)?;
+    /// The file's text as written (a header, then the YAML).
+    fn render(&self) -> Result<String, String> {
+        let text = serde_saphyr::to_string(self).map_err(|e| e.to_string())?;
         let header = "# imapgate users file: written by `imapgate users`, `app-password` and `totp`.\n\
                       # App passwords are argon2id hashes; TOTP secrets are encrypted under the key ring\n\
                       # (auth.secret_keys), useless without it. Keep it mode 0600.\n";
-        f.write_all(header.as_bytes()).map_err(werr)?;
-        f.write_all(text.as_bytes()).map_err(werr)?;
-        f.sync_all().map_err(werr)?;
-        std::fs::rename(&tmp, path).map_err(werr)
+        Ok(format!("{header}{text}"))
+    }
+
+    /// Replaces the file with this content, under the lock (see [`Self::update`]). For a new
+    /// file or a test; a change to an existing file goes through [`Self::update`], which
+    /// re-reads it under the lock first.
+    pub fn save(&self, path: &Path) -> Result<(), UsersError> {
+        let lock = LockedFile::lock(path, CLI_LOCK_WAIT)?;
+        self.write_locked(&lock)
+    }
+
+    pub(crate) fn write_locked(&self, lock: &LockedFile) -> Result<(), UsersError> {
+        let text = self.render().map_err(|e| UsersError::Write {
+            path: lock.path().display().to_string(),
+            source: std::io::Error::other(e),
+        })?;
+        lock.replace(text.as_bytes())?;
+        Ok(())
+    }
+
+    /// Read-modify-write with the exclusive lock held throughout: waits at most `wait` for
+    /// the lock, reads the file (an empty one if it does not exist), lets `change` edit it,
+    /// and writes it back only if `change` says it changed something (`Ok(true)`). An `Err`
+    /// from `change` writes nothing and comes back as [`UsersError::Refused`]. Because the
+    /// change is applied to what was read under the lock, a change another process made
+    /// meanwhile (a revocation, say) is never undone.
+    pub fn update(
+        path: &Path,
+        wait: Duration,
+        change: impl FnOnce(&mut UsersFile) -> Result<bool, String>,
+    ) -> Result<bool, UsersError> {
+        let lock = LockedFile::lock(path, wait)?;
+        let mut file = Self::load_or_empty(path)?;
+        if !change(&mut file).map_err(UsersError::Refused)? {
+            return Ok(false);
+        }
+        file.write_locked(&lock)?;
+        Ok(true)
     }
 }
 
@@ -231,6 +281,7 @@ mod tests {
                     id: "ap_abcd".into(),
                     label: "laptop".into(),
                     hash: "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$RdescudvJCsgt3ub+b+dWRWJTmaaJObG".into(),
+                    lookup: Some(format!("k1:{}", "0a".repeat(32))),
                     created: OffsetDateTime::UNIX_EPOCH,
                     expires: None,
                     revoked: false,
@@ -254,5 +305,19 @@ mod tests {
             .contains("in the clear"));
         let bad_mech = "version: 1\nusers:\n  a@x:\n    mechanisms: [cram-md5]\n";
         assert!(UsersFile::parse(bad_mech).is_err());
+        // A lookup index must have its shape (a key id, 64 hex digits).
+        let good_lookup = format!("k1:{}", "0a".repeat(32));
+        for bad in [
+            "k1:0a0a",
+            "nokey",
+            "k 1:00",
+            &format!("k1:{}", "0A".repeat(32)),
+        ] {
+            let t = text.replace(&good_lookup, bad);
+            assert!(
+                UsersFile::parse(&t).unwrap_err().contains("lookup"),
+                "{bad}"
+            );
+        }
     }
 }

@@ -68,6 +68,7 @@ pub fn doctor(args: DoctorArgs) -> ExitCode {
         r.warn("config", w);
     }
     certificates(&mut r, &config, args.server_name.as_deref());
+    users_file(&mut r, &config);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -172,6 +173,56 @@ fn certificates(r: &mut Report, config: &Config, server_name: Option<&str>) {
                 format!("none is valid for {name}: clients connecting to it will refuse the certificate"),
             );
         }
+    }
+}
+
+/// The users file as the gateway loads it (mode, content), and app passwords that still lack
+/// a usable lookup index or exceed the per-user cap.
+fn users_file(r: &mut Report, config: &Config) {
+    let a = &config.auth;
+    let what = format!("users file {}", a.users_file.display());
+    match crate::config::file_mode::check(&a.users_file, a.allow_group_readable_secrets) {
+        Ok(None) => {}
+        Ok(Some(w)) => r.warn(&what, w),
+        Err(e) => {
+            r.fail(&what, e);
+            return;
+        }
+    }
+    let file = match crate::auth::users::UsersFile::load(&a.users_file) {
+        Ok(f) => f,
+        Err(e) => {
+            r.fail(&what, e);
+            return;
+        }
+    };
+    let ring = crate::auth::keyring::KeyRing::new(a.secret_keys.clone(), a.active_key.clone());
+    let cap = usize::try_from(a.max_app_passwords_per_user).unwrap_or(usize::MAX);
+    let now = time::OffsetDateTime::now_utc();
+    let (mut unindexed, mut over) = (0, 0);
+    for u in file.users.values() {
+        unindexed += super::without_index(u, Some(&ring));
+        if u.app_passwords.iter().filter(|p| p.is_active(now)).count() > cap {
+            over += 1;
+        }
+    }
+    let mut notes = Vec::new();
+    if unindexed > 0 {
+        notes.push(format!("{unindexed} active app password(s) have no usable lookup index (made before indexes, or indexed under a key no longer in auth.secret_keys): a wrong guess against their user costs one argon2 run per such app password, at most {cap}; each gains an index at its next successful login if the gateway can write the file (`imapgate users list` names the users)"));
+    }
+    if over > 0 {
+        notes.push(format!(
+            "{over} user(s) have more than auth.max_app_passwords_per_user ({cap}) active app passwords"
+        ));
+    }
+    let detail = format!("{} user(s)", file.users.len());
+    if notes.is_empty() {
+        r.ok(
+            &what,
+            format!("{detail}; every active app password is indexed"),
+        );
+    } else {
+        r.warn(&what, format!("{detail}; {}", notes.join("; ")));
     }
 }
 

@@ -210,6 +210,20 @@ pub fn keys(cmd: KeysCmd) -> ExitCode {
                     rotated += 1;
                 }
                 errln!("re-encrypted {rotated} TOTP secret(s) under key {active}");
+                // App-password lookup indexes cannot be recomputed without the passwords: they
+                // keep working while their key stays in the ring and move to the active key at
+                // their next login.
+                let older = f
+                    .users
+                    .values()
+                    .flat_map(|u| &u.app_passwords)
+                    .filter(|a| !a.revoked)
+                    .filter_map(|a| a.lookup.as_deref().and_then(KeyRing::key_of))
+                    .filter(|k| *k != active)
+                    .count();
+                if older > 0 {
+                    errln!("{older} app password lookup index(es) stay under older keys until their next login; keep those keys in auth.secret_keys meanwhile (`imapgate users list` shows app passwords without a usable index)");
+                }
                 Ok(())
             });
             super::audited(code, &cfg, "keys_rotated", "", &active)

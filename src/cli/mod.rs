@@ -95,7 +95,7 @@ pub enum Command {
 /// Kubernetes Secret, edited without the gateway's other secrets at hand).
 #[derive(clap::Args, Debug)]
 pub struct UsersTarget {
-    /// The configuration file (its `auth.users_file` and argon2 parameters are used).
+    /// The configuration file (its `auth.users_file`, key ring and argon2 parameters are used).
     #[arg(
         short,
         long,
@@ -103,8 +103,9 @@ pub struct UsersTarget {
         required_unless_present = "users_file"
     )]
     pub config: Option<PathBuf>,
-    /// The users file itself; new hashes then use the default argon2 parameters. Wins over
-    /// `-c` (and over IMAPGATE_CONFIG, which the container image sets).
+    /// The users file itself; wins over `-c` (and over IMAPGATE_CONFIG, which the container
+    /// image sets) for the file. `app-password create` still needs a configuration too, for
+    /// its key ring.
     #[arg(long)]
     pub users_file: Option<PathBuf>,
 }
@@ -351,11 +352,10 @@ pub(crate) fn user_name(user: &str) -> Result<String, ExitCode> {
     })
 }
 
-/// The users file to work on, the argon2 parameters for new hashes, and the backends' master
-/// separators (a user name containing one could never be logged into the backend).
+/// The users file to work on, and the backends' master separators (a user name containing one
+/// could never be logged into the backend).
 pub(crate) struct Target {
     pub(crate) path: PathBuf,
-    argon2: crate::config::Argon2Params,
     separators: Vec<String>,
     /// The auth section, when a config was given (TOTP needs its key ring).
     pub(crate) auth: Option<crate::config::AuthConfig>,
@@ -365,7 +365,6 @@ pub(crate) fn target(t: &UsersTarget) -> Result<Target, ExitCode> {
     if let Some(path) = &t.users_file {
         return Ok(Target {
             path: path.clone(),
-            argon2: Default::default(),
             separators: Vec::new(),
             auth: None,
         });
@@ -384,7 +383,6 @@ pub(crate) fn target(t: &UsersTarget) -> Result<Target, ExitCode> {
         .collect();
     Ok(Target {
         path: config.auth.users_file.clone(),
-        argon2: config.auth.argon2,
         separators,
         auth: Some(config.auth.clone()),
     })
@@ -395,26 +393,70 @@ fn read_users(t: &UsersTarget) -> Result<UsersFile, ExitCode> {
     UsersFile::load_or_empty(&tgt.path).map_err(|e| fail(1, e))
 }
 
-/// Loads the users file, applies `f`, saves it atomically.
+/// Changes the users file: takes its lock, reads it, applies `f`, writes it back (see
+/// [`UsersFile::update`]). Keep `f` quick: other writers wait for it.
 pub(crate) fn edit(
     t: &UsersTarget,
     f: impl FnOnce(&mut UsersFile, &Target) -> Result<(), String>,
 ) -> ExitCode {
-    let tgt = match target(t) {
-        Ok(x) => x,
-        Err(code) => return code,
-    };
-    let mut file = match UsersFile::load_or_empty(&tgt.path) {
-        Ok(f) => f,
-        Err(e) => return fail(1, e),
-    };
-    if let Err(msg) = f(&mut file, &tgt) {
-        return fail(1, msg);
+    match target(t) {
+        Ok(tgt) => edit_at(&tgt, f),
+        Err(code) => code,
     }
-    match file.save(&tgt.path) {
-        Ok(()) => ExitCode::SUCCESS,
+}
+
+/// [`edit`] for a target already resolved.
+pub(crate) fn edit_at(
+    tgt: &Target,
+    f: impl FnOnce(&mut UsersFile, &Target) -> Result<(), String>,
+) -> ExitCode {
+    let updated = UsersFile::update(&tgt.path, crate::auth::users::CLI_LOCK_WAIT, |file| {
+        f(file, tgt).map(|()| true)
+    });
+    match updated {
+        Ok(_) => ExitCode::SUCCESS,
         Err(e) => fail(1, e),
     }
+}
+
+/// What `app-password create` needs from the configuration: the key ring (for the lookup
+/// index), the argon2 parameters and the per-user cap. With `--users-file`, from the
+/// configuration given as well (`-c` or IMAPGATE_CONFIG).
+fn index_settings(t: &UsersTarget, tgt: &Target) -> Result<crate::config::AuthConfig, ExitCode> {
+    let auth = match (&tgt.auth, &t.config) {
+        (Some(a), _) => a.clone(),
+        (None, Some(c)) => load(c)?.auth,
+        (None, None) => {
+            return Err(fail(
+                EXIT_CONFIG,
+                "app-password create needs the key ring (auth.secret_keys) for the new app password's lookup index: give -c CONFIG too (--users-file still names the file)",
+            ))
+        }
+    };
+    if auth.active_key.is_none() {
+        return Err(fail(
+            EXIT_CONFIG,
+            "auth.secret_keys is empty: app passwords need a key for their lookup index; add one (`imapgate keys generate`)",
+        ));
+    }
+    Ok(auth)
+}
+
+/// Active app passwords whose lookup index cannot be used: none yet, or under a key that is
+/// not in `ring` (when the ring is known).
+fn without_index(u: &User, ring: Option<&crate::auth::keyring::KeyRing>) -> usize {
+    let now = OffsetDateTime::now_utc();
+    u.app_passwords
+        .iter()
+        .filter(|a| a.is_active(now))
+        .filter(|a| match (a.lookup.as_deref(), ring) {
+            (None, _) => true,
+            (Some(l), Some(r)) => {
+                !crate::auth::keyring::KeyRing::key_of(l).is_some_and(|k| r.has_key(k))
+            }
+            (Some(_), None) => false,
+        })
+        .count()
 }
 
 fn users(cmd: UsersCmd) -> ExitCode {
@@ -514,23 +556,43 @@ fn users(cmd: UsersCmd) -> ExitCode {
                 Err(code) => code,
             }
         }
-        UsersCmd::List { cfg } => match read_users(&cfg) {
-            Ok(f) => {
-                for (name, u) in &f.users {
-                    let active = u
-                        .app_passwords
-                        .iter()
-                        .filter(|a| a.is_active(OffsetDateTime::now_utc()))
-                        .count();
-                    outln!(
-                        "{name}\t{}\tapp-passwords={active}",
-                        if u.disabled { "disabled" } else { "enabled" }
-                    );
+        UsersCmd::List { cfg } => {
+            let tgt = match target(&cfg) {
+                Ok(t) => t,
+                Err(code) => return code,
+            };
+            let ring = tgt.auth.as_ref().map(|a| {
+                crate::auth::keyring::KeyRing::new(a.secret_keys.clone(), a.active_key.clone())
+            });
+            match UsersFile::load_or_empty(&tgt.path) {
+                Ok(f) => {
+                    let mut unindexed = 0;
+                    for (name, u) in &f.users {
+                        let active = u
+                            .app_passwords
+                            .iter()
+                            .filter(|a| a.is_active(OffsetDateTime::now_utc()))
+                            .count();
+                        let missing = without_index(u, ring.as_ref());
+                        unindexed += missing;
+                        let note = if missing > 0 {
+                            format!("\twithout-index={missing}")
+                        } else {
+                            String::new()
+                        };
+                        outln!(
+                            "{name}\t{}\tapp-passwords={active}{note}",
+                            if u.disabled { "disabled" } else { "enabled" }
+                        );
+                    }
+                    if unindexed > 0 {
+                        errln!("{unindexed} active app password(s) have no usable lookup index: each is verified the old way (one argon2 run per such app password and wrong guess) until its next successful login writes one");
+                    }
+                    ExitCode::SUCCESS
                 }
-                ExitCode::SUCCESS
+                Err(e) => fail(1, e),
             }
-            Err(code) => code,
-        },
+        }
         UsersCmd::Disable { user, cfg } => set_disabled(&user, &cfg, true),
         UsersCmd::Enable { user, cfg } => set_disabled(&user, &cfg, false),
         UsersCmd::Remove { user, cfg } => {
@@ -597,22 +659,47 @@ fn app_passwords(cmd: AppPasswordCmd) -> ExitCode {
                     "--label must be at most 64 printable characters",
                 );
             }
+            let tgt = match target(&cfg) {
+                Ok(t) => t,
+                Err(code) => return code,
+            };
+            let auth = match index_settings(&cfg, &tgt) {
+                Ok(a) => a,
+                Err(code) => return code,
+            };
+            let ring =
+                crate::auth::keyring::KeyRing::new(auth.secret_keys.clone(), auth.active_key);
             let password = app_password::generate();
+            // The slow part before the lock, so other writers do not wait for argon2.
+            let hash = match app_password::hash(&password, auth.argon2) {
+                Ok(h) => h,
+                Err(e) => return fail(1, e),
+            };
+            let lookup = match ring.lookup_index(&password) {
+                Ok(l) => l,
+                Err(e) => return fail(1, e),
+            };
+            let cap = auth.max_app_passwords_per_user;
             let mut shown = None;
-            let code = edit(&cfg, |f, tgt| {
+            let code = edit_at(&tgt, |f, _| {
                 let u = f
                     .users
                     .get_mut(&name)
                     .ok_or_else(|| format!("no user {name} (add it with `imapgate users add`)"))?;
-                let hash = app_password::hash(&password, tgt.argon2)?;
+                let now = OffsetDateTime::now_utc();
+                let active = u.app_passwords.iter().filter(|a| a.is_active(now)).count();
+                if active >= usize::try_from(cap).unwrap_or(usize::MAX) {
+                    return Err(format!(
+                        "{name} already has {active} active app passwords, the most auth.max_app_passwords_per_user ({cap}) allows: revoke one first (`imapgate app-password list {name}`)"
+                    ));
+                }
                 let id = app_password::new_id();
                 u.app_passwords.push(AppPassword {
                     id: id.clone(),
                     label: label.clone(),
                     hash,
-                    created: OffsetDateTime::now_utc()
-                        .replace_nanosecond(0)
-                        .unwrap_or(OffsetDateTime::now_utc()),
+                    lookup: Some(lookup),
+                    created: now.replace_nanosecond(0).unwrap_or(now),
                     expires,
                     revoked: false,
                 });

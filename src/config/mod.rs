@@ -7,6 +7,7 @@
 //! `backends[0].connect_timeout: `5` needs a unit`. Secure defaults are the named constants in
 //! [`defaults`]. The config is never logged: it holds secrets.
 
+pub mod file_mode;
 mod guard;
 mod raw;
 pub mod units;
@@ -50,6 +51,8 @@ pub mod defaults {
     pub const UNLOCK_TTL: Duration = Duration::from_secs(12 * 3600);
     pub const VERIFIED_CACHE_TTL: Duration = Duration::from_secs(5 * 60);
     pub const CODE_DIGITS: u8 = 6;
+    /// Active app passwords per user (`auth.max_app_passwords_per_user`).
+    pub const MAX_APP_PASSWORDS_PER_USER: u32 = 20;
     pub const TOTP_ISSUER: &str = "imapgate";
     pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
     pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -320,6 +323,12 @@ pub struct AuthConfig {
     pub oauth_issuers: Vec<IssuerConfig>,
     /// Non-ASCII user names are accepted (NFKC, lower case, UTS #39 checks); false: ASCII only.
     pub unicode_names: bool,
+    /// Active app passwords a user may have (the CLI refuses more; a login verifies at most
+    /// this many app passwords that have no lookup index yet).
+    pub max_app_passwords_per_user: u32,
+    /// Secret files (users file, key ring, master passwords, tokens) readable by their group
+    /// are accepted with a warning instead of refused (Kubernetes Secrets with an fsGroup).
+    pub allow_group_readable_secrets: bool,
 }
 
 /// One trusted OAuth 2.0 / OpenID issuer.

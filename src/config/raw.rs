@@ -86,6 +86,9 @@ pub struct Auth {
     /// Accept non-ASCII user names (NFKC + confusable checks); default ASCII only.
     #[serde(default)]
     pub unicode_names: bool,
+    pub max_app_passwords_per_user: Option<u32>,
+    #[serde(default)]
+    pub allow_group_readable_secrets: bool,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -33,6 +33,9 @@ pub(super) struct Ctx<'a> {
     base: &'a Path,
     errors: Vec<FieldError>,
     warnings: Vec<String>,
+    /// Secret files read, with their YAML paths: their modes are checked at the end, once
+    /// `auth.allow_group_readable_secrets` is known.
+    secret_files: Vec<(String, PathBuf)>,
 }
 
 impl Ctx<'_> {
@@ -139,6 +142,7 @@ impl Ctx<'_> {
                     self.err(path, format!("{} is empty", full.display()));
                     None
                 } else {
+                    self.secret_files.push((path.to_owned(), full));
                     Some(s)
                 }
             }
@@ -168,6 +172,7 @@ pub(super) fn from_yaml(text: &str, base: &Path) -> Result<Config, ConfigError> 
         base,
         errors: Vec::new(),
         warnings: Vec::new(),
+        secret_files: Vec::new(),
     };
     let root: Value = match serde_saphyr::from_str(text) {
         Ok(v) => v,
@@ -225,6 +230,16 @@ pub(super) fn from_yaml(text: &str, base: &Path) -> Result<Config, ConfigError> 
     let routes = routes(&mut cx, section("routes"), &backends);
     let admin = admin(&mut cx, section("admin"));
     let logging = logging(&mut cx, section("logging"));
+    let allow_group = auth
+        .as_ref()
+        .is_some_and(|a| a.allow_group_readable_secrets);
+    for (path, file) in std::mem::take(&mut cx.secret_files) {
+        match super::file_mode::check(&file, allow_group) {
+            Ok(None) => {}
+            Ok(Some(w)) => cx.warnings.push(format!("{path}: {w}")),
+            Err(e) => cx.err(path, e),
+        }
+    }
 
     if !cx.errors.is_empty() {
         return Err(ConfigError::Invalid(cx.errors));
@@ -655,6 +670,17 @@ fn auth(cx: &mut Ctx, v: &Value) -> Option<AuthConfig> {
     if verified_cache_ttl > Duration::from_secs(3600) {
         cx.err("auth.verified_cache_ttl", "must be at most 1h");
     }
+    let max_app_passwords_per_user = match a.max_app_passwords_per_user {
+        None => defaults::MAX_APP_PASSWORDS_PER_USER,
+        Some(n) if (1..=1000).contains(&n) => n,
+        Some(_) => {
+            cx.err(
+                "auth.max_app_passwords_per_user",
+                "must be between 1 and 1000",
+            );
+            defaults::MAX_APP_PASSWORDS_PER_USER
+        }
+    };
     Some(AuthConfig {
         users_file: cx.path(&a.users_file),
         secret_keys,
@@ -666,6 +692,8 @@ fn auth(cx: &mut Ctx, v: &Value) -> Option<AuthConfig> {
         revoke_closes_sessions: a.revoke_closes_sessions,
         oauth_issuers: issuers(cx, &a.oauth),
         unicode_names: a.unicode_names,
+        max_app_passwords_per_user,
+        allow_group_readable_secrets: a.allow_group_readable_secrets,
     })
 }
 
@@ -1357,6 +1385,7 @@ mod tests {
             base: &dir,
             errors: Vec::new(),
             warnings: Vec::new(),
+            secret_files: Vec::new(),
         };
         let s = cx.secret_file("small", "a").expect("small secret");
         assert_eq!(s.expose(), b"hunter2");

@@ -111,6 +111,7 @@ mod tests {
             id: id.into(),
             label: String::new(),
             hash: String::new(),
+            lookup: None,
             created: time::OffsetDateTime::UNIX_EPOCH,
             expires: None,
             revoked,

@@ -101,11 +101,7 @@ async fn blocks_handler(
         return e.into_response();
     }
     match s.guard.blocks_json().await {
-        Ok(list) => (
-            [(header::CONTENT_TYPE, "application/json")],
-            list,
-        )
-            .into_response(),
+        Ok(list) => ([(header::CONTENT_TYPE, "application/json")], list).into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "state store unavailable\n").into_response(),
     }
 }
@@ -143,7 +139,11 @@ async fn clear_handler(
         )
             .into_response();
     }
-    match s.guard.clear_blocks(scope.as_deref(), value.as_deref()).await {
+    match s
+        .guard
+        .clear_blocks(scope.as_deref(), value.as_deref())
+        .await
+    {
         Ok(n) => (
             [(header::CONTENT_TYPE, "application/json")],
             format!("{{\"cleared\":{n}}}"),

@@ -13,6 +13,13 @@ fn manifest() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Writes a secret file as an operator should: mode 0600 (others may not read it).
+fn write_secret(path: impl AsRef<Path>, contents: impl AsRef<[u8]>) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path.as_ref(), contents).unwrap();
+    std::fs::set_permissions(path.as_ref(), std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 #[test]
 fn the_example_config_documents_a_valid_config() {
     let dir = tempfile::tempdir().unwrap();
@@ -23,15 +30,14 @@ fn the_example_config_documents_a_valid_config() {
     std::fs::copy(c, root.join("tls/tls.crt")).unwrap();
     std::fs::copy(k, root.join("tls/tls.key")).unwrap();
     std::fs::copy(&pki.ca_pem, root.join("backend-ca.pem")).unwrap();
-    std::fs::write(root.join("master.secret"), "s3cret\n").unwrap();
+    write_secret(root.join("master.secret"), "s3cret\n");
     std::fs::create_dir_all(root.join("oauth")).unwrap();
-    std::fs::write(root.join("oauth/corp.secret"), "client-secret\n").unwrap();
+    write_secret(root.join("oauth/corp.secret"), "client-secret\n");
     std::fs::create_dir_all(root.join("keys")).unwrap();
-    std::fs::write(
+    write_secret(
         root.join("keys/k1.key"),
         imapgate::auth::keyring::generate_key().expose(),
-    )
-    .unwrap();
+    );
     let text = std::fs::read_to_string(manifest().join("config/imapgate.example.yaml")).unwrap();
     let text = text.replace("/etc/imapgate/", &format!("{}/", root.display()));
     let cfg = Config::from_yaml(&text, dir.path())
@@ -45,6 +51,8 @@ fn the_example_config_documents_a_valid_config() {
     assert_eq!(cfg.auth.mfa.default, imapgate::config::MfaMode::Required);
     assert_eq!(cfg.auth.mfa.unlock_ttl.as_secs(), 12 * 3600);
     assert_eq!(cfg.auth.active_key.as_deref(), Some("k1"));
+    assert_eq!(cfg.auth.max_app_passwords_per_user, 20);
+    assert!(!cfg.auth.allow_group_readable_secrets);
     // The guard values the example documents are the defaults the code applies.
     let d = imapgate::config::GuardConfig::default();
     let g = &cfg.guard;
@@ -168,6 +176,28 @@ fn cli(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// A configuration for the CLI in `dir`, with key `k1` (mode 0600) and `auth_extra` in its
+/// `auth` mapping (e.g. `users_file: users.yaml`).
+fn admin_config(dir: &Path, auth_extra: &str) -> std::path::PathBuf {
+    write_secret(
+        dir.join("k1.key"),
+        imapgate::auth::keyring::generate_key().expose(),
+    );
+    write_secret(dir.join("master.secret"), "x");
+    let cfg = dir.join("admin.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listeners: [{{ name: imaps, address: \"127.0.0.1:0\", tls: implicit }}]\ntls: {{ self_signed: true }}\n\
+             auth: {{ secret_keys: [{{ id: k1, file: k1.key }}], {auth_extra} }}\n\
+             backends: [{{ name: b, address: \"127.0.0.1:9\", tls: none, login: master_user, master_user: g, master_password_file: master.secret }}]\n\
+             admin: {{ address: \"127.0.0.1:0\" }}\n"
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
 #[test]
 fn operator_cli_manages_users_and_app_passwords() {
     let dir = tempfile::tempdir().unwrap();
@@ -179,6 +209,18 @@ fn operator_cli_manages_users_and_app_passwords() {
         "duplicate accepted"
     );
     assert!(!cli(&["users", "add", "bad\nname@example.org", "--users-file", u]).0);
+    // A new app password gets a lookup index, which needs the key ring: --users-file alone
+    // is not enough, a configuration supplies the ring (and --users-file still names the file).
+    let (ok, _, stderr) = cli(&[
+        "app-password",
+        "create",
+        "alice@example.org",
+        "--users-file",
+        u,
+    ]);
+    assert!(!ok && stderr.contains("key ring"), "{stderr}");
+    let c = admin_config(dir.path(), "users_file: elsewhere.yaml");
+    let c = c.to_str().unwrap();
     let (ok, stdout, stderr) = cli(&[
         "app-password",
         "create",
@@ -187,8 +229,11 @@ fn operator_cli_manages_users_and_app_passwords() {
         "laptop",
         "--users-file",
         u,
+        "-c",
+        c,
     ]);
     assert!(ok, "{stderr}");
+    assert!(!dir.path().join("elsewhere.yaml").exists());
     let pw = stdout.trim_end();
     let groups: Vec<&str> = pw.split(' ').collect();
     assert_eq!(groups.len(), 4, "{pw:?}");
@@ -245,7 +290,9 @@ fn operator_cli_manages_users_and_app_passwords() {
             "--expires-in",
             "soon",
             "--users-file",
-            u
+            u,
+            "-c",
+            c
         ])
         .0
     );
@@ -257,6 +304,8 @@ fn operator_cli_manages_users_and_app_passwords() {
         "90d",
         "--users-file",
         u,
+        "-c",
+        c,
     ]);
     assert!(ok, "{err}");
     let file = imapgate::auth::users::UsersFile::load(&users).unwrap();
@@ -287,7 +336,7 @@ fn operator_cli_manages_users_and_app_passwords() {
 #[test]
 fn users_whose_name_holds_the_master_separator_are_refused_by_the_cli() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("master.secret"), "x").unwrap();
+    write_secret(dir.path().join("master.secret"), "x");
     let cfg = dir.path().join("c.yaml");
     std::fs::write(
         &cfg,
@@ -308,9 +357,9 @@ fn keys_rotate_reencrypts_every_totp_secret() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (k1, k2) = (generate_key(), generate_key());
-    std::fs::write(d.join("k1.key"), k1.expose()).unwrap();
-    std::fs::write(d.join("k2.key"), k2.expose()).unwrap();
-    std::fs::write(d.join("master.secret"), "x").unwrap();
+    write_secret(d.join("k1.key"), k1.expose());
+    write_secret(d.join("k2.key"), k2.expose());
+    write_secret(d.join("master.secret"), "x");
     let base = "listeners: [{ name: imaps, address: \"127.0.0.1:1993\", tls: implicit }]\ntls: { self_signed: true }\n\
                 backends: [{ name: b, address: \"127.0.0.1:993\", tls: none, login: master_user, master_user: g, master_password_file: master.secret }]\n";
     let one = d.join("one.yaml");
@@ -391,12 +440,11 @@ fn totp_enroll_saves_only_after_a_valid_first_code() {
     use std::process::Stdio;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    std::fs::write(
+    write_secret(
         d.join("k1.key"),
         imapgate::auth::keyring::generate_key().expose(),
-    )
-    .unwrap();
-    std::fs::write(d.join("master.secret"), "x").unwrap();
+    );
+    write_secret(d.join("master.secret"), "x");
     let cfg = d.join("c.yaml");
     std::fs::write(
         &cfg,
@@ -466,12 +514,11 @@ fn totp_enroll_saves_only_after_a_valid_first_code() {
 fn operator_actions_are_audited() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    std::fs::write(d.join("master.secret"), "x").unwrap();
-    std::fs::write(
+    write_secret(d.join("master.secret"), "x");
+    write_secret(
         d.join("k1.key"),
         imapgate::auth::keyring::generate_key().expose(),
-    )
-    .unwrap();
+    );
     let cfg = d.join("c.yaml");
     std::fs::write(
         &cfg,
@@ -535,4 +582,276 @@ fn operator_actions_are_audited() {
         .next()
         .unwrap();
     assert!(!text.contains(secret));
+}
+
+#[test]
+fn app_passwords_are_created_with_an_index_and_capped_per_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let c = admin_config(d, "users_file: users.yaml, max_app_passwords_per_user: 2");
+    let c = c.to_str().unwrap();
+    let users = d.join("users.yaml");
+    assert!(cli(&["users", "add", "a@example.org", "-c", c]).0);
+    for _ in 0..2 {
+        let (ok, _, err) = cli(&["app-password", "create", "a@example.org", "-c", c]);
+        assert!(ok, "{err}");
+    }
+    let (ok, out, err) = cli(&["app-password", "create", "a@example.org", "-c", c]);
+    assert!(
+        !ok && out.is_empty() && err.contains("already has 2 active app passwords"),
+        "{err}"
+    );
+    let file = imapgate::auth::users::UsersFile::load(&users).unwrap();
+    let aps = &file.users["a@example.org"].app_passwords;
+    assert_eq!(aps.len(), 2, "the refused one was written");
+    assert!(aps
+        .iter()
+        .all(|a| a.lookup.as_deref().is_some_and(|l| l.starts_with("k1:"))));
+    assert!(!cli(&["users", "list", "-c", c]).1.contains("without-index"));
+    // A revoked one no longer counts.
+    assert!(
+        cli(&[
+            "app-password",
+            "revoke",
+            "a@example.org",
+            &aps[0].id,
+            "-c",
+            c
+        ])
+        .0
+    );
+    assert!(cli(&["app-password", "create", "a@example.org", "-c", c]).0);
+    // `users list` names app passwords from before indexes existed.
+    let mut file = imapgate::auth::users::UsersFile::load(&users).unwrap();
+    file.users.get_mut("a@example.org").unwrap().app_passwords[1].lookup = None;
+    file.save(&users).unwrap();
+    let (ok, out, err) = cli(&["users", "list", "-c", c]);
+    assert!(
+        ok && out.contains("app-passwords=2\twithout-index=1"),
+        "{out}"
+    );
+    assert!(err.contains("no usable lookup index"), "{err}");
+    let (_, out, _) = cli(&["doctor", "-c", c]);
+    assert!(
+        out.contains("[warn] users file")
+            && out.contains("1 active app password(s) have no usable lookup index"),
+        "{out}"
+    );
+    // No key ring in the configuration: refused, with what to do.
+    std::fs::write(
+        d.join("nokeys.yaml"),
+        "listeners: [{ name: imaps, address: \"127.0.0.1:0\", tls: implicit }]\ntls: { self_signed: true }\n\
+         auth: { users_file: users.yaml, mfa: { default: off } }\n\
+         backends: [{ name: b, address: \"127.0.0.1:9\", tls: none, login: master_user, master_user: g, master_password_file: master.secret }]\n",
+    )
+    .unwrap();
+    let n = d.join("nokeys.yaml");
+    let (ok, _, err) = cli(&[
+        "app-password",
+        "create",
+        "a@example.org",
+        "-c",
+        n.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("auth.secret_keys is empty"), "{err}");
+}
+
+/// Runs `imapgate run -c CONFIG` for at most 10 s; its exit code (None: still running, killed)
+/// and stderr.
+fn run_briefly(cfg: &Path) -> (Option<i32>, String) {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_imapgate"))
+        .args(["run", "-c"])
+        .arg(cfg)
+        .env_remove("IMAPGATE_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if started.elapsed() > std::time::Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (code, err)
+}
+
+#[test]
+fn secret_files_others_can_read_are_refused_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cfg = admin_config(d, "users_file: users.yaml, mfa: { default: off }");
+    let c = cfg.to_str().unwrap();
+    assert!(cli(&["users", "add", "a@example.org", "-c", c]).0);
+    let mode = |f: &str, m: u32| {
+        std::fs::set_permissions(d.join(f), std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    let key = d.join("k1.key").display().to_string();
+    // A key file every user can read: check-config and run both refuse it, naming the fix.
+    mode("k1.key", 0o644);
+    let (ok, _, err) = cli(&["check-config", "-c", c]);
+    assert!(!ok, "accepted");
+    assert!(
+        err.contains("auth.secret_keys[0].file") && err.contains(&format!("chmod 600 {key}")),
+        "{err}"
+    );
+    let (code, err) = run_briefly(&cfg);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains(&format!("chmod 600 {key}")), "{err}");
+    // Readable by its group: refused too, unless the configuration allows it (a warning).
+    mode("k1.key", 0o640);
+    assert!(!cli(&["check-config", "-c", c]).0);
+    mode("k1.key", 0o600);
+    mode("master.secret", 0o640);
+    let (ok, _, err) = cli(&["check-config", "-c", c]);
+    assert!(
+        !ok && err.contains("backends[0].master_password_file"),
+        "{err}"
+    );
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("auth: {", "auth: { allow_group_readable_secrets: true,"),
+    )
+    .unwrap();
+    let (ok, _, err) = cli(&["check-config", "-c", c]);
+    assert!(
+        ok && err.contains("warning:") && err.contains("readable by its group"),
+        "{err}"
+    );
+    // The users file: the gateway refuses to start with one others can read.
+    mode("master.secret", 0o600);
+    mode("users.yaml", 0o644);
+    let users = d.join("users.yaml").display().to_string();
+    let (code, err) = run_briefly(&cfg);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("auth.users_file") && err.contains(&format!("chmod 600 {users}")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn secret_files_others_can_read_are_not_reloaded() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(t) = crate::harness::TestGateway::start().await else {
+        return;
+    };
+    let user = "alice@example.org";
+    let ok = |r: &str| r.starts_with("a OK");
+    assert!(ok(&t
+        .login_from("127.0.0.1", user, &t.password(user))
+        .await));
+    // The file changes (alice disabled) and becomes readable by every user.
+    let mut file = imapgate::auth::users::UsersFile::load(&t.users_file).unwrap();
+    file.users.get_mut(user).unwrap().disabled = true;
+    file.save(&t.users_file).unwrap();
+    std::fs::set_permissions(&t.users_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    t.gw.reload();
+    let errors = t
+        .metric("imapgate_users_reloads_total", &["result=\"error\""])
+        .await;
+    assert!(errors >= 1.0, "no reload error counted");
+    // The previous file stays in force.
+    assert!(ok(&t
+        .login_from("127.0.0.1", user, &t.password(user))
+        .await));
+    std::fs::set_permissions(&t.users_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    t.gw.reload();
+    assert!(!ok(&t
+        .login_from("127.0.0.1", user, &t.password(user))
+        .await));
+    // A key file of the configuration that everyone can read: the configuration reload is
+    // refused (and counted); what was loaded stays in force.
+    let refused = "result=\"error\"";
+    let before = t.metric("imapgate_config_reloads_total", &[refused]).await;
+    let key = t.dir.path().join("k1.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    t.gw.reload();
+    let after = t.metric("imapgate_config_reloads_total", &[refused]).await;
+    assert_eq!(
+        after - before,
+        1.0,
+        "the configuration reload was not refused"
+    );
+    let bob = "bob@example.org";
+    assert!(ok(&t.login_from("127.0.0.1", bob, &t.password(bob)).await));
+}
+
+#[test]
+fn the_cli_says_so_when_the_users_file_or_its_directory_is_read_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let users = d.join("users.yaml");
+    let u = users.to_str().unwrap();
+    assert!(cli(&["users", "add", "a@example.org", "--users-file", u]).0);
+    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+    });
+    if root && !crate::harness::have("setpriv") {
+        return;
+    }
+    // As a user who may not write there: root drops to nobody, anyone else loses the mode.
+    let as_other = |args: &[&str]| {
+        let mut cmd = if root {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(env!("CARGO_BIN_EXE_imapgate"));
+            c
+        } else {
+            Command::new(env!("CARGO_BIN_EXE_imapgate"))
+        };
+        let out = cmd
+            .args(args)
+            .env_remove("IMAPGATE_CONFIG")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let before = std::fs::read(&users).unwrap();
+    // The file itself cannot be written.
+    if !root {
+        std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o400)).unwrap();
+    }
+    let (code, err) = as_other(&["users", "disable", "a@example.org", "--users-file", u]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot write {u}")) && err.contains("read-only for this user"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    // The file can be written, its directory cannot.
+    if root {
+        std::os::unix::fs::chown(&users, Some(65534), Some(65534)).unwrap();
+        std::fs::remove_file(d.join(".users.yaml.lock")).unwrap();
+    } else {
+        std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o555)).unwrap();
+    }
+    let (code, err) = as_other(&["users", "disable", "a@example.org", "--users-file", u]);
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("read-only for this user"), "{err}");
+    assert_eq!(std::fs::read(&users).unwrap(), before, "the file changed");
 }

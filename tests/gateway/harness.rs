@@ -709,6 +709,7 @@ impl TestGateway {
         let mut totp = Vec::new();
         let ring_key = imapgate::auth::keyring::generate_key();
         std::fs::write(dir.path().join("k1.key"), ring_key.expose()).unwrap();
+        chmod(&dir.path().join("k1.key"), 0o600);
         let ring = {
             use base64::Engine;
             let raw = base64::engine::general_purpose::STANDARD
@@ -740,6 +741,7 @@ impl TestGateway {
                         id: app_password::new_id(),
                         label: "test".into(),
                         hash,
+                        lookup: Some(ring.lookup_index(&pw).unwrap()),
                         created: time::OffsetDateTime::now_utc(),
                         expires: None,
                         revoked: false,
@@ -834,6 +836,7 @@ admin: {{ address: "127.0.0.1:0", health_interval: 1s, token_file: "{admin_token
             admin_token = {
                 let p = dir.path().join("admin.token");
                 std::fs::write(&p, format!("{ADMIN_TOKEN}\n")).unwrap();
+                chmod(&p, 0o600);
                 p.display().to_string()
             },
             guard = opts.guard,

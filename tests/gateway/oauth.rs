@@ -634,6 +634,11 @@ async fn oauth_only_gateway(
     let pki = Pki::new(&dir.path().join("pki"));
     let (cert, key) = pki.issue("gw", &["localhost"]);
     std::fs::write(dir.path().join("client.secret"), "s").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::Permissions::from_mode(0o600);
+        std::fs::set_permissions(dir.path().join("client.secret"), mode).unwrap();
+    }
     imapgate::auth::users::UsersFile {
         version: 1,
         users: Default::default(),

@@ -26,6 +26,10 @@ impl Pair {
         let dir = tempfile::tempdir().unwrap();
         let url_file = dir.path().join("redis.url");
         std::fs::write(&url_file, redis.url()).unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         let a = TestGateway::start_with(Options {
             guard: format!("  tarpit: {{ start: 100ms, max: 400ms }}\n{guard}"),
             state: format!(

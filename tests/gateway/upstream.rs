@@ -129,6 +129,7 @@ async fn login_against(backend: std::net::SocketAddr, tls: &str) -> (Vec<String>
                 id: "ap_test".into(),
                 label: String::new(),
                 hash: imapgate::auth::app_password::hash(&pw, TEST_ARGON2).unwrap(),
+                lookup: None,
                 created: time::OffsetDateTime::now_utc(),
                 expires: None,
                 revoked: false,
