@@ -5,7 +5,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde_json::Value;
 
-use super::validate::Ctx;
+use super::ctx::Ctx;
 use super::{raw, Budget, GuardConfig};
 
 /// Bounds on the guard's durations: long enough to matter, short enough to be a mistake

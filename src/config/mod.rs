@@ -7,6 +7,9 @@
 //! `backends[0].connect_timeout: `5` needs a unit`. Secure defaults are the named constants in
 //! [`defaults`]. The config is never logged: it holds secrets.
 
+mod auth_section;
+mod backends;
+mod ctx;
 pub mod file_mode;
 mod guard;
 mod raw;

@@ -633,7 +633,7 @@ async fn a_flood_on_one_account_never_holds_up_its_owner_redis() {
     };
     let dir = tempfile::tempdir().unwrap();
     let url_file = dir.path().join("redis.url");
-    std::fs::write(&url_file, redis.url()).unwrap();
+    write_secret(&url_file, redis.url());
     let state = format!(
         "  backend: redis\n  redis: {{ url_file: \"{}\", key_prefix: \"f:\", timeout: 300ms, on_error: fail_closed }}",
         url_file.display()

@@ -254,6 +254,13 @@ pub fn dovecot() -> Option<Arc<Dovecot>> {
         .clone()
 }
 
+/// Writes a secret file the way an operator must: readable by its owner only (the gateway
+/// refuses secret files others can read).
+pub fn write_secret(p: &Path, contents: impl AsRef<[u8]>) {
+    std::fs::write(p, contents).unwrap();
+    chmod(p, 0o600);
+}
+
 fn chmod(p: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();

@@ -699,7 +699,7 @@ fn gateway_secret_file() -> &'static str {
     PATH.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap().keep();
         let p = dir.join("gateway.secret");
-        std::fs::write(&p, "secret-imapgate-gateway").unwrap();
+        write_secret(&p, "secret-imapgate-gateway");
         p.display().to_string()
     })
 }

@@ -323,7 +323,7 @@ async fn a_redis_that_may_evict_keys_is_not_ready_and_fails_doctor() {
         };
         let dir = tempfile::tempdir().unwrap();
         let url_file = dir.path().join("redis.url");
-        std::fs::write(&url_file, redis.url()).unwrap();
+        write_secret(&url_file, redis.url());
         let t = TestGateway::start_with(Options {
             state: format!(
                 "  backend: redis\n  redis: {{ url_file: \"{}\", key_prefix: \"e:\"{} }}",
