@@ -10,11 +10,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// An IMAP client connection: line reads that swallow literals.
-pub struct Conn {
+pub(crate) struct Conn {
     pub io: Box<dyn Io>,
     pub buf: Vec<u8>,
     /// Literal and line bytes received, for throughput.
@@ -22,12 +22,12 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub async fn open(addr: SocketAddr, tls: &TlsConnector) -> std::io::Result<Conn> {
+    pub(crate) async fn open(addr: SocketAddr, tls: &TlsConnector) -> std::io::Result<Conn> {
         Self::handshake(TcpStream::connect(addr).await?, tls).await
     }
 
     /// From a given local address (e.g. 127.0.0.2, to be another client network).
-    pub async fn open_from(
+    pub(crate) async fn open_from(
         local: std::net::IpAddr,
         addr: SocketAddr,
         tls: &TlsConnector,
@@ -54,7 +54,7 @@ impl Conn {
         Ok(c)
     }
 
-    pub async fn fill(&mut self) -> std::io::Result<()> {
+    pub(crate) async fn fill(&mut self) -> std::io::Result<()> {
         let mut chunk = [0u8; 64 * 1024];
         let n = self.io.read(&mut chunk).await?;
         if n == 0 {
@@ -66,12 +66,12 @@ impl Conn {
     }
 
     /// One response line; a `{n}` literal at its end is read and dropped with the rest.
-    pub async fn line(&mut self) -> std::io::Result<Vec<u8>> {
+    pub(crate) async fn line(&mut self) -> std::io::Result<Vec<u8>> {
         self.line_keeping(None).await
     }
 
     /// One response line; the contents of its literals are appended to `keep` when given.
-    pub async fn line_keeping(
+    pub(crate) async fn line_keeping(
         &mut self,
         mut keep: Option<&mut Vec<Vec<u8>>>,
     ) -> std::io::Result<Vec<u8>> {
@@ -104,13 +104,13 @@ impl Conn {
         }
     }
 
-    pub async fn send(&mut self, cmd: &str) -> std::io::Result<()> {
+    pub(crate) async fn send(&mut self, cmd: &str) -> std::io::Result<()> {
         self.io.write_all(cmd.as_bytes()).await?;
         self.io.flush().await
     }
 
     /// Sends `tag cmd` and reads to the tagged reply; Err unless it is OK.
-    pub async fn cmd(&mut self, tag: &str, cmd: &str) -> std::io::Result<()> {
+    pub(crate) async fn cmd(&mut self, tag: &str, cmd: &str) -> std::io::Result<()> {
         self.send(&format!("{tag} {cmd}\r\n")).await?;
         let t = format!("{tag} ").into_bytes();
         loop {
@@ -128,7 +128,7 @@ impl Conn {
     }
 
     /// `AUTHENTICATE XOAUTH2` with an initial response (SASL-IR): `user` and a bearer token.
-    pub async fn login_xoauth2(&mut self, user: &str, token: &str) -> std::io::Result<()> {
+    pub(crate) async fn login_xoauth2(&mut self, user: &str, token: &str) -> std::io::Result<()> {
         use base64::Engine;
         let msg = format!("user={user}\x01auth=Bearer {token}\x01\x01");
         let b64 = base64::engine::general_purpose::STANDARD.encode(msg);
@@ -136,7 +136,12 @@ impl Conn {
     }
 
     /// LOGIN, or XOAUTH2 when `xoauth2` (then `secret` is the token).
-    pub async fn auth(&mut self, xoauth2: bool, user: &str, secret: &str) -> std::io::Result<()> {
+    pub(crate) async fn auth(
+        &mut self,
+        xoauth2: bool,
+        user: &str,
+        secret: &str,
+    ) -> std::io::Result<()> {
         if xoauth2 {
             self.login_xoauth2(user, secret).await
         } else {
@@ -144,7 +149,7 @@ impl Conn {
         }
     }
 
-    pub async fn login(&mut self, user: &str, password: &str) -> std::io::Result<()> {
+    pub(crate) async fn login(&mut self, user: &str, password: &str) -> std::io::Result<()> {
         self.cmd("l", &format!("LOGIN \"{user}\" \"{password}\""))
             .await
     }
@@ -152,7 +157,7 @@ impl Conn {
 
 /// A users file: `user secret` lines (the secret is everything after the first space: an app
 /// password in groups, a password or a token).
-pub fn read_users(path: &str) -> Vec<(String, String)> {
+pub(crate) fn read_users(path: &str) -> Vec<(String, String)> {
     std::fs::read_to_string(path)
         .expect("--users file")
         .lines()
@@ -163,7 +168,7 @@ pub fn read_users(path: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-pub fn connector(ca: &str) -> TlsConnector {
+pub(crate) fn connector(ca: &str) -> TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(ca).expect("--ca PEM") {
         roots.add(c.unwrap()).unwrap();

@@ -53,7 +53,7 @@ const USED_CODE_TTL: Duration = Duration::from_secs(4 * totp::STEP_SECONDS);
 const WRITE_BACK_LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// Called after each successful reload (e.g. to close revoked users' sessions).
-pub type ReloadHook = Box<dyn Fn(&UsersFile) + Send + Sync>;
+pub(super) type ReloadHook = Box<dyn Fn(&UsersFile) + Send + Sync>;
 
 /// Decrypted TOTP secrets by user.
 type TotpSecrets = Arc<HashMap<String, Secret>>;
@@ -89,7 +89,7 @@ pub struct CredentialStore {
 }
 
 /// The client's subnet for unlock binding: /24 for IPv4, /64 for IPv6.
-pub fn subnet(ip: IpAddr) -> String {
+pub(super) fn subnet(ip: IpAddr) -> String {
     let prefix = if ip.is_ipv4() { 24 } else { 64 };
     ipnet::IpNet::new(ip, prefix)
         .map(|n| n.trunc().to_string())
@@ -98,7 +98,7 @@ pub fn subnet(ip: IpAddr) -> String {
 
 /// Splits a password field into the app password (16 letters, lower-cased, spaces removed)
 /// and an optional code of `digits` digits.
-pub fn split_password(input: &Secret, digits: u8) -> Option<(Secret, Option<String>)> {
+pub(super) fn split_password(input: &Secret, digits: u8) -> Option<(Secret, Option<String>)> {
     let mut s = input.clone();
     s.retain(|b| *b != b' ');
     let bytes = s.expose();

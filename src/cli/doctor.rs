@@ -50,7 +50,7 @@ impl Report {
     }
 }
 
-pub fn doctor(args: DoctorArgs) -> ExitCode {
+pub(super) fn doctor(args: DoctorArgs) -> ExitCode {
     let config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {

@@ -48,7 +48,7 @@ pub enum GuardCmd {
     },
 }
 
-pub fn guard(cmd: GuardCmd) -> ExitCode {
+pub(super) fn guard(cmd: GuardCmd) -> ExitCode {
     let (target, request) = match &cmd {
         GuardCmd::Status { target, .. } => (target, Request::Status),
         GuardCmd::Clear {

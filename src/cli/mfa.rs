@@ -72,7 +72,7 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-pub fn totp(cmd: TotpCmd) -> ExitCode {
+pub(super) fn totp(cmd: TotpCmd) -> ExitCode {
     match cmd {
         TotpCmd::Enroll {
             user,
@@ -175,7 +175,7 @@ pub fn totp(cmd: TotpCmd) -> ExitCode {
     }
 }
 
-pub fn keys(cmd: KeysCmd) -> ExitCode {
+pub(super) fn keys(cmd: KeysCmd) -> ExitCode {
     match cmd {
         KeysCmd::Generate => {
             outln!(

@@ -34,7 +34,7 @@ pub enum OAuthCmd {
     },
 }
 
-pub fn oauth(cmd: OAuthCmd) -> ExitCode {
+pub(super) fn oauth(cmd: OAuthCmd) -> ExitCode {
     let OAuthCmd::Token {
         issuer,
         client_id,

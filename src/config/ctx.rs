@@ -136,7 +136,7 @@ impl Ctx<'_> {
 }
 
 /// The largest secret file the config accepts (a password, a token or a Redis URL).
-pub const MAX_SECRET_FILE: u64 = 64 * 1024;
+pub(super) const MAX_SECRET_FILE: u64 = 64 * 1024;
 
 /// Reads at most `limit` bytes; `None` when the file holds more.
 pub(super) fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Option<Vec<u8>>> {

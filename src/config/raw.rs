@@ -12,7 +12,7 @@ use super::units::Scalar;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Listener {
+pub(super) struct Listener {
     pub name: String,
     pub address: String,
     pub tls: ListenerTls,
@@ -30,7 +30,7 @@ pub enum ListenerTls {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct Tls {
+pub(super) struct Tls {
     #[serde(default)]
     pub certificates: Vec<Certificate>,
     pub min_version: Option<String>,
@@ -40,14 +40,14 @@ pub struct Tls {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Certificate {
+pub(super) struct Certificate {
     pub cert_file: String,
     pub key_file: String,
 }
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct Limits {
+pub(super) struct Limits {
     pub max_connections: Option<u32>,
     pub max_preauth_per_ip: Option<u32>,
     pub max_sessions_per_ip: Option<u32>,
@@ -68,7 +68,7 @@ pub struct Limits {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Auth {
+pub(super) struct Auth {
     pub users_file: String,
     #[serde(default)]
     pub secret_keys: Vec<SecretKey>,
@@ -93,14 +93,14 @@ pub struct Auth {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct OAuth {
+pub(super) struct OAuth {
     #[serde(default)]
     pub issuers: Vec<Issuer>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Issuer {
+pub(super) struct Issuer {
     pub name: String,
     pub issuer: String,
     pub discovery: Option<bool>,
@@ -131,7 +131,7 @@ pub struct Issuer {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Introspection {
+pub(super) struct Introspection {
     pub endpoint: Option<String>,
     pub client_id: String,
     pub client_secret_file: Option<String>,
@@ -141,7 +141,7 @@ pub struct Introspection {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SecretKey {
+pub(super) struct SecretKey {
     pub id: String,
     pub file: Option<String>,
     pub env: Option<String>,
@@ -149,7 +149,7 @@ pub struct SecretKey {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct Mfa {
+pub(super) struct Mfa {
     pub default: Option<MfaMode>,
     pub code_digits: Option<u8>,
     pub unlock_ttl: Option<Scalar>,
@@ -171,13 +171,13 @@ pub enum MfaMode {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct AppPassword {
+pub(super) struct AppPassword {
     pub argon2: Option<Argon2>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Argon2 {
+pub(super) struct Argon2 {
     pub m_kib: u32,
     pub t: u32,
     pub p: u32,
@@ -185,7 +185,7 @@ pub struct Argon2 {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct State {
+pub(super) struct State {
     pub backend: Option<StateBackend>,
     pub max_entries: Option<u32>,
     pub redis: Option<Redis>,
@@ -193,7 +193,7 @@ pub struct State {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Redis {
+pub(super) struct Redis {
     pub url_file: Option<String>,
     pub url_env: Option<String>,
     pub ca_file: Option<String>,
@@ -222,7 +222,7 @@ pub enum StateBackend {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Backend {
+pub(super) struct Backend {
     pub name: String,
     pub address: String,
     pub tls: BackendTls,
@@ -249,14 +249,14 @@ pub enum BackendTls {
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
-pub enum LoginMode {
+pub(super) enum LoginMode {
     MasterUser,
     SaslAuthzid,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Routes {
+pub(super) struct Routes {
     pub default: String,
     #[serde(default)]
     pub domains: BTreeMap<String, String>,
@@ -264,7 +264,7 @@ pub struct Routes {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct Admin {
+pub(super) struct Admin {
     pub address: Option<String>,
     pub token_file: Option<String>,
     pub health_interval: Option<Scalar>,
@@ -272,7 +272,7 @@ pub struct Admin {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct Logging {
+pub(super) struct Logging {
     pub format: Option<LogFormat>,
     pub level: Option<String>,
     pub audit: Option<String>,
@@ -319,7 +319,7 @@ impl<'de> Deserialize<'de> for MfaMode {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct Guard {
+pub(super) struct Guard {
     pub enforce: Option<bool>,
     pub subnet_v4: Option<u8>,
     pub subnet_v6: Option<u8>,
@@ -345,7 +345,7 @@ pub struct Guard {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct Budget {
+pub(super) struct Budget {
     pub failures: Option<u32>,
     pub per: Option<Scalar>,
     pub enforce: Option<bool>,
@@ -353,7 +353,7 @@ pub struct Budget {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct Spray {
+pub(super) struct Spray {
     pub distinct_accounts: Option<u32>,
     pub per: Option<Scalar>,
     pub enforce: Option<bool>,
@@ -361,7 +361,7 @@ pub struct Spray {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct Tarpit {
+pub(super) struct Tarpit {
     pub start: Option<Scalar>,
     pub max: Option<Scalar>,
     pub enforce: Option<bool>,

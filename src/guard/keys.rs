@@ -9,19 +9,19 @@ use ipnet::IpNet;
 use super::Scope;
 
 /// Blocks and attack modes: `g:block:{scope}:{value}` → reason.
-pub const BLOCK_PREFIX: &str = "g:block:";
+pub(super) const BLOCK_PREFIX: &str = "g:block:";
 
-pub fn block(scope: Scope, value: &str) -> String {
+pub(super) fn block(scope: Scope, value: &str) -> String {
     format!("{BLOCK_PREFIX}{}:{value}", scope.as_str())
 }
 
 /// The scope and value of a block key (IPv6 values contain `:`, so split at the first).
-pub fn parse_block(key: &str) -> Option<(Scope, &str)> {
+pub(super) fn parse_block(key: &str) -> Option<(Scope, &str)> {
     let (scope, value) = key.strip_prefix(BLOCK_PREFIX)?.split_once(':')?;
     Some((scope_named(scope)?, value))
 }
 
-pub fn scope_named(s: &str) -> Option<Scope> {
+pub(super) fn scope_named(s: &str) -> Option<Scope> {
     Some(match s {
         "ip" => Scope::Ip,
         "subnet" => Scope::Subnet,
@@ -34,48 +34,48 @@ pub fn scope_named(s: &str) -> Option<Scope> {
 }
 
 /// GCRA cell of a failure budget.
-pub fn failures(scope: Scope, value: &str) -> String {
+pub(super) fn failures(scope: Scope, value: &str) -> String {
     format!("g:fail:{}:{value}", scope.as_str())
 }
 
 /// Distinct accounts failed from an address or subnet.
-pub fn spray(scope: Scope, value: &str) -> String {
+pub(super) fn spray(scope: Scope, value: &str) -> String {
     format!("g:spray:{}:{value}", scope.as_str())
 }
 
 /// Failures counted for the tarpit, per address.
-pub fn tarpit_ip(ip: IpAddr) -> String {
+pub(super) fn tarpit_ip(ip: IpAddr) -> String {
     format!("g:tp:ip:{ip}")
 }
 
 /// Failures counted for the tarpit, per (account, subnet).
-pub fn tarpit_account_net(user: &str, net: &IpNet) -> String {
+pub(super) fn tarpit_account_net(user: &str, net: &IpNet) -> String {
     format!("g:tp:an:{net}:{user}")
 }
 
 /// The account logged in from this network recently.
-pub fn known_good(user: &str, net: &IpNet) -> String {
+pub(super) fn known_good(user: &str, net: &IpNet) -> String {
     format!("g:good:{net}:{user}")
 }
 
 /// A success from this network reset its budgets in the current window.
-pub fn reset(net: &IpNet) -> String {
+pub(super) fn reset(net: &IpNet) -> String {
     format!("g:reset:{net}")
 }
 
 /// GCRA cell of the account's budget of wrong codes after a correct app password.
-pub fn wrong_codes(user: &str) -> String {
+pub(super) fn wrong_codes(user: &str) -> String {
     format!("g:fail:code:{user}")
 }
 
 /// The value of an app password's block: `{user}/{credential id}`. The whole key is
 /// [`crate::state::suspect_key`], which the authenticator reads.
-pub fn app_password(user: &str, credential: &str) -> String {
+pub(super) fn app_password(user: &str, credential: &str) -> String {
     format!("{user}/{credential}")
 }
 
 /// A wrong secret (its keyed fingerprint) this account failed with recently.
-pub fn seen(user: &str, fingerprint: &str) -> String {
+pub(super) fn seen(user: &str, fingerprint: &str) -> String {
     format!("g:seen:{fingerprint}:{user}")
 }
 

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use super::{key_class, KeyClass, Rate, RateDecision, Store, StoreError};
 
 /// Entries kept at most; beyond, expired entries are swept and then guard state goes.
-pub const DEFAULT_MAX_ENTRIES: usize = 500_000;
+pub(super) const DEFAULT_MAX_ENTRIES: usize = 500_000;
 
 /// After a sweep that could not free a tenth of the store (markers fill it), no new sweep for
 /// this long: a full store costs one O(n) pass per second, not one per write.

@@ -20,9 +20,9 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Fast argon2 for tests; production defaults are checked in unit tests.
-pub const TEST_ARGON2: Argon2Params = Argon2Params {
+pub(crate) const TEST_ARGON2: Argon2Params = Argon2Params {
     m_kib: 1024,
     t: 1,
     p: 1,
@@ -30,12 +30,12 @@ pub const TEST_ARGON2: Argon2Params = Argon2Params {
 
 /// Whether real components are required (`IMAPGATE_REQUIRE_REAL=1`): then a missing one fails
 /// the test instead of skipping it.
-pub fn require_real() -> bool {
+pub(crate) fn require_real() -> bool {
     std::env::var("IMAPGATE_REQUIRE_REAL").is_ok_and(|v| v == "1")
 }
 
 /// Returns false (skip) or panics (fail) when a tool is missing.
-pub fn have(tool: &str) -> bool {
+pub(crate) fn have(tool: &str) -> bool {
     let found = which(tool).is_some();
     if !found {
         assert!(
@@ -47,14 +47,14 @@ pub fn have(tool: &str) -> bool {
     found
 }
 
-pub fn which(tool: &str) -> Option<PathBuf> {
+pub(crate) fn which(tool: &str) -> Option<PathBuf> {
     let path = std::env::var("PATH").unwrap_or_default() + ":/usr/sbin:/sbin";
     path.split(':')
         .map(|d| Path::new(d).join(tool))
         .find(|p| p.is_file())
 }
 
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -64,7 +64,7 @@ pub fn free_port() -> u16 {
 
 /// A throwaway `redis-server` (Debian's) on a free loopback port, with a password, no
 /// persistence; stopped on drop. It can be stopped and started again on the same port.
-pub struct RedisServer {
+pub(crate) struct RedisServer {
     pub port: u16,
     pub password: String,
     dir: tempfile::TempDir,
@@ -75,13 +75,13 @@ pub struct RedisServer {
 
 impl RedisServer {
     /// None (skip) when redis-server is missing, unless IMAPGATE_REQUIRE_REAL=1 (then fail).
-    pub fn start() -> Option<RedisServer> {
+    pub(crate) fn start() -> Option<RedisServer> {
         Self::start_with(&[])
     }
 
     /// [`RedisServer::start`] with more `redis-server` arguments, e.g.
     /// `["--maxmemory", "1mb", "--maxmemory-policy", "allkeys-lru"]`.
-    pub fn start_with(extra: &[&str]) -> Option<RedisServer> {
+    pub(crate) fn start_with(extra: &[&str]) -> Option<RedisServer> {
         if !have("redis-server") {
             return None;
         }
@@ -97,12 +97,12 @@ impl RedisServer {
     }
 
     /// The URL the gateway is given (it holds the password).
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://:{}@127.0.0.1:{}/", self.password, self.port)
     }
 
     /// Starts the server (again) and waits until it answers.
-    pub fn resume(&self) {
+    pub(crate) fn resume(&self) {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -134,7 +134,7 @@ impl RedisServer {
     }
 
     /// Kills the server (like a crash: no clean shutdown).
-    pub fn kill(&self) {
+    pub(crate) fn kill(&self) {
         if let Some(mut c) = self.child.lock().unwrap().take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -142,7 +142,7 @@ impl RedisServer {
     }
 
     /// `redis-cli` against it; stdout.
-    pub fn cli(&self, args: &[&str]) -> String {
+    pub(crate) fn cli(&self, args: &[&str]) -> String {
         let out = Command::new("redis-cli")
             .args([
                 "-p",
@@ -165,7 +165,7 @@ impl Drop for RedisServer {
 }
 
 /// A test CA and the certificates it signs.
-pub struct Pki {
+pub(crate) struct Pki {
     pub dir: PathBuf,
     pub ca_pem: PathBuf,
     ca_params: CertificateParams,
@@ -174,7 +174,7 @@ pub struct Pki {
 }
 
 impl Pki {
-    pub fn new(dir: &Path) -> Pki {
+    pub(crate) fn new(dir: &Path) -> Pki {
         std::fs::create_dir_all(dir).unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params
@@ -196,7 +196,7 @@ impl Pki {
     }
 
     /// Issues a leaf for `names`; returns (cert path, key path).
-    pub fn issue(&self, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+    pub(crate) fn issue(&self, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
         let issuer = rcgen::Issuer::from_params(&self.ca_params, &self.ca_key);
         let mut params =
             CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
@@ -213,7 +213,7 @@ impl Pki {
 }
 
 /// The shared Dovecot: one per test binary.
-pub struct Dovecot {
+pub(crate) struct Dovecot {
     pub dir: PathBuf,
     pub imaps: SocketAddr,
     pub imap: SocketAddr,
@@ -225,7 +225,7 @@ pub struct Dovecot {
     pub users: Vec<(String, String)>,
 }
 
-pub const USERS: &[&str] = &[
+pub(crate) const USERS: &[&str] = &[
     "alice@example.org",
     "bob@example.org",
     "carol@example.org",
@@ -242,7 +242,7 @@ pub const USERS: &[&str] = &[
 static DOVECOT: OnceLock<Option<Arc<Dovecot>>> = OnceLock::new();
 
 /// The shared Dovecot, started on first use; `None` (skip) when not installed and not required.
-pub fn dovecot() -> Option<Arc<Dovecot>> {
+pub(crate) fn dovecot() -> Option<Arc<Dovecot>> {
     DOVECOT
         .get_or_init(|| {
             if have("dovecot") {
@@ -256,7 +256,7 @@ pub fn dovecot() -> Option<Arc<Dovecot>> {
 
 /// Writes a secret file the way an operator must: readable by its owner only (the gateway
 /// refuses secret files others can read).
-pub fn write_secret(p: &Path, contents: impl AsRef<[u8]>) {
+pub(crate) fn write_secret(p: &Path, contents: impl AsRef<[u8]>) {
     std::fs::write(p, contents).unwrap();
     chmod(p, 0o600);
 }
@@ -392,7 +392,10 @@ fn start_dovecot() -> Dovecot {
 }
 
 /// A rustls client config trusting the test CA, with optional ALPN.
-pub fn client_tls(ca: &CertificateDer<'static>, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+pub(crate) fn client_tls(
+    ca: &CertificateDer<'static>,
+    alpn: &[&[u8]],
+) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.clone()).unwrap();
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -405,18 +408,18 @@ pub fn client_tls(ca: &CertificateDer<'static>, alpn: &[&[u8]]) -> tokio_rustls:
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
 }
 
-pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 /// A scripted IMAP client; every read has a timeout.
-pub struct Client {
+pub(crate) struct Client {
     pub stream: Box<dyn Stream>,
     buf: Vec<u8>,
     pub ca: CertificateDer<'static>,
 }
 
 impl Client {
-    pub async fn plain(addr: SocketAddr, ca: &CertificateDer<'static>) -> Client {
+    pub(crate) async fn plain(addr: SocketAddr, ca: &CertificateDer<'static>) -> Client {
         let s = TcpStream::connect(addr).await.unwrap();
         Client {
             stream: Box::new(s),
@@ -425,12 +428,16 @@ impl Client {
         }
     }
 
-    pub async fn tls(addr: SocketAddr, ca: &CertificateDer<'static>) -> Client {
+    pub(crate) async fn tls(addr: SocketAddr, ca: &CertificateDer<'static>) -> Client {
         Self::tls_alpn(addr, ca, &[b"imap"]).await.unwrap()
     }
 
     /// A TLS client whose connection comes from the loopback address `local`.
-    pub async fn tls_from(addr: SocketAddr, local: &str, ca: &CertificateDer<'static>) -> Client {
+    pub(crate) async fn tls_from(
+        addr: SocketAddr,
+        local: &str,
+        ca: &CertificateDer<'static>,
+    ) -> Client {
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
         sock.bind(format!("{local}:0").parse().unwrap()).unwrap();
         let s = sock.connect(addr).await.unwrap();
@@ -447,7 +454,7 @@ impl Client {
 
     /// A TLS client from the loopback address `local` that first sends `header` (a PROXY
     /// protocol header) in the clear, as a load balancer does.
-    pub async fn tls_after_header(
+    pub(crate) async fn tls_after_header(
         addr: SocketAddr,
         local: &str,
         header: &[u8],
@@ -467,7 +474,7 @@ impl Client {
         })
     }
 
-    pub async fn tls_alpn(
+    pub(crate) async fn tls_alpn(
         addr: SocketAddr,
         ca: &CertificateDer<'static>,
         alpn: &[&[u8]],
@@ -484,7 +491,7 @@ impl Client {
     }
 
     /// Upgrades after a STARTTLS OK. Any unread buffered bytes are a test failure.
-    pub async fn starttls(self) -> std::io::Result<Client> {
+    pub(crate) async fn starttls(self) -> std::io::Result<Client> {
         assert!(
             self.buf.is_empty(),
             "bytes after STARTTLS OK: {:?}",
@@ -500,13 +507,13 @@ impl Client {
         })
     }
 
-    pub async fn send(&mut self, bytes: impl AsRef<[u8]>) {
+    pub(crate) async fn send(&mut self, bytes: impl AsRef<[u8]>) {
         self.stream.write_all(bytes.as_ref()).await.unwrap();
         self.stream.flush().await.unwrap();
     }
 
     /// Sends and tolerates a peer that already closed.
-    pub async fn try_send(&mut self, bytes: impl AsRef<[u8]>) -> std::io::Result<()> {
+    pub(crate) async fn try_send(&mut self, bytes: impl AsRef<[u8]>) -> std::io::Result<()> {
         self.stream.write_all(bytes.as_ref()).await?;
         self.stream.flush().await
     }
@@ -527,11 +534,11 @@ impl Client {
     }
 
     /// One line (CRLF included); None at EOF.
-    pub async fn line(&mut self) -> Option<String> {
+    pub(crate) async fn line(&mut self) -> Option<String> {
         self.line_within(READ_TIMEOUT).await
     }
 
-    pub async fn line_within(&mut self, timeout: Duration) -> Option<String> {
+    pub(crate) async fn line_within(&mut self, timeout: Duration) -> Option<String> {
         loop {
             if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = self.buf.drain(..=pos).collect();
@@ -550,7 +557,7 @@ impl Client {
     }
 
     /// Reads exactly n bytes (literal payloads).
-    pub async fn exact(&mut self, n: usize) -> Vec<u8> {
+    pub(crate) async fn exact(&mut self, n: usize) -> Vec<u8> {
         while self.buf.len() < n {
             let got = self.fill(READ_TIMEOUT).await.unwrap();
             assert!(got > 0, "EOF in literal");
@@ -559,7 +566,7 @@ impl Client {
     }
 
     /// Reads lines until the tagged reply for `tag`; returns all lines (the tagged one last).
-    pub async fn until_tagged(&mut self, tag: &str) -> Vec<String> {
+    pub(crate) async fn until_tagged(&mut self, tag: &str) -> Vec<String> {
         let mut lines = Vec::new();
         loop {
             let l = self
@@ -575,13 +582,13 @@ impl Client {
     }
 
     /// Sends a command and returns the lines up to its tagged reply.
-    pub async fn cmd(&mut self, tag: &str, command: &str) -> Vec<String> {
+    pub(crate) async fn cmd(&mut self, tag: &str, command: &str) -> Vec<String> {
         self.send(format!("{tag} {command}\r\n")).await;
         self.until_tagged(tag).await
     }
 
     /// True if the peer closed (EOF or reset) within the timeout, draining anything before.
-    pub async fn closed_within(&mut self, timeout: Duration) -> bool {
+    pub(crate) async fn closed_within(&mut self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -598,7 +605,7 @@ impl Client {
     }
 
     /// Whatever bytes are buffered, or the next read's (for binary protocols such as COMPRESS).
-    pub async fn raw(&mut self) -> Vec<u8> {
+    pub(crate) async fn raw(&mut self) -> Vec<u8> {
         if self.buf.is_empty() {
             let n = self.fill(READ_TIMEOUT).await.unwrap();
             assert!(n > 0, "EOF");
@@ -607,17 +614,17 @@ impl Client {
     }
 
     /// Everything received so far and not consumed.
-    pub fn pending(&self) -> String {
+    pub(crate) fn pending(&self) -> String {
         String::from_utf8_lossy(&self.buf).into_owned()
     }
 }
 
-pub fn last(lines: &[String]) -> &str {
+pub(crate) fn last(lines: &[String]) -> &str {
     lines.last().map(String::as_str).unwrap_or("")
 }
 
 /// A gateway under test, in this process.
-pub struct TestGateway {
+pub(crate) struct TestGateway {
     pub gw: Gateway,
     pub dir: tempfile::TempDir,
     pub pki: Pki,
@@ -634,7 +641,7 @@ pub struct TestGateway {
 
 /// What a test may change in the config.
 #[derive(Clone)]
-pub struct Options {
+pub(crate) struct Options {
     pub limits: String,
     pub failure_floor: &'static str,
     pub extra_users: Vec<String>,
@@ -661,9 +668,9 @@ pub struct Options {
 /// The guard in tests that are not about it: the production budgets, a short tarpit so that
 /// tests failing many logins on purpose stay quick.
 /// The admin bearer token of test gateways.
-pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+pub(crate) const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
-pub const TEST_GUARD: &str = "  tarpit: { start: 100ms, max: 400ms }";
+pub(crate) const TEST_GUARD: &str = "  tarpit: { start: 100ms, max: 400ms }";
 
 impl Default for Options {
     fn default() -> Self {
@@ -686,11 +693,11 @@ impl Default for Options {
 }
 
 impl TestGateway {
-    pub async fn start() -> Option<TestGateway> {
+    pub(crate) async fn start() -> Option<TestGateway> {
         Self::start_with(Options::default()).await
     }
 
-    pub async fn start_with(opts: Options) -> Option<TestGateway> {
+    pub(crate) async fn start_with(opts: Options) -> Option<TestGateway> {
         let dovecot = dovecot()?;
         let oauth_yaml = match opts.oauth {
             None => String::new(),
@@ -873,7 +880,7 @@ admin: {{ address: "127.0.0.1:0", health_interval: 1s, token_file: "{admin_token
     }
 
     /// The TOTP code of an enrolled user, `steps` time steps from now.
-    pub fn code(&self, user: &str, steps: i64) -> String {
+    pub(crate) fn code(&self, user: &str, steps: i64) -> String {
         let secret = &self.totp.iter().find(|(u, _)| u == user).unwrap().1;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -884,7 +891,7 @@ admin: {{ address: "127.0.0.1:0", health_interval: 1s, token_file: "{admin_token
 
     /// LOGIN over implicit TLS from `local` (a loopback address such as 127.0.1.1); returns
     /// the tagged reply line.
-    pub async fn login_from(&self, local: &str, user: &str, password: &str) -> String {
+    pub(crate) async fn login_from(&self, local: &str, user: &str, password: &str) -> String {
         let mut c = Client::tls_from(self.imaps(), local, &self.pki.ca_der).await;
         let g = c.line().await.unwrap();
         assert!(g.starts_with("* OK"), "{g}");
@@ -892,15 +899,15 @@ admin: {{ address: "127.0.0.1:0", health_interval: 1s, token_file: "{admin_token
         last(&r).to_owned()
     }
 
-    pub fn imaps(&self) -> SocketAddr {
+    pub(crate) fn imaps(&self) -> SocketAddr {
         self.gw.listener("imaps").unwrap()
     }
 
-    pub fn imap(&self) -> SocketAddr {
+    pub(crate) fn imap(&self) -> SocketAddr {
         self.gw.listener("imap").unwrap()
     }
 
-    pub fn password(&self, user: &str) -> String {
+    pub(crate) fn password(&self, user: &str) -> String {
         self.passwords
             .iter()
             .find(|(u, _)| u == user)
@@ -908,7 +915,7 @@ admin: {{ address: "127.0.0.1:0", health_interval: 1s, token_file: "{admin_token
             .unwrap()
     }
 
-    pub async fn client(&self) -> Client {
+    pub(crate) async fn client(&self) -> Client {
         let mut c = Client::tls(self.imaps(), &self.pki.ca_der).await;
         let g = c.line().await.unwrap();
         assert!(g.starts_with("* OK [CAPABILITY "), "{g}");
@@ -916,7 +923,7 @@ admin: {{ address: "127.0.0.1:0", health_interval: 1s, token_file: "{admin_token
     }
 
     /// A logged-in client (LOGIN over implicit TLS).
-    pub async fn logged_in(&self, user: &str) -> Client {
+    pub(crate) async fn logged_in(&self, user: &str) -> Client {
         let mut c = self.client().await;
         let r = c
             .cmd("L1", &format!("LOGIN {user} \"{}\"", self.password(user)))
@@ -926,7 +933,7 @@ admin: {{ address: "127.0.0.1:0", health_interval: 1s, token_file: "{admin_token
     }
 
     /// A metric's value summed over the series whose labels contain all of `labels`.
-    pub async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+    pub(crate) async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
         let text = http_get(self.gw.admin, "/metrics").await.1;
         text.lines()
             .filter(|l| !l.starts_with('#'))
@@ -938,7 +945,7 @@ admin: {{ address: "127.0.0.1:0", health_interval: 1s, token_file: "{admin_token
 }
 
 /// Direct client to the shared Dovecot, logged in as `user` via the master user.
-pub async fn dovecot_direct(d: &Dovecot, user: &str) -> Client {
+pub(crate) async fn dovecot_direct(d: &Dovecot, user: &str) -> Client {
     let mut c = Client::tls(d.imaps, &d.pki.ca_der).await;
     let g = c.line().await.unwrap();
     assert!(g.starts_with("* OK"), "{g}");
@@ -953,12 +960,12 @@ pub async fn dovecot_direct(d: &Dovecot, user: &str) -> Client {
 }
 
 /// A tiny HTTP/1.1 GET; returns (status, body).
-pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+pub(crate) async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     admin_request(addr, "GET", path, None).await
 }
 
 /// An admin request with the test bearer token (or `token`); returns status and body.
-pub async fn admin_request(
+pub(crate) async fn admin_request(
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -993,7 +1000,7 @@ pub async fn admin_request(
 }
 
 /// Appends a message to `user`'s INBOX straight on Dovecot; returns nothing.
-pub async fn append_direct(d: &Dovecot, user: &str, message: &[u8]) {
+pub(crate) async fn append_direct(d: &Dovecot, user: &str, message: &[u8]) {
     let mut c = dovecot_direct(d, user).await;
     c.send(format!("A1 APPEND INBOX {{{}}}\r\n", message.len()))
         .await;
@@ -1007,12 +1014,12 @@ pub async fn append_direct(d: &Dovecot, user: &str, message: &[u8]) {
 }
 
 /// A secret of the test's own, to search logs for.
-pub fn secret(s: &str) -> Secret {
+pub(crate) fn secret(s: &str) -> Secret {
     Secret::from_slice(s.as_bytes())
 }
 
 /// The shared test identity provider (npm `oidc-provider`, tests/idp): one per test binary.
-pub struct Idp {
+pub(crate) struct Idp {
     pub url: String,
     _child: std::sync::Mutex<std::process::Child>,
 }
@@ -1021,7 +1028,7 @@ static IDP: OnceLock<Option<Arc<Idp>>> = OnceLock::new();
 
 /// The shared IdP, started on first use; `None` (skip) when Node or its packages are missing
 /// and real components are not required.
-pub fn idp() -> Option<Arc<Idp>> {
+pub(crate) fn idp() -> Option<Arc<Idp>> {
     IDP.get_or_init(|| {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/idp");
         let ready = which("node").is_some() && dir.join("node_modules/oidc-provider").is_dir();
@@ -1067,7 +1074,7 @@ pub fn idp() -> Option<Arc<Idp>> {
 
 impl Idp {
     /// An access token from the client-credentials grant (`client` is alice, bob or mia).
-    pub async fn token(&self, client: &str, resource: &str, scope: &str) -> String {
+    pub(crate) async fn token(&self, client: &str, resource: &str, scope: &str) -> String {
         let resp = reqwest::Client::new()
             .post(format!("{}/token", self.url))
             .basic_auth(client, Some(format!("secret-{client}")))
@@ -1089,7 +1096,7 @@ impl Idp {
     }
 
     /// Rotates the provider's signing keys (new `kid`s).
-    pub async fn rotate(&self) {
+    pub(crate) async fn rotate(&self) {
         let resp = reqwest::Client::new()
             .post(format!("{}/__rotate", self.url))
             .send()
@@ -1101,7 +1108,7 @@ impl Idp {
 
 /// The real `imapgate` binary, run with a test gateway's configuration on fixed free ports,
 /// JSON logs at debug level in `dir/stderr.log` and the audit log in `dir/audit.log`.
-pub struct Binary {
+pub(crate) struct Binary {
     pub child: Child,
     pub dir: tempfile::TempDir,
     pub imaps: u16,
@@ -1116,7 +1123,7 @@ impl Drop for Binary {
     }
 }
 
-pub fn start_binary(t: &TestGateway) -> Binary {
+pub(crate) fn start_binary(t: &TestGateway) -> Binary {
     let dir = tempfile::tempdir().unwrap();
     let (imaps, imap, admin) = (free_port(), free_port(), free_port());
     let yaml = t

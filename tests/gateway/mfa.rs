@@ -393,7 +393,7 @@ async fn totp_enroll_with_the_cli_on_a_running_gateway() {
     assert!(refused, "unlock survived totp reset");
 }
 
-pub fn base32_decode(s: &str) -> Vec<u8> {
+pub(crate) fn base32_decode(s: &str) -> Vec<u8> {
     let mut out = Vec::new();
     let (mut buf, mut bits) = (0u32, 0);
     for c in s.bytes() {

@@ -11,10 +11,10 @@ use rustls_pki_types::CertificateDer;
 use super::OAuthError;
 use crate::config::IssuerConfig;
 
-pub const MAX_BODY: usize = 1024 * 1024;
-pub const TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const MAX_BODY: usize = 1024 * 1024;
+pub(super) const TIMEOUT: Duration = Duration::from_secs(5);
 
-pub fn client(cfg: &IssuerConfig) -> Result<reqwest::Client, String> {
+pub(super) fn client(cfg: &IssuerConfig) -> Result<reqwest::Client, String> {
     let mut roots = rustls::RootCertStore::empty();
     match &cfg.ca_file {
         Some(path) => {
@@ -50,7 +50,7 @@ pub fn client(cfg: &IssuerConfig) -> Result<reqwest::Client, String> {
 }
 
 /// GETs a JSON document: the body (bounded) and its `Cache-Control: max-age`, if any.
-pub async fn get_json(
+pub(super) async fn get_json(
     client: &reqwest::Client,
     url: &str,
 ) -> Result<(serde_json::Value, Option<Duration>), OAuthError> {

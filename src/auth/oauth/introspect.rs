@@ -29,7 +29,7 @@ use crate::secret::Secret;
 
 /// Every claim the endpoint returns beyond the standard ones (email, amr, acr, …).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Extra {
+pub(super) struct Extra {
     #[serde(flatten)]
     pub rest: HashMap<String, Value>,
 }
@@ -56,7 +56,7 @@ type Cached = (Instant, Value);
 
 const MAX_CACHE: usize = 10_000;
 
-pub struct Introspector {
+pub(super) struct Introspector {
     client: IntrospectionClient,
     http: reqwest::Client,
     cache_ttl: Duration,
@@ -92,7 +92,7 @@ pub(super) async fn send(
 }
 
 impl Introspector {
-    pub fn new(
+    pub(super) fn new(
         endpoint: &str,
         client_id: &str,
         secret: &Secret,
@@ -116,7 +116,7 @@ impl Introspector {
     /// The token's claims, if the endpoint's answer passes `accept`, which checks it and
     /// returns its `exp` (Unix seconds). Accepted answers are cached until that `exp` at the
     /// latest; refused ones are not cached.
-    pub async fn introspect(
+    pub(super) async fn introspect(
         &self,
         token: &str,
         accept: impl FnOnce(&Value) -> Result<u64, OAuthError>,
