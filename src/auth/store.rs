@@ -88,12 +88,10 @@ pub struct CredentialStore {
     written_back: std::sync::Mutex<HashSet<(String, String)>>,
 }
 
-/// The client's subnet for unlock binding: /24 for IPv4, /64 for IPv6.
+/// The client's subnet for unlock binding: /24 for IPv4, /64 for IPv6 (the same function the
+/// guard uses, with the documented unlock prefixes).
 pub(super) fn subnet(ip: IpAddr) -> String {
-    let prefix = if ip.is_ipv4() { 24 } else { 64 };
-    ipnet::IpNet::new(ip, prefix)
-        .map(|n| n.trunc().to_string())
-        .unwrap_or_else(|_| ip.to_string())
+    crate::net::subnet(ip, 24, 64).to_string()
 }
 
 /// Splits a password field into the app password (16 letters, lower-cased, spaces removed)
