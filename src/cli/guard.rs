@@ -36,10 +36,10 @@ pub enum GuardCmd {
     Clear {
         #[command(flatten)]
         target: AdminTarget,
-        /// ip, subnet, token_ip or account.
+        /// ip, subnet, token_ip, token_subnet, account (attack mode) or app_password (suspect).
         #[arg(long)]
         scope: Option<String>,
-        /// The address, network (192.0.2.0/24) or account name.
+        /// The address, network (192.0.2.0/24), account name, or user/app-password-id.
         #[arg(long)]
         value: Option<String>,
         /// Clear every block and attack mode.
