@@ -22,8 +22,25 @@ fn backend(tls: BackendTls, login: BackendLogin, send_id: bool) -> BackendConfig
     }
 }
 
+/// A backend that logs in as the master user with `*` between the user and the master.
+fn master(tls: BackendTls, send_id: bool) -> BackendConfig {
+    backend(
+        tls,
+        BackendLogin::MasterUser {
+            separator: "*".into(),
+        },
+        send_id,
+    )
+}
+
 fn client() -> SocketAddr {
     "192.0.2.7:40000".parse().unwrap()
+}
+
+/// Starts a login for `user` on `b` and drives it with `script` (see [`drive`]).
+fn run(b: &BackendConfig, user: &str, script: &[&[u8]]) -> (String, UpStep) {
+    let mut m = UpstreamLogin::new(b, user, client()).unwrap();
+    drive(&mut m, script)
 }
 
 /// Drives the machine with scripted backend input; returns what it sent and the final step.
@@ -50,16 +67,10 @@ fn drive(m: &mut UpstreamLogin, script: &[&[u8]]) -> (String, UpStep) {
 
 #[test]
 fn master_user_login_with_id_and_capabilities_in_ok() {
-    let b = backend(
-        BackendTls::Implicit,
-        BackendLogin::MasterUser {
-            separator: "*".into(),
-        },
-        true,
-    );
-    let mut m = UpstreamLogin::new(&b, "alice@example.org", client()).unwrap();
-    let (sent, end) = drive(
-        &mut m,
+    let b = master(BackendTls::Implicit, true);
+    let (sent, end) = run(
+        &b,
+        "alice@example.org",
         &[
             b"* OK ready\r\n",
             b"* ID NIL\r\ng1 OK ID done\r\n",
@@ -81,19 +92,12 @@ fn master_user_login_with_id_and_capabilities_in_ok() {
 /// the list it came in (the login's OK or a CAPABILITY reply).
 #[test]
 fn unauthenticate_is_never_offered_to_the_client() {
-    let b = backend(
-        BackendTls::Implicit,
-        BackendLogin::MasterUser {
-            separator: "*".into(),
-        },
-        false,
-    );
+    let b = master(BackendTls::Implicit, false);
     for reply in [
         &b"g1 OK [CAPABILITY IMAP4rev1 UNAUTHENTICATE IDLE] Logged in\r\n"[..],
         &b"* CAPABILITY IMAP4rev1 IDLE unauthenticate\r\ng1 OK Logged in\r\n"[..],
     ] {
-        let mut m = UpstreamLogin::new(&b, "alice@example.org", client()).unwrap();
-        let (_, end) = drive(&mut m, &[b"* OK ready\r\n", reply]);
+        let (_, end) = run(&b, "alice@example.org", &[b"* OK ready\r\n", reply]);
         let UpStep::Done(caps) = end else {
             panic!("{end:?}")
         };
@@ -107,16 +111,10 @@ fn unauthenticate_is_never_offered_to_the_client() {
 
 #[test]
 fn capability_is_asked_when_the_ok_has_none() {
-    let b = backend(
-        BackendTls::None,
-        BackendLogin::MasterUser {
-            separator: "*".into(),
-        },
-        false,
-    );
-    let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
-    let (sent, end) = drive(
-        &mut m,
+    let b = master(BackendTls::None, false);
+    let (sent, end) = run(
+        &b,
+        "alice",
         &[
             b"* OK ready\r\n",
             b"g1 OK Logged in\r\n",
@@ -130,9 +128,9 @@ fn capability_is_asked_when_the_ok_has_none() {
 #[test]
 fn sasl_authzid_sends_plain_after_continuation() {
     let b = backend(BackendTls::None, BackendLogin::SaslAuthzid, false);
-    let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
-    let (sent, end) = drive(
-        &mut m,
+    let (sent, end) = run(
+        &b,
+        "alice",
         &[
             b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n",
             b"+ \r\n",
@@ -149,16 +147,10 @@ fn sasl_authzid_sends_plain_after_continuation() {
 
 #[test]
 fn starttls_backend_flow_and_missing_starttls() {
-    let b = backend(
-        BackendTls::Starttls,
-        BackendLogin::MasterUser {
-            separator: "*".into(),
-        },
-        false,
-    );
-    let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
-    let (sent, end) = drive(
-        &mut m,
+    let b = master(BackendTls::Starttls, false);
+    let (sent, end) = run(
+        &b,
+        "alice",
         &[
             b"* OK ready\r\n",
             b"* CAPABILITY IMAP4rev1 STARTTLS\r\ng1 OK done\r\n",
@@ -171,16 +163,15 @@ fn starttls_backend_flow_and_missing_starttls() {
         "g1 CAPABILITY\r\ng2 STARTTLS\r\ng3 LOGIN \"alice*gateway\" \"m pw\"\r\n"
     );
     assert!(matches!(end, UpStep::Done(_)));
-    let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
-    let (_, end) = drive(&mut m, &[b"* OK [CAPABILITY IMAP4rev1] ready\r\n"]);
+    let (_, end) = run(&b, "alice", &[b"* OK [CAPABILITY IMAP4rev1] ready\r\n"]);
     assert!(
         matches!(end, UpStep::Fail(LoginError::NoStartTls)),
         "{end:?}"
     );
     // Bytes after the STARTTLS OK would be injected into the TLS session: refused.
-    let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
-    let (_, end) = drive(
-        &mut m,
+    let (_, end) = run(
+        &b,
+        "alice",
         &[
             b"* OK [CAPABILITY IMAP4rev1 STARTTLS] ready\r\n",
             b"g1 OK go\r\n* OK injected\r\n",
@@ -191,13 +182,7 @@ fn starttls_backend_flow_and_missing_starttls() {
 
 #[test]
 fn bad_greetings_and_rejections() {
-    let b = backend(
-        BackendTls::None,
-        BackendLogin::MasterUser {
-            separator: "*".into(),
-        },
-        false,
-    );
+    let b = master(BackendTls::None, false);
     for (script, want) in [
         (&[&b"* PREAUTH hi\r\n"[..]][..], LoginError::Preauth),
         (&[&b"* BYE no\r\n"[..]][..], LoginError::Bye),
@@ -218,8 +203,7 @@ fn bad_greetings_and_rejections() {
             LoginError::Rejected,
         ),
     ] {
-        let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
-        let (_, end) = drive(&mut m, script);
+        let (_, end) = run(&b, "alice", script);
         assert!(
             matches!(end, UpStep::Fail(e) if e == want),
             "{script:?}: {end:?}"
@@ -230,17 +214,11 @@ fn bad_greetings_and_rejections() {
 
 #[test]
 fn eight_bit_password_goes_as_a_literal_after_continuation() {
-    let mut b = backend(
-        BackendTls::None,
-        BackendLogin::MasterUser {
-            separator: "*".into(),
-        },
-        false,
-    );
+    let mut b = master(BackendTls::None, false);
     b.master_password = Secret::from_slice("pässword".as_bytes());
-    let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
-    let (sent, end) = drive(
-        &mut m,
+    let (sent, end) = run(
+        &b,
+        "alice",
         &[
             b"* OK hi\r\n",
             b"+ go\r\n",
@@ -266,8 +244,7 @@ fn a_continuation_outside_the_login_never_releases_the_master_credential() {
             &b"+ \r\n"[..],
         ][..],
     ] {
-        let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
-        let (sent, end) = drive(&mut m, script);
+        let (sent, end) = run(&b, "alice", script);
         assert!(matches!(end, UpStep::Fail(LoginError::Protocol)), "{end:?}");
         // base64("alice\0gateway\0m pw")
         assert!(
@@ -280,13 +257,7 @@ fn a_continuation_outside_the_login_never_releases_the_master_credential() {
 
 #[test]
 fn id_and_login_go_out_in_one_write_and_answers_are_taken_in_order() {
-    let b = backend(
-        BackendTls::None,
-        BackendLogin::MasterUser {
-            separator: "*".into(),
-        },
-        true,
-    );
+    let b = master(BackendTls::None, true);
     // One write, before any answer to ID.
     let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
     m.feed(b"* OK ready\r\n");
@@ -302,9 +273,9 @@ fn id_and_login_go_out_in_one_write_and_answers_are_taken_in_order() {
     assert!(matches!(m.step(), UpStep::NeedInput));
 
     // A backend that refuses ID still logs us in.
-    let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
-    let (_, end) = drive(
-        &mut m,
+    let (_, end) = run(
+        &b,
+        "alice",
         &[
             b"* OK ready\r\n",
             b"g1 BAD no ID here\r\ng2 OK [CAPABILITY IMAP4rev1] in\r\n",
@@ -313,17 +284,17 @@ fn id_and_login_go_out_in_one_write_and_answers_are_taken_in_order() {
     assert!(matches!(end, UpStep::Done(_)), "{end:?}");
 
     // The login's answer before ID's is out of order: refused, not taken as a login.
-    let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
-    let (_, end) = drive(
-        &mut m,
+    let (_, end) = run(
+        &b,
+        "alice",
         &[b"* OK ready\r\n", b"g2 OK [CAPABILITY IMAP4rev1] in\r\n"],
     );
     assert!(matches!(end, UpStep::Fail(LoginError::Protocol)), "{end:?}");
 
     // A rejected login behind ID is a rejection.
-    let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
-    let (_, end) = drive(
-        &mut m,
+    let (_, end) = run(
+        &b,
+        "alice",
         &[
             b"* OK ready\r\n",
             b"g1 OK done\r\ng2 NO [AUTHENTICATIONFAILED] no\r\n",
@@ -334,16 +305,9 @@ fn id_and_login_go_out_in_one_write_and_answers_are_taken_in_order() {
 
 #[test]
 fn a_continuation_before_id_is_answered_never_releases_the_literal_password() {
-    let mut b = backend(
-        BackendTls::None,
-        BackendLogin::MasterUser {
-            separator: "*".into(),
-        },
-        true,
-    );
+    let mut b = master(BackendTls::None, true);
     b.master_password = Secret::from_slice("pässword".as_bytes());
-    let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
-    let (sent, end) = drive(&mut m, &[b"* OK hi\r\n", b"+ go\r\n"]);
+    let (sent, end) = run(&b, "alice", &[b"* OK hi\r\n", b"+ go\r\n"]);
     assert!(matches!(end, UpStep::Fail(LoginError::Protocol)), "{end:?}");
     assert!(
         sent.contains("g2 LOGIN \"alice*gateway\" {9}\r\n"),
@@ -351,9 +315,9 @@ fn a_continuation_before_id_is_answered_never_releases_the_literal_password() {
     );
     assert!(!sent.contains("pässword"), "{sent}");
     // In order, the literal follows the `+` that comes after ID's answer.
-    let mut m = UpstreamLogin::new(&b, "alice", client()).unwrap();
-    let (sent, end) = drive(
-        &mut m,
+    let (sent, end) = run(
+        &b,
+        "alice",
         &[
             b"* OK hi\r\n",
             b"g1 OK done\r\n+ go\r\n",
