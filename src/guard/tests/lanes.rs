@@ -4,6 +4,13 @@
 
 use super::*;
 
+/// A refused bearer token: checked, and recorded as a failure when it was let through.
+async fn fail_token(g: &Guard, key: AttemptKey<'_>) {
+    if g.check(key).await.verdict == Verdict::Allow {
+        record_failure(g, key, None, None).await;
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_queue_wait_that_runs_out_is_refused_and_leaves_nothing_behind() {
     let g = Arc::new(guard());
@@ -79,14 +86,7 @@ async fn a_burst_that_reaches_attack_mode_while_queued_is_decided_again() {
             if v == Verdict::Allow {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 let fp = g.fingerprint(user, format!("p{i}").as_bytes());
-                g.record(
-                    key,
-                    Outcome::Failure {
-                        fingerprint: Some(&fp),
-                        wrong_code: None,
-                    },
-                )
-                .await;
+                record_failure(&g, key, Some(&fp), None).await;
             }
             v
         }));
@@ -116,14 +116,7 @@ async fn wrong_codes_past_their_budget_make_the_app_password_suspect() {
         let d = g.check(key).await;
         assert_eq!(d.verdict, Verdict::Allow);
         let fp = g.fingerprint(user, format!("apppassword{i:06}").as_bytes());
-        g.record(
-            key,
-            Outcome::Failure {
-                fingerprint: Some(&fp),
-                wrong_code: Some("ap_stolen"),
-            },
-        )
-        .await;
+        record_failure(&g, key, Some(&fp), Some("ap_stolen")).await;
     }
     assert_eq!(g.metrics.app_password_suspect.get(), 1);
     let marked = g
@@ -164,16 +157,7 @@ async fn refused_tokens_count_per_subnet_and_feed_spray_detection() {
     let budget = g.config().per_token_subnet.failures;
     for i in 0..=budget {
         let key = token(&format!("198.18.5.{}", i % 250 + 1), "t@example.org");
-        if g.check(key).await.verdict == Verdict::Allow {
-            g.record(
-                key,
-                Outcome::Failure {
-                    fingerprint: None,
-                    wrong_code: None,
-                },
-            )
-            .await;
-        }
+        fail_token(&g, key).await;
     }
     assert_eq!(
         verdict(&g, token("198.18.5.251", "t@example.org")).await,
@@ -185,16 +169,7 @@ async fn refused_tokens_count_per_subnet_and_feed_spray_detection() {
     ];
     for u in users {
         let key = token("198.19.0.1", u);
-        if g.check(key).await.verdict == Verdict::Allow {
-            g.record(
-                key,
-                Outcome::Failure {
-                    fingerprint: None,
-                    wrong_code: None,
-                },
-            )
-            .await;
-        }
+        fail_token(&g, key).await;
     }
     assert_eq!(
         verdict(&g, token("198.19.0.1", "h@x.org")).await,

@@ -32,24 +32,33 @@ fn pw<'a>(addr: &str, user: &'a str) -> AttemptKey<'a> {
     }
 }
 
+/// Records a checked attempt as failed: `fingerprint` of its secret (none for a token) and,
+/// for a right app password with a wrong code, that app password's id.
+async fn record_failure(
+    g: &Guard,
+    key: AttemptKey<'_>,
+    fingerprint: Option<&str>,
+    wrong_code: Option<&str>,
+) {
+    g.record(
+        key,
+        Outcome::Failure {
+            fingerprint,
+            wrong_code,
+        },
+    )
+    .await;
+}
+
 /// One checked attempt that fails with a fresh wrong secret; returns the decision.
 async fn fail(g: &Guard, key: AttemptKey<'_>, secret: &str) -> (Verdict, Scope) {
     let d = g.check(key).await;
-    let outcome = if d.verdict == Verdict::Allow {
+    if d.verdict == Verdict::Allow {
         let fp = g.fingerprint(key.user.unwrap_or(""), secret.as_bytes());
-        g.record(
-            key,
-            Outcome::Failure {
-                fingerprint: Some(&fp),
-                wrong_code: None,
-            },
-        )
-        .await;
-        return (d.verdict, d.scope);
+        record_failure(g, key, Some(&fp), None).await;
     } else {
-        Outcome::Refused
-    };
-    g.record(key, outcome).await;
+        g.record(key, Outcome::Refused).await;
+    }
     (d.verdict, d.scope)
 }
 
@@ -103,14 +112,7 @@ async fn the_tarpit_doubles_per_failure_up_to_its_cap() {
         let d = g.check(key).await;
         delays.push(d.delay.as_secs());
         let fp = g.fingerprint("alice@example.org", format!("g{i}").as_bytes());
-        g.record(
-            key,
-            Outcome::Failure {
-                fingerprint: Some(&fp),
-                wrong_code: None,
-            },
-        )
-        .await;
+        record_failure(&g, key, Some(&fp), None).await;
     }
     assert_eq!(delays, vec![0, 1, 2, 4, 8, 15, 15]);
     // A success from that address resets its failure count.
@@ -490,14 +492,7 @@ async fn token_failures_have_their_own_budget() {
     };
     for _ in 0..=g.config().per_token_ip.failures {
         g.check(key).await;
-        g.record(
-            key,
-            Outcome::Failure {
-                fingerprint: None,
-                wrong_code: None,
-            },
-        )
-        .await;
+        record_failure(&g, key, None, None).await;
     }
     assert_eq!(verdict(&g, key).await, (Verdict::Reject, Scope::TokenIp));
     // Password logins from there are not blocked by bad tokens.
@@ -549,14 +544,7 @@ async fn a_flood_of_random_keys_stays_bounded() {
             kind: Kind::Password,
         };
         g.check(key).await;
-        g.record(
-            key,
-            Outcome::Failure {
-                fingerprint: Some("f"),
-                wrong_code: None,
-            },
-        )
-        .await;
+        record_failure(&g, key, Some("f"), None).await;
         assert!(store.len() <= cap);
     }
     assert!(store.len() <= cap, "{}", store.len());
@@ -582,13 +570,8 @@ fn tarpit_curve() {
 #[tokio::test(start_paused = true)]
 async fn a_dry_run_control_never_hides_an_enforced_one() {
     // The address budget in dry run, attack mode enforced.
-    let cfg = GuardConfig {
-        per_ip: crate::config::Budget {
-            enforce: false,
-            ..GuardConfig::default().per_ip
-        },
-        ..GuardConfig::default()
-    };
+    let mut cfg = GuardConfig::default();
+    cfg.per_ip.enforce = false;
     let (g, _) = guard_with(cfg, 100_000);
     // The attacker's address collects a dry-run block.
     for i in 0..=g.config().per_ip.failures {
@@ -614,13 +597,8 @@ async fn a_dry_run_control_never_hides_an_enforced_one() {
 
 #[tokio::test(start_paused = true)]
 async fn a_dry_run_block_gives_way_to_an_enforced_one_on_the_same_key() {
-    let cfg = GuardConfig {
-        spray: crate::config::Budget {
-            enforce: false,
-            ..GuardConfig::default().spray
-        },
-        ..GuardConfig::default()
-    };
+    let mut cfg = GuardConfig::default();
+    cfg.spray.enforce = false;
     let (g, _) = guard_with(cfg, 100_000);
     // Spraying first (dry run), then enough failures for the enforced address budget.
     for i in 0..=g.config().per_ip.failures {
@@ -727,14 +705,7 @@ async fn a_simultaneous_burst_on_one_account_stays_near_its_budget() {
             // The credential check takes a while.
             tokio::time::sleep(Duration::from_millis(50)).await;
             let fp = g.fingerprint("ivy@example.org", format!("p{i}").as_bytes());
-            g.record(
-                key,
-                Outcome::Failure {
-                    fingerprint: Some(&fp),
-                    wrong_code: None,
-                },
-            )
-            .await;
+            record_failure(&g, key, Some(&fp), None).await;
             true
         }));
     }
