@@ -70,6 +70,27 @@ fn full_of_markers() -> StoreError {
     StoreError::Unavailable("memory store full of markers".into())
 }
 
+/// Sets `key` (new, or replaced) to `value` until `expires` and returns `answer`. With no room
+/// for it, a guard key is not recorded and the caller gets `answer` all the same, as if the key
+/// were new (fail open: a fresh counter, a set of one); a marker is refused.
+fn insert<T>(
+    map: &mut Map,
+    key: &str,
+    max: usize,
+    value: Value,
+    expires: Instant,
+    answer: T,
+) -> Result<T, StoreError> {
+    if !fits(map, key, max) {
+        return match key_class(key) {
+            KeyClass::Guard => Ok(answer),
+            KeyClass::Marker => Err(full_of_markers()),
+        };
+    }
+    map.insert(key.to_owned(), Entry { value, expires });
+    Ok(answer)
+}
+
 impl MemoryStore {
     pub fn new(max_entries: usize) -> Self {
         Self {
@@ -211,21 +232,7 @@ impl Store for MemoryStore {
                 *n = n.saturating_add(by);
                 return Ok(*n);
             }
-            if !fits(map, key, max) {
-                return match key_class(key) {
-                    // Not recorded: the caller sees a fresh counter (fail open).
-                    KeyClass::Guard => Ok(by),
-                    KeyClass::Marker => Err(full_of_markers()),
-                };
-            }
-            map.insert(
-                key.to_owned(),
-                Entry {
-                    value: Value::Counter(by),
-                    expires: now + ttl,
-                },
-            );
-            Ok(by)
+            insert(map, key, max, Value::Counter(by), now + ttl, by)
         })?
     }
 
@@ -239,21 +246,14 @@ impl Store for MemoryStore {
             if live(map, key, now).is_some() {
                 return Ok(false);
             }
-            if !fits(map, key, max) {
-                return match key_class(key) {
-                    // Not recorded: as if the key were new (fail open).
-                    KeyClass::Guard => Ok(true),
-                    KeyClass::Marker => Err(full_of_markers()),
-                };
-            }
-            map.insert(
-                key.to_owned(),
-                Entry {
-                    value: Value::Text(value.to_owned()),
-                    expires: now + ttl,
-                },
-            );
-            Ok(true)
+            insert(
+                map,
+                key,
+                max,
+                Value::Text(value.to_owned()),
+                now + ttl,
+                true,
+            )
         })?
     }
 
@@ -276,42 +276,15 @@ impl Store for MemoryStore {
                 *expires = now + ttl;
                 return Ok(s.len() as u64);
             }
-            if !fits(map, key, max) {
-                return match key_class(key) {
-                    // Not recorded: a set of one (fail open).
-                    KeyClass::Guard => Ok(1),
-                    KeyClass::Marker => Err(full_of_markers()),
-                };
-            }
             let set = BTreeSet::from([member.to_owned()]);
-            map.insert(
-                key.to_owned(),
-                Entry {
-                    value: Value::Set(set),
-                    expires: now + ttl,
-                },
-            );
-            Ok(1)
+            insert(map, key, max, Value::Set(set), now + ttl, 1)
         })?
     }
 
     async fn put(&self, key: &str, value: &str, ttl: Duration) -> Result<(), StoreError> {
         self.with(|map, now, max| {
             live(map, key, now);
-            if !fits(map, key, max) {
-                return match key_class(key) {
-                    KeyClass::Guard => Ok(()),
-                    KeyClass::Marker => Err(full_of_markers()),
-                };
-            }
-            map.insert(
-                key.to_owned(),
-                Entry {
-                    value: Value::Text(value.to_owned()),
-                    expires: now + ttl,
-                },
-            );
-            Ok(())
+            insert(map, key, max, Value::Text(value.to_owned()), now + ttl, ())
         })?
     }
 
