@@ -235,93 +235,46 @@ fn limits(cx: &mut Ctx, v: &Value) -> Limits {
     } else {
         cx.decode(v, "limits").unwrap_or_default()
     };
+    // Each field is read from its own name under `limits`, its default taking the place of a
+    // missing or invalid value.
+    macro_rules! count {
+        ($f:ident) => {
+            cx.count(r.$f, concat!("limits.", stringify!($f)), d.$f)
+        };
+    }
+    macro_rules! duration {
+        ($f:ident) => {
+            cx.duration(r.$f.as_ref(), concat!("limits.", stringify!($f)), d.$f)
+        };
+    }
+    macro_rules! size {
+        ($f:ident, $min:expr, $max:expr) => {
+            cx.size(
+                r.$f.as_ref(),
+                concat!("limits.", stringify!($f)),
+                d.$f,
+                $min,
+                $max,
+            )
+        };
+    }
     let l = Limits {
-        max_connections: cx.count(
-            r.max_connections,
-            "limits.max_connections",
-            d.max_connections,
-        ),
-        max_preauth_per_ip: cx.count(
-            r.max_preauth_per_ip,
-            "limits.max_preauth_per_ip",
-            d.max_preauth_per_ip,
-        ),
-        max_sessions_per_ip: cx.count(
-            r.max_sessions_per_ip,
-            "limits.max_sessions_per_ip",
-            d.max_sessions_per_ip,
-        ),
-        max_sessions_per_user: cx.count(
-            r.max_sessions_per_user,
-            "limits.max_sessions_per_user",
-            d.max_sessions_per_user,
-        ),
-        line_bytes: cx.size(
-            r.line_bytes.as_ref(),
-            "limits.line_bytes",
-            d.line_bytes,
-            1024,
-            64 * 1024,
-        ),
-        literal_bytes: cx.size(
-            r.literal_bytes.as_ref(),
-            "limits.literal_bytes",
-            d.literal_bytes,
-            256,
-            64 * 1024,
-        ),
-        sasl_bytes: cx.size(
-            r.sasl_bytes.as_ref(),
-            "limits.sasl_bytes",
-            d.sasl_bytes,
-            1024,
-            128 * 1024,
-        ),
-        tls_handshake_timeout: cx.duration(
-            r.tls_handshake_timeout.as_ref(),
-            "limits.tls_handshake_timeout",
-            d.tls_handshake_timeout,
-        ),
-        preauth_idle_timeout: cx.duration(
-            r.preauth_idle_timeout.as_ref(),
-            "limits.preauth_idle_timeout",
-            d.preauth_idle_timeout,
-        ),
-        preauth_total_timeout: cx.duration(
-            r.preauth_total_timeout.as_ref(),
-            "limits.preauth_total_timeout",
-            d.preauth_total_timeout,
-        ),
-        bad_commands_before_bye: cx.count(
-            r.bad_commands_before_bye,
-            "limits.bad_commands_before_bye",
-            d.bad_commands_before_bye,
-        ),
-        auth_failures_per_connection: cx.count(
-            r.auth_failures_per_connection,
-            "limits.auth_failures_per_connection",
-            d.auth_failures_per_connection,
-        ),
-        relay_idle_timeout: cx.duration(
-            r.relay_idle_timeout.as_ref(),
-            "limits.relay_idle_timeout",
-            d.relay_idle_timeout,
-        ),
-        max_session_lifetime: cx.duration(
-            r.max_session_lifetime.as_ref(),
-            "limits.max_session_lifetime",
-            d.max_session_lifetime,
-        ),
-        shutdown_delay: cx.duration(
-            r.shutdown_delay.as_ref(),
-            "limits.shutdown_delay",
-            d.shutdown_delay,
-        ),
-        shutdown_grace: cx.duration(
-            r.shutdown_grace.as_ref(),
-            "limits.shutdown_grace",
-            d.shutdown_grace,
-        ),
+        max_connections: count!(max_connections),
+        max_preauth_per_ip: count!(max_preauth_per_ip),
+        max_sessions_per_ip: count!(max_sessions_per_ip),
+        max_sessions_per_user: count!(max_sessions_per_user),
+        line_bytes: size!(line_bytes, 1024, 64 * 1024),
+        literal_bytes: size!(literal_bytes, 256, 64 * 1024),
+        sasl_bytes: size!(sasl_bytes, 1024, 128 * 1024),
+        tls_handshake_timeout: duration!(tls_handshake_timeout),
+        preauth_idle_timeout: duration!(preauth_idle_timeout),
+        preauth_total_timeout: duration!(preauth_total_timeout),
+        bad_commands_before_bye: count!(bad_commands_before_bye),
+        auth_failures_per_connection: count!(auth_failures_per_connection),
+        relay_idle_timeout: duration!(relay_idle_timeout),
+        max_session_lifetime: duration!(max_session_lifetime),
+        shutdown_delay: duration!(shutdown_delay),
+        shutdown_grace: duration!(shutdown_grace),
     };
     for (name, value) in [
         ("tls_handshake_timeout", l.tls_handshake_timeout),
