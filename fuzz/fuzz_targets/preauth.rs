@@ -6,7 +6,7 @@
 #![no_main]
 
 use imapgate::auth::{Credential, Mechanism};
-use imapgate::session::preauth::{PreAuth, PreAuthLimits, Step};
+use imapgate::session::preauth::{OAuthChallenges, PreAuth, PreAuthLimits, Refused, Step};
 use libfuzzer_sys::fuzz_target;
 
 const LIMITS: PreAuthLimits = PreAuthLimits {
@@ -22,8 +22,15 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let starttls_listener = mode & 1 == 1;
-    let mut sm =
-        PreAuth::new(LIMITS, starttls_listener, !starttls_listener).with_oauth(mode & 2 == 2);
+    // With token mechanisms, the error challenges the gateway builds from its issuers.
+    let challenges = (mode & 2 == 2).then(|| {
+        std::sync::Arc::new(OAuthChallenges::new(
+            Some("https://idp.example/.well-known/openid-configuration"),
+            "imap",
+        ))
+    });
+    let mut sm = PreAuth::new(LIMITS, starttls_listener, !starttls_listener)
+        .with_oauth_challenges(challenges);
     let mut tls = !starttls_listener;
     check_reply(sm.greeting());
     let mut rng = u32::from(*seed) | 0x100;
@@ -79,12 +86,10 @@ fuzz_target!(|data: &[u8]| {
                 }
                 rng = rng.wrapping_mul(1_103_515_245).wrapping_add(12_345);
                 match (rng >> 16) % 5 {
-                    0 if req.mechanism.is_oauth() => {
-                        sm.oauth_failed(&req.tag, b"{\"status\":\"invalid_token\"}")
-                    }
-                    0 | 1 => sm.auth_failed(&req.tag),
-                    2 => sm.auth_unavailable(&req.tag),
-                    3 => sm.too_many_sessions(&req.tag),
+                    // The login room's results, answered by the state machine.
+                    0 | 1 => sm.login_refused(&req.tag, req.mechanism, Refused::Failed),
+                    2 => sm.login_refused(&req.tag, req.mechanism, Refused::Unavailable),
+                    3 => sm.login_refused(&req.tag, req.mechanism, Refused::TooManySessions),
                     _ => {
                         // The login reply is made once per capability list, then tagged.
                         let reply = imapgate::imap::LoginOk::new(&imapgate::imap::capabilities([
