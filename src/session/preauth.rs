@@ -269,39 +269,24 @@ impl PreAuth {
     /// Login refused: one generic reply, and BYE after too many.
     pub fn auth_failed(&mut self, tag: &Tag<'_>) {
         self.failures += 1;
-        self.reply(imap::tagged(
-            tag,
-            StatusKind::No,
-            Some(RespCode::AuthenticationFailed),
-            "Authentication failed",
-        ));
+        self.refuse_login(tag, RespCode::AuthenticationFailed, "Authentication failed");
         if self.failures >= self.limits.auth_failures_per_connection {
             self.bye(imap::bye(None, "Too many authentication failures"));
-        } else {
-            self.state = State::Ready;
         }
     }
 
     /// The credential was fine but no backend session could be made.
     pub fn auth_unavailable(&mut self, tag: &Tag<'_>) {
-        self.reply(imap::tagged(
+        self.refuse_login(
             tag,
-            StatusKind::No,
-            Some(RespCode::Unavailable),
+            RespCode::Unavailable,
             "Service temporarily unavailable",
-        ));
-        self.state = State::Ready;
+        );
     }
 
     /// The user has too many relayed sessions.
     pub fn too_many_sessions(&mut self, tag: &Tag<'_>) {
-        self.reply(imap::tagged(
-            tag,
-            StatusKind::No,
-            Some(RespCode::Limit),
-            "Too many sessions for this user",
-        ));
-        self.state = State::Ready;
+        self.refuse_login(tag, RespCode::Limit, "Too many sessions for this user");
     }
 
     /// Login done: the tagged OK with the backend's capabilities, and the bytes the client
@@ -314,6 +299,17 @@ impl PreAuth {
     pub fn bye_now(&mut self, text: &'static str) -> Vec<u8> {
         self.state = State::Done;
         imap::bye(None, text)
+    }
+
+    /// A tagged `NO`: the command is refused, the session goes on.
+    fn no(&mut self, tag: &Tag<'_>, code: Option<RespCode>, text: &'static str) {
+        self.reply(imap::tagged(tag, StatusKind::No, code, text));
+    }
+
+    /// A refused login's `NO [code]`; the session is ready for another command.
+    fn refuse_login(&mut self, tag: &Tag<'_>, code: RespCode, text: &'static str) {
+        self.no(tag, Some(code), text);
+        self.state = State::Ready;
     }
 
     fn reply(&mut self, bytes: Vec<u8>) {
@@ -495,12 +491,7 @@ impl PreAuth {
             }
             CommandBody::Login { username, password } => {
                 if !self.tls {
-                    self.reply(imap::tagged(
-                        &tag,
-                        StatusKind::No,
-                        Some(RespCode::PrivacyRequired),
-                        "TLS required",
-                    ));
+                    self.no(&tag, Some(RespCode::PrivacyRequired), "TLS required");
                     return None;
                 }
                 let user = String::from_utf8_lossy(username.as_ref()).into_owned();
@@ -516,12 +507,7 @@ impl PreAuth {
                 initial_response,
             } => {
                 if !self.tls {
-                    self.reply(imap::tagged(
-                        &tag,
-                        StatusKind::No,
-                        Some(RespCode::PrivacyRequired),
-                        "TLS required",
-                    ));
+                    self.no(&tag, Some(RespCode::PrivacyRequired), "TLS required");
                     return None;
                 }
                 let mech = match mechanism {
@@ -531,12 +517,7 @@ impl PreAuth {
                     _ => None,
                 };
                 let Some(mech) = mech else {
-                    self.reply(imap::tagged(
-                        &tag,
-                        StatusKind::No,
-                        None,
-                        "Unsupported mechanism",
-                    ));
+                    self.no(&tag, None, "Unsupported mechanism");
                     return None;
                 };
                 match initial_response {
