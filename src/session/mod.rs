@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::Limits;
-use crate::login::{self, LoginResult, UserSlot};
+use crate::login::{self, LoginResult};
 use crate::observe::Metrics;
 use crate::tls::{Conn, Wire};
 use preauth::{OAuthChallenges, PreAuth, PreAuthLimits, Refused, Step};
@@ -271,28 +271,14 @@ impl Session {
                         .await;
                     let refused = match result {
                         LoginResult::Ready(ready) => {
-                            let login::Ready {
-                                conn: backend,
-                                login_ok,
-                                backend_extra,
-                                slot,
-                                backend: backend_name,
-                                user,
-                                until,
-                            } = *ready;
-                            let (ok, pipelined) = sm.auth_succeeded(&req.tag, &login_ok);
+                            let (ok, pipelined) = sm.auth_succeeded(&req.tag, &ready.login_ok);
                             if !self.write(&mut conn, &ok, deadline).await {
                                 return None;
                             }
                             return Some(RelayParts {
                                 client: conn,
-                                backend,
                                 pipelined,
-                                backend_extra,
-                                slot,
-                                backend_name,
-                                user,
-                                until,
+                                ready,
                             });
                         }
                         LoginResult::TimedOut => {
@@ -315,14 +301,18 @@ impl Session {
     async fn relay(&self, parts: RelayParts) {
         let RelayParts {
             mut client,
-            mut backend,
             pipelined,
+            ready,
+        } = parts;
+        let login::Ready {
+            conn: mut backend,
             backend_extra,
             slot,
-            backend_name,
+            backend: backend_name,
             user,
             until,
-        } = parts;
+            login_ok: _,
+        } = *ready;
         let m = &self.shared.metrics;
         let _gauge = GaugeGuard::new(&m.sessions_relayed);
         let started = Instant::now();
@@ -390,14 +380,10 @@ fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
     }
 }
 
+/// A logged-in session to relay: the client's connection, what it pipelined behind its login,
+/// and the backend session.
 struct RelayParts {
     client: Conn,
-    backend: Conn,
     pipelined: bytes::BytesMut,
-    backend_extra: bytes::BytesMut,
-    slot: UserSlot,
-    backend_name: String,
-    user: String,
-    /// Unix time at which the session must end (token expiry), if any.
-    until: Option<u64>,
+    ready: Box<login::Ready>,
 }
