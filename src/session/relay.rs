@@ -178,6 +178,15 @@ mod tests {
         IntCounter::new("t", "t").unwrap()
     }
 
+    /// Relays between a client and a backend that stay connected and send nothing, until the
+    /// relay ends; `stop` is the gateway's shutdown signal.
+    async fn relay_silent_peers(limits: RelayLimits, stop: CancellationToken) -> RelayEnd {
+        let (client, _cp) = duplex(64);
+        let (backend, _bp) = duplex(64);
+        let revoked = CancellationToken::new();
+        run(client, backend, limits, counter(), counter(), stop, revoked).await
+    }
+
     #[tokio::test]
     async fn bytes_flow_both_ways_unchanged() {
         let (client, mut client_peer) = duplex(1024);
@@ -220,30 +229,17 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_sessions_end() {
-        let (client, _cp) = duplex(64);
-        let (backend, _bp) = duplex(64);
         let limits = RelayLimits {
             idle: Duration::from_secs(1800),
             lifetime: Duration::from_secs(86_400),
             shutdown_grace: Duration::from_secs(1),
         };
-        let end = run(
-            client,
-            backend,
-            limits,
-            counter(),
-            counter(),
-            CancellationToken::new(),
-            CancellationToken::new(),
-        )
-        .await;
+        let end = relay_silent_peers(limits, CancellationToken::new()).await;
         assert_eq!(end, RelayEnd::Idle);
     }
 
     #[tokio::test(start_paused = true)]
     async fn shutdown_gives_grace_then_ends() {
-        let (client, _cp) = duplex(64);
-        let (backend, _bp) = duplex(64);
         let stop = CancellationToken::new();
         stop.cancel();
         let limits = RelayLimits {
@@ -252,16 +248,7 @@ mod tests {
             shutdown_grace: Duration::from_secs(30),
         };
         let started = Instant::now();
-        let end = run(
-            client,
-            backend,
-            limits,
-            counter(),
-            counter(),
-            stop,
-            CancellationToken::new(),
-        )
-        .await;
+        let end = relay_silent_peers(limits, stop).await;
         assert_eq!(end, RelayEnd::Shutdown);
         assert!(started.elapsed() >= Duration::from_secs(30));
     }
