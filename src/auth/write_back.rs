@@ -83,6 +83,21 @@ mod tests {
         (path, hash)
     }
 
+    /// A write-back for alice's `ap_1`, verified with `verified_hash`.
+    fn alice_ap_1<'a>(
+        verified_hash: &'a str,
+        new_hash: Option<&'a str>,
+        lookup: Option<&'a str>,
+    ) -> WriteBack<'a> {
+        WriteBack {
+            user: "alice@example.org",
+            id: "ap_1",
+            verified_hash,
+            new_hash,
+            lookup,
+        }
+    }
+
     fn revoke(path: &std::path::Path) {
         UsersFile::update(path, Duration::from_secs(1), |f| {
             let u = f.users.get_mut("alice@example.org").unwrap();
@@ -105,15 +120,11 @@ mod tests {
         let wrote = apply_write_back(
             &path,
             Duration::from_secs(1),
-            &WriteBack {
-                user: "alice@example.org",
-                id: "ap_1",
-                verified_hash: &verified,
-                new_hash: Some(
-                    "$argon2id$v=19$m=128,t=1,p=1$c29tZXNhbHQ$RdescudvJCsgt3ub+b+dWRWJTmaaJObG",
-                ),
-                lookup: Some(&format!("k1:{}", "ab".repeat(32))),
-            },
+            &alice_ap_1(
+                &verified,
+                Some("$argon2id$v=19$m=128,t=1,p=1$c29tZXNhbHQ$RdescudvJCsgt3ub+b+dWRWJTmaaJObG"),
+                Some(&format!("k1:{}", "ab".repeat(32))),
+            ),
         )
         .unwrap();
         assert!(!wrote);
@@ -135,13 +146,7 @@ mod tests {
             apply_write_back(
                 &p2,
                 Duration::from_secs(10),
-                &WriteBack {
-                    user: "alice@example.org",
-                    id: "ap_1",
-                    verified_hash: &v2,
-                    new_hash: None,
-                    lookup: Some(&format!("k1:{}", "ab".repeat(32))),
-                },
+                &alice_ap_1(&v2, None, Some(&format!("k1:{}", "ab".repeat(32)))),
             )
         });
         std::thread::sleep(Duration::from_millis(300));
@@ -170,13 +175,7 @@ mod tests {
         assert!(apply_write_back(
             &path,
             Duration::from_secs(1),
-            &WriteBack {
-                user: "alice@example.org",
-                id: "ap_1",
-                verified_hash: &verified,
-                new_hash: None,
-                lookup: Some(&lookup),
-            },
+            &alice_ap_1(&verified, None, Some(&lookup)),
         )
         .unwrap());
         let f = UsersFile::load(&path).unwrap();
