@@ -48,6 +48,19 @@ pub enum WriteError {
     },
 }
 
+impl WriteError {
+    /// An I/O error on `path`: [`WriteError::ReadOnly`] where the file or its directory cannot
+    /// be written.
+    fn io(path: &Path, source: std::io::Error) -> Self {
+        let path = path.display().to_string();
+        if is_read_only(&source) {
+            WriteError::ReadOnly { path, source }
+        } else {
+            WriteError::Io { path, source }
+        }
+    }
+}
+
 /// The exclusive right to replace one file; released on drop (closing the lock file's
 /// descriptor releases the `flock`).
 pub struct LockedFile {
@@ -83,20 +96,7 @@ impl LockedFile {
     /// Takes the exclusive lock for `path`, waiting at most `wait`. A file that exists but
     /// cannot be written (mode 0400, a read-only mount) is refused here, before anything else.
     pub fn lock(path: &Path, wait: Duration) -> Result<LockedFile, WriteError> {
-        let shown = path.display().to_string();
-        let io = |source: std::io::Error| {
-            if is_read_only(&source) {
-                WriteError::ReadOnly {
-                    path: shown.clone(),
-                    source,
-                }
-            } else {
-                WriteError::Io {
-                    path: shown.clone(),
-                    source,
-                }
-            }
-        };
+        let io = |source| WriteError::io(path, source);
         // Writable at all? Opening for writing changes nothing (no truncation, no data);
         // O_NONBLOCK keeps a FIFO planted at the path from blocking us.
         if path.exists() {
@@ -123,7 +123,7 @@ impl LockedFile {
                 Err(std::fs::TryLockError::WouldBlock) => {
                     if started.elapsed() >= wait {
                         return Err(WriteError::Busy {
-                            path: shown,
+                            path: path.display().to_string(),
                             lock: lock_path.display().to_string(),
                             waited: wait,
                         });
@@ -152,20 +152,7 @@ impl LockedFile {
 
     /// [`Self::replace`] through a given temporary name (tests plant a symlink there).
     fn replace_via(&self, tmp: &Path, contents: &[u8]) -> Result<(), WriteError> {
-        let shown = self.path.display().to_string();
-        let io = |source: std::io::Error| {
-            if is_read_only(&source) {
-                WriteError::ReadOnly {
-                    path: shown.clone(),
-                    source,
-                }
-            } else {
-                WriteError::Io {
-                    path: shown.clone(),
-                    source,
-                }
-            }
-        };
+        let io = |source| WriteError::io(&self.path, source);
         // O_EXCL: never an existing file, and (with O_CREAT) never through a symlink, which
         // O_NOFOLLOW states once more.
         let mut f = OpenOptions::new()
@@ -203,12 +190,22 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    #[test]
-    fn replaces_atomically_with_mode_0600_and_leaves_no_temp_file() {
+    /// A temporary directory with `users.yaml` in it, holding `old`.
+    fn users_file() -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("users.yaml");
         std::fs::write(&path, "old").unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        (dir, path)
+    }
+
+    fn set_mode(path: &Path, mode: u32) {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn replaces_atomically_with_mode_0600_and_leaves_no_temp_file() {
+        let (dir, path) = users_file();
+        set_mode(&path, 0o644);
         let l = LockedFile::lock(&path, Duration::from_secs(1)).unwrap();
         l.replace(b"new").unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "new");
@@ -239,9 +236,7 @@ mod tests {
 
     #[test]
     fn a_symlink_at_the_temporary_name_is_not_followed() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("users.yaml");
-        std::fs::write(&path, "old").unwrap();
+        let (dir, path) = users_file();
         let victim = dir.path().join("victim");
         std::fs::write(&victim, "precious").unwrap();
         let tmp = dir.path().join(".users.yaml.planted.tmp");
@@ -264,21 +259,19 @@ mod tests {
             // root ignores file modes (a read-only mount still stops it, with the same error).
             return;
         }
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("users.yaml");
-        std::fs::write(&path, "old").unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+        let (dir, path) = users_file();
+        set_mode(&path, 0o400);
         let e = LockedFile::lock(&path, Duration::from_secs(1))
             .err()
             .unwrap();
         assert!(matches!(e, WriteError::ReadOnly { .. }), "{e}");
         assert!(e.to_string().contains("is read-only for this user"), "{e}");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o500)).unwrap();
+        set_mode(&path, 0o600);
+        set_mode(dir.path(), 0o500);
         let e = LockedFile::lock(&path, Duration::from_secs(1))
             .err()
             .unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        set_mode(dir.path(), 0o700);
         assert!(matches!(e, WriteError::ReadOnly { .. }), "{e}");
     }
 
