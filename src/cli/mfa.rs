@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
-use super::{edit, fail, target, user_name, UsersTarget, EXIT_CONFIG};
+use super::{edit, fail, target, user_mut, user_name, UsersTarget, EXIT_CONFIG};
 use crate::auth::keyring::{self, KeyRing};
 use crate::auth::totp;
 use crate::config::AuthConfig;
@@ -142,10 +142,7 @@ pub(super) fn totp(cmd: TotpCmd) -> ExitCode {
                 Err(e) => return fail(1, e),
             };
             let code = edit(&cfg, |f, _| {
-                let u = f
-                    .users
-                    .get_mut(&name)
-                    .ok_or_else(|| format!("no user {name}"))?;
+                let u = user_mut(f, &name)?;
                 u.totp = Some(stored);
                 Ok(())
             });
@@ -160,10 +157,7 @@ pub(super) fn totp(cmd: TotpCmd) -> ExitCode {
                 Err(c) => return c,
             };
             let code = edit(&cfg, |f, _| {
-                let u = f
-                    .users
-                    .get_mut(&name)
-                    .ok_or_else(|| format!("no user {name}"))?;
+                let u = user_mut(f, &name)?;
                 if u.totp.take().is_none() {
                     return Err(format!("{name} has no TOTP enrolment"));
                 }

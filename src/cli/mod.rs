@@ -393,6 +393,34 @@ fn read_users(t: &UsersTarget) -> Result<UsersFile, ExitCode> {
     UsersFile::load_or_empty(&tgt.path).map_err(|e| fail(1, e))
 }
 
+/// The user named `user` as the users file has it now, with its normalised name.
+fn read_user(t: &UsersTarget, user: &str) -> Result<(String, User), ExitCode> {
+    let name = user_name(user)?;
+    let mut f = read_users(t)?;
+    match f.users.remove(&name) {
+        Some(u) => Ok((name, u)),
+        None => Err(fail(1, format!("no user {name}"))),
+    }
+}
+
+/// The user `name` of a file being edited, or the message that there is none.
+pub(crate) fn user_mut<'f>(f: &'f mut UsersFile, name: &str) -> Result<&'f mut User, String> {
+    f.users
+        .get_mut(name)
+        .ok_or_else(|| format!("no user {name}"))
+}
+
+/// `revoked`, `active` or `expired`, as `users show` and `app-password list` print it.
+fn app_password_state(a: &AppPassword, now: OffsetDateTime) -> &'static str {
+    if a.revoked {
+        "revoked"
+    } else if a.is_active(now) {
+        "active"
+    } else {
+        "expired"
+    }
+}
+
 /// Changes the users file: takes its lock, reads it, applies `f`, writes it back (see
 /// [`UsersFile::update`]). Keep `f` quick: other writers wait for it.
 pub(crate) fn edit(
@@ -503,58 +531,42 @@ fn users(cmd: UsersCmd) -> ExitCode {
             audited(code, &cfg, "user_added", &name, "")
         }
         UsersCmd::Show { user, cfg } => {
-            let name = match user_name(&user) {
-                Ok(n) => n,
+            let (name, u) = match read_user(&cfg, &user) {
+                Ok(found) => found,
                 Err(c) => return c,
             };
-            match read_users(&cfg) {
-                Ok(f) => match f.users.get(&name) {
-                    Some(u) => {
-                        let now = OffsetDateTime::now_utc();
-                        outln!("user: {name}");
-                        outln!("state: {}", if u.disabled { "disabled" } else { "enabled" });
-                        outln!(
-                            "upstream user: {}",
-                            u.upstream_user.as_deref().unwrap_or(&name)
-                        );
-                        let mfa = u
-                            .mfa
-                            .map_or("default".to_owned(), |m| format!("{m:?}").to_lowercase());
-                        outln!("mfa: {mfa}");
-                        let totp = u
-                            .totp
-                            .as_deref()
-                            .and_then(crate::auth::keyring::KeyRing::key_of);
-                        outln!(
-                            "totp: {}",
-                            totp.map_or("not enrolled".to_owned(), |k| format!(
-                                "enrolled (key {k})"
-                            ))
-                        );
-                        if !u.mechanisms.is_empty() {
-                            outln!("mechanisms: {}", u.mechanisms.join(", "));
-                        }
-                        if !u.allowed_networks.is_empty() {
-                            let nets: Vec<String> =
-                                u.allowed_networks.iter().map(ToString::to_string).collect();
-                            outln!("allowed networks: {}", nets.join(", "));
-                        }
-                        for a in &u.app_passwords {
-                            let state = if a.revoked {
-                                "revoked"
-                            } else if a.is_active(now) {
-                                "active"
-                            } else {
-                                "expired"
-                            };
-                            outln!("app password {}\t{state}\t{}\t{}", a.id, a.created, a.label);
-                        }
-                        ExitCode::SUCCESS
-                    }
-                    None => fail(1, format!("no user {name}")),
-                },
-                Err(code) => code,
+            let now = OffsetDateTime::now_utc();
+            outln!("user: {name}");
+            outln!("state: {}", if u.disabled { "disabled" } else { "enabled" });
+            outln!(
+                "upstream user: {}",
+                u.upstream_user.as_deref().unwrap_or(&name)
+            );
+            let mfa = u
+                .mfa
+                .map_or("default".to_owned(), |m| format!("{m:?}").to_lowercase());
+            outln!("mfa: {mfa}");
+            let totp = u
+                .totp
+                .as_deref()
+                .and_then(crate::auth::keyring::KeyRing::key_of);
+            outln!(
+                "totp: {}",
+                totp.map_or("not enrolled".to_owned(), |k| format!("enrolled (key {k})"))
+            );
+            if !u.mechanisms.is_empty() {
+                outln!("mechanisms: {}", u.mechanisms.join(", "));
             }
+            if !u.allowed_networks.is_empty() {
+                let nets: Vec<String> =
+                    u.allowed_networks.iter().map(ToString::to_string).collect();
+                outln!("allowed networks: {}", nets.join(", "));
+            }
+            for a in &u.app_passwords {
+                let state = app_password_state(a, now);
+                outln!("app password {}\t{state}\t{}\t{}", a.id, a.created, a.label);
+            }
+            ExitCode::SUCCESS
         }
         UsersCmd::List { cfg } => {
             let tgt = match target(&cfg) {
@@ -617,10 +629,7 @@ fn set_disabled(user: &str, cfg: &UsersTarget, disabled: bool) -> ExitCode {
         Err(c) => return c,
     };
     let code = edit(cfg, |f, _| {
-        let u = f
-            .users
-            .get_mut(&name)
-            .ok_or_else(|| format!("no user {name}"))?;
+        let u = user_mut(f, &name)?;
         u.disabled = disabled;
         errln!("{name} {}", if disabled { "disabled" } else { "enabled" });
         Ok(())
@@ -715,29 +724,16 @@ fn app_passwords(cmd: AppPasswordCmd) -> ExitCode {
             code
         }
         AppPasswordCmd::List { user, cfg } => {
-            let name = match user_name(&user) {
-                Ok(n) => n,
+            let (_, u) = match read_user(&cfg, &user) {
+                Ok(found) => found,
                 Err(c) => return c,
             };
-            match read_users(&cfg) {
-                Ok(f) => match f.users.get(&name) {
-                    Some(u) => {
-                        for a in &u.app_passwords {
-                            let state = if a.revoked {
-                                "revoked"
-                            } else if a.is_active(OffsetDateTime::now_utc()) {
-                                "active"
-                            } else {
-                                "expired"
-                            };
-                            outln!("{}\t{}\t{}\t{}", a.id, state, a.created, a.label);
-                        }
-                        ExitCode::SUCCESS
-                    }
-                    None => fail(1, format!("no user {name}")),
-                },
-                Err(code) => code,
+            let now = OffsetDateTime::now_utc();
+            for a in &u.app_passwords {
+                let state = app_password_state(a, now);
+                outln!("{}\t{}\t{}\t{}", a.id, state, a.created, a.label);
             }
+            ExitCode::SUCCESS
         }
         AppPasswordCmd::Revoke { user, id, cfg } => {
             let name = match user_name(&user) {
@@ -745,10 +741,7 @@ fn app_passwords(cmd: AppPasswordCmd) -> ExitCode {
                 Err(c) => return c,
             };
             let code = edit(&cfg, |f, _| {
-                let u = f
-                    .users
-                    .get_mut(&name)
-                    .ok_or_else(|| format!("no user {name}"))?;
+                let u = user_mut(f, &name)?;
                 let a = u
                     .app_passwords
                     .iter_mut()
