@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::ctx::{valid_name, Ctx};
+use super::ctx::Ctx;
 use super::{defaults, raw, Argon2Params, AuthConfig};
 use crate::secret::Secret;
 
@@ -69,23 +69,8 @@ pub(super) fn auth(cx: &mut Ctx, v: &Value) -> Option<AuthConfig> {
         } else if secret_keys.iter().any(|(id, _)| id == &k.id) {
             cx.err(format!("{path}.id"), format!("`{}` is used twice", k.id));
         }
-        let raw = match (&k.file, &k.env) {
-            (Some(f), None) => cx.secret_file(f, &format!("{path}.file")),
-            (None, Some(var)) => match std::env::var(var) {
-                Ok(v) if !v.is_empty() => Some(Secret::from(v)),
-                _ => {
-                    cx.err(
-                        format!("{path}.env"),
-                        format!("environment variable {var} is not set"),
-                    );
-                    None
-                }
-            },
-            _ => {
-                cx.err(path.clone(), "needs exactly one of file or env");
-                None
-            }
-        };
+        let raw =
+            cx.secret_file_or_env(&path, ["file", "env"], k.file.as_deref(), k.env.as_deref());
         if let Some(raw) = raw {
             match key_bytes(&raw) {
                 Some(key) => secret_keys.push((k.id.clone(), key)),
@@ -208,19 +193,10 @@ pub(super) fn url_ok(u: &str) -> bool {
 
 fn issuers(cx: &mut Ctx, o: &raw::OAuth) -> Vec<super::IssuerConfig> {
     let mut out: Vec<super::IssuerConfig> = Vec::new();
+    let mut names = std::collections::BTreeSet::new();
     for (i, r) in o.issuers.iter().enumerate() {
         let path = format!("auth.oauth.issuers[{i}]");
-        if !valid_name(&r.name) {
-            cx.err(
-                format!("{path}.name"),
-                "must be 1-32 characters of a-z, 0-9, - or _",
-            );
-        } else if out.iter().any(|x| x.name == r.name) {
-            cx.err(
-                format!("{path}.name"),
-                format!("`{}` is used twice", r.name),
-            );
-        }
+        cx.unique_name(&path, &r.name, &mut names);
         if !url_ok(&r.issuer) {
             cx.err(
                 format!("{path}.issuer"),
@@ -339,26 +315,12 @@ fn issuers(cx: &mut Ctx, o: &raw::OAuth) -> Vec<super::IssuerConfig> {
                 } else if !discovery {
                     cx.err(format!("{ipath}.endpoint"), "is required without discovery");
                 }
-                let secret = match (&x.client_secret_file, &x.client_secret_env) {
-                    (Some(f), None) => cx.secret_file(f, &format!("{ipath}.client_secret_file")),
-                    (None, Some(var)) => match std::env::var(var) {
-                        Ok(v) if !v.is_empty() => Some(Secret::from(v)),
-                        _ => {
-                            cx.err(
-                                format!("{ipath}.client_secret_env"),
-                                format!("environment variable {var} is not set"),
-                            );
-                            None
-                        }
-                    },
-                    _ => {
-                        cx.err(
-                            ipath.clone(),
-                            "needs exactly one of client_secret_file or client_secret_env",
-                        );
-                        None
-                    }
-                };
+                let secret = cx.secret_file_or_env(
+                    &ipath,
+                    ["client_secret_file", "client_secret_env"],
+                    x.client_secret_file.as_deref(),
+                    x.client_secret_env.as_deref(),
+                );
                 let cache_ttl = cx.duration(
                     x.cache_ttl.as_ref(),
                     &format!("{ipath}.cache_ttl"),

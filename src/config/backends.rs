@@ -5,9 +5,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::ctx::{items, valid_name, Ctx};
+use super::ctx::{items, Ctx};
 use super::{defaults, raw, BackendConfig, BackendLogin, Routes, StateConfig};
-use crate::secret::Secret;
 
 pub(super) fn state(cx: &mut Ctx, v: &Value) -> StateConfig {
     let d = StateConfig::default();
@@ -47,25 +46,20 @@ pub(super) fn state(cx: &mut Ctx, v: &Value) -> StateConfig {
 }
 
 fn redis(cx: &mut Ctx, r: raw::Redis) -> Option<super::RedisConfig> {
-    let url = match (&r.url_file, &r.url_env) {
-        (Some(f), None) => cx.secret_file(f, "state.redis.url_file"),
-        (None, Some(var)) => match std::env::var(var) {
-            Ok(v) if !v.is_empty() => Some(Secret::from(v)),
-            _ => {
-                cx.err(
-                    "state.redis.url_env",
-                    format!("environment variable {var} is not set"),
-                );
-                None
-            }
-        },
-        _ => {
-            cx.err(
-                "state.redis",
-                "needs exactly one of url_file or url_env (the URL may hold a password)",
-            );
-            None
-        }
+    let url = if r.url_file.is_some() == r.url_env.is_some() {
+        // Said apart from the usual message: the URL may hold a password, so never inline.
+        cx.err(
+            "state.redis",
+            "needs exactly one of url_file or url_env (the URL may hold a password)",
+        );
+        None
+    } else {
+        cx.secret_file_or_env(
+            "state.redis",
+            ["url_file", "url_env"],
+            r.url_file.as_deref(),
+            r.url_env.as_deref(),
+        )
     };
     if let Some(u) = &url {
         let text = u.expose_str().unwrap_or("");
@@ -154,17 +148,7 @@ pub(super) fn backends(cx: &mut Ctx, v: &Value) -> Vec<BackendConfig> {
         let Some(b) = cx.decode::<raw::Backend>(item, &path) else {
             continue;
         };
-        if !valid_name(&b.name) {
-            cx.err(
-                format!("{path}.name"),
-                "must be 1-32 characters of a-z, 0-9, - or _",
-            );
-        } else if !names.insert(b.name.clone()) {
-            cx.err(
-                format!("{path}.name"),
-                format!("`{}` is used twice", b.name),
-            );
-        }
+        cx.unique_name(&path, &b.name, &mut names);
         let Some((host, port)) = host_port(&b.address) else {
             cx.err(
                 format!("{path}.address"),
@@ -232,26 +216,12 @@ pub(super) fn backends(cx: &mut Ctx, v: &Value) -> Vec<BackendConfig> {
                 BackendLogin::SaslAuthzid
             }
         };
-        let master_password = match (&b.master_password_file, &b.master_password_env) {
-            (Some(f), None) => cx.secret_file(f, &format!("{path}.master_password_file")),
-            (None, Some(var)) => match std::env::var(var) {
-                Ok(val) if !val.is_empty() => Some(Secret::from(val)),
-                _ => {
-                    cx.err(
-                        format!("{path}.master_password_env"),
-                        format!("environment variable {var} is not set"),
-                    );
-                    None
-                }
-            },
-            _ => {
-                cx.err(
-                    path.clone(),
-                    "needs exactly one of master_password_file or master_password_env",
-                );
-                None
-            }
-        };
+        let master_password = cx.secret_file_or_env(
+            &path,
+            ["master_password_file", "master_password_env"],
+            b.master_password_file.as_deref(),
+            b.master_password_env.as_deref(),
+        );
         let connect_timeout = cx.duration(
             b.connect_timeout.as_ref(),
             &format!("{path}.connect_timeout"),

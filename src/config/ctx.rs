@@ -1,5 +1,6 @@
 //! The validation context: collects every problem with its YAML path, reads secret files.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -99,6 +100,51 @@ impl Ctx<'_> {
             }
             Some(n) => n,
             None => default,
+        }
+    }
+
+    /// Checks `<path>.name`: a valid name (see [`valid_name`]) that is not in `seen` yet; a
+    /// valid name is then added to `seen`.
+    pub(super) fn unique_name(&mut self, path: &str, name: &str, seen: &mut BTreeSet<String>) {
+        if !valid_name(name) {
+            self.err(
+                format!("{path}.name"),
+                "must be 1-32 characters of a-z, 0-9, - or _",
+            );
+        } else if !seen.insert(name.to_owned()) {
+            self.err(format!("{path}.name"), format!("`{name}` is used twice"));
+        }
+    }
+
+    /// A secret given by exactly one of two keys under `path`: `keys[0]` names a file (read with
+    /// [`Ctx::secret_file`]), `keys[1]` an environment variable, which must be set and not empty.
+    pub(super) fn secret_file_or_env(
+        &mut self,
+        path: &str,
+        keys: [&str; 2],
+        file: Option<&str>,
+        env: Option<&str>,
+    ) -> Option<Secret> {
+        let [file_key, env_key] = keys;
+        match (file, env) {
+            (Some(f), None) => self.secret_file(f, &format!("{path}.{file_key}")),
+            (None, Some(var)) => match std::env::var(var) {
+                Ok(v) if !v.is_empty() => Some(Secret::from(v)),
+                _ => {
+                    self.err(
+                        format!("{path}.{env_key}"),
+                        format!("environment variable {var} is not set"),
+                    );
+                    None
+                }
+            },
+            _ => {
+                self.err(
+                    path,
+                    format!("needs exactly one of {file_key} or {env_key}"),
+                );
+                None
+            }
         }
     }
 

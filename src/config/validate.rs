@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::auth_section::auth;
 use super::backends::{backends, routes, state};
-use super::ctx::{items, valid_name, Ctx};
+use super::ctx::{items, Ctx};
 use super::{
     defaults, raw, AdminConfig, AuditSink, CertificatePaths, Config, ConfigError, FieldError,
     Limits, ListenerConfig, LogFormat, LoggingConfig, TlsConfig,
@@ -139,17 +139,7 @@ fn listeners(cx: &mut Ctx, v: &Value) -> Vec<ListenerConfig> {
         let Some(l) = cx.decode::<raw::Listener>(item, &path) else {
             continue;
         };
-        if !valid_name(&l.name) {
-            cx.err(
-                format!("{path}.name"),
-                "must be 1-32 characters of a-z, 0-9, - or _",
-            );
-        } else if !names.insert(l.name.clone()) {
-            cx.err(
-                format!("{path}.name"),
-                format!("`{}` is used twice", l.name),
-            );
-        }
+        cx.unique_name(&path, &l.name, &mut names);
         match l.address.parse::<SocketAddr>() {
             Ok(a) => {
                 if a.port() != 0 && !addrs.insert(a) {
