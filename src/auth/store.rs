@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::cache::VerifiedCache;
 use super::keyring::KeyRing;
-use super::users::{AppPassword, UsersError, UsersFile};
+use super::users::{AppPassword, User, UsersError, UsersFile};
 use super::write_back::{apply_write_back, WriteBack};
 use super::{
     app_password, normalize_user_with, totp, Attempt, Authenticator, Credential, FailureReason,
@@ -160,6 +160,28 @@ fn load(
         file: Arc::new(file),
         totp: Arc::new(secrets),
     })
+}
+
+/// The limits a user's entry puts on its logins: the mechanisms and the networks it may use
+/// (an empty list allows any).
+fn user_policy(user: &User, attempt: &Attempt) -> Result<(), FailureReason> {
+    if !user.mechanisms.is_empty()
+        && !user
+            .mechanisms
+            .iter()
+            .any(|m| m == attempt.mechanism.as_str())
+    {
+        return Err(FailureReason::MechanismNotAllowed);
+    }
+    if !user.allowed_networks.is_empty()
+        && !user
+            .allowed_networks
+            .iter()
+            .any(|n| n.contains(&attempt.client_ip))
+    {
+        return Err(FailureReason::NetworkNotAllowed);
+    }
+    Ok(())
 }
 
 /// Whether a PHC string was made with other parameters than `want`.
@@ -476,20 +498,8 @@ impl CredentialStore {
         if entry.is_some_and(|e| e.disabled) {
             return Outcome::Failure(FailureReason::Disabled);
         }
-        if let Some(e) = entry {
-            if !e.mechanisms.is_empty()
-                && !e.mechanisms.iter().any(|m| m == attempt.mechanism.as_str())
-            {
-                return Outcome::Failure(FailureReason::MechanismNotAllowed);
-            }
-            if !e.allowed_networks.is_empty()
-                && !e
-                    .allowed_networks
-                    .iter()
-                    .any(|n| n.contains(&attempt.client_ip))
-            {
-                return Outcome::Failure(FailureReason::NetworkNotAllowed);
-            }
+        if let Some(Err(r)) = entry.map(|e| user_policy(e, attempt)) {
+            return Outcome::Failure(r);
         }
         Outcome::Success(Identity {
             upstream_user: entry
@@ -598,21 +608,8 @@ impl Authenticator for CredentialStore {
         let _ = attempt.matched_credential.set(ap.id.clone());
 
         // 2. Policy.
-        if !entry.mechanisms.is_empty()
-            && !entry
-                .mechanisms
-                .iter()
-                .any(|m| m == attempt.mechanism.as_str())
-        {
-            return Outcome::Failure(FailureReason::MechanismNotAllowed);
-        }
-        if !entry.allowed_networks.is_empty()
-            && !entry
-                .allowed_networks
-                .iter()
-                .any(|n| n.contains(&attempt.client_ip))
-        {
-            return Outcome::Failure(FailureReason::NetworkNotAllowed);
+        if let Err(r) = user_policy(entry, attempt) {
+            return Outcome::Failure(r);
         }
         let identity = |mfa| Identity {
             user: name.clone(),
