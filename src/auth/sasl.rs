@@ -235,6 +235,14 @@ mod tests {
 
     type Decoded = Result<(Option<String>, String), BearerError>;
 
+    /// A decoder's answer as the tables write it: the user and the token as text.
+    fn decoded(r: Result<Bearer, BearerError>) -> Decoded {
+        r.map(|b| {
+            let token = String::from_utf8(b.token.expose().to_vec()).unwrap();
+            (b.user, token)
+        })
+    }
+
     #[test]
     fn xoauth2_table() {
         let ok = |u: &str, t: &str| Ok::<_, BearerError>((Some(u.to_owned()), t.to_owned()));
@@ -272,13 +280,7 @@ mod tests {
             (b"", Err(BearerError::Malformed)),
         ];
         for (input, want) in cases {
-            let got = decode_xoauth2(input).map(|b| {
-                (
-                    b.user,
-                    String::from_utf8(b.token.expose().to_vec()).unwrap(),
-                )
-            });
-            assert_eq!(&got, want, "{input:?}");
+            assert_eq!(&decoded(decode_xoauth2(input)), want, "{input:?}");
         }
         let mut big = b"user=a\x01auth=Bearer ".to_vec();
         big.extend(std::iter::repeat_n(b'a', MAX_TOKEN + 1));
@@ -305,13 +307,7 @@ mod tests {
             (b"\x01", Err(BearerError::Malformed)),
         ];
         for (input, want) in cases {
-            let got = decode_oauthbearer(input).map(|b| {
-                (
-                    b.user,
-                    String::from_utf8(b.token.expose().to_vec()).unwrap(),
-                )
-            });
-            assert_eq!(&got, want, "{input:?}");
+            assert_eq!(&decoded(decode_oauthbearer(input)), want, "{input:?}");
         }
     }
 }
