@@ -149,22 +149,14 @@ mod tests {
             "[2001:db8::7]:40000".parse().unwrap()
         );
         assert_eq!(parse(b"PROXY UNKNOWN\r\n", peer()).unwrap(), peer());
-        let v2 = v2_header(
-            "203.0.113.5:1234".parse().unwrap(),
-            "10.0.0.1:993".parse().unwrap(),
-        );
-        assert_eq!(
-            parse(&v2, peer()).unwrap(),
-            "203.0.113.5:1234".parse().unwrap()
-        );
-        let v2 = v2_header(
-            "[2001:db8::5]:1234".parse().unwrap(),
-            "[2001:db8::1]:993".parse().unwrap(),
-        );
-        assert_eq!(
-            parse(&v2, peer()).unwrap(),
-            "[2001:db8::5]:1234".parse().unwrap()
-        );
+        for (client, server) in [
+            ("203.0.113.5:1234", "10.0.0.1:993"),
+            ("[2001:db8::5]:1234", "[2001:db8::1]:993"),
+        ] {
+            let client: SocketAddr = client.parse().unwrap();
+            let v2 = v2_header(client, server.parse().unwrap());
+            assert_eq!(parse(&v2, peer()).unwrap(), client);
+        }
     }
 
     #[test]
