@@ -161,11 +161,7 @@ mod tests {
 
     #[test]
     fn hash_and_verify() {
-        let p = Argon2Params {
-            m_kib: 64,
-            t: 1,
-            p: 1,
-        };
+        let p = Argon2Params::light(64);
         let pw = generate();
         let phc = hash(&pw, p).unwrap();
         assert!(phc.starts_with("$argon2id$v=19$m=64,t=1,p=1$"));
@@ -182,11 +178,7 @@ mod verify_in_tests {
 
     #[test]
     fn verify_in_agrees_with_verify_and_reuses_its_memory() {
-        let params = Argon2Params {
-            m_kib: 1024,
-            t: 1,
-            p: 1,
-        };
+        let params = Argon2Params::light(1024);
         let pw = generate();
         let phc = hash(&pw, params).unwrap();
         let mut mem = Vec::new();
@@ -195,15 +187,7 @@ mod verify_in_tests {
         assert!(!verify_in(&generate(), &phc, &mut mem));
         assert!(!verify_in(&pw, "not a phc", &mut mem));
         // A hash with smaller parameters runs in the same (larger) buffer.
-        let small = hash(
-            &pw,
-            Argon2Params {
-                m_kib: 256,
-                t: 1,
-                p: 1,
-            },
-        )
-        .unwrap();
+        let small = hash(&pw, Argon2Params::light(256)).unwrap();
         assert!(verify_in(&pw, &small, &mut mem) && verify(&pw, &small));
         assert_eq!(mem.len(), 1024);
     }

@@ -759,20 +759,9 @@ mod tests {
 
     #[test]
     fn rehash_detection() {
-        let p = Argon2Params {
-            m_kib: 64,
-            t: 1,
-            p: 1,
-        };
+        let p = Argon2Params::light(64);
         let h = app_password::hash(&Secret::from_slice(b"abcdefghijklmnop"), p).unwrap();
         assert!(!needs_rehash(&h, p));
-        assert!(needs_rehash(
-            &h,
-            Argon2Params {
-                m_kib: 128,
-                t: 1,
-                p: 1
-            }
-        ));
+        assert!(needs_rehash(&h, Argon2Params::light(128)));
     }
 }

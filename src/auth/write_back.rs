@@ -53,11 +53,7 @@ mod tests {
     use time::OffsetDateTime;
 
     fn one_user_file(dir: &std::path::Path) -> (std::path::PathBuf, String) {
-        let p = Argon2Params {
-            m_kib: 64,
-            t: 1,
-            p: 1,
-        };
+        let p = Argon2Params::light(64);
         let hash = app_password::hash(&Secret::from_slice(b"abcdefghijklmnop"), p).unwrap();
         let mut f = UsersFile {
             version: 1,

@@ -302,6 +302,14 @@ pub struct Argon2Params {
     pub p: u32,
 }
 
+#[cfg(test)]
+impl Argon2Params {
+    /// Cheap parameters for unit tests: `m_kib` KiB, one pass, one lane.
+    pub(crate) fn light(m_kib: u32) -> Self {
+        Self { m_kib, t: 1, p: 1 }
+    }
+}
+
 impl Default for Argon2Params {
     fn default() -> Self {
         Self {
