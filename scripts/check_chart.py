@@ -975,6 +975,7 @@ COMMENTED_EXAMPLE_KEYS: dict[str, re.Pattern[str]] = {
     "state.redis.key_prefix": re.compile(r"^\s*#\s+key_prefix:\s", re.MULTILINE),
     "state.redis.on_error": re.compile(r"^\s*#\s+on_error:\s", re.MULTILINE),
     "state.redis.timeout": re.compile(r"^\s*#\s+timeout:\s", re.MULTILINE),
+    "state.redis.allow_eviction": re.compile(r"^\s*#\s+allow_eviction:\s", re.MULTILINE),
 }
 
 
