@@ -507,11 +507,7 @@ async fn accept_loop(
         };
         let peer = normalize_peer(peer);
         let refuse = |reason: &str| {
-            shared
-                .metrics
-                .connections
-                .with_label_values(&[&info.name, reason])
-                .inc();
+            count_connection(&shared, &info, reason);
             tracing::debug!(peer = %peer, reason, "connection refused");
         };
         if info.proxy_protocol {
@@ -540,11 +536,7 @@ async fn accept_loop(
                         admit(tcp, client, place, &info, &shared, &admission).await
                     }
                     Err(e) => {
-                        shared
-                            .metrics
-                            .connections
-                            .with_label_values(&[&info.name, e.as_str()])
-                            .inc();
+                        count_connection(&shared, &info, e.as_str());
                         tracing::debug!(peer = %peer, reason = e.as_str(), "PROXY header refused");
                     }
                 }
@@ -558,11 +550,7 @@ async fn accept_loop(
         }
         match admission.admit(peer.ip()) {
             Ok(ticket) => {
-                shared
-                    .metrics
-                    .connections
-                    .with_label_values(&[&info.name, "accepted"])
-                    .inc();
+                count_connection(&shared, &info, "accepted");
                 tracker.spawn(session::run(
                     shared.clone(),
                     info.clone(),
@@ -589,13 +577,7 @@ async fn admit(
     shared: &Arc<Shared>,
     admission: &Admission,
 ) {
-    let count = |outcome: &str| {
-        shared
-            .metrics
-            .connections
-            .with_label_values(&[&info.name, outcome])
-            .inc();
-    };
+    let count = |outcome: &str| count_connection(shared, info, outcome);
     if shared.login.guard.denied(client.ip()) {
         count("refused_deny_list");
         return;
@@ -607,6 +589,15 @@ async fn admit(
         }
         Err(refusal) => count(refusal.as_str()),
     }
+}
+
+/// Counts one connection to `info`'s listener by its outcome: `accepted`, or why it was refused.
+fn count_connection(shared: &Shared, info: &ListenerInfo, outcome: &str) {
+    shared
+        .metrics
+        .connections
+        .with_label_values(&[&info.name, outcome])
+        .inc();
 }
 
 /// IPv4-mapped IPv6 peers (from a `[::]` listener) are treated as the IPv4 address they are.
