@@ -10,7 +10,8 @@ Without tools:
     stays quiet.
   * deploy/grafana/imapgate-dashboard.json: the data source is a template variable that every
     panel and query uses; panel ids are unique; every metric a query uses is documented, and
-    every documented metric is on the dashboard.
+    every documented metric is on the dashboard; the chart's copy
+    (helm/imapgate/files/imapgate-dashboard.json, for its dashboard ConfigMap) is identical.
   * deploy/systemd/imapgate.service carries the hardening the project promises.
   * deploy/Dockerfile is multi-stage and runs as a numeric non-root user.
 With tools, when they are there: `promtool check rules` and `promtool test rules` on the alerts,
@@ -192,14 +193,25 @@ def dashboard_exprs(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
     return found
 
 
-def check_dashboard(repo: Path, metrics: dict[str, str], promtool: str | None, report: Reporter) -> None:
+def check_dashboard(
+    repo: Path, chart_dir: Path, metrics: dict[str, str], promtool: str | None, report: Reporter
+) -> None:
     path = repo / "deploy" / "grafana" / "imapgate-dashboard.json"
     where = str(path.relative_to(repo))
     try:
-        dashboard = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        dashboard = json.loads(text)
     except (OSError, json.JSONDecodeError) as err:
         report.fail(where, f"does not load: {err}")
         return
+    # The chart ships the same file for its dashboard ConfigMap (grafanaDashboard.enabled).
+    copy = chart_dir / "files" / "imapgate-dashboard.json"
+    copy_name = os.path.relpath(copy, repo)
+    report.check(
+        copy.is_file() and copy.read_text(encoding="utf-8") == text,
+        copy_name,
+        f"must be identical to {where} (cp {where} {copy_name})",
+    )
     variables = {v.get("name"): v for v in dashboard.get("templating", {}).get("list", [])}
     source = variables.get("datasource", {})
     report.check(
@@ -413,7 +425,7 @@ def check_deploy(
     groups = check_alerts(repo, chart_dir, metrics, report)
     if promtool:
         check_alerts_with_promtool(repo, promtool, report)
-    check_dashboard(repo, metrics, promtool, report)
+    check_dashboard(repo, chart_dir, metrics, promtool, report)
     check_systemd_unit(repo, systemd_analyze, imapgate, report)
     check_dockerfile(repo, checkov, report)
     return groups
