@@ -4,7 +4,8 @@ which passes its Report; every problem is collected, none stops the run.
 
 Without tools:
   * deploy/prometheus/imapgate-alerts.yaml: every alert has a severity and summary, description
-    and runbook annotations; every runbook names a section of docs/operations.md; every metric
+    and runbook_url annotations; every runbook_url is RUNBOOK_BASE#<a section of
+    docs/operations.md>; every metric
     an expression uses is in docs/metrics.md; the chart's copy (helm/imapgate/files/alerts.yaml)
     is identical; the unit tests have, for every alert, a case where it fires and one where it
     stays quiet.
@@ -44,7 +45,10 @@ PENDING_METRICS: dict[str, str] = {}
 METRIC = re.compile(r"\bimapgate_[a-z0-9_]+\b")
 DOC_ROW = re.compile(r"^\| `(imapgate_[a-z0-9_]+)` \| (counter|gauge|histogram) \|", re.MULTILINE)
 SEVERITIES = ("critical", "warning", "info")
-RUNBOOK = re.compile(r"^docs/operations\.md#([a-z0-9-]+)$")
+# Where the alerts' runbook_url annotations point (docs/operations.md as published; the chart's
+# prometheusRule.runbookBaseUrl defaults to the same address).
+RUNBOOK_BASE = "https://github.com/imapgate/imapgate/blob/main/docs/operations.md"
+RUNBOOK = re.compile("^" + re.escape(RUNBOOK_BASE) + r"#([a-z0-9-]+)$")
 
 
 def run(args: list[str], timeout: int = 300, env: dict[str, str] | None = None) -> tuple[int, str]:
@@ -129,10 +133,11 @@ def check_alerts(repo: Path, chart_dir: Path, metrics: dict[str, str], report: R
                 rule.get("labels", {}).get("severity") in SEVERITIES, here, f"severity must be one of {SEVERITIES}"
             )
             annotations = rule.get("annotations", {})
-            for key in ("summary", "description", "runbook"):
+            for key in ("summary", "description", "runbook_url"):
                 report.check(bool(annotations.get(key)), here, f"needs a {key} annotation")
-            runbook = RUNBOOK.match(str(annotations.get("runbook", "")))
-            if report.check(bool(runbook), here, "runbook must be docs/operations.md#<section>"):
+            report.check("runbook" not in annotations, here, "the runbook's annotation is runbook_url")
+            runbook = RUNBOOK.match(str(annotations.get("runbook_url", "")))
+            if report.check(bool(runbook), here, f"runbook_url must be {RUNBOOK_BASE}#<section>"):
                 report.check(
                     runbook.group(1) in anchors,  # type: ignore[union-attr]
                     here,
