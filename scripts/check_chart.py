@@ -588,7 +588,7 @@ def labels_match(selector: dict[str, str] | None, labels: dict[str, str]) -> boo
 
 
 # The alert groups of deploy/prometheus/imapgate-alerts.yaml, which the PrometheusRule must carry
-# (set by main()).
+# with its default values (set by main(); check_monitoring compares them).
 DEPLOY_ALERT_GROUPS: list[Any] | None = None
 
 
@@ -720,13 +720,7 @@ def check_production_objects(
             report.check(endpoint.get("port") in names, where, f"ServiceMonitor endpoint port {endpoint.get('port')} is unknown")
             report.check(endpoint.get("path") == "/metrics", where, "the ServiceMonitor must scrape /metrics")
 
-    rule = (by_kind.get("PrometheusRule") or [None])[0]
-    if rule and DEPLOY_ALERT_GROUPS is not None:
-        report.check(
-            rule["spec"].get("groups") == DEPLOY_ALERT_GROUPS,
-            where,
-            "the PrometheusRule's groups must equal deploy/prometheus/imapgate-alerts.yaml's",
-        )
+    # The PrometheusRule's rules: check_monitoring (against DEPLOY_ALERT_GROUPS).
 
     certificate = (by_kind.get("Certificate") or [None])[0]
     if certificate:
@@ -1002,10 +996,10 @@ def check_rendering(
     example_paths: set[str],
     deep: DeepChecks | None,
     report: Report,
-    monitoring: dict[str, Callable[[list[dict[str, Any]]], list[tuple[bool, str]]]] | None = None,
+    monitoring: check_monitoring.Checks | None = None,
 ) -> None:
     """Renders every variant (check_chart's and check_monitoring's) and checks what it renders;
-    monitoring: check_monitoring's expectations, checked beside MANIFEST_EXPECTATIONS."""
+    monitoring: check_monitoring's checks of each render, beside MANIFEST_EXPECTATIONS."""
     failure_messages = {**FAILURE_MESSAGES, **check_monitoring.FAILURE_MESSAGES}
     for name, overrides, must_render in render_variants(values, full_values) + check_monitoring.VARIANTS:
         try:
@@ -1033,7 +1027,7 @@ def check_rendering(
             "a template printed <no value> (a missing value)",
         )
         check_rendered(name, docs, example_paths, report)
-        for ok, message in (monitoring or {}).get(name, lambda _d: [])(docs):
+        for ok, message in monitoring.pairs(name, docs) if monitoring else []:
             report.check(ok, f"render[{name}]", message)
         config_maps = [d for d in docs if d.get("kind") == "ConfigMap" and not check_monitoring.is_dashboard_config_map(d)]
         if len(config_maps) != 1:
@@ -1711,7 +1705,9 @@ def main() -> int:
                     documented_paths(example, args.example_config, report),
                     deep,
                     report,
-                    monitoring=check_monitoring.expectations(chart_dir, FULL_VALUES),
+                    monitoring=check_monitoring.Checks(
+                        repo, chart_dir, FULL_VALUES, DEPLOY_ALERT_GROUPS, tools["promtool"], Path(tmp)
+                    ),
                 )
                 skipped += [s for s in deep.skipped if s != "manifests"]
 

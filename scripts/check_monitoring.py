@@ -1,20 +1,32 @@
-"""Checks of the chart's monitoring objects: the Grafana dashboard ConfigMap (grafanaDashboard).
-Used by scripts/check_chart.py, which adds these value sets to its own: BAD_VALUES (the schema
-must refuse each), VARIANTS (rendered, or refused with FAILURE_MESSAGES), and EXPECTATIONS (what
-each variant must render).
+"""Checks of the chart's monitoring objects: the Grafana dashboard ConfigMap (grafanaDashboard) and
+the PrometheusRule (prometheusRule). Used by scripts/check_chart.py, which adds these value sets
+to its own: BAD_VALUES (the schema must refuse each), VARIANTS (rendered, or refused with
+FAILURE_MESSAGES), and Checks.pairs (what each render must hold).
 
   * The dashboard ConfigMap carries files/imapgate-dashboard.json byte for byte (that file is
     deploy/grafana/imapgate-dashboard.json: check_deploy.py), the sidecar's label (key and value
     as set), the folder annotation when a folder is set, and the namespace asked for.
+  * The PrometheusRule renders, with the default values, exactly the groups of
+    deploy/prometheus/imapgate-alerts.yaml (the file promtool's unit tests cover); with other
+    values, the thresholds, for: durations, labels, switches and runbook address asked for, and
+    nothing else changed. Every PrometheusRule any variant renders passes `promtool check rules`
+    (when promtool is on PATH), and each runbook_url ends in its alert's section of
+    docs/operations.md.
 """
 
 from __future__ import annotations
 
+import copy
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import check_deploy
+import yaml
+
 Docs = list[dict[str, Any]]
+Pairs = list[tuple[bool, str]]
 
 DASHBOARD_COMPONENT = "grafana-dashboard"
 DASHBOARD_KEY = "imapgate-dashboard.json"
@@ -28,6 +40,16 @@ def is_dashboard_config_map(doc: dict[str, Any]) -> bool:
 
 def dashboards(docs: Docs) -> Docs:
     return [d for d in docs if is_dashboard_config_map(d)]
+
+
+def rule_groups(docs: Docs) -> list[Any] | None:
+    found = [d for d in docs if d.get("kind") == "PrometheusRule"]
+    return found[0].get("spec", {}).get("groups") if len(found) == 1 else None
+
+
+def rules(docs: Docs) -> dict[str, dict[str, Any]]:
+    """alert name -> rule, of the one PrometheusRule."""
+    return {r["alert"]: r for g in rule_groups(docs) or [] for r in g.get("rules", []) if "alert" in r}
 
 
 # Values the schema must refuse.
@@ -44,10 +66,62 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("grafanaDashboard.folder", "/var/lib/grafana"),
     ("grafanaDashboard.folderAnnotation", "grafana folder"),
     ("grafanaDashboard.annotations", {"grafana_folder": 1}),
+    ("prometheusRule.runbookBaseUrl", "docs/operations.md"),
+    ("prometheusRule.runbookBaseUrl", "https://wiki.example.org/imapgate#alerts"),
+    ("prometheusRule.runbookBaseUrl", ""),
+    ("prometheusRule.alertLabels", {"team": 1}),
+    ("prometheusRule.alertLabels", {"team-name": "mail"}),
+    ("prometheusRule.alerts.ImapgateBackendDow", {"enabled": False}),
+    ("prometheusRule.alerts.ImapgateBackendDown.enabled", "false"),
+    ("prometheusRule.alerts.ImapgateBackendDown.for", "5 minutes"),
+    ("prometheusRule.alerts.ImapgateBackendDown.for", 300),
+    ("prometheusRule.alerts.ImapgateBackendDown.threshold", 1),
+    # severity: null in a values file deletes it; the schema sees labels without it.
+    ("prometheusRule.alerts.ImapgateBackendDown.labels", {"team": "mail"}),
+    ("prometheusRule.alerts.ImapgateBackendDown.labels", {"severity": ""}),
+    ("prometheusRule.alerts.ImapgateBackendDown.labels", {"severity": "critical", "pager": True}),
+    ("prometheusRule.alerts.ImapgateAuthFailureSpike.failureRatio", 50),
+    ("prometheusRule.alerts.ImapgateAuthFailureSpike.failureRatio", 0),
+    ("prometheusRule.alerts.ImapgateAuthFailureSpike.failureRatio", "0.5"),
+    ("prometheusRule.alerts.ImapgateAuthFailureSpike.minFailuresPerMinute", -1),
+    ("prometheusRule.alerts.ImapgateAccountInAttackMode.accountsAbove", 0.5),
+    ("prometheusRule.alerts.ImapgateCertificateExpiringSoon.daysLeft", 0),
+    ("prometheusRule.alerts.ImapgateCertificateExpiryImminent.daysLeft", "3d"),
 ]
 
 DASHBOARD_DEFAULTS = "Grafana dashboard with its defaults"
 DASHBOARD_TUNED = "Grafana dashboard in the monitoring namespace, own label, folder"
+RULE_DEFAULTS = "PrometheusRule with its defaults: deploy/'s rules"
+RULE_TUNED = "PrometheusRule with thresholds, for, labels, runbook address, two alerts off"
+RULE_ALL_OFF = "PrometheusRule with every alert off"
+
+# Every alert of prometheusRule.alerts, in the order of the rules.
+ALERTS = [
+    "ImapgatePasswordSpraying",
+    "ImapgateAuthFailureSpike",
+    "ImapgateAppPasswordLeaked",
+    "ImapgateAppPasswordSuspect",
+    "ImapgateAccountInAttackMode",
+    "ImapgateBackendDown",
+    "ImapgateCertificateExpiringSoon",
+    "ImapgateCertificateExpiryImminent",
+    "ImapgateReloadFailing",
+    "ImapgateConfigRestartNeeded",
+    "ImapgateStateStoreErrors",
+]
+
+WIKI = "https://wiki.example.org/mail/imapgate-operations"
+TUNED_ALERTS: dict[str, Any] = {
+    "ImapgatePasswordSpraying": {"for": "5m", "labels": {"severity": "critical"}},
+    "ImapgateAuthFailureSpike": {"failureRatio": 0.25, "minFailuresPerMinute": 3, "for": "30m"},
+    "ImapgateAppPasswordLeaked": {"enabled": False},
+    "ImapgateAccountInAttackMode": {"accountsAbove": 5},
+    "ImapgateBackendDown": {"for": "0s", "labels": {"pager": "yes"}},
+    "ImapgateCertificateExpiringSoon": {"daysLeft": 21},
+    "ImapgateCertificateExpiryImminent": {"daysLeft": 7, "for": "1h"},
+    "ImapgateConfigRestartNeeded": {"enabled": False},
+    "ImapgateStateStoreErrors": {"for": "2m"},
+}
 
 # (name, overrides, must_render), as check_chart.render_variants.
 VARIANTS: list[tuple[str, dict[str, Any], bool]] = [
@@ -69,69 +143,213 @@ VARIANTS: list[tuple[str, dict[str, Any], bool]] = [
         },
         True,
     ),
+    (RULE_DEFAULTS, {"prometheusRule": {"enabled": True}}, True),
+    (
+        RULE_TUNED,
+        {
+            "prometheusRule": {
+                "enabled": True,
+                "runbookBaseUrl": WIKI,
+                # severity here loses to each alert's own.
+                "alertLabels": {"team": "mail", "severity": "page"},
+                "alerts": TUNED_ALERTS,
+            }
+        },
+        True,
+    ),
+    (
+        RULE_ALL_OFF,
+        {"prometheusRule": {"enabled": True, "alerts": {name: {"enabled": False} for name in ALERTS}}},
+        False,
+    ),
 ]
 
 # What refusals among VARIANTS must say.
-FAILURE_MESSAGES: dict[str, str | tuple[str, ...]] = {}
+FAILURE_MESSAGES: dict[str, str | tuple[str, ...]] = {
+    RULE_ALL_OFF: "every alert in prometheusRule.alerts is disabled",
+}
 
 
-def _dashboard_text(chart_dir: Path) -> str:
-    return (chart_dir / "files" / DASHBOARD_KEY).read_text(encoding="utf-8")
+class Checks:
+    """What each render must hold (pairs), for check_chart.check_rendering."""
 
+    def __init__(
+        self,
+        repo: Path,
+        chart_dir: Path,
+        full_values: str,
+        deploy_groups: list[Any] | None,
+        promtool: str | None,
+        tmp: Path,
+    ) -> None:
+        self.chart_dir = chart_dir
+        self.promtool = promtool
+        self.promtool_runs = 0
+        self.tmp = tmp
+        self.deploy_groups = deploy_groups or []
+        self.deploy_rules = {r["alert"]: r for g in self.deploy_groups for r in g.get("rules", []) if "alert" in r}
+        operations = repo / "docs" / "operations.md"
+        self.anchors = check_deploy.github_anchors(operations.read_text(encoding="utf-8")) if operations.is_file() else set()
+        self.dashboard = (chart_dir / "files" / DASHBOARD_KEY).read_text(encoding="utf-8")
+        self.by_name: dict[str, Callable[[Docs], Pairs]] = {
+            "defaults": lambda d: [
+                (not dashboards(d), "no dashboard ConfigMap by default"),
+                (rule_groups(d) is None, "no PrometheusRule by default"),
+            ],
+            full_values: self.full_values,
+            DASHBOARD_DEFAULTS: self.dashboard_defaults,
+            DASHBOARD_TUNED: self.dashboard_tuned,
+            RULE_DEFAULTS: lambda d: [
+                (
+                    rule_groups(d) == self.deploy_groups,
+                    "with its default values the PrometheusRule's groups must equal "
+                    "deploy/prometheus/imapgate-alerts.yaml's",
+                ),
+            ],
+            RULE_TUNED: self.rule_tuned,
+        }
 
-def expectations(chart_dir: Path, full_values: str) -> dict[str, Callable[[Docs], list[tuple[bool, str]]]]:
-    """What VARIANTS and some of check_chart's own (by name: "defaults", and full_values for
-    ci/full-values.yaml) must render: (holds, message) pairs."""
-    text = _dashboard_text(chart_dir)
+    def pairs(self, name: str, docs: Docs) -> Pairs:
+        found = self.every_rule(name, docs)
+        return found + self.by_name.get(name, lambda _d: [])(docs)
 
+    # the PrometheusRule ------------------------------------------------------------------
+
+    def every_rule(self, name: str, docs: Docs) -> Pairs:
+        """Any render's PrometheusRule: known alerts, runbook sections, promtool check rules."""
+        groups = rule_groups(docs)
+        if groups is None:
+            return []
+        found: Pairs = []
+        for alert, rule in rules(docs).items():
+            found.append((alert in self.deploy_rules, f"alert {alert} is not in deploy/prometheus/imapgate-alerts.yaml"))
+            url = str(rule.get("annotations", {}).get("runbook_url", ""))
+            anchor = url.rpartition("#")[2]
+            found.append(
+                (anchor == alert.lower() and anchor in self.anchors, f"{alert}: runbook_url {url} must end in #{alert.lower()}, a heading of docs/operations.md")
+            )
+            found.append((bool(rule.get("labels", {}).get("severity")), f"{alert} needs a severity label"))
+        if self.promtool:
+            self.promtool_runs += 1
+            target = self.tmp / f"prometheusrule-{self.promtool_runs}.yaml"
+            target.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False), encoding="utf-8")
+            done = subprocess.run(
+                [self.promtool, "check", "rules", str(target)], capture_output=True, text=True, check=False, timeout=120
+            )
+            found.append((done.returncode == 0, f"promtool check rules on the PrometheusRule: {done.stdout}{done.stderr}"))
+        return found
+
+    def like_deploy(self, rule: dict[str, Any], base: str, extra_labels: dict[str, str]) -> dict[str, Any]:
+        """The rendered rule as deploy/ would have it: runbook_url on RUNBOOK_BASE, without the
+        labels the values added."""
+        out = copy.deepcopy(rule)
+        annotations = out.get("annotations", {})
+        url = str(annotations.get("runbook_url", ""))
+        if url.startswith(base + "#"):
+            annotations["runbook_url"] = check_deploy.RUNBOOK_BASE + url[len(base) :]
+        for key in extra_labels:
+            if out.get("labels", {}).get(key) == extra_labels[key]:
+                del out["labels"][key]
+        return out
+
+    def full_values(self, docs: Docs) -> Pairs:
+        found = self.carries_the_dashboard(docs)
+        found += [
+            (self.one(docs).get("metadata", {}).get("namespace") == "monitoring", "the full values put the dashboard in monitoring"),
+            (self.meta(docs, "annotations").get("k8s-sidecar-target-directory") == "Mail", "the full values set a folder"),
+        ]
+        rendered = rules(docs)
+        found.append((list(rendered) == list(self.deploy_rules), "the full values render every alert"))
+        for alert, rule in rendered.items():
+            found.append((rule.get("labels", {}).get("team") == "mail", f"{alert}: alertLabels must render"))
+            found.append(
+                (
+                    self.like_deploy(rule, check_deploy.RUNBOOK_BASE, {"team": "mail"}) == self.deploy_rules.get(alert),
+                    f"{alert}: besides alertLabels, the full values render deploy/'s rule",
+                )
+            )
+        return found
+
+    def rule_tuned(self, docs: Docs) -> Pairs:
+        rendered = rules(docs)
+        off = [a for a, v in TUNED_ALERTS.items() if v.get("enabled") is False]
+        found: Pairs = [
+            (list(rendered) == [a for a in self.deploy_rules if a not in off], f"alerts switched off must not render: {list(rendered)}"),
+        ]
+
+        def rule(alert: str) -> dict[str, Any]:
+            return rendered.get(alert, {})
+
+        def description(alert: str) -> str:
+            return " ".join(str(rule(alert).get("annotations", {}).get("description", "")).split())
+
+        spray, spike = rule("ImapgatePasswordSpraying"), rule("ImapgateAuthFailureSpike")
+        found += [
+            (spray.get("for") == "5m", "ImapgatePasswordSpraying: for must render"),
+            (spray.get("labels") == {"severity": "critical", "team": "mail"}, f"labels: the alert's own severity over alertLabels, not {spray.get('labels')}"),
+            (") > 0.25\n" in spike.get("expr", "") and "* 60 > 3\n" in spike.get("expr", ""), "ImapgateAuthFailureSpike: thresholds must render in expr"),
+            (spike.get("for") == "30m", "ImapgateAuthFailureSpike: for must render"),
+            ("ratio of 0.25), at more than 3 failures a minute, for 30m." in description("ImapgateAuthFailureSpike"), "ImapgateAuthFailureSpike: the description must quote the thresholds"),
+            (rule("ImapgateAccountInAttackMode").get("expr", "").rstrip().endswith("> 5"), "ImapgateAccountInAttackMode: accountsAbove must render"),
+            ("for" not in rule("ImapgateBackendDown"), "for: 0s must leave for: out"),
+            (rule("ImapgateBackendDown").get("labels") == {"severity": "critical", "pager": "yes", "team": "mail"}, "alert labels must add to severity and alertLabels"),
+            ("< 21 * 86400" in rule("ImapgateCertificateExpiringSoon").get("expr", ""), "ImapgateCertificateExpiringSoon: daysLeft must render"),
+            ("(less than 21 days)" in description("ImapgateCertificateExpiringSoon"), "the description must quote daysLeft"),
+            ("< 7 * 86400" in rule("ImapgateCertificateExpiryImminent").get("expr", ""), "ImapgateCertificateExpiryImminent: daysLeft must render"),
+            (rule("ImapgateCertificateExpiryImminent").get("for") == "1h", "ImapgateCertificateExpiryImminent: for must render"),
+            (rule("ImapgateStateStoreErrors").get("for") == "2m" and "for 2m." in description("ImapgateStateStoreErrors"), "ImapgateStateStoreErrors: for must render, also in the description"),
+        ]
+        for alert, r in rendered.items():
+            url = str(r.get("annotations", {}).get("runbook_url", ""))
+            found.append((url == f"{WIKI}#{alert.lower()}", f"{alert}: runbook_url must be on runbookBaseUrl, not {url}"))
+            if alert not in TUNED_ALERTS:
+                found.append(
+                    (
+                        self.like_deploy(r, WIKI, {"team": "mail"}) == self.deploy_rules.get(alert),
+                        f"{alert}: values that do not concern it must not change it",
+                    )
+                )
+        return found
+
+    # the dashboard ConfigMap ---------------------------------------------------------------
+
+    @staticmethod
     def one(docs: Docs) -> dict[str, Any]:
         found = dashboards(docs)
         return found[0] if len(found) == 1 else {}
 
-    def meta(docs: Docs, key: str) -> dict[str, Any]:
-        return one(docs).get("metadata", {}).get(key) or {}
+    def meta(self, docs: Docs, key: str) -> dict[str, Any]:
+        return self.one(docs).get("metadata", {}).get(key) or {}
 
-    def carries_the_dashboard(docs: Docs) -> list[tuple[bool, str]]:
+    def carries_the_dashboard(self, docs: Docs) -> Pairs:
+        data = self.one(docs).get("data") or {}
         return [
             (len(dashboards(docs)) == 1, f"one dashboard ConfigMap, got {len(dashboards(docs))}"),
-            (
-                (one(docs).get("data") or {}).get(DASHBOARD_KEY) == text,
-                f"the ConfigMap's {DASHBOARD_KEY} must be files/{DASHBOARD_KEY} byte for byte",
-            ),
-            (
-                list((one(docs).get("data") or {})) == [DASHBOARD_KEY],
-                f"the ConfigMap must hold only {DASHBOARD_KEY}",
-            ),
+            (data.get(DASHBOARD_KEY) == self.dashboard, f"the ConfigMap's {DASHBOARD_KEY} must be files/{DASHBOARD_KEY} byte for byte"),
+            (list(data) == [DASHBOARD_KEY], f"the ConfigMap must hold only {DASHBOARD_KEY}"),
         ]
 
-    return {
-        "defaults": lambda d: [(not dashboards(d), "no dashboard ConfigMap by default")],
-        full_values: lambda d: [
-            *carries_the_dashboard(d),
-            (one(d).get("metadata", {}).get("namespace") == "monitoring", "the full values put the dashboard in monitoring"),
-            (meta(d, "annotations").get("k8s-sidecar-target-directory") == "Mail", "the full values set a folder"),
-        ],
-        DASHBOARD_DEFAULTS: lambda d: [
-            *carries_the_dashboard(d),
-            (one(d).get("metadata", {}).get("name") == "mail-imapgate-dashboard", "the ConfigMap is <fullname>-dashboard"),
-            (one(d).get("metadata", {}).get("namespace") == "mail", "the ConfigMap defaults to the release's namespace"),
-            (meta(d, "labels").get("grafana_dashboard") == "1", 'the sidecar label must default to grafana_dashboard: "1"'),
-            (meta(d, "labels").get("app.kubernetes.io/instance") == "mail", "the chart's labels must render"),
-            (not meta(d, "annotations"), f"no folder, no annotations: no annotations, not {meta(d, 'annotations')!r}"),
-        ],
-        DASHBOARD_TUNED: lambda d: [
-            *carries_the_dashboard(d),
-            (one(d).get("metadata", {}).get("namespace") == "monitoring", "grafanaDashboard.namespace must render"),
-            (meta(d, "labels").get("example.org/dashboard") == "imapgate", "label and labelValue must render, over labels"),
-            ("grafana_dashboard" not in meta(d, "labels"), "another label key replaces grafana_dashboard"),
-            (meta(d, "labels").get("team") == "mail", "grafanaDashboard.labels must render"),
+    def dashboard_defaults(self, d: Docs) -> Pairs:
+        return [
+            *self.carries_the_dashboard(d),
+            (self.one(d).get("metadata", {}).get("name") == "mail-imapgate-dashboard", "the ConfigMap is <fullname>-dashboard"),
+            (self.one(d).get("metadata", {}).get("namespace") == "mail", "the ConfigMap defaults to the release's namespace"),
+            (self.meta(d, "labels").get("grafana_dashboard") == "1", 'the sidecar label must default to grafana_dashboard: "1"'),
+            (self.meta(d, "labels").get("app.kubernetes.io/instance") == "mail", "the chart's labels must render"),
+            (not self.meta(d, "annotations"), f"no folder, no annotations: none, not {self.meta(d, 'annotations')!r}"),
+        ]
+
+    def dashboard_tuned(self, d: Docs) -> Pairs:
+        labels = self.meta(d, "labels")
+        return [
+            *self.carries_the_dashboard(d),
+            (self.one(d).get("metadata", {}).get("namespace") == "monitoring", "grafanaDashboard.namespace must render"),
+            (labels.get("example.org/dashboard") == "imapgate", "label and labelValue must render, over labels"),
+            ("grafana_dashboard" not in labels, "another label key replaces grafana_dashboard"),
+            (labels.get("team") == "mail", "grafanaDashboard.labels must render"),
+            (labels.get("app.kubernetes.io/component") == DASHBOARD_COMPONENT, "grafanaDashboard.labels must not replace the chart's own labels"),
             (
-                meta(d, "labels").get("app.kubernetes.io/component") == DASHBOARD_COMPONENT,
-                "grafanaDashboard.labels must not replace the chart's own labels",
+                self.meta(d, "annotations") == {"grafana_folder": "Mail/imapgate", "example.org/owner": "mail-team"},
+                f"the folder annotation and annotations must render, not {self.meta(d, 'annotations')!r}",
             ),
-            (
-                meta(d, "annotations") == {"grafana_folder": "Mail/imapgate", "example.org/owner": "mail-team"},
-                f"the folder annotation and annotations must render, not {meta(d, 'annotations')!r}",
-            ),
-        ],
-    }
+        ]
