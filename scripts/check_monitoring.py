@@ -6,10 +6,12 @@ FAILURE_MESSAGES), and Checks.pairs (what each render must hold).
   * The dashboard ConfigMap carries files/imapgate-dashboard.json byte for byte (that file is
     deploy/grafana/imapgate-dashboard.json: check_deploy.py), the sidecar's label (key and value
     as set), the folder annotation when a folder is set, and the namespace asked for.
-  * The PrometheusRule renders, with the default values, exactly the groups of
-    deploy/prometheus/imapgate-alerts.yaml (the file promtool's unit tests cover); with other
-    values, the thresholds, for: durations, labels, switches and runbook address asked for, and
-    nothing else changed. Every PrometheusRule any variant renders passes `promtool check rules`
+  * The PrometheusRule renders, with the default values and deploy/'s job as targetSelector,
+    exactly the groups of deploy/prometheus/imapgate-alerts.yaml (the file promtool's unit tests
+    cover); with the ServiceMonitor's job, the same but for the up selector; with other values,
+    the thresholds, for: durations, labels, switches, up selector and runbook address asked for,
+    and nothing else changed. Without a ServiceMonitor or targetSelector, the target alerts are
+    refused. Every PrometheusRule any variant renders passes `promtool check rules`
     (when promtool is on PATH), and each runbook_url ends in its alert's section of
     docs/operations.md.
 """
@@ -87,11 +89,22 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("prometheusRule.alerts.ImapgateAccountInAttackMode.accountsAbove", 0.5),
     ("prometheusRule.alerts.ImapgateCertificateExpiringSoon.daysLeft", 0),
     ("prometheusRule.alerts.ImapgateCertificateExpiryImminent.daysLeft", "3d"),
+    ("prometheusRule.alerts.ImapgateConnectionsSaturated.usedRatio", 1.2),
+    ("prometheusRule.alerts.ImapgateConnectionsSaturated.usedRatio", 80),
+    ("prometheusRule.alerts.ImapgateTLSHandshakeFailures.failureRatio", 0),
+    ("prometheusRule.alerts.ImapgateTLSHandshakeFailures.minFailuresPerMinute", "1"),
+    ("prometheusRule.alerts.ImapgateTargetAbsent", {"enabled": False}),
+    ("prometheusRule.targetSelector", "job=imapgate"),
+    ("prometheusRule.targetSelector", 'up{job="imapgate"}'),
+    ("prometheusRule.targetSelector", 'job="imapgate"} or vector(1) or up{'),
 ]
 
 DASHBOARD_DEFAULTS = "Grafana dashboard with its defaults"
 DASHBOARD_TUNED = "Grafana dashboard in the monitoring namespace, own label, folder"
-RULE_DEFAULTS = "PrometheusRule with its defaults: deploy/'s rules"
+RULE_DEFAULTS = "PrometheusRule with its defaults and deploy/'s job: deploy/'s rules"
+RULE_SERVICE_MONITOR = "PrometheusRule and ServiceMonitor with their defaults"
+RULE_NO_JOB = "PrometheusRule without ServiceMonitor or targetSelector"
+RULE_NO_JOB_NO_TARGET_ALERTS = "PrometheusRule without ServiceMonitor, the target alerts off"
 RULE_TUNED = "PrometheusRule with thresholds, for, labels, runbook address, two alerts off"
 RULE_ALL_OFF = "PrometheusRule with every alert off"
 
@@ -108,7 +121,18 @@ ALERTS = [
     "ImapgateReloadFailing",
     "ImapgateConfigRestartNeeded",
     "ImapgateStateStoreErrors",
+    "ImapgateTargetDown",
+    "ImapgateTargetAbsent",
+    "ImapgateConnectionsSaturated",
+    "ImapgateTLSHandshakeFailures",
+    "ImapgateIdentityProviderUnreachable",
 ]
+
+# deploy/'s rules select the gateway's up series with this; the chart's own ServiceMonitor makes
+# CHART_SELECTOR (release mail in namespace mail).
+DEPLOY_SELECTOR = 'job="imapgate"'
+CHART_SELECTOR = 'namespace="mail", job="mail-imapgate-metrics"'
+TUNED_SELECTOR = 'job="mail-gateway", env!="test"'
 
 WIKI = "https://wiki.example.org/mail/imapgate-operations"
 TUNED_ALERTS: dict[str, Any] = {
@@ -121,6 +145,10 @@ TUNED_ALERTS: dict[str, Any] = {
     "ImapgateCertificateExpiryImminent": {"daysLeft": 7, "for": "1h"},
     "ImapgateConfigRestartNeeded": {"enabled": False},
     "ImapgateStateStoreErrors": {"for": "2m"},
+    "ImapgateTargetDown": {"for": "2m"},
+    "ImapgateConnectionsSaturated": {"usedRatio": 0.9},
+    "ImapgateTLSHandshakeFailures": {"failureRatio": 0.3, "minFailuresPerMinute": 5},
+    "ImapgateIdentityProviderUnreachable": {"labels": {"severity": "critical"}},
 }
 
 # (name, overrides, must_render), as check_chart.render_variants.
@@ -143,13 +171,26 @@ VARIANTS: list[tuple[str, dict[str, Any], bool]] = [
         },
         True,
     ),
-    (RULE_DEFAULTS, {"prometheusRule": {"enabled": True}}, True),
+    (RULE_DEFAULTS, {"prometheusRule": {"enabled": True, "targetSelector": DEPLOY_SELECTOR}}, True),
+    (RULE_SERVICE_MONITOR, {"prometheusRule": {"enabled": True}, "serviceMonitor": {"enabled": True}}, True),
+    (RULE_NO_JOB, {"prometheusRule": {"enabled": True}}, False),
+    (
+        RULE_NO_JOB_NO_TARGET_ALERTS,
+        {
+            "prometheusRule": {
+                "enabled": True,
+                "alerts": {"ImapgateTargetDown": {"enabled": False}, "ImapgateTargetAbsent": {"enabled": False}},
+            }
+        },
+        True,
+    ),
     (
         RULE_TUNED,
         {
             "prometheusRule": {
                 "enabled": True,
                 "runbookBaseUrl": WIKI,
+                "targetSelector": TUNED_SELECTOR,
                 # severity here loses to each alert's own.
                 "alertLabels": {"team": "mail", "severity": "page"},
                 "alerts": TUNED_ALERTS,
@@ -167,6 +208,10 @@ VARIANTS: list[tuple[str, dict[str, Any], bool]] = [
 # What refusals among VARIANTS must say.
 FAILURE_MESSAGES: dict[str, str | tuple[str, ...]] = {
     RULE_ALL_OFF: "every alert in prometheusRule.alerts is disabled",
+    RULE_NO_JOB: (
+        "serviceMonitor.enabled is false, so the chart cannot know its job",
+        'Set prometheusRule.targetSelector to your scrape job\'s label matchers (e.g. job="imapgate")',
+    ),
 }
 
 
@@ -206,6 +251,23 @@ class Checks:
                     "deploy/prometheus/imapgate-alerts.yaml's",
                 ),
             ],
+            RULE_SERVICE_MONITOR: lambda d: [
+                (
+                    rules(d).get("ImapgateTargetDown", {}).get("expr") == f"up{{{CHART_SELECTOR}}} == 0\n",
+                    "the target alerts must select the ServiceMonitor's job in the release's namespace",
+                ),
+                *(
+                    (
+                        self.like_deploy(r, check_deploy.RUNBOOK_BASE, {}, CHART_SELECTOR) == self.deploy_rules.get(a),
+                        f"{a}: besides the up selector, deploy/'s rule",
+                    )
+                    for a, r in rules(d).items()
+                ),
+                (list(rules(d)) == ALERTS, "every alert must render"),
+            ],
+            RULE_NO_JOB_NO_TARGET_ALERTS: lambda d: [
+                (list(rules(d)) == [a for a in ALERTS if not a.startswith("ImapgateTarget")], "the target alerts are off"),
+            ],
             RULE_TUNED: self.rule_tuned,
         }
 
@@ -239,11 +301,18 @@ class Checks:
             found.append((done.returncode == 0, f"promtool check rules on the PrometheusRule: {done.stdout}{done.stderr}"))
         return found
 
-    def like_deploy(self, rule: dict[str, Any], base: str, extra_labels: dict[str, str]) -> dict[str, Any]:
+    def like_deploy(
+        self, rule: dict[str, Any], base: str, extra_labels: dict[str, str], selector: str
+    ) -> dict[str, Any]:
         """The rendered rule as deploy/ would have it: runbook_url on RUNBOOK_BASE, without the
-        labels the values added."""
+        labels the values added, DEPLOY_SELECTOR for the up series' selector."""
         out = copy.deepcopy(rule)
+        wanted, given = f"up{{{DEPLOY_SELECTOR}}}", f"up{{{selector}}}"
+        out["expr"] = str(out.get("expr", "")).replace(given, wanted)
         annotations = out.get("annotations", {})
+        for key in ("summary", "description"):
+            if key in annotations:
+                annotations[key] = str(annotations[key]).replace(given, wanted)
         url = str(annotations.get("runbook_url", ""))
         if url.startswith(base + "#"):
             annotations["runbook_url"] = check_deploy.RUNBOOK_BASE + url[len(base) :]
@@ -264,7 +333,8 @@ class Checks:
             found.append((rule.get("labels", {}).get("team") == "mail", f"{alert}: alertLabels must render"))
             found.append(
                 (
-                    self.like_deploy(rule, check_deploy.RUNBOOK_BASE, {"team": "mail"}) == self.deploy_rules.get(alert),
+                    self.like_deploy(rule, check_deploy.RUNBOOK_BASE, {"team": "mail"}, CHART_SELECTOR)
+                    == self.deploy_rules.get(alert),
                     f"{alert}: besides alertLabels, the full values render deploy/'s rule",
                 )
             )
@@ -298,6 +368,17 @@ class Checks:
             ("< 7 * 86400" in rule("ImapgateCertificateExpiryImminent").get("expr", ""), "ImapgateCertificateExpiryImminent: daysLeft must render"),
             (rule("ImapgateCertificateExpiryImminent").get("for") == "1h", "ImapgateCertificateExpiryImminent: for must render"),
             (rule("ImapgateStateStoreErrors").get("for") == "2m" and "for 2m." in description("ImapgateStateStoreErrors"), "ImapgateStateStoreErrors: for must render, also in the description"),
+            (rule("ImapgateTargetDown").get("expr") == f"up{{{TUNED_SELECTOR}}} == 0\n", "targetSelector must select the up series"),
+            (rule("ImapgateTargetDown").get("for") == "2m" and "for 2m (up == 0)" in description("ImapgateTargetDown"), "ImapgateTargetDown: for must render"),
+            (
+                rule("ImapgateTargetAbsent").get("expr") == f"absent(up{{{TUNED_SELECTOR}}})\nor\nsum by (namespace, job) (up{{{TUNED_SELECTOR}}}) == 0\n",
+                f"ImapgateTargetAbsent: targetSelector must select the up series, not {rule('ImapgateTargetAbsent').get('expr')!r}",
+            ),
+            (rule("ImapgateConnectionsSaturated").get("expr", "").rstrip().endswith("> 0.9"), "ImapgateConnectionsSaturated: usedRatio must render"),
+            ("above a ratio of 0.9 of its" in description("ImapgateConnectionsSaturated"), "the description must quote usedRatio"),
+            (") > 0.3\n" in rule("ImapgateTLSHandshakeFailures").get("expr", "") and "* 60 > 5\n" in rule("ImapgateTLSHandshakeFailures").get("expr", ""), "ImapgateTLSHandshakeFailures: thresholds must render in expr"),
+            ("ratio of 0.3), at more than 5 failure a minute" in description("ImapgateTLSHandshakeFailures"), "the description must quote the thresholds"),
+            (rule("ImapgateIdentityProviderUnreachable").get("labels") == {"severity": "critical", "team": "mail"}, "severity must be overridable"),
         ]
         for alert, r in rendered.items():
             url = str(r.get("annotations", {}).get("runbook_url", ""))
@@ -305,7 +386,7 @@ class Checks:
             if alert not in TUNED_ALERTS:
                 found.append(
                     (
-                        self.like_deploy(r, WIKI, {"team": "mail"}) == self.deploy_rules.get(alert),
+                        self.like_deploy(r, WIKI, {"team": "mail"}, TUNED_SELECTOR) == self.deploy_rules.get(alert),
                         f"{alert}: values that do not concern it must not change it",
                     )
                 )
