@@ -605,6 +605,7 @@ def check_production_objects(
     PrometheusRule, Certificate, topology spread) fit the Deployment they belong to."""
     for doc in docs:
         meta = doc.get("metadata", {})
+        # Their namespace is a value (the Prometheus's or the Grafana sidecar's).
         if doc.get("kind") not in ("ServiceMonitor", "PrometheusRule") and not check_monitoring.is_dashboard_config_map(doc):
             report.check(
                 meta.get("namespace") == "mail",

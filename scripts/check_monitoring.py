@@ -234,7 +234,8 @@ class Checks:
         self.deploy_groups = deploy_groups or []
         self.deploy_rules = {r["alert"]: r for g in self.deploy_groups for r in g.get("rules", []) if "alert" in r}
         operations = repo / "docs" / "operations.md"
-        self.anchors = check_deploy.github_anchors(operations.read_text(encoding="utf-8")) if operations.is_file() else set()
+        markdown = operations.read_text(encoding="utf-8") if operations.is_file() else ""
+        self.anchors = check_deploy.github_anchors(markdown)
         self.dashboard = (chart_dir / "files" / DASHBOARD_KEY).read_text(encoding="utf-8")
         self.by_name: dict[str, Callable[[Docs], Pairs]] = {
             "defaults": lambda d: [
@@ -288,7 +289,10 @@ class Checks:
             url = str(rule.get("annotations", {}).get("runbook_url", ""))
             anchor = url.rpartition("#")[2]
             found.append(
-                (anchor == alert.lower() and anchor in self.anchors, f"{alert}: runbook_url {url} must end in #{alert.lower()}, a heading of docs/operations.md")
+                (
+                    anchor == alert.lower() and anchor in self.anchors,
+                    f"{alert}: runbook_url {url} must end in #{alert.lower()}, a heading of docs/operations.md",
+                )
             )
             found.append((bool(rule.get("labels", {}).get("severity")), f"{alert} needs a severity label"))
         if self.promtool:
@@ -343,50 +347,83 @@ class Checks:
     def rule_tuned(self, docs: Docs) -> Pairs:
         rendered = rules(docs)
         off = [a for a, v in TUNED_ALERTS.items() if v.get("enabled") is False]
+        on = [a for a in self.deploy_rules if a not in off]
+
+        def expr(alert: str) -> str:
+            return str(rendered.get(alert, {}).get("expr", ""))
+
+        def text(alert: str) -> str:
+            """The description, on one line."""
+            return " ".join(str(rendered.get(alert, {}).get("annotations", {}).get("description", "")).split())
+
+        def field(alert: str, key: str) -> Any:
+            return rendered.get(alert, {}).get(key)
+
+        up = f"up{{{TUNED_SELECTOR}}}"
         found: Pairs = [
-            (list(rendered) == [a for a in self.deploy_rules if a not in off], f"alerts switched off must not render: {list(rendered)}"),
-        ]
-
-        def rule(alert: str) -> dict[str, Any]:
-            return rendered.get(alert, {})
-
-        def description(alert: str) -> str:
-            return " ".join(str(rule(alert).get("annotations", {}).get("description", "")).split())
-
-        spray, spike = rule("ImapgatePasswordSpraying"), rule("ImapgateAuthFailureSpike")
-        found += [
-            (spray.get("for") == "5m", "ImapgatePasswordSpraying: for must render"),
-            (spray.get("labels") == {"severity": "critical", "team": "mail"}, f"labels: the alert's own severity over alertLabels, not {spray.get('labels')}"),
-            (") > 0.25\n" in spike.get("expr", "") and "* 60 > 3\n" in spike.get("expr", ""), "ImapgateAuthFailureSpike: thresholds must render in expr"),
-            (spike.get("for") == "30m", "ImapgateAuthFailureSpike: for must render"),
-            ("ratio of 0.25), at more than 3 failures a minute, for 30m." in description("ImapgateAuthFailureSpike"), "ImapgateAuthFailureSpike: the description must quote the thresholds"),
-            (rule("ImapgateAccountInAttackMode").get("expr", "").rstrip().endswith("> 5"), "ImapgateAccountInAttackMode: accountsAbove must render"),
-            ("for" not in rule("ImapgateBackendDown"), "for: 0s must leave for: out"),
-            (rule("ImapgateBackendDown").get("labels") == {"severity": "critical", "pager": "yes", "team": "mail"}, "alert labels must add to severity and alertLabels"),
-            ("< 21 * 86400" in rule("ImapgateCertificateExpiringSoon").get("expr", ""), "ImapgateCertificateExpiringSoon: daysLeft must render"),
-            ("(less than 21 days)" in description("ImapgateCertificateExpiringSoon"), "the description must quote daysLeft"),
-            ("< 7 * 86400" in rule("ImapgateCertificateExpiryImminent").get("expr", ""), "ImapgateCertificateExpiryImminent: daysLeft must render"),
-            (rule("ImapgateCertificateExpiryImminent").get("for") == "1h", "ImapgateCertificateExpiryImminent: for must render"),
-            (rule("ImapgateStateStoreErrors").get("for") == "2m" and "for 2m." in description("ImapgateStateStoreErrors"), "ImapgateStateStoreErrors: for must render, also in the description"),
-            (rule("ImapgateTargetDown").get("expr") == f"up{{{TUNED_SELECTOR}}} == 0\n", "targetSelector must select the up series"),
-            (rule("ImapgateTargetDown").get("for") == "2m" and "for 2m (up == 0)" in description("ImapgateTargetDown"), "ImapgateTargetDown: for must render"),
+            (list(rendered) == on, f"alerts switched off must not render: {list(rendered)}"),
+            # for:, labels
+            (field("ImapgatePasswordSpraying", "for") == "5m", "ImapgatePasswordSpraying: for must render"),
             (
-                rule("ImapgateTargetAbsent").get("expr") == f"absent(up{{{TUNED_SELECTOR}}})\nor\nsum by (namespace, job) (up{{{TUNED_SELECTOR}}}) == 0\n",
-                f"ImapgateTargetAbsent: targetSelector must select the up series, not {rule('ImapgateTargetAbsent').get('expr')!r}",
+                field("ImapgatePasswordSpraying", "labels") == {"severity": "critical", "team": "mail"},
+                f"the alert's own severity wins over alertLabels: {field('ImapgatePasswordSpraying', 'labels')}",
             ),
-            (rule("ImapgateConnectionsSaturated").get("expr", "").rstrip().endswith("> 0.9"), "ImapgateConnectionsSaturated: usedRatio must render"),
-            ("above a ratio of 0.9 of its" in description("ImapgateConnectionsSaturated"), "the description must quote usedRatio"),
-            (") > 0.3\n" in rule("ImapgateTLSHandshakeFailures").get("expr", "") and "* 60 > 5\n" in rule("ImapgateTLSHandshakeFailures").get("expr", ""), "ImapgateTLSHandshakeFailures: thresholds must render in expr"),
-            ("ratio of 0.3), at more than 5 failure a minute" in description("ImapgateTLSHandshakeFailures"), "the description must quote the thresholds"),
-            (rule("ImapgateIdentityProviderUnreachable").get("labels") == {"severity": "critical", "team": "mail"}, "severity must be overridable"),
+            ("for" not in rendered.get("ImapgateBackendDown", {}), "for: 0s must leave for: out"),
+            (
+                field("ImapgateBackendDown", "labels") == {"severity": "critical", "pager": "yes", "team": "mail"},
+                "an alert's labels must add to its severity and alertLabels",
+            ),
+            (
+                field("ImapgateIdentityProviderUnreachable", "labels") == {"severity": "critical", "team": "mail"},
+                "severity must be overridable",
+            ),
+            (field("ImapgateAuthFailureSpike", "for") == "30m", "ImapgateAuthFailureSpike: for must render"),
+            (field("ImapgateCertificateExpiryImminent", "for") == "1h", "ImapgateCertificateExpiryImminent: for"),
+            (
+                field("ImapgateStateStoreErrors", "for") == "2m" and "for 2m." in text("ImapgateStateStoreErrors"),
+                "ImapgateStateStoreErrors: for must render, also in the description",
+            ),
+            (
+                field("ImapgateTargetDown", "for") == "2m" and "for 2m (up == 0)" in text("ImapgateTargetDown"),
+                "ImapgateTargetDown: for must render, also in the description",
+            ),
+            # thresholds, in the expression and in the description
+            (
+                ") > 0.25\n" in expr("ImapgateAuthFailureSpike") and "* 60 > 3\n" in expr("ImapgateAuthFailureSpike"),
+                "ImapgateAuthFailureSpike: failureRatio and minFailuresPerMinute must render",
+            ),
+            (
+                "ratio of 0.25), at more than 3 failures a minute, for 30m." in text("ImapgateAuthFailureSpike"),
+                "ImapgateAuthFailureSpike: the description must quote the thresholds and for",
+            ),
+            (expr("ImapgateAccountInAttackMode").rstrip().endswith("> 5"), "accountsAbove must render"),
+            ("< 21 * 86400" in expr("ImapgateCertificateExpiringSoon"), "ImapgateCertificateExpiringSoon: daysLeft"),
+            ("(less than 21 days)" in text("ImapgateCertificateExpiringSoon"), "the description must quote daysLeft"),
+            ("< 7 * 86400" in expr("ImapgateCertificateExpiryImminent"), "ImapgateCertificateExpiryImminent: daysLeft"),
+            (expr("ImapgateConnectionsSaturated").rstrip().endswith("> 0.9"), "usedRatio must render"),
+            ("above a ratio of 0.9 of its" in text("ImapgateConnectionsSaturated"), "the description must quote usedRatio"),
+            (
+                ") > 0.3\n" in expr("ImapgateTLSHandshakeFailures") and "* 60 > 5\n" in expr("ImapgateTLSHandshakeFailures"),
+                "ImapgateTLSHandshakeFailures: failureRatio and minFailuresPerMinute must render",
+            ),
+            (
+                "ratio of 0.3), at more than 5 failure a minute" in text("ImapgateTLSHandshakeFailures"),
+                "ImapgateTLSHandshakeFailures: the description must quote the thresholds",
+            ),
+            # targetSelector
+            (expr("ImapgateTargetDown") == f"{up} == 0\n", "targetSelector must select the up series"),
+            (
+                expr("ImapgateTargetAbsent") == f"absent({up})\nor\nsum by (namespace, job) ({up}) == 0\n",
+                f"ImapgateTargetAbsent: targetSelector must select the up series, not {expr('ImapgateTargetAbsent')!r}",
+            ),
         ]
-        for alert, r in rendered.items():
-            url = str(r.get("annotations", {}).get("runbook_url", ""))
+        for alert, rule in rendered.items():
+            url = str(rule.get("annotations", {}).get("runbook_url", ""))
             found.append((url == f"{WIKI}#{alert.lower()}", f"{alert}: runbook_url must be on runbookBaseUrl, not {url}"))
             if alert not in TUNED_ALERTS:
                 found.append(
                     (
-                        self.like_deploy(r, WIKI, {"team": "mail"}, TUNED_SELECTOR) == self.deploy_rules.get(alert),
+                        self.like_deploy(rule, WIKI, {"team": "mail"}, TUNED_SELECTOR) == self.deploy_rules.get(alert),
                         f"{alert}: values that do not concern it must not change it",
                     )
                 )
@@ -406,7 +443,10 @@ class Checks:
         data = self.one(docs).get("data") or {}
         return [
             (len(dashboards(docs)) == 1, f"one dashboard ConfigMap, got {len(dashboards(docs))}"),
-            (data.get(DASHBOARD_KEY) == self.dashboard, f"the ConfigMap's {DASHBOARD_KEY} must be files/{DASHBOARD_KEY} byte for byte"),
+            (
+                data.get(DASHBOARD_KEY) == self.dashboard,
+                f"the ConfigMap's {DASHBOARD_KEY} must be files/{DASHBOARD_KEY} byte for byte",
+            ),
             (list(data) == [DASHBOARD_KEY], f"the ConfigMap must hold only {DASHBOARD_KEY}"),
         ]
 
@@ -428,7 +468,10 @@ class Checks:
             (labels.get("example.org/dashboard") == "imapgate", "label and labelValue must render, over labels"),
             ("grafana_dashboard" not in labels, "another label key replaces grafana_dashboard"),
             (labels.get("team") == "mail", "grafanaDashboard.labels must render"),
-            (labels.get("app.kubernetes.io/component") == DASHBOARD_COMPONENT, "grafanaDashboard.labels must not replace the chart's own labels"),
+            (
+                labels.get("app.kubernetes.io/component") == DASHBOARD_COMPONENT,
+                "grafanaDashboard.labels must not replace the chart's own labels",
+            ),
             (
                 self.meta(d, "annotations") == {"grafana_folder": "Mail/imapgate", "example.org/owner": "mail-team"},
                 f"the folder annotation and annotations must render, not {self.meta(d, 'annotations')!r}",
