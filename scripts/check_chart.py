@@ -15,8 +15,8 @@ Static checks (always):
   * Templates: `{{`/`}}` and block/`end` pairs balance, every `include`/`template` name is
     defined, and every `.Values.a.b` path used exists in values.yaml.
   * deploy/ (check_deploy.py): alert rules, their unit tests and the chart's copy of them, the
-    Grafana dashboard, the systemd unit, the Dockerfile; with promtool, systemd-analyze and
-    checkov when available.
+    Grafana dashboard and the chart's copy of it, the systemd unit, the Dockerfile; with
+    promtool, systemd-analyze and checkov when available.
 
 Rendered checks (when a renderer is available: the helm binary, or the helm-python-sdk module
 when the caller asks for it): `helm lint --strict` with the default and the full values; the
@@ -30,6 +30,8 @@ metrics Service and ServiceMonitor, PrometheusRule, Certificate, topology spread
 fit the Deployment; variants render what they promise (state.backend redis: several replicas, the
 Redis URL from its Secret); and values that must be refused are refused (more than one pod with
 in-memory state, redis without its Secret), with the expected message where one is named.
+The monitoring objects' value sets, refusals and expectations are in check_monitoring.py (the
+Grafana dashboard ConfigMap).
 
 Deep checks: `imapgate check-config` on every rendered config (target/debug/imapgate, with
 stand-in secret files), and, with the helm binary, `kubernetes-validate --strict` of the default
@@ -54,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import check_deploy
+import check_monitoring
 import jsonschema
 import yaml
 
@@ -293,7 +296,7 @@ BAD_VALUES: list[tuple[str, Any]] = [
 
 
 def check_schema_rejects(schema: dict[str, Any], values: Any, report: Report) -> None:
-    for dotted, bad in BAD_VALUES:
+    for dotted, bad in BAD_VALUES + check_monitoring.BAD_VALUES:
         candidate = set_path(values, dotted, bad)
         report.check(
             bool(schema_errors(schema, candidate)),
@@ -459,7 +462,8 @@ def check_rendered(name: str, docs: list[dict[str, Any]], example_paths: set[str
     where = f"render[{name}]"
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for doc in docs:
-        by_kind.setdefault(doc.get("kind", "?"), []).append(doc)
+        if not check_monitoring.is_dashboard_config_map(doc):  # checked by check_monitoring
+            by_kind.setdefault(doc.get("kind", "?"), []).append(doc)
     for kind in ("ConfigMap", "Deployment"):
         report.check(len(by_kind.get(kind, [])) == 1, where, f"expected one {kind}")
     # The client-facing Service; the ServiceMonitor's "-metrics" Service is checked apart.
@@ -584,7 +588,7 @@ def labels_match(selector: dict[str, str] | None, labels: dict[str, str]) -> boo
 
 
 # The alert groups of deploy/prometheus/imapgate-alerts.yaml, which the PrometheusRule must carry
-# (set by main()).
+# with its default values (set by main(); check_monitoring compares them).
 DEPLOY_ALERT_GROUPS: list[Any] | None = None
 
 
@@ -601,7 +605,8 @@ def check_production_objects(
     PrometheusRule, Certificate, topology spread) fit the Deployment they belong to."""
     for doc in docs:
         meta = doc.get("metadata", {})
-        if doc.get("kind") not in ("ServiceMonitor", "PrometheusRule"):
+        # Their namespace is a value (the Prometheus's or the Grafana sidecar's).
+        if doc.get("kind") not in ("ServiceMonitor", "PrometheusRule") and not check_monitoring.is_dashboard_config_map(doc):
             report.check(
                 meta.get("namespace") == "mail",
                 where,
@@ -716,13 +721,7 @@ def check_production_objects(
             report.check(endpoint.get("port") in names, where, f"ServiceMonitor endpoint port {endpoint.get('port')} is unknown")
             report.check(endpoint.get("path") == "/metrics", where, "the ServiceMonitor must scrape /metrics")
 
-    rule = (by_kind.get("PrometheusRule") or [None])[0]
-    if rule and DEPLOY_ALERT_GROUPS is not None:
-        report.check(
-            rule["spec"].get("groups") == DEPLOY_ALERT_GROUPS,
-            where,
-            "the PrometheusRule's groups must equal deploy/prometheus/imapgate-alerts.yaml's",
-        )
+    # The PrometheusRule's rules: check_monitoring (against DEPLOY_ALERT_GROUPS).
 
     certificate = (by_kind.get("Certificate") or [None])[0]
     if certificate:
@@ -998,13 +997,17 @@ def check_rendering(
     example_paths: set[str],
     deep: DeepChecks | None,
     report: Report,
+    monitoring: check_monitoring.Checks | None = None,
 ) -> None:
-    for name, overrides, must_render in render_variants(values, full_values):
+    """Renders every variant (check_chart's and check_monitoring's) and checks what it renders;
+    monitoring: check_monitoring's checks of each render, beside MANIFEST_EXPECTATIONS."""
+    failure_messages = {**FAILURE_MESSAGES, **check_monitoring.FAILURE_MESSAGES}
+    for name, overrides, must_render in render_variants(values, full_values) + check_monitoring.VARIANTS:
         try:
             rendered = renderer(overrides)
         except RuntimeError as err:
-            if report.check(not must_render, f"render[{name}]", f"failed: {err}") and name in FAILURE_MESSAGES:
-                wanted = FAILURE_MESSAGES[name]
+            if report.check(not must_render, f"render[{name}]", f"failed: {err}") and name in failure_messages:
+                wanted = failure_messages[name]
                 for needed in (wanted,) if isinstance(wanted, str) else wanted:
                     report.check(
                         needed in str(err),
@@ -1025,7 +1028,9 @@ def check_rendering(
             "a template printed <no value> (a missing value)",
         )
         check_rendered(name, docs, example_paths, report)
-        config_maps = [d for d in docs if d.get("kind") == "ConfigMap"]
+        for ok, message in monitoring.pairs(name, docs) if monitoring else []:
+            report.check(ok, f"render[{name}]", message)
+        config_maps = [d for d in docs if d.get("kind") == "ConfigMap" and not check_monitoring.is_dashboard_config_map(d)]
         if len(config_maps) != 1:
             continue
         config_text = config_maps[0]["data"]["imapgate.yaml"]
@@ -1695,7 +1700,15 @@ def main() -> int:
             with tempfile.TemporaryDirectory(prefix="check-chart-") as tmp:
                 deep = DeepChecks(chart_dir, Path(tmp), args.imapgate, report)
                 check_rendering(
-                    renderer, values, full_values, documented_paths(example, args.example_config, report), deep, report
+                    renderer,
+                    values,
+                    full_values,
+                    documented_paths(example, args.example_config, report),
+                    deep,
+                    report,
+                    monitoring=check_monitoring.Checks(
+                        repo, chart_dir, FULL_VALUES, DEPLOY_ALERT_GROUPS, tools["promtool"], Path(tmp)
+                    ),
                 )
                 skipped += [s for s in deep.skipped if s != "manifests"]
 

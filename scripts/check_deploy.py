@@ -4,13 +4,15 @@ which passes its Report; every problem is collected, none stops the run.
 
 Without tools:
   * deploy/prometheus/imapgate-alerts.yaml: every alert has a severity and summary, description
-    and runbook annotations; every runbook names a section of docs/operations.md; every metric
-    an expression uses is in docs/metrics.md; the chart's copy (helm/imapgate/files/alerts.yaml)
-    is identical; the unit tests have, for every alert, a case where it fires and one where it
-    stays quiet.
+    and runbook_url annotations; every runbook_url is RUNBOOK_BASE#<a section of
+    docs/operations.md>; every metric
+    an expression uses is in docs/metrics.md; the unit tests have, for every alert, a case where
+    it fires and one where it stays quiet. (The chart's PrometheusRule, a template, must render
+    these groups with its default values: check_monitoring.py.)
   * deploy/grafana/imapgate-dashboard.json: the data source is a template variable that every
     panel and query uses; panel ids are unique; every metric a query uses is documented, and
-    every documented metric is on the dashboard.
+    every documented metric is on the dashboard; the chart's copy
+    (helm/imapgate/files/imapgate-dashboard.json, for its dashboard ConfigMap) is identical.
   * deploy/systemd/imapgate.service carries the hardening the project promises.
   * deploy/Dockerfile is multi-stage and runs as a numeric non-root user.
 With tools, when they are there: `promtool check rules` and `promtool test rules` on the alerts,
@@ -39,11 +41,18 @@ class Reporter(Protocol):
 
 # Metrics the gateway is about to export that docs/metrics.md may not list yet; the dashboard
 # already shows them. Drop an entry once the docs list it.
-PENDING_METRICS: dict[str, str] = {}
+PENDING_METRICS: dict[str, str] = {
+    # The configured limits (issue 17, item 5), for ImapgateConnectionsSaturated and the
+    # dashboard's "Connection use" panel: imapgate_limit{limit="max_connections"}.
+    "imapgate_limit": "gauge",
+}
 METRIC = re.compile(r"\bimapgate_[a-z0-9_]+\b")
 DOC_ROW = re.compile(r"^\| `(imapgate_[a-z0-9_]+)` \| (counter|gauge|histogram) \|", re.MULTILINE)
 SEVERITIES = ("critical", "warning", "info")
-RUNBOOK = re.compile(r"^docs/operations\.md#([a-z0-9-]+)$")
+# Where the alerts' runbook_url annotations point (docs/operations.md as published; the chart's
+# prometheusRule.runbookBaseUrl defaults to the same address).
+RUNBOOK_BASE = "https://github.com/imapgate/imapgate/blob/main/docs/operations.md"
+RUNBOOK = re.compile("^" + re.escape(RUNBOOK_BASE) + r"#([a-z0-9-]+)$")
 
 
 def run(args: list[str], timeout: int = 300, env: dict[str, str] | None = None) -> tuple[int, str]:
@@ -105,12 +114,12 @@ def check_alerts(repo: Path, chart_dir: Path, metrics: dict[str, str], report: R
     if not report.check(isinstance(groups, list) and bool(groups), where, "has no groups"):
         return None
 
-    copy = chart_dir / "files" / "alerts.yaml"
-    copy_name = os.path.relpath(copy, repo)
+    # The chart's PrometheusRule is a template; check_monitoring compares its rendering with these
+    # groups.
     report.check(
-        copy.is_file() and copy.read_text(encoding="utf-8") == text,
-        copy_name,
-        f"must be identical to {where} (cp {where} {copy_name})",
+        not (chart_dir / "files" / "alerts.yaml").exists(),
+        os.path.relpath(chart_dir / "files" / "alerts.yaml", repo),
+        "is no longer used: templates/prometheusrule.yaml renders the rules",
     )
 
     operations = repo / "docs" / "operations.md"
@@ -128,10 +137,11 @@ def check_alerts(repo: Path, chart_dir: Path, metrics: dict[str, str], report: R
                 rule.get("labels", {}).get("severity") in SEVERITIES, here, f"severity must be one of {SEVERITIES}"
             )
             annotations = rule.get("annotations", {})
-            for key in ("summary", "description", "runbook"):
+            for key in ("summary", "description", "runbook_url"):
                 report.check(bool(annotations.get(key)), here, f"needs a {key} annotation")
-            runbook = RUNBOOK.match(str(annotations.get("runbook", "")))
-            if report.check(bool(runbook), here, "runbook must be docs/operations.md#<section>"):
+            report.check("runbook" not in annotations, here, "the runbook's annotation is runbook_url")
+            runbook = RUNBOOK.match(str(annotations.get("runbook_url", "")))
+            if report.check(bool(runbook), here, f"runbook_url must be {RUNBOOK_BASE}#<section>"):
                 report.check(
                     runbook.group(1) in anchors,  # type: ignore[union-attr]
                     here,
@@ -192,14 +202,25 @@ def dashboard_exprs(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
     return found
 
 
-def check_dashboard(repo: Path, metrics: dict[str, str], promtool: str | None, report: Reporter) -> None:
+def check_dashboard(
+    repo: Path, chart_dir: Path, metrics: dict[str, str], promtool: str | None, report: Reporter
+) -> None:
     path = repo / "deploy" / "grafana" / "imapgate-dashboard.json"
     where = str(path.relative_to(repo))
     try:
-        dashboard = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        dashboard = json.loads(text)
     except (OSError, json.JSONDecodeError) as err:
         report.fail(where, f"does not load: {err}")
         return
+    # The chart ships the same file for its dashboard ConfigMap (grafanaDashboard.enabled).
+    copy = chart_dir / "files" / "imapgate-dashboard.json"
+    copy_name = os.path.relpath(copy, repo)
+    report.check(
+        copy.is_file() and copy.read_text(encoding="utf-8") == text,
+        copy_name,
+        f"must be identical to {where} (cp {where} {copy_name})",
+    )
     variables = {v.get("name"): v for v in dashboard.get("templating", {}).get("list", [])}
     source = variables.get("datasource", {})
     report.check(
@@ -413,7 +434,7 @@ def check_deploy(
     groups = check_alerts(repo, chart_dir, metrics, report)
     if promtool:
         check_alerts_with_promtool(repo, promtool, report)
-    check_dashboard(repo, metrics, promtool, report)
+    check_dashboard(repo, chart_dir, metrics, promtool, report)
     check_systemd_unit(repo, systemd_analyze, imapgate, report)
     check_dockerfile(repo, checkov, report)
     return groups
