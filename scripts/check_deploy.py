@@ -40,8 +40,9 @@ class Reporter(Protocol):
 # Metrics the gateway is about to export that docs/metrics.md may not list yet; the dashboard
 # already shows them. Drop an entry once the docs list it.
 PENDING_METRICS: dict[str, str] = {}
-METRIC = re.compile(r"\bimapgate_[a-z0-9_]+\b")
-DOC_ROW = re.compile(r"^\| `(imapgate_[a-z0-9_]+)` \| (counter|gauge|histogram) \|", re.MULTILINE)
+# The gateway's own metrics and the standard process metrics (docs/metrics.md lists both).
+METRIC = re.compile(r"\b(?:imapgate|process)_[a-z0-9_]+\b")
+DOC_ROW = re.compile(r"^\| `((?:imapgate|process)_[a-z0-9_]+)` \| (counter|gauge|histogram) \|", re.MULTILINE)
 SEVERITIES = ("critical", "warning", "info")
 RUNBOOK = re.compile(r"^docs/operations\.md#([a-z0-9-]+)$")
 
