@@ -41,13 +41,10 @@ class Reporter(Protocol):
 
 # Metrics the gateway is about to export that docs/metrics.md may not list yet; the dashboard
 # already shows them. Drop an entry once the docs list it.
-PENDING_METRICS: dict[str, str] = {
-    # The configured limits (issue 17, item 5), for ImapgateConnectionsSaturated and the
-    # dashboard's "Connection use" panel: imapgate_limit{limit="max_connections"}.
-    "imapgate_limit": "gauge",
-}
-METRIC = re.compile(r"\bimapgate_[a-z0-9_]+\b")
-DOC_ROW = re.compile(r"^\| `(imapgate_[a-z0-9_]+)` \| (counter|gauge|histogram) \|", re.MULTILINE)
+PENDING_METRICS: dict[str, str] = {}
+# The gateway's own metrics and the standard process metrics (docs/metrics.md lists both).
+METRIC = re.compile(r"\b(?:imapgate|process)_[a-z0-9_]+\b")
+DOC_ROW = re.compile(r"^\| `((?:imapgate|process)_[a-z0-9_]+)` \| (counter|gauge|histogram) \|", re.MULTILINE)
 SEVERITIES = ("critical", "warning", "info")
 # Where the alerts' runbook_url annotations point (docs/operations.md as published; the chart's
 # prometheusRule.runbookBaseUrl defaults to the same address).

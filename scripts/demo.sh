@@ -691,6 +691,13 @@ if [ "$MODE" = check ]; then
   grep -Eq '^imapgate_guard_blocks_total\{reason="failures",scope="ip"\} [1-9]' <<<"$OUT" ||
     fail "/metrics does not count the guesser's block in imapgate_guard_blocks_total"
   log "ok: imapgate_auth_attempts_total counts the logins, imapgate_guard_blocks_total the block"
+  grep -Eq '^process_resident_memory_bytes [1-9]' <<<"$OUT" ||
+    fail "/metrics has no process_resident_memory_bytes (the process metrics)"
+  grep -Eq '^imapgate_limit\{limit="max_connections"\} [1-9]' <<<"$OUT" ||
+    fail "/metrics has no imapgate_limit{limit=\"max_connections\"} (the configured caps)"
+  grep -Eq '^imapgate_auth_seconds_count\{mechanism="(login|plain)"\} [1-9]' <<<"$OUT" ||
+    fail "/metrics does not time the demo's logins by mechanism in imapgate_auth_seconds"
+  log "ok: process_resident_memory_bytes, imapgate_limit{limit=\"max_connections\"} and imapgate_auth_seconds by mechanism are on /metrics"
   if command -v promtool >/dev/null 2>&1; then
     LINT="$(promtool check metrics <<<"$OUT" 2>&1)" || fail "promtool check metrics refused the scrape: $LINT"
     log "ok: promtool check metrics accepts the scrape"

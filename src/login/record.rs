@@ -38,7 +38,7 @@ impl Ending {
     }
 
     /// The `result` label of `imapgate_auth_attempts_total`.
-    fn metric(self) -> &'static str {
+    pub(crate) fn metric(self) -> &'static str {
         match self {
             Ending::Success => "success",
             Ending::Failure => "failure",
@@ -110,6 +110,7 @@ impl LoginRecord<'_> {
         if matches!(ending, Ending::Success | Ending::Failure) {
             metrics
                 .auth_seconds
+                .with_label_values(&[mechanism])
                 .observe(self.started.elapsed().as_secs_f64());
         }
         observe::audit(&AuditEvent {

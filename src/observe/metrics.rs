@@ -16,7 +16,7 @@ pub struct Metrics {
     pub sessions_preauth: IntGauge,
     pub sessions_relayed: IntGauge,
     pub auth_attempts: IntCounterVec,
-    pub auth_seconds: Histogram,
+    pub auth_seconds: HistogramVec,
     pub hash_runs: IntCounter,
     pub auth_cache_hits: IntCounter,
     pub totp_failures: IntCounterVec,
@@ -39,6 +39,7 @@ pub struct Metrics {
     pub certificate_expiry: IntGaugeVec,
     pub build_info: IntGaugeVec,
     pub runtime_tasks: IntGauge,
+    pub limits: IntGaugeVec,
 }
 
 /// The metric names and help texts, in the order they are registered (docs and tests use it).
@@ -65,7 +66,7 @@ pub const CATALOGUE: &[(&str, &str)] = &[
     ),
     (
         "imapgate_auth_seconds",
-        "Time from a login command to its reply (failures include the floor).",
+        "Time from a login command to its reply, by mechanism (failures include the floor).",
     ),
     (
         "imapgate_auth_hash_runs_total",
@@ -129,7 +130,7 @@ pub const CATALOGUE: &[(&str, &str)] = &[
     ),
     (
         "imapgate_relay_bytes_total",
-        "Bytes relayed after login, by direction.",
+        "Bytes relayed after login, by direction and backend.",
     ),
     ("imapgate_session_seconds", "Duration of relayed sessions."),
     (
@@ -149,7 +150,58 @@ pub const CATALOGUE: &[(&str, &str)] = &[
         "imapgate_runtime_tasks",
         "Tasks alive in the async runtime at the scrape (grows with sessions; growth without sessions is a leak).",
     ),
+    (
+        "imapgate_limit",
+        "Configured caps in force, by limit (saturation: current use over the cap).",
+    ),
 ];
+
+/// The process metrics (`process_*`, the Prometheus client convention) exported beside the
+/// catalogue on Linux: the prometheus crate's process collector reads them from `/proc`.
+pub const PROCESS_METRICS: &[&str] = &[
+    "process_cpu_seconds_total",
+    "process_open_fds",
+    "process_max_fds",
+    "process_virtual_memory_bytes",
+    "process_resident_memory_bytes",
+    "process_start_time_seconds",
+    "process_threads",
+];
+
+/// A configured cap, exported as `imapgate_limit{limit}` (a closed set of label values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// `limits.max_connections`: compare with the sum of the sessions gauges.
+    MaxConnections,
+    /// `limits.max_preauth_per_ip`.
+    MaxPreauthPerIp,
+    /// `limits.max_sessions_per_ip`.
+    MaxSessionsPerIp,
+    /// `limits.max_sessions_per_user`.
+    MaxSessionsPerUser,
+    /// `guard.max_delayed_per_ip` (applied on reload).
+    MaxDelayedPerIp,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 5] = [
+        Limit::MaxConnections,
+        Limit::MaxPreauthPerIp,
+        Limit::MaxSessionsPerIp,
+        Limit::MaxSessionsPerUser,
+        Limit::MaxDelayedPerIp,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::MaxConnections => "max_connections",
+            Limit::MaxPreauthPerIp => "max_preauth_per_ip",
+            Limit::MaxSessionsPerIp => "max_sessions_per_ip",
+            Limit::MaxSessionsPerUser => "max_sessions_per_user",
+            Limit::MaxDelayedPerIp => "max_delayed_per_ip",
+        }
+    }
+}
 
 fn help(name: &str) -> &'static str {
     CATALOGUE
@@ -195,9 +247,10 @@ impl Metrics {
         let sessions_preauth = gauge("imapgate_sessions_preauth")?;
         let sessions_relayed = gauge("imapgate_sessions_relayed")?;
         let auth_attempts = counter_vec("imapgate_auth_attempts_total", &["mechanism", "result"])?;
-        let auth_seconds = Histogram::with_opts(
+        let auth_seconds = HistogramVec::new(
             HistogramOpts::new("imapgate_auth_seconds", help("imapgate_auth_seconds"))
                 .buckets(seconds.to_vec()),
+            &["mechanism"],
         )?;
         registry.register(Box::new(auth_seconds.clone()))?;
         let hash_runs = IntCounter::new(
@@ -242,7 +295,7 @@ impl Metrics {
             &["backend"],
         )?;
         registry.register(Box::new(backend_up.clone()))?;
-        let relay_bytes = counter_vec("imapgate_relay_bytes_total", &["direction"])?;
+        let relay_bytes = counter_vec("imapgate_relay_bytes_total", &["direction", "backend"])?;
         let session_seconds = Histogram::with_opts(
             HistogramOpts::new("imapgate_session_seconds", help("imapgate_session_seconds"))
                 .buckets(long.to_vec()),
@@ -267,6 +320,15 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         let runtime_tasks = gauge("imapgate_runtime_tasks")?;
+        let limits = IntGaugeVec::new(
+            Opts::new("imapgate_limit", help("imapgate_limit")),
+            &["limit"],
+        )?;
+        registry.register(Box::new(limits.clone()))?;
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
 
         // Series that alerts watch start at 0, so that `increase()` sees their first event.
         for (scope, reason) in [
@@ -320,7 +382,15 @@ impl Metrics {
             certificate_expiry,
             build_info,
             runtime_tasks,
+            limits,
         })
+    }
+
+    /// Sets `imapgate_limit{limit}` to the cap in force.
+    pub fn set_limit(&self, limit: Limit, value: u32) {
+        self.limits
+            .with_label_values(&[limit.as_str()])
+            .set(i64::from(value));
     }
 
     /// The Prometheus text exposition.
@@ -342,6 +412,9 @@ impl Metrics {
 }
 
 #[cfg(test)]
+mod label_docs;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -349,6 +422,12 @@ mod tests {
     fn docs_list_every_metric() {
         let doc = include_str!("../../docs/metrics.md");
         for (name, _) in CATALOGUE {
+            assert!(
+                doc.contains(&format!("| `{name}` |")),
+                "{name} missing from docs/metrics.md"
+            );
+        }
+        for name in PROCESS_METRICS {
             assert!(
                 doc.contains(&format!("| `{name}` |")),
                 "{name} missing from docs/metrics.md"
@@ -378,7 +457,9 @@ mod tests {
             .with_label_values(&["b"])
             .observe(0.1);
         m.backend_up.with_label_values(&["b"]).set(1);
-        m.relay_bytes.with_label_values(&["to_backend"]).inc();
+        m.relay_bytes.with_label_values(&["to_backend", "b"]).inc();
+        m.auth_seconds.with_label_values(&["login"]).observe(0.1);
+        m.set_limit(Limit::MaxConnections, 1);
         m.users_reloads.with_label_values(&["ok"]).inc();
         m.guard_blocks.with_label_values(&["ip", "failures"]).inc();
         m.config_reloads.with_label_values(&["ok"]).inc();
@@ -386,6 +467,10 @@ mod tests {
         m.state_store_errors.with_label_values(&["get"]).inc();
         let text = m.render();
         for (name, _) in CATALOGUE {
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
+        }
+        #[cfg(target_os = "linux")]
+        for name in PROCESS_METRICS {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }
     }

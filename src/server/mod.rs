@@ -25,6 +25,7 @@ use crate::auth::{Authenticator, CredentialStore};
 use crate::config::{Config, ListenerTls};
 use crate::guard::Guard;
 use crate::login::{self, UserSessions};
+use crate::observe::metrics::Limit;
 use crate::observe::{self, Health, Metrics};
 use crate::session::preauth::OAuthChallenges;
 use crate::session::{self, ListenerInfo, Shared};
@@ -119,6 +120,7 @@ impl Reloadable {
             }
         }
         self.export_expiry();
+        export_limits(&self.metrics, &self.current());
         self.users.reload();
         observe::reopen_audit_log();
     }
@@ -245,6 +247,7 @@ impl Gateway {
             tracing::warn!("{w}");
         }
         let metrics = Arc::new(Metrics::new().map_err(|e| StartError::Metrics(e.to_string()))?);
+        export_limits(&metrics, &config);
         let health = Arc::new(Health::new(config.backends.iter().map(|b| b.name.clone())));
         let server_tls = ServerTls::build(&config.tls)?;
         health.certificates_loaded.store(true, Ordering::Relaxed);
@@ -588,6 +591,22 @@ async fn admit(
             session::run(shared.clone(), info.clone(), tcp, client, Box::new(ticket)).await;
         }
         Err(refusal) => count(refusal.as_str()),
+    }
+}
+
+/// `imapgate_limit`: the caps in force, so that saturation can be computed. Called at start and
+/// after every reload (the `limits` section needs a restart, so its values change only with
+/// one; `guard.max_delayed_per_ip` applies on reload).
+fn export_limits(metrics: &Metrics, c: &Config) {
+    for limit in Limit::ALL {
+        let value = match limit {
+            Limit::MaxConnections => c.limits.max_connections,
+            Limit::MaxPreauthPerIp => c.limits.max_preauth_per_ip,
+            Limit::MaxSessionsPerIp => c.limits.max_sessions_per_ip,
+            Limit::MaxSessionsPerUser => c.limits.max_sessions_per_user,
+            Limit::MaxDelayedPerIp => c.guard.max_delayed_per_ip,
+        };
+        metrics.set_limit(limit, value);
     }
 }
 

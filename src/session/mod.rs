@@ -131,7 +131,7 @@ impl Session {
                 Some(Conn::Tls(Box::new(tokio_rustls::TlsStream::Server(s))))
             }
             Ok(Err(e)) => {
-                let reason = handshake_failure_reason(&e);
+                let reason = HandshakeFailure::of(&e).as_str();
                 m.tls_handshake_failures
                     .with_label_values(&[&self.listener.name, reason])
                     .inc();
@@ -140,7 +140,7 @@ impl Session {
             }
             Err(_) => {
                 m.tls_handshake_failures
-                    .with_label_values(&[&self.listener.name, "timeout"])
+                    .with_label_values(&[&self.listener.name, HandshakeFailure::Timeout.as_str()])
                     .inc();
                 tracing::debug!("TLS handshake timed out");
                 None
@@ -353,8 +353,10 @@ impl Session {
                 },
                 shutdown_grace: l.shutdown_grace,
             },
-            m.relay_bytes.with_label_values(&["to_backend"]),
-            m.relay_bytes.with_label_values(&["to_client"]),
+            m.relay_bytes
+                .with_label_values(&["to_backend", &backend_name]),
+            m.relay_bytes
+                .with_label_values(&["to_client", &backend_name]),
             self.shared.stopping.clone(),
             slot.revoked.clone(),
         )
@@ -365,18 +367,45 @@ impl Session {
     }
 }
 
-/// A closed label for a failed client handshake.
-fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
-    match e
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    {
-        Some(rustls::Error::NoApplicationProtocol) => "alpn",
-        Some(rustls::Error::PeerIncompatible(_)) => "incompatible",
-        Some(rustls::Error::InvalidMessage(_)) => "invalid_message",
-        Some(rustls::Error::AlertReceived(_)) => "alert_received",
-        Some(_) => "tls_error",
-        None => "io",
+/// Why a client handshake failed: the closed `reason` label of
+/// `imapgate_tls_handshake_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    Timeout,
+    /// The client offered ALPN without `imap` (ALPACA).
+    Alpn,
+    Incompatible,
+    InvalidMessage,
+    AlertReceived,
+    TlsError,
+    Io,
+}
+
+impl HandshakeFailure {
+    fn of(e: &std::io::Error) -> Self {
+        match e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            Some(rustls::Error::NoApplicationProtocol) => HandshakeFailure::Alpn,
+            Some(rustls::Error::PeerIncompatible(_)) => HandshakeFailure::Incompatible,
+            Some(rustls::Error::InvalidMessage(_)) => HandshakeFailure::InvalidMessage,
+            Some(rustls::Error::AlertReceived(_)) => HandshakeFailure::AlertReceived,
+            Some(_) => HandshakeFailure::TlsError,
+            None => HandshakeFailure::Io,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeFailure::Timeout => "timeout",
+            HandshakeFailure::Alpn => "alpn",
+            HandshakeFailure::Incompatible => "incompatible",
+            HandshakeFailure::InvalidMessage => "invalid_message",
+            HandshakeFailure::AlertReceived => "alert_received",
+            HandshakeFailure::TlsError => "tls_error",
+            HandshakeFailure::Io => "io",
+        }
     }
 }
 

@@ -16,6 +16,7 @@ mod faulty_upstream;
 mod guard;
 mod hostile;
 mod login;
+mod metrics;
 mod mfa;
 mod oauth;
 mod operations;
