@@ -181,6 +181,9 @@ pub struct AuditEvent<'a> {
     pub session: u64,
     pub listener: &'a str,
     pub client: SocketAddr,
+    /// The client's IMAP `ID` name and version, sanitised ("" when not sent).
+    pub client_name: &'a str,
+    pub client_version: &'a str,
     pub user: &'a str,
     pub mechanism: &'a str,
     pub result: &'a str,
@@ -202,6 +205,8 @@ pub fn audit(e: &AuditEvent<'_>) {
         listener = e.listener,
         client_ip = %e.client.ip(),
         client_port = e.client.port(),
+        client_name = e.client_name,
+        client_version = e.client_version,
         user = e.user,
         mechanism = e.mechanism,
         result = e.result,

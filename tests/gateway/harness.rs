@@ -1124,6 +1124,12 @@ impl Drop for Binary {
 }
 
 pub(crate) fn start_binary(t: &TestGateway) -> Binary {
+    start_binary_with(t, None)
+}
+
+/// [`start_binary`] with this `logging:` line instead (`{dir}` stands for the binary's
+/// directory), e.g. another audit sink or format.
+pub(crate) fn start_binary_with(t: &TestGateway, logging: Option<&str>) -> Binary {
     let dir = tempfile::tempdir().unwrap();
     let (imaps, imap, admin) = (free_port(), free_port(), free_port());
     let yaml = t
@@ -1143,10 +1149,13 @@ pub(crate) fn start_binary(t: &TestGateway) -> Binary {
             &format!("address: \"127.0.0.1:{admin}\", health_interval"),
             1,
         )
-        + &format!(
-            "logging: {{ format: json, level: debug, audit: \"{}\" }}\n",
-            dir.path().join("audit.log").display()
-        );
+        + &match logging {
+            Some(l) => l.replace("{dir}", &dir.path().display().to_string()) + "\n",
+            None => format!(
+                "logging: {{ format: json, level: debug, audit: \"{}\" }}\n",
+                dir.path().join("audit.log").display()
+            ),
+        };
     let cfg = dir.path().join("imapgate.yaml");
     std::fs::write(&cfg, yaml).unwrap();
     let status = Command::new(env!("CARGO_BIN_EXE_imapgate"))
