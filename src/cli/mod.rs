@@ -240,7 +240,7 @@ fn run(path: &Path) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
     };
-    rt.block_on(async move {
+    let code = rt.block_on(async move {
         let gw = match crate::server::Gateway::start(config).await {
             Ok(g) => g,
             Err(e) => {
@@ -252,7 +252,10 @@ fn run(path: &Path) -> ExitCode {
         gw.shutdown();
         gw.wait().await;
         ExitCode::SUCCESS
-    })
+    });
+    // The last audit lines still queued for a syslog.
+    crate::observe::syslog::flush(std::time::Duration::from_secs(3));
+    code
 }
 
 /// Waits for SIGTERM or SIGINT; SIGHUP reloads certificates and users meanwhile.

@@ -149,6 +149,10 @@ pub const CATALOGUE: &[(&str, &str)] = &[
         "imapgate_runtime_tasks",
         "Tasks alive in the async runtime at the scrape (grows with sessions; growth without sessions is a leak).",
     ),
+    (
+        "imapgate_audit_dropped_total",
+        "Audit lines dropped because the syslog queue was full (the syslog slow or unreachable).",
+    ),
 ];
 
 fn help(name: &str) -> &'static str {
@@ -289,6 +293,10 @@ impl Metrics {
         }
         for result in ["ok", "error"] {
             users_reloads.with_label_values(&[result]);
+        }
+        // Lives in observe::syslog (logging starts before the registry); one counter shared.
+        if let Some(c) = super::syslog::dropped_counter() {
+            registry.register(Box::new(c.clone()))?;
         }
         Ok(Self {
             registry,

@@ -6,7 +6,9 @@
 //! `[REDACTED]`, and user names are passed through [`crate::auth::loggable_user`] first.
 
 pub mod admin;
+pub mod ecs;
 pub mod metrics;
+pub mod syslog;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +19,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
-use crate::config::{AuditSink, LogFormat, LoggingConfig};
+use crate::config::{AuditFormat, AuditSink, LogFormat, LoggingConfig};
 pub use metrics::Metrics;
 
 /// The tracing target of audit events.
@@ -54,14 +56,24 @@ pub fn init_logging(cfg: &LoggingConfig) -> std::io::Result<()> {
             let _ = AUDIT_FILE.set(file.clone());
             tracing_subscriber::fmt::writer::BoxMakeWriter::new(AuditFileWriter(file))
         }
+        AuditSink::Syslog(s) => {
+            tracing_subscriber::fmt::writer::BoxMakeWriter::new(syslog::SyslogWriter::start(s)?)
+        }
     };
-    let audit = tracing_subscriber::fmt::layer()
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
-        .with_span_list(false)
-        .with_writer(audit_writer)
-        .with_filter(filter_fn(|m| m.target() == AUDIT_TARGET));
+    let audit = match cfg.audit_format {
+        AuditFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_writer(audit_writer)
+            .boxed(),
+        AuditFormat::Ecs => ecs::EcsLayer {
+            writer: audit_writer,
+        }
+        .boxed(),
+    }
+    .with_filter(filter_fn(|m| m.target() == AUDIT_TARGET));
 
     let _ = tracing_subscriber::registry()
         .with(ops)

@@ -106,3 +106,171 @@ async fn the_auth_line_carries_the_clients_id_and_nothing_injected() {
     assert!(!all.contains("secret-os-value"), "{all}");
     assert!(!all.contains("forged-user-x\""), "{all}");
 }
+
+/// `audit: syslog` with `audit_format: ecs`: logins never wait for a syslog that is not there;
+/// once a real rsyslog listens, the queued lines arrive (reconnect), as RFC 5424 messages
+/// with the configured facility and app-name, and the message parses as ECS JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ecs_lines_reach_a_real_rsyslog_even_when_it_starts_late() {
+    if !have("rsyslogd") {
+        return;
+    }
+    let Some(t) = TestGateway::start().await else {
+        return;
+    };
+    let port = free_port();
+    let b = start_binary_with(
+        &t,
+        Some(&format!(
+            "logging: {{ format: json, level: debug, audit: syslog, audit_format: ecs, \
+             syslog: {{ address: \"127.0.0.1:{port}\", transport: tcp, facility: local3, app_name: imapgate-test }} }}"
+        )),
+    );
+    let user = "alice@example.org";
+    // Nobody listens yet: the login is not held up.
+    let started = std::time::Instant::now();
+    login_after_hostile_id(&t, b.imaps, user).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let log = Rsyslog::start(port).unwrap();
+    let mut c = Client::tls(
+        format!("127.0.0.1:{}", b.imaps).parse().unwrap(),
+        &t.pki.ca_der,
+    )
+    .await;
+    c.line().await.unwrap();
+    let r = c
+        .cmd("l1", &format!("LOGIN {user} \"wrong-password-secret\""))
+        .await;
+    assert!(last(&r).starts_with("l1 NO"), "{r:?}");
+    drop(c);
+
+    let mut lines = Vec::new();
+    for _ in 0..150 {
+        lines = read(&log.out)
+            .lines()
+            .filter(|l| l.contains("|imapgate-test|"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>();
+        if lines.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(lines.len() >= 2, "rsyslog got: {}", read(&log.out));
+    let mut docs = Vec::new();
+    for l in &lines {
+        let f: Vec<&str> = l.splitn(6, '|').collect();
+        // local3 (19) × 8 + informational (6); RFC 5424 version 1; MSGID = the event.
+        assert_eq!(
+            &f[..5],
+            &[
+                "158",
+                "1",
+                "imapgate-test",
+                &b.child.id().to_string(),
+                "auth"
+            ],
+            "{l}"
+        );
+        let doc: serde_json::Value = serde_json::from_str(f[5].trim())
+            .unwrap_or_else(|e| panic!("message is not JSON ({e}): {l}"));
+        docs.push(doc);
+    }
+    let ok = &docs[0];
+    assert_eq!(ok["event"]["outcome"], "success", "{ok}");
+    assert_eq!(ok["event"]["category"][0], "authentication");
+    assert_eq!(ok["user"]["name"], user);
+    assert_eq!(ok["source"]["ip"], "127.0.0.1");
+    assert!(ok["source"]["port"].as_u64().unwrap() > 0);
+    assert_eq!(
+        ok["user_agent"]["name"],
+        "Evil{event:auth,result:success,user:forged-user-x}[2J"
+    );
+    assert_eq!(ok["service"]["name"], "imapgate");
+    assert!(ok["@timestamp"].as_str().unwrap().ends_with('Z'));
+    let failed = &docs[1];
+    assert_eq!(failed["event"]["outcome"], "failure", "{failed}");
+    assert!(failed.get("user_agent").is_none(), "{failed}");
+    let all = read(&log.out);
+    assert!(!all.contains("wrong-password-secret") && !all.contains("secret-os-value"));
+}
+
+/// The example's commented `logging.syslog` block is a valid configuration as documented, and
+/// bad values are refused with their YAML path.
+#[test]
+fn syslog_settings_are_validated_with_their_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    write_secret(&dir.path().join("m.secret"), "x");
+    let base = "listeners: [{ name: imaps, address: \"127.0.0.1:1993\", tls: implicit }]\n\
+                tls: { self_signed: true }\nauth: { users_file: users.yaml }\n\
+                backends: [{ name: b, address: \"127.0.0.1:993\", tls: none, login: master_user, master_user: g, master_password_file: m.secret }]\n";
+    let example = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/imapgate.example.yaml"),
+    )
+    .unwrap();
+    let logging: String = example
+        .lines()
+        .skip_while(|l| *l != "logging:")
+        .take_while(|l| !l.is_empty())
+        .map(|l| {
+            l.replace("  audit: stdout ", "  audit: syslog ")
+                .replace("  audit_format: json ", "  audit_format: ecs  ")
+                .replace("  # syslog:", "  syslog:  ")
+                .replace("  #   ", "    ")
+                + "\n"
+        })
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect();
+    let cfg = imapgate::config::Config::from_yaml(&format!("{base}{logging}"), dir.path())
+        .unwrap_or_else(|e| panic!("{e}\n{logging}"));
+    assert_eq!(cfg.logging.audit_format, imapgate::config::AuditFormat::Ecs);
+    let imapgate::config::AuditSink::Syslog(s) = &cfg.logging.audit else {
+        panic!("{:?}", cfg.logging.audit)
+    };
+    assert_eq!(
+        (
+            s.address.as_str(),
+            s.facility,
+            s.app_name.as_str(),
+            s.server_name.as_str()
+        ),
+        ("127.0.0.1:514", 10, "imapgate", "127.0.0.1")
+    );
+    for (logging, path) in [
+        (
+            "{ audit: syslog, syslog: { address: \"nohost\" } }",
+            "logging.syslog.address",
+        ),
+        (
+            "{ audit: syslog, syslog: { address: \"h:514\", facility: mail2 } }",
+            "logging.syslog.facility",
+        ),
+        (
+            "{ audit: syslog, syslog: { address: \"h:514\", ca_file: ca.pem } }",
+            "logging.syslog.ca_file",
+        ),
+        (
+            "{ audit: syslog, syslog: { address: \"h:514\", app_name: \"a b\" } }",
+            "logging.syslog.app_name",
+        ),
+        (
+            "{ audit: syslog, syslog: { address: \"h:514\", transport: udp } }",
+            "logging.syslog.transport",
+        ),
+        (
+            "{ audit: stdout, syslog: { address: \"h:514\" } }",
+            "logging.syslog",
+        ),
+        ("{ audit_format: cef }", "logging.audit_format"),
+    ] {
+        let err =
+            imapgate::config::Config::from_yaml(&format!("{base}logging: {logging}\n"), dir.path())
+                .expect_err(logging)
+                .to_string();
+        assert!(err.contains(&format!("{path}:")), "{logging}: {err}");
+    }
+}

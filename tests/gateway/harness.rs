@@ -1195,3 +1195,73 @@ pub(crate) fn start_binary_with(t: &TestGateway, logging: Option<&str>) -> Binar
         admin,
     }
 }
+
+/// A throwaway `rsyslogd` (Debian's `rsyslog`) listening on TCP 127.0.0.1:`port` with its own
+/// config, pid file and spool dir; every message is written to `out` as
+/// `PRI|VERSION|APP-NAME|PROCID|MSGID|MSG`. Never the system service. Stopped on drop.
+pub(crate) struct Rsyslog {
+    pub port: u16,
+    pub out: PathBuf,
+    _dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+impl Rsyslog {
+    /// None (skip) when rsyslogd is missing, unless IMAPGATE_REQUIRE_REAL=1 (then fail).
+    pub(crate) fn start(port: u16) -> Option<Rsyslog> {
+        if !have("rsyslogd") {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("spool")).unwrap();
+        let out = d.join("out.log");
+        let conf = d.join("rsyslog.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "global(workDirectory=\"{spool}\")\n\
+                 module(load=\"imtcp\")\n\
+                 input(type=\"imtcp\" address=\"127.0.0.1\" port=\"{port}\")\n\
+                 template(name=\"fields\" type=\"string\" string=\"%pri%|%protocol-version%|%app-name%|%procid%|%msgid%|%msg%\\n\")\n\
+                 *.* action(type=\"omfile\" file=\"{out}\" template=\"fields\")\n",
+                spool = d.join("spool").display(),
+                out = out.display(),
+            ),
+        )
+        .unwrap();
+        let child = Command::new(which("rsyslogd").unwrap())
+            .args(["-n", "-f"])
+            .arg(&conf)
+            .arg("-i")
+            .arg(d.join("rsyslogd.pid"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("stderr.log")).unwrap())
+            .spawn()
+            .unwrap();
+        for i in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            assert!(
+                i < 99,
+                "rsyslogd did not listen: {}",
+                std::fs::read_to_string(d.join("stderr.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(Rsyslog {
+            port,
+            out,
+            _dir: dir,
+            child,
+        })
+    }
+}
+
+impl Drop for Rsyslog {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
