@@ -334,12 +334,20 @@ pub(crate) fn audited(
     credential: &str,
 ) -> ExitCode {
     if code == ExitCode::SUCCESS {
-        let sink = cfg
-            .config
-            .as_deref()
-            .and_then(|p| Config::load(p).ok())
-            .map(|c| c.logging.audit);
-        crate::observe::audit_operator(sink.as_ref(), action, user, credential);
+        let config = cfg.config.as_deref().and_then(|p| Config::load(p).ok());
+        let users_file = cfg
+            .users_file
+            .clone()
+            .or_else(|| config.as_ref().map(|c| c.auth.users_file.clone()));
+        let to = crate::observe::OperatorAudit {
+            sink: config.as_ref().map(|c| &c.logging.audit),
+            format: config
+                .as_ref()
+                .map(|c| c.logging.audit_format)
+                .unwrap_or_default(),
+            users_file: users_file.as_deref(),
+        };
+        crate::observe::audit_operator(&to, action, user, credential);
     }
     code
 }

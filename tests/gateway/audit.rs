@@ -274,3 +274,80 @@ fn syslog_settings_are_validated_with_their_paths() {
         assert!(err.contains(&format!("{path}:")), "{logging}: {err}");
     }
 }
+
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_imapgate"))
+        .args(args)
+        .env_remove("IMAPGATE_CONFIG")
+        .env("USER", "op-alice")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Operator actions on a users file (`--users-file`, or `-c`) are kept in `audit.log` beside
+/// that file (0600) and shown on stderr; with `-c`, the configured audit file and format too.
+#[test]
+fn operator_actions_are_audited_beside_the_users_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("users")).unwrap();
+    let users = d.join("users/users.yaml");
+    let u = users.to_str().unwrap();
+    let (ok, _, err) = cli(&["users", "add", "op@example.org", "--users-file", u]);
+    assert!(ok, "{err}");
+    let beside = d.join("users/audit.log");
+    let text = read(&beside);
+    let l: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (l["event"].as_str(), l["action"].as_str()),
+        (Some("operator"), Some("user_added"))
+    );
+    assert_eq!(l["user"], "op@example.org");
+    assert_eq!(l["actor"], "op-alice");
+    assert!(err.contains("\"action\":\"user_added\""), "{err}");
+    let mode = std::fs::metadata(&beside).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // With a configuration: ECS lines, in the configured file and beside the users file.
+    write_secret(
+        &d.join("k1.key"),
+        imapgate::auth::keyring::generate_key().expose(),
+    );
+    write_secret(&d.join("master.secret"), "x");
+    let cfg = d.join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listeners: [{{ name: imaps, address: \"127.0.0.1:1993\", tls: implicit }}]\ntls: {{ self_signed: true }}\n\
+             auth: {{ users_file: {u}, secret_keys: [{{ id: k1, file: k1.key }}] }}\n\
+             logging: {{ audit: gateway-audit.log, audit_format: ecs }}\n\
+             backends: [{{ name: b, address: \"127.0.0.1:993\", tls: none, login: master_user, master_user: g, master_password_file: master.secret }}]\n"
+        ),
+    )
+    .unwrap();
+    let (ok, pw, err) = cli(&[
+        "app-password",
+        "create",
+        "op@example.org",
+        "-c",
+        cfg.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    for file in [beside.clone(), d.join("gateway-audit.log")] {
+        let text = read(&file);
+        let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(last["event"]["action"], "app_password_created", "{text}");
+        assert_eq!(last["event"]["category"][0], "iam");
+        assert_eq!(last["user"]["name"], "op-alice");
+        assert_eq!(last["user"]["target"]["name"], "op@example.org");
+        let pw = pw.trim();
+        assert!(!text.contains(pw) && !text.contains(&pw.replace(' ', "")));
+    }
+    assert_eq!(read(&beside).lines().count(), 2);
+}
