@@ -8,6 +8,19 @@ use std::time::Duration;
 
 use crate::harness::*;
 
+/// A free port for a syslog that starts later: outside the kernel's ephemeral range, so that no
+/// `free_port()` of a test running meanwhile can hand it to someone else.
+fn syslog_port() -> u16 {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    (0..1000u32)
+        .map(|i| 20_000 + ((seed / 7 + i * 7919) % 10_000) as u16)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .unwrap()
+}
+
 fn read(p: &Path) -> String {
     let mut s = String::new();
     if let Ok(mut f) = std::fs::File::open(p) {
@@ -118,7 +131,7 @@ async fn ecs_lines_reach_a_real_rsyslog_even_when_it_starts_late() {
     let Some(t) = TestGateway::start().await else {
         return;
     };
-    let port = free_port();
+    let port = syslog_port();
     let b = start_binary_with(
         &t,
         Some(&format!(
@@ -350,4 +363,79 @@ fn operator_actions_are_audited_beside_the_users_file() {
         assert!(!text.contains(pw) && !text.contains(&pw.replace(' ', "")));
     }
     assert_eq!(read(&beside).lines().count(), 2);
+}
+
+/// `transport: tls` (RFC 5425) to a real rsyslog with a TLS input: lines arrive when its
+/// certificate chains to `ca_file` and names `server_name`; against a syslog the CA does not
+/// vouch for, nothing is sent (the login still works) and the log says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_lines_reach_a_real_rsyslog_only_when_it_is_verified() {
+    if !have("rsyslogd") {
+        return;
+    }
+    let Some(t) = TestGateway::start().await else {
+        return;
+    };
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(pki_dir.path());
+    let (cert, key) = pki.issue("syslog", &["syslog.test"]);
+    let port = syslog_port();
+    let Some(log) = Rsyslog::start_tls(port, &cert, &key, &pki.ca_pem) else {
+        return;
+    };
+    let user = "alice@example.org";
+    let logging = |ca: &Path| {
+        format!(
+            "logging: {{ format: json, level: debug, audit: syslog, \
+             syslog: {{ address: \"127.0.0.1:{port}\", transport: tls, ca_file: \"{}\", server_name: syslog.test, app_name: imapgate-tls }} }}",
+            ca.display()
+        )
+    };
+    // The wrong CA (the gateway's test CA did not sign the syslog's certificate).
+    let wrong = start_binary_with(&t, Some(&logging(&t.pki.ca_pem)));
+    login_after_hostile_id(&t, wrong.imaps, user).await;
+    let mut said = false;
+    for _ in 0..50 {
+        if read(&wrong.dir.path().join("stderr.log")).contains("cannot reach the audit syslog") {
+            said = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(said, "{}", read(&wrong.dir.path().join("stderr.log")));
+    drop(wrong);
+
+    let right = start_binary_with(&t, Some(&logging(&pki.ca_pem)));
+    login_after_hostile_id(&t, right.imaps, user).await;
+    let mut lines = Vec::new();
+    for _ in 0..100 {
+        lines = read(&log.out)
+            .lines()
+            .filter(|l| l.contains("|imapgate-tls|"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>();
+        if !lines.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(lines.len(), 1, "rsyslog got: {}", read(&log.out));
+    let f: Vec<&str> = lines[0].splitn(6, '|').collect();
+    // authpriv (10) × 8 + 6, the default facility.
+    assert_eq!(
+        &f[..5],
+        &[
+            "86",
+            "1",
+            "imapgate-tls",
+            &right.child.id().to_string(),
+            "auth"
+        ]
+    );
+    let doc: serde_json::Value = serde_json::from_str(f[5].trim()).unwrap();
+    assert_eq!(
+        (doc["event"].as_str(), doc["result"].as_str()),
+        (Some("auth"), Some("success"))
+    );
+    assert_eq!(doc["user"], user);
 }

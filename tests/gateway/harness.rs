@@ -1209,6 +1209,31 @@ pub(crate) struct Rsyslog {
 impl Rsyslog {
     /// None (skip) when rsyslogd is missing, unless IMAPGATE_REQUIRE_REAL=1 (then fail).
     pub(crate) fn start(port: u16) -> Option<Rsyslog> {
+        Self::start_with(port, None)
+    }
+
+    /// [`Rsyslog::start`] with a TLS input (RFC 5425; rsyslog's `ossl` driver from Debian's
+    /// `rsyslog-openssl`) serving this certificate and key, not asking for a client one.
+    pub(crate) fn start_tls(port: u16, cert: &Path, key: &Path, ca: &Path) -> Option<Rsyslog> {
+        let driver = [
+            "/usr/lib/x86_64-linux-gnu",
+            "/usr/lib/aarch64-linux-gnu",
+            "/usr/lib",
+        ]
+        .iter()
+        .any(|d| Path::new(d).join("rsyslog/lmnsd_ossl.so").is_file());
+        if !driver {
+            assert!(
+                !require_real(),
+                "rsyslog-openssl is required (IMAPGATE_REQUIRE_REAL=1) but not installed"
+            );
+            eprintln!("skipping: rsyslog-openssl not installed");
+            return None;
+        }
+        Self::start_with(port, Some((cert, key, ca)))
+    }
+
+    fn start_with(port: u16, tls: Option<(&Path, &Path, &Path)>) -> Option<Rsyslog> {
         if !have("rsyslogd") {
             return None;
         }
@@ -1217,11 +1242,24 @@ impl Rsyslog {
         std::fs::create_dir(d.join("spool")).unwrap();
         let out = d.join("out.log");
         let conf = d.join("rsyslog.conf");
+        let (global_tls, module_tls) = match tls {
+            None => (String::new(), ""),
+            Some((cert, key, ca)) => (
+                format!(
+                    " defaultNetstreamDriver=\"ossl\" defaultNetstreamDriverCAFile=\"{}\" \
+                     defaultNetstreamDriverCertFile=\"{}\" defaultNetstreamDriverKeyFile=\"{}\"",
+                    ca.display(),
+                    cert.display(),
+                    key.display()
+                ),
+                " streamDriver.name=\"ossl\" streamDriver.mode=\"1\" streamDriver.authMode=\"anon\"",
+            ),
+        };
         std::fs::write(
             &conf,
             format!(
-                "global(workDirectory=\"{spool}\")\n\
-                 module(load=\"imtcp\")\n\
+                "global(workDirectory=\"{spool}\"{global_tls})\n\
+                 module(load=\"imtcp\"{module_tls})\n\
                  input(type=\"imtcp\" address=\"127.0.0.1\" port=\"{port}\")\n\
                  template(name=\"fields\" type=\"string\" string=\"%pri%|%protocol-version%|%app-name%|%procid%|%msgid%|%msg%\\n\")\n\
                  *.* action(type=\"omfile\" file=\"{out}\" template=\"fields\")\n",
