@@ -632,6 +632,31 @@ if [ "$MODE" = check ]; then
   audit_has '"result":"failure"' '"reason":"code_missing"' "\"client_ip\":\"$OTHER_SRC\"" ||
     fail "no audit line with reason code_missing for $OTHER_SRC"
 
+  step "check: imaplib sends ID (\"name\" \"imaplib-demo\" ...) and logs in; the audit line carries the client's name"
+  log "\$ python3 -c \"m = imaplib.IMAP4_SSL('$HOST', $TLS_PORT, ...); m._simple_command('ID', '(\\\"name\\\" \\\"imaplib-demo\\\" ...)'); m.login(...)\""
+  RC=0
+  OUT="$(python3 - "$HOST" "$TLS_PORT" "$DEMO_USER" "$APP_PASSWORD" <<'PY' 2>&1
+import imaplib, ssl, sys
+host, port, user, pw = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE  # the demo's self-signed certificate
+imaplib.Commands["ID"] = ("NONAUTH", "AUTH", "SELECTED")  # RFC 2971; imaplib has no ID method
+m = imaplib.IMAP4_SSL(host, port, ssl_context=ctx, timeout=30)
+typ, data = m._simple_command("ID", '("name" "imaplib-demo" "version" "1.0" "os" "not-logged")')
+assert typ == "OK", (typ, data)
+typ, data = m.login(user, pw)
+assert typ == "OK", (typ, data)
+m.logout()
+print("ok")
+PY
+)" || RC=$?
+  [ "$RC" -eq 0 ] || fail "imaplib with ID could not log in (exit $RC): $OUT"
+  audit_has '"result":"success"' '"client_name":"imaplib-demo"' '"client_version":"1.0"' ||
+    fail "no audit line with the client's ID name (imaplib-demo) for the imaplib login"
+  ! grep -q 'not-logged' "$GW/audit.log" || fail "an ID field other than name/version reached the audit log"
+  log "ok: the audit line names the client: imaplib-demo 1.0 (and nothing else of its ID)"
+
   step "check: a wrong app password is refused, code or not"
   RC=0
   OUT="$("${CURL[@]}" --insecure "imaps://$HOST:$TLS_PORT/" --user "$DEMO_USER:aaaabbbbccccdddd$(totp_code "$TOTP_SECRET")" 2>&1)" || RC=$?

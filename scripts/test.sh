@@ -34,6 +34,8 @@ SYSTEM_PACKAGES=(
   prometheus:promtool # promtool for the alert rules' checks and unit tests (step 5); the service is not started
   redis-server:redis-server # the shared state store the tests start on free ports; the service is not started
   sslscan:sslscan           # the TLS scan of both listener kinds (step 7)
+  rsyslog:rsyslogd          # a real syslog for the audit log's syslog sink; the harness starts its own, never the service
+  rsyslog-openssl           # rsyslog's TLS input (the audit syslog over TLS test)
 )
 ADVISORY_SRC=../shared/advisory-db
 DENY_DB_ROOT=/tmp/deny-dbs

@@ -240,7 +240,7 @@ fn run(path: &Path) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
     };
-    rt.block_on(async move {
+    let code = rt.block_on(async move {
         let gw = match crate::server::Gateway::start(config).await {
             Ok(g) => g,
             Err(e) => {
@@ -252,7 +252,10 @@ fn run(path: &Path) -> ExitCode {
         gw.shutdown();
         gw.wait().await;
         ExitCode::SUCCESS
-    })
+    });
+    // The last audit lines still queued for a syslog.
+    crate::observe::syslog::flush(std::time::Duration::from_secs(3));
+    code
 }
 
 /// Waits for SIGTERM or SIGINT; SIGHUP reloads certificates and users meanwhile.
@@ -331,12 +334,20 @@ pub(crate) fn audited(
     credential: &str,
 ) -> ExitCode {
     if code == ExitCode::SUCCESS {
-        let sink = cfg
-            .config
-            .as_deref()
-            .and_then(|p| Config::load(p).ok())
-            .map(|c| c.logging.audit);
-        crate::observe::audit_operator(sink.as_ref(), action, user, credential);
+        let config = cfg.config.as_deref().and_then(|p| Config::load(p).ok());
+        let users_file = cfg
+            .users_file
+            .clone()
+            .or_else(|| config.as_ref().map(|c| c.auth.users_file.clone()));
+        let to = crate::observe::OperatorAudit {
+            sink: config.as_ref().map(|c| &c.logging.audit),
+            format: config
+                .as_ref()
+                .map(|c| c.logging.audit_format)
+                .unwrap_or_default(),
+            users_file: users_file.as_deref(),
+        };
+        crate::observe::audit_operator(&to, action, user, credential);
     }
     code
 }

@@ -24,7 +24,10 @@ use std::time::Duration;
 
 use crate::secret::Secret;
 
-pub use raw::{BackendTls, ListenerTls, LogFormat, MfaMode, OnError, StateBackend};
+pub use raw::{
+    AuditFormat, BackendTls, ListenerTls, LogFormat, MfaMode, OnError, StateBackend,
+    SyslogTransport,
+};
 
 /// Secure defaults, one place.
 pub mod defaults {
@@ -449,6 +452,24 @@ pub enum AuditSink {
     Stdout,
     Stderr,
     File(PathBuf),
+    /// RFC 5424 lines over TCP or TLS (`audit: syslog`).
+    Syslog(SyslogConfig),
+}
+
+/// `logging.syslog`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyslogConfig {
+    /// `host:port`, resolved at each connect.
+    pub address: String,
+    pub transport: SyslogTransport,
+    /// The CA to verify a TLS syslog with (the system's roots when absent).
+    pub ca_file: Option<PathBuf>,
+    /// The name its certificate must carry (default: the address's host).
+    pub server_name: String,
+    /// The facility's number (RFC 5424 §6.2.1).
+    pub facility: u8,
+    /// The APP-NAME field: printable ASCII, at most 48 characters.
+    pub app_name: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -456,6 +477,7 @@ pub struct LoggingConfig {
     pub format: LogFormat,
     pub level: String,
     pub audit: AuditSink,
+    pub audit_format: AuditFormat,
 }
 
 /// One problem in the file, with where it is.

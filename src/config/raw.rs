@@ -276,6 +276,36 @@ pub(super) struct Logging {
     pub format: Option<LogFormat>,
     pub level: Option<String>,
     pub audit: Option<String>,
+    pub audit_format: Option<AuditFormat>,
+    pub syslog: Option<Syslog>,
+}
+
+/// The audit line's field names: today's (`json`) or Elastic Common Schema (`ecs`).
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditFormat {
+    #[default]
+    Json,
+    Ecs,
+}
+
+/// `logging.syslog`: where `audit: syslog` sends its RFC 5424 lines.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Syslog {
+    pub address: Option<String>,
+    pub transport: Option<SyslogTransport>,
+    pub ca_file: Option<String>,
+    pub server_name: Option<String>,
+    pub facility: Option<String>,
+    pub app_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SyslogTransport {
+    Tcp,
+    Tls,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]

@@ -14,7 +14,7 @@ use super::backends::{backends, routes, state};
 use super::ctx::{items, Ctx};
 use super::{
     defaults, raw, AdminConfig, AuditSink, CertificatePaths, Config, ConfigError, FieldError,
-    Limits, ListenerConfig, LogFormat, LoggingConfig, TlsConfig,
+    Limits, ListenerConfig, LogFormat, LoggingConfig, SyslogConfig, SyslogTransport, TlsConfig,
 };
 
 const SECTIONS: &[&str] = &[
@@ -354,15 +354,97 @@ fn logging(cx: &mut Ctx, v: &Value) -> LoggingConfig {
         None | Some("stdout") => AuditSink::Stdout,
         Some("stderr") => AuditSink::Stderr,
         Some("") => {
-            cx.err("logging.audit", "must be stdout, stderr or a file path");
+            cx.err(
+                "logging.audit",
+                "must be stdout, stderr, syslog or a file path",
+            );
             AuditSink::Stdout
         }
+        Some("syslog") => AuditSink::Syslog(syslog(cx, l.syslog.unwrap_or_default())),
         Some(p) => AuditSink::File(cx.path(p)),
     };
+    if l.audit.as_deref() != Some("syslog") && v.get("syslog").is_some() {
+        cx.err("logging.syslog", "is only read with `audit: syslog`");
+    }
     LoggingConfig {
         format: l.format.unwrap_or(LogFormat::Text),
         level,
         audit,
+        audit_format: l.audit_format.unwrap_or_default(),
+    }
+}
+
+/// RFC 5424 §6.2.1's facilities, by the names syslog.conf uses.
+const FACILITIES: &[(&str, u8)] = &[
+    ("kern", 0),
+    ("user", 1),
+    ("mail", 2),
+    ("daemon", 3),
+    ("auth", 4),
+    ("syslog", 5),
+    ("lpr", 6),
+    ("news", 7),
+    ("uucp", 8),
+    ("cron", 9),
+    ("authpriv", 10),
+    ("ftp", 11),
+    ("local0", 16),
+    ("local1", 17),
+    ("local2", 18),
+    ("local3", 19),
+    ("local4", 20),
+    ("local5", 21),
+    ("local6", 22),
+    ("local7", 23),
+];
+
+fn syslog(cx: &mut Ctx, s: raw::Syslog) -> SyslogConfig {
+    let address = s.address.unwrap_or_default();
+    let host = match address.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => {
+            h.trim_start_matches('[').trim_end_matches(']').to_owned()
+        }
+        _ => {
+            cx.err(
+                "logging.syslog.address",
+                "must be host:port (e.g. 127.0.0.1:6514 or syslog.example.org:514)",
+            );
+            String::new()
+        }
+    };
+    let transport = s.transport.unwrap_or(SyslogTransport::Tcp);
+    if transport == SyslogTransport::Tcp && s.ca_file.is_some() {
+        cx.err(
+            "logging.syslog.ca_file",
+            "is only read with `transport: tls`",
+        );
+    }
+    let facility_name = s.facility.unwrap_or_else(|| "authpriv".into());
+    let facility = match FACILITIES.iter().find(|(n, _)| *n == facility_name) {
+        Some((_, f)) => *f,
+        None => {
+            cx.err(
+                "logging.syslog.facility",
+                "must be a facility name: kern, user, mail, daemon, auth, syslog, lpr, news, uucp, cron, authpriv, ftp, local0 … local7",
+            );
+            10
+        }
+    };
+    let app_name = s.app_name.unwrap_or_else(|| "imapgate".into());
+    if app_name.is_empty() || app_name.len() > 48 || !app_name.bytes().all(|b| b.is_ascii_graphic())
+    {
+        cx.err(
+            "logging.syslog.app_name",
+            "must be 1 to 48 printable ASCII characters without spaces (RFC 5424 APP-NAME)",
+        );
+    }
+    SyslogConfig {
+        server_name: s.server_name.unwrap_or(host),
+        address,
+        transport,
+        ca_file: s.ca_file.map(|p| cx.path(&p)),
+        facility,
+        app_name,
     }
 }
 

@@ -12,6 +12,7 @@
 //! attempt was waiting for (a queue, the IdP, the tarpit, the backend) is dropped with it and
 //! the result is [`LoginResult::TimedOut`].
 
+mod client_id;
 mod record;
 mod registry;
 
@@ -22,6 +23,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::time::Instant;
 
+pub use client_id::{ClientId, MAX_CLIENT_ID_CHARS};
 pub use record::{Ending, LoginRecord, Reason};
 pub use registry::{UserSessions, UserSlot};
 
@@ -54,6 +56,8 @@ pub struct Client<'a> {
     pub listener: &'a str,
     /// The resolved client address (the PROXY header's, where trusted).
     pub peer: SocketAddr,
+    /// What the client's `ID` said about it (sanitised), for the audit line.
+    pub id: &'a ClientId,
 }
 
 /// How a login ended, for the protocol's state machine.
@@ -113,6 +117,7 @@ impl Services {
             session: client.session,
             listener: client.listener,
             client: client.peer,
+            client_id: client.id,
             user: claimed.clone().unwrap_or_else(|| "<invalid>".into()),
             mechanism,
             guard: "",

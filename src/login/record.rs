@@ -84,6 +84,8 @@ pub struct LoginRecord<'a> {
     pub session: u64,
     pub listener: &'a str,
     pub client: SocketAddr,
+    /// The client's `ID` name and version (already sanitised).
+    pub client_id: &'a super::ClientId,
     /// Loggable: normalised, or `<invalid>`.
     pub user: String,
     pub mechanism: Mechanism,
@@ -117,6 +119,8 @@ impl LoginRecord<'_> {
             session: self.session,
             listener: self.listener,
             client: self.client,
+            client_name: self.client_id.name(),
+            client_version: self.client_id.version(),
             user: &self.user,
             mechanism,
             result: ending.audit(),

@@ -154,6 +154,10 @@ pub const CATALOGUE: &[(&str, &str)] = &[
         "imapgate_limit",
         "Configured caps in force, by limit (saturation: current use over the cap).",
     ),
+    (
+        "imapgate_audit_dropped_total",
+        "Audit lines dropped because the syslog queue was full (the syslog slow or unreachable).",
+    ),
 ];
 
 /// The process metrics (`process_*`, the Prometheus client convention) exported beside the
@@ -351,6 +355,10 @@ impl Metrics {
         }
         for result in ["ok", "error"] {
             users_reloads.with_label_values(&[result]);
+        }
+        // Lives in observe::syslog (logging starts before the registry); one counter shared.
+        if let Some(c) = super::syslog::dropped_counter() {
+            registry.register(Box::new(c.clone()))?;
         }
         Ok(Self {
             registry,

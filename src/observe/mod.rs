@@ -6,7 +6,9 @@
 //! `[REDACTED]`, and user names are passed through [`crate::auth::loggable_user`] first.
 
 pub mod admin;
+pub mod ecs;
 pub mod metrics;
+pub mod syslog;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +19,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
-use crate::config::{AuditSink, LogFormat, LoggingConfig};
+use crate::config::{AuditFormat, AuditSink, LogFormat, LoggingConfig};
 pub use metrics::Metrics;
 
 /// The tracing target of audit events.
@@ -54,14 +56,24 @@ pub fn init_logging(cfg: &LoggingConfig) -> std::io::Result<()> {
             let _ = AUDIT_FILE.set(file.clone());
             tracing_subscriber::fmt::writer::BoxMakeWriter::new(AuditFileWriter(file))
         }
+        AuditSink::Syslog(s) => {
+            tracing_subscriber::fmt::writer::BoxMakeWriter::new(syslog::SyslogWriter::start(s)?)
+        }
     };
-    let audit = tracing_subscriber::fmt::layer()
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
-        .with_span_list(false)
-        .with_writer(audit_writer)
-        .with_filter(filter_fn(|m| m.target() == AUDIT_TARGET));
+    let audit = match cfg.audit_format {
+        AuditFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_writer(audit_writer)
+            .boxed(),
+        AuditFormat::Ecs => ecs::EcsLayer {
+            writer: audit_writer,
+        }
+        .boxed(),
+    }
+    .with_filter(filter_fn(|m| m.target() == AUDIT_TARGET));
 
     let _ = tracing_subscriber::registry()
         .with(ops)
@@ -136,11 +148,24 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for AuditFileWriter {
     }
 }
 
-/// An operator action (the CLI editing the users file), as one audit line in the same JSON
-/// shape as the gateway's. The CLI is another process: with a file sink the line is appended
-/// to that file; with stdout or stderr (or no config) it goes to the CLI's stderr, since its
-/// stdout may carry a new app password.
-pub fn audit_operator(sink: Option<&AuditSink>, action: &str, user: &str, credential: &str) {
+/// Where the CLI writes an operator audit line.
+pub struct OperatorAudit<'a> {
+    /// The configured sink, when a configuration was given.
+    pub sink: Option<&'a AuditSink>,
+    pub format: AuditFormat,
+    /// The users file the command changed: the line also goes to `audit.log` beside it.
+    pub users_file: Option<&'a std::path::Path>,
+}
+
+/// The file beside the users file that keeps the operator actions done on it.
+pub const OPERATOR_AUDIT_FILE: &str = "audit.log";
+
+/// An operator action (the CLI editing the users file), as one audit line in the same shape
+/// as the gateway's (`json` or `ecs`). The CLI is another process, so the line goes to the
+/// CLI's stderr (never stdout, which may carry a new app password), to `audit.log` in the
+/// users file's directory (created 0600), and to the configured audit file when there is one
+/// (once, when that is the same file). A syslog sink is not written by the CLI.
+pub fn audit_operator(to: &OperatorAudit<'_>, action: &str, user: &str, credential: &str) {
     let actor = ["SUDO_USER", "USER", "LOGNAME"]
         .iter()
         .find_map(|v| std::env::var(v).ok())
@@ -149,10 +174,8 @@ pub fn audit_operator(sink: Option<&AuditSink>, action: &str, user: &str, creden
         .filter(|c| !c.is_control())
         .take(64)
         .collect::<String>();
-    let now = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
-    let line = serde_json::json!({
+    let now = ecs::now_rfc3339();
+    let fields = serde_json::json!({
         "timestamp": now,
         "level": "INFO",
         "event": "operator",
@@ -161,19 +184,55 @@ pub fn audit_operator(sink: Option<&AuditSink>, action: &str, user: &str, creden
         "credential": credential,
         "actor": actor,
         "target": AUDIT_TARGET,
-    })
-    .to_string();
-    use std::io::Write as _;
-    let written = match sink {
-        Some(AuditSink::File(p)) => open_audit_file(p).and_then(|mut f| writeln!(f, "{line}")),
-        _ => writeln!(std::io::stderr(), "{line}"),
+    });
+    let line = match (to.format, &fields) {
+        (AuditFormat::Ecs, serde_json::Value::Object(m)) => ecs::to_ecs(m, &now).to_string(),
+        _ => fields.to_string(),
     };
-    if let Err(e) = written {
-        let _ = writeln!(
-            std::io::stderr(),
-            "imapgate: cannot write the audit line: {e}"
-        );
+    use std::io::Write as _;
+    let mut files: Vec<(std::path::PathBuf, u32)> = Vec::new();
+    if let Some(users) = to.users_file {
+        let dir = match users.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => std::path::Path::new("."),
+        };
+        files.push((dir.join(OPERATOR_AUDIT_FILE), 0o600));
     }
+    if let Some(AuditSink::File(p)) = to.sink {
+        let same = |a: &std::path::Path| {
+            std::path::absolute(a).ok() == std::path::absolute(p).ok()
+                || (a.canonicalize().is_ok() && a.canonicalize().ok() == p.canonicalize().ok())
+        };
+        if !files.iter().any(|(f, _)| same(f)) {
+            files.push((p.clone(), 0o640));
+        }
+    }
+    let mut stderr = std::io::stderr();
+    if let Err(e) = writeln!(stderr, "{line}") {
+        let _ = writeln!(stderr, "imapgate: cannot write the audit line: {e}");
+    }
+    for (path, mode) in files {
+        if let Err(e) = open_mode(&path, mode).and_then(|mut f| writeln!(f, "{line}")) {
+            let _ = writeln!(
+                stderr,
+                "imapgate: cannot write the audit line to {}: {e}",
+                path.display()
+            );
+        }
+    }
+}
+
+fn open_mode(path: &std::path::Path, mode: u32) -> std::io::Result<std::fs::File> {
+    let mut o = std::fs::OpenOptions::new();
+    o.create(true).append(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(mode);
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    o.open(path)
 }
 
 /// One auth decision, for the audit log.
@@ -181,6 +240,9 @@ pub struct AuditEvent<'a> {
     pub session: u64,
     pub listener: &'a str,
     pub client: SocketAddr,
+    /// The client's IMAP `ID` name and version, sanitised ("" when not sent).
+    pub client_name: &'a str,
+    pub client_version: &'a str,
     pub user: &'a str,
     pub mechanism: &'a str,
     pub result: &'a str,
@@ -202,6 +264,8 @@ pub fn audit(e: &AuditEvent<'_>) {
         listener = e.listener,
         client_ip = %e.client.ip(),
         client_port = e.client.port(),
+        client_name = e.client_name,
+        client_version = e.client_version,
         user = e.user,
         mechanism = e.mechanism,
         result = e.result,

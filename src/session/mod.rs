@@ -263,6 +263,7 @@ impl Session {
                         session: self.id,
                         listener: &self.listener.name,
                         peer: self.peer,
+                        id: sm.client_id(),
                     };
                     let result = self
                         .shared

@@ -26,6 +26,7 @@ use crate::auth::sasl::decode_plain;
 use crate::auth::{Credential, Mechanism};
 use crate::imap::framing::{Frame, FrameLimits, Framer, LineMode, Literal};
 use crate::imap::{self, RespCode};
+use crate::login::ClientId;
 use crate::secret::Secret;
 
 /// Limits the state machine enforces itself (timeouts belong to the driver).
@@ -142,6 +143,8 @@ pub struct PreAuth {
     bad: u32,
     failures: u32,
     commands: u32,
+    /// The `name` and `version` of the client's `ID`, for the audit line.
+    client_id: ClientId,
 }
 
 /// Commands one connection may send before authenticating (a client needs a handful).
@@ -169,6 +172,7 @@ impl PreAuth {
             bad: 0,
             failures: 0,
             commands: 0,
+            client_id: ClientId::default(),
             oauth: false,
             challenges: None,
         }
@@ -262,8 +266,15 @@ impl PreAuth {
     /// The TLS handshake completed: drop anything buffered before it (CVE-2011-0411).
     pub fn tls_started(&mut self) {
         self.framer.clear();
+        // An ID sent in the clear could have been injected by anyone on the path.
+        self.client_id = ClientId::default();
         self.tls = true;
         self.state = State::Ready;
+    }
+
+    /// What the client's `ID` (sent over TLS, before logging in) said about it.
+    pub fn client_id(&self) -> &ClientId {
+        &self.client_id
     }
 
     /// Login refused: one generic reply, and BYE after too many.
@@ -469,7 +480,14 @@ impl PreAuth {
                 self.close_after_out = true;
                 self.state = State::Done;
             }
-            CommandBody::Id { .. } => {
+            CommandBody::Id { parameters } => {
+                // Only name and version, sanitised, are kept (for the audit line).
+                self.client_id = ClientId::from_params(
+                    parameters
+                        .iter()
+                        .flatten()
+                        .map(|(k, v)| (k.as_ref(), v.0.as_ref().map(|v| v.as_ref()))),
+                );
                 // RFC 2971: answering NIL reveals no product or version.
                 self.reply(b"* ID NIL\r\n".to_vec());
                 self.reply(imap::tagged(&tag, StatusKind::Ok, None, "ID completed"));

@@ -1124,6 +1124,12 @@ impl Drop for Binary {
 }
 
 pub(crate) fn start_binary(t: &TestGateway) -> Binary {
+    start_binary_with(t, None)
+}
+
+/// [`start_binary`] with this `logging:` line instead (`{dir}` stands for the binary's
+/// directory), e.g. another audit sink or format.
+pub(crate) fn start_binary_with(t: &TestGateway, logging: Option<&str>) -> Binary {
     let dir = tempfile::tempdir().unwrap();
     let (imaps, imap, admin) = (free_port(), free_port(), free_port());
     let yaml = t
@@ -1143,10 +1149,13 @@ pub(crate) fn start_binary(t: &TestGateway) -> Binary {
             &format!("address: \"127.0.0.1:{admin}\", health_interval"),
             1,
         )
-        + &format!(
-            "logging: {{ format: json, level: debug, audit: \"{}\" }}\n",
-            dir.path().join("audit.log").display()
-        );
+        + &match logging {
+            Some(l) => l.replace("{dir}", &dir.path().display().to_string()) + "\n",
+            None => format!(
+                "logging: {{ format: json, level: debug, audit: \"{}\" }}\n",
+                dir.path().join("audit.log").display()
+            ),
+        };
     let cfg = dir.path().join("imapgate.yaml");
     std::fs::write(&cfg, yaml).unwrap();
     let status = Command::new(env!("CARGO_BIN_EXE_imapgate"))
@@ -1184,5 +1193,113 @@ pub(crate) fn start_binary(t: &TestGateway) -> Binary {
         imaps,
         imap,
         admin,
+    }
+}
+
+/// A throwaway `rsyslogd` (Debian's `rsyslog`) listening on TCP 127.0.0.1:`port` with its own
+/// config, pid file and spool dir; every message is written to `out` as
+/// `PRI|VERSION|APP-NAME|PROCID|MSGID|MSG`. Never the system service. Stopped on drop.
+pub(crate) struct Rsyslog {
+    pub port: u16,
+    pub out: PathBuf,
+    _dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+impl Rsyslog {
+    /// None (skip) when rsyslogd is missing, unless IMAPGATE_REQUIRE_REAL=1 (then fail).
+    pub(crate) fn start(port: u16) -> Option<Rsyslog> {
+        Self::start_with(port, None)
+    }
+
+    /// [`Rsyslog::start`] with a TLS input (RFC 5425; rsyslog's `ossl` driver from Debian's
+    /// `rsyslog-openssl`) serving this certificate and key, not asking for a client one.
+    pub(crate) fn start_tls(port: u16, cert: &Path, key: &Path, ca: &Path) -> Option<Rsyslog> {
+        let driver = [
+            "/usr/lib/x86_64-linux-gnu",
+            "/usr/lib/aarch64-linux-gnu",
+            "/usr/lib",
+        ]
+        .iter()
+        .any(|d| Path::new(d).join("rsyslog/lmnsd_ossl.so").is_file());
+        if !driver {
+            assert!(
+                !require_real(),
+                "rsyslog-openssl is required (IMAPGATE_REQUIRE_REAL=1) but not installed"
+            );
+            eprintln!("skipping: rsyslog-openssl not installed");
+            return None;
+        }
+        Self::start_with(port, Some((cert, key, ca)))
+    }
+
+    fn start_with(port: u16, tls: Option<(&Path, &Path, &Path)>) -> Option<Rsyslog> {
+        if !have("rsyslogd") {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("spool")).unwrap();
+        let out = d.join("out.log");
+        let conf = d.join("rsyslog.conf");
+        let (global_tls, module_tls) = match tls {
+            None => (String::new(), ""),
+            Some((cert, key, ca)) => (
+                format!(
+                    " defaultNetstreamDriver=\"ossl\" defaultNetstreamDriverCAFile=\"{}\" \
+                     defaultNetstreamDriverCertFile=\"{}\" defaultNetstreamDriverKeyFile=\"{}\"",
+                    ca.display(),
+                    cert.display(),
+                    key.display()
+                ),
+                " streamDriver.name=\"ossl\" streamDriver.mode=\"1\" streamDriver.authMode=\"anon\"",
+            ),
+        };
+        std::fs::write(
+            &conf,
+            format!(
+                "global(workDirectory=\"{spool}\"{global_tls})\n\
+                 module(load=\"imtcp\"{module_tls})\n\
+                 input(type=\"imtcp\" address=\"127.0.0.1\" port=\"{port}\")\n\
+                 template(name=\"fields\" type=\"string\" string=\"%pri%|%protocol-version%|%app-name%|%procid%|%msgid%|%msg%\\n\")\n\
+                 *.* action(type=\"omfile\" file=\"{out}\" template=\"fields\")\n",
+                spool = d.join("spool").display(),
+                out = out.display(),
+            ),
+        )
+        .unwrap();
+        let child = Command::new(which("rsyslogd").unwrap())
+            .args(["-n", "-f"])
+            .arg(&conf)
+            .arg("-i")
+            .arg(d.join("rsyslogd.pid"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("stderr.log")).unwrap())
+            .spawn()
+            .unwrap();
+        for i in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            assert!(
+                i < 99,
+                "rsyslogd did not listen: {}",
+                std::fs::read_to_string(d.join("stderr.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(Rsyslog {
+            port,
+            out,
+            _dir: dir,
+            child,
+        })
+    }
+}
+
+impl Drop for Rsyslog {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

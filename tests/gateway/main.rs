@@ -10,6 +10,7 @@
 
 mod harness;
 
+mod audit;
 mod clients;
 mod config_files;
 mod faulty_upstream;

@@ -213,6 +213,8 @@ fn emitted() -> BTreeMap<&'static str, Vec<(&'static str, Values)>> {
     add("imapgate_guard_blocked_sources", vec![]);
     add("imapgate_guard_attack_mode_accounts", vec![]);
     add("imapgate_app_password_suspect_total", vec![]);
+    // Lives in observe::syslog (logging starts before the registry); registered by Metrics::new.
+    add("imapgate_audit_dropped_total", vec![]);
     // state/shared.rs (the Store operations and `ping`) and guard (`record`, `get_many`, `scan`).
     add(
         "imapgate_state_store_errors_total",
@@ -337,9 +339,12 @@ fn registered_labels(m: &Metrics) -> BTreeMap<String, Vec<String>> {
         runtime_tasks,
         limits,
     ];
+    // The syslog drop counter is registered beside the struct's fields (see Metrics::new).
+    let syslog = crate::observe::syslog::dropped_counter();
     collectors
         .iter()
         .flat_map(|c| c.desc())
+        .chain(syslog.iter().flat_map(|c| c.desc()))
         .map(|d| (d.fq_name.clone(), d.variable_labels.clone()))
         .collect()
 }

@@ -273,3 +273,29 @@ fn token_mechanisms_only_when_configured_and_the_error_challenge_flow() {
     let (out, _) = run(&mut sm, b"bm9wZQ==\r\n");
     assert_eq!(out, "b BAD Invalid SASL response\r\n");
 }
+
+#[test]
+fn id_keeps_only_a_clean_name_and_version() {
+    let mut sm = PreAuth::new(limits(), false, true);
+    let (out, _) = run(
+        &mut sm,
+        b"a ID (\"name\" \"Mail\\\"App\" \"os\" \"Linux\" \"VERSION\" \"1.0 \\\\beta\")\r\n",
+    );
+    assert_eq!(out, "* ID NIL\r\na OK ID completed\r\n");
+    assert_eq!(sm.client_id().name(), "MailApp");
+    assert_eq!(sm.client_id().version(), "1.0 beta");
+    // A later ID replaces it; ID NIL clears it.
+    let (_, _) = run(&mut sm, b"b ID NIL\r\n");
+    assert_eq!(sm.client_id(), &ClientId::default());
+}
+
+#[test]
+fn an_id_sent_before_starttls_is_forgotten() {
+    let mut sm = PreAuth::new(limits(), true, false);
+    let (_, _) = run(&mut sm, b"a ID (\"name\" \"injected\")\r\n");
+    assert_eq!(sm.client_id().name(), "injected");
+    let (_, step) = run(&mut sm, b"b STARTTLS\r\n");
+    assert!(matches!(step, Some(Step::StartTls)));
+    sm.tls_started();
+    assert_eq!(sm.client_id(), &ClientId::default());
+}
