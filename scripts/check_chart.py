@@ -204,7 +204,17 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("containerSecurityContext.capabilities.drop", ["NET_RAW"]),
     ("containerSecurityContext.capabilities.add", ["NET_BIND_SERVICE"]),
     ("podSecurityContext.runAsNonRoot", False),
-    ("listeners.imaps.containerPort", 993),
+    ("listeners.0.containerPort", 993),
+    ("listeners.0.name", "IMAPS"),
+    ("listeners.0.name", "imaps-for-the-load-balancer"),
+    ("listeners.0.name", "admin"),
+    ("listeners.0.name", "1993"),
+    ("listeners.0.name", "imaps--lb"),
+    ("listeners.0.tls", "ssl"),
+    ("listeners.0.service", "external"),
+    ("listeners.0.enabled", True),
+    ("listeners", []),
+    ("listeners", {"imaps": {"enabled": True, "containerPort": 1993, "servicePort": 993, "proxyProtocol": False}}),
     ("tls.minVersion", "1.1"),
     ("limits.preauthIdleTimeout", "30 seconds"),
     ("limits.lineBytes", "8 KB"),
@@ -227,7 +237,7 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("logging.level", "verbose"),
     ("shutdown.extraSeconds", 0),
     ("logging.audit", "/var/log/imapgate/audit.log"),
-    ("listeners.imaps.proxyProtocol", "yes"),
+    ("listeners.0.proxyProtocol", "yes"),
     ("admin.tokenSecret", "Admin_Token"),
     ("admin.token", "inline-tokens-are-refused"),
     ("state.maxEntries", 10),
@@ -462,8 +472,9 @@ def check_rendered(name: str, docs: list[dict[str, Any]], example_paths: set[str
         by_kind.setdefault(doc.get("kind", "?"), []).append(doc)
     for kind in ("ConfigMap", "Deployment"):
         report.check(len(by_kind.get(kind, [])) == 1, where, f"expected one {kind}")
-    # The client-facing Service; the ServiceMonitor's "-metrics" Service is checked apart.
-    client_services = [s for s in by_kind.get("Service", []) if not is_metrics_service(s)]
+    # The client-facing Service; the ServiceMonitor's "-metrics" Service and the "-internal" one
+    # are checked apart.
+    client_services = [s for s in by_kind.get("Service", []) if not (is_metrics_service(s) or is_internal_service(s))]
     report.check(len(client_services) == 1, where, "expected one client-facing Service")
     if any(len(by_kind.get(k, [])) != 1 for k in ("ConfigMap", "Deployment")) or len(client_services) != 1:
         return
@@ -561,21 +572,46 @@ def check_rendered(name: str, docs: list[dict[str, Any]], example_paths: set[str
         "the config file must be mounted and passed with -c",
     )
 
-    service_ports = service["spec"].get("ports", [])
-    for port in service_ports:
+    internal = [s for s in by_kind.get("Service", []) if is_internal_service(s)]
+    report.check(len(internal) <= 1, where, "at most one internal Service")
+    listener_names = {l["name"] for l in config["listeners"]}
+    for svc in [service, *internal]:
+        service_ports = svc["spec"].get("ports", [])
+        report.check(bool(service_ports), where, f"Service {svc['metadata']['name']} has no port")
+        for port in service_ports:
+            report.check(
+                port["targetPort"] in ports and port["targetPort"] in listener_names,
+                where,
+                f"service port {port['name']} must target a listener's container port, not {port['targetPort']!r}",
+            )
         report.check(
-            port["targetPort"] in ports, where, f"service port {port['name']} targets an unknown port"
+            all(p["targetPort"] != "admin" for p in service_ports),
+            where,
+            f"Service {svc['metadata']['name']} must not expose the admin port",
         )
+    for svc in internal:
+        report.check(svc["spec"].get("type") == "ClusterIP", where, "the internal Service must be ClusterIP")
+        report.check(
+            svc["spec"].get("selector") == deployment["spec"]["selector"].get("matchLabels"),
+            where,
+            "the internal Service must select the pods",
+        )
+    exposed = [p["targetPort"] for s in [service, *internal] for p in s["spec"].get("ports", [])]
     report.check(
-        all(p["targetPort"] != "admin" for p in service_ports),
+        sorted(exposed) == sorted(listener_names),
         where,
-        "the Service must not expose the admin port",
+        f"every listener must be on exactly one Service: listeners {sorted(listener_names)}, Service ports {sorted(exposed)}",
     )
     check_production_objects(where, docs, by_kind, deployment, service, config, report)
 
 
 def is_metrics_service(service: dict[str, Any]) -> bool:
     return service.get("metadata", {}).get("labels", {}).get("app.kubernetes.io/component") == "metrics"
+
+
+def is_internal_service(service: dict[str, Any]) -> bool:
+    """The ClusterIP Service of the listeners with service: internal."""
+    return service.get("metadata", {}).get("labels", {}).get("app.kubernetes.io/component") == "internal"
 
 
 def labels_match(selector: dict[str, str] | None, labels: dict[str, str]) -> bool:
@@ -737,6 +773,11 @@ def check_production_objects(
 
 FULL_VALUES = "full-featured values (ci/full-values.yaml)"
 REDIS_TWO_REPLICAS = "redis state, two replicas"
+PROXY_BESIDE_INTERNAL = "a PROXY port for the load balancer beside an internal one for webmail"
+
+# The default listeners of values.yaml, for variants that change the list.
+IMAPS = {"name": "imaps", "containerPort": 1993, "tls": "implicit", "servicePort": 993}
+IMAP = {"name": "imap", "containerPort": 1143, "tls": "starttls", "servicePort": 143}
 
 
 def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool]]:
@@ -758,7 +799,7 @@ def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list
         ("defaults", {}, True),
         (
             "self-signed, imaps only, TLS 1.3",
-            {"tls": {"selfSigned": True, "minVersion": "1.3"}, "listeners": {"imap": {"enabled": False}}},
+            {"tls": {"selfSigned": True, "minVersion": "1.3"}, "listeners": [IMAPS]},
             True,
         ),
         (
@@ -799,7 +840,7 @@ def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list
         (
             "PROXY protocol behind a load balancer, guard tuned, admin token",
             {
-                "listeners": {"imaps": {"proxyProtocol": True}},
+                "listeners": [dict(IMAPS, proxyProtocol=True), IMAP],
                 "service": {"externalTrafficPolicy": "Cluster"},
                 "admin": {"tokenSecret": "mail-admin-token"},
                 "state": {"maxEntries": 200000},
@@ -821,12 +862,30 @@ def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list
             },
             True,
         ),
-        ("PROXY protocol without trusted proxies", {"listeners": {"imap": {"proxyProtocol": True}}}, False),
+        ("PROXY protocol without trusted proxies", {"listeners": [IMAPS, dict(IMAP, proxyProtocol=True)]}, False),
         (
-            "PROXY protocol on a disabled listener only",
-            {"listeners": {"imap": {"enabled": False, "proxyProtocol": True}}},
+            PROXY_BESIDE_INTERNAL,
+            {
+                "listeners": [
+                    dict(IMAPS, proxyProtocol=True),
+                    dict(IMAP, containerPort=1144, service="main"),
+                    {"name": "webmail", "containerPort": 1994, "tls": "implicit", "service": "internal", "servicePort": 993},
+                ],
+                "guard": {"trustedProxies": ["10.0.0.0/16"]},
+                "service": {"externalTrafficPolicy": "Cluster"},
+            },
             True,
         ),
+        ("two listeners named alike", {"listeners": [IMAPS, dict(IMAP, name="imaps")]}, False),
+        ("a listener on the admin port", {"listeners": [IMAPS, dict(IMAP, containerPort=9190)]}, False),
+        ("two listeners on one Service port", {"listeners": [IMAPS, dict(IMAP, servicePort=993)]}, False),
+        (
+            "two internal listeners on one port",
+            {"listeners": [IMAPS, dict(IMAP, service="internal", servicePort=143), dict(IMAP, name="imap2", containerPort=1145, service="internal", servicePort=143)]},
+            False,
+        ),
+        ("every listener internal", {"listeners": [dict(IMAPS, service="internal")]}, False),
+        ("listeners as the old map", {"listeners": {"imaps": {"enabled": True}, "imap": {"enabled": False}}}, False),
         ("MFA required without a key ring", {"auth": {"secretKeys": [], "activeKey": ""}}, False),
         ("active key not in the ring", {"auth": {"activeKey": "k9"}}, False),
         (
@@ -840,7 +899,7 @@ def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list
             False,
         ),
         ("route to an unknown backend", {"routes": {"default": "nope"}}, False),
-        ("no listener", {"listeners": {"imaps": {"enabled": False}, "imap": {"enabled": False}}}, False),
+        ("no listener", {"listeners": []}, False),
         ("duplicate backend names", {"backends": [backend, backend]}, False),
         ("schema violation", {"limits": {"lineBytes": "lots"}}, False),
         (FULL_VALUES, full_values, True),
@@ -951,7 +1010,7 @@ def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list
         ("NetworkPolicy with its defaults", {"networkPolicy": {"enabled": True}}, True),
         (
             "NetworkPolicy without egress rules, imaps only",
-            {"networkPolicy": {"enabled": True, "egress": {"enabled": False}}, "listeners": {"imap": {"enabled": False}}},
+            {"networkPolicy": {"enabled": True, "egress": {"enabled": False}}, "listeners": [IMAPS]},
             True,
         ),
         (
@@ -1045,6 +1104,7 @@ def check_rendering(
 # Variants whose install notes are checked too (besides the defaults and the full values).
 NOTES_VARIANTS = (
     REDIS_TWO_REPLICAS,
+    PROXY_BESIDE_INTERNAL,
     "redis with a private CA, fail_closed, another URL key",
     "three backends, routes, IPv6, two replicas",
 )
@@ -1091,7 +1151,14 @@ GUARD_DEFAULTS: dict[str, Any] = {
 
 # What particular refusals must say (substrings of Helm's error: one, or a tuple of them all).
 FAILURE_MESSAGES: dict[str, str | tuple[str, ...]] = {
-    "PROXY protocol without trusted proxies": "listeners.imap.proxyProtocol needs guard.trustedProxies",
+    "PROXY protocol without trusted proxies": "listeners[1] (imap): proxyProtocol needs guard.trustedProxies",
+    "two listeners named alike": 'listeners[1]: the name "imaps" is used twice',
+    "a listener on the admin port": "containerPort 9190 is used twice (admin.port counts too)",
+    "two listeners on one Service port": "servicePort 993 is used twice on the main Service",
+    "two internal listeners on one port": "servicePort 143 is used twice on the internal Service",
+    "every listener internal": "at least one listener must be on the main Service",
+    "listeners as the old map": "listeners is a list since chart 0.5.0",
+    "no listener": "listeners",
     "two replicas without allowMultipleReplicasWithLocalState": (
         "replicaCount is 2, but state is kept per pod with state.backend memory",
         "guard budgets, used TOTP codes and unlock windows would be per pod",
@@ -1122,9 +1189,26 @@ def _kinds(docs: list[dict[str, Any]]) -> list[str]:
     return sorted(d.get("kind", "?") for d in docs)
 
 
-def _one(docs: list[dict[str, Any]], kind: str, metrics: bool = False) -> dict[str, Any]:
-    found = [d for d in docs if d.get("kind") == kind and (kind != "Service" or is_metrics_service(d) == metrics)]
+def _one(docs: list[dict[str, Any]], kind: str, metrics: bool = False, internal: bool = False) -> dict[str, Any]:
+    """The one object of that kind; for a Service, the client-facing one (or the metrics or the
+    internal one)."""
+    found = [
+        d
+        for d in docs
+        if d.get("kind") == kind
+        and (kind != "Service" or (is_metrics_service(d), is_internal_service(d)) == (metrics, internal))
+    ]
     return found[0] if len(found) == 1 else {}
+
+
+def _service_ports(service: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """(name, port, targetPort) of each port of a Service."""
+    return [(p.get("name"), p.get("port"), p.get("targetPort")) for p in _get(service, "spec", "ports") or []]
+
+
+def _container_ports(docs: list[dict[str, Any]]) -> list[tuple[Any, Any]]:
+    ports = _get(_one(docs, "Deployment"), "spec", "template", "spec", "containers", 0, "ports") or []
+    return [(p.get("name"), p.get("containerPort")) for p in ports]
 
 
 def _get(node: Any, *path: Any) -> Any:
@@ -1190,7 +1274,25 @@ MANIFEST_EXPECTATIONS: dict[str, Callable[[list[dict[str, Any]]], list[tuple[boo
         *_redis_secret_mounted(d, "mail-imapgate-redis", "url"),
     ],
     "self-signed, imaps only, TLS 1.3": lambda d: [
-        ([p["port"] for p in _get(_one(d, "Service"), "spec", "ports") or []] == [993], "imap disabled: no port 143 on the Service"),
+        (_service_ports(_one(d, "Service")) == [("imaps", 993, "imaps")], "only imaps listed: no port 143 on the Service"),
+        (_container_ports(d) == [("imaps", 1993), ("admin", 9190)], "only imaps listed: no container port 1143"),
+        (not _one(d, "Service", internal=True), "no internal listener: no internal Service"),
+    ],
+    PROXY_BESIDE_INTERNAL: lambda d: [
+        (
+            _service_ports(_one(d, "Service")) == [("imaps", 993, "imaps"), ("imap", 143, "imap")],
+            f"the main Service must carry imaps and imap only, not {_service_ports(_one(d, 'Service'))}",
+        ),
+        (_get(_one(d, "Service", internal=True), "metadata", "name") == "mail-imapgate-internal", "the internal Service must render"),
+        (_get(_one(d, "Service", internal=True), "spec", "type") == "ClusterIP", "the internal Service must be ClusterIP"),
+        (
+            _service_ports(_one(d, "Service", internal=True)) == [("webmail", 993, "webmail")],
+            f"the internal Service must carry webmail only, not {_service_ports(_one(d, 'Service', internal=True))}",
+        ),
+        (
+            _container_ports(d) == [("imaps", 1993), ("imap", 1144), ("webmail", 1994), ("admin", 9190)],
+            f"every listener must be a container port, not {_container_ports(d)}",
+        ),
     ],
     FULL_VALUES: lambda d: [
         (
@@ -1293,8 +1395,16 @@ RENDER_EXPECTATIONS: dict[str, Callable[[dict[str, Any]], list[tuple[bool, str]]
         (c.get("state", {}).get("max_entries") == 200000, "state.max_entries must render"),
         (c.get("admin", {}).get("token_file") == "/etc/imapgate/admin/token", "admin.token_file must render"),
     ],
-    "PROXY protocol on a disabled listener only": lambda c: [
-        ([l.get("name") for l in c.get("listeners", [])] == ["imaps"], "only the imaps listener must render"),
+    PROXY_BESIDE_INTERNAL: lambda c: [
+        (
+            [(l.get("name"), l.get("address"), l.get("tls"), l.get("proxy_protocol")) for l in c.get("listeners", [])]
+            == [
+                ("imaps", "0.0.0.0:1993", "implicit", True),
+                ("imap", "0.0.0.0:1144", "starttls", False),
+                ("webmail", "0.0.0.0:1994", "implicit", False),
+            ],
+            f"the three listeners must render in order with their tls and proxy_protocol, not {c.get('listeners')!r}",
+        ),
     ],
     "MFA off, no key ring": lambda c: [
         ("secret_keys" not in _auth(c) and "active_key" not in _auth(c), "no key ring must render no secret_keys"),
@@ -1582,6 +1692,16 @@ class DeepChecks:
         for needed in ("imapgate users add", "imapgate app-password create", "imapgate totp enroll",
                        "create secret generic mail-imapgate-users", "docs/operations.md"):  # fmt: skip
             report.check(needed in notes, where, f"must tell {needed!r} (how to create the first user)")
+        for listener in overrides.get("listeners") or []:
+            if listener.get("service") == "internal":
+                needed = f"mail-imapgate-internal.mail.svc port {listener['servicePort']} ({listener['name']})"
+                report.check(needed in notes, where, f"must tell where the internal listener is: {needed!r}")
+            if listener.get("proxyProtocol"):
+                report.check(
+                    "The PROXY protocol is on for listener" in notes and listener["name"] in notes,
+                    where,
+                    f"must say that listener {listener['name']} expects the PROXY protocol",
+                )
         state = overrides.get("state", {})
         if state.get("backend") == "redis":
             secret = state["redis"]["existingSecret"]

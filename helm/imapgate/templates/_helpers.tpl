@@ -55,6 +55,13 @@ The Service for the admin port that the ServiceMonitor scrapes (the main Service
 {{- end }}
 
 {{/*
+The ClusterIP Service for the listeners with service: internal.
+*/}}
+{{- define "imapgate.internalServiceName" -}}
+{{- printf "%s-internal" (include "imapgate.fullname" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
 The most pods the release can run at once: replicaCount, or autoscaling.maxReplicas.
 */}}
 {{- define "imapgate.maxPods" -}}
