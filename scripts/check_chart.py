@@ -233,21 +233,40 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("auth.verifiedCacheTtl", "5 minutes"),
     ("auth.secretKeys.0.id", "key one"),
     ("auth.secretKeys.0.value", "inline-keys-are-refused"),
-    ("auth.keysSecretName", "Bad_Name"),
+    ("auth.keyRing.existingSecret", "Bad_Name"),
+    ("auth.keyRing.key", "k1.key"),
     ("logging.level", "verbose"),
     ("shutdown.extraSeconds", 0),
     ("logging.audit", "/var/log/imapgate/audit.log"),
     ("listeners.0.proxyProtocol", "yes"),
-    ("admin.tokenSecret", "Admin_Token"),
+    ("admin.token.existingSecret", "Admin_Token"),
+    ("admin.token.key", "the token"),
     ("admin.token", "inline-tokens-are-refused"),
     ("state.maxEntries", 10),
     ("state.backend", "valkey"),
     ("state.backend", "Redis"),
     ("state.redis.url", "redis://:inline-urls-are-refused@redis:6379/0"),
     ("state.redis.password", "inline-passwords-are-refused"),
-    ("state.redis.existingSecret", "Redis_URL"),
-    ("state.redis.urlSecretKey", "url key"),
-    ("state.redis.caSecret", "Redis CA"),
+    ("state.redis.url.existingSecret", "Redis_URL"),
+    ("state.redis.url.key", "url key"),
+    ("state.redis.url.password", "inline-passwords-are-refused"),
+    ("state.redis.ca.existingSecret", "Redis CA"),
+    ("tls.existingSecret", "TLS"),
+    ("users.existingSecret", "users file"),
+    ("users.key", ""),
+    ("backends.0.ca.existingSecret", "Backend_CA"),
+    ("backends.0.ca.name", "backend-ca"),
+    ("backends.0.masterPassword.existingSecret", "Master Password"),
+    # The names before chart 0.5.0, refused (their messages are checked by RENAMED_KEYS below).
+    ("tls.secretName", "mail-imapgate-tls"),
+    ("users.secretName", "mail-imapgate-users"),
+    ("auth.keysSecretName", "mail-imapgate-keys"),
+    ("admin.tokenSecret", "mail-imapgate-admin"),
+    ("state.redis.existingSecret", "mail-imapgate-redis"),
+    ("state.redis.urlSecretKey", "url"),
+    ("state.redis.caSecret", "mail-redis-ca"),
+    ("backends.0.caSecret", {"name": "mail-backend-ca", "key": "ca.crt"}),
+    ("backends.0.masterPasswordSecret", {"name": "mail-dovecot-master", "key": "password"}),
     ("state.redis.keyPrefix", ""),
     ("state.redis.keyPrefix", "imap gate:"),
     ("state.redis.keyPrefix", "x" * 65),
@@ -790,8 +809,8 @@ def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list
         tls="starttls",
         login="sasl_authzid",
         serverName="imap.example.org",
-        caSecret={"name": "mail-ca", "key": "ca.crt"},
-        masterPasswordSecret={"name": "cyrus-proxy", "key": "secret"},
+        ca={"existingSecret": "mail-ca", "key": "ca.crt"},
+        masterPassword={"existingSecret": "cyrus-proxy", "key": "secret"},
         sendId=True,
     )
     plain = dict(backend, name="legacy", address="10.0.0.5:143", tls="none")
@@ -828,7 +847,7 @@ def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list
             "two keys during a rotation",
             {
                 "auth": {
-                    "keysSecretName": "mail-totp-keys",
+                    "keyRing": {"existingSecret": "mail-totp-keys"},
                     "secretKeys": [{"id": "k1", "key": "k1.key"}, {"id": "k2", "key": "2026.key"}],
                     "activeKey": "k2",
                     "mfa": {"unlockTtl": "0s", "unlockBindSubnet": False, "codeDigits": 8},
@@ -842,7 +861,7 @@ def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list
             {
                 "listeners": [dict(IMAPS, proxyProtocol=True), IMAP],
                 "service": {"externalTrafficPolicy": "Cluster"},
-                "admin": {"tokenSecret": "mail-admin-token"},
+                "admin": {"token": {"existingSecret": "mail-admin-token", "key": "bearer"}},
                 "state": {"maxEntries": 200000},
                 "guard": {
                     "enforce": False,
@@ -886,6 +905,7 @@ def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list
         ),
         ("every listener internal", {"listeners": [dict(IMAPS, service="internal")]}, False),
         ("listeners as the old map", {"listeners": {"imaps": {"enabled": True}, "imap": {"enabled": False}}}, False),
+        *((f"renamed: {old}", overrides, False) for old, _new, overrides in renamed_secret_keys(backend)),
         ("MFA required without a key ring", {"auth": {"secretKeys": [], "activeKey": ""}}, False),
         ("active key not in the ring", {"auth": {"activeKey": "k9"}}, False),
         (
@@ -906,7 +926,7 @@ def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list
         ("two replicas without allowMultipleReplicasWithLocalState", {"replicaCount": 2}, False),
         (
             REDIS_TWO_REPLICAS,
-            {"replicaCount": 2, "state": {"backend": "redis", "redis": {"existingSecret": "mail-imapgate-redis"}}},
+            {"replicaCount": 2, "state": {"backend": "redis", "redis": {"url": {"existingSecret": "mail-imapgate-redis"}}}},
             True,
         ),
         (
@@ -916,9 +936,8 @@ def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list
                     "backend": "redis",
                     "maxEntries": 100000,
                     "redis": {
-                        "existingSecret": "shared-redis",
-                        "urlSecretKey": "imapgate-url",
-                        "caSecret": "redis-ca",
+                        "url": {"existingSecret": "shared-redis", "key": "imapgate-url"},
+                        "ca": {"existingSecret": "redis-ca", "key": "redis-ca.pem"},
                         "keyPrefix": "mail:imapgate:",
                         "onError": "fail_closed",
                         "timeout": "2s",
@@ -931,24 +950,24 @@ def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list
             "autoscaling to six pods with redis",
             {
                 "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6},
-                "state": {"backend": "redis", "redis": {"existingSecret": "mail-imapgate-redis"}},
+                "state": {"backend": "redis", "redis": {"url": {"existingSecret": "mail-imapgate-redis"}}},
             },
             True,
         ),
-        ("redis without existingSecret", {"replicaCount": 2, "state": {"backend": "redis"}}, False),
+        ("redis without url.existingSecret", {"replicaCount": 2, "state": {"backend": "redis"}}, False),
         (
             "redis with a timeout above 10s",
-            {"state": {"backend": "redis", "redis": {"existingSecret": "mail-imapgate-redis", "timeout": "30s"}}},
+            {"state": {"backend": "redis", "redis": {"url": {"existingSecret": "mail-imapgate-redis"}, "timeout": "30s"}}},
             False,
         ),
         (
             "redis with a timeout below 10ms",
-            {"state": {"backend": "redis", "redis": {"existingSecret": "mail-imapgate-redis", "timeout": "5ms"}}},
+            {"state": {"backend": "redis", "redis": {"url": {"existingSecret": "mail-imapgate-redis"}, "timeout": "5ms"}}},
             False,
         ),
         (
             "two replicas with memory and a redis Secret named",
-            {"replicaCount": 2, "state": {"backend": "memory", "redis": {"existingSecret": "mail-imapgate-redis"}}},
+            {"replicaCount": 2, "state": {"backend": "memory", "redis": {"url": {"existingSecret": "mail-imapgate-redis"}}}},
             False,
         ),
         (
@@ -1149,6 +1168,35 @@ GUARD_DEFAULTS: dict[str, Any] = {
     "block_for": "15m",
 }
 
+def renamed_secret_keys(backend: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(old key, what its refusal must name, values that use it): the Secret references renamed in
+    chart 0.5.0 to the one style existingSecret + key, each refused with a message naming the new
+    key."""
+    return [
+        ("tls.secretName", "use tls.existingSecret", {"tls": {"secretName": "mail-tls"}}),
+        ("users.secretName", "use users.existingSecret", {"users": {"secretName": "mail-users"}}),
+        ("auth.keysSecretName", "use auth.keyRing.existingSecret", {"auth": {"keysSecretName": "mail-keys"}}),
+        ("admin.tokenSecret", "use admin.token.existingSecret", {"admin": {"tokenSecret": "mail-admin"}}),
+        (
+            "state.redis.existingSecret",
+            "use state.redis.url.existingSecret",
+            {"state": {"backend": "redis", "redis": {"existingSecret": "mail-redis"}}},
+        ),
+        ("state.redis.urlSecretKey", "use state.redis.url.key", {"state": {"redis": {"urlSecretKey": "url"}}}),
+        ("state.redis.caSecret", "use state.redis.ca.existingSecret", {"state": {"redis": {"caSecret": "mail-redis-ca"}}}),
+        (
+            "backends[].caSecret",
+            "use backends[].ca (existingSecret, key)",
+            {"backends": [dict(backend, caSecret={"name": "mail-ca", "key": "ca.crt"})]},
+        ),
+        (
+            "backends[].masterPasswordSecret",
+            "use backends[].masterPassword (existingSecret, key)",
+            {"backends": [dict(backend, masterPasswordSecret={"name": "mail-master", "key": "password"})]},
+        ),
+    ]
+
+
 # What particular refusals must say (substrings of Helm's error: one, or a tuple of them all).
 FAILURE_MESSAGES: dict[str, str | tuple[str, ...]] = {
     "PROXY protocol without trusted proxies": "listeners[1] (imap): proxyProtocol needs guard.trustedProxies",
@@ -1169,8 +1217,8 @@ FAILURE_MESSAGES: dict[str, str | tuple[str, ...]] = {
         "Use state.backend: redis",
     ),
     "two replicas with memory and a redis Secret named": "replicaCount is 2, but state is kept per pod",
-    "redis without existingSecret": (
-        "state.backend is redis but state.redis.existingSecret is empty",
+    "redis without url.existingSecret": (
+        "state.backend is redis but state.redis.url.existingSecret is empty",
         "kubectl create secret generic imapgate-redis --from-literal=url=",
     ),
     "redis with a timeout above 10s": "state.redis.timeout 30s is out of range",
@@ -1182,6 +1230,7 @@ FAILURE_MESSAGES: dict[str, str | tuple[str, ...]] = {
     "cert-manager without an issuer": "issuerRef.name is required",
     "cert-manager and a self-signed certificate": "exclude each other",
     "cert-manager with an RSA key of 256 bits": "does not fit algorithm RSA",
+    **{f"renamed: {old}": f"{old} was renamed in chart 0.5.0: {new}" for old, new, _ in renamed_secret_keys({})},
 }
 
 
@@ -1258,14 +1307,14 @@ MANIFEST_EXPECTATIONS: dict[str, Callable[[list[dict[str, Any]]], list[tuple[boo
     REDIS_TWO_REPLICAS: lambda d: [
         (_get(_one(d, "Deployment"), "spec", "replicas") == 2, "redis: two replicas must render"),
         *_redis_secret_mounted(d, "mail-imapgate-redis", "url"),
-        (not _volume(d, "redis-ca"), "no caSecret: no redis-ca volume"),
+        (not _volume(d, "redis-ca"), "no ca.existingSecret: no redis-ca volume"),
     ],
     "redis with a private CA, fail_closed, another URL key": lambda d: [
         *_redis_secret_mounted(d, "shared-redis", "imapgate-url"),
         (
             _get(_volume(d, "redis-ca"), "secret", "secretName") == "redis-ca"
-            and _get(_volume(d, "redis-ca"), "secret", "items") == [{"key": "ca.crt", "path": "ca.crt"}],
-            "caSecret: the redis-ca volume must carry its ca.crt",
+            and _get(_volume(d, "redis-ca"), "secret", "items") == [{"key": "redis-ca.pem", "path": "ca.crt"}],
+            "ca: the redis-ca volume must map the key redis-ca.pem to ca.crt",
         ),
         (_mount(d, "redis-ca").get("readOnly") is True, "the Redis CA must be mounted read-only"),
     ],
@@ -1367,7 +1416,7 @@ RENDER_EXPECTATIONS: dict[str, Callable[[dict[str, Any]], list[tuple[bool, str]]
             all(l.get("proxy_protocol") is False for l in c.get("listeners", [])),
             "proxy_protocol must render as false on every listener by default",
         ),
-        ("token_file" not in c.get("admin", {}), "no admin.token_file without admin.tokenSecret"),
+        ("token_file" not in c.get("admin", {}), "no admin.token_file without admin.token.existingSecret"),
     ],
     "PROXY protocol behind a load balancer, guard tuned, admin token": lambda c: [
         (_listener(c, "imaps").get("proxy_protocol") is True, "listener imaps must render proxy_protocol: true"),
@@ -1690,8 +1739,10 @@ class DeepChecks:
         notes = yaml.safe_load(done.stdout)["data"]["NOTES.txt"]
         report.check("<no value>" not in notes, where, "prints <no value>")
         for needed in ("imapgate users add", "imapgate app-password create", "imapgate totp enroll",
-                       "create secret generic mail-imapgate-users", "docs/operations.md"):  # fmt: skip
+                       "docs/operations.md"):  # fmt: skip
             report.check(needed in notes, where, f"must tell {needed!r} (how to create the first user)")
+        for needed in secret_commands(merge_values(BASE_VALUES or {}, overrides)):
+            report.check(needed in notes, where, f"must tell how to create each Secret: {needed!r}")
         for listener in overrides.get("listeners") or []:
             if listener.get("service") == "internal":
                 needed = f"mail-imapgate-internal.mail.svc port {listener['servicePort']} ({listener['name']})"
@@ -1704,14 +1755,14 @@ class DeepChecks:
                 )
         state = overrides.get("state", {})
         if state.get("backend") == "redis":
-            secret = state["redis"]["existingSecret"]
-            key = state["redis"].get("urlSecretKey", "url")
+            secret = state["redis"]["url"]["existingSecret"]
+            key = state["redis"]["url"].get("key", "url")
             wanted = (f"create secret generic {secret}", f"--from-literal={key}='rediss://", "imapgate_state_store_up")
             for needed in wanted:
                 report.check(needed in notes, where, f"with redis, must tell {needed!r}")
-            if state["redis"].get("caSecret"):
+            if (state["redis"].get("ca") or {}).get("existingSecret"):
                 report.check(
-                    f"create secret generic {state['redis']['caSecret']}" in notes,
+                    f"create secret generic {state['redis']['ca']['existingSecret']} " in notes,
                     where,
                     "must tell how to create the CA Secret",
                 )
@@ -1721,11 +1772,40 @@ class DeepChecks:
             report.check("state.backend: redis" in notes, where, "must point to state.backend: redis")
 
 
+def secret_commands(values: dict[str, Any]) -> list[str]:
+    """What the install notes must say to create each Secret the values name (existingSecret and
+    key), for release mail: the Secret's name and the key the chart reads."""
+    full = "mail-imapgate"
+    tls = values.get("tls") or {}
+    wanted = []
+    if not tls.get("selfSigned") and not (tls.get("certManager") or {}).get("enabled"):
+        wanted.append(f"create secret tls {tls.get('existingSecret') or full + '-tls'} ")
+    auth = values.get("auth") or {}
+    if auth.get("secretKeys"):
+        wanted.append(f"create secret generic {(auth.get('keyRing') or {}).get('existingSecret') or full + '-keys'} ")
+        wanted += [f"--from-file={k['key']}={k['id']}.key" for k in auth["secretKeys"]]
+    users = values.get("users") or {}
+    wanted.append(f"create secret generic {users.get('existingSecret') or full + '-users'} ")
+    wanted.append(f"--from-file={users.get('key') or 'users.yaml'}=users.yaml")
+    token = (values.get("admin") or {}).get("token") or {}
+    if token.get("existingSecret"):
+        wanted += [f"create secret generic {token['existingSecret']} ", f"--from-file={token.get('key', 'token')}=admin.token"]
+    for backend in values.get("backends") or []:
+        master = backend.get("masterPassword") or {}
+        wanted.append(f"create secret generic {master.get('existingSecret') or full + '-' + backend['name'] + '-master'} ")
+        wanted.append(f"--from-file={master.get('key') or 'password'}=master.secret")
+    return wanted
+
+
+# values.yaml, for checks that need the values a render used (set by main()).
+BASE_VALUES: dict[str, Any] | None = None
+
+
 # --- main ----------------------------------------------------------------------------------
 
 
 def main() -> int:
-    global DEPLOY_ALERT_GROUPS
+    global DEPLOY_ALERT_GROUPS, BASE_VALUES
     repo = Path(__file__).resolve().parent.parent
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--chart", type=Path, default=repo / "helm" / "imapgate")
@@ -1761,6 +1841,7 @@ def main() -> int:
             for error in schema_errors(schema, merged):
                 report.fail(str(full_values_path), f"violates values.schema.json at {error}")
     if isinstance(values, dict):
+        BASE_VALUES = values
         check_templates(chart_dir, values, report)
         report.check(
             values.get("replicaCount") == 1, "values.yaml", "replicaCount must default to 1 (in-memory state)"
@@ -1773,9 +1854,9 @@ def main() -> int:
         state = values.get("state", {})
         report.check(state.get("backend") == "memory", "values.yaml", "state.backend must default to memory")
         report.check(
-            (state.get("redis") or {}).get("existingSecret") == "",
+            ((state.get("redis") or {}).get("url") or {}).get("existingSecret") == "",
             "values.yaml",
-            "state.redis.existingSecret must default to empty (the URL is never a value)",
+            "state.redis.url.existingSecret must default to empty (the URL is never a value)",
         )
     if isinstance(full_values, dict):
         report.check(

@@ -84,11 +84,11 @@ The fewest pods the release runs: replicaCount, or autoscaling.minReplicas.
 {{- end }}
 
 {{- define "imapgate.tlsSecretName" -}}
-{{- default (printf "%s-tls" (include "imapgate.fullname" .)) .Values.tls.secretName }}
+{{- default (printf "%s-tls" (include "imapgate.fullname" .)) .Values.tls.existingSecret }}
 {{- end }}
 
 {{- define "imapgate.usersSecretName" -}}
-{{- default (printf "%s-users" (include "imapgate.fullname" .)) .Values.users.secretName }}
+{{- default (printf "%s-users" (include "imapgate.fullname" .)) .Values.users.existingSecret }}
 {{- end }}
 
 {{/*
@@ -100,14 +100,14 @@ the boolean false, so false means off.
 {{- end }}
 
 {{- define "imapgate.keysSecretName" -}}
-{{- default (printf "%s-keys" (include "imapgate.fullname" .)) .Values.auth.keysSecretName }}
+{{- default (printf "%s-keys" (include "imapgate.fullname" .)) .Values.auth.keyRing.existingSecret }}
 {{- end }}
 
 {{/*
 The Secret with a backend's master password. Call with (dict "root" $ "backend" $backend).
 */}}
 {{- define "imapgate.masterSecretName" -}}
-{{- default (printf "%s-%s-master" (include "imapgate.fullname" .root) .backend.name) .backend.masterPasswordSecret.name }}
+{{- default (printf "%s-%s-master" (include "imapgate.fullname" .root) .backend.name) .backend.masterPassword.existingSecret }}
 {{- end }}
 
 {{/*
