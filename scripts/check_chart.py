@@ -19,8 +19,9 @@ Static checks (always):
     checkov when available.
 
 Rendered checks (when a renderer is available: the helm binary, or the helm-python-sdk module
-when the caller asks for it): `helm lint --strict` with the default and the full values; the
-chart renders with the default values, ci/full-values.yaml and ~30 variants; the manifests carry
+when the caller asks for it): `helm lint --strict` with the default, the full and the OAuth
+values; the chart renders with the default values, ci/full-values.yaml, ci/oauth-values.yaml and
+~60 variants; the manifests carry
 the security settings the project promises; the rendered imapgate config uses only keys that
 config/imapgate.example.yaml documents (or, for an option that is off by default, documents in a
 commented-out entry); every file the config names (TLS, users file, TOTP key ring, master
@@ -32,8 +33,8 @@ Redis URL from its Secret); and values that must be refused are refused (more th
 in-memory state, redis without its Secret), with the expected message where one is named.
 
 Deep checks: `imapgate check-config` on every rendered config (target/debug/imapgate, with
-stand-in secret files), and, with the helm binary, `kubernetes-validate --strict` of the default
-and the full render against the lowest Kubernetes version Chart.yaml admits and the newest one
+stand-in secret files), and, with the helm binary, `kubernetes-validate --strict` of the default,
+the full and the OAuth render against the lowest Kubernetes version Chart.yaml admits and the newest one
 kubernetes-validate knows, checkov on both renders (accepted findings in CHECKOV_ACCEPTED, each
 with its reason), and the install notes (NOTES.txt) rendered for both.
 """
@@ -195,6 +196,23 @@ def set_path(data: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
     return out
 
 
+# An OAuth issuer the schema accepts (check_schema_rejects checks it), and variants of it below
+# that it must refuse.
+GOOD_ISSUER: dict[str, Any] = {
+    "name": "corp",
+    "issuer": "https://sso.example.org/realms/corp",
+    "audiences": ["imap"],
+    "ca": {"existingSecret": "corp-ca", "key": "ca.crt"},
+    "introspection": {"clientId": "imapgate", "clientSecret": {"existingSecret": "corp-client", "key": "secret"}},
+}
+
+
+def _issuer(**changes: Any) -> list[dict[str, Any]]:
+    """auth.oauth.issuers with GOOD_ISSUER changed (a value of None drops the key)."""
+    issuer = {k: v for k, v in {**GOOD_ISSUER, **changes}.items() if v is not None}
+    return [issuer]
+
+
 # Values the schema must refuse: a typo, weakened security settings, malformed durations.
 BAD_VALUES: list[tuple[str, Any]] = [
     ("replicaCoutn", 1),
@@ -267,6 +285,35 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("state.redis.caSecret", "mail-redis-ca"),
     ("backends.0.caSecret", {"name": "mail-backend-ca", "key": "ca.crt"}),
     ("backends.0.masterPasswordSecret", {"name": "mail-dovecot-master", "key": "password"}),
+    ("auth.oauth", {"issuer": "https://sso.example.org/realms/corp"}),
+    ("auth.oauth.issuers", _issuer(name="Corp")),
+    ("auth.oauth.issuers", _issuer(name="corp_mail")),
+    ("auth.oauth.issuers", _issuer(issuer="http://sso.example.org/realms/corp")),
+    ("auth.oauth.issuers", _issuer(issuer="sso.example.org")),
+    ("auth.oauth.issuers", _issuer(jwksUri="http://sso.example.org/keys")),
+    ("auth.oauth.issuers", _issuer(audiences=[])),
+    ("auth.oauth.issuers", _issuer(audiences=None)),
+    ("auth.oauth.issuers", _issuer(audiences="imap")),
+    ("auth.oauth.issuers", _issuer(algorithms=["HS256"])),
+    ("auth.oauth.issuers", _issuer(algorithms=["none"])),
+    ("auth.oauth.issuers", _issuer(userClaim="name")),
+    ("auth.oauth.issuers", _issuer(userDomain="@example.org")),
+    ("auth.oauth.issuers", _issuer(domains=["example .org"])),
+    ("auth.oauth.issuers", _issuer(domains="example.org")),
+    ("auth.oauth.issuers", _issuer(requiredScopes=["imap mail"])),
+    ("auth.oauth.issuers", _issuer(requireEmailVerified="false")),
+    ("auth.oauth.issuers", _issuer(leeway="1 minute")),
+    ("auth.oauth.issuers", _issuer(keyRefreshInterval=60)),
+    ("auth.oauth.issuers", _issuer(jwks_uri="https://sso.example.org/keys")),
+    ("auth.oauth.issuers", _issuer(ca={"name": "corp-ca", "key": "ca.crt"})),
+    ("auth.oauth.issuers", _issuer(ca={"existingSecret": "", "key": "ca.crt"})),
+    ("auth.oauth.issuers", _issuer(introspection={"clientId": "imapgate", "clientSecret": "inline-secrets-are-refused"})),
+    ("auth.oauth.issuers", _issuer(introspection={"clientId": "imapgate", "clientSecretFile": "/etc/secret"})),
+    ("auth.oauth.issuers", _issuer(introspection={"clientSecret": {"existingSecret": "corp-client", "key": "secret"}})),
+    (
+        "auth.oauth.issuers",
+        _issuer(introspection={**GOOD_ISSUER["introspection"], "endpoint": "ftp://sso.example.org/introspect"}),
+    ),
     ("state.redis.keyPrefix", ""),
     ("state.redis.keyPrefix", "imap gate:"),
     ("state.redis.keyPrefix", "x" * 65),
@@ -322,6 +369,12 @@ BAD_VALUES: list[tuple[str, Any]] = [
 
 
 def check_schema_rejects(schema: dict[str, Any], values: Any, report: Report) -> None:
+    good = set_path(values, "auth.oauth.issuers", [GOOD_ISSUER])
+    report.check(
+        not schema_errors(schema, good),
+        "values.schema.json",
+        f"refuses GOOD_ISSUER, so its bad variants prove nothing: {schema_errors(schema, good)}",
+    )
     for dotted, bad in BAD_VALUES:
         candidate = set_path(values, dotted, bad)
         report.check(
@@ -572,6 +625,9 @@ def check_rendered(name: str, docs: list[dict[str, Any]], example_paths: set[str
         files.append(config["admin"]["token_file"])
     redis = config.get("state", {}).get("redis") or {}
     files += [redis[k] for k in ("url_file", "ca_file") if k in redis]
+    for issuer in (config["auth"].get("oauth") or {}).get("issuers", []):
+        files += [issuer["ca_file"]] if "ca_file" in issuer else []
+        files += [issuer["introspection"]["client_secret_file"]] if "introspection" in issuer else []
     for path in files:
         report.check(mounted(path), where, f"the config names {path}, which nothing mounts")
     for mount in mounts:
@@ -791,15 +847,47 @@ def check_production_objects(
 
 
 FULL_VALUES = "full-featured values (ci/full-values.yaml)"
+OAUTH_VALUES = "OAuth values (ci/oauth-values.yaml)"
 REDIS_TWO_REPLICAS = "redis state, two replicas"
 PROXY_BESIDE_INTERNAL = "a PROXY port for the load balancer beside an internal one for webmail"
+OAUTH_OTHER_KEYS = "OAuth: jwksUri without discovery, an introspection endpoint, the other issuer keys"
+
+# Issuers of OAUTH_OTHER_KEYS: with ci/oauth-values.yaml, every issuer key of the chart is set.
+ENTRA_V1 = {
+    "name": "entra-v1",
+    "issuer": "https://sts.windows.net/00000000-0000-0000-0000-000000000000/",
+    "discovery": False,
+    "jwksUri": "https://login.microsoftonline.com/00000000-0000-0000-0000-000000000000/discovery/keys",
+    "audiences": ["api://imapgate", "11111111-1111-1111-1111-111111111111"],
+    "userClaim": "upn",
+    "requireAmr": ["mfa"],
+    "requireEmailVerified": False,
+    "acceptIdTokens": False,
+    "endSessionAtExpiry": False,
+}
+OPAQUE_ISSUER = {
+    "name": "opaque",
+    "issuer": "https://idp.example.net",
+    "jwksUri": "https://idp.example.net/keys",
+    "audiences": ["imap"],
+    "userClaim": "sub",
+    "userDomain": "example.net",
+    "domains": ["example.net"],
+    "introspection": {
+        "endpoint": "https://idp.example.net/introspect",
+        "clientId": "imapgate-gw",
+        "clientSecret": {"existingSecret": "idp-introspection", "key": "secret"},
+    },
+}
 
 # The default listeners of values.yaml, for variants that change the list.
 IMAPS = {"name": "imaps", "containerPort": 1993, "tls": "implicit", "servicePort": 993}
 IMAP = {"name": "imap", "containerPort": 1143, "tls": "starttls", "servicePort": 143}
 
 
-def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool]]:
+def render_variants(
+    values: dict[str, Any], full_values: dict[str, Any], oauth_values: dict[str, Any] | None = None
+) -> list[tuple[str, dict[str, Any], bool]]:
     """(name, overrides, must_render). Overrides are merged over values.yaml by Helm."""
     backend = copy.deepcopy(values["backends"][0])
     second = dict(
@@ -906,6 +994,30 @@ def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list
         ("every listener internal", {"listeners": [dict(IMAPS, service="internal")]}, False),
         ("listeners as the old map", {"listeners": {"imaps": {"enabled": True}, "imap": {"enabled": False}}}, False),
         *((f"renamed: {old}", overrides, False) for old, _new, overrides in renamed_secret_keys(backend)),
+        (OAUTH_OTHER_KEYS, {"auth": {"oauth": {"issuers": [ENTRA_V1, OPAQUE_ISSUER]}}}, True),
+        ("OAuth: two issuers named alike", {"auth": {"oauth": {"issuers": [GOOD_ISSUER, dict(ENTRA_V1, name="corp")]}}}, False),
+        ("OAuth: discovery off without jwksUri", {"auth": {"oauth": {"issuers": [dict(GOOD_ISSUER, discovery=False)]}}}, False),
+        (
+            "OAuth: discovery and jwksUri",
+            {"auth": {"oauth": {"issuers": [dict(GOOD_ISSUER, discovery=True, jwksUri="https://sso.example.org/keys")]}}},
+            False,
+        ),
+        (
+            "OAuth: introspection without endpoint or discovery",
+            {"auth": {"oauth": {"issuers": [dict(GOOD_ISSUER, jwksUri="https://sso.example.org/keys")]}}},
+            False,
+        ),
+        ("OAuth: a leeway of 10m", {"auth": {"oauth": {"issuers": [dict(GOOD_ISSUER, leeway="10m")]}}}, False),
+        (
+            "OAuth: a key refresh every 500ms",
+            {"auth": {"oauth": {"issuers": [dict(GOOD_ISSUER, keyRefreshInterval="500ms")]}}},
+            False,
+        ),
+        (
+            "OAuth: an introspection cache of 2h",
+            {"auth": {"oauth": {"issuers": [dict(GOOD_ISSUER, introspection={**GOOD_ISSUER["introspection"], "cacheTtl": "2h"})]}}},
+            False,
+        ),
         ("MFA required without a key ring", {"auth": {"secretKeys": [], "activeKey": ""}}, False),
         ("active key not in the ring", {"auth": {"activeKey": "k9"}}, False),
         (
@@ -923,6 +1035,7 @@ def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list
         ("duplicate backend names", {"backends": [backend, backend]}, False),
         ("schema violation", {"limits": {"lineBytes": "lots"}}, False),
         (FULL_VALUES, full_values, True),
+        *([(OAUTH_VALUES, oauth_values, True)] if oauth_values is not None else []),
         ("two replicas without allowMultipleReplicasWithLocalState", {"replicaCount": 2}, False),
         (
             REDIS_TWO_REPLICAS,
@@ -1047,6 +1160,7 @@ def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list
 # is off by default), with the commented line that must stay there to document them.
 COMMENTED_EXAMPLE_KEYS: dict[str, re.Pattern[str]] = {
     "listeners[].proxy_protocol": re.compile(r"^\s*#\s+proxy_protocol:\s", re.MULTILINE),
+    "auth.oauth.issuers[].jwks_uri": re.compile(r"^\s+discovery:.*#.*`jwks_uri: URL` instead", re.MULTILINE),
     "state.redis": re.compile(r"^\s*#\s+redis:\s*$", re.MULTILINE),
     "state.redis.url_file": re.compile(r"^\s*#\s+url_file:\s", re.MULTILINE),
     "state.redis.ca_file": re.compile(r"^\s*#\s+ca_file:\s", re.MULTILINE),
@@ -1073,11 +1187,12 @@ def check_rendering(
     renderer: Renderer,
     values: dict[str, Any],
     full_values: dict[str, Any],
+    oauth_values: dict[str, Any] | None,
     example_paths: set[str],
     deep: DeepChecks | None,
     report: Report,
 ) -> None:
-    for name, overrides, must_render in render_variants(values, full_values):
+    for name, overrides, must_render in render_variants(values, full_values, oauth_values):
         try:
             rendered = renderer(overrides)
         except RuntimeError as err:
@@ -1114,7 +1229,7 @@ def check_rendering(
             report.check(ok, f"render[{name}]", message)
         if deep is not None:
             deep.check_config(name, config_text, report)
-            if name in ("defaults", FULL_VALUES):
+            if name in ("defaults", FULL_VALUES, OAUTH_VALUES):
                 deep.check_manifests(renderer, name, overrides, report)
             elif name in NOTES_VARIANTS and getattr(renderer, "helm", None):
                 deep.check_notes(renderer.helm, name, overrides, report)  # type: ignore[attr-defined]
@@ -1123,6 +1238,7 @@ def check_rendering(
 # Variants whose install notes are checked too (besides the defaults and the full values).
 NOTES_VARIANTS = (
     REDIS_TWO_REPLICAS,
+    OAUTH_OTHER_KEYS,
     PROXY_BESIDE_INTERNAL,
     "redis with a private CA, fail_closed, another URL key",
     "three backends, routes, IPv6, two replicas",
@@ -1143,6 +1259,10 @@ def _state(config: dict[str, Any]) -> dict[str, Any]:
 
 def _redis(config: dict[str, Any]) -> dict[str, Any]:
     return _state(config).get("redis") or {}
+
+
+def _issuers(config: dict[str, Any]) -> list[dict[str, Any]]:
+    return (_auth(config).get("oauth") or {}).get("issuers", [])
 
 
 def _listener(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -1231,6 +1351,13 @@ FAILURE_MESSAGES: dict[str, str | tuple[str, ...]] = {
     "cert-manager and a self-signed certificate": "exclude each other",
     "cert-manager with an RSA key of 256 bits": "does not fit algorithm RSA",
     **{f"renamed: {old}": f"{old} was renamed in chart 0.5.0: {new}" for old, new, _ in renamed_secret_keys({})},
+    "OAuth: two issuers named alike": 'auth.oauth.issuers[1]: the name "corp" is used twice',
+    "OAuth: discovery off without jwksUri": "auth.oauth.issuers[0] (corp): without discovery, jwksUri is required",
+    "OAuth: discovery and jwksUri": "give either discovery: true or jwksUri, not both",
+    "OAuth: introspection without endpoint or discovery": "introspection.endpoint is required without discovery",
+    "OAuth: a leeway of 10m": "leeway 10m is above 5m",
+    "OAuth: a key refresh every 500ms": "keyRefreshInterval 500ms is out of range: 1s to 24h",
+    "OAuth: an introspection cache of 2h": "introspection.cacheTtl 2h is above 1h",
 }
 
 
@@ -1294,8 +1421,57 @@ def _redis_secret_mounted(docs: list[dict[str, Any]], secret: str, key: str) -> 
     ]
 
 
+def _oauth_secret_mounted(
+    docs: list[dict[str, Any]], volume: str, secret: str, key: str, path: str, mount_path: str
+) -> list[tuple[bool, str]]:
+    """An OAuth Secret is a volume with only that key, at path, mounted read-only at mount_path."""
+    spec = _volume(docs, volume).get("secret", {})
+    mount = _mount(docs, volume)
+    return [
+        (
+            spec.get("secretName") == secret and spec.get("items") == [{"key": key, "path": path}],
+            f"volume {volume} must map key {key} of Secret {secret} to {path}, not {spec!r}",
+        ),
+        (spec.get("defaultMode") == 0o440, f"volume {volume} must not be world-readable"),
+        (
+            mount.get("mountPath") == mount_path and mount.get("readOnly") is True,
+            f"volume {volume} must be mounted read-only at {mount_path}, not {mount!r}",
+        ),
+    ]
+
+
+def _oauth_volumes(docs: list[dict[str, Any]]) -> list[str]:
+    volumes = _get(_one(docs, "Deployment"), "spec", "template", "spec", "volumes") or []
+    return [v["name"] for v in volumes if v["name"].startswith("oauth-")]
+
+
 # What particular variants must render as manifests: (holds, message) pairs.
 MANIFEST_EXPECTATIONS: dict[str, Callable[[list[dict[str, Any]]], list[tuple[bool, str]]]] = {
+    OAUTH_VALUES: lambda d: [
+        *_oauth_secret_mounted(d, "oauth-ca-keycloak", "mail-sso-ca", "ca.crt", "ca.pem", "/etc/imapgate/oauth/keycloak/ca"),
+        *_oauth_secret_mounted(
+            d, "oauth-secret-keycloak", "mail-sso-introspection", "client-secret", "client-secret",
+            "/etc/imapgate/oauth/keycloak/introspection",
+        ),  # fmt: skip
+        (
+            _oauth_volumes(d) == ["oauth-ca-keycloak", "oauth-secret-keycloak"],
+            f"only keycloak has a CA and a client secret, not {_oauth_volumes(d)}",
+        ),
+        (
+            any(
+                {"port": 443, "protocol": "TCP"} in rule.get("ports", [])
+                for rule in _get(_one(d, "NetworkPolicy"), "spec", "egress") or []
+            ),
+            "the OAuth values must open egress to the identity providers' HTTPS",
+        ),
+    ],
+    OAUTH_OTHER_KEYS: lambda d: [
+        *_oauth_secret_mounted(
+            d, "oauth-secret-opaque", "idp-introspection", "secret", "client-secret",
+            "/etc/imapgate/oauth/opaque/introspection",
+        ),  # fmt: skip
+        (_oauth_volumes(d) == ["oauth-secret-opaque"], f"no CA given: no oauth-ca volume, not {_oauth_volumes(d)}"),
+    ],
     "defaults": lambda d: [
         (_kinds(d) == ["ConfigMap", "Deployment", "Service", "ServiceAccount"], f"only the core objects by default, not {_kinds(d)}"),
         (_get(_one(d, "Service"), "spec", "type") == "LoadBalancer", "the Service must default to LoadBalancer"),
@@ -1303,6 +1479,7 @@ MANIFEST_EXPECTATIONS: dict[str, Callable[[list[dict[str, Any]]], list[tuple[boo
         ([p["port"] for p in _get(_one(d, "Service"), "spec", "ports") or []] == [993, 143], "the Service must map 993 and 143"),
         (_get(_one(d, "Deployment"), "spec", "replicas") == 1, "one replica by default"),
         (not _volume(d, "redis-url") and not _mount(d, "redis-url"), "no Redis Secret with state.backend memory"),
+        (not _oauth_volumes(d), "no OAuth Secret without issuers"),
     ],
     REDIS_TWO_REPLICAS: lambda d: [
         (_get(_one(d, "Deployment"), "spec", "replicas") == 2, "redis: two replicas must render"),
@@ -1417,6 +1594,80 @@ RENDER_EXPECTATIONS: dict[str, Callable[[dict[str, Any]], list[tuple[bool, str]]
             "proxy_protocol must render as false on every listener by default",
         ),
         ("token_file" not in c.get("admin", {}), "no admin.token_file without admin.token.existingSecret"),
+        ("oauth" not in _auth(c), "no auth.oauth without issuers (the gateway offers AUTH=PLAIN only)"),
+    ],
+    OAUTH_VALUES: lambda c: [
+        (
+            _issuers(c)
+            == [
+                {
+                    "name": "keycloak",
+                    "issuer": "https://sso.example.org/realms/corp",
+                    "discovery": True,
+                    "ca_file": "/etc/imapgate/oauth/keycloak/ca/ca.pem",
+                    "audiences": ["imap"],
+                    "algorithms": ["RS256", "ES256"],
+                    "user_claim": "email",
+                    "domains": ["example.org"],
+                    "require_email_verified": True,
+                    "required_scopes": ["imap"],
+                    "require_acr": ["gold"],
+                    "leeway": "30s",
+                    "key_refresh_interval": "2m",
+                    "end_session_at_expiry": True,
+                    "introspection": {
+                        "client_id": "imapgate",
+                        "client_secret_file": "/etc/imapgate/oauth/keycloak/introspection/client-secret",
+                        "cache_ttl": "2m",
+                    },
+                },
+                {
+                    "name": "entra",
+                    "issuer": "https://login.microsoftonline.com/00000000-0000-0000-0000-000000000000/v2.0",
+                    "discovery": True,
+                    "audiences": ["11111111-1111-1111-1111-111111111111"],
+                    "algorithms": ["RS256"],
+                    "user_claim": "preferred_username",
+                    "domains": ["example.com"],
+                    "required_scopes": ["imap"],
+                },
+            ],
+            f"the OAuth values must render both issuers key for key, not {_issuers(c)!r}",
+        ),
+    ],
+    OAUTH_OTHER_KEYS: lambda c: [
+        (
+            _issuers(c)
+            == [
+                {
+                    "name": "entra-v1",
+                    "issuer": "https://sts.windows.net/00000000-0000-0000-0000-000000000000/",
+                    "discovery": False,
+                    "jwks_uri": "https://login.microsoftonline.com/00000000-0000-0000-0000-000000000000/discovery/keys",
+                    "audiences": ["api://imapgate", "11111111-1111-1111-1111-111111111111"],
+                    "user_claim": "upn",
+                    "require_email_verified": False,
+                    "require_amr": ["mfa"],
+                    "accept_id_tokens": False,
+                    "end_session_at_expiry": False,
+                },
+                {
+                    "name": "opaque",
+                    "issuer": "https://idp.example.net",
+                    "jwks_uri": "https://idp.example.net/keys",
+                    "audiences": ["imap"],
+                    "user_claim": "sub",
+                    "user_domain": "example.net",
+                    "domains": ["example.net"],
+                    "introspection": {
+                        "endpoint": "https://idp.example.net/introspect",
+                        "client_id": "imapgate-gw",
+                        "client_secret_file": "/etc/imapgate/oauth/opaque/introspection/client-secret",
+                    },
+                },
+            ],
+            f"the issuers must render key for key (false as false, unset keys left out), not {_issuers(c)!r}",
+        ),
     ],
     "PROXY protocol behind a load balancer, guard tuned, admin token": lambda c: [
         (_listener(c, "imaps").get("proxy_protocol") is True, "listener imaps must render proxy_protocol: true"),
@@ -1522,21 +1773,21 @@ CRD_KINDS = ("ServiceMonitor", "PrometheusRule", "Certificate")
 # checkov findings the chart accepts: check id -> (the renders it applies to, why).
 CHECKOV_ACCEPTED: dict[str, tuple[tuple[str, ...], str]] = {
     "CKV_K8S_11": (
-        ("defaults", FULL_VALUES),
+        ("defaults", FULL_VALUES, OAUTH_VALUES),
         (
             "no CPU limit on purpose: CFS throttling would stretch TLS handshakes and argon2 under load "
             "and skew the failure floor and tarpit timing; CPU requests are set"
         ),
     ),
     "CKV_K8S_43": (
-        ("defaults",),
+        ("defaults", OAUTH_VALUES),
         (
             "each operator builds the image from deploy/Dockerfile, so the defaults cannot know its digest; "
-            "image.digest pins it (the full values do)"
+            "image.digest pins it (the full values do; the OAuth values keep the default image)"
         ),
     ),
     "CKV_K8S_15": (
-        ("defaults",),
+        ("defaults", OAUTH_VALUES),
         (
             "pullPolicy IfNotPresent by default: the tag is pinned (never latest), and Always would make "
             "every restart depend on the registry; the full values use Always"
@@ -1647,6 +1898,11 @@ class DeepChecks:
                 files[redis["url_file"]] = "redis://127.0.0.1:6379/\n"
             if "ca_file" in redis:
                 files[redis["ca_file"]] = (self.pki / "tls.crt").read_text()
+            for issuer in (config["auth"].get("oauth") or {}).get("issuers", []):
+                if "ca_file" in issuer:
+                    files[issuer["ca_file"]] = (self.pki / "tls.crt").read_text()
+                if "introspection" in issuer:
+                    files[issuer["introspection"]["client_secret_file"]] = "stand-in client secret"
             for path, content in files.items():
                 report.check(path.startswith(f"{root}/"), where, f"{path} is outside /etc/imapgate")
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -1743,6 +1999,12 @@ class DeepChecks:
             report.check(needed in notes, where, f"must tell {needed!r} (how to create the first user)")
         for needed in secret_commands(merge_values(BASE_VALUES or {}, overrides)):
             report.check(needed in notes, where, f"must tell how to create each Secret: {needed!r}")
+        issuers = ((overrides.get("auth") or {}).get("oauth") or {}).get("issuers") or []
+        if issuers:
+            needed = f"Or with an access token from {', '.join(i['name'] for i in issuers)}: AUTHENTICATE XOAUTH2"
+            report.check(needed in notes, where, f"must say that OAuth logins work: {needed!r}")
+        else:
+            report.check("access token" not in notes, where, "must not mention OAuth without issuers")
         for listener in overrides.get("listeners") or []:
             if listener.get("service") == "internal":
                 needed = f"mail-imapgate-internal.mail.svc port {listener['servicePort']} ({listener['name']})"
@@ -1790,6 +2052,12 @@ def secret_commands(values: dict[str, Any]) -> list[str]:
     token = (values.get("admin") or {}).get("token") or {}
     if token.get("existingSecret"):
         wanted += [f"create secret generic {token['existingSecret']} ", f"--from-file={token.get('key', 'token')}=admin.token"]
+    for issuer in (auth.get("oauth") or {}).get("issuers") or []:
+        if (issuer.get("ca") or {}).get("existingSecret"):
+            wanted += [f"create secret generic {issuer['ca']['existingSecret']} ", f"--from-file={issuer['ca']['key']}="]
+        if issuer.get("introspection"):
+            client = issuer["introspection"]["clientSecret"]
+            wanted += [f"create secret generic {client['existingSecret']} ", f"--from-file={client['key']}="]
     for backend in values.get("backends") or []:
         master = backend.get("masterPassword") or {}
         wanted.append(f"create secret generic {master.get('existingSecret') or full + '-' + backend['name'] + '-master'} ")
@@ -1832,14 +2100,16 @@ def main() -> int:
     values = load_yaml(chart_dir / "values.yaml", report)
     full_values_path = chart_dir / "ci" / "full-values.yaml"
     full_values = load_yaml(full_values_path, report)
+    oauth_values_path = chart_dir / "ci" / "oauth-values.yaml"
+    oauth_values = load_yaml(oauth_values_path, report)
     schema = load_schema(chart_dir, report)
     if isinstance(values, dict) and schema is not None:
         check_values_against_schema(chart_dir, schema, values, report)
         check_schema_rejects(schema, values, report)
-        if isinstance(full_values, dict):
-            merged = merge_values(values, full_values)
-            for error in schema_errors(schema, merged):
-                report.fail(str(full_values_path), f"violates values.schema.json at {error}")
+        for ci_path, ci_values in ((full_values_path, full_values), (oauth_values_path, oauth_values)):
+            if isinstance(ci_values, dict):
+                for error in schema_errors(schema, merge_values(values, ci_values)):
+                    report.fail(str(ci_path), f"violates values.schema.json at {error}")
     if isinstance(values, dict):
         BASE_VALUES = values
         check_templates(chart_dir, values, report)
@@ -1857,6 +2127,13 @@ def main() -> int:
             ((state.get("redis") or {}).get("url") or {}).get("existingSecret") == "",
             "values.yaml",
             "state.redis.url.existingSecret must default to empty (the URL is never a value)",
+        )
+    if isinstance(oauth_values, dict):
+        issuers = ((oauth_values.get("auth") or {}).get("oauth") or {}).get("issuers") or []
+        report.check(
+            len(issuers) >= 2 and any(i.get("introspection") for i in issuers) and any(i.get("ca") for i in issuers),
+            str(oauth_values_path),
+            "must turn OAuth on with at least two issuers, one with introspection and one with a CA",
         )
     if isinstance(full_values, dict):
         report.check(
@@ -1882,7 +2159,7 @@ def main() -> int:
     renderer: Renderer | None = None
     how = "skipped"
     if args.render in ("auto", "helm"):
-        renderer = helm_binary_renderer(args.helm, chart_dir, [full_values_path], report)
+        renderer = helm_binary_renderer(args.helm, chart_dir, [full_values_path, oauth_values_path], report)
         how = "helm binary" if renderer else how
     if renderer is None and args.render in ("auto", "sdk"):
         renderer = helm_sdk_renderer(chart_dir, report)
@@ -1896,7 +2173,13 @@ def main() -> int:
             with tempfile.TemporaryDirectory(prefix="check-chart-") as tmp:
                 deep = DeepChecks(chart_dir, Path(tmp), args.imapgate, report)
                 check_rendering(
-                    renderer, values, full_values, documented_paths(example, args.example_config, report), deep, report
+                    renderer,
+                    values,
+                    full_values,
+                    oauth_values if isinstance(oauth_values, dict) else None,
+                    documented_paths(example, args.example_config, report),
+                    deep,
+                    report,
                 )
                 skipped += [s for s in deep.skipped if s != "manifests"]
 

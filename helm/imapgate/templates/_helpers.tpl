@@ -121,3 +121,14 @@ Paths inside the container. The config refers to them; the Deployment mounts the
 {{- define "imapgate.redisDir" -}}/etc/imapgate/redis{{- end }}
 {{- define "imapgate.redisCaDir" -}}/etc/imapgate/redis-ca{{- end }}
 {{- define "imapgate.backendDir" -}}/etc/imapgate/backends/{{ . }}{{- end }}
+{{- define "imapgate.oauthDir" -}}/etc/imapgate/oauth/{{ . }}{{- end }}
+
+{{/*
+A duration as the gateway writes it (500ms, 30s, 15m, 12h, 30d) in milliseconds.
+*/}}
+{{- define "imapgate.durationMs" -}}
+{{- $d := . | toString }}
+{{- $amount := regexFind "^[0-9]+" $d | int64 }}
+{{- $unit := trimPrefix (regexFind "^[0-9]+" $d) $d }}
+{{- mul $amount (get (dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000 "d" 86400000) $unit) }}
+{{- end }}
