@@ -285,6 +285,43 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("state.redis.caSecret", "mail-redis-ca"),
     ("backends.0.caSecret", {"name": "mail-backend-ca", "key": "ca.crt"}),
     ("backends.0.masterPasswordSecret", {"name": "mail-dovecot-master", "key": "password"}),
+    ("service.loadBalancerClass", "service.k8s.aws/nlb extra"),
+    ("service.loadBalancerIP", "lb.example.org"),
+    ("service.loadBalancerSourceRanges", ["192.0.2.7"]),
+    ("service.ipFamilyPolicy", "DualStack"),
+    ("service.ipFamilies", ["IPv4", "IPv4"]),
+    ("service.ipFamilies", ["IPv4", "IPv6", "IPv4"]),
+    ("service.ipFamilies", "IPv4"),
+    ("service.labels", {"team": 7}),
+    ("service.nodePorts", {"imaps": 30993}),
+    ("listeners.0.nodePort", 993),
+    ("listeners.0.nodePort", "30993"),
+    ("priorityClassName", "High Priority"),
+    ("revisionHistoryLimit", -1),
+    ("extraEnv", [{"name": "SSL CERT FILE", "value": "/x"}]),
+    ("extraEnv", [{"name": "SSL_CERT_FILE"}]),
+    ("extraEnv", [{"name": "SSL_CERT_FILE", "value": "/x", "valueFrom": {}}]),
+    ("extraEnv", [{"name": "SSL_CERT_FILE", "value": 1}]),
+    ("extraEnv", {"SSL_CERT_FILE": "/x"}),
+    ("extraVolumes", [{"name": "host", "hostPath": {"path": "/etc"}}]),
+    ("extraVolumes", [{"name": "ca"}]),
+    ("extraVolumes", [{"name": "ca", "configMap": {"name": "a"}, "secret": {"secretName": "b"}}]),
+    ("extraVolumes", [{"name": "Corp_CA", "configMap": {"name": "a"}}]),
+    ("extraVolumeMounts", [{"name": "corp-ca", "mountPath": "etc/ssl"}]),
+    ("extraVolumeMounts", [{"name": "corp-ca", "mountPath": "/etc/imapgate/tls"}]),
+    ("extraVolumeMounts", [{"name": "corp-ca", "mountPath": "/etc/imapgate"}]),
+    ("extraVolumeMounts", [{"name": "corp-ca", "mountPath": "/tmp/x"}]),
+    ("extraVolumeMounts", [{"name": "corp-ca", "mountPath": "/etc/ssl/corp", "readOnly": False}]),
+    ("extraVolumeMounts", [{"name": "corp-ca", "mountPath": "/etc/ssl/corp", "mountPropagation": "Bidirectional"}]),
+    ("startupProbe.failureThreshold", 0),
+    ("startupProbe.initialDelaySeconds", 5),
+    ("startupProbe.path", "/readyz"),
+    ("livenessProbe.enabled", "false"),
+    ("livenessProbe.periodSeconds", "10s"),
+    ("livenessProbe.successThreshold", 1),
+    ("readinessProbe.enabled", False),
+    ("readinessProbe.httpGet", {"path": "/healthz", "port": "admin"}),
+    ("readinessProbe.timeoutSeconds", 0),
     ("auth.oauth", {"issuer": "https://sso.example.org/realms/corp"}),
     ("auth.oauth.issuers", _issuer(name="Corp")),
     ("auth.oauth.issuers", _issuer(name="corp_mail")),
@@ -591,13 +628,21 @@ def check_rendered(name: str, docs: list[dict[str, Any]], example_paths: set[str
     ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
     admin_port = int(config["admin"]["address"].rsplit(":", 1)[1])
     report.check(ports.get("admin") == admin_port, where, "container port 'admin' must match admin.address")
-    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+    for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        if probe != "readinessProbe" and probe not in container:
+            continue  # startupProbe.enabled or livenessProbe.enabled false
         http = container.get(probe, {}).get("httpGet", {})
         report.check(
             http.get("path") == path and http.get("port") in ("admin", admin_port),
             where,
             f"{probe} must GET {path} on the admin port",
         )
+        if probe != "readinessProbe":
+            report.check(
+                container[probe].get("successThreshold", 1) == 1,
+                where,
+                f"{probe}.successThreshold must be 1 (Kubernetes refuses more)",
+            )
     for listener in config["listeners"]:
         port = int(listener["address"].rsplit(":", 1)[1])
         report.check(
@@ -851,6 +896,18 @@ OAUTH_VALUES = "OAuth values (ci/oauth-values.yaml)"
 REDIS_TWO_REPLICAS = "redis state, two replicas"
 PROXY_BESIDE_INTERNAL = "a PROXY port for the load balancer beside an internal one for webmail"
 OAUTH_OTHER_KEYS = "OAuth: jwksUri without discovery, an introspection endpoint, the other issuer keys"
+SERVICE_AND_POD_OPTIONS = "dual-stack load balancer with a class, node ports, extra env and volumes, probes tuned"
+NODE_PORTS_NO_PROBES = "NodePort with fixed node ports, no startup or liveness probe"
+PREFER_DUAL_STACK_IPV4 = "PreferDualStack with bindAddress 0.0.0.0"
+
+# extraEnv, extraVolumes and extraVolumeMounts of SERVICE_AND_POD_OPTIONS: a CA bundle for the
+# gateway's outgoing TLS, as values.yaml describes it.
+EXTRA_ENV = [
+    {"name": "SSL_CERT_FILE", "value": "/etc/ssl/corp/ca-certificates.crt"},
+    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+]
+EXTRA_VOLUMES = [{"name": "corp-ca", "configMap": {"name": "corp-ca-bundle"}}]
+EXTRA_MOUNTS = [{"name": "corp-ca", "mountPath": "/etc/ssl/corp"}]
 
 # Issuers of OAUTH_OTHER_KEYS: with ci/oauth-values.yaml, every issuer key of the chart is set.
 ENTRA_V1 = {
@@ -995,6 +1052,51 @@ def render_variants(
         ("listeners as the old map", {"listeners": {"imaps": {"enabled": True}, "imap": {"enabled": False}}}, False),
         *((f"renamed: {old}", overrides, False) for old, _new, overrides in renamed_secret_keys(backend)),
         (OAUTH_OTHER_KEYS, {"auth": {"oauth": {"issuers": [ENTRA_V1, OPAQUE_ISSUER]}}}, True),
+        (
+            SERVICE_AND_POD_OPTIONS,
+            {
+                "bindAddress": "[::]",
+                "listeners": [dict(IMAPS, nodePort=30993), dict(IMAP, nodePort=30143), dict(IMAPS, name="webmail", containerPort=1994, service="internal")],
+                "service": {
+                    "loadBalancerClass": "service.k8s.aws/nlb",
+                    "loadBalancerIP": "192.0.2.53",
+                    "loadBalancerSourceRanges": ["192.0.2.0/24", "2001:db8::/32"],
+                    "ipFamilyPolicy": "RequireDualStack",
+                    "ipFamilies": ["IPv6", "IPv4"],
+                    "labels": {"example.org/exposed": "internet"},
+                },
+                "priorityClassName": "mail-critical",
+                "revisionHistoryLimit": 3,
+                "extraEnv": EXTRA_ENV,
+                "extraVolumes": EXTRA_VOLUMES,
+                "extraVolumeMounts": EXTRA_MOUNTS,
+                "startupProbe": {"periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 60},
+                "livenessProbe": {"initialDelaySeconds": 1, "periodSeconds": 20, "timeoutSeconds": 4, "failureThreshold": 5},
+                "readinessProbe": {"initialDelaySeconds": 2, "periodSeconds": 3, "timeoutSeconds": 2, "failureThreshold": 4, "successThreshold": 2},
+            },
+            True,
+        ),
+        (
+            NODE_PORTS_NO_PROBES,
+            {
+                "listeners": [dict(IMAPS, nodePort=30993), IMAP],
+                "service": {"type": "NodePort", "loadBalancerSourceRanges": ["192.0.2.0/24"]},
+                "startupProbe": {"enabled": False},
+                "livenessProbe": {"enabled": False},
+            },
+            True,
+        ),
+        ("a node port on an internal listener", {"listeners": [IMAPS, dict(IMAP, service="internal", nodePort=30143)]}, False),
+        ("a node port with a ClusterIP Service", {"service": {"type": "ClusterIP"}, "listeners": [dict(IMAPS, nodePort=30993)]}, False),
+        ("one node port twice", {"listeners": [dict(IMAPS, nodePort=30993), dict(IMAP, nodePort=30993)]}, False),
+        ("a load balancer class on a NodePort Service", {"service": {"type": "NodePort", "loadBalancerClass": "service.k8s.aws/nlb"}}, False),
+        ("IPv6 with bindAddress 0.0.0.0", {"service": {"ipFamilyPolicy": "PreferDualStack", "ipFamilies": ["IPv4", "IPv6"]}}, False),
+        (PREFER_DUAL_STACK_IPV4, {"service": {"ipFamilyPolicy": "PreferDualStack"}}, True),
+        ("RequireDualStack with bindAddress 0.0.0.0", {"service": {"ipFamilyPolicy": "RequireDualStack"}}, False),
+        ("two IP families on a single stack", {"bindAddress": "[::]", "service": {"ipFamilies": ["IPv4", "IPv6"]}}, False),
+        ("an extra mount without its volume", {"extraVolumeMounts": EXTRA_MOUNTS}, False),
+        ("an extra volume named like the chart's", {"extraVolumes": [{"name": "tls", "emptyDir": {}}]}, False),
+        ("an extra volume named like a backend's CA", {"extraVolumes": [{"name": "ca-dovecot", "emptyDir": {}}]}, False),
         ("OAuth: two issuers named alike", {"auth": {"oauth": {"issuers": [GOOD_ISSUER, dict(ENTRA_V1, name="corp")]}}}, False),
         ("OAuth: discovery off without jwksUri", {"auth": {"oauth": {"issuers": [dict(GOOD_ISSUER, discovery=False)]}}}, False),
         (
@@ -1238,6 +1340,8 @@ def check_rendering(
 # Variants whose install notes are checked too (besides the defaults and the full values).
 NOTES_VARIANTS = (
     REDIS_TWO_REPLICAS,
+    PREFER_DUAL_STACK_IPV4,
+    SERVICE_AND_POD_OPTIONS,
     OAUTH_OTHER_KEYS,
     PROXY_BESIDE_INTERNAL,
     "redis with a private CA, fail_closed, another URL key",
@@ -1352,6 +1456,16 @@ FAILURE_MESSAGES: dict[str, str | tuple[str, ...]] = {
     "cert-manager with an RSA key of 256 bits": "does not fit algorithm RSA",
     **{f"renamed: {old}": f"{old} was renamed in chart 0.5.0: {new}" for old, new, _ in renamed_secret_keys({})},
     "OAuth: two issuers named alike": 'auth.oauth.issuers[1]: the name "corp" is used twice',
+    "a node port on an internal listener": "listeners[1] (imap): nodePort is for listeners on the main Service",
+    "a node port with a ClusterIP Service": "nodePort needs service.type NodePort or LoadBalancer",
+    "one node port twice": "nodePort 30993 is used twice",
+    "a load balancer class on a NodePort Service": "need service.type LoadBalancer, not NodePort",
+    "IPv6 with bindAddress 0.0.0.0": "service.ipFamilies has IPv6 but bindAddress is 0.0.0.0",
+    "RequireDualStack with bindAddress 0.0.0.0": "RequireDualStack but bindAddress is 0.0.0.0",
+    "two IP families on a single stack": "set service.ipFamilyPolicy to PreferDualStack or RequireDualStack",
+    "an extra mount without its volume": 'extraVolumeMounts[0]: no entry of extraVolumes is named "corp-ca"',
+    "an extra volume named like the chart's": 'extraVolumes[0]: the name "tls" is taken',
+    "an extra volume named like a backend's CA": 'extraVolumes[0]: the name "ca-dovecot" is taken',
     "OAuth: discovery off without jwksUri": "auth.oauth.issuers[0] (corp): without discovery, jwksUri is required",
     "OAuth: discovery and jwksUri": "give either discovery: true or jwksUri, not both",
     "OAuth: introspection without endpoint or discovery": "introspection.endpoint is required without discovery",
@@ -1446,7 +1560,84 @@ def _oauth_volumes(docs: list[dict[str, Any]]) -> list[str]:
 
 
 # What particular variants must render as manifests: (holds, message) pairs.
+def _container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return _get(_one(docs, "Deployment"), "spec", "template", "spec", "containers", 0) or {}
+
+
+def _pod_spec(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return _get(_one(docs, "Deployment"), "spec", "template", "spec") or {}
+
+
+def _probe_timing(probe: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in probe.items() if k != "httpGet"}
+
+
 MANIFEST_EXPECTATIONS: dict[str, Callable[[list[dict[str, Any]]], list[tuple[bool, str]]]] = {
+    SERVICE_AND_POD_OPTIONS: lambda d: [
+        (
+            {k: _get(_one(d, "Service"), "spec", k) for k in ("loadBalancerClass", "loadBalancerIP", "loadBalancerSourceRanges", "ipFamilyPolicy", "ipFamilies")}
+            == {
+                "loadBalancerClass": "service.k8s.aws/nlb",
+                "loadBalancerIP": "192.0.2.53",
+                "loadBalancerSourceRanges": ["192.0.2.0/24", "2001:db8::/32"],
+                "ipFamilyPolicy": "RequireDualStack",
+                "ipFamilies": ["IPv6", "IPv4"],
+            },
+            f"the Service's load balancer and IP family fields must render as given, not {_get(_one(d, 'Service'), 'spec')!r}",
+        ),
+        (
+            (_get(_one(d, "Service", internal=True), "spec", "ipFamilyPolicy"), _get(_one(d, "Service", internal=True), "spec", "ipFamilies"))
+            == ("RequireDualStack", ["IPv6", "IPv4"]),
+            "the internal Service must get the IP families too",
+        ),
+        ("loadBalancerClass" not in (_get(_one(d, "Service", internal=True), "spec") or {}), "the internal Service is no load balancer"),
+        (
+            _get(_one(d, "Service"), "metadata", "labels", "example.org/exposed") == "internet"
+            and _get(_one(d, "Service", internal=True), "metadata", "labels", "example.org/exposed") == "internet",
+            "service.labels must label both Services",
+        ),
+        (
+            [(p.get("name"), p.get("nodePort")) for p in _get(_one(d, "Service"), "spec", "ports") or []]
+            == [("imaps", 30993), ("imap", 30143)],
+            "each listener's nodePort must render on its Service port",
+        ),
+        (_get(_pod_spec(d), "priorityClassName") == "mail-critical", "priorityClassName must render"),
+        (_get(_one(d, "Deployment"), "spec", "revisionHistoryLimit") == 3, "revisionHistoryLimit must render"),
+        (_container(d).get("env") == EXTRA_ENV, f"extraEnv must render as the container's env, not {_container(d).get('env')!r}"),
+        (
+            [v for v in _pod_spec(d).get("volumes", []) if v["name"] == "corp-ca"] == EXTRA_VOLUMES,
+            "extraVolumes must render as given",
+        ),
+        (
+            _mount(d, "corp-ca") == {"name": "corp-ca", "mountPath": "/etc/ssl/corp", "readOnly": True},
+            f"extraVolumeMounts must render read-only, not {_mount(d, 'corp-ca')!r}",
+        ),
+        (
+            _probe_timing(_container(d).get("startupProbe", {})) == {"periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 60},
+            f"startupProbe must render as given, not {_container(d).get('startupProbe')!r}",
+        ),
+        (
+            _probe_timing(_container(d).get("livenessProbe", {}))
+            == {"initialDelaySeconds": 1, "periodSeconds": 20, "timeoutSeconds": 4, "failureThreshold": 5},
+            f"livenessProbe must render as given, not {_container(d).get('livenessProbe')!r}",
+        ),
+        (
+            _probe_timing(_container(d).get("readinessProbe", {}))
+            == {"initialDelaySeconds": 2, "periodSeconds": 3, "timeoutSeconds": 2, "failureThreshold": 4, "successThreshold": 2},
+            f"readinessProbe must render as given, not {_container(d).get('readinessProbe')!r}",
+        ),
+    ],
+    NODE_PORTS_NO_PROBES: lambda d: [
+        (_get(_one(d, "Service"), "spec", "type") == "NodePort", "service.type NodePort must render"),
+        (
+            [(p.get("name"), p.get("nodePort")) for p in _get(_one(d, "Service"), "spec", "ports") or []]
+            == [("imaps", 30993), ("imap", None)],
+            "a fixed nodePort for imaps only",
+        ),
+        ("loadBalancerSourceRanges" not in (_get(_one(d, "Service"), "spec") or {}), "no load balancer fields on a NodePort Service"),
+        ("startupProbe" not in _container(d) and "livenessProbe" not in _container(d), "startup and liveness probes off"),
+        (_get(_container(d), "readinessProbe", "httpGet", "path") == "/readyz", "the readiness probe stays"),
+    ],
     OAUTH_VALUES: lambda d: [
         *_oauth_secret_mounted(d, "oauth-ca-keycloak", "mail-sso-ca", "ca.crt", "ca.pem", "/etc/imapgate/oauth/keycloak/ca"),
         *_oauth_secret_mounted(
@@ -1480,6 +1671,17 @@ MANIFEST_EXPECTATIONS: dict[str, Callable[[list[dict[str, Any]]], list[tuple[boo
         (_get(_one(d, "Deployment"), "spec", "replicas") == 1, "one replica by default"),
         (not _volume(d, "redis-url") and not _mount(d, "redis-url"), "no Redis Secret with state.backend memory"),
         (not _oauth_volumes(d), "no OAuth Secret without issuers"),
+        (_get(_one(d, "Deployment"), "spec", "revisionHistoryLimit") == 10, "revisionHistoryLimit must default to 10"),
+        (
+            _probe_timing(_container(d).get("startupProbe", {})) == {"periodSeconds": 2, "timeoutSeconds": 3, "failureThreshold": 30},
+            "a startup probe of up to 60s by default",
+        ),
+        ("env" not in _container(d) and "priorityClassName" not in _pod_spec(d), "no env and no priority class by default"),
+        (
+            not ({"loadBalancerClass", "loadBalancerIP", "ipFamilyPolicy", "ipFamilies"} & set(_get(_one(d, "Service"), "spec") or {})),
+            "no load balancer class, address or IP families by default (the cluster's defaults)",
+        ),
+        (all("nodePort" not in p for p in _get(_one(d, "Service"), "spec", "ports") or []), "no fixed node ports by default"),
     ],
     REDIS_TWO_REPLICAS: lambda d: [
         (_get(_one(d, "Deployment"), "spec", "replicas") == 2, "redis: two replicas must render"),
@@ -1525,6 +1727,17 @@ MANIFEST_EXPECTATIONS: dict[str, Callable[[list[dict[str, Any]]], list[tuple[boo
             {"PodDisruptionBudget", "HorizontalPodAutoscaler", "NetworkPolicy", "ServiceMonitor", "PrometheusRule", "Certificate"}
             <= set(_kinds(d)),
             f"every optional object must render, got {_kinds(d)}",
+        ),
+        (_service_ports(_one(d, "Service", internal=True)) == [("webmail", 993, "webmail")], "the full values' internal Service"),
+        (
+            (_get(_one(d, "Service"), "spec", "loadBalancerClass"), _get(_one(d, "Service"), "spec", "ipFamilies"))
+            == ("service.k8s.aws/nlb", ["IPv4", "IPv6"]),
+            "the full values' load balancer class and IP families",
+        ),
+        (
+            _container(d).get("env") == [{"name": "SSL_CERT_FILE", "value": "/etc/ssl/corp/ca-certificates.crt"}]
+            and _mount(d, "corp-ca").get("readOnly") is True,
+            "the full values' CA bundle (extraEnv, extraVolumes, extraVolumeMounts)",
         ),
         (bool(_one(d, "Service", metrics=True)), "the metrics Service must render"),
         (
@@ -1999,6 +2212,11 @@ class DeepChecks:
             report.check(needed in notes, where, f"must tell {needed!r} (how to create the first user)")
         for needed in secret_commands(merge_values(BASE_VALUES or {}, overrides)):
             report.check(needed in notes, where, f"must tell how to create each Secret: {needed!r}")
+        dual_stack_warning = "service.ipFamilyPolicy is PreferDualStack but bindAddress is 0.0.0.0"
+        if (overrides.get("service") or {}).get("ipFamilyPolicy") == "PreferDualStack" and overrides.get("bindAddress") != "[::]":
+            report.check(dual_stack_warning in notes, where, "must warn that the gateway does not answer on IPv6")
+        else:
+            report.check(dual_stack_warning not in notes, where, "must not warn about IPv6 here")
         issuers = ((overrides.get("auth") or {}).get("oauth") or {}).get("issuers") or []
         if issuers:
             needed = f"Or with an access token from {', '.join(i['name'] for i in issuers)}: AUTHENTICATE XOAUTH2"

@@ -62,6 +62,19 @@ The ClusterIP Service for the listeners with service: internal.
 {{- end }}
 
 {{/*
+service.ipFamilyPolicy and service.ipFamilies, for both Services (empty: the cluster's default).
+*/}}
+{{- define "imapgate.ipFamilies" -}}
+{{- with .Values.service.ipFamilyPolicy }}
+ipFamilyPolicy: {{ . }}
+{{- end }}
+{{- with .Values.service.ipFamilies }}
+ipFamilies:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
 The most pods the release can run at once: replicaCount, or autoscaling.maxReplicas.
 */}}
 {{- define "imapgate.maxPods" -}}
