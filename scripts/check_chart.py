@@ -574,8 +574,15 @@ def seconds(duration: str) -> float:
     return number * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
 
 
-def check_rendered(name: str, docs: list[dict[str, Any]], example_paths: set[str], report: Report) -> None:
+def is_hook(doc: dict[str, Any]) -> bool:
+    return "helm.sh/hook" in (doc.get("metadata", {}).get("annotations") or {})
+
+
+def check_rendered(name: str, all_docs: list[dict[str, Any]], example_paths: set[str], report: Report) -> None:
     where = f"render[{name}]"
+    # The `helm test` objects (hooks) are checked by check_test_hook; the rest is the release.
+    hooks = [d for d in all_docs if is_hook(d)]
+    docs = [d for d in all_docs if not is_hook(d)]
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for doc in docs:
         by_kind.setdefault(doc.get("kind", "?"), []).append(doc)
@@ -723,6 +730,126 @@ def check_rendered(name: str, docs: list[dict[str, Any]], example_paths: set[str
         f"every listener must be on exactly one Service: listeners {sorted(listener_names)}, Service ports {sorted(exposed)}",
     )
     check_production_objects(where, docs, by_kind, deployment, service, config, report)
+    check_test_hook(where, hooks, by_kind, deployment, config, report)
+
+
+TEST_HOOK_SHELLS = ("sh", "/bin/sh", "bash", "/bin/bash", "ash", "/bin/ash", "busybox")
+
+
+def check_test_hook(
+    where: str,
+    hooks: list[dict[str, Any]],
+    by_kind: dict[str, list[dict[str, Any]]],
+    deployment: dict[str, Any],
+    config: dict[str, Any],
+    report: Report,
+) -> None:
+    """The `helm test` pod: a test hook, locked down like the gateway, running curl without a
+    shell against a listener through the release's Service, and its NetworkPolicy."""
+    for doc in hooks:
+        meta = doc.get("metadata", {})
+        report.check(meta.get("annotations", {}).get("helm.sh/hook") == "test", where, f"hook {meta.get('name')} must be a test hook")
+        report.check(meta.get("namespace") == "mail", where, f"hook {meta.get('name')} must set the release's namespace")
+        report.check(doc.get("kind") in ("Pod", "NetworkPolicy"), where, f"unexpected hook {doc.get('kind')}")
+    pods = [d for d in hooks if d.get("kind") == "Pod"]
+    report.check(len(pods) <= 1, where, "at most one test pod")
+    if not pods:
+        return
+    pod = pods[0]
+    spec = pod["spec"]
+    labels = pod["metadata"].get("labels", {})
+    skipped = {v.split("=", 1)[0] for k, v in pod["metadata"].get("annotations", {}).items() if k.startswith("checkov.io/skip")}
+    report.check(
+        skipped <= {"CKV_K8S_8", "CKV_K8S_9"},
+        where,
+        f"the test pod may skip only checkov's probe checks (it exits after one connection), not {sorted(skipped)}",
+    )
+    selector = deployment["spec"]["selector"].get("matchLabels", {})
+    report.check(not labels_match(selector, labels), where, "the test pod must not carry the gateway's selector labels")
+    for svc in by_kind.get("Service", []):
+        report.check(not labels_match(svc["spec"].get("selector"), labels), where, f"Service {svc['metadata']['name']} must not select the test pod")
+    report.check(spec.get("restartPolicy") == "Never", where, "the test pod must not restart")
+    report.check(spec.get("automountServiceAccountToken") is False, where, "the test pod must not mount an API token")
+    containers = spec.get("containers", [])
+    if not report.check(len(containers) == 1, where, "the test pod has one container"):
+        return
+    container = containers[0]
+    pod_sc, sc = spec.get("securityContext", {}), container.get("securityContext", {})
+    report.check(pod_sc.get("runAsNonRoot") is True or sc.get("runAsNonRoot") is True, where, "the test pod must run as non-root")
+    report.check(sc.get("readOnlyRootFilesystem") is True, where, "the test pod's root FS must be read-only")
+    report.check(sc.get("allowPrivilegeEscalation") is False, where, "the test pod must not escalate privileges")
+    report.check("ALL" in sc.get("capabilities", {}).get("drop", []), where, "the test pod must drop every capability")
+    seccomp = sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}
+    report.check(seccomp.get("type") == "RuntimeDefault", where, "the test pod's seccompProfile must be RuntimeDefault")
+    limits = container.get("resources", {}).get("limits", {})
+    report.check({"cpu", "memory"} <= set(limits), where, "the test pod must set CPU and memory limits")
+    command, args = container.get("command", []), [str(a) for a in container.get("args", [])]
+    report.check(command == ["curl"], where, f"the test pod must run curl itself, not {command}")
+    report.check(
+        not any(c in TEST_HOOK_SHELLS for c in command + args[:1]) and "-c" not in args,
+        where,
+        "the test pod must not run a shell",
+    )
+    report.check(args[:1] == ["-q"], where, "curl's -q (no .curlrc) must come first")
+    report.check(args[-3:-1] == ["--request", "NOOP"], where, "the test must send NOOP and no login")
+    match = re.fullmatch(r"(imaps?)://([^:/]+):(\d+)/", args[-1] if args else "")
+    if not report.check(bool(match), where, f"the test's last argument must be an imap(s)://host:port/ URL, not {args[-1:]}"):
+        return
+    scheme, host, port = match.group(1), match.group(2), int(match.group(3))
+    if "--connect-to" in args:
+        to = args[args.index("--connect-to") + 1].split(":")
+        report.check(to[0] == host and int(to[1]) == port, where, f"--connect-to must redirect {host}:{port}, not {to}")
+        host, port = to[2], int(to[3])
+    else:
+        report.check("--insecure" in args, where, "without --connect-to, the test has no name to verify: --insecure")
+    services = {f"{s['metadata']['name']}.mail.svc": s for s in by_kind.get("Service", []) if not is_metrics_service(s)}
+    if not report.check(host in services, where, f"the test must connect to a Service of the release, not {host}"):
+        return
+    ports = {p["port"]: p["targetPort"] for p in services[host]["spec"].get("ports", [])}
+    listener = next((l for l in config["listeners"] if l["name"] == ports.get(port)), None)
+    if not report.check(listener is not None, where, f"port {port} of {host} must be a listener"):
+        return
+    report.check(
+        (scheme == "imaps") == (listener["tls"] == "implicit") and ("--ssl-reqd" in args) == (listener["tls"] == "starttls"),
+        where,
+        f"the test must speak {listener['tls']} TLS to listener {listener['name']}",
+    )
+    report.check(
+        ("--haproxy-protocol" in args) == bool(listener.get("proxy_protocol")),
+        where,
+        f"the test must send a PROXY header exactly when listener {listener['name']} expects one",
+    )
+    if "--cacert" in args:
+        path = args[args.index("--cacert") + 1]
+        mounts = [m["mountPath"] for m in container.get("volumeMounts", []) if m.get("readOnly")]
+        report.check(any(path.startswith(m.rstrip("/") + "/") for m in mounts), where, f"the test's CA {path} must be mounted read-only")
+    policies = [d for d in hooks if d.get("kind") == "NetworkPolicy"]
+    gateway_policy = (by_kind.get("NetworkPolicy") or [None])[0]
+    report.check(bool(policies) == bool(gateway_policy), where, "the test pod has a NetworkPolicy exactly when the gateway has one")
+    container_port = int(listener["address"].rsplit(":", 1)[1])
+    for policy in policies:
+        report.check(labels_match(policy["spec"]["podSelector"].get("matchLabels"), labels), where, "the test NetworkPolicy must select the test pod")
+        report.check(not policy["spec"].get("ingress") and "Ingress" in policy["spec"].get("policyTypes", []), where, "nothing may reach the test pod")
+        report.check(
+            any(
+                any(labels_match(peer.get("podSelector", {}).get("matchLabels"), deployment["spec"]["template"]["metadata"]["labels"]) for peer in rule.get("to", []))
+                and {"port": container_port, "protocol": "TCP"} in rule.get("ports", [])
+                for rule in policy["spec"].get("egress", [])
+            ),
+            where,
+            f"the test NetworkPolicy must let the pod reach the gateway's port {container_port}",
+        )
+    if gateway_policy:
+        admitted = [
+            rule
+            for rule in gateway_policy["spec"].get("ingress", [])
+            if {"port": container_port, "protocol": "TCP"} in rule.get("ports", [])
+            and (
+                "from" not in rule
+                or any(labels_match(peer.get("podSelector", {}).get("matchLabels"), labels) and "namespaceSelector" not in peer for peer in rule["from"])
+            )
+        ]
+        report.check(bool(admitted), where, f"the gateway's NetworkPolicy must admit the test pod on port {container_port}")
 
 
 def is_metrics_service(service: dict[str, Any]) -> bool:
@@ -896,6 +1023,8 @@ OAUTH_VALUES = "OAuth values (ci/oauth-values.yaml)"
 REDIS_TWO_REPLICAS = "redis state, two replicas"
 PROXY_BESIDE_INTERNAL = "a PROXY port for the load balancer beside an internal one for webmail"
 OAUTH_OTHER_KEYS = "OAuth: jwksUri without discovery, an introspection endpoint, the other issuer keys"
+HELM_TEST_PROXY_STARTTLS = "helm test through a PROXY listener with STARTTLS"
+HELM_TEST_PRIVATE_CA = "helm test verifying the certificate with a private CA"
 SERVICE_AND_POD_OPTIONS = "dual-stack load balancer with a class, node ports, extra env and volumes, probes tuned"
 NODE_PORTS_NO_PROBES = "NodePort with fixed node ports, no startup or liveness probe"
 PREFER_DUAL_STACK_IPV4 = "PreferDualStack with bindAddress 0.0.0.0"
@@ -1086,6 +1215,23 @@ def render_variants(
             },
             True,
         ),
+        (
+            HELM_TEST_PROXY_STARTTLS,
+            {"listeners": [dict(IMAP, proxyProtocol=True)], "guard": {"trustedProxies": ["10.0.0.0/8"]}},
+            True,
+        ),
+        (
+            HELM_TEST_PRIVATE_CA,
+            {
+                "test": {"listener": "imaps", "serverName": "imap.example.org", "ca": {"existingSecret": "mail-ca", "key": "root.pem"}},
+                "networkPolicy": {"enabled": True, "imap": {"allowedCidrs": ["192.0.2.0/24"]}},
+            },
+            True,
+        ),
+        ("helm test off", {"test": {"enabled": False}}, True),
+        ("helm test on an unknown listener", {"test": {"listener": "pop3"}}, False),
+        ("helm test with a CA but no name", {"test": {"ca": {"existingSecret": "mail-ca", "key": "ca.crt"}}}, False),
+        ("helm test verifying a self-signed certificate", {"tls": {"selfSigned": True}, "test": {"serverName": "imap.example.org"}}, False),
         ("a node port on an internal listener", {"listeners": [IMAPS, dict(IMAP, service="internal", nodePort=30143)]}, False),
         ("a node port with a ClusterIP Service", {"service": {"type": "ClusterIP"}, "listeners": [dict(IMAPS, nodePort=30993)]}, False),
         ("one node port twice", {"listeners": [dict(IMAPS, nodePort=30993), dict(IMAP, nodePort=30993)]}, False),
@@ -1340,6 +1486,7 @@ def check_rendering(
 # Variants whose install notes are checked too (besides the defaults and the full values).
 NOTES_VARIANTS = (
     REDIS_TWO_REPLICAS,
+    "helm test off",
     PREFER_DUAL_STACK_IPV4,
     SERVICE_AND_POD_OPTIONS,
     OAUTH_OTHER_KEYS,
@@ -1456,6 +1603,9 @@ FAILURE_MESSAGES: dict[str, str | tuple[str, ...]] = {
     "cert-manager with an RSA key of 256 bits": "does not fit algorithm RSA",
     **{f"renamed: {old}": f"{old} was renamed in chart 0.5.0: {new}" for old, new, _ in renamed_secret_keys({})},
     "OAuth: two issuers named alike": 'auth.oauth.issuers[1]: the name "corp" is used twice',
+    "helm test on an unknown listener": 'test.listener: no listener is named "pop3"',
+    "helm test with a CA but no name": "test.ca needs the name to verify the certificate for",
+    "helm test verifying a self-signed certificate": "the throwaway certificate cannot be verified",
     "a node port on an internal listener": "listeners[1] (imap): nodePort is for listeners on the main Service",
     "a node port with a ClusterIP Service": "nodePort needs service.type NodePort or LoadBalancer",
     "one node port twice": "nodePort 30993 is used twice",
@@ -1476,7 +1626,18 @@ FAILURE_MESSAGES: dict[str, str | tuple[str, ...]] = {
 
 
 def _kinds(docs: list[dict[str, Any]]) -> list[str]:
-    return sorted(d.get("kind", "?") for d in docs)
+    """The kinds of the release's objects (the `helm test` hooks left out: see _hook)."""
+    return sorted(d.get("kind", "?") for d in docs if not is_hook(d))
+
+
+def _hook(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    """The one `helm test` hook object of that kind."""
+    found = [d for d in docs if is_hook(d) and d.get("kind") == kind]
+    return found[0] if len(found) == 1 else {}
+
+
+def _test_args(docs: list[dict[str, Any]]) -> list[str]:
+    return [str(a) for a in _get(_hook(docs, "Pod"), "spec", "containers", 0, "args") or []]
 
 
 def _one(docs: list[dict[str, Any]], kind: str, metrics: bool = False, internal: bool = False) -> dict[str, Any]:
@@ -1486,6 +1647,7 @@ def _one(docs: list[dict[str, Any]], kind: str, metrics: bool = False, internal:
         d
         for d in docs
         if d.get("kind") == kind
+        and not is_hook(d)
         and (kind != "Service" or (is_metrics_service(d), is_internal_service(d)) == (metrics, internal))
     ]
     return found[0] if len(found) == 1 else {}
@@ -1627,6 +1789,39 @@ MANIFEST_EXPECTATIONS: dict[str, Callable[[list[dict[str, Any]]], list[tuple[boo
             f"readinessProbe must render as given, not {_container(d).get('readinessProbe')!r}",
         ),
     ],
+    HELM_TEST_PROXY_STARTTLS: lambda d: [
+        (
+            {"--haproxy-protocol", "--ssl-reqd", "--insecure"} <= set(_test_args(d))
+            and _test_args(d)[-1] == "imap://mail-imapgate.mail.svc:143/",
+            f"helm test must send a PROXY header and require STARTTLS on imap://…:143, not {_test_args(d)}",
+        ),
+    ],
+    HELM_TEST_PRIVATE_CA: lambda d: [
+        (
+            _test_args(d)[6:]
+            == [
+                "--connect-to", "imap.example.org:993:mail-imapgate.mail.svc:993", "--cacert", "/etc/imapgate-test/ca/ca.crt",
+                "--request", "NOOP", "imaps://imap.example.org:993/",
+            ],  # fmt: skip
+            f"helm test must verify imap.example.org with the CA, not {_test_args(d)}",
+        ),
+        (
+            _get(_hook(d, "Pod"), "spec", "volumes") == [
+                {"name": "ca", "secret": {"secretName": "mail-ca", "defaultMode": 0o440, "items": [{"key": "root.pem", "path": "ca.crt"}]}}
+            ],
+            "the test CA must come from its Secret and key",
+        ),
+        (
+            any(
+                (r.get("from") or [{}])[0].get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "test"
+                for r in _get(_one(d, "NetworkPolicy"), "spec", "ingress") or []
+            ),
+            "with allowedCidrs, the gateway's NetworkPolicy must admit the test pod",
+        ),
+    ],
+    "helm test off": lambda d: [
+        (not _hook(d, "Pod") and not _hook(d, "NetworkPolicy"), "test.enabled false: no test objects"),
+    ],
     NODE_PORTS_NO_PROBES: lambda d: [
         (_get(_one(d, "Service"), "spec", "type") == "NodePort", "service.type NodePort must render"),
         (
@@ -1665,6 +1860,11 @@ MANIFEST_EXPECTATIONS: dict[str, Callable[[list[dict[str, Any]]], list[tuple[boo
     ],
     "defaults": lambda d: [
         (_kinds(d) == ["ConfigMap", "Deployment", "Service", "ServiceAccount"], f"only the core objects by default, not {_kinds(d)}"),
+        (
+            _test_args(d) == ["-q", "--silent", "--show-error", "--verbose", "--max-time", "30", "--insecure", "--request", "NOOP", "imaps://mail-imapgate.mail.svc:993/"],
+            f"helm test must try imaps on the Service, unverified without a name, by default, not {_test_args(d)}",
+        ),
+        (not _hook(d, "NetworkPolicy"), "no test NetworkPolicy without networkPolicy.enabled"),
         (_get(_one(d, "Service"), "spec", "type") == "LoadBalancer", "the Service must default to LoadBalancer"),
         (_get(_one(d, "Service"), "spec", "externalTrafficPolicy") == "Local", "externalTrafficPolicy must default to Local"),
         ([p["port"] for p in _get(_one(d, "Service"), "spec", "ports") or []] == [993, 143], "the Service must map 993 and 143"),
@@ -1723,6 +1923,17 @@ MANIFEST_EXPECTATIONS: dict[str, Callable[[list[dict[str, Any]]], list[tuple[boo
         ),
     ],
     FULL_VALUES: lambda d: [
+        (
+            _test_args(d)[6:]
+            == ["--connect-to", "imap.example.org:993:mail-imapgate-internal.mail.svc:993", "--request", "NOOP", "imaps://imap.example.org:993/"],
+            f"helm test must verify imap.example.org through the internal listener, not {_test_args(d)}",
+        ),
+        (
+            _get(_hook(d, "Pod"), "spec", "containers", 0, "image")
+            == "registry.example.org/mirror/curlimages/curl@sha256:fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210",
+            "test.image.digest must pin the test image",
+        ),
+        (_get(_hook(d, "NetworkPolicy"), "spec", "egress", 1, "ports") == [{"port": 1994, "protocol": "TCP"}], "the test pod may reach the webmail port"),
         (
             {"PodDisruptionBudget", "HorizontalPodAutoscaler", "NetworkPolicy", "ServiceMonitor", "PrometheusRule", "Certificate"}
             <= set(_kinds(d)),
@@ -2210,8 +2421,14 @@ class DeepChecks:
         for needed in ("imapgate users add", "imapgate app-password create", "imapgate totp enroll",
                        "docs/operations.md"):  # fmt: skip
             report.check(needed in notes, where, f"must tell {needed!r} (how to create the first user)")
-        for needed in secret_commands(merge_values(BASE_VALUES or {}, overrides)):
+        merged = merge_values(BASE_VALUES or {}, overrides)
+        for needed in secret_commands(merged):
             report.check(needed in notes, where, f"must tell how to create each Secret: {needed!r}")
+        report.check(
+            ("helm test mail -n mail --logs" in notes) == bool((merged.get("test") or {}).get("enabled")),
+            where,
+            "must tell `helm test mail -n mail --logs` exactly when test.enabled",
+        )
         dual_stack_warning = "service.ipFamilyPolicy is PreferDualStack but bindAddress is 0.0.0.0"
         if (overrides.get("service") or {}).get("ipFamilyPolicy") == "PreferDualStack" and overrides.get("bindAddress") != "[::]":
             report.check(dual_stack_warning in notes, where, "must warn that the gateway does not answer on IPv6")

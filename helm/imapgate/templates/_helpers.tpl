@@ -145,3 +145,44 @@ A duration as the gateway writes it (500ms, 30s, 15m, 12h, 30d) in milliseconds.
 {{- $unit := trimPrefix (regexFind "^[0-9]+" $d) $d }}
 {{- mul $amount (get (dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000 "d" 86400000) $unit) }}
 {{- end }}
+
+{{/*
+The `helm test` pod's labels: its own name, so that no Service, PDB or HPA of the release selects it.
+*/}}
+{{- define "imapgate.testLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-test" (include "imapgate.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: test
+{{- end }}
+
+{{/*
+The listener `helm test` connects to: test.listener, else the first with tls implicit, else the
+first (STARTTLS). Returned as YAML (fromYaml it).
+*/}}
+{{- define "imapgate.testListener" -}}
+{{- $found := dict }}
+{{- if .Values.test.listener }}
+{{- range .Values.listeners }}{{ if eq .name $.Values.test.listener }}{{ $found = . }}{{ end }}{{ end }}
+{{- if not $found }}
+{{- fail (printf "test.listener: no listener is named %q" .Values.test.listener) }}
+{{- end }}
+{{- else }}
+{{- range .Values.listeners }}{{ if and (not $found) (eq .tls "implicit") }}{{ $found = . }}{{ end }}{{ end }}
+{{- if not $found }}{{ $found = first .Values.listeners }}{{ end }}
+{{- end }}
+{{- toYaml $found }}
+{{- end }}
+
+{{/*
+The name `helm test` verifies the gateway's certificate for: test.serverName, else the first
+tls.certManager.dnsNames entry that is no wildcard; empty: not verified.
+*/}}
+{{- define "imapgate.testServerName" -}}
+{{- if .Values.test.serverName }}
+{{- .Values.test.serverName }}
+{{- else if and .Values.tls.certManager.enabled (not .Values.tls.selfSigned) }}
+{{- $name := "" }}
+{{- range .Values.tls.certManager.dnsNames }}{{ if and (not $name) (not (hasPrefix "*" .)) }}{{ $name = . }}{{ end }}{{ end }}
+{{- $name }}
+{{- end }}
+{{- end }}
