@@ -130,6 +130,24 @@ def check_chart_yaml(chart_dir: Path, report: Report) -> None:
     )
     report.check(meta.get("type", "application") == "application", where, "type must be application")
     report.check(bool(meta.get("description")), where, "description is missing")
+    for key in ("home", "icon"):
+        report.check(
+            bool(re.fullmatch(r"https://[^\s]+", str(meta.get(key, "")))), where, f"{key} must be an https:// URL"
+        )
+    sources = meta.get("sources")
+    report.check(
+        isinstance(sources, list) and bool(sources) and all(re.fullmatch(r"https://[^\s]+", str(s)) for s in sources),
+        where,
+        "sources must list https:// URLs",
+    )
+    maintainers = meta.get("maintainers")
+    report.check(
+        isinstance(maintainers, list)
+        and bool(maintainers)
+        and all(m.get("name") and re.fullmatch(r"[^@\s]+@[^@\s]+\.[a-z]+", str(m.get("email", ""))) for m in maintainers),
+        where,
+        "maintainers must each have a name and an e-mail address",
+    )
 
 
 def check_plain_yaml_files(chart_dir: Path, report: Report) -> None:
