@@ -1041,6 +1041,7 @@ OAUTH_VALUES = "OAuth values (ci/oauth-values.yaml)"
 REDIS_TWO_REPLICAS = "redis state, two replicas"
 PROXY_BESIDE_INTERNAL = "a PROXY port for the load balancer beside an internal one for webmail"
 OAUTH_OTHER_KEYS = "OAuth: jwksUri without discovery, an introspection endpoint, the other issuer keys"
+EVERY_SECRET_NAMED = "every Secret named with existingSecret and key"
 HELM_TEST_PROXY_STARTTLS = "helm test through a PROXY listener with STARTTLS"
 HELM_TEST_PRIVATE_CA = "helm test verifying the certificate with a private CA"
 SERVICE_AND_POD_OPTIONS = "dual-stack load balancer with a class, node ports, extra env and volumes, probes tuned"
@@ -1053,8 +1054,11 @@ EXTRA_ENV = [
     {"name": "SSL_CERT_FILE", "value": "/etc/ssl/corp/ca-certificates.crt"},
     {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
 ]
-EXTRA_VOLUMES = [{"name": "corp-ca", "configMap": {"name": "corp-ca-bundle"}}]
-EXTRA_MOUNTS = [{"name": "corp-ca", "mountPath": "/etc/ssl/corp"}]
+EXTRA_VOLUMES = [
+    {"name": "corp-ca", "configMap": {"name": "corp-ca-bundle"}},
+    {"name": "motd", "secret": {"secretName": "mail-motd", "defaultMode": 0o440}},
+]
+EXTRA_MOUNTS = [{"name": "corp-ca", "mountPath": "/etc/ssl/corp"}, {"name": "motd", "mountPath": "/etc/motd", "subPath": "motd"}]
 
 # Issuers of OAUTH_OTHER_KEYS: with ci/oauth-values.yaml, every issuer key of the chart is set.
 ENTRA_V1 = {
@@ -1230,6 +1234,23 @@ def render_variants(
                 "service": {"type": "NodePort", "loadBalancerSourceRanges": ["192.0.2.0/24"]},
                 "startupProbe": {"enabled": False},
                 "livenessProbe": {"enabled": False},
+            },
+            True,
+        ),
+        (
+            EVERY_SECRET_NAMED,
+            {
+                "tls": {"existingSecret": "mail-tls"},
+                "users": {"existingSecret": "mail-users", "key": "people.yaml"},
+                "auth": {"keyRing": {"existingSecret": "mail-keyring"}, "secretKeys": [{"id": "k1", "key": "first.key"}]},
+                "admin": {"token": {"existingSecret": "mail-admin", "key": "bearer"}},
+                "backends": [
+                    dict(
+                        backend,
+                        ca={"existingSecret": "mail-backend-ca", "key": "root.pem"},
+                        masterPassword={"existingSecret": "mail-master", "key": "pw"},
+                    )
+                ],
             },
             True,
         ),
@@ -1504,6 +1525,7 @@ def check_rendering(
 # Variants whose install notes are checked too (besides the defaults and the full values).
 NOTES_VARIANTS = (
     REDIS_TWO_REPLICAS,
+    EVERY_SECRET_NAMED,
     "helm test off",
     PREFER_DUAL_STACK_IPV4,
     SERVICE_AND_POD_OPTIONS,
@@ -1785,12 +1807,16 @@ MANIFEST_EXPECTATIONS: dict[str, Callable[[list[dict[str, Any]]], list[tuple[boo
         (_get(_one(d, "Deployment"), "spec", "revisionHistoryLimit") == 3, "revisionHistoryLimit must render"),
         (_container(d).get("env") == EXTRA_ENV, f"extraEnv must render as the container's env, not {_container(d).get('env')!r}"),
         (
-            [v for v in _pod_spec(d).get("volumes", []) if v["name"] == "corp-ca"] == EXTRA_VOLUMES,
+            [v for v in _pod_spec(d).get("volumes", []) if v["name"] in ("corp-ca", "motd")] == EXTRA_VOLUMES,
             "extraVolumes must render as given",
         ),
         (
-            _mount(d, "corp-ca") == {"name": "corp-ca", "mountPath": "/etc/ssl/corp", "readOnly": True},
-            f"extraVolumeMounts must render read-only, not {_mount(d, 'corp-ca')!r}",
+            (_mount(d, "corp-ca"), _mount(d, "motd"))
+            == (
+                {"name": "corp-ca", "mountPath": "/etc/ssl/corp", "readOnly": True},
+                {"name": "motd", "mountPath": "/etc/motd", "subPath": "motd", "readOnly": True},
+            ),
+            f"extraVolumeMounts must render read-only, with subPath, not {(_mount(d, 'corp-ca'), _mount(d, 'motd'))!r}",
         ),
         (
             _probe_timing(_container(d).get("startupProbe", {})) == {"periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 60},
@@ -1805,6 +1831,23 @@ MANIFEST_EXPECTATIONS: dict[str, Callable[[list[dict[str, Any]]], list[tuple[boo
             _probe_timing(_container(d).get("readinessProbe", {}))
             == {"initialDelaySeconds": 2, "periodSeconds": 3, "timeoutSeconds": 2, "failureThreshold": 4, "successThreshold": 2},
             f"readinessProbe must render as given, not {_container(d).get('readinessProbe')!r}",
+        ),
+    ],
+    EVERY_SECRET_NAMED: lambda d: [
+        *(
+            (
+                _get(_volume(d, volume), "secret", "secretName") == secret
+                and _get(_volume(d, volume), "secret", "items") == items,
+                f"volume {volume} must take {items} from Secret {secret}, not {_volume(d, volume)!r}",
+            )
+            for volume, secret, items in (
+                ("tls", "mail-tls", [{"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}]),
+                ("users", "mail-users", [{"key": "people.yaml", "path": "people.yaml"}]),
+                ("keys", "mail-keyring", [{"key": "first.key", "path": "k1.key"}]),
+                ("admin-token", "mail-admin", [{"key": "bearer", "path": "token"}]),
+                ("ca-dovecot", "mail-backend-ca", [{"key": "root.pem", "path": "ca.pem"}]),
+                ("master-dovecot", "mail-master", [{"key": "pw", "path": "master-password"}]),
+            )
         ),
     ],
     HELM_TEST_PROXY_STARTTLS: lambda d: [
@@ -1950,6 +1993,12 @@ MANIFEST_EXPECTATIONS: dict[str, Callable[[list[dict[str, Any]]], list[tuple[boo
             _get(_hook(d, "Pod"), "spec", "containers", 0, "image")
             == "registry.example.org/mirror/curlimages/curl@sha256:fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210",
             "test.image.digest must pin the test image",
+        ),
+        (_get(_hook(d, "Pod"), "spec", "containers", 0, "imagePullPolicy") == "Always", "test.image.pullPolicy must render"),
+        (
+            _get(_hook(d, "Pod"), "spec", "containers", 0, "resources")
+            == {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"cpu": "200m", "memory": "64Mi"}},
+            "test.resources must render",
         ),
         (_get(_hook(d, "NetworkPolicy"), "spec", "egress", 1, "ports") == [{"port": 1994, "protocol": "TCP"}], "the test pod may reach the webmail port"),
         (
