@@ -5,11 +5,12 @@
 #
 #   chart:   Chart.yaml, values.yaml against values.schema.json (and a list of values it must
 #            refuse), template syntax and .Values references; then with the real helm v3 binary:
-#            helm lint --strict (default values and helm/imapgate/ci/full-values.yaml), helm template
-#            of ~30 value sets (each rendered config and manifest checked, refusals checked for
-#            their message), kubernetes-validate --strict against the lowest Kubernetes the chart
-#            admits and the newest one it knows, checkov, NOTES.txt, and `imapgate check-config`
-#            on every rendered config when target/debug/imapgate exists
+#            helm lint --strict (default values, helm/imapgate/ci/full-values.yaml and
+#            ci/oauth-values.yaml), helm template of ~60 value sets (each rendered config and
+#            manifest checked, refusals checked for their message), kubernetes-validate --strict
+#            against the lowest Kubernetes the chart admits and the newest one it knows, checkov,
+#            NOTES.txt, and `imapgate check-config` on every rendered config when
+#            target/debug/imapgate exists
 #   deploy/: alert rules (promtool check rules + promtool test rules when promtool is on PATH),
 #            the Grafana dashboard (every metric, the data source variable, query syntax), the
 #            systemd unit (hardening; systemd-analyze verify when present), the Dockerfile

@@ -19,8 +19,9 @@ Static checks (always):
     promtool, systemd-analyze and checkov when available.
 
 Rendered checks (when a renderer is available: the helm binary, or the helm-python-sdk module
-when the caller asks for it): `helm lint --strict` with the default and the full values; the
-chart renders with the default values, ci/full-values.yaml and ~30 variants; the manifests carry
+when the caller asks for it): `helm lint --strict` with the default, the full and the OAuth
+values; the chart renders with the default values, ci/full-values.yaml, ci/oauth-values.yaml and
+~60 variants; the manifests carry
 the security settings the project promises; the rendered imapgate config uses only keys that
 config/imapgate.example.yaml documents (or, for an option that is off by default, documents in a
 commented-out entry); every file the config names (TLS, users file, TOTP key ring, master
@@ -34,8 +35,8 @@ The monitoring objects' value sets, refusals and expectations are in check_monit
 Grafana dashboard ConfigMap).
 
 Deep checks: `imapgate check-config` on every rendered config (target/debug/imapgate, with
-stand-in secret files), and, with the helm binary, `kubernetes-validate --strict` of the default
-and the full render against the lowest Kubernetes version Chart.yaml admits and the newest one
+stand-in secret files), and, with the helm binary, `kubernetes-validate --strict` of the default,
+the full and the OAuth render against the lowest Kubernetes version Chart.yaml admits and the newest one
 kubernetes-validate knows, checkov on both renders (accepted findings in CHECKOV_ACCEPTED, each
 with its reason), and the install notes (NOTES.txt) rendered for both.
 """
@@ -132,6 +133,24 @@ def check_chart_yaml(chart_dir: Path, report: Report) -> None:
     )
     report.check(meta.get("type", "application") == "application", where, "type must be application")
     report.check(bool(meta.get("description")), where, "description is missing")
+    for key in ("home", "icon"):
+        report.check(
+            bool(re.fullmatch(r"https://[^\s]+", str(meta.get(key, "")))), where, f"{key} must be an https:// URL"
+        )
+    sources = meta.get("sources")
+    report.check(
+        isinstance(sources, list) and bool(sources) and all(re.fullmatch(r"https://[^\s]+", str(s)) for s in sources),
+        where,
+        "sources must list https:// URLs",
+    )
+    maintainers = meta.get("maintainers")
+    report.check(
+        isinstance(maintainers, list)
+        and bool(maintainers)
+        and all(m.get("name") and re.fullmatch(r"[^@\s]+@[^@\s]+\.[a-z]+", str(m.get("email", ""))) for m in maintainers),
+        where,
+        "maintainers must each have a name and an e-mail address",
+    )
 
 
 def check_plain_yaml_files(chart_dir: Path, report: Report) -> None:
@@ -198,6 +217,23 @@ def set_path(data: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
     return out
 
 
+# An OAuth issuer the schema accepts (check_schema_rejects checks it), and variants of it below
+# that it must refuse.
+GOOD_ISSUER: dict[str, Any] = {
+    "name": "corp",
+    "issuer": "https://sso.example.org/realms/corp",
+    "audiences": ["imap"],
+    "ca": {"existingSecret": "corp-ca", "key": "ca.crt"},
+    "introspection": {"clientId": "imapgate", "clientSecret": {"existingSecret": "corp-client", "key": "secret"}},
+}
+
+
+def _issuer(**changes: Any) -> list[dict[str, Any]]:
+    """auth.oauth.issuers with GOOD_ISSUER changed (a value of None drops the key)."""
+    issuer = {k: v for k, v in {**GOOD_ISSUER, **changes}.items() if v is not None}
+    return [issuer]
+
+
 # Values the schema must refuse: a typo, weakened security settings, malformed durations.
 BAD_VALUES: list[tuple[str, Any]] = [
     ("replicaCoutn", 1),
@@ -207,7 +243,17 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("containerSecurityContext.capabilities.drop", ["NET_RAW"]),
     ("containerSecurityContext.capabilities.add", ["NET_BIND_SERVICE"]),
     ("podSecurityContext.runAsNonRoot", False),
-    ("listeners.imaps.containerPort", 993),
+    ("listeners.0.containerPort", 993),
+    ("listeners.0.name", "IMAPS"),
+    ("listeners.0.name", "imaps-for-the-load-balancer"),
+    ("listeners.0.name", "admin"),
+    ("listeners.0.name", "1993"),
+    ("listeners.0.name", "imaps--lb"),
+    ("listeners.0.tls", "ssl"),
+    ("listeners.0.service", "external"),
+    ("listeners.0.enabled", True),
+    ("listeners", []),
+    ("listeners", {"imaps": {"enabled": True, "containerPort": 1993, "servicePort": 993, "proxyProtocol": False}}),
     ("tls.minVersion", "1.1"),
     ("limits.preauthIdleTimeout", "30 seconds"),
     ("limits.lineBytes", "8 KB"),
@@ -226,21 +272,106 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("auth.verifiedCacheTtl", "5 minutes"),
     ("auth.secretKeys.0.id", "key one"),
     ("auth.secretKeys.0.value", "inline-keys-are-refused"),
-    ("auth.keysSecretName", "Bad_Name"),
+    ("auth.keyRing.existingSecret", "Bad_Name"),
+    ("auth.keyRing.key", "k1.key"),
     ("logging.level", "verbose"),
     ("shutdown.extraSeconds", 0),
     ("logging.audit", "/var/log/imapgate/audit.log"),
-    ("listeners.imaps.proxyProtocol", "yes"),
-    ("admin.tokenSecret", "Admin_Token"),
+    ("listeners.0.proxyProtocol", "yes"),
+    ("admin.token.existingSecret", "Admin_Token"),
+    ("admin.token.key", "the token"),
     ("admin.token", "inline-tokens-are-refused"),
     ("state.maxEntries", 10),
     ("state.backend", "valkey"),
     ("state.backend", "Redis"),
     ("state.redis.url", "redis://:inline-urls-are-refused@redis:6379/0"),
     ("state.redis.password", "inline-passwords-are-refused"),
-    ("state.redis.existingSecret", "Redis_URL"),
-    ("state.redis.urlSecretKey", "url key"),
-    ("state.redis.caSecret", "Redis CA"),
+    ("state.redis.url.existingSecret", "Redis_URL"),
+    ("state.redis.url.key", "url key"),
+    ("state.redis.url.password", "inline-passwords-are-refused"),
+    ("state.redis.ca.existingSecret", "Redis CA"),
+    ("tls.existingSecret", "TLS"),
+    ("users.existingSecret", "users file"),
+    ("users.key", ""),
+    ("backends.0.ca.existingSecret", "Backend_CA"),
+    ("backends.0.ca.name", "backend-ca"),
+    ("backends.0.masterPassword.existingSecret", "Master Password"),
+    # The names before chart 0.5.0, refused (their messages are checked by RENAMED_KEYS below).
+    ("tls.secretName", "mail-imapgate-tls"),
+    ("users.secretName", "mail-imapgate-users"),
+    ("auth.keysSecretName", "mail-imapgate-keys"),
+    ("admin.tokenSecret", "mail-imapgate-admin"),
+    ("state.redis.existingSecret", "mail-imapgate-redis"),
+    ("state.redis.urlSecretKey", "url"),
+    ("state.redis.caSecret", "mail-redis-ca"),
+    ("backends.0.caSecret", {"name": "mail-backend-ca", "key": "ca.crt"}),
+    ("backends.0.masterPasswordSecret", {"name": "mail-dovecot-master", "key": "password"}),
+    ("service.loadBalancerClass", "service.k8s.aws/nlb extra"),
+    ("service.loadBalancerIP", "lb.example.org"),
+    ("service.loadBalancerSourceRanges", ["192.0.2.7"]),
+    ("service.ipFamilyPolicy", "DualStack"),
+    ("service.ipFamilies", ["IPv4", "IPv4"]),
+    ("service.ipFamilies", ["IPv4", "IPv6", "IPv4"]),
+    ("service.ipFamilies", "IPv4"),
+    ("service.labels", {"team": 7}),
+    ("service.nodePorts", {"imaps": 30993}),
+    ("listeners.0.nodePort", 993),
+    ("listeners.0.nodePort", "30993"),
+    ("priorityClassName", "High Priority"),
+    ("revisionHistoryLimit", -1),
+    ("extraEnv", [{"name": "SSL CERT FILE", "value": "/x"}]),
+    ("extraEnv", [{"name": "SSL_CERT_FILE"}]),
+    ("extraEnv", [{"name": "SSL_CERT_FILE", "value": "/x", "valueFrom": {}}]),
+    ("extraEnv", [{"name": "SSL_CERT_FILE", "value": 1}]),
+    ("extraEnv", {"SSL_CERT_FILE": "/x"}),
+    ("extraVolumes", [{"name": "host", "hostPath": {"path": "/etc"}}]),
+    ("extraVolumes", [{"name": "ca"}]),
+    ("extraVolumes", [{"name": "ca", "configMap": {"name": "a"}, "secret": {"secretName": "b"}}]),
+    ("extraVolumes", [{"name": "Corp_CA", "configMap": {"name": "a"}}]),
+    ("extraVolumeMounts", [{"name": "corp-ca", "mountPath": "etc/ssl"}]),
+    ("extraVolumeMounts", [{"name": "corp-ca", "mountPath": "/etc/imapgate/tls"}]),
+    ("extraVolumeMounts", [{"name": "corp-ca", "mountPath": "/etc/imapgate"}]),
+    ("extraVolumeMounts", [{"name": "corp-ca", "mountPath": "/tmp/x"}]),
+    ("extraVolumeMounts", [{"name": "corp-ca", "mountPath": "/etc/ssl/corp", "readOnly": False}]),
+    ("extraVolumeMounts", [{"name": "corp-ca", "mountPath": "/etc/ssl/corp", "mountPropagation": "Bidirectional"}]),
+    ("startupProbe.failureThreshold", 0),
+    ("startupProbe.initialDelaySeconds", 5),
+    ("startupProbe.path", "/readyz"),
+    ("livenessProbe.enabled", "false"),
+    ("livenessProbe.periodSeconds", "10s"),
+    ("livenessProbe.successThreshold", 1),
+    ("readinessProbe.enabled", False),
+    ("readinessProbe.httpGet", {"path": "/healthz", "port": "admin"}),
+    ("readinessProbe.timeoutSeconds", 0),
+    ("auth.oauth", {"issuer": "https://sso.example.org/realms/corp"}),
+    ("auth.oauth.issuers", _issuer(name="Corp")),
+    ("auth.oauth.issuers", _issuer(name="corp_mail")),
+    ("auth.oauth.issuers", _issuer(issuer="http://sso.example.org/realms/corp")),
+    ("auth.oauth.issuers", _issuer(issuer="sso.example.org")),
+    ("auth.oauth.issuers", _issuer(jwksUri="http://sso.example.org/keys")),
+    ("auth.oauth.issuers", _issuer(audiences=[])),
+    ("auth.oauth.issuers", _issuer(audiences=None)),
+    ("auth.oauth.issuers", _issuer(audiences="imap")),
+    ("auth.oauth.issuers", _issuer(algorithms=["HS256"])),
+    ("auth.oauth.issuers", _issuer(algorithms=["none"])),
+    ("auth.oauth.issuers", _issuer(userClaim="name")),
+    ("auth.oauth.issuers", _issuer(userDomain="@example.org")),
+    ("auth.oauth.issuers", _issuer(domains=["example .org"])),
+    ("auth.oauth.issuers", _issuer(domains="example.org")),
+    ("auth.oauth.issuers", _issuer(requiredScopes=["imap mail"])),
+    ("auth.oauth.issuers", _issuer(requireEmailVerified="false")),
+    ("auth.oauth.issuers", _issuer(leeway="1 minute")),
+    ("auth.oauth.issuers", _issuer(keyRefreshInterval=60)),
+    ("auth.oauth.issuers", _issuer(jwks_uri="https://sso.example.org/keys")),
+    ("auth.oauth.issuers", _issuer(ca={"name": "corp-ca", "key": "ca.crt"})),
+    ("auth.oauth.issuers", _issuer(ca={"existingSecret": "", "key": "ca.crt"})),
+    ("auth.oauth.issuers", _issuer(introspection={"clientId": "imapgate", "clientSecret": "inline-secrets-are-refused"})),
+    ("auth.oauth.issuers", _issuer(introspection={"clientId": "imapgate", "clientSecretFile": "/etc/secret"})),
+    ("auth.oauth.issuers", _issuer(introspection={"clientSecret": {"existingSecret": "corp-client", "key": "secret"}})),
+    (
+        "auth.oauth.issuers",
+        _issuer(introspection={**GOOD_ISSUER["introspection"], "endpoint": "ftp://sso.example.org/introspect"}),
+    ),
     ("state.redis.keyPrefix", ""),
     ("state.redis.keyPrefix", "imap gate:"),
     ("state.redis.keyPrefix", "x" * 65),
@@ -296,6 +427,12 @@ BAD_VALUES: list[tuple[str, Any]] = [
 
 
 def check_schema_rejects(schema: dict[str, Any], values: Any, report: Report) -> None:
+    good = set_path(values, "auth.oauth.issuers", [GOOD_ISSUER])
+    report.check(
+        not schema_errors(schema, good),
+        "values.schema.json",
+        f"refuses GOOD_ISSUER, so its bad variants prove nothing: {schema_errors(schema, good)}",
+    )
     for dotted, bad in BAD_VALUES + check_monitoring.BAD_VALUES:
         candidate = set_path(values, dotted, bad)
         report.check(
@@ -458,16 +595,24 @@ def seconds(duration: str) -> float:
     return number * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
 
 
-def check_rendered(name: str, docs: list[dict[str, Any]], example_paths: set[str], report: Report) -> None:
+def is_hook(doc: dict[str, Any]) -> bool:
+    return "helm.sh/hook" in (doc.get("metadata", {}).get("annotations") or {})
+
+
+def check_rendered(name: str, all_docs: list[dict[str, Any]], example_paths: set[str], report: Report) -> None:
     where = f"render[{name}]"
+    # The `helm test` objects (hooks) are checked by check_test_hook; the rest is the release.
+    hooks = [d for d in all_docs if is_hook(d)]
+    docs = [d for d in all_docs if not is_hook(d)]
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for doc in docs:
         if not check_monitoring.is_dashboard_config_map(doc):  # checked by check_monitoring
             by_kind.setdefault(doc.get("kind", "?"), []).append(doc)
     for kind in ("ConfigMap", "Deployment"):
         report.check(len(by_kind.get(kind, [])) == 1, where, f"expected one {kind}")
-    # The client-facing Service; the ServiceMonitor's "-metrics" Service is checked apart.
-    client_services = [s for s in by_kind.get("Service", []) if not is_metrics_service(s)]
+    # The client-facing Service; the ServiceMonitor's "-metrics" Service and the "-internal" one
+    # are checked apart.
+    client_services = [s for s in by_kind.get("Service", []) if not (is_metrics_service(s) or is_internal_service(s))]
     report.check(len(client_services) == 1, where, "expected one client-facing Service")
     if any(len(by_kind.get(k, [])) != 1 for k in ("ConfigMap", "Deployment")) or len(client_services) != 1:
         return
@@ -512,13 +657,21 @@ def check_rendered(name: str, docs: list[dict[str, Any]], example_paths: set[str
     ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
     admin_port = int(config["admin"]["address"].rsplit(":", 1)[1])
     report.check(ports.get("admin") == admin_port, where, "container port 'admin' must match admin.address")
-    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+    for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        if probe != "readinessProbe" and probe not in container:
+            continue  # startupProbe.enabled or livenessProbe.enabled false
         http = container.get(probe, {}).get("httpGet", {})
         report.check(
             http.get("path") == path and http.get("port") in ("admin", admin_port),
             where,
             f"{probe} must GET {path} on the admin port",
         )
+        if probe != "readinessProbe":
+            report.check(
+                container[probe].get("successThreshold", 1) == 1,
+                where,
+                f"{probe}.successThreshold must be 1 (Kubernetes refuses more)",
+            )
     for listener in config["listeners"]:
         port = int(listener["address"].rsplit(":", 1)[1])
         report.check(
@@ -546,6 +699,9 @@ def check_rendered(name: str, docs: list[dict[str, Any]], example_paths: set[str
         files.append(config["admin"]["token_file"])
     redis = config.get("state", {}).get("redis") or {}
     files += [redis[k] for k in ("url_file", "ca_file") if k in redis]
+    for issuer in (config["auth"].get("oauth") or {}).get("issuers", []):
+        files += [issuer["ca_file"]] if "ca_file" in issuer else []
+        files += [issuer["introspection"]["client_secret_file"]] if "introspection" in issuer else []
     for path in files:
         report.check(mounted(path), where, f"the config names {path}, which nothing mounts")
     for mount in mounts:
@@ -565,21 +721,166 @@ def check_rendered(name: str, docs: list[dict[str, Any]], example_paths: set[str
         "the config file must be mounted and passed with -c",
     )
 
-    service_ports = service["spec"].get("ports", [])
-    for port in service_ports:
+    internal = [s for s in by_kind.get("Service", []) if is_internal_service(s)]
+    report.check(len(internal) <= 1, where, "at most one internal Service")
+    listener_names = {l["name"] for l in config["listeners"]}
+    for svc in [service, *internal]:
+        service_ports = svc["spec"].get("ports", [])
+        report.check(bool(service_ports), where, f"Service {svc['metadata']['name']} has no port")
+        for port in service_ports:
+            report.check(
+                port["targetPort"] in ports and port["targetPort"] in listener_names,
+                where,
+                f"service port {port['name']} must target a listener's container port, not {port['targetPort']!r}",
+            )
         report.check(
-            port["targetPort"] in ports, where, f"service port {port['name']} targets an unknown port"
+            all(p["targetPort"] != "admin" for p in service_ports),
+            where,
+            f"Service {svc['metadata']['name']} must not expose the admin port",
         )
+    for svc in internal:
+        report.check(svc["spec"].get("type") == "ClusterIP", where, "the internal Service must be ClusterIP")
+        report.check(
+            svc["spec"].get("selector") == deployment["spec"]["selector"].get("matchLabels"),
+            where,
+            "the internal Service must select the pods",
+        )
+    exposed = [p["targetPort"] for s in [service, *internal] for p in s["spec"].get("ports", [])]
     report.check(
-        all(p["targetPort"] != "admin" for p in service_ports),
+        sorted(exposed) == sorted(listener_names),
         where,
-        "the Service must not expose the admin port",
+        f"every listener must be on exactly one Service: listeners {sorted(listener_names)}, Service ports {sorted(exposed)}",
     )
     check_production_objects(where, docs, by_kind, deployment, service, config, report)
+    check_test_hook(where, hooks, by_kind, deployment, config, report)
+
+
+TEST_HOOK_SHELLS = ("sh", "/bin/sh", "bash", "/bin/bash", "ash", "/bin/ash", "busybox")
+
+
+def check_test_hook(
+    where: str,
+    hooks: list[dict[str, Any]],
+    by_kind: dict[str, list[dict[str, Any]]],
+    deployment: dict[str, Any],
+    config: dict[str, Any],
+    report: Report,
+) -> None:
+    """The `helm test` pod: a test hook, locked down like the gateway, running curl without a
+    shell against a listener through the release's Service, and its NetworkPolicy."""
+    for doc in hooks:
+        meta = doc.get("metadata", {})
+        report.check(meta.get("annotations", {}).get("helm.sh/hook") == "test", where, f"hook {meta.get('name')} must be a test hook")
+        report.check(meta.get("namespace") == "mail", where, f"hook {meta.get('name')} must set the release's namespace")
+        report.check(doc.get("kind") in ("Pod", "NetworkPolicy"), where, f"unexpected hook {doc.get('kind')}")
+    pods = [d for d in hooks if d.get("kind") == "Pod"]
+    report.check(len(pods) <= 1, where, "at most one test pod")
+    if not pods:
+        return
+    pod = pods[0]
+    spec = pod["spec"]
+    labels = pod["metadata"].get("labels", {})
+    skipped = {v.split("=", 1)[0] for k, v in pod["metadata"].get("annotations", {}).items() if k.startswith("checkov.io/skip")}
+    report.check(
+        skipped <= {"CKV_K8S_8", "CKV_K8S_9"},
+        where,
+        f"the test pod may skip only checkov's probe checks (it exits after one connection), not {sorted(skipped)}",
+    )
+    selector = deployment["spec"]["selector"].get("matchLabels", {})
+    report.check(not labels_match(selector, labels), where, "the test pod must not carry the gateway's selector labels")
+    for svc in by_kind.get("Service", []):
+        report.check(not labels_match(svc["spec"].get("selector"), labels), where, f"Service {svc['metadata']['name']} must not select the test pod")
+    report.check(spec.get("restartPolicy") == "Never", where, "the test pod must not restart")
+    report.check(spec.get("automountServiceAccountToken") is False, where, "the test pod must not mount an API token")
+    containers = spec.get("containers", [])
+    if not report.check(len(containers) == 1, where, "the test pod has one container"):
+        return
+    container = containers[0]
+    pod_sc, sc = spec.get("securityContext", {}), container.get("securityContext", {})
+    report.check(pod_sc.get("runAsNonRoot") is True or sc.get("runAsNonRoot") is True, where, "the test pod must run as non-root")
+    report.check(sc.get("readOnlyRootFilesystem") is True, where, "the test pod's root FS must be read-only")
+    report.check(sc.get("allowPrivilegeEscalation") is False, where, "the test pod must not escalate privileges")
+    report.check("ALL" in sc.get("capabilities", {}).get("drop", []), where, "the test pod must drop every capability")
+    seccomp = sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}
+    report.check(seccomp.get("type") == "RuntimeDefault", where, "the test pod's seccompProfile must be RuntimeDefault")
+    limits = container.get("resources", {}).get("limits", {})
+    report.check({"cpu", "memory"} <= set(limits), where, "the test pod must set CPU and memory limits")
+    command, args = container.get("command", []), [str(a) for a in container.get("args", [])]
+    report.check(command == ["curl"], where, f"the test pod must run curl itself, not {command}")
+    report.check(
+        not any(c in TEST_HOOK_SHELLS for c in command + args[:1]) and "-c" not in args,
+        where,
+        "the test pod must not run a shell",
+    )
+    report.check(args[:1] == ["-q"], where, "curl's -q (no .curlrc) must come first")
+    report.check(args[-3:-1] == ["--request", "NOOP"], where, "the test must send NOOP and no login")
+    match = re.fullmatch(r"(imaps?)://([^:/]+):(\d+)/", args[-1] if args else "")
+    if not report.check(bool(match), where, f"the test's last argument must be an imap(s)://host:port/ URL, not {args[-1:]}"):
+        return
+    scheme, host, port = match.group(1), match.group(2), int(match.group(3))
+    if "--connect-to" in args:
+        to = args[args.index("--connect-to") + 1].split(":")
+        report.check(to[0] == host and int(to[1]) == port, where, f"--connect-to must redirect {host}:{port}, not {to}")
+        host, port = to[2], int(to[3])
+    else:
+        report.check("--insecure" in args, where, "without --connect-to, the test has no name to verify: --insecure")
+    services = {f"{s['metadata']['name']}.mail.svc": s for s in by_kind.get("Service", []) if not is_metrics_service(s)}
+    if not report.check(host in services, where, f"the test must connect to a Service of the release, not {host}"):
+        return
+    ports = {p["port"]: p["targetPort"] for p in services[host]["spec"].get("ports", [])}
+    listener = next((l for l in config["listeners"] if l["name"] == ports.get(port)), None)
+    if not report.check(listener is not None, where, f"port {port} of {host} must be a listener"):
+        return
+    report.check(
+        (scheme == "imaps") == (listener["tls"] == "implicit") and ("--ssl-reqd" in args) == (listener["tls"] == "starttls"),
+        where,
+        f"the test must speak {listener['tls']} TLS to listener {listener['name']}",
+    )
+    report.check(
+        ("--haproxy-protocol" in args) == bool(listener.get("proxy_protocol")),
+        where,
+        f"the test must send a PROXY header exactly when listener {listener['name']} expects one",
+    )
+    if "--cacert" in args:
+        path = args[args.index("--cacert") + 1]
+        mounts = [m["mountPath"] for m in container.get("volumeMounts", []) if m.get("readOnly")]
+        report.check(any(path.startswith(m.rstrip("/") + "/") for m in mounts), where, f"the test's CA {path} must be mounted read-only")
+    policies = [d for d in hooks if d.get("kind") == "NetworkPolicy"]
+    gateway_policy = (by_kind.get("NetworkPolicy") or [None])[0]
+    report.check(bool(policies) == bool(gateway_policy), where, "the test pod has a NetworkPolicy exactly when the gateway has one")
+    container_port = int(listener["address"].rsplit(":", 1)[1])
+    for policy in policies:
+        report.check(labels_match(policy["spec"]["podSelector"].get("matchLabels"), labels), where, "the test NetworkPolicy must select the test pod")
+        report.check(not policy["spec"].get("ingress") and "Ingress" in policy["spec"].get("policyTypes", []), where, "nothing may reach the test pod")
+        report.check(
+            any(
+                any(labels_match(peer.get("podSelector", {}).get("matchLabels"), deployment["spec"]["template"]["metadata"]["labels"]) for peer in rule.get("to", []))
+                and {"port": container_port, "protocol": "TCP"} in rule.get("ports", [])
+                for rule in policy["spec"].get("egress", [])
+            ),
+            where,
+            f"the test NetworkPolicy must let the pod reach the gateway's port {container_port}",
+        )
+    if gateway_policy:
+        admitted = [
+            rule
+            for rule in gateway_policy["spec"].get("ingress", [])
+            if {"port": container_port, "protocol": "TCP"} in rule.get("ports", [])
+            and (
+                "from" not in rule
+                or any(labels_match(peer.get("podSelector", {}).get("matchLabels"), labels) and "namespaceSelector" not in peer for peer in rule["from"])
+            )
+        ]
+        report.check(bool(admitted), where, f"the gateway's NetworkPolicy must admit the test pod on port {container_port}")
 
 
 def is_metrics_service(service: dict[str, Any]) -> bool:
     return service.get("metadata", {}).get("labels", {}).get("app.kubernetes.io/component") == "metrics"
+
+
+def is_internal_service(service: dict[str, Any]) -> bool:
+    """The ClusterIP Service of the listeners with service: internal."""
+    return service.get("metadata", {}).get("labels", {}).get("app.kubernetes.io/component") == "internal"
 
 
 def labels_match(selector: dict[str, str] | None, labels: dict[str, str]) -> bool:
@@ -735,10 +1036,65 @@ def check_production_objects(
 
 
 FULL_VALUES = "full-featured values (ci/full-values.yaml)"
+OAUTH_VALUES = "OAuth values (ci/oauth-values.yaml)"
 REDIS_TWO_REPLICAS = "redis state, two replicas"
+PROXY_BESIDE_INTERNAL = "a PROXY port for the load balancer beside an internal one for webmail"
+OAUTH_OTHER_KEYS = "OAuth: jwksUri without discovery, an introspection endpoint, the other issuer keys"
+EVERY_SECRET_NAMED = "every Secret named with existingSecret and key"
+HELM_TEST_PROXY_STARTTLS = "helm test through a PROXY listener with STARTTLS"
+HELM_TEST_PRIVATE_CA = "helm test verifying the certificate with a private CA"
+SERVICE_AND_POD_OPTIONS = "dual-stack load balancer with a class, node ports, extra env and volumes, probes tuned"
+NODE_PORTS_NO_PROBES = "NodePort with fixed node ports, no startup or liveness probe"
+PREFER_DUAL_STACK_IPV4 = "PreferDualStack with bindAddress 0.0.0.0"
+
+# extraEnv, extraVolumes and extraVolumeMounts of SERVICE_AND_POD_OPTIONS: a CA bundle for the
+# gateway's outgoing TLS, as values.yaml describes it.
+EXTRA_ENV = [
+    {"name": "SSL_CERT_FILE", "value": "/etc/ssl/corp/ca-certificates.crt"},
+    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+]
+EXTRA_VOLUMES = [
+    {"name": "corp-ca", "configMap": {"name": "corp-ca-bundle"}},
+    {"name": "motd", "secret": {"secretName": "mail-motd", "defaultMode": 0o440}},
+]
+EXTRA_MOUNTS = [{"name": "corp-ca", "mountPath": "/etc/ssl/corp"}, {"name": "motd", "mountPath": "/etc/motd", "subPath": "motd"}]
+
+# Issuers of OAUTH_OTHER_KEYS: with ci/oauth-values.yaml, every issuer key of the chart is set.
+ENTRA_V1 = {
+    "name": "entra-v1",
+    "issuer": "https://sts.windows.net/00000000-0000-0000-0000-000000000000/",
+    "discovery": False,
+    "jwksUri": "https://login.microsoftonline.com/00000000-0000-0000-0000-000000000000/discovery/keys",
+    "audiences": ["api://imapgate", "11111111-1111-1111-1111-111111111111"],
+    "userClaim": "upn",
+    "requireAmr": ["mfa"],
+    "requireEmailVerified": False,
+    "acceptIdTokens": False,
+    "endSessionAtExpiry": False,
+}
+OPAQUE_ISSUER = {
+    "name": "opaque",
+    "issuer": "https://idp.example.net",
+    "jwksUri": "https://idp.example.net/keys",
+    "audiences": ["imap"],
+    "userClaim": "sub",
+    "userDomain": "example.net",
+    "domains": ["example.net"],
+    "introspection": {
+        "endpoint": "https://idp.example.net/introspect",
+        "clientId": "imapgate-gw",
+        "clientSecret": {"existingSecret": "idp-introspection", "key": "secret"},
+    },
+}
+
+# The default listeners of values.yaml, for variants that change the list.
+IMAPS = {"name": "imaps", "containerPort": 1993, "tls": "implicit", "servicePort": 993}
+IMAP = {"name": "imap", "containerPort": 1143, "tls": "starttls", "servicePort": 143}
 
 
-def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool]]:
+def render_variants(
+    values: dict[str, Any], full_values: dict[str, Any], oauth_values: dict[str, Any] | None = None
+) -> list[tuple[str, dict[str, Any], bool]]:
     """(name, overrides, must_render). Overrides are merged over values.yaml by Helm."""
     backend = copy.deepcopy(values["backends"][0])
     second = dict(
@@ -748,8 +1104,8 @@ def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list
         tls="starttls",
         login="sasl_authzid",
         serverName="imap.example.org",
-        caSecret={"name": "mail-ca", "key": "ca.crt"},
-        masterPasswordSecret={"name": "cyrus-proxy", "key": "secret"},
+        ca={"existingSecret": "mail-ca", "key": "ca.crt"},
+        masterPassword={"existingSecret": "cyrus-proxy", "key": "secret"},
         sendId=True,
     )
     plain = dict(backend, name="legacy", address="10.0.0.5:143", tls="none")
@@ -757,7 +1113,7 @@ def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list
         ("defaults", {}, True),
         (
             "self-signed, imaps only, TLS 1.3",
-            {"tls": {"selfSigned": True, "minVersion": "1.3"}, "listeners": {"imap": {"enabled": False}}},
+            {"tls": {"selfSigned": True, "minVersion": "1.3"}, "listeners": [IMAPS]},
             True,
         ),
         (
@@ -786,7 +1142,7 @@ def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list
             "two keys during a rotation",
             {
                 "auth": {
-                    "keysSecretName": "mail-totp-keys",
+                    "keyRing": {"existingSecret": "mail-totp-keys"},
                     "secretKeys": [{"id": "k1", "key": "k1.key"}, {"id": "k2", "key": "2026.key"}],
                     "activeKey": "k2",
                     "mfa": {"unlockTtl": "0s", "unlockBindSubnet": False, "codeDigits": 8},
@@ -798,9 +1154,9 @@ def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list
         (
             "PROXY protocol behind a load balancer, guard tuned, admin token",
             {
-                "listeners": {"imaps": {"proxyProtocol": True}},
+                "listeners": [dict(IMAPS, proxyProtocol=True), IMAP],
                 "service": {"externalTrafficPolicy": "Cluster"},
-                "admin": {"tokenSecret": "mail-admin-token"},
+                "admin": {"token": {"existingSecret": "mail-admin-token", "key": "bearer"}},
                 "state": {"maxEntries": 200000},
                 "guard": {
                     "enforce": False,
@@ -820,11 +1176,133 @@ def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list
             },
             True,
         ),
-        ("PROXY protocol without trusted proxies", {"listeners": {"imap": {"proxyProtocol": True}}}, False),
+        ("PROXY protocol without trusted proxies", {"listeners": [IMAPS, dict(IMAP, proxyProtocol=True)]}, False),
         (
-            "PROXY protocol on a disabled listener only",
-            {"listeners": {"imap": {"enabled": False, "proxyProtocol": True}}},
+            PROXY_BESIDE_INTERNAL,
+            {
+                "listeners": [
+                    dict(IMAPS, proxyProtocol=True),
+                    dict(IMAP, containerPort=1144, service="main"),
+                    {"name": "webmail", "containerPort": 1994, "tls": "implicit", "service": "internal", "servicePort": 993},
+                ],
+                "guard": {"trustedProxies": ["10.0.0.0/16"]},
+                "service": {"externalTrafficPolicy": "Cluster"},
+            },
             True,
+        ),
+        ("two listeners named alike", {"listeners": [IMAPS, dict(IMAP, name="imaps")]}, False),
+        ("a listener on the admin port", {"listeners": [IMAPS, dict(IMAP, containerPort=9190)]}, False),
+        ("two listeners on one Service port", {"listeners": [IMAPS, dict(IMAP, servicePort=993)]}, False),
+        (
+            "two internal listeners on one port",
+            {"listeners": [IMAPS, dict(IMAP, service="internal", servicePort=143), dict(IMAP, name="imap2", containerPort=1145, service="internal", servicePort=143)]},
+            False,
+        ),
+        ("every listener internal", {"listeners": [dict(IMAPS, service="internal")]}, False),
+        ("listeners as the old map", {"listeners": {"imaps": {"enabled": True}, "imap": {"enabled": False}}}, False),
+        *((f"renamed: {old}", overrides, False) for old, _new, overrides in renamed_secret_keys(backend)),
+        (OAUTH_OTHER_KEYS, {"auth": {"oauth": {"issuers": [ENTRA_V1, OPAQUE_ISSUER]}}}, True),
+        (
+            SERVICE_AND_POD_OPTIONS,
+            {
+                "bindAddress": "[::]",
+                "listeners": [dict(IMAPS, nodePort=30993), dict(IMAP, nodePort=30143), dict(IMAPS, name="webmail", containerPort=1994, service="internal")],
+                "service": {
+                    "loadBalancerClass": "service.k8s.aws/nlb",
+                    "loadBalancerIP": "192.0.2.53",
+                    "loadBalancerSourceRanges": ["192.0.2.0/24", "2001:db8::/32"],
+                    "ipFamilyPolicy": "RequireDualStack",
+                    "ipFamilies": ["IPv6", "IPv4"],
+                    "labels": {"example.org/exposed": "internet"},
+                },
+                "priorityClassName": "mail-critical",
+                "revisionHistoryLimit": 3,
+                "extraEnv": EXTRA_ENV,
+                "extraVolumes": EXTRA_VOLUMES,
+                "extraVolumeMounts": EXTRA_MOUNTS,
+                "startupProbe": {"periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 60},
+                "livenessProbe": {"initialDelaySeconds": 1, "periodSeconds": 20, "timeoutSeconds": 4, "failureThreshold": 5},
+                "readinessProbe": {"initialDelaySeconds": 2, "periodSeconds": 3, "timeoutSeconds": 2, "failureThreshold": 4, "successThreshold": 2},
+            },
+            True,
+        ),
+        (
+            NODE_PORTS_NO_PROBES,
+            {
+                "listeners": [dict(IMAPS, nodePort=30993), IMAP],
+                "service": {"type": "NodePort", "loadBalancerSourceRanges": ["192.0.2.0/24"]},
+                "startupProbe": {"enabled": False},
+                "livenessProbe": {"enabled": False},
+            },
+            True,
+        ),
+        (
+            EVERY_SECRET_NAMED,
+            {
+                "tls": {"existingSecret": "mail-tls"},
+                "users": {"existingSecret": "mail-users", "key": "people.yaml"},
+                "auth": {"keyRing": {"existingSecret": "mail-keyring"}, "secretKeys": [{"id": "k1", "key": "first.key"}]},
+                "admin": {"token": {"existingSecret": "mail-admin", "key": "bearer"}},
+                "backends": [
+                    dict(
+                        backend,
+                        ca={"existingSecret": "mail-backend-ca", "key": "root.pem"},
+                        masterPassword={"existingSecret": "mail-master", "key": "pw"},
+                    )
+                ],
+            },
+            True,
+        ),
+        (
+            HELM_TEST_PROXY_STARTTLS,
+            {"listeners": [dict(IMAP, proxyProtocol=True)], "guard": {"trustedProxies": ["10.0.0.0/8"]}},
+            True,
+        ),
+        (
+            HELM_TEST_PRIVATE_CA,
+            {
+                "test": {"listener": "imaps", "serverName": "imap.example.org", "ca": {"existingSecret": "mail-ca", "key": "root.pem"}},
+                "networkPolicy": {"enabled": True, "imap": {"allowedCidrs": ["192.0.2.0/24"]}},
+            },
+            True,
+        ),
+        ("helm test off", {"test": {"enabled": False}}, True),
+        ("helm test on an unknown listener", {"test": {"listener": "pop3"}}, False),
+        ("helm test with a CA but no name", {"test": {"ca": {"existingSecret": "mail-ca", "key": "ca.crt"}}}, False),
+        ("helm test verifying a self-signed certificate", {"tls": {"selfSigned": True}, "test": {"serverName": "imap.example.org"}}, False),
+        ("a node port on an internal listener", {"listeners": [IMAPS, dict(IMAP, service="internal", nodePort=30143)]}, False),
+        ("a node port with a ClusterIP Service", {"service": {"type": "ClusterIP"}, "listeners": [dict(IMAPS, nodePort=30993)]}, False),
+        ("one node port twice", {"listeners": [dict(IMAPS, nodePort=30993), dict(IMAP, nodePort=30993)]}, False),
+        ("a load balancer class on a NodePort Service", {"service": {"type": "NodePort", "loadBalancerClass": "service.k8s.aws/nlb"}}, False),
+        ("IPv6 with bindAddress 0.0.0.0", {"service": {"ipFamilyPolicy": "PreferDualStack", "ipFamilies": ["IPv4", "IPv6"]}}, False),
+        (PREFER_DUAL_STACK_IPV4, {"service": {"ipFamilyPolicy": "PreferDualStack"}}, True),
+        ("RequireDualStack with bindAddress 0.0.0.0", {"service": {"ipFamilyPolicy": "RequireDualStack"}}, False),
+        ("two IP families on a single stack", {"bindAddress": "[::]", "service": {"ipFamilies": ["IPv4", "IPv6"]}}, False),
+        ("an extra mount without its volume", {"extraVolumeMounts": EXTRA_MOUNTS}, False),
+        ("an extra volume named like the chart's", {"extraVolumes": [{"name": "tls", "emptyDir": {}}]}, False),
+        ("an extra volume named like a backend's CA", {"extraVolumes": [{"name": "ca-dovecot", "emptyDir": {}}]}, False),
+        ("OAuth: two issuers named alike", {"auth": {"oauth": {"issuers": [GOOD_ISSUER, dict(ENTRA_V1, name="corp")]}}}, False),
+        ("OAuth: discovery off without jwksUri", {"auth": {"oauth": {"issuers": [dict(GOOD_ISSUER, discovery=False)]}}}, False),
+        (
+            "OAuth: discovery and jwksUri",
+            {"auth": {"oauth": {"issuers": [dict(GOOD_ISSUER, discovery=True, jwksUri="https://sso.example.org/keys")]}}},
+            False,
+        ),
+        (
+            "OAuth: introspection without endpoint or discovery",
+            {"auth": {"oauth": {"issuers": [dict(GOOD_ISSUER, jwksUri="https://sso.example.org/keys")]}}},
+            False,
+        ),
+        ("OAuth: a leeway of 10m", {"auth": {"oauth": {"issuers": [dict(GOOD_ISSUER, leeway="10m")]}}}, False),
+        (
+            "OAuth: a key refresh every 500ms",
+            {"auth": {"oauth": {"issuers": [dict(GOOD_ISSUER, keyRefreshInterval="500ms")]}}},
+            False,
+        ),
+        (
+            "OAuth: an introspection cache of 2h",
+            {"auth": {"oauth": {"issuers": [dict(GOOD_ISSUER, introspection={**GOOD_ISSUER["introspection"], "cacheTtl": "2h"})]}}},
+            False,
         ),
         ("MFA required without a key ring", {"auth": {"secretKeys": [], "activeKey": ""}}, False),
         ("active key not in the ring", {"auth": {"activeKey": "k9"}}, False),
@@ -839,14 +1317,15 @@ def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list
             False,
         ),
         ("route to an unknown backend", {"routes": {"default": "nope"}}, False),
-        ("no listener", {"listeners": {"imaps": {"enabled": False}, "imap": {"enabled": False}}}, False),
+        ("no listener", {"listeners": []}, False),
         ("duplicate backend names", {"backends": [backend, backend]}, False),
         ("schema violation", {"limits": {"lineBytes": "lots"}}, False),
         (FULL_VALUES, full_values, True),
+        *([(OAUTH_VALUES, oauth_values, True)] if oauth_values is not None else []),
         ("two replicas without allowMultipleReplicasWithLocalState", {"replicaCount": 2}, False),
         (
             REDIS_TWO_REPLICAS,
-            {"replicaCount": 2, "state": {"backend": "redis", "redis": {"existingSecret": "mail-imapgate-redis"}}},
+            {"replicaCount": 2, "state": {"backend": "redis", "redis": {"url": {"existingSecret": "mail-imapgate-redis"}}}},
             True,
         ),
         (
@@ -856,9 +1335,8 @@ def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list
                     "backend": "redis",
                     "maxEntries": 100000,
                     "redis": {
-                        "existingSecret": "shared-redis",
-                        "urlSecretKey": "imapgate-url",
-                        "caSecret": "redis-ca",
+                        "url": {"existingSecret": "shared-redis", "key": "imapgate-url"},
+                        "ca": {"existingSecret": "redis-ca", "key": "redis-ca.pem"},
                         "keyPrefix": "mail:imapgate:",
                         "onError": "fail_closed",
                         "timeout": "2s",
@@ -871,24 +1349,24 @@ def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list
             "autoscaling to six pods with redis",
             {
                 "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6},
-                "state": {"backend": "redis", "redis": {"existingSecret": "mail-imapgate-redis"}},
+                "state": {"backend": "redis", "redis": {"url": {"existingSecret": "mail-imapgate-redis"}}},
             },
             True,
         ),
-        ("redis without existingSecret", {"replicaCount": 2, "state": {"backend": "redis"}}, False),
+        ("redis without url.existingSecret", {"replicaCount": 2, "state": {"backend": "redis"}}, False),
         (
             "redis with a timeout above 10s",
-            {"state": {"backend": "redis", "redis": {"existingSecret": "mail-imapgate-redis", "timeout": "30s"}}},
+            {"state": {"backend": "redis", "redis": {"url": {"existingSecret": "mail-imapgate-redis"}, "timeout": "30s"}}},
             False,
         ),
         (
             "redis with a timeout below 10ms",
-            {"state": {"backend": "redis", "redis": {"existingSecret": "mail-imapgate-redis", "timeout": "5ms"}}},
+            {"state": {"backend": "redis", "redis": {"url": {"existingSecret": "mail-imapgate-redis"}, "timeout": "5ms"}}},
             False,
         ),
         (
             "two replicas with memory and a redis Secret named",
-            {"replicaCount": 2, "state": {"backend": "memory", "redis": {"existingSecret": "mail-imapgate-redis"}}},
+            {"replicaCount": 2, "state": {"backend": "memory", "redis": {"url": {"existingSecret": "mail-imapgate-redis"}}}},
             False,
         ),
         (
@@ -950,7 +1428,7 @@ def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list
         ("NetworkPolicy with its defaults", {"networkPolicy": {"enabled": True}}, True),
         (
             "NetworkPolicy without egress rules, imaps only",
-            {"networkPolicy": {"enabled": True, "egress": {"enabled": False}}, "listeners": {"imap": {"enabled": False}}},
+            {"networkPolicy": {"enabled": True, "egress": {"enabled": False}}, "listeners": [IMAPS]},
             True,
         ),
         (
@@ -968,6 +1446,7 @@ def render_variants(values: dict[str, Any], full_values: dict[str, Any]) -> list
 # is off by default), with the commented line that must stay there to document them.
 COMMENTED_EXAMPLE_KEYS: dict[str, re.Pattern[str]] = {
     "listeners[].proxy_protocol": re.compile(r"^\s*#\s+proxy_protocol:\s", re.MULTILINE),
+    "auth.oauth.issuers[].jwks_uri": re.compile(r"^\s+discovery:.*#.*`jwks_uri: URL` instead", re.MULTILINE),
     "state.redis": re.compile(r"^\s*#\s+redis:\s*$", re.MULTILINE),
     "state.redis.url_file": re.compile(r"^\s*#\s+url_file:\s", re.MULTILINE),
     "state.redis.ca_file": re.compile(r"^\s*#\s+ca_file:\s", re.MULTILINE),
@@ -994,6 +1473,7 @@ def check_rendering(
     renderer: Renderer,
     values: dict[str, Any],
     full_values: dict[str, Any],
+    oauth_values: dict[str, Any] | None,
     example_paths: set[str],
     deep: DeepChecks | None,
     report: Report,
@@ -1002,7 +1482,7 @@ def check_rendering(
     """Renders every variant (check_chart's and check_monitoring's) and checks what it renders;
     monitoring: check_monitoring's checks of each render, beside MANIFEST_EXPECTATIONS."""
     failure_messages = {**FAILURE_MESSAGES, **check_monitoring.FAILURE_MESSAGES}
-    for name, overrides, must_render in render_variants(values, full_values) + check_monitoring.VARIANTS:
+    for name, overrides, must_render in render_variants(values, full_values, oauth_values) + check_monitoring.VARIANTS:
         try:
             rendered = renderer(overrides)
         except RuntimeError as err:
@@ -1041,7 +1521,7 @@ def check_rendering(
             report.check(ok, f"render[{name}]", message)
         if deep is not None:
             deep.check_config(name, config_text, report)
-            if name in ("defaults", FULL_VALUES):
+            if name in ("defaults", FULL_VALUES, OAUTH_VALUES):
                 deep.check_manifests(renderer, name, overrides, report)
             elif name in NOTES_VARIANTS and getattr(renderer, "helm", None):
                 deep.check_notes(renderer.helm, name, overrides, report)  # type: ignore[attr-defined]
@@ -1050,6 +1530,12 @@ def check_rendering(
 # Variants whose install notes are checked too (besides the defaults and the full values).
 NOTES_VARIANTS = (
     REDIS_TWO_REPLICAS,
+    EVERY_SECRET_NAMED,
+    "helm test off",
+    PREFER_DUAL_STACK_IPV4,
+    SERVICE_AND_POD_OPTIONS,
+    OAUTH_OTHER_KEYS,
+    PROXY_BESIDE_INTERNAL,
     "redis with a private CA, fail_closed, another URL key",
     "three backends, routes, IPv6, two replicas",
 )
@@ -1069,6 +1555,10 @@ def _state(config: dict[str, Any]) -> dict[str, Any]:
 
 def _redis(config: dict[str, Any]) -> dict[str, Any]:
     return _state(config).get("redis") or {}
+
+
+def _issuers(config: dict[str, Any]) -> list[dict[str, Any]]:
+    return (_auth(config).get("oauth") or {}).get("issuers", [])
 
 
 def _listener(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -1094,9 +1584,45 @@ GUARD_DEFAULTS: dict[str, Any] = {
     "block_for": "15m",
 }
 
+def renamed_secret_keys(backend: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(old key, what its refusal must name, values that use it): the Secret references renamed in
+    chart 0.5.0 to the one style existingSecret + key, each refused with a message naming the new
+    key."""
+    return [
+        ("tls.secretName", "use tls.existingSecret", {"tls": {"secretName": "mail-tls"}}),
+        ("users.secretName", "use users.existingSecret", {"users": {"secretName": "mail-users"}}),
+        ("auth.keysSecretName", "use auth.keyRing.existingSecret", {"auth": {"keysSecretName": "mail-keys"}}),
+        ("admin.tokenSecret", "use admin.token.existingSecret", {"admin": {"tokenSecret": "mail-admin"}}),
+        (
+            "state.redis.existingSecret",
+            "use state.redis.url.existingSecret",
+            {"state": {"backend": "redis", "redis": {"existingSecret": "mail-redis"}}},
+        ),
+        ("state.redis.urlSecretKey", "use state.redis.url.key", {"state": {"redis": {"urlSecretKey": "url"}}}),
+        ("state.redis.caSecret", "use state.redis.ca.existingSecret", {"state": {"redis": {"caSecret": "mail-redis-ca"}}}),
+        (
+            "backends[].caSecret",
+            "use backends[].ca (existingSecret, key)",
+            {"backends": [dict(backend, caSecret={"name": "mail-ca", "key": "ca.crt"})]},
+        ),
+        (
+            "backends[].masterPasswordSecret",
+            "use backends[].masterPassword (existingSecret, key)",
+            {"backends": [dict(backend, masterPasswordSecret={"name": "mail-master", "key": "password"})]},
+        ),
+    ]
+
+
 # What particular refusals must say (substrings of Helm's error: one, or a tuple of them all).
 FAILURE_MESSAGES: dict[str, str | tuple[str, ...]] = {
-    "PROXY protocol without trusted proxies": "listeners.imap.proxyProtocol needs guard.trustedProxies",
+    "PROXY protocol without trusted proxies": "listeners[1] (imap): proxyProtocol needs guard.trustedProxies",
+    "two listeners named alike": 'listeners[1]: the name "imaps" is used twice',
+    "a listener on the admin port": "containerPort 9190 is used twice (admin.port counts too)",
+    "two listeners on one Service port": "servicePort 993 is used twice on the main Service",
+    "two internal listeners on one port": "servicePort 143 is used twice on the internal Service",
+    "every listener internal": "at least one listener must be on the main Service",
+    "listeners as the old map": "listeners is a list since chart 0.5.0",
+    "no listener": "listeners",
     "two replicas without allowMultipleReplicasWithLocalState": (
         "replicaCount is 2, but state is kept per pod with state.backend memory",
         "guard budgets, used TOTP codes and unlock windows would be per pod",
@@ -1107,8 +1633,8 @@ FAILURE_MESSAGES: dict[str, str | tuple[str, ...]] = {
         "Use state.backend: redis",
     ),
     "two replicas with memory and a redis Secret named": "replicaCount is 2, but state is kept per pod",
-    "redis without existingSecret": (
-        "state.backend is redis but state.redis.existingSecret is empty",
+    "redis without url.existingSecret": (
+        "state.backend is redis but state.redis.url.existingSecret is empty",
         "kubectl create secret generic imapgate-redis --from-literal=url=",
     ),
     "redis with a timeout above 10s": "state.redis.timeout 30s is out of range",
@@ -1120,16 +1646,66 @@ FAILURE_MESSAGES: dict[str, str | tuple[str, ...]] = {
     "cert-manager without an issuer": "issuerRef.name is required",
     "cert-manager and a self-signed certificate": "exclude each other",
     "cert-manager with an RSA key of 256 bits": "does not fit algorithm RSA",
+    **{f"renamed: {old}": f"{old} was renamed in chart 0.5.0: {new}" for old, new, _ in renamed_secret_keys({})},
+    "OAuth: two issuers named alike": 'auth.oauth.issuers[1]: the name "corp" is used twice',
+    "helm test on an unknown listener": 'test.listener: no listener is named "pop3"',
+    "helm test with a CA but no name": "test.ca needs the name to verify the certificate for",
+    "helm test verifying a self-signed certificate": "the throwaway certificate cannot be verified",
+    "a node port on an internal listener": "listeners[1] (imap): nodePort is for listeners on the main Service",
+    "a node port with a ClusterIP Service": "nodePort needs service.type NodePort or LoadBalancer",
+    "one node port twice": "nodePort 30993 is used twice",
+    "a load balancer class on a NodePort Service": "need service.type LoadBalancer, not NodePort",
+    "IPv6 with bindAddress 0.0.0.0": "service.ipFamilies has IPv6 but bindAddress is 0.0.0.0",
+    "RequireDualStack with bindAddress 0.0.0.0": "RequireDualStack but bindAddress is 0.0.0.0",
+    "two IP families on a single stack": "set service.ipFamilyPolicy to PreferDualStack or RequireDualStack",
+    "an extra mount without its volume": 'extraVolumeMounts[0]: no entry of extraVolumes is named "corp-ca"',
+    "an extra volume named like the chart's": 'extraVolumes[0]: the name "tls" is taken',
+    "an extra volume named like a backend's CA": 'extraVolumes[0]: the name "ca-dovecot" is taken',
+    "OAuth: discovery off without jwksUri": "auth.oauth.issuers[0] (corp): without discovery, jwksUri is required",
+    "OAuth: discovery and jwksUri": "give either discovery: true or jwksUri, not both",
+    "OAuth: introspection without endpoint or discovery": "introspection.endpoint is required without discovery",
+    "OAuth: a leeway of 10m": "leeway 10m is above 5m",
+    "OAuth: a key refresh every 500ms": "keyRefreshInterval 500ms is out of range: 1s to 24h",
+    "OAuth: an introspection cache of 2h": "introspection.cacheTtl 2h is above 1h",
 }
 
 
 def _kinds(docs: list[dict[str, Any]]) -> list[str]:
-    return sorted(d.get("kind", "?") for d in docs)
+    """The kinds of the release's objects (the `helm test` hooks left out: see _hook)."""
+    return sorted(d.get("kind", "?") for d in docs if not is_hook(d))
 
 
-def _one(docs: list[dict[str, Any]], kind: str, metrics: bool = False) -> dict[str, Any]:
-    found = [d for d in docs if d.get("kind") == kind and (kind != "Service" or is_metrics_service(d) == metrics)]
+def _hook(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    """The one `helm test` hook object of that kind."""
+    found = [d for d in docs if is_hook(d) and d.get("kind") == kind]
     return found[0] if len(found) == 1 else {}
+
+
+def _test_args(docs: list[dict[str, Any]]) -> list[str]:
+    return [str(a) for a in _get(_hook(docs, "Pod"), "spec", "containers", 0, "args") or []]
+
+
+def _one(docs: list[dict[str, Any]], kind: str, metrics: bool = False, internal: bool = False) -> dict[str, Any]:
+    """The one object of that kind; for a Service, the client-facing one (or the metrics or the
+    internal one)."""
+    found = [
+        d
+        for d in docs
+        if d.get("kind") == kind
+        and not is_hook(d)
+        and (kind != "Service" or (is_metrics_service(d), is_internal_service(d)) == (metrics, internal))
+    ]
+    return found[0] if len(found) == 1 else {}
+
+
+def _service_ports(service: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """(name, port, targetPort) of each port of a Service."""
+    return [(p.get("name"), p.get("port"), p.get("targetPort")) for p in _get(service, "spec", "ports") or []]
+
+
+def _container_ports(docs: list[dict[str, Any]]) -> list[tuple[Any, Any]]:
+    ports = _get(_one(docs, "Deployment"), "spec", "template", "spec", "containers", 0, "ports") or []
+    return [(p.get("name"), p.get("containerPort")) for p in ports]
 
 
 def _get(node: Any, *path: Any) -> Any:
@@ -1166,27 +1742,224 @@ def _redis_secret_mounted(docs: list[dict[str, Any]], secret: str, key: str) -> 
     ]
 
 
+def _oauth_secret_mounted(
+    docs: list[dict[str, Any]], volume: str, secret: str, key: str, path: str, mount_path: str
+) -> list[tuple[bool, str]]:
+    """An OAuth Secret is a volume with only that key, at path, mounted read-only at mount_path."""
+    spec = _volume(docs, volume).get("secret", {})
+    mount = _mount(docs, volume)
+    return [
+        (
+            spec.get("secretName") == secret and spec.get("items") == [{"key": key, "path": path}],
+            f"volume {volume} must map key {key} of Secret {secret} to {path}, not {spec!r}",
+        ),
+        (spec.get("defaultMode") == 0o440, f"volume {volume} must not be world-readable"),
+        (
+            mount.get("mountPath") == mount_path and mount.get("readOnly") is True,
+            f"volume {volume} must be mounted read-only at {mount_path}, not {mount!r}",
+        ),
+    ]
+
+
+def _oauth_volumes(docs: list[dict[str, Any]]) -> list[str]:
+    volumes = _get(_one(docs, "Deployment"), "spec", "template", "spec", "volumes") or []
+    return [v["name"] for v in volumes if v["name"].startswith("oauth-")]
+
+
 # What particular variants must render as manifests: (holds, message) pairs.
+def _container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return _get(_one(docs, "Deployment"), "spec", "template", "spec", "containers", 0) or {}
+
+
+def _pod_spec(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return _get(_one(docs, "Deployment"), "spec", "template", "spec") or {}
+
+
+def _probe_timing(probe: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in probe.items() if k != "httpGet"}
+
+
 MANIFEST_EXPECTATIONS: dict[str, Callable[[list[dict[str, Any]]], list[tuple[bool, str]]]] = {
+    SERVICE_AND_POD_OPTIONS: lambda d: [
+        (
+            {k: _get(_one(d, "Service"), "spec", k) for k in ("loadBalancerClass", "loadBalancerIP", "loadBalancerSourceRanges", "ipFamilyPolicy", "ipFamilies")}
+            == {
+                "loadBalancerClass": "service.k8s.aws/nlb",
+                "loadBalancerIP": "192.0.2.53",
+                "loadBalancerSourceRanges": ["192.0.2.0/24", "2001:db8::/32"],
+                "ipFamilyPolicy": "RequireDualStack",
+                "ipFamilies": ["IPv6", "IPv4"],
+            },
+            f"the Service's load balancer and IP family fields must render as given, not {_get(_one(d, 'Service'), 'spec')!r}",
+        ),
+        (
+            (_get(_one(d, "Service", internal=True), "spec", "ipFamilyPolicy"), _get(_one(d, "Service", internal=True), "spec", "ipFamilies"))
+            == ("RequireDualStack", ["IPv6", "IPv4"]),
+            "the internal Service must get the IP families too",
+        ),
+        ("loadBalancerClass" not in (_get(_one(d, "Service", internal=True), "spec") or {}), "the internal Service is no load balancer"),
+        (
+            _get(_one(d, "Service"), "metadata", "labels", "example.org/exposed") == "internet"
+            and _get(_one(d, "Service", internal=True), "metadata", "labels", "example.org/exposed") == "internet",
+            "service.labels must label both Services",
+        ),
+        (
+            [(p.get("name"), p.get("nodePort")) for p in _get(_one(d, "Service"), "spec", "ports") or []]
+            == [("imaps", 30993), ("imap", 30143)],
+            "each listener's nodePort must render on its Service port",
+        ),
+        (_get(_pod_spec(d), "priorityClassName") == "mail-critical", "priorityClassName must render"),
+        (_get(_one(d, "Deployment"), "spec", "revisionHistoryLimit") == 3, "revisionHistoryLimit must render"),
+        (_container(d).get("env") == EXTRA_ENV, f"extraEnv must render as the container's env, not {_container(d).get('env')!r}"),
+        (
+            [v for v in _pod_spec(d).get("volumes", []) if v["name"] in ("corp-ca", "motd")] == EXTRA_VOLUMES,
+            "extraVolumes must render as given",
+        ),
+        (
+            (_mount(d, "corp-ca"), _mount(d, "motd"))
+            == (
+                {"name": "corp-ca", "mountPath": "/etc/ssl/corp", "readOnly": True},
+                {"name": "motd", "mountPath": "/etc/motd", "subPath": "motd", "readOnly": True},
+            ),
+            f"extraVolumeMounts must render read-only, with subPath, not {(_mount(d, 'corp-ca'), _mount(d, 'motd'))!r}",
+        ),
+        (
+            _probe_timing(_container(d).get("startupProbe", {})) == {"periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 60},
+            f"startupProbe must render as given, not {_container(d).get('startupProbe')!r}",
+        ),
+        (
+            _probe_timing(_container(d).get("livenessProbe", {}))
+            == {"initialDelaySeconds": 1, "periodSeconds": 20, "timeoutSeconds": 4, "failureThreshold": 5},
+            f"livenessProbe must render as given, not {_container(d).get('livenessProbe')!r}",
+        ),
+        (
+            _probe_timing(_container(d).get("readinessProbe", {}))
+            == {"initialDelaySeconds": 2, "periodSeconds": 3, "timeoutSeconds": 2, "failureThreshold": 4, "successThreshold": 2},
+            f"readinessProbe must render as given, not {_container(d).get('readinessProbe')!r}",
+        ),
+    ],
+    EVERY_SECRET_NAMED: lambda d: [
+        *(
+            (
+                _get(_volume(d, volume), "secret", "secretName") == secret
+                and _get(_volume(d, volume), "secret", "items") == items,
+                f"volume {volume} must take {items} from Secret {secret}, not {_volume(d, volume)!r}",
+            )
+            for volume, secret, items in (
+                ("tls", "mail-tls", [{"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}]),
+                ("users", "mail-users", [{"key": "people.yaml", "path": "people.yaml"}]),
+                ("keys", "mail-keyring", [{"key": "first.key", "path": "k1.key"}]),
+                ("admin-token", "mail-admin", [{"key": "bearer", "path": "token"}]),
+                ("ca-dovecot", "mail-backend-ca", [{"key": "root.pem", "path": "ca.pem"}]),
+                ("master-dovecot", "mail-master", [{"key": "pw", "path": "master-password"}]),
+            )
+        ),
+    ],
+    HELM_TEST_PROXY_STARTTLS: lambda d: [
+        (
+            {"--haproxy-protocol", "--ssl-reqd", "--insecure"} <= set(_test_args(d))
+            and _test_args(d)[-1] == "imap://mail-imapgate.mail.svc:143/",
+            f"helm test must send a PROXY header and require STARTTLS on imap://…:143, not {_test_args(d)}",
+        ),
+    ],
+    HELM_TEST_PRIVATE_CA: lambda d: [
+        (
+            _test_args(d)[6:]
+            == [
+                "--connect-to", "imap.example.org:993:mail-imapgate.mail.svc:993", "--cacert", "/etc/imapgate-test/ca/ca.crt",
+                "--request", "NOOP", "imaps://imap.example.org:993/",
+            ],  # fmt: skip
+            f"helm test must verify imap.example.org with the CA, not {_test_args(d)}",
+        ),
+        (
+            _get(_hook(d, "Pod"), "spec", "volumes") == [
+                {"name": "ca", "secret": {"secretName": "mail-ca", "defaultMode": 0o440, "items": [{"key": "root.pem", "path": "ca.crt"}]}}
+            ],
+            "the test CA must come from its Secret and key",
+        ),
+        (
+            any(
+                (r.get("from") or [{}])[0].get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "test"
+                for r in _get(_one(d, "NetworkPolicy"), "spec", "ingress") or []
+            ),
+            "with allowedCidrs, the gateway's NetworkPolicy must admit the test pod",
+        ),
+    ],
+    "helm test off": lambda d: [
+        (not _hook(d, "Pod") and not _hook(d, "NetworkPolicy"), "test.enabled false: no test objects"),
+    ],
+    NODE_PORTS_NO_PROBES: lambda d: [
+        (_get(_one(d, "Service"), "spec", "type") == "NodePort", "service.type NodePort must render"),
+        (
+            [(p.get("name"), p.get("nodePort")) for p in _get(_one(d, "Service"), "spec", "ports") or []]
+            == [("imaps", 30993), ("imap", None)],
+            "a fixed nodePort for imaps only",
+        ),
+        ("loadBalancerSourceRanges" not in (_get(_one(d, "Service"), "spec") or {}), "no load balancer fields on a NodePort Service"),
+        ("startupProbe" not in _container(d) and "livenessProbe" not in _container(d), "startup and liveness probes off"),
+        (_get(_container(d), "readinessProbe", "httpGet", "path") == "/readyz", "the readiness probe stays"),
+    ],
+    OAUTH_VALUES: lambda d: [
+        *_oauth_secret_mounted(d, "oauth-ca-keycloak", "mail-sso-ca", "ca.crt", "ca.pem", "/etc/imapgate/oauth/keycloak/ca"),
+        *_oauth_secret_mounted(
+            d, "oauth-secret-keycloak", "mail-sso-introspection", "client-secret", "client-secret",
+            "/etc/imapgate/oauth/keycloak/introspection",
+        ),  # fmt: skip
+        (
+            _oauth_volumes(d) == ["oauth-ca-keycloak", "oauth-secret-keycloak"],
+            f"only keycloak has a CA and a client secret, not {_oauth_volumes(d)}",
+        ),
+        (
+            any(
+                {"port": 443, "protocol": "TCP"} in rule.get("ports", [])
+                for rule in _get(_one(d, "NetworkPolicy"), "spec", "egress") or []
+            ),
+            "the OAuth values must open egress to the identity providers' HTTPS",
+        ),
+    ],
+    OAUTH_OTHER_KEYS: lambda d: [
+        *_oauth_secret_mounted(
+            d, "oauth-secret-opaque", "idp-introspection", "secret", "client-secret",
+            "/etc/imapgate/oauth/opaque/introspection",
+        ),  # fmt: skip
+        (_oauth_volumes(d) == ["oauth-secret-opaque"], f"no CA given: no oauth-ca volume, not {_oauth_volumes(d)}"),
+    ],
     "defaults": lambda d: [
         (_kinds(d) == ["ConfigMap", "Deployment", "Service", "ServiceAccount"], f"only the core objects by default, not {_kinds(d)}"),
+        (
+            _test_args(d) == ["-q", "--silent", "--show-error", "--verbose", "--max-time", "30", "--insecure", "--request", "NOOP", "imaps://mail-imapgate.mail.svc:993/"],
+            f"helm test must try imaps on the Service, unverified without a name, by default, not {_test_args(d)}",
+        ),
+        (not _hook(d, "NetworkPolicy"), "no test NetworkPolicy without networkPolicy.enabled"),
         (_get(_one(d, "Service"), "spec", "type") == "LoadBalancer", "the Service must default to LoadBalancer"),
         (_get(_one(d, "Service"), "spec", "externalTrafficPolicy") == "Local", "externalTrafficPolicy must default to Local"),
         ([p["port"] for p in _get(_one(d, "Service"), "spec", "ports") or []] == [993, 143], "the Service must map 993 and 143"),
         (_get(_one(d, "Deployment"), "spec", "replicas") == 1, "one replica by default"),
         (not _volume(d, "redis-url") and not _mount(d, "redis-url"), "no Redis Secret with state.backend memory"),
+        (not _oauth_volumes(d), "no OAuth Secret without issuers"),
+        (_get(_one(d, "Deployment"), "spec", "revisionHistoryLimit") == 10, "revisionHistoryLimit must default to 10"),
+        (
+            _probe_timing(_container(d).get("startupProbe", {})) == {"periodSeconds": 2, "timeoutSeconds": 3, "failureThreshold": 30},
+            "a startup probe of up to 60s by default",
+        ),
+        ("env" not in _container(d) and "priorityClassName" not in _pod_spec(d), "no env and no priority class by default"),
+        (
+            not ({"loadBalancerClass", "loadBalancerIP", "ipFamilyPolicy", "ipFamilies"} & set(_get(_one(d, "Service"), "spec") or {})),
+            "no load balancer class, address or IP families by default (the cluster's defaults)",
+        ),
+        (all("nodePort" not in p for p in _get(_one(d, "Service"), "spec", "ports") or []), "no fixed node ports by default"),
     ],
     REDIS_TWO_REPLICAS: lambda d: [
         (_get(_one(d, "Deployment"), "spec", "replicas") == 2, "redis: two replicas must render"),
         *_redis_secret_mounted(d, "mail-imapgate-redis", "url"),
-        (not _volume(d, "redis-ca"), "no caSecret: no redis-ca volume"),
+        (not _volume(d, "redis-ca"), "no ca.existingSecret: no redis-ca volume"),
     ],
     "redis with a private CA, fail_closed, another URL key": lambda d: [
         *_redis_secret_mounted(d, "shared-redis", "imapgate-url"),
         (
             _get(_volume(d, "redis-ca"), "secret", "secretName") == "redis-ca"
-            and _get(_volume(d, "redis-ca"), "secret", "items") == [{"key": "ca.crt", "path": "ca.crt"}],
-            "caSecret: the redis-ca volume must carry its ca.crt",
+            and _get(_volume(d, "redis-ca"), "secret", "items") == [{"key": "redis-ca.pem", "path": "ca.crt"}],
+            "ca: the redis-ca volume must map the key redis-ca.pem to ca.crt",
         ),
         (_mount(d, "redis-ca").get("readOnly") is True, "the Redis CA must be mounted read-only"),
     ],
@@ -1195,13 +1968,59 @@ MANIFEST_EXPECTATIONS: dict[str, Callable[[list[dict[str, Any]]], list[tuple[boo
         *_redis_secret_mounted(d, "mail-imapgate-redis", "url"),
     ],
     "self-signed, imaps only, TLS 1.3": lambda d: [
-        ([p["port"] for p in _get(_one(d, "Service"), "spec", "ports") or []] == [993], "imap disabled: no port 143 on the Service"),
+        (_service_ports(_one(d, "Service")) == [("imaps", 993, "imaps")], "only imaps listed: no port 143 on the Service"),
+        (_container_ports(d) == [("imaps", 1993), ("admin", 9190)], "only imaps listed: no container port 1143"),
+        (not _one(d, "Service", internal=True), "no internal listener: no internal Service"),
+    ],
+    PROXY_BESIDE_INTERNAL: lambda d: [
+        (
+            _service_ports(_one(d, "Service")) == [("imaps", 993, "imaps"), ("imap", 143, "imap")],
+            f"the main Service must carry imaps and imap only, not {_service_ports(_one(d, 'Service'))}",
+        ),
+        (_get(_one(d, "Service", internal=True), "metadata", "name") == "mail-imapgate-internal", "the internal Service must render"),
+        (_get(_one(d, "Service", internal=True), "spec", "type") == "ClusterIP", "the internal Service must be ClusterIP"),
+        (
+            _service_ports(_one(d, "Service", internal=True)) == [("webmail", 993, "webmail")],
+            f"the internal Service must carry webmail only, not {_service_ports(_one(d, 'Service', internal=True))}",
+        ),
+        (
+            _container_ports(d) == [("imaps", 1993), ("imap", 1144), ("webmail", 1994), ("admin", 9190)],
+            f"every listener must be a container port, not {_container_ports(d)}",
+        ),
     ],
     FULL_VALUES: lambda d: [
+        (
+            _test_args(d)[6:]
+            == ["--connect-to", "imap.example.org:993:mail-imapgate-internal.mail.svc:993", "--request", "NOOP", "imaps://imap.example.org:993/"],
+            f"helm test must verify imap.example.org through the internal listener, not {_test_args(d)}",
+        ),
+        (
+            _get(_hook(d, "Pod"), "spec", "containers", 0, "image")
+            == "registry.example.org/mirror/curlimages/curl@sha256:fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210",
+            "test.image.digest must pin the test image",
+        ),
+        (_get(_hook(d, "Pod"), "spec", "containers", 0, "imagePullPolicy") == "Always", "test.image.pullPolicy must render"),
+        (
+            _get(_hook(d, "Pod"), "spec", "containers", 0, "resources")
+            == {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"cpu": "200m", "memory": "64Mi"}},
+            "test.resources must render",
+        ),
+        (_get(_hook(d, "NetworkPolicy"), "spec", "egress", 1, "ports") == [{"port": 1994, "protocol": "TCP"}], "the test pod may reach the webmail port"),
         (
             {"PodDisruptionBudget", "HorizontalPodAutoscaler", "NetworkPolicy", "ServiceMonitor", "PrometheusRule", "Certificate"}
             <= set(_kinds(d)),
             f"every optional object must render, got {_kinds(d)}",
+        ),
+        (_service_ports(_one(d, "Service", internal=True)) == [("webmail", 993, "webmail")], "the full values' internal Service"),
+        (
+            (_get(_one(d, "Service"), "spec", "loadBalancerClass"), _get(_one(d, "Service"), "spec", "ipFamilies"))
+            == ("service.k8s.aws/nlb", ["IPv4", "IPv6"]),
+            "the full values' load balancer class and IP families",
+        ),
+        (
+            _container(d).get("env") == [{"name": "SSL_CERT_FILE", "value": "/etc/ssl/corp/ca-certificates.crt"}]
+            and _mount(d, "corp-ca").get("readOnly") is True,
+            "the full values' CA bundle (extraEnv, extraVolumes, extraVolumeMounts)",
         ),
         (bool(_one(d, "Service", metrics=True)), "the metrics Service must render"),
         (
@@ -1270,7 +2089,81 @@ RENDER_EXPECTATIONS: dict[str, Callable[[dict[str, Any]], list[tuple[bool, str]]
             all(l.get("proxy_protocol") is False for l in c.get("listeners", [])),
             "proxy_protocol must render as false on every listener by default",
         ),
-        ("token_file" not in c.get("admin", {}), "no admin.token_file without admin.tokenSecret"),
+        ("token_file" not in c.get("admin", {}), "no admin.token_file without admin.token.existingSecret"),
+        ("oauth" not in _auth(c), "no auth.oauth without issuers (the gateway offers AUTH=PLAIN only)"),
+    ],
+    OAUTH_VALUES: lambda c: [
+        (
+            _issuers(c)
+            == [
+                {
+                    "name": "keycloak",
+                    "issuer": "https://sso.example.org/realms/corp",
+                    "discovery": True,
+                    "ca_file": "/etc/imapgate/oauth/keycloak/ca/ca.pem",
+                    "audiences": ["imap"],
+                    "algorithms": ["RS256", "ES256"],
+                    "user_claim": "email",
+                    "domains": ["example.org"],
+                    "require_email_verified": True,
+                    "required_scopes": ["imap"],
+                    "require_acr": ["gold"],
+                    "leeway": "30s",
+                    "key_refresh_interval": "2m",
+                    "end_session_at_expiry": True,
+                    "introspection": {
+                        "client_id": "imapgate",
+                        "client_secret_file": "/etc/imapgate/oauth/keycloak/introspection/client-secret",
+                        "cache_ttl": "2m",
+                    },
+                },
+                {
+                    "name": "entra",
+                    "issuer": "https://login.microsoftonline.com/00000000-0000-0000-0000-000000000000/v2.0",
+                    "discovery": True,
+                    "audiences": ["11111111-1111-1111-1111-111111111111"],
+                    "algorithms": ["RS256"],
+                    "user_claim": "preferred_username",
+                    "domains": ["example.com"],
+                    "required_scopes": ["imap"],
+                },
+            ],
+            f"the OAuth values must render both issuers key for key, not {_issuers(c)!r}",
+        ),
+    ],
+    OAUTH_OTHER_KEYS: lambda c: [
+        (
+            _issuers(c)
+            == [
+                {
+                    "name": "entra-v1",
+                    "issuer": "https://sts.windows.net/00000000-0000-0000-0000-000000000000/",
+                    "discovery": False,
+                    "jwks_uri": "https://login.microsoftonline.com/00000000-0000-0000-0000-000000000000/discovery/keys",
+                    "audiences": ["api://imapgate", "11111111-1111-1111-1111-111111111111"],
+                    "user_claim": "upn",
+                    "require_email_verified": False,
+                    "require_amr": ["mfa"],
+                    "accept_id_tokens": False,
+                    "end_session_at_expiry": False,
+                },
+                {
+                    "name": "opaque",
+                    "issuer": "https://idp.example.net",
+                    "jwks_uri": "https://idp.example.net/keys",
+                    "audiences": ["imap"],
+                    "user_claim": "sub",
+                    "user_domain": "example.net",
+                    "domains": ["example.net"],
+                    "introspection": {
+                        "endpoint": "https://idp.example.net/introspect",
+                        "client_id": "imapgate-gw",
+                        "client_secret_file": "/etc/imapgate/oauth/opaque/introspection/client-secret",
+                    },
+                },
+            ],
+            f"the issuers must render key for key (false as false, unset keys left out), not {_issuers(c)!r}",
+        ),
     ],
     "PROXY protocol behind a load balancer, guard tuned, admin token": lambda c: [
         (_listener(c, "imaps").get("proxy_protocol") is True, "listener imaps must render proxy_protocol: true"),
@@ -1298,8 +2191,16 @@ RENDER_EXPECTATIONS: dict[str, Callable[[dict[str, Any]], list[tuple[bool, str]]
         (c.get("state", {}).get("max_entries") == 200000, "state.max_entries must render"),
         (c.get("admin", {}).get("token_file") == "/etc/imapgate/admin/token", "admin.token_file must render"),
     ],
-    "PROXY protocol on a disabled listener only": lambda c: [
-        ([l.get("name") for l in c.get("listeners", [])] == ["imaps"], "only the imaps listener must render"),
+    PROXY_BESIDE_INTERNAL: lambda c: [
+        (
+            [(l.get("name"), l.get("address"), l.get("tls"), l.get("proxy_protocol")) for l in c.get("listeners", [])]
+            == [
+                ("imaps", "0.0.0.0:1993", "implicit", True),
+                ("imap", "0.0.0.0:1144", "starttls", False),
+                ("webmail", "0.0.0.0:1994", "implicit", False),
+            ],
+            f"the three listeners must render in order with their tls and proxy_protocol, not {c.get('listeners')!r}",
+        ),
     ],
     "MFA off, no key ring": lambda c: [
         ("secret_keys" not in _auth(c) and "active_key" not in _auth(c), "no key ring must render no secret_keys"),
@@ -1368,21 +2269,21 @@ CRD_KINDS = ("ServiceMonitor", "PrometheusRule", "Certificate")
 # checkov findings the chart accepts: check id -> (the renders it applies to, why).
 CHECKOV_ACCEPTED: dict[str, tuple[tuple[str, ...], str]] = {
     "CKV_K8S_11": (
-        ("defaults", FULL_VALUES),
+        ("defaults", FULL_VALUES, OAUTH_VALUES),
         (
             "no CPU limit on purpose: CFS throttling would stretch TLS handshakes and argon2 under load "
             "and skew the failure floor and tarpit timing; CPU requests are set"
         ),
     ),
     "CKV_K8S_43": (
-        ("defaults",),
+        ("defaults", OAUTH_VALUES),
         (
             "each operator builds the image from deploy/Dockerfile, so the defaults cannot know its digest; "
-            "image.digest pins it (the full values do)"
+            "image.digest pins it (the full values do; the OAuth values keep the default image)"
         ),
     ),
     "CKV_K8S_15": (
-        ("defaults",),
+        ("defaults", OAUTH_VALUES),
         (
             "pullPolicy IfNotPresent by default: the tag is pinned (never latest), and Always would make "
             "every restart depend on the registry; the full values use Always"
@@ -1493,6 +2394,11 @@ class DeepChecks:
                 files[redis["url_file"]] = "redis://127.0.0.1:6379/\n"
             if "ca_file" in redis:
                 files[redis["ca_file"]] = (self.pki / "tls.crt").read_text()
+            for issuer in (config["auth"].get("oauth") or {}).get("issuers", []):
+                if "ca_file" in issuer:
+                    files[issuer["ca_file"]] = (self.pki / "tls.crt").read_text()
+                if "introspection" in issuer:
+                    files[issuer["introspection"]["client_secret_file"]] = "stand-in client secret"
             for path, content in files.items():
                 report.check(path.startswith(f"{root}/"), where, f"{path} is outside /etc/imapgate")
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -1585,18 +2491,47 @@ class DeepChecks:
         notes = yaml.safe_load(done.stdout)["data"]["NOTES.txt"]
         report.check("<no value>" not in notes, where, "prints <no value>")
         for needed in ("imapgate users add", "imapgate app-password create", "imapgate totp enroll",
-                       "create secret generic mail-imapgate-users", "docs/operations.md"):  # fmt: skip
+                       "docs/operations.md"):  # fmt: skip
             report.check(needed in notes, where, f"must tell {needed!r} (how to create the first user)")
+        merged = merge_values(BASE_VALUES or {}, overrides)
+        for needed in secret_commands(merged):
+            report.check(needed in notes, where, f"must tell how to create each Secret: {needed!r}")
+        report.check(
+            ("helm test mail -n mail --logs" in notes) == bool((merged.get("test") or {}).get("enabled")),
+            where,
+            "must tell `helm test mail -n mail --logs` exactly when test.enabled",
+        )
+        dual_stack_warning = "service.ipFamilyPolicy is PreferDualStack but bindAddress is 0.0.0.0"
+        if (overrides.get("service") or {}).get("ipFamilyPolicy") == "PreferDualStack" and overrides.get("bindAddress") != "[::]":
+            report.check(dual_stack_warning in notes, where, "must warn that the gateway does not answer on IPv6")
+        else:
+            report.check(dual_stack_warning not in notes, where, "must not warn about IPv6 here")
+        issuers = ((overrides.get("auth") or {}).get("oauth") or {}).get("issuers") or []
+        if issuers:
+            needed = f"Or with an access token from {', '.join(i['name'] for i in issuers)}: AUTHENTICATE XOAUTH2"
+            report.check(needed in notes, where, f"must say that OAuth logins work: {needed!r}")
+        else:
+            report.check("access token" not in notes, where, "must not mention OAuth without issuers")
+        for listener in overrides.get("listeners") or []:
+            if listener.get("service") == "internal":
+                needed = f"mail-imapgate-internal.mail.svc port {listener['servicePort']} ({listener['name']})"
+                report.check(needed in notes, where, f"must tell where the internal listener is: {needed!r}")
+            if listener.get("proxyProtocol"):
+                report.check(
+                    "The PROXY protocol is on for listener" in notes and listener["name"] in notes,
+                    where,
+                    f"must say that listener {listener['name']} expects the PROXY protocol",
+                )
         state = overrides.get("state", {})
         if state.get("backend") == "redis":
-            secret = state["redis"]["existingSecret"]
-            key = state["redis"].get("urlSecretKey", "url")
+            secret = state["redis"]["url"]["existingSecret"]
+            key = state["redis"]["url"].get("key", "url")
             wanted = (f"create secret generic {secret}", f"--from-literal={key}='rediss://", "imapgate_state_store_up")
             for needed in wanted:
                 report.check(needed in notes, where, f"with redis, must tell {needed!r}")
-            if state["redis"].get("caSecret"):
+            if (state["redis"].get("ca") or {}).get("existingSecret"):
                 report.check(
-                    f"create secret generic {state['redis']['caSecret']}" in notes,
+                    f"create secret generic {state['redis']['ca']['existingSecret']} " in notes,
                     where,
                     "must tell how to create the CA Secret",
                 )
@@ -1606,11 +2541,46 @@ class DeepChecks:
             report.check("state.backend: redis" in notes, where, "must point to state.backend: redis")
 
 
+def secret_commands(values: dict[str, Any]) -> list[str]:
+    """What the install notes must say to create each Secret the values name (existingSecret and
+    key), for release mail: the Secret's name and the key the chart reads."""
+    full = "mail-imapgate"
+    tls = values.get("tls") or {}
+    wanted = []
+    if not tls.get("selfSigned") and not (tls.get("certManager") or {}).get("enabled"):
+        wanted.append(f"create secret tls {tls.get('existingSecret') or full + '-tls'} ")
+    auth = values.get("auth") or {}
+    if auth.get("secretKeys"):
+        wanted.append(f"create secret generic {(auth.get('keyRing') or {}).get('existingSecret') or full + '-keys'} ")
+        wanted += [f"--from-file={k['key']}={k['id']}.key" for k in auth["secretKeys"]]
+    users = values.get("users") or {}
+    wanted.append(f"create secret generic {users.get('existingSecret') or full + '-users'} ")
+    wanted.append(f"--from-file={users.get('key') or 'users.yaml'}=users.yaml")
+    token = (values.get("admin") or {}).get("token") or {}
+    if token.get("existingSecret"):
+        wanted += [f"create secret generic {token['existingSecret']} ", f"--from-file={token.get('key', 'token')}=admin.token"]
+    for issuer in (auth.get("oauth") or {}).get("issuers") or []:
+        if (issuer.get("ca") or {}).get("existingSecret"):
+            wanted += [f"create secret generic {issuer['ca']['existingSecret']} ", f"--from-file={issuer['ca']['key']}="]
+        if issuer.get("introspection"):
+            client = issuer["introspection"]["clientSecret"]
+            wanted += [f"create secret generic {client['existingSecret']} ", f"--from-file={client['key']}="]
+    for backend in values.get("backends") or []:
+        master = backend.get("masterPassword") or {}
+        wanted.append(f"create secret generic {master.get('existingSecret') or full + '-' + backend['name'] + '-master'} ")
+        wanted.append(f"--from-file={master.get('key') or 'password'}=master.secret")
+    return wanted
+
+
+# values.yaml, for checks that need the values a render used (set by main()).
+BASE_VALUES: dict[str, Any] | None = None
+
+
 # --- main ----------------------------------------------------------------------------------
 
 
 def main() -> int:
-    global DEPLOY_ALERT_GROUPS
+    global DEPLOY_ALERT_GROUPS, BASE_VALUES
     repo = Path(__file__).resolve().parent.parent
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--chart", type=Path, default=repo / "helm" / "imapgate")
@@ -1637,15 +2607,18 @@ def main() -> int:
     values = load_yaml(chart_dir / "values.yaml", report)
     full_values_path = chart_dir / "ci" / "full-values.yaml"
     full_values = load_yaml(full_values_path, report)
+    oauth_values_path = chart_dir / "ci" / "oauth-values.yaml"
+    oauth_values = load_yaml(oauth_values_path, report)
     schema = load_schema(chart_dir, report)
     if isinstance(values, dict) and schema is not None:
         check_values_against_schema(chart_dir, schema, values, report)
         check_schema_rejects(schema, values, report)
-        if isinstance(full_values, dict):
-            merged = merge_values(values, full_values)
-            for error in schema_errors(schema, merged):
-                report.fail(str(full_values_path), f"violates values.schema.json at {error}")
+        for ci_path, ci_values in ((full_values_path, full_values), (oauth_values_path, oauth_values)):
+            if isinstance(ci_values, dict):
+                for error in schema_errors(schema, merge_values(values, ci_values)):
+                    report.fail(str(ci_path), f"violates values.schema.json at {error}")
     if isinstance(values, dict):
+        BASE_VALUES = values
         check_templates(chart_dir, values, report)
         report.check(
             values.get("replicaCount") == 1, "values.yaml", "replicaCount must default to 1 (in-memory state)"
@@ -1658,9 +2631,16 @@ def main() -> int:
         state = values.get("state", {})
         report.check(state.get("backend") == "memory", "values.yaml", "state.backend must default to memory")
         report.check(
-            (state.get("redis") or {}).get("existingSecret") == "",
+            ((state.get("redis") or {}).get("url") or {}).get("existingSecret") == "",
             "values.yaml",
-            "state.redis.existingSecret must default to empty (the URL is never a value)",
+            "state.redis.url.existingSecret must default to empty (the URL is never a value)",
+        )
+    if isinstance(oauth_values, dict):
+        issuers = ((oauth_values.get("auth") or {}).get("oauth") or {}).get("issuers") or []
+        report.check(
+            len(issuers) >= 2 and any(i.get("introspection") for i in issuers) and any(i.get("ca") for i in issuers),
+            str(oauth_values_path),
+            "must turn OAuth on with at least two issuers, one with introspection and one with a CA",
         )
     if isinstance(full_values, dict):
         report.check(
@@ -1686,7 +2666,7 @@ def main() -> int:
     renderer: Renderer | None = None
     how = "skipped"
     if args.render in ("auto", "helm"):
-        renderer = helm_binary_renderer(args.helm, chart_dir, [full_values_path], report)
+        renderer = helm_binary_renderer(args.helm, chart_dir, [full_values_path, oauth_values_path], report)
         how = "helm binary" if renderer else how
     if renderer is None and args.render in ("auto", "sdk"):
         renderer = helm_sdk_renderer(chart_dir, report)
@@ -1703,6 +2683,7 @@ def main() -> int:
                     renderer,
                     values,
                     full_values,
+                    oauth_values if isinstance(oauth_values, dict) else None,
                     documented_paths(example, args.example_config, report),
                     deep,
                     report,

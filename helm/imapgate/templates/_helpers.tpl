@@ -55,6 +55,26 @@ The Service for the admin port that the ServiceMonitor scrapes (the main Service
 {{- end }}
 
 {{/*
+The ClusterIP Service for the listeners with service: internal.
+*/}}
+{{- define "imapgate.internalServiceName" -}}
+{{- printf "%s-internal" (include "imapgate.fullname" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
+service.ipFamilyPolicy and service.ipFamilies, for both Services (empty: the cluster's default).
+*/}}
+{{- define "imapgate.ipFamilies" -}}
+{{- with .Values.service.ipFamilyPolicy }}
+ipFamilyPolicy: {{ . }}
+{{- end }}
+{{- with .Values.service.ipFamilies }}
+ipFamilies:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
 The most pods the release can run at once: replicaCount, or autoscaling.maxReplicas.
 */}}
 {{- define "imapgate.maxPods" -}}
@@ -77,11 +97,11 @@ The fewest pods the release runs: replicaCount, or autoscaling.minReplicas.
 {{- end }}
 
 {{- define "imapgate.tlsSecretName" -}}
-{{- default (printf "%s-tls" (include "imapgate.fullname" .)) .Values.tls.secretName }}
+{{- default (printf "%s-tls" (include "imapgate.fullname" .)) .Values.tls.existingSecret }}
 {{- end }}
 
 {{- define "imapgate.usersSecretName" -}}
-{{- default (printf "%s-users" (include "imapgate.fullname" .)) .Values.users.secretName }}
+{{- default (printf "%s-users" (include "imapgate.fullname" .)) .Values.users.existingSecret }}
 {{- end }}
 
 {{/*
@@ -93,14 +113,14 @@ the boolean false, so false means off.
 {{- end }}
 
 {{- define "imapgate.keysSecretName" -}}
-{{- default (printf "%s-keys" (include "imapgate.fullname" .)) .Values.auth.keysSecretName }}
+{{- default (printf "%s-keys" (include "imapgate.fullname" .)) .Values.auth.keyRing.existingSecret }}
 {{- end }}
 
 {{/*
 The Secret with a backend's master password. Call with (dict "root" $ "backend" $backend).
 */}}
 {{- define "imapgate.masterSecretName" -}}
-{{- default (printf "%s-%s-master" (include "imapgate.fullname" .root) .backend.name) .backend.masterPasswordSecret.name }}
+{{- default (printf "%s-%s-master" (include "imapgate.fullname" .root) .backend.name) .backend.masterPassword.existingSecret }}
 {{- end }}
 
 {{/*
@@ -114,3 +134,55 @@ Paths inside the container. The config refers to them; the Deployment mounts the
 {{- define "imapgate.redisDir" -}}/etc/imapgate/redis{{- end }}
 {{- define "imapgate.redisCaDir" -}}/etc/imapgate/redis-ca{{- end }}
 {{- define "imapgate.backendDir" -}}/etc/imapgate/backends/{{ . }}{{- end }}
+{{- define "imapgate.oauthDir" -}}/etc/imapgate/oauth/{{ . }}{{- end }}
+
+{{/*
+A duration as the gateway writes it (500ms, 30s, 15m, 12h, 30d) in milliseconds.
+*/}}
+{{- define "imapgate.durationMs" -}}
+{{- $d := . | toString }}
+{{- $amount := regexFind "^[0-9]+" $d | int64 }}
+{{- $unit := trimPrefix (regexFind "^[0-9]+" $d) $d }}
+{{- mul $amount (get (dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000 "d" 86400000) $unit) }}
+{{- end }}
+
+{{/*
+The `helm test` pod's labels: its own name, so that no Service, PDB or HPA of the release selects it.
+*/}}
+{{- define "imapgate.testLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-test" (include "imapgate.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: test
+{{- end }}
+
+{{/*
+The listener `helm test` connects to: test.listener, else the first with tls implicit, else the
+first (STARTTLS). Returned as YAML (fromYaml it).
+*/}}
+{{- define "imapgate.testListener" -}}
+{{- $found := dict }}
+{{- if .Values.test.listener }}
+{{- range .Values.listeners }}{{ if eq .name $.Values.test.listener }}{{ $found = . }}{{ end }}{{ end }}
+{{- if not $found }}
+{{- fail (printf "test.listener: no listener is named %q" .Values.test.listener) }}
+{{- end }}
+{{- else }}
+{{- range .Values.listeners }}{{ if and (not $found) (eq .tls "implicit") }}{{ $found = . }}{{ end }}{{ end }}
+{{- if not $found }}{{ $found = first .Values.listeners }}{{ end }}
+{{- end }}
+{{- toYaml $found }}
+{{- end }}
+
+{{/*
+The name `helm test` verifies the gateway's certificate for: test.serverName, else the first
+tls.certManager.dnsNames entry that is no wildcard; empty: not verified.
+*/}}
+{{- define "imapgate.testServerName" -}}
+{{- if .Values.test.serverName }}
+{{- .Values.test.serverName }}
+{{- else if and .Values.tls.certManager.enabled (not .Values.tls.selfSigned) }}
+{{- $name := "" }}
+{{- range .Values.tls.certManager.dnsNames }}{{ if and (not $name) (not (hasPrefix "*" .)) }}{{ $name = . }}{{ end }}{{ end }}
+{{- $name }}
+{{- end }}
+{{- end }}
