@@ -206,6 +206,10 @@ impl Services {
                     // Not the client's guess: the shared state or the IdP failed.
                     FailureReason::StateUnavailable
                     | FailureReason::Token(auth::oauth::OAuthError::IdpUnavailable) => None,
+                    // Attack mode refused a code-less login before any check, as the guard
+                    // refuses unchecked: it grows the tarpit only, and does not feed the budgets
+                    // that keep the owner's account in attack mode.
+                    FailureReason::AttackMode => Some(GuardOutcome::Refused),
                     FailureReason::BadCode => Some(GuardOutcome::Failure {
                         fingerprint: fingerprint.as_deref(),
                         wrong_code: Some(&record.credential),
