@@ -34,5 +34,6 @@ pub mod secret;
 pub mod server;
 pub mod session;
 pub mod state;
+pub mod store;
 pub mod tls;
 pub mod upstream;

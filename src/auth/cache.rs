@@ -23,7 +23,8 @@ const MAX_ENTRIES: usize = 100_000;
 pub struct VerifiedCache {
     key: Secret,
     ttl: Duration,
-    map: Mutex<HashMap<[u8; 32], (Instant, String)>>,
+    /// tag → (expiry, app password id, user).
+    map: Mutex<HashMap<[u8; 32], (Instant, String, String)>>,
     /// One verification at a time per (user, password): parallel logins of one client wait
     /// for the first and then hit the cache instead of each running argon2.
     inflight: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
@@ -93,7 +94,7 @@ impl VerifiedCache {
         let tag = self.tag(user, password)?;
         let mut map = self.map.lock().ok()?;
         match map.get(&tag) {
-            Some((expires, id)) if *expires > Instant::now() => Some(id.clone()),
+            Some((expires, id, _)) if *expires > Instant::now() => Some(id.clone()),
             Some(_) => {
                 map.remove(&tag);
                 None
@@ -112,12 +113,20 @@ impl VerifiedCache {
         let Ok(mut map) = self.map.lock() else { return };
         let now = Instant::now();
         if map.len() >= MAX_ENTRIES {
-            map.retain(|_, (e, _)| *e > now);
+            map.retain(|_, (e, _, _)| *e > now);
             if map.len() >= MAX_ENTRIES {
                 map.clear();
             }
         }
-        map.insert(tag, (now + self.ttl, id.to_owned()));
+        map.insert(tag, (now + self.ttl, id.to_owned(), user.to_owned()));
+    }
+
+    /// Forgets every entry of `user` (their record changed: a revocation must not wait for
+    /// the TTL).
+    pub fn drop_user(&self, user: &str) {
+        if let Ok(mut map) = self.map.lock() {
+            map.retain(|_, (_, _, u)| u != user);
+        }
     }
 
     pub fn clear(&self) {

@@ -40,10 +40,11 @@ use super::{
     app_password, normalize_user_with, totp, Attempt, Authenticator, Credential, FailureReason,
     Identity, NameRules, Outcome,
 };
-use crate::config::{Argon2Params, AuthConfig, MfaConfig, MfaMode};
+use crate::config::{Argon2Params, AuthConfig, MfaConfig, MfaMode, StoreOnError};
 use crate::observe::Metrics;
 use crate::secret::Secret;
 use crate::state::Store;
+use crate::store::{ChangeEvent, ChangeKind, UserStore};
 
 /// How long a used TOTP step stays remembered: the ±1-step window plus one step of margin.
 const USED_CODE_TTL: Duration = Duration::from_secs(4 * totp::STEP_SECONDS);
@@ -55,15 +56,50 @@ const WRITE_BACK_LOCK_WAIT: Duration = Duration::from_secs(5);
 /// Called after each successful reload (e.g. to close revoked users' sessions).
 pub(super) type ReloadHook = Box<dyn Fn(&UsersFile) + Send + Sync>;
 
-/// Decrypted TOTP secrets by user.
-type TotpSecrets = Arc<HashMap<String, Secret>>;
+/// Called for each change-log entry of a database store, with the user's record as it is
+/// now (`None`: deleted), e.g. to end the sessions a revocation took away.
+pub(super) type ChangeHook = Box<dyn Fn(&ChangeEvent, Option<&User>) + Send + Sync>;
+
+/// A user's record as a login reads it: the stored entry and the decrypted TOTP secret.
+struct Entry {
+    user: User,
+    totp: Option<Secret>,
+}
 
 struct Loaded {
     file: Arc<UsersFile>,
-    totp: TotpSecrets,
+    entries: Arc<HashMap<String, Arc<Entry>>>,
 }
 
+/// What a login finds for a name.
+enum Lookup {
+    Found(Arc<Entry>),
+    Absent,
+    /// The store cannot be read (and nothing cached may stand in for it).
+    Unavailable,
+}
+
+/// A record read from a database store, and when (`None`: no such user).
+type Cached = (tokio::time::Instant, Option<Arc<Entry>>);
+
+/// A database store and this replica's short-lived copies of the records it read.
+struct Db {
+    store: Arc<dyn UserStore>,
+    on_error: StoreOnError,
+    ttl: Duration,
+    poll: Duration,
+    /// name → (read at, record; `None`: no such user).
+    records: std::sync::Mutex<HashMap<String, Cached>>,
+    on_change: RwLock<Option<ChangeHook>>,
+}
+
+/// At most this many records are kept per replica (a flood of unknown names cannot grow it
+/// beyond).
+const MAX_RECORDS: usize = 100_000;
+
 pub struct CredentialStore {
+    /// A database store (`sqlite`, `postgres`); `None`: the users file at `path`.
+    db: Option<Db>,
     path: PathBuf,
     loaded: RwLock<Loaded>,
     stamp: RwLock<Option<(SystemTime, u64)>>,
@@ -144,22 +180,31 @@ fn load(
         Err(e) => return Err(UsersError::Exposed(format!("auth.users_file: {e}"))),
     }
     let file = UsersFile::load(path)?;
-    let mut secrets = HashMap::new();
+    let mut entries = HashMap::new();
     for (name, user) in &file.users {
-        if let Some(stored) = &user.totp {
-            let secret = keyring
-                .decrypt(name, stored)
-                .map_err(|e| UsersError::Invalid {
-                    path: path.display().to_string(),
-                    message: format!("users.{name}.totp: {e}"),
-                })?;
-            secrets.insert(name.clone(), secret);
-        }
+        let entry = entry(keyring, name, user.clone()).map_err(|message| UsersError::Invalid {
+            path: path.display().to_string(),
+            message,
+        })?;
+        entries.insert(name.clone(), Arc::new(entry));
     }
     Ok(Loaded {
         file: Arc::new(file),
-        totp: Arc::new(secrets),
+        entries: Arc::new(entries),
     })
+}
+
+/// A record with its TOTP secret decrypted.
+fn entry(keyring: &KeyRing, name: &str, user: User) -> Result<Entry, String> {
+    let totp = match &user.totp {
+        Some(stored) => Some(
+            keyring
+                .decrypt(name, stored)
+                .map_err(|e| format!("users.{name}.totp: {e}"))?,
+        ),
+        None => None,
+    };
+    Ok(Entry { user, totp })
 }
 
 /// The limits a user's entry puts on its logins: the mechanisms and the networks it may use
@@ -202,8 +247,36 @@ impl CredentialStore {
         state: Arc<dyn Store>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, UsersError> {
+        Self::open_with(cfg, None, state, metrics)
+    }
+
+    /// With a database store (`store`: `sqlite`/`postgres`), records are read from it per
+    /// user and kept for `auth.store.cache_ttl`; without, the users file is loaded whole.
+    pub fn open_with(
+        cfg: &AuthConfig,
+        store: Option<Arc<dyn UserStore>>,
+        state: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, UsersError> {
         let keyring = KeyRing::new(cfg.secret_keys.clone(), cfg.active_key.clone());
-        let loaded = load(&cfg.users_file, &keyring, cfg.allow_group_readable_secrets)?;
+        let db = store
+            .filter(|s| s.backend() != crate::config::StoreBackend::File)
+            .map(|store| Db {
+                store,
+                on_error: cfg.store.on_error,
+                ttl: cfg.store.cache_ttl,
+                poll: cfg.store.poll_interval,
+                records: Default::default(),
+                on_change: RwLock::new(None),
+            });
+        let loaded = if db.is_some() {
+            Loaded {
+                file: Arc::default(),
+                entries: Arc::default(),
+            }
+        } else {
+            load(&cfg.users_file, &keyring, cfg.allow_group_readable_secrets)?
+        };
         let permits = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
         let oauth = if cfg.oauth_issuers.is_empty() {
             None
@@ -221,6 +294,7 @@ impl CredentialStore {
             )
         };
         Ok(Self {
+            db,
             stamp: RwLock::new(file_stamp(&cfg.users_file)),
             path: cfg.users_file.clone(),
             loaded: RwLock::new(loaded),
@@ -249,13 +323,159 @@ impl CredentialStore {
         }
     }
 
+    /// Users in the users file (a database store: 0, it is not loaded whole).
     pub fn user_count(&self) -> usize {
         self.loaded.read().map(|l| l.file.users.len()).unwrap_or(0)
     }
 
-    fn snapshot(&self) -> Option<(Arc<UsersFile>, TotpSecrets)> {
-        let l = self.loaded.read().ok()?;
-        Some((l.file.clone(), l.totp.clone()))
+    /// Installs the hook run for each change-log entry (database stores only).
+    pub fn set_change_hook(&self, hook: ChangeHook) {
+        if let Some(db) = &self.db {
+            if let Ok(mut h) = db.on_change.write() {
+                *h = Some(hook);
+            }
+        }
+    }
+
+    /// The record of `name`. From a database store: the copy read less than `cache_ttl`
+    /// ago, or a fresh read; when the store cannot be read, `on_error: cache` lets a stale copy
+    /// stand in only for a credential the verified cache vouches for (`letters`).
+    async fn lookup(&self, name: &str, letters: Option<&Secret>) -> Lookup {
+        let Some(db) = &self.db else {
+            let Ok(l) = self.loaded.read() else {
+                return Lookup::Unavailable;
+            };
+            return match l.entries.get(name) {
+                Some(e) => Lookup::Found(e.clone()),
+                None => Lookup::Absent,
+            };
+        };
+        let now = tokio::time::Instant::now();
+        let cached = db.records.lock().ok().and_then(|r| r.get(name).cloned());
+        if let Some((at, record)) = &cached {
+            if now.duration_since(*at) < db.ttl {
+                return record.clone().map_or(Lookup::Absent, Lookup::Found);
+            }
+        }
+        match db.store.user(name).await {
+            Ok(user) => {
+                let record = match user.map(|u| entry(&self.keyring, name, u)).transpose() {
+                    Ok(r) => r.map(Arc::new),
+                    Err(e) => {
+                        tracing::error!(user = %name, error = %e, "stored TOTP enrolment does not decrypt");
+                        return Lookup::Unavailable;
+                    }
+                };
+                if let Ok(mut r) = db.records.lock() {
+                    if r.len() >= MAX_RECORDS {
+                        r.retain(|_, (at, _)| now.duration_since(*at) < db.ttl);
+                        if r.len() >= MAX_RECORDS {
+                            r.clear();
+                        }
+                    }
+                    r.insert(name.to_owned(), (now, record.clone()));
+                }
+                record.map_or(Lookup::Absent, Lookup::Found)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "credential store unavailable");
+                let vouched = db.on_error == StoreOnError::Cache
+                    && letters.is_some_and(|l| self.cache.get(name, l).is_some());
+                match cached {
+                    Some((_, Some(stale))) if vouched => Lookup::Found(stale),
+                    _ => Lookup::Unavailable,
+                }
+            }
+        }
+    }
+
+    /// Forgets what this replica cached about `name` (its record changed).
+    pub fn invalidate(&self, name: &str) {
+        if let Some(db) = &self.db {
+            if let Ok(mut r) = db.records.lock() {
+                r.remove(name);
+            }
+        }
+        self.cache.drop_user(name);
+        if let Ok(mut w) = self.written_back.lock() {
+            w.retain(|(u, _)| u != name);
+        }
+    }
+
+    /// Follows a database store's change log until cancelled: each entry drops this
+    /// replica's copies of that user and runs the change hook. The first read starts from
+    /// the newest entry; a read that fails is retried at the next interval from where it
+    /// left off, so a replica cut off for a while catches up.
+    pub async fn follow_changes(self: Arc<Self>, stop: CancellationToken) {
+        let Some(db) = &self.db else { return };
+        let mut last = None;
+        let mut failing = false;
+        let mut pruned = tokio::time::Instant::now();
+        loop {
+            match last {
+                None => match db.store.changes_since(u64::MAX - 1, 1).await {
+                    Ok((_, newest)) => last = Some(newest),
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(error = %e, "cannot read the store's change log");
+                    }
+                    Err(_) => {}
+                },
+                Some(seq) => match db.store.changes_since(seq, 1000).await {
+                    Ok((events, newest)) => {
+                        if failing {
+                            tracing::info!("the store's change log can be read again");
+                            failing = false;
+                        }
+                        // A database restored from an older backup starts lower: follow it.
+                        let next = match events.last() {
+                            Some(e) => e.seq,
+                            None => seq.min(newest),
+                        };
+                        self.apply_changes(db, &events).await;
+                        last = Some(next);
+                    }
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(error = %e, "cannot read the store's change log");
+                    }
+                    Err(_) => {}
+                },
+            }
+            if pruned.elapsed() > Duration::from_secs(3600) {
+                pruned = tokio::time::Instant::now();
+                let _ = db.store.prune_changes().await;
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(db.poll) => {}
+            }
+        }
+    }
+
+    async fn apply_changes(&self, db: &Db, events: &[ChangeEvent]) {
+        for e in events {
+            self.invalidate(&e.user);
+            let hooked = db.on_change.read().is_ok_and(|h| h.is_some());
+            if !hooked {
+                continue;
+            }
+            let user = match e.kind {
+                ChangeKind::Sessions => None,
+                ChangeKind::User => match db.store.user(&e.user).await {
+                    Ok(u) => u,
+                    Err(err) => {
+                        tracing::warn!(error = %err, user = %e.user, "cannot read a changed user; their sessions are checked at the next change");
+                        continue;
+                    }
+                },
+            };
+            if let Ok(hook) = db.on_change.read() {
+                if let Some(h) = hook.as_ref() {
+                    h(e, user.as_ref());
+                }
+            }
+        }
     }
 
     /// Re-reads the users file now (SIGHUP).
@@ -401,10 +621,55 @@ impl CredentialStore {
         if !first {
             return;
         }
-        let path = self.path.clone();
         let params = self.argon2;
         let (user, id, old_hash) = (user.to_owned(), ap.id.clone(), ap.hash.clone());
         let password = password.clone();
+        if let Some(db) = &self.db {
+            let store = db.store.clone();
+            tokio::spawn(async move {
+                let new_hash = if rehash {
+                    tokio::task::spawn_blocking(move || app_password::hash(&password, params).ok())
+                        .await
+                        .ok()
+                        .flatten()
+                } else {
+                    None
+                };
+                if new_hash.is_none() && index.is_none() {
+                    return;
+                }
+                let (u, i) = (user.clone(), id.clone());
+                let written = store
+                    .modify(
+                        &user,
+                        Box::new(move |record| {
+                            Ok(record.as_mut().is_some_and(|r| {
+                                super::write_back::apply_to_user(
+                                    r,
+                                    &WriteBack {
+                                        user: &u,
+                                        id: &i,
+                                        verified_hash: &old_hash,
+                                        new_hash: new_hash.as_deref(),
+                                        lookup: index.as_deref(),
+                                    },
+                                )
+                            }))
+                        }),
+                    )
+                    .await;
+                match written {
+                    Ok(w) => {
+                        tracing::debug!(user = %user, credential = %id, written = w, "app password write-back")
+                    }
+                    Err(e) => {
+                        tracing::info!(user = %user, credential = %id, error = %e, "could not update the app password in the store (it keeps working as it is)")
+                    }
+                }
+            });
+            return;
+        }
+        let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
             let new_hash = if rehash {
                 app_password::hash(&password, params).ok()
@@ -491,10 +756,12 @@ impl CredentialStore {
             .oauth_tokens
             .with_label_values(&["valid"])
             .inc();
-        let Some((file, _)) = self.snapshot() else {
-            return Outcome::Failure(FailureReason::StateUnavailable);
+        let found = match self.lookup(&id.user, None).await {
+            Lookup::Found(e) => Some(e),
+            Lookup::Absent => None,
+            Lookup::Unavailable => return Outcome::Failure(FailureReason::StateUnavailable),
         };
-        let entry = file.users.get(&id.user);
+        let entry = found.as_deref().map(|e| &e.user);
         if entry.is_some_and(|e| e.disabled) {
             return Outcome::Failure(FailureReason::Disabled);
         }
@@ -549,18 +816,27 @@ impl Authenticator for CredentialStore {
             // difference in time).
             return Outcome::Failure(FailureReason::AttackMode);
         }
-        let Some((file, secrets)) = self.snapshot() else {
-            return Outcome::Failure(FailureReason::StateUnavailable);
+        let split = split_password(password, self.mfa.code_digits);
+        let record = match self
+            .lookup(&name, split.as_ref().map(|(letters, _)| letters))
+            .await
+        {
+            Lookup::Found(e) => e,
+            Lookup::Absent => {
+                self.dummy().await;
+                return Outcome::Failure(FailureReason::UnknownUser);
+            }
+            Lookup::Unavailable => {
+                self.dummy().await;
+                return Outcome::Failure(FailureReason::StateUnavailable);
+            }
         };
-        let Some(entry) = file.users.get(&name) else {
-            self.dummy().await;
-            return Outcome::Failure(FailureReason::UnknownUser);
-        };
+        let entry = &record.user;
         if entry.disabled {
             self.dummy().await;
             return Outcome::Failure(FailureReason::Disabled);
         }
-        let Some((letters, code)) = split_password(password, self.mfa.code_digits) else {
+        let Some((letters, code)) = split else {
             self.dummy().await;
             return Outcome::Failure(FailureReason::BadPassword);
         };
@@ -620,7 +896,7 @@ impl Authenticator for CredentialStore {
         };
 
         // 3. The second factor.
-        let secret = secrets.get(&name);
+        let secret = record.totp.as_ref();
         let needed = match entry.mfa.unwrap_or(self.mfa.default) {
             MfaMode::Off => false,
             MfaMode::Optional => secret.is_some(),

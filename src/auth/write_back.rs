@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use super::users::{UsersError, UsersFile};
+use super::users::{User, UsersError, UsersFile};
 
 /// What a login writes back for one app password.
 pub(super) struct WriteBack<'a> {
@@ -26,21 +26,30 @@ pub(super) fn apply_write_back(
     w: &WriteBack<'_>,
 ) -> Result<bool, UsersError> {
     UsersFile::update(path, wait, |file| {
-        let Some(ap) = file.users.get_mut(w.user).and_then(|u| {
-            u.app_passwords
-                .iter_mut()
-                .find(|a| a.id == w.id && a.hash == w.verified_hash && !a.revoked)
-        }) else {
-            return Ok(false);
-        };
-        if let Some(h) = w.new_hash {
-            ap.hash = h.to_owned();
-        }
-        if let Some(l) = w.lookup {
-            ap.lookup = Some(l.to_owned());
-        }
-        Ok(true)
+        Ok(file
+            .users
+            .get_mut(w.user)
+            .is_some_and(|u| apply_to_user(u, w)))
     })
+}
+
+/// Applies a write-back to one user's record as it is now; `false`: the app password is gone,
+/// revoked or changed, and nothing was changed.
+pub(super) fn apply_to_user(user: &mut User, w: &WriteBack<'_>) -> bool {
+    let Some(ap) = user
+        .app_passwords
+        .iter_mut()
+        .find(|a| a.id == w.id && a.hash == w.verified_hash && !a.revoked)
+    else {
+        return false;
+    };
+    if let Some(h) = w.new_hash {
+        ap.hash = h.to_owned();
+    }
+    if let Some(l) = w.lookup {
+        ap.lookup = Some(l.to_owned());
+    }
+    true
 }
 
 #[cfg(test)]

@@ -92,8 +92,8 @@ pub(super) fn totp(cmd: TotpCmd) -> ExitCode {
                 Ok(x) => x,
                 Err(c) => return c,
             };
-            match crate::auth::users::UsersFile::load_or_empty(&tgt.path) {
-                Ok(f) => match f.users.get(&name) {
+            match super::read_one(&tgt, &name) {
+                Ok(found) => match found {
                     None => {
                         return fail(
                             1,
@@ -110,7 +110,7 @@ pub(super) fn totp(cmd: TotpCmd) -> ExitCode {
                     }
                     Some(_) => {}
                 },
-                Err(e) => return fail(1, e),
+                Err(code) => return code,
             }
             let secret = totp::new_secret();
             let digits = auth.mfa.code_digits;
@@ -141,7 +141,7 @@ pub(super) fn totp(cmd: TotpCmd) -> ExitCode {
                 Ok(s) => s,
                 Err(e) => return fail(1, e),
             };
-            let code = edit(&cfg, |f, _| {
+            let code = edit(&cfg, &name, |f, _| {
                 let u = user_mut(f, &name)?;
                 u.totp = Some(stored);
                 Ok(())
@@ -156,7 +156,7 @@ pub(super) fn totp(cmd: TotpCmd) -> ExitCode {
                 Ok(n) => n,
                 Err(c) => return c,
             };
-            let code = edit(&cfg, |f, _| {
+            let code = edit(&cfg, &name, |f, _| {
                 let u = user_mut(f, &name)?;
                 if u.totp.take().is_none() {
                     return Err(format!("{name} has no TOTP enrolment"));
@@ -188,8 +188,9 @@ pub(super) fn keys(cmd: KeysCmd) -> ExitCode {
                 Err(c) => return c,
             };
             let active = ring.active_id().unwrap_or_default().to_owned();
-            let code = edit(&cfg, |f, _| {
-                let mut rotated = 0;
+            let rotated = std::sync::atomic::AtomicUsize::new(0);
+            let older = std::sync::atomic::AtomicUsize::new(0);
+            let code = super::edit_all(&tgt, |f| {
                 for (name, u) in f.users.iter_mut() {
                     let Some(stored) = u.totp.as_deref() else {
                         continue;
@@ -201,13 +202,12 @@ pub(super) fn keys(cmd: KeysCmd) -> ExitCode {
                         .decrypt(name, stored)
                         .map_err(|e| format!("users.{name}.totp: {e}"))?;
                     u.totp = Some(ring.encrypt(name, &secret).map_err(|e| e.to_string())?);
-                    rotated += 1;
+                    rotated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-                errln!("re-encrypted {rotated} TOTP secret(s) under key {active}");
                 // App-password lookup indexes cannot be recomputed without the passwords: they
                 // keep working while their key stays in the ring and move to the active key at
                 // their next login.
-                let older = f
+                let n = f
                     .users
                     .values()
                     .flat_map(|u| &u.app_passwords)
@@ -215,11 +215,19 @@ pub(super) fn keys(cmd: KeysCmd) -> ExitCode {
                     .filter_map(|a| a.lookup.as_deref().and_then(KeyRing::key_of))
                     .filter(|k| *k != active)
                     .count();
+                older.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            });
+            if code == ExitCode::SUCCESS {
+                errln!(
+                    "re-encrypted {} TOTP secret(s) under key {active}",
+                    rotated.into_inner()
+                );
+                let older = older.into_inner();
                 if older > 0 {
                     errln!("{older} app password lookup index(es) stay under older keys until their next login; keep those keys in auth.secret_keys meanwhile (`imapgate users list` shows app passwords without a usable index)");
                 }
-                Ok(())
-            });
+            }
             super::audited(code, &cfg, "keys_rotated", "", &active)
         }
     }

@@ -42,6 +42,7 @@ mod doctor;
 mod guard;
 mod mfa;
 mod oauth;
+mod transfer;
 
 pub const EXIT_CONFIG: u8 = 64;
 
@@ -89,6 +90,8 @@ pub enum Command {
     /// The running gateway's blocks and attack modes (via the admin listener).
     #[command(subcommand)]
     Guard(guard::GuardCmd),
+    /// Bring the credential database (auth.store: sqlite or postgres) to the current schema.
+    Migrate(ConfigArg),
 }
 
 /// Where the users file is: named by the config, or given directly (e.g. a local copy of a
@@ -150,6 +153,34 @@ pub enum UsersCmd {
     /// Remove a user and all their app passwords.
     Remove {
         user: String,
+        #[command(flatten)]
+        cfg: UsersTarget,
+    },
+    /// Add the users of a users file (or of a CSV of `address,upstream_user,mfa` lines, each
+    /// given a new app password) to the store; users already there are left alone unless
+    /// `--replace`.
+    Import {
+        /// A users file (YAML, as `users export` writes), or a CSV with `--csv`.
+        file: PathBuf,
+        /// FILE is a CSV: `address,upstream_user,mfa` (header optional; the last two may be
+        /// empty). Each new user gets one app password, printed once as `address,password`
+        /// (or written to `--passwords-out`).
+        #[arg(long)]
+        csv: bool,
+        /// Replace users who exist already (YAML only).
+        #[arg(long, conflicts_with = "csv")]
+        replace: bool,
+        /// With `--csv`: write the new app passwords to this file (created 0600) instead of
+        /// stdout.
+        #[arg(long, requires = "csv")]
+        passwords_out: Option<PathBuf>,
+        #[command(flatten)]
+        cfg: UsersTarget,
+    },
+    /// Write every user in the users file format (to stdout, or to `-o FILE`, created 0600).
+    Export {
+        #[arg(short, long)]
+        output: Option<PathBuf>,
         #[command(flatten)]
         cfg: UsersTarget,
     },
@@ -222,6 +253,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Oauth(o) => oauth::oauth(o),
         Command::Guard(g) => guard::guard(g),
         Command::Doctor(d) => doctor::doctor(d),
+        Command::Migrate(c) => transfer::migrate(&c.config),
     }
 }
 
@@ -335,10 +367,14 @@ pub(crate) fn audited(
 ) -> ExitCode {
     if code == ExitCode::SUCCESS {
         let config = cfg.config.as_deref().and_then(|p| Config::load(p).ok());
-        let users_file = cfg
-            .users_file
-            .clone()
-            .or_else(|| config.as_ref().map(|c| c.auth.users_file.clone()));
+        let users_file = cfg.users_file.clone().or_else(|| {
+            config.as_ref().and_then(|c| match c.auth.store.backend {
+                crate::config::StoreBackend::File => Some(c.auth.users_file.clone()),
+                crate::config::StoreBackend::Sqlite => Some(c.auth.store.sqlite_path.clone()),
+                // A shared database: the configured audit sink (and stderr) only.
+                crate::config::StoreBackend::Postgres => None,
+            })
+        });
         let to = crate::observe::OperatorAudit {
             sink: config.as_ref().map(|c| &c.logging.audit),
             format: config
@@ -372,6 +408,37 @@ pub(crate) struct Target {
     pub(crate) auth: Option<crate::config::AuthConfig>,
 }
 
+impl Target {
+    /// A database store (`auth.store.backend: sqlite | postgres`), or `None` for the users file.
+    fn database(&self) -> Option<&crate::config::AuthConfig> {
+        self.auth
+            .as_ref()
+            .filter(|a| a.store.backend != crate::config::StoreBackend::File)
+    }
+
+    /// Opens the store this target names (migrating a database to the current schema).
+    pub(crate) fn open(&self) -> Result<std::sync::Arc<dyn crate::store::UserStore>, ExitCode> {
+        match self.database() {
+            Some(auth) => block_on(crate::store::open(auth))?.map_err(|e| fail(1, e)),
+            None => Ok(std::sync::Arc::new(crate::store::file::FileStore::new(
+                self.path.clone(),
+                self.auth
+                    .as_ref()
+                    .is_some_and(|a| a.allow_group_readable_secrets),
+            ))),
+        }
+    }
+}
+
+/// Runs a future to completion on a small runtime of its own (the CLI is synchronous).
+pub(crate) fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map(|rt| rt.block_on(f))
+        .map_err(|e| fail(1, format!("cannot start the runtime: {e}")))
+}
+
 pub(crate) fn target(t: &UsersTarget) -> Result<Target, ExitCode> {
     if let Some(path) = &t.users_file {
         return Ok(Target {
@@ -399,19 +466,34 @@ pub(crate) fn target(t: &UsersTarget) -> Result<Target, ExitCode> {
     })
 }
 
-fn read_users(t: &UsersTarget) -> Result<UsersFile, ExitCode> {
-    let tgt = target(t)?;
-    UsersFile::load_or_empty(&tgt.path).map_err(|e| fail(1, e))
+/// Every user of the target's store.
+pub(crate) fn read_all(tgt: &Target) -> Result<UsersFile, ExitCode> {
+    if tgt.database().is_none() {
+        return UsersFile::load_or_empty(&tgt.path).map_err(|e| fail(1, e));
+    }
+    let store = tgt.open()?;
+    block_on(store.export())?.map_err(|e| fail(1, e))
 }
 
-/// The user named `user` as the users file has it now, with its normalised name.
+/// The user named `user` as the store has it now, with its normalised name.
 fn read_user(t: &UsersTarget, user: &str) -> Result<(String, User), ExitCode> {
     let name = user_name(user)?;
-    let mut f = read_users(t)?;
-    match f.users.remove(&name) {
+    let tgt = target(t)?;
+    match read_one(&tgt, &name)? {
         Some(u) => Ok((name, u)),
         None => Err(fail(1, format!("no user {name}"))),
     }
+}
+
+/// One user of the target's store (`name` already normalised).
+pub(crate) fn read_one(tgt: &Target, name: &str) -> Result<Option<User>, ExitCode> {
+    if tgt.database().is_none() {
+        return UsersFile::load_or_empty(&tgt.path)
+            .map(|mut f| f.users.remove(name))
+            .map_err(|e| fail(1, e));
+    }
+    let store = tgt.open()?;
+    block_on(store.user(name))?.map_err(|e| fail(1, e))
 }
 
 /// The user `name` of a file being edited, or the message that there is none.
@@ -436,32 +518,85 @@ fn app_password_state(a: &AppPassword, now: OffsetDateTime) -> &'static str {
 /// [`UsersFile::update`]). Keep `f` quick: other writers wait for it.
 pub(crate) fn edit(
     t: &UsersTarget,
-    f: impl FnOnce(&mut UsersFile, &Target) -> Result<(), String>,
+    user: &str,
+    f: impl FnOnce(&mut UsersFile, &Target) -> Result<(), String> + Send,
 ) -> ExitCode {
     match target(t) {
-        Ok(tgt) => edit_at(&tgt, f),
+        Ok(tgt) => edit_at(&tgt, user, f),
         Err(code) => code,
     }
 }
 
-/// [`edit`] for a target already resolved.
+/// Applies `f` to every user: on the users file in one go under its lock; on a database one
+/// user at a time, each under its own lock (`f` then sees a file holding that one user).
+pub(crate) fn edit_all(
+    tgt: &Target,
+    f: impl Fn(&mut UsersFile) -> Result<(), String> + Sync,
+) -> ExitCode {
+    if tgt.database().is_none() {
+        return edit_at(tgt, "", |file, _| f(file));
+    }
+    let names: Vec<String> = match read_all(tgt) {
+        Ok(all) => all.users.into_keys().collect(),
+        Err(code) => return code,
+    };
+    for name in names {
+        let code = edit_at(tgt, &name, |file, _| f(file));
+        if code != ExitCode::SUCCESS {
+            return code;
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// [`edit`] for a target already resolved. On a database store `f` sees a users file that
+/// holds only `user` (if it exists), read and written back under that user's lock; what `f`
+/// leaves under that name is stored (nothing: the user is deleted).
 pub(crate) fn edit_at(
     tgt: &Target,
-    f: impl FnOnce(&mut UsersFile, &Target) -> Result<(), String>,
+    user: &str,
+    f: impl FnOnce(&mut UsersFile, &Target) -> Result<(), String> + Send,
 ) -> ExitCode {
-    let updated = UsersFile::update(&tgt.path, crate::auth::users::CLI_LOCK_WAIT, |file| {
-        f(file, tgt).map(|()| true)
+    if tgt.database().is_none() {
+        let updated = UsersFile::update(&tgt.path, crate::auth::users::CLI_LOCK_WAIT, |file| {
+            f(file, tgt).map(|()| true)
+        });
+        return match updated {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => fail(1, e),
+        };
+    }
+    let store = match tgt.open() {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let name = user.to_owned();
+    let change: crate::store::Change<'_> = Box::new(move |record| {
+        let mut one = UsersFile {
+            version: crate::auth::users::VERSION,
+            users: Default::default(),
+        };
+        if let Some(r) = record.take() {
+            one.users.insert(name.clone(), r);
+        }
+        f(&mut one, tgt)?;
+        *record = one.users.remove(&name);
+        Ok(true)
     });
-    match updated {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(e) => fail(1, e),
+    match block_on(store.modify(user, change)) {
+        Ok(Ok(_)) => ExitCode::SUCCESS,
+        Ok(Err(e)) => fail(1, e),
+        Err(code) => code,
     }
 }
 
 /// What `app-password create` needs from the configuration: the key ring (for the lookup
 /// index), the argon2 parameters and the per-user cap. With `--users-file`, from the
 /// configuration given as well (`-c` or IMAPGATE_CONFIG).
-fn index_settings(t: &UsersTarget, tgt: &Target) -> Result<crate::config::AuthConfig, ExitCode> {
+pub(super) fn index_settings(
+    t: &UsersTarget,
+    tgt: &Target,
+) -> Result<crate::config::AuthConfig, ExitCode> {
     let auth = match (&tgt.auth, &t.config) {
         (Some(a), _) => a.clone(),
         (None, Some(c)) => load(c)?.auth,
@@ -516,7 +651,7 @@ fn users(cmd: UsersCmd) -> ExitCode {
                     return fail(EXIT_CONFIG, "--upstream-user is not a valid name");
                 }
             }
-            let code = edit(&cfg, |f, tgt| {
+            let code = edit(&cfg, &name, |f, tgt| {
                 if let Some(sep) = tgt.separators.iter().find(|s| {
                     name.contains(s.as_str())
                         || upstream_user
@@ -587,7 +722,7 @@ fn users(cmd: UsersCmd) -> ExitCode {
             let ring = tgt.auth.as_ref().map(|a| {
                 crate::auth::keyring::KeyRing::new(a.secret_keys.clone(), a.active_key.clone())
             });
-            match UsersFile::load_or_empty(&tgt.path) {
+            match read_all(&tgt) {
                 Ok(f) => {
                     let mut unindexed = 0;
                     for (name, u) in &f.users {
@@ -613,9 +748,17 @@ fn users(cmd: UsersCmd) -> ExitCode {
                     }
                     ExitCode::SUCCESS
                 }
-                Err(e) => fail(1, e),
+                Err(code) => code,
             }
         }
+        UsersCmd::Import {
+            file,
+            csv,
+            replace,
+            passwords_out,
+            cfg,
+        } => transfer::import(&file, csv, replace, passwords_out.as_deref(), &cfg),
+        UsersCmd::Export { output, cfg } => transfer::export(output.as_deref(), &cfg),
         UsersCmd::Disable { user, cfg } => set_disabled(&user, &cfg, true),
         UsersCmd::Enable { user, cfg } => set_disabled(&user, &cfg, false),
         UsersCmd::Remove { user, cfg } => {
@@ -623,7 +766,7 @@ fn users(cmd: UsersCmd) -> ExitCode {
                 Ok(n) => n,
                 Err(c) => return c,
             };
-            let code = edit(&cfg, |f, _| {
+            let code = edit(&cfg, &name, |f, _| {
                 f.users
                     .remove(&name)
                     .map(|_| errln!("removed {name}"))
@@ -639,7 +782,7 @@ fn set_disabled(user: &str, cfg: &UsersTarget, disabled: bool) -> ExitCode {
         Ok(n) => n,
         Err(c) => return c,
     };
-    let code = edit(cfg, |f, _| {
+    let code = edit(cfg, &name, |f, _| {
         let u = user_mut(f, &name)?;
         u.disabled = disabled;
         errln!("{name} {}", if disabled { "disabled" } else { "enabled" });
@@ -701,7 +844,7 @@ fn app_passwords(cmd: AppPasswordCmd) -> ExitCode {
             };
             let cap = auth.max_app_passwords_per_user;
             let mut shown = None;
-            let code = edit_at(&tgt, |f, _| {
+            let code = edit_at(&tgt, &name, |f, _| {
                 let u = f
                     .users
                     .get_mut(&name)
@@ -751,7 +894,7 @@ fn app_passwords(cmd: AppPasswordCmd) -> ExitCode {
                 Ok(n) => n,
                 Err(c) => return c,
             };
-            let code = edit(&cfg, |f, _| {
+            let code = edit(&cfg, &name, |f, _| {
                 let u = user_mut(f, &name)?;
                 let a = u
                     .app_passwords

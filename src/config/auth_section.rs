@@ -10,10 +10,14 @@ use crate::secret::Secret;
 
 pub(super) fn auth(cx: &mut Ctx, v: &Value) -> Option<AuthConfig> {
     if v.is_null() {
-        cx.err("auth", "is required (at least auth.users_file)");
+        cx.err(
+            "auth",
+            "is required (at least auth.secret_keys; users live in auth.store, or in auth.users_file)",
+        );
         return None;
     }
     let a: raw::Auth = cx.decode(v, "auth")?;
+    let store = store(cx, &a);
     let argon2 = match a.app_password.argon2 {
         None => Argon2Params::default(),
         Some(p) => {
@@ -148,7 +152,12 @@ pub(super) fn auth(cx: &mut Ctx, v: &Value) -> Option<AuthConfig> {
         }
     };
     Some(AuthConfig {
-        users_file: cx.path(&a.users_file),
+        users_file: a
+            .users_file
+            .as_deref()
+            .map(|f| cx.path(f))
+            .unwrap_or_default(),
+        store,
         secret_keys,
         active_key,
         argon2,
@@ -407,4 +416,122 @@ pub(super) fn key_bytes(raw: &Secret) -> Option<Secret> {
         .decode(text)
         .ok()?;
     (bytes.len() == 32).then(|| Secret::new(bytes))
+}
+
+/// `auth.store`: the backend (a users file alone means `file`; nothing at all means the
+/// embedded SQLite database), its connection, and the per-replica cache.
+fn store(cx: &mut Ctx, a: &raw::Auth) -> super::StoreConfig {
+    use super::StoreBackend;
+    let s = &a.store;
+    let backend = s.backend.unwrap_or(if a.users_file.is_some() {
+        StoreBackend::File
+    } else {
+        StoreBackend::Sqlite
+    });
+    match (backend, a.users_file.is_some()) {
+        (StoreBackend::File, false) => {
+            cx.err("auth.users_file", "is required with auth.store.backend: file");
+        }
+        (StoreBackend::Sqlite | StoreBackend::Postgres, true) => cx.err(
+            "auth.users_file",
+            format!(
+                "is only for auth.store.backend: file; move its users into the {} store with `imapgate users import FILE`",
+                backend.as_str()
+            ),
+        ),
+        _ => {}
+    }
+    let postgres = match (&s.postgres, backend) {
+        (Some(p), StoreBackend::Postgres) => postgres(cx, p),
+        (None, StoreBackend::Postgres) => {
+            cx.err(
+                "auth.store.postgres",
+                "is required with backend: postgres (url_file or url_env)",
+            );
+            None
+        }
+        (Some(_), _) => {
+            cx.err("auth.store.postgres", "is only read with backend: postgres");
+            None
+        }
+        (None, _) => None,
+    };
+    let cache_ttl = cx.duration(
+        s.cache_ttl.as_ref(),
+        "auth.store.cache_ttl",
+        defaults::STORE_CACHE_TTL,
+    );
+    if cache_ttl > Duration::from_secs(3600) {
+        cx.err("auth.store.cache_ttl", "must be at most 1h");
+    }
+    let poll_interval = cx.duration(
+        s.poll_interval.as_ref(),
+        "auth.store.poll_interval",
+        defaults::STORE_POLL_INTERVAL,
+    );
+    if poll_interval < Duration::from_millis(100) || poll_interval > Duration::from_secs(60) {
+        cx.err("auth.store.poll_interval", "must be between 100ms and 60s");
+    }
+    super::StoreConfig {
+        backend,
+        sqlite_path: cx.path(s.sqlite.path.as_deref().unwrap_or(defaults::SQLITE_PATH)),
+        postgres,
+        on_error: s.on_error.unwrap_or_default(),
+        cache_ttl,
+        poll_interval,
+    }
+}
+
+fn postgres(cx: &mut Ctx, p: &raw::Postgres) -> Option<super::PostgresConfig> {
+    let url = cx.secret_file_or_env(
+        "auth.store.postgres",
+        ["url_file", "url_env"],
+        p.url_file.as_deref(),
+        p.url_env.as_deref(),
+    );
+    if let Some(u) = &url {
+        let text = u.expose_str().unwrap_or("");
+        if !(text.starts_with("postgres://") || text.starts_with("postgresql://")) {
+            // Never echo the URL: it may hold a password.
+            cx.err(
+                "auth.store.postgres.url_file",
+                "the URL must start with postgres:// or postgresql://",
+            );
+        }
+    }
+    let ca_file = p.ca_file.as_deref().map(|f| cx.path(f));
+    if let Some(f) = &ca_file {
+        if !f.is_file() {
+            cx.err(
+                "auth.store.postgres.ca_file",
+                format!("cannot read {}", f.display()),
+            );
+        }
+    }
+    let pool_size = cx.count(
+        p.pool_size,
+        "auth.store.postgres.pool_size",
+        defaults::STORE_POOL_SIZE,
+    );
+    if !(1..=256).contains(&pool_size) {
+        cx.err("auth.store.postgres.pool_size", "must be between 1 and 256");
+    }
+    let statement_timeout = cx.duration(
+        p.statement_timeout.as_ref(),
+        "auth.store.postgres.statement_timeout",
+        defaults::STORE_STATEMENT_TIMEOUT,
+    );
+    if statement_timeout < Duration::from_millis(100) || statement_timeout > Duration::from_secs(60)
+    {
+        cx.err(
+            "auth.store.postgres.statement_timeout",
+            "must be between 100ms and 60s",
+        );
+    }
+    Some(super::PostgresConfig {
+        url: url?,
+        ca_file,
+        pool_size,
+        statement_timeout,
+    })
 }

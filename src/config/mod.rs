@@ -56,6 +56,11 @@ pub mod defaults {
     pub const FAILURE_FLOOR: Duration = Duration::from_secs(1);
     pub const UNLOCK_TTL: Duration = Duration::from_secs(12 * 3600);
     pub const VERIFIED_CACHE_TTL: Duration = Duration::from_secs(5 * 60);
+    pub const SQLITE_PATH: &str = "/var/lib/imapgate/imapgate.db";
+    pub const STORE_POOL_SIZE: u32 = 8;
+    pub const STORE_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const STORE_CACHE_TTL: Duration = Duration::from_secs(60);
+    pub const STORE_POLL_INTERVAL: Duration = Duration::from_secs(1);
     pub const CODE_DIGITS: u8 = 6;
     /// Active app passwords per user (`auth.max_app_passwords_per_user`).
     pub const MAX_APP_PASSWORDS_PER_USER: u32 = 20;
@@ -323,9 +328,66 @@ impl Default for Argon2Params {
     }
 }
 
+/// `auth.store.backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreBackend {
+    /// The YAML users file (`auth.users_file`), for GitOps setups.
+    File,
+    /// An embedded SQLite database: one node.
+    Sqlite,
+    /// PostgreSQL: several replicas.
+    Postgres,
+}
+
+impl StoreBackend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreBackend::File => "file",
+            StoreBackend::Sqlite => "sqlite",
+            StoreBackend::Postgres => "postgres",
+        }
+    }
+}
+
+/// `auth.store.on_error`: what logins do while the store cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreOnError {
+    /// Credentials in the verified cache keep working for its TTL; everything else fails.
+    #[default]
+    Cache,
+    /// Every login that needs the store fails.
+    FailClosed,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PostgresConfig {
+    /// `postgres://…` (may hold a password: never logged).
+    pub url: Secret,
+    pub ca_file: Option<PathBuf>,
+    pub pool_size: u32,
+    pub statement_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreConfig {
+    pub backend: StoreBackend,
+    pub sqlite_path: PathBuf,
+    pub postgres: Option<PostgresConfig>,
+    pub on_error: StoreOnError,
+    /// How long a replica keeps a user's record before reading it again (a change made through
+    /// the store reaches every replica sooner, through the change log).
+    pub cache_ttl: Duration,
+    /// How often each replica reads the store's change log.
+    pub poll_interval: Duration,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuthConfig {
+    /// The users file (`store.backend: file`; empty otherwise).
     pub users_file: PathBuf,
+    pub store: StoreConfig,
     /// Key ring for TOTP secrets at rest: (id, 32-byte key), and the id new ciphertexts use.
     pub secret_keys: Vec<(String, Secret)>,
     pub active_key: Option<String>,

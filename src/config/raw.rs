@@ -69,7 +69,10 @@ pub(super) struct Limits {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct Auth {
-    pub users_file: String,
+    /// The users file: `store.backend: file` (implied when given without a store section).
+    pub users_file: Option<String>,
+    #[serde(default)]
+    pub store: Store,
     #[serde(default)]
     pub secret_keys: Vec<SecretKey>,
     pub active_key: Option<String>,
@@ -79,7 +82,8 @@ pub(super) struct Auth {
     pub mfa: Mfa,
     pub verified_cache_ttl: Option<Scalar>,
     pub failure_floor: Option<Scalar>,
-    #[serde(default)]
+    /// Default true: revocations end live sessions.
+    #[serde(default = "yes")]
     pub revoke_closes_sessions: bool,
     #[serde(default)]
     pub oauth: OAuth,
@@ -89,6 +93,35 @@ pub(super) struct Auth {
     pub max_app_passwords_per_user: Option<u32>,
     #[serde(default)]
     pub allow_group_readable_secrets: bool,
+}
+
+/// `auth.store`: where users, app passwords and TOTP enrolments live.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Store {
+    pub backend: Option<super::StoreBackend>,
+    #[serde(default)]
+    pub sqlite: Sqlite,
+    pub postgres: Option<Postgres>,
+    pub on_error: Option<super::StoreOnError>,
+    pub cache_ttl: Option<Scalar>,
+    pub poll_interval: Option<Scalar>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Sqlite {
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Postgres {
+    pub url_file: Option<String>,
+    pub url_env: Option<String>,
+    pub ca_file: Option<String>,
+    pub pool_size: Option<u32>,
+    pub statement_timeout: Option<Scalar>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -395,4 +428,8 @@ pub(super) struct Tarpit {
     pub start: Option<Scalar>,
     pub max: Option<Scalar>,
     pub enforce: Option<bool>,
+}
+
+fn yes() -> bool {
+    true
 }

@@ -58,33 +58,79 @@ impl UserSessions {
     /// active in `file`. Returns how many were closed.
     pub fn close_revoked(&self, file: &crate::auth::users::UsersFile) -> usize {
         let Ok(map) = self.map.lock() else { return 0 };
-        let now = time::OffsetDateTime::now_utc();
         let mut closed = 0;
         for (user, list) in map.iter() {
-            let entry = file.users.get(user).filter(|u| !u.disabled);
-            for s in list {
-                // Token sessions have no app password (and their user need not be listed):
-                // only disabling the user ends them.
-                let active = if s.credential_id.starts_with("oauth:") {
-                    !file.users.get(user).is_some_and(|u| u.disabled)
-                } else {
-                    entry.is_some_and(|u| {
-                        u.app_passwords
-                            .iter()
-                            .any(|a| a.id == s.credential_id && a.is_active(now))
-                    })
-                };
-                if !active && !s.revoked.is_cancelled() {
-                    s.revoked.cancel();
-                    closed += 1;
-                }
-            }
+            closed += close_unless_allowed(list, file.users.get(user));
         }
         if closed > 0 {
             tracing::info!(sessions = closed, "closed sessions of revoked credentials");
         }
         closed
     }
+
+    /// [`Self::close_revoked`] for one user whose record is now `record` (`None`: deleted).
+    pub fn close_revoked_user(
+        &self,
+        user: &str,
+        record: Option<&crate::auth::users::User>,
+    ) -> usize {
+        let Ok(map) = self.map.lock() else { return 0 };
+        let closed = map
+            .get(user)
+            .map_or(0, |list| close_unless_allowed(list, record));
+        if closed > 0 {
+            tracing::info!(user = %user, sessions = closed, "closed sessions of revoked credentials");
+        }
+        closed
+    }
+
+    /// Ends sessions of `user`: all of them (`which` empty), those of one credential (an app
+    /// password id or `oauth:ISSUER`), or one session (`session:ID`).
+    pub fn close_matching(&self, user: &str, which: &str) -> usize {
+        let Ok(map) = self.map.lock() else { return 0 };
+        let mut closed = 0;
+        for s in map.get(user).into_iter().flatten() {
+            let hit = which.is_empty()
+                || s.credential_id == which
+                || which
+                    .strip_prefix("session:")
+                    .and_then(|id| id.parse::<u64>().ok())
+                    == Some(s.id);
+            if hit && !s.revoked.is_cancelled() {
+                s.revoked.cancel();
+                closed += 1;
+            }
+        }
+        if closed > 0 {
+            tracing::info!(user = %user, sessions = closed, "sessions ended by an operator");
+        }
+        closed
+    }
+}
+
+/// Cancels the sessions in `list` that `record` no longer allows; how many.
+fn close_unless_allowed(list: &[SessionEntry], record: Option<&crate::auth::users::User>) -> usize {
+    let now = time::OffsetDateTime::now_utc();
+    let enabled = record.filter(|u| !u.disabled);
+    let mut closed = 0;
+    for s in list {
+        // Token sessions have no app password (and their user need not be listed): only
+        // disabling the user ends them.
+        let active = if s.credential_id.starts_with("oauth:") {
+            !record.is_some_and(|u| u.disabled)
+        } else {
+            enabled.is_some_and(|u| {
+                u.app_passwords
+                    .iter()
+                    .any(|a| a.id == s.credential_id && a.is_active(now))
+            })
+        };
+        if !active && !s.revoked.is_cancelled() {
+            s.revoked.cancel();
+            closed += 1;
+        }
+    }
+    closed
 }
 
 impl Drop for UserSlot {

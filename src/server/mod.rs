@@ -50,6 +50,8 @@ pub enum StartError {
     Metrics(String),
     #[error("state store: {0}")]
     State(crate::state::StoreError),
+    #[error("credential store: {0}")]
+    Credentials(#[from] crate::store::StoreError),
 }
 
 /// A started gateway, for the binary and for tests.
@@ -283,12 +285,20 @@ impl Gateway {
             )
             .fail_closed(fail_closed),
         );
-        let store = Arc::new(CredentialStore::open(
+        let user_store = match config.auth.store.backend {
+            crate::config::StoreBackend::File => None,
+            _ => Some(crate::store::open(&config.auth).await?),
+        };
+        let store = Arc::new(CredentialStore::open_with(
             &config.auth,
+            user_store.clone(),
             state.clone(),
             metrics.clone(),
         )?);
-        tracing::info!(users = store.user_count(), "users file loaded");
+        match &user_store {
+            None => tracing::info!(users = store.user_count(), "users file loaded"),
+            Some(s) => tracing::info!(backend = s.backend().as_str(), "credential store opened"),
+        }
         let upstreams = Arc::new(Upstreams::new(config.clone())?);
 
         let mut bound = Vec::new();
@@ -338,6 +348,15 @@ impl Gateway {
             let sessions = shared.login.user_sessions.clone();
             store.set_reload_hook(Box::new(move |file| {
                 sessions.close_revoked(file);
+            }));
+            let sessions = shared.login.user_sessions.clone();
+            store.set_change_hook(Box::new(move |event, record| match event.kind {
+                crate::store::ChangeKind::User => {
+                    sessions.close_revoked_user(&event.user, record);
+                }
+                crate::store::ChangeKind::Sessions => {
+                    sessions.close_matching(&event.user, &event.credential);
+                }
             }));
         }
         let admission = Arc::new(Admission::new(
@@ -390,6 +409,7 @@ impl Gateway {
                 .clone()
                 .watch(Duration::from_secs(2), background.clone()),
         );
+        tokio::spawn(store.clone().follow_changes(background.clone()));
         tokio::spawn(
             guard
                 .clone()

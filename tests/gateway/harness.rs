@@ -663,6 +663,20 @@ pub(crate) struct Options {
     pub state: String,
     /// A scripted backend (plain TCP) instead of the real Dovecot.
     pub backend_address: Option<SocketAddr>,
+    /// Where the users live (the harness imports its users into a database store).
+    pub store: TestStore,
+}
+
+/// The credential store of a test gateway.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) enum TestStore {
+    /// The users file.
+    #[default]
+    File,
+    /// An SQLite database in the test's directory.
+    Sqlite,
+    /// A PostgreSQL database (its URL).
+    Postgres(String),
 }
 
 /// The guard in tests that are not about it: the production budgets, a short tarpit so that
@@ -688,6 +702,7 @@ impl Default for Options {
             extra_listeners: "",
             state: String::new(),
             backend_address: None,
+            store: TestStore::File,
         }
     }
 }
@@ -793,7 +808,7 @@ tls:
 limits:
 {limits}
 auth:
-  users_file: "{users}"
+{store_yaml}
   app_password: {{ argon2: {{ m_kib: 1024, t: 1, p: 1 }} }}
   failure_floor: {floor}
   secret_keys: [{{ id: k1, file: "{keyfile}" }}]
@@ -833,7 +848,21 @@ admin: {{ address: "127.0.0.1:0", health_interval: 1s, token_file: "{admin_token
             } else {
                 opts.limits.clone()
             },
-            users = users_file.display(),
+            store_yaml = match &opts.store {
+                TestStore::File => format!("  users_file: \"{}\"", users_file.display()),
+                TestStore::Sqlite => format!(
+                    "  store: {{ backend: sqlite, sqlite: {{ path: \"{}\" }}, poll_interval: 200ms }}",
+                    dir.path().join("imapgate.db").display()
+                ),
+                TestStore::Postgres(url) => {
+                    let p = dir.path().join("pg.url");
+                    write_secret(&p, url);
+                    format!(
+                        "  store: {{ backend: postgres, postgres: {{ url_file: \"{}\" }}, poll_interval: 200ms }}",
+                        p.display()
+                    )
+                }
+            },
             floor = opts.failure_floor,
             mfa = opts.mfa,
             keyfile = dir.path().join("k1.key").display(),
@@ -865,6 +894,10 @@ admin: {{ address: "127.0.0.1:0", health_interval: 1s, token_file: "{admin_token
         std::fs::write(&config_path, &yaml).unwrap();
         let config =
             Config::load(&config_path).unwrap_or_else(|e| panic!("test config invalid: {e}"));
+        if opts.store != TestStore::File {
+            let store = imapgate::store::open(&config.auth).await.unwrap();
+            store.import(&file, true).await.unwrap();
+        }
         let gw = Gateway::start(config).await.unwrap();
         Some(TestGateway {
             totp,

@@ -9,6 +9,7 @@
 //! With `IMAPGATE_REQUIRE_REAL=1`, a missing real component (Dovecot, curl, python3) fails.
 
 mod harness;
+mod pg;
 
 mod audit;
 mod clients;
@@ -25,5 +26,6 @@ mod preauth_input;
 mod relay;
 mod shared_state;
 mod shutdown;
+mod store;
 mod tls_front;
 mod upstream;
