@@ -25,5 +25,6 @@ mod preauth_input;
 mod relay;
 mod shared_state;
 mod shutdown;
+mod systemd_notify;
 mod tls_front;
 mod upstream;
