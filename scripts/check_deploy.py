@@ -19,7 +19,8 @@ Without tools:
     line naming that <image>:<tag> (the check is first run on an unpinned sample, which it must
     refuse); the binary is built with `cargo auditable build` and a version-pinned cargo-auditable;
     scripts/pin-images.sh, run against a copy with a stand-in registry client, rewrites a stale
-    digest, keeps a current one and exits 2 without a client.
+    digest, keeps a current one and exits 2 without a client; docs/operations.md has the
+    "Build, sign and publish" section (buildx, SBOM, cosign, helm push, the pin refresh).
 With tools, when they are there: `promtool check rules` and `promtool test rules` on the alerts,
 and `promtool check rules` on the dashboard's queries (as recording rules, for their syntax);
 `systemd-analyze verify` on the unit; checkov on the Dockerfile.
@@ -489,6 +490,18 @@ def check_dockerfile(repo: Path, checkov: Path | None, report: Reporter) -> None
         "cargo-auditable must be installed with --locked and a pinned --version",
     )
     check_pin_script(repo, report)
+    # docs/operations.md says how to build, sign and publish what this Dockerfile builds.
+    operations = repo / "docs" / "operations.md"
+    guide = operations.read_text(encoding="utf-8") if operations.is_file() else ""
+    report.check(
+        "build-sign-and-publish" in github_anchors(guide),
+        "docs/operations.md",
+        "needs a section 'Build, sign and publish'",
+    )
+    for needed in ("buildx build", "scripts/sbom.sh", "scripts/pin-images.sh", "cosign sign", "cosign verify",
+                   "cosign attest --yes --type cyclonedx", "helm package", "helm push", "helm install mail oci://",
+                   "cargo audit bin"):
+        report.check(needed in guide, "docs/operations.md", f"'Build, sign and publish' must show `{needed}`")
     stages = [l for l in lines if l.upper().startswith("FROM ")]
     report.check(len(stages) >= 2, where, "must be multi-stage (build and runtime)")
     last = max(i for i, l in enumerate(lines) if l.upper().startswith("FROM "))
