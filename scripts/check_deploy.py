@@ -14,7 +14,13 @@ Without tools:
     every documented metric is on the dashboard; the chart's copy
     (helm/imapgate/files/imapgate-dashboard.json, for its dashboard ConfigMap) is identical.
   * deploy/systemd/imapgate.service carries the hardening the project promises.
-  * deploy/Dockerfile is multi-stage and runs as a numeric non-root user.
+  * deploy/Dockerfile is multi-stage and runs as a numeric non-root user; every base image (FROM,
+    and ARG *_IMAGE defaults) is pinned as <image>:<tag>@sha256:<64 hex> under a "# tag:" comment
+    line naming that <image>:<tag> (the check is first run on an unpinned sample, which it must
+    refuse); the binary is built with `cargo auditable build` and a version-pinned cargo-auditable;
+    scripts/pin-images.sh, run against a copy with a stand-in registry client, rewrites a stale
+    digest, keeps a current one and exits 2 without a client; docs/operations.md has the
+    "Build, sign and publish" section (buildx, SBOM, cosign, helm push, the pin refresh).
 With tools, when they are there: `promtool check rules` and `promtool test rules` on the alerts,
 and `promtool check rules` on the dashboard's queries (as recording rules, for their syntax);
 `systemd-analyze verify` on the unit; checkov on the Dockerfile.
@@ -309,6 +315,9 @@ UNIT_HARDENING: dict[str, str] = {
     "ConfigurationDirectory": "imapgate",
     "ExecReload": "/bin/kill -HUP $MAINPID",
     "UMask": "0077",
+    # sd_notify: READY=1 once serving, RELOADING=1/READY=1 around SIGHUP, STOPPING=1 (server::notify).
+    "Type": "notify",
+    "NotifyAccess": "main",
 }
 
 
@@ -336,10 +345,163 @@ def check_systemd_unit(repo: Path, systemd_analyze: str | None, imapgate: Path |
         report.check(status == 0 and not out.strip(), f"systemd-analyze verify {where}", out or f"exit {status}")
 
 
+# Base images: <image>:<tag>@sha256:<64 hex>, the tag also on a "# tag:" line just above.
+PINNED_IMAGE = re.compile(r"^(?P<image>[^\s@]+:[^\s@:/]+)@sha256:[0-9a-f]{64}$")
+FROM_LINE = re.compile(r"^FROM\s+(?:--platform=\S+\s+)?(?P<ref>\S+)(?:\s+AS\s+(?P<stage>\S+))?\s*$", re.IGNORECASE)
+ARG_IMAGE = re.compile(r"^ARG\s+(?P<name>[A-Za-z0-9_]*_IMAGE)(?:=(?P<default>\S*))?\s*$", re.IGNORECASE)
+ARG_REF = re.compile(r"^\$\{?(?P<name>[A-Za-z0-9_]+)\}?$")
+TAG_LINE = re.compile(r"^#\s*tag:\s*(?P<image>\S+)\s*$")
+# The Dockerfile as it was before the base images were pinned: the pin check must refuse it.
+UNPINNED_SAMPLE = """ARG RUST_IMAGE=rust:1-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+FROM ${RUST_IMAGE} AS build
+FROM ${RUNTIME_IMAGE}
+"""
+
+
+def image_pin_problems(text: str) -> list[str]:
+    """Every base image of a Dockerfile that is not pinned by digest under a "# tag:" line."""
+    lines = [l.strip() for l in text.splitlines()]
+    problems: list[str] = []
+    stages: set[str] = set()
+    pinned_args: set[str] = set()
+    seen_from = False
+
+    def tags_above(index: int) -> set[str]:
+        tags = set()
+        i = index - 1
+        while i >= 0 and lines[i].startswith("#"):
+            match = TAG_LINE.match(lines[i])
+            if match:
+                tags.add(match.group("image"))
+            i -= 1
+        return tags
+
+    def pinned(ref: str, index: int, what: str) -> bool:
+        match = PINNED_IMAGE.match(ref)
+        if not match:
+            problems.append(f"line {index + 1}: {what} {ref!r} is not pinned as <image>:<tag>@sha256:<64 hex>")
+            return False
+        if match.group("image") not in tags_above(index):
+            problems.append(f"line {index + 1}: {what} needs a '# tag: {match.group('image')}' comment line above it")
+            return False
+        return True
+
+    for index, line in enumerate(lines):
+        arg = ARG_IMAGE.match(line)
+        if arg and not seen_from:
+            name, default = arg.group("name"), arg.group("default")
+            if default and pinned(default, index, f"ARG {name} default"):
+                pinned_args.add(name)
+            elif not default:
+                problems.append(f"line {index + 1}: ARG {name} has no pinned default")
+            continue
+        found = FROM_LINE.match(line)
+        if not found:
+            continue
+        seen_from = True
+        ref = found.group("ref")
+        variable = ARG_REF.match(ref)
+        if ref.lower() == "scratch" or ref in stages:
+            pass
+        elif variable:
+            name = variable.group("name")
+            if name not in pinned_args:
+                problems.append(f"line {index + 1}: FROM {ref} needs a global ARG {name} with a pinned default")
+        else:
+            pinned(ref, index, "FROM")
+        if found.group("stage"):
+            stages.add(found.group("stage"))
+    return problems
+
+
+def check_pin_script(repo: Path, report: Reporter) -> None:
+    """scripts/pin-images.sh against a copy of the Dockerfile, with a stand-in `crane` that gives a
+    new digest for the Rust image and the pinned one for the runtime image."""
+    script = repo / "scripts" / "pin-images.sh"
+    where = "scripts/pin-images.sh"
+    if not report.check(script.is_file(), where, "is missing"):
+        return
+    original = (repo / "deploy" / "Dockerfile").read_text(encoding="utf-8")
+    refs = re.findall(r"^FROM\s+(\S+@sha256:[0-9a-f]{64})", original, re.MULTILINE)
+    if not report.check(len(refs) >= 2, where, "self-test needs two pinned FROM lines in deploy/Dockerfile"):
+        return
+    stale, current = refs[0], refs[-1]
+    new_digest = "sha256:" + "0123456789abcdef" * 4
+    with tempfile.TemporaryDirectory() as tmp:
+        bin_dir = Path(tmp) / "bin"
+        bin_dir.mkdir()
+        crane = bin_dir / "crane"
+        crane.write_text(
+            "#!/bin/sh\n"
+            '[ "$1" = digest ] || exit 1\n'
+            f'[ "$2" = "{stale.split("@")[0]}" ] && {{ echo {new_digest}; exit 0; }}\n'
+            f'[ "$2" = "{current.split("@")[0]}" ] && {{ echo {current.split("@")[1]}; exit 0; }}\n'
+            "exit 1\n",
+            encoding="utf-8",
+        )
+        crane.chmod(0o755)
+        copy = Path(tmp) / "Dockerfile"
+        copy.write_text(original, encoding="utf-8")
+        env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", PIN_IMAGES_TOOL="crane")
+        status, out = run(["bash", str(script), "--check", str(copy)], timeout=60, env=env)
+        report.check(status == 1, where, f"--check must exit 1 on a stale pin (exit {status}): {out}")
+        status, out = run(["bash", str(script), str(copy)], timeout=60, env=env)
+        text = copy.read_text(encoding="utf-8")
+        report.check(
+            status == 0 and f"{stale.split('@')[0]}@{new_digest}" in text and current in text,
+            where,
+            f"did not rewrite the stale digest and keep the current one (exit {status}): {out}",
+        )
+        report.check(not image_pin_problems(text), where, f"left the pins unchecked: {image_pin_problems(text)}")
+        status, out = run(["bash", str(script), "--check", str(copy)], timeout=60, env=env)
+        report.check(status == 0, where, f"--check must exit 0 once the pins are current (exit {status}): {out}")
+        env["PIN_IMAGES_TOOL"] = "none"
+        status, out = run(["bash", str(script), str(copy)], timeout=60, env=env)
+        report.check(
+            status == 2 and copy.read_text(encoding="utf-8") == text,
+            where,
+            f"without a registry client it must exit 2 and change nothing (exit {status}): {out}",
+        )
+
+
 def check_dockerfile(repo: Path, checkov: Path | None, report: Reporter) -> None:
     path = repo / "deploy" / "Dockerfile"
     where = str(path.relative_to(repo))
-    lines = [l.strip() for l in path.read_text(encoding="utf-8").splitlines()]
+    text = path.read_text(encoding="utf-8")
+    lines = [l.strip() for l in text.splitlines()]
+    # A check that cannot fail is a defect: the unpinned shape must be refused first.
+    report.check(
+        len(image_pin_problems(UNPINNED_SAMPLE)) == 4,
+        "check_deploy self-test",
+        f"the pin check must refuse every unpinned base image: {image_pin_problems(UNPINNED_SAMPLE)}",
+    )
+    for problem in image_pin_problems(text):
+        report.fail(where, problem)
+    report.check(
+        re.search(r"^\s*cargo auditable build --release --locked\b", text, re.MULTILINE) is not None
+        and re.search(r"^\s*cargo build\b", text, re.MULTILINE) is None,
+        where,
+        "the binary must be built with `cargo auditable build --release --locked` (its dependency list in .dep-v0)",
+    )
+    report.check(
+        re.search(r"cargo install cargo-auditable --locked --version \S+", text) is not None,
+        where,
+        "cargo-auditable must be installed with --locked and a pinned --version",
+    )
+    check_pin_script(repo, report)
+    # docs/operations.md says how to build, sign and publish what this Dockerfile builds.
+    operations = repo / "docs" / "operations.md"
+    guide = operations.read_text(encoding="utf-8") if operations.is_file() else ""
+    report.check(
+        "build-sign-and-publish" in github_anchors(guide),
+        "docs/operations.md",
+        "needs a section 'Build, sign and publish'",
+    )
+    for needed in ("buildx build", "scripts/sbom.sh", "scripts/pin-images.sh", "cosign sign", "cosign verify",
+                   "cosign attest --yes --type cyclonedx", "helm package", "helm push", "helm install mail oci://",
+                   "cargo audit bin"):
+        report.check(needed in guide, "docs/operations.md", f"'Build, sign and publish' must show `{needed}`")
     stages = [l for l in lines if l.upper().startswith("FROM ")]
     report.check(len(stages) >= 2, where, "must be multi-stage (build and runtime)")
     last = max(i for i, l in enumerate(lines) if l.upper().startswith("FROM "))

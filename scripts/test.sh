@@ -11,7 +11,9 @@
 # imapgate check-config with the binary step 4 built), 6 scripts/demo.sh --check --oauth (the
 # demo, TOTP and OAuth), 7 scripts/tls_scan.sh (sslscan and openssl against both listener kinds
 # of the binary step 4 built), 8 fuzz/run.sh --smoke (every fuzz target for 10 s, stable Rust,
-# `-s none`; cargo-fuzz is installed with `cargo install --locked` when missing).
+# `-s none`; cargo-fuzz is installed with `cargo install --locked` when missing), 9 scripts/sbom.sh
+# (the binary's CycloneDX SBOM in target/sbom, checked; cargo-cyclonedx is installed with
+# `cargo install --locked` when missing, about 2-3 minutes once, then reused).
 #
 # Expects a Debian 12 machine with cargo (rustfmt and clippy components), run as root (the test
 # harness and the demo start Dovecot, which must start as root). Warm runs skip apt and reuse
@@ -40,7 +42,7 @@ SYSTEM_PACKAGES=(
 ADVISORY_SRC=../shared/advisory-db
 DENY_DB_ROOT=/tmp/deny-dbs
 DENY_DB="$DENY_DB_ROOT/advisory-db-3157b0e258782691" # the name cargo-deny gives the default URL
-TOTAL_STEPS=8
+TOTAL_STEPS=9
 
 STARTED=$SECONDS
 STEP_NO=0
@@ -179,3 +181,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked
 fi
 bash fuzz/run.sh --smoke
+
+# --- 9 ---------------------------------------------------------------------------------------
+begin "SBOM (scripts/sbom.sh: CycloneDX of the imapgate binary, checked)"
+bash scripts/sbom.sh

@@ -273,7 +273,9 @@ fn run(path: &Path) -> ExitCode {
         Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
     };
     let code = rt.block_on(async move {
-        let gw = match crate::server::Gateway::start(config).await {
+        // systemd Type=notify: READY/RELOADING/STOPPING go to $NOTIFY_SOCKET when it is set.
+        let notify = crate::server::notify::Notifier::from_env();
+        let gw = match crate::server::Gateway::start_notifying(config, notify).await {
             Ok(g) => g,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");

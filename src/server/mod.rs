@@ -7,8 +7,12 @@
 //!
 //! Shutdown (DESIGN.md): readiness off → keep accepting for `shutdown_delay` → stop accepting,
 //! `* BYE` to pre-auth sessions → relayed sessions get `shutdown_grace` → closed.
+//!
+//! Under systemd (`Type=notify`, see [`notify`]) the gateway reports `READY=1` when it serves,
+//! `RELOADING=1` … `READY=1` around a SIGHUP reload and `STOPPING=1` when draining starts.
 
 pub mod admission;
+pub mod notify;
 pub mod proxy;
 
 use std::net::SocketAddr;
@@ -63,6 +67,10 @@ pub struct Gateway {
     shutdown: CancellationToken,
     done: tokio::sync::oneshot::Receiver<()>,
     reload: Arc<Reloadable>,
+    /// systemd's notify socket (disabled unless `start_notifying` got one).
+    notify: Arc<notify::Notifier>,
+    /// What `STATUS=` says while serving.
+    serving: String,
 }
 
 /// What SIGHUP (or a change of the configuration file) reloads without touching live sessions.
@@ -104,15 +112,18 @@ impl Reloadable {
     }
 
     /// Re-reads the configuration file (when there is one), then the certificates and the
-    /// users file. A broken or restart-only change keeps everything as it was.
-    fn run(&self) {
+    /// users file. A broken or restart-only change keeps everything as it was. Returns the
+    /// configuration's outcome (`ok`, `error`, `restart_needed`; None without a file).
+    fn run(&self) -> Option<&'static str> {
         let current = self.current();
+        let mut outcome = None;
         if let Some(path) = &current.source {
             let result = self.config(&current, path);
             self.metrics
                 .config_reloads
                 .with_label_values(&[result])
                 .inc();
+            outcome = Some(result);
         }
         let tls = self.current().tls.clone();
         match self.resolver.replace(&tls) {
@@ -125,6 +136,7 @@ impl Reloadable {
         export_limits(&self.metrics, &self.current());
         self.users.reload();
         observe::reopen_audit_log();
+        outcome
     }
 
     fn config(&self, current: &Config, path: &std::path::Path) -> &'static str {
@@ -244,6 +256,16 @@ impl Reloadable {
 impl Gateway {
     /// Binds everything and starts serving. Errors here are start-up errors (exit non-zero).
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
+        Self::start_notifying(config, notify::Notifier::disabled()).await
+    }
+
+    /// [`Gateway::start`], telling a service manager (systemd `Type=notify`) through `notify`
+    /// when it serves, reloads and drains.
+    pub async fn start_notifying(
+        config: Config,
+        notify: notify::Notifier,
+    ) -> Result<Gateway, StartError> {
+        let notify = Arc::new(notify);
         let config = Arc::new(config);
         for w in &config.warnings {
             tracing::warn!("{w}");
@@ -424,6 +446,7 @@ impl Gateway {
         let limits = config.limits.clone();
         let h = health.clone();
         let sd = shutdown.clone();
+        let drain_notify = notify.clone();
         tokio::spawn(async move {
             sd.cancelled().await;
             h.draining.store(true, Ordering::Relaxed);
@@ -438,6 +461,10 @@ impl Gateway {
                 sessions = tracker.len(),
                 "stopped accepting; draining sessions"
             );
+            drain_notify.status(&format!(
+                "draining: stopped accepting, {} sessions left",
+                tracker.len()
+            ));
             // Relayed sessions end by themselves after the grace; allow a little slack.
             let _ = tokio::time::timeout(
                 limits.shutdown_grace + Duration::from_secs(5),
@@ -464,6 +491,15 @@ impl Gateway {
                 .clone()
                 .watch(Duration::from_secs(2), background_watch),
         );
+        // Every listener is bound (connections queue from here on), the accept loops and the
+        // admin server are spawned: the gateway serves.
+        let names: Vec<&str> = addrs.iter().map(|(n, _)| n.as_str()).collect();
+        let serving = format!(
+            "serving {} listeners ({}), admin on {admin_addr}",
+            addrs.len(),
+            names.join(", ")
+        );
+        notify.ready(&serving);
         Ok(Gateway {
             listeners: addrs,
             admin: admin_addr,
@@ -472,18 +508,33 @@ impl Gateway {
             shutdown,
             done,
             reload,
+            notify,
+            serving,
         })
     }
 
     /// SIGHUP: re-reads the configuration file (certificates, users file, guard policy and
     /// lists, backends and routes apply at once; other sections need a restart and are only
     /// reported), the certificates and the users file. A failure keeps what was loaded before.
+    /// The service manager hears `RELOADING=1` before and `READY=1` after (the gateway serves
+    /// on, with the old configuration when the new one was refused).
     pub fn reload(&self) {
-        self.reload.run();
+        self.notify
+            .reloading("reloading configuration, certificates and users");
+        let outcome = match self.reload.run() {
+            Some("ok") | None => "reloaded",
+            Some("restart_needed") => "reloaded; some changes need a restart (see the log)",
+            Some(_) => "reload refused, previous configuration in use (see the log)",
+        };
+        self.notify.ready(&format!("{}; {outcome}", self.serving));
     }
 
     /// Begins the shutdown sequence.
     pub fn shutdown(&self) {
+        if !self.shutdown.is_cancelled() {
+            self.notify
+                .stopping("draining: readiness off, finishing sessions");
+        }
         self.shutdown.cancel();
     }
 

@@ -1163,6 +1163,18 @@ pub(crate) fn start_binary(t: &TestGateway) -> Binary {
 /// [`start_binary`] with this `logging:` line instead (`{dir}` stands for the binary's
 /// directory), e.g. another audit sink or format.
 pub(crate) fn start_binary_with(t: &TestGateway, logging: Option<&str>) -> Binary {
+    let b = spawn_binary(t, logging, &[]);
+    wait_for_admin(&b);
+    b
+}
+
+/// [`start_binary_with`] with these extra environment variables, returning as soon as the
+/// process is spawned (its ports may not be bound yet).
+pub(crate) fn spawn_binary(
+    t: &TestGateway,
+    logging: Option<&str>,
+    env: &[(&str, &std::ffi::OsStr)],
+) -> Binary {
     let dir = tempfile::tempdir().unwrap();
     let (imaps, imap, admin) = (free_port(), free_port(), free_port());
     let yaml = t
@@ -1204,28 +1216,33 @@ pub(crate) fn start_binary_with(t: &TestGateway, logging: Option<&str>) -> Binar
     let child = Command::new(env!("CARGO_BIN_EXE_imapgate"))
         .args(["run", "-c"])
         .arg(&cfg)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
         .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
         .spawn()
         .unwrap();
-    for i in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", admin)).is_ok() {
-            break;
-        }
-        assert!(
-            i < 99,
-            "binary did not start: {}",
-            std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
     Binary {
         child,
         dir,
         imaps,
         imap,
         admin,
+    }
+}
+
+/// Waits (up to 10 s) until the binary's admin port accepts.
+fn wait_for_admin(b: &Binary) {
+    for i in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", b.admin)).is_ok() {
+            break;
+        }
+        assert!(
+            i < 99,
+            "binary did not start: {}",
+            std::fs::read_to_string(b.dir.path().join("stderr.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

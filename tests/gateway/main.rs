@@ -27,5 +27,6 @@ mod relay;
 mod shared_state;
 mod shutdown;
 mod store;
+mod systemd_notify;
 mod tls_front;
 mod upstream;
