@@ -192,3 +192,35 @@ mod verify_in_tests {
         assert_eq!(mem.len(), 1024);
     }
 }
+
+/// Hashes made before the upgrade to argon2 0.6 / password-hash 0.6 (by argon2 0.5.3, through
+/// [`hash`]): users files hold such strings, so they must keep verifying, and parse as the
+/// users file and the store parse them.
+#[cfg(test)]
+mod stored_hash_compat {
+    use super::*;
+
+    const PW: &[u8] = b"qwertzuiopasdfgh";
+    /// The default parameters (`m=19456,t=2,p=1`).
+    const DEFAULT: &str = "$argon2id$v=19$m=19456,t=2,p=1$v7xjbgcsFfZJVnjzuU0RCg$GxjVVsdWrk1hcCWYsgstWKMCmp8caQfuZ0tAoOpxYno";
+    /// Cheap parameters, with a `/` in the salt's B64 alphabet.
+    const LIGHT: &str = "$argon2id$v=19$m=256,t=1,p=1$dGwJLCoMqnLhYxkL/64nJg$KvqlkXDfgqPuURR9jVuuP6dakfZOOWLf4ZcJpH73ORg";
+
+    #[test]
+    fn hashes_from_argon2_0_5_still_verify() {
+        let pw = Secret::from_slice(PW);
+        let wrong = Secret::from_slice(b"qwertzuiopasdfgj");
+        let mut mem = Vec::new();
+        for phc in [DEFAULT, LIGHT] {
+            assert!(PasswordHash::new(phc).is_ok(), "{phc} no longer parses");
+            assert!(verify(&pw, phc), "{phc} no longer verifies");
+            assert!(verify_in(&pw, phc, &mut mem), "{phc} no longer verifies");
+            assert!(!verify(&wrong, phc));
+            assert!(!verify_in(&wrong, phc, &mut mem));
+        }
+        // A new hash has the same shape, so old and new lines sit side by side in a users file.
+        let new = hash(&pw, Argon2Params::light(256)).unwrap();
+        assert!(new.starts_with("$argon2id$v=19$m=256,t=1,p=1$"), "{new}");
+        assert_eq!(new.len(), LIGHT.len());
+    }
+}

@@ -289,4 +289,33 @@ mod tests {
         let empty = KeyRing::new(Vec::new(), None);
         assert_eq!(empty.lookup_index(&pw), Err(KeyError::NoActiveKey));
     }
+
+    /// A TOTP secret encrypted before the upgrade to chacha20poly1305 0.11 (by 0.10.1, through
+    /// [`KeyRing::encrypt`]; key bytes 0..32 as `k1`): users files hold such ciphertexts, so
+    /// they must keep decrypting, bound to their user.
+    #[test]
+    fn ciphertext_from_chacha20poly1305_0_10_still_decrypts() {
+        const STORED: &str =
+            "k1:VptfxGcQFSuW8JfKQgFa0k/Af0NjvkHlyrctQD+3eobtEWaSwGjzqyv2QVc/gc+Iemk7O6FWYBZfCbKs";
+        let r = KeyRing::new(
+            vec![("k1".into(), Secret::new((0u8..32).collect()))],
+            Some("k1".into()),
+        );
+        assert_eq!(
+            r.decrypt("alice@example.org", STORED).unwrap(),
+            Secret::from_slice(b"JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP")
+        );
+        assert_eq!(
+            r.decrypt("bob@example.org", STORED),
+            Err(KeyError::Decrypt("k1".into()))
+        );
+        // What the new code writes has the same layout (12-byte nonce, ciphertext, 16-byte tag).
+        let again = r
+            .encrypt(
+                "alice@example.org",
+                &Secret::from_slice(b"JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"),
+            )
+            .unwrap();
+        assert_eq!(again.len(), STORED.len());
+    }
 }
