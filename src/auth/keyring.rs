@@ -16,7 +16,7 @@ use base64::Engine;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use hmac::{Hmac, Mac};
-use rand::Rng;
+use rand::RngExt;
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
@@ -134,7 +134,10 @@ impl KeyRing {
 
     fn cipher(&self, id: &str) -> Option<ChaCha20Poly1305> {
         let (_, key) = self.keys.iter().find(|(k, _)| k == id)?;
-        Some(ChaCha20Poly1305::new(Key::from_slice(key.expose())))
+        // A key of another length than 32 bytes is refused by the configuration; here it is
+        // simply not usable.
+        let key = Key::try_from(key.expose()).ok()?;
+        Some(ChaCha20Poly1305::new(&key))
     }
 
     /// Encrypts `plain` for `user` under the active key.
@@ -146,7 +149,7 @@ impl KeyRing {
         let nonce: [u8; NONCE] = rand::rng().random();
         let ct = cipher
             .encrypt(
-                Nonce::from_slice(&nonce),
+                &Nonce::from(nonce),
                 Payload {
                     msg: plain.expose(),
                     aad: user.as_bytes(),
@@ -171,12 +174,13 @@ impl KeyRing {
             return Err(KeyError::Format);
         }
         let (nonce, ct) = blob.split_at(NONCE);
+        let nonce = Nonce::try_from(nonce).map_err(|_| KeyError::Format)?;
         let cipher = self
             .cipher(id)
             .ok_or_else(|| KeyError::UnknownKey(id.to_owned()))?;
         cipher
             .decrypt(
-                Nonce::from_slice(nonce),
+                &nonce,
                 Payload {
                     msg: ct,
                     aad: user.as_bytes(),
