@@ -10,6 +10,7 @@
 
 mod harness;
 
+mod admin_http;
 mod audit;
 mod clients;
 mod config_files;
