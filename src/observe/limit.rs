@@ -20,9 +20,10 @@
 //! changing the low bits; an IPv4-mapped IPv6 address counts as the IPv4 address.
 //!
 //! Memory is bounded: each per-address map holds at most [`MAX_KEYS`] addresses. When one is
-//! full, addresses whose cells are back to fresh are dropped (`retain_recent`); if it is still
-//! full, a new address is not tracked per address, and only the `overall` cap applies to it
-//! (probes: none). The lockouts are bounded the same way.
+//! full, addresses whose cells are back to fresh are dropped (`retain_recent`, at most once a
+//! second while that frees nothing); if it is still full, a request is not tracked per address
+//! and only the `overall` cap applies to it (probes: none). The lockouts are bounded the same
+//! way.
 //!
 //! Refusals are counted in `imapgate_http_requests_limited_total{server, limit}`, labels from
 //! [`Server`] and [`LimitKind`] (closed sets).
@@ -138,8 +139,64 @@ fn client_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-type Keyed =
+type Cells =
     RateLimiter<IpAddr, HashMapStateStore<IpAddr>, DefaultClock, StateInformationMiddleware>;
+
+/// A per-address budget: `governor`'s keyed cells, bounded to [`MAX_KEYS`] addresses.
+struct Keyed {
+    cells: Cells,
+    /// No `retain_recent` before this: a sweep that freed nothing is not repeated for
+    /// [`SWEEP_BACKOFF`], so a flood from many addresses costs one O(n) pass a second, not one
+    /// per request.
+    quiet_until: Mutex<Option<Instant>>,
+}
+
+/// See [`Keyed::quiet_until`].
+const SWEEP_BACKOFF: Duration = Duration::from_secs(1);
+
+impl Keyed {
+    fn new(q: Quota) -> Self {
+        Self {
+            cells: RateLimiter::hashmap(q).with_middleware::<StateInformationMiddleware>(),
+            quiet_until: Mutex::new(None),
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.cells.len()
+    }
+
+    /// Whether a new address fits, after dropping the cells that are back to fresh if needed.
+    fn has_room(&self) -> bool {
+        if self.cells.len() < MAX_KEYS {
+            return true;
+        }
+        let now = Instant::now();
+        let Ok(mut quiet) = self.quiet_until.lock() else {
+            return false;
+        };
+        if quiet.is_some_and(|t| now < t) {
+            return false;
+        }
+        self.cells.retain_recent();
+        let room = self.cells.len() < MAX_KEYS;
+        *quiet = (!room).then_some(now + SWEEP_BACKOFF);
+        room
+    }
+
+    /// One cell for `key`: the burst left, or how long to wait. `None` when the map is full
+    /// and `key` cannot be tracked (the caller then applies no per-address limit).
+    fn take(&self, key: &IpAddr) -> Option<Result<u32, Duration>> {
+        if !self.has_room() {
+            return None;
+        }
+        Some(match self.cells.check_key(key) {
+            Ok(snapshot) => Ok(snapshot.remaining_burst_capacity()),
+            Err(not_until) => Err(not_until.wait_time_from(self.cells.clock().now())),
+        })
+    }
+}
 type Direct = RateLimiter<NotKeyed, InMemoryState, DefaultClock>;
 
 fn nz(n: u32) -> NonZeroU32 {
@@ -152,7 +209,7 @@ fn quota(per_minute: u32, burst: u32) -> Quota {
 }
 
 fn keyed(q: Quota) -> Keyed {
-    RateLimiter::hashmap(q).with_middleware::<StateInformationMiddleware>()
+    Keyed::new(q)
 }
 
 /// The limits of one HTTP listener. Cheap to share behind an `Arc`.
@@ -196,31 +253,16 @@ impl RequestLimiter {
         Refused { limit, retry_after }
     }
 
-    /// One cell of `limiter` for `key`; `None` when the map is full and `key` cannot be
-    /// tracked (the caller then applies no per-address limit).
-    fn take(limiter: &Keyed, key: &IpAddr) -> Option<Result<u32, Duration>> {
-        if limiter.len() >= MAX_KEYS {
-            limiter.retain_recent();
-            if limiter.len() >= MAX_KEYS {
-                return None;
-            }
-        }
-        Some(match limiter.check_key(key) {
-            Ok(snapshot) => Ok(snapshot.remaining_burst_capacity()),
-            Err(not_until) => Err(not_until.wait_time_from(limiter.clock().now())),
-        })
-    }
-
     /// Counts a request from `ip`; `Err` when a budget refuses it.
     pub fn check(&self, ip: IpAddr, route: Route) -> Result<(), Refused> {
         let key = client_key(ip);
         match route {
-            Route::Probe => match Self::take(&self.probes, &key) {
+            Route::Probe => match self.probes.take(&key) {
                 Some(Err(wait)) => Err(self.refuse(LimitKind::Probes, wait)),
                 _ => Ok(()),
             },
             Route::Api => {
-                if let Some(Err(wait)) = Self::take(&self.per_ip, &key) {
+                if let Some(Err(wait)) = self.per_ip.take(&key) {
                     return Err(self.refuse(LimitKind::PerIp, wait));
                 }
                 self.overall.check().map_err(|not_until| {
@@ -259,7 +301,7 @@ impl RequestLimiter {
     /// 401, and refuse the address's checks until the lockout ends.
     pub fn auth_failed(&self, ip: IpAddr) -> Option<Refused> {
         let key = client_key(ip);
-        let wait = match Self::take(&self.failed_auth, &key) {
+        let wait = match self.failed_auth.take(&key) {
             Some(Ok(remaining)) if remaining > 0 => return None,
             // The last one of the burst: this failure is answered as usual, the next is not
             // compared.
@@ -406,5 +448,15 @@ mod tests {
         assert_eq!(l.check(new, Route::Api), Ok(()));
         assert_eq!(l.check(new, Route::Api), Ok(()));
         assert_eq!(l.per_ip.len(), MAX_KEYS);
+        // Two seconds later every cell has been full again for one interval (governor's
+        // `retain_recent` keeps a cell until then): the next sweep drops them and the new
+        // address is limited as usual.
+        std::thread::sleep(Duration::from_millis(2300));
+        assert_eq!(l.check(new, Route::Api), Ok(()));
+        assert!(l.per_ip.len() < MAX_KEYS);
+        assert_eq!(
+            l.check(new, Route::Api).map_err(|r| r.limit),
+            Err(LimitKind::PerIp)
+        );
     }
 }
