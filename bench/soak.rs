@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use sha2::{Digest, Sha256};
 use tokio_rustls::TlsConnector;
 
@@ -126,7 +126,7 @@ impl Ctx {
 }
 
 /// A message whose body's SHA-256 is in its header.
-fn message(rng: &mut impl Rng, n: u64) -> Vec<u8> {
+fn message(rng: &mut impl RngExt, n: u64) -> Vec<u8> {
     let size = rng.random_range(200..150_000);
     let mut body = Vec::with_capacity(size + 80);
     while body.len() < size {

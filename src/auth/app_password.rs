@@ -2,9 +2,10 @@
 //! groups of four, stored only as argon2id PHC strings. Letters only, so that a later
 //! "app password + 6-digit code" is never ambiguous.
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::phc::PasswordHash;
+use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use argon2::{Algorithm, Argon2, Params, Version};
-use rand::Rng;
+use rand::RngExt;
 
 use crate::config::Argon2Params;
 use crate::secret::Secret;
@@ -54,17 +55,12 @@ fn hasher(p: Argon2Params) -> Result<Argon2<'static>, argon2::Error> {
 
 /// Hashes a password into a PHC string.
 pub fn hash(pw: &Secret, params: Argon2Params) -> Result<String, String> {
-    let salt = SaltString::from_b64(&base64_salt()).map_err(|e| e.to_string())?;
+    // 16 random bytes, the PHC format's recommended salt length.
+    let salt: [u8; 16] = rand::rng().random();
     let h = hasher(params).map_err(|e| e.to_string())?;
-    h.hash_password(pw.expose(), &salt)
+    h.hash_password_with_salt(pw.expose(), &salt)
         .map(|h| h.to_string())
         .map_err(|e| e.to_string())
-}
-
-fn base64_salt() -> String {
-    use base64::Engine;
-    let salt: [u8; 16] = rand::rng().random();
-    base64::engine::general_purpose::STANDARD_NO_PAD.encode(salt)
 }
 
 /// Verifies against a PHC string, with the parameters stored in it.
@@ -86,7 +82,7 @@ pub fn verify_in(pw: &Secret, phc: &str, memory: &mut Vec<argon2::Block>) -> boo
     let Ok(parsed) = PasswordHash::new(phc) else {
         return false;
     };
-    let Ok(algorithm) = Algorithm::try_from(parsed.algorithm) else {
+    let Ok(algorithm) = Algorithm::try_from(parsed.algorithm.as_str()) else {
         return false;
     };
     let version = match parsed.version.map(Version::try_from) {
@@ -100,10 +96,6 @@ pub fn verify_in(pw: &Secret, phc: &str, memory: &mut Vec<argon2::Block>) -> boo
     let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
         return false;
     };
-    let mut salt_buf = [0u8; 64];
-    let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
-        return false;
-    };
     let blocks = params.block_count();
     if memory.len() < blocks {
         memory.resize(blocks, argon2::Block::default());
@@ -113,7 +105,7 @@ pub fn verify_in(pw: &Secret, phc: &str, memory: &mut Vec<argon2::Block>) -> boo
     };
     let mut out = zeroize::Zeroizing::new(vec![0u8; expected.len()]);
     let computed = Argon2::new(algorithm, version, params)
-        .hash_password_into_with_memory(pw.expose(), salt, out.as_mut_slice(), &mut *work)
+        .hash_password_into_with_memory(pw.expose(), &salt, out.as_mut_slice(), &mut *work)
         .is_ok();
     work.iter_mut().for_each(|b| *b = argon2::Block::default());
     computed && bool::from(out.as_slice().ct_eq(expected.as_bytes()))
@@ -190,5 +182,37 @@ mod verify_in_tests {
         let small = hash(&pw, Argon2Params::light(256)).unwrap();
         assert!(verify_in(&pw, &small, &mut mem) && verify(&pw, &small));
         assert_eq!(mem.len(), 1024);
+    }
+}
+
+/// Hashes made before the upgrade to argon2 0.6 / password-hash 0.6 (by argon2 0.5.3, through
+/// [`hash`]): users files hold such strings, so they must keep verifying, and parse as the
+/// users file and the store parse them.
+#[cfg(test)]
+mod stored_hash_compat {
+    use super::*;
+
+    const PW: &[u8] = b"qwertzuiopasdfgh";
+    /// The default parameters (`m=19456,t=2,p=1`).
+    const DEFAULT: &str = "$argon2id$v=19$m=19456,t=2,p=1$v7xjbgcsFfZJVnjzuU0RCg$GxjVVsdWrk1hcCWYsgstWKMCmp8caQfuZ0tAoOpxYno";
+    /// Cheap parameters, with a `/` in the salt's B64 alphabet.
+    const LIGHT: &str = "$argon2id$v=19$m=256,t=1,p=1$dGwJLCoMqnLhYxkL/64nJg$KvqlkXDfgqPuURR9jVuuP6dakfZOOWLf4ZcJpH73ORg";
+
+    #[test]
+    fn hashes_from_argon2_0_5_still_verify() {
+        let pw = Secret::from_slice(PW);
+        let wrong = Secret::from_slice(b"qwertzuiopasdfgj");
+        let mut mem = Vec::new();
+        for phc in [DEFAULT, LIGHT] {
+            assert!(PasswordHash::new(phc).is_ok(), "{phc} no longer parses");
+            assert!(verify(&pw, phc), "{phc} no longer verifies");
+            assert!(verify_in(&pw, phc, &mut mem), "{phc} no longer verifies");
+            assert!(!verify(&wrong, phc));
+            assert!(!verify_in(&wrong, phc, &mut mem));
+        }
+        // A new hash has the same shape, so old and new lines sit side by side in a users file.
+        let new = hash(&pw, Argon2Params::light(256)).unwrap();
+        assert!(new.starts_with("$argon2id$v=19$m=256,t=1,p=1$"), "{new}");
+        assert_eq!(new.len(), LIGHT.len());
     }
 }

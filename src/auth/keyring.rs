@@ -16,7 +16,7 @@ use base64::Engine;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use hmac::{Hmac, Mac};
-use rand::Rng;
+use rand::RngExt;
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
@@ -134,7 +134,10 @@ impl KeyRing {
 
     fn cipher(&self, id: &str) -> Option<ChaCha20Poly1305> {
         let (_, key) = self.keys.iter().find(|(k, _)| k == id)?;
-        Some(ChaCha20Poly1305::new(Key::from_slice(key.expose())))
+        // A key of another length than 32 bytes is refused by the configuration; here it is
+        // simply not usable.
+        let key = Key::try_from(key.expose()).ok()?;
+        Some(ChaCha20Poly1305::new(&key))
     }
 
     /// Encrypts `plain` for `user` under the active key.
@@ -146,7 +149,7 @@ impl KeyRing {
         let nonce: [u8; NONCE] = rand::rng().random();
         let ct = cipher
             .encrypt(
-                Nonce::from_slice(&nonce),
+                &Nonce::from(nonce),
                 Payload {
                     msg: plain.expose(),
                     aad: user.as_bytes(),
@@ -171,12 +174,13 @@ impl KeyRing {
             return Err(KeyError::Format);
         }
         let (nonce, ct) = blob.split_at(NONCE);
+        let nonce = Nonce::try_from(nonce).map_err(|_| KeyError::Format)?;
         let cipher = self
             .cipher(id)
             .ok_or_else(|| KeyError::UnknownKey(id.to_owned()))?;
         cipher
             .decrypt(
-                Nonce::from_slice(nonce),
+                &nonce,
                 Payload {
                     msg: ct,
                     aad: user.as_bytes(),
@@ -288,5 +292,34 @@ mod tests {
         assert_eq!(tags.check("nothing"), None);
         let empty = KeyRing::new(Vec::new(), None);
         assert_eq!(empty.lookup_index(&pw), Err(KeyError::NoActiveKey));
+    }
+
+    /// A TOTP secret encrypted before the upgrade to chacha20poly1305 0.11 (by 0.10.1, through
+    /// [`KeyRing::encrypt`]; key bytes 0..32 as `k1`): users files hold such ciphertexts, so
+    /// they must keep decrypting, bound to their user.
+    #[test]
+    fn ciphertext_from_chacha20poly1305_0_10_still_decrypts() {
+        const STORED: &str =
+            "k1:VptfxGcQFSuW8JfKQgFa0k/Af0NjvkHlyrctQD+3eobtEWaSwGjzqyv2QVc/gc+Iemk7O6FWYBZfCbKs";
+        let r = KeyRing::new(
+            vec![("k1".into(), Secret::new((0u8..32).collect()))],
+            Some("k1".into()),
+        );
+        assert_eq!(
+            r.decrypt("alice@example.org", STORED).unwrap(),
+            Secret::from_slice(b"JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP")
+        );
+        assert_eq!(
+            r.decrypt("bob@example.org", STORED),
+            Err(KeyError::Decrypt("k1".into()))
+        );
+        // What the new code writes has the same layout (12-byte nonce, ciphertext, 16-byte tag).
+        let again = r
+            .encrypt(
+                "alice@example.org",
+                &Secret::from_slice(b"JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"),
+            )
+            .unwrap();
+        assert_eq!(again.len(), STORED.len());
     }
 }

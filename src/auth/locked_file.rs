@@ -23,7 +23,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use rand::Rng;
+use rand::RngExt;
 
 /// How often a waiting writer retries the lock.
 const LOCK_RETRY: Duration = Duration::from_millis(20);

@@ -11,7 +11,7 @@ pub const SECRET_BYTES: usize = 20;
 
 /// A new random 160-bit secret.
 pub fn new_secret() -> Secret {
-    use rand::Rng;
+    use rand::RngExt;
     let bytes: [u8; SECRET_BYTES] = rand::rng().random();
     Secret::new(bytes.to_vec())
 }

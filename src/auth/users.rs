@@ -51,8 +51,32 @@ fn looks_encrypted(t: &str) -> bool {
 #[serde(deny_unknown_fields)]
 pub struct UsersFile {
     pub version: u32,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "users_null_is_empty")]
     pub users: BTreeMap<String, User>,
+}
+
+/// YAML null (`key:` with nothing after it) reads as empty, as it did before serde-saphyr 2.1
+/// refused null for collections and structs: a users file edited by hand keeps loading.
+fn null_is_empty<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// [`null_is_empty`] for `users:` and for each user (`alice@example.org:` alone is a user
+/// with nothing set).
+fn users_null_is_empty<'de, D>(d: D) -> Result<BTreeMap<String, User>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let users: Option<BTreeMap<String, Option<User>>> = Option::deserialize(d)?;
+    Ok(users
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, user)| (name, user.unwrap_or_default()))
+        .collect())
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -64,10 +88,18 @@ pub struct User {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mfa: Option<crate::config::MfaMode>,
     /// Mechanisms this user may log in with (`login`, `plain`); empty: all.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_is_empty",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub mechanisms: Vec<String>,
     /// Client networks this user may log in from; empty: any.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_is_empty",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub allowed_networks: Vec<ipnet::IpNet>,
     /// The TOTP secret, encrypted: `KEYID:BASE64(nonce ‖ ciphertext)` (see `keyring`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -75,7 +107,7 @@ pub struct User {
     /// The name the backend knows, when it differs from the login address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_user: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_empty")]
     pub app_passwords: Vec<AppPassword>,
 }
 
@@ -319,5 +351,38 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+}
+
+/// What the YAML parser (serde-saphyr 2.x) does with a hand-edited users file.
+#[cfg(test)]
+mod yaml_tests {
+    use super::*;
+
+    #[test]
+    fn empty_values_read_as_empty_as_before_the_parser_upgrade() {
+        let f = UsersFile::parse("version: 1\nusers:\n").unwrap();
+        assert!(f.users.is_empty());
+        let f = UsersFile::parse(
+            "version: 1\nusers:\n  alice@example.org:\n  bob@example.org:\n    mechanisms:\n    allowed_networks:\n    app_passwords:\n    disabled: true\n",
+        )
+        .unwrap();
+        assert_eq!(f.users.get("alice@example.org"), Some(&User::default()));
+        let bob = f.users.get("bob@example.org").unwrap();
+        assert!(bob.disabled && bob.app_passwords.is_empty() && bob.mechanisms.is_empty());
+    }
+
+    #[test]
+    fn a_user_twice_is_refused_with_its_line() {
+        // A key twice is an error, never "last one wins": two entries for one user must not
+        // silently drop the app passwords of the first.
+        let e = UsersFile::parse(
+            "version: 1\nusers:\n  alice@example.org: {}\n  alice@example.org: { disabled: true }\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("duplicate mapping key") && e.contains("line 4"),
+            "{e}"
+        );
     }
 }

@@ -70,6 +70,12 @@ pub mod defaults {
     pub const MASTER_SEPARATOR: &str = "*";
     pub const ADMIN_ADDRESS: &str = "127.0.0.1:9190";
     pub const HEALTH_INTERVAL: Duration = Duration::from_secs(10);
+    /// `admin.rate_limit` (requests per minute; docs/operations.md explains each choice).
+    pub const ADMIN_PER_IP: u32 = 60;
+    pub const ADMIN_BURST: u32 = 20;
+    pub const ADMIN_OVERALL: u32 = 600;
+    pub const ADMIN_FAILED_AUTH: u32 = 5;
+    pub const ADMIN_PROBES_PER_IP: u32 = 1200;
     /// The post-auth idle timeout may not be lower: IDLE clients re-issue every 29 minutes
     /// (RFC 2177), and the issue asks for at least 30 minutes.
     pub const RELAY_IDLE_MINIMUM: Duration = Duration::from_secs(30 * 60);
@@ -507,6 +513,35 @@ pub struct AdminConfig {
     pub address: SocketAddr,
     pub token: Option<Secret>,
     pub health_interval: Duration,
+    pub rate_limit: HttpRateLimits,
+}
+
+/// Request limits of an HTTP listener (`admin.rate_limit`), each in requests per minute and at
+/// least 1; `observe::limit` applies them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpRateLimits {
+    /// Requests other than the probes from one client address.
+    pub per_ip: u32,
+    /// Of which this many at once.
+    pub burst: u32,
+    /// Requests other than the probes from all addresses together.
+    pub overall: u32,
+    /// Failed credential checks from one client address.
+    pub failed_auth: u32,
+    /// Probe requests (`/metrics`, `/healthz`, `/readyz`) from one client address.
+    pub probes_per_ip: u32,
+}
+
+impl Default for HttpRateLimits {
+    fn default() -> Self {
+        Self {
+            per_ip: defaults::ADMIN_PER_IP,
+            burst: defaults::ADMIN_BURST,
+            overall: defaults::ADMIN_OVERALL,
+            failed_auth: defaults::ADMIN_FAILED_AUTH,
+            probes_per_ip: defaults::ADMIN_PROBES_PER_IP,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

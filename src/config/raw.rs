@@ -301,6 +301,18 @@ pub(super) struct Admin {
     pub address: Option<String>,
     pub token_file: Option<String>,
     pub health_interval: Option<Scalar>,
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// `admin.rate_limit`: requests per minute (see `observe::limit`).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RateLimit {
+    pub per_ip: Option<u32>,
+    pub burst: Option<u32>,
+    pub overall: Option<u32>,
+    pub failed_auth: Option<u32>,
+    pub probes_per_ip: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -330,10 +330,26 @@ fn admin(cx: &mut Ctx, v: &Value) -> AdminConfig {
     if health_interval < Duration::from_secs(1) {
         cx.err("admin.health_interval", "must be at least 1s");
     }
+    let r = a.rate_limit.unwrap_or_default();
+    let mut limit = |v: Option<u32>, key: &str, default: u32| {
+        cx.count(v, &format!("admin.rate_limit.{key}"), default)
+    };
+    let rate_limit = super::HttpRateLimits {
+        per_ip: limit(r.per_ip, "per_ip", defaults::ADMIN_PER_IP),
+        burst: limit(r.burst, "burst", defaults::ADMIN_BURST),
+        overall: limit(r.overall, "overall", defaults::ADMIN_OVERALL),
+        failed_auth: limit(r.failed_auth, "failed_auth", defaults::ADMIN_FAILED_AUTH),
+        probes_per_ip: limit(
+            r.probes_per_ip,
+            "probes_per_ip",
+            defaults::ADMIN_PROBES_PER_IP,
+        ),
+    };
     AdminConfig {
         address,
         token,
         health_interval,
+        rate_limit,
     }
 }
 

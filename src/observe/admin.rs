@@ -5,18 +5,26 @@
 //! (`?scope=ip&value=192.0.2.7`, `?scope=account&value=…`, or `?all=true`) name addresses and
 //! accounts or change state, so both need `Authorization: Bearer <admin.token_file>`; without a
 //! configured token they answer 403.
+//!
+//! Request limits (`admin.rate_limit`, [`super::limit`]): the probes (`/metrics`, `/healthz`,
+//! `/readyz`) count against their own generous per-address budget; every other request against
+//! a per-address and an overall one; a failed token check against a small per-address budget
+//! whose exhaustion answers 429 before the next token is even compared. Excess gets
+//! `429 Too Many Requests` with `Retry-After`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::HeaderMap;
 use axum::http::{header, StatusCode};
+use axum::middleware::Next;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
+use super::limit::{RequestLimiter, Route};
 use super::{Health, Metrics};
 use crate::secret::Secret;
 
@@ -27,7 +35,13 @@ pub struct AdminState {
     pub guard: Arc<dyn super::BlockAdmin>,
     /// The bearer token for the guard endpoints (none: they are refused).
     pub token: Option<Secret>,
+    /// `admin.rate_limit`.
+    pub limiter: Arc<RequestLimiter>,
 }
+
+/// The probes: a budget of their own, so that limits meant for the token-protected routes
+/// never starve the kubelet or Prometheus.
+const PROBES: &[&str] = &["/metrics", "/healthz", "/readyz"];
 
 /// Binds the admin listener (errors are returned so start-up fails loudly).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
@@ -41,12 +55,37 @@ pub async fn serve(listener: tokio::net::TcpListener, state: AdminState, stop: C
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready_handler))
         .route("/guard/blocks", get(blocks_handler).delete(clear_handler))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limit_requests,
+        ))
         .with_state(state);
-    let res = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await;
+    let res = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { stop.cancelled().await })
+    .await;
     if let Err(e) = res {
         tracing::error!(error = %e, "admin listener failed");
+    }
+}
+
+/// Counts every request (unknown paths included) against its budget before routing.
+async fn limit_requests(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> axum::response::Response {
+    let route = if PROBES.contains(&req.uri().path()) {
+        Route::Probe
+    } else {
+        Route::Api
+    };
+    match s.limiter.check(peer.ip(), route) {
+        Ok(()) => next.run(req).await,
+        Err(refused) => refused.into_response(),
     }
 }
 
@@ -70,35 +109,49 @@ async fn ready_handler(State(s): State<AdminState>) -> impl IntoResponse {
     (code, detail)
 }
 
-/// Checks `Authorization: Bearer …` against the configured token in constant time.
-fn authorised(s: &AdminState, headers: &HeaderMap) -> Result<(), (StatusCode, &'static str)> {
+/// Checks `Authorization: Bearer …` against the configured token in constant time; `Some` is
+/// the refusal to answer. An address locked out by its failed checks is refused before the
+/// comparison.
+fn refusal(s: &AdminState, headers: &HeaderMap, peer: IpAddr) -> Option<axum::response::Response> {
     let Some(token) = &s.token else {
-        return Err((
-            StatusCode::FORBIDDEN,
-            "admin.token_file is not configured\n",
-        ));
+        return Some(
+            (
+                StatusCode::FORBIDDEN,
+                "admin.token_file is not configured\n",
+            )
+                .into_response(),
+        );
     };
+    if let Err(refused) = s.limiter.auth_allowed(peer) {
+        return Some(refused.into_response());
+    }
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     if token.ct_eq(given.trim().as_bytes()) {
-        Ok(())
-    } else {
-        Err((
+        return None;
+    }
+    if let Some(refused) = s.limiter.auth_failed(peer) {
+        return Some(refused.into_response());
+    }
+    Some(
+        (
             StatusCode::UNAUTHORIZED,
             "a valid bearer token is required\n",
-        ))
-    }
+        )
+            .into_response(),
+    )
 }
 
 async fn blocks_handler(
     State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> axum::response::Response {
-    if let Err(e) = authorised(&s, &headers) {
-        return e.into_response();
+    if let Some(refused) = refusal(&s, &headers, peer.ip()) {
+        return refused;
     }
     match s.guard.blocks_json().await {
         Ok(list) => ([(header::CONTENT_TYPE, "application/json")], list).into_response(),
@@ -108,11 +161,12 @@ async fn blocks_handler(
 
 async fn clear_handler(
     State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     uri: axum::http::Uri,
 ) -> axum::response::Response {
-    if let Err(e) = authorised(&s, &headers) {
-        return e.into_response();
+    if let Some(refused) = refusal(&s, &headers, peer.ip()) {
+        return refused;
     }
     let mut scope = None;
     let mut value = None;

@@ -40,6 +40,7 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     pub runtime_tasks: IntGauge,
     pub limits: IntGaugeVec,
+    pub http_limited: IntCounterVec,
 }
 
 /// The metric names and help texts, in the order they are registered (docs and tests use it).
@@ -157,6 +158,10 @@ pub const CATALOGUE: &[(&str, &str)] = &[
     (
         "imapgate_audit_dropped_total",
         "Audit lines dropped because the syslog queue was full (the syslog slow or unreachable).",
+    ),
+    (
+        "imapgate_http_requests_limited_total",
+        "HTTP requests answered 429 by the request limits, by server and limit.",
     ),
 ];
 
@@ -360,6 +365,11 @@ impl Metrics {
         if let Some(c) = super::syslog::dropped_counter() {
             registry.register(Box::new(c.clone()))?;
         }
+        let http_limited =
+            counter_vec("imapgate_http_requests_limited_total", &["server", "limit"])?;
+        for limit in super::limit::LimitKind::ALL {
+            http_limited.with_label_values(&[super::limit::Server::Admin.as_str(), limit.as_str()]);
+        }
         Ok(Self {
             registry,
             connections,
@@ -391,6 +401,7 @@ impl Metrics {
             build_info,
             runtime_tasks,
             limits,
+            http_limited,
         })
     }
 

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod ecs;
+pub mod limit;
 pub mod metrics;
 pub mod syslog;
 

@@ -417,6 +417,11 @@ impl Gateway {
                 health: health.clone(),
                 guard: guard.clone(),
                 token: config.admin.token.clone(),
+                limiter: Arc::new(observe::limit::RequestLimiter::new(
+                    observe::limit::Server::Admin,
+                    &config.admin.rate_limit,
+                    Some(metrics.http_limited.clone()),
+                )),
             },
             background.clone(),
         ));

@@ -143,6 +143,43 @@ fn invalid_fixtures_fail_with_their_path() {
     assert!(n >= 5, "too few fixtures");
 }
 
+/// What the YAML parser (serde-saphyr) refuses before validation sees the file: a key given
+/// twice (never "the last one wins"), an alias bomb, nesting past its depth budget. Each is
+/// one line at `(file)` naming the line, and the bomb is refused in bounded time.
+#[test]
+fn hostile_or_ambiguous_yaml_is_refused_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let refused = |text: &str, want: &str| {
+        let err = Config::from_yaml(text, dir.path()).expect_err("loaded");
+        let errors = err.field_errors();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let e = &errors[0];
+        assert_eq!(e.path, "(file)");
+        assert!(!e.message.contains('\n'), "{:?}", e.message);
+        assert!(e.message.contains(want), "{want:?} not in {:?}", e.message);
+    };
+    refused(
+        "admin: { address: \"127.0.0.1:9190\" }\nadmin: { address: \"0.0.0.0:9190\" }\n",
+        "duplicate mapping key: admin",
+    );
+    refused(
+        "listeners:\n  - name: a\n    address: \"127.0.0.1:993\"\n    address: \"0.0.0.0:993\"\n",
+        "line 4",
+    );
+    let mut bomb = String::from("x0: &x0 [a, a, a, a, a, a, a, a, a, a]\n");
+    for i in 1..8 {
+        let aliases = vec![format!("*x{}", i - 1); 10].join(", ");
+        bomb.push_str(&format!("x{i}: &x{i} [{aliases}]\n"));
+    }
+    let t = std::time::Instant::now();
+    refused(&bomb, "budget");
+    assert!(t.elapsed() < std::time::Duration::from_secs(10));
+    refused(
+        &format!("listeners: {}{}\n", "[".repeat(200), "]".repeat(200)),
+        "budget",
+    );
+}
+
 #[test]
 fn check_config_lists_every_problem_and_exits_64() {
     let p = manifest().join("tests/fixtures/invalid/many-errors.yaml");

@@ -11,6 +11,7 @@
 mod harness;
 mod pg;
 
+mod admin_http;
 mod audit;
 mod clients;
 mod config_files;

@@ -14,6 +14,7 @@ use crate::auth::oauth::OAuthError;
 use crate::auth::{FailureReason, Mechanism};
 use crate::guard::{Decision, Scope, Verdict};
 use crate::login::Ending;
+use crate::observe::limit::{LimitKind, Server};
 use crate::server::admission::Refusal;
 use crate::server::proxy::ProxyError;
 use crate::session::HandshakeFailure;
@@ -270,6 +271,22 @@ fn emitted() -> BTreeMap<&'static str, Vec<(&'static str, Values)>> {
         "imapgate_limit",
         vec![("limit", closed(Limit::ALL.map(Limit::as_str)))],
     );
+    // observe/limit.rs.
+    add(
+        "imapgate_http_requests_limited_total",
+        vec![
+            (
+                "server",
+                closed(variants!(Server: Admin).map(Server::as_str)),
+            ),
+            (
+                "limit",
+                closed(
+                    variants!(LimitKind: PerIp, Overall, FailedAuth, Probes).map(LimitKind::as_str),
+                ),
+            ),
+        ],
+    );
     m
 }
 
@@ -307,8 +324,9 @@ fn registered_labels(m: &Metrics) -> BTreeMap<String, Vec<String>> {
         build_info,
         runtime_tasks,
         limits,
+        http_limited,
     } = m;
-    let collectors: [&dyn Collector; 29] = [
+    let collectors: [&dyn Collector; 30] = [
         connections,
         tls_handshake_failures,
         sessions_preauth,
@@ -338,6 +356,7 @@ fn registered_labels(m: &Metrics) -> BTreeMap<String, Vec<String>> {
         build_info,
         runtime_tasks,
         limits,
+        http_limited,
     ];
     // The syslog drop counter is registered beside the struct's fields (see Metrics::new).
     let syslog = crate::observe::syslog::dropped_counter();
