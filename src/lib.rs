@@ -22,6 +22,7 @@
 //! - `secret`: the redacting, zeroizing `Secret` type.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;

@@ -512,6 +512,8 @@ pub struct Routes {
 pub struct AdminConfig {
     pub address: SocketAddr,
     pub token: Option<Secret>,
+    /// Every accepted bearer token with its name (`token_file` is named `admin`).
+    pub tokens: Vec<(String, Secret)>,
     pub health_interval: Duration,
     pub rate_limit: HttpRateLimits,
 }

@@ -300,8 +300,18 @@ pub(super) struct Routes {
 pub(super) struct Admin {
     pub address: Option<String>,
     pub token_file: Option<String>,
+    /// More bearer tokens, each with the name the audit log gives its actions.
+    #[serde(default)]
+    pub tokens: Vec<NamedToken>,
     pub health_interval: Option<Scalar>,
     pub rate_limit: Option<RateLimit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct NamedToken {
+    pub name: String,
+    pub file: String,
 }
 
 /// `admin.rate_limit`: requests per minute (see `observe::limit`).

@@ -322,6 +322,24 @@ fn admin(cx: &mut Ctx, v: &Value) -> AdminConfig {
         .token_file
         .as_deref()
         .and_then(|f| cx.secret_file(f, "admin.token_file"));
+    let mut tokens: Vec<(String, crate::secret::Secret)> = token
+        .iter()
+        .map(|t| ("admin".to_owned(), t.clone()))
+        .collect();
+    let mut seen: BTreeSet<String> = tokens.iter().map(|(n, _)| n.clone()).collect();
+    for (i, t) in a.tokens.iter().enumerate() {
+        let path = format!("admin.tokens[{i}]");
+        cx.unique_name(&path, &t.name, &mut seen);
+        if let Some(secret) = cx.secret_file(&t.file, &format!("{path}.file")) {
+            if secret.expose().len() < 16 {
+                cx.err(
+                    format!("{path}.file"),
+                    "the token must be at least 16 characters",
+                );
+            }
+            tokens.push((t.name.clone(), secret));
+        }
+    }
     let health_interval = cx.duration(
         a.health_interval.as_ref(),
         "admin.health_interval",
@@ -348,6 +366,7 @@ fn admin(cx: &mut Ctx, v: &Value) -> AdminConfig {
     AdminConfig {
         address,
         token,
+        tokens,
         health_interval,
         rate_limit,
     }

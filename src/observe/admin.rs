@@ -33,8 +33,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     pub guard: Arc<dyn super::BlockAdmin>,
-    /// The bearer token for the guard endpoints (none: they are refused).
-    pub token: Option<Secret>,
+    /// The bearer tokens for the guard endpoints and the API, by name (none: refused).
+    pub tokens: Vec<(String, Secret)>,
     /// `admin.rate_limit`.
     pub limiter: Arc<RequestLimiter>,
 }
@@ -48,18 +48,45 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     tokio::net::TcpListener::bind(addr).await
 }
 
-/// Serves until `stop` is cancelled.
-pub async fn serve(listener: tokio::net::TcpListener, state: AdminState, stop: CancellationToken) {
-    let app = Router::new()
+/// The name of the admin token a request was let in with: the actor of the API's audit lines.
+#[derive(Clone, Debug)]
+pub struct Actor(pub String);
+
+/// Serves until `stop` is cancelled; `api` (the admin API's routes) is nested under `/api/v1`
+/// behind the token check, with the OpenAPI document beside them.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AdminState,
+    api: Option<(Router, &'static str)>,
+    stop: CancellationToken,
+) {
+    let mut app: Router = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready_handler))
         .route("/guard/blocks", get(blocks_handler).delete(clear_handler))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            limit_requests,
-        ))
-        .with_state(state);
+        .with_state(state.clone());
+    if let Some((routes, openapi)) = api {
+        let guard = get(blocks_handler)
+            .delete(clear_handler)
+            .with_state(state.clone());
+        let protected = routes
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                require_token,
+            ))
+            // The guard's endpoints check the token themselves.
+            .route("/guard/blocks", guard)
+            .route(
+                "/openapi.json",
+                get(move || async move { ([(header::CONTENT_TYPE, "application/json")], openapi) }),
+            );
+        app = app.nest("/api/v1", protected);
+    }
+    let app = app.layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        limit_requests,
+    ));
     let res = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -109,40 +136,72 @@ async fn ready_handler(State(s): State<AdminState>) -> impl IntoResponse {
     (code, detail)
 }
 
-/// Checks `Authorization: Bearer …` against the configured token in constant time; `Some` is
-/// the refusal to answer. An address locked out by its failed checks is refused before the
-/// comparison.
+/// Lets a request through to the API only with a valid token; the token's name goes with it.
+async fn require_token(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut req: Request,
+    next: Next,
+) -> axum::response::Response {
+    match check_token(&s, req.headers(), peer.ip()) {
+        Ok(name) => {
+            req.extensions_mut().insert(Actor(name));
+            next.run(req).await
+        }
+        Err(refused) => *refused,
+    }
+}
+
+/// [`check_token`] for the handlers that only need a yes or no; `Some` is the refusal.
 fn refusal(s: &AdminState, headers: &HeaderMap, peer: IpAddr) -> Option<axum::response::Response> {
-    let Some(token) = &s.token else {
-        return Some(
+    check_token(s, headers, peer).err().map(|r| *r)
+}
+
+/// Checks `Authorization: Bearer …` against every configured token in constant time (all of
+/// them are compared, whichever matches); `Ok` names the token. An address locked out by its
+/// failed checks is refused before the comparison.
+fn check_token(
+    s: &AdminState,
+    headers: &HeaderMap,
+    peer: IpAddr,
+) -> Result<String, Box<axum::response::Response>> {
+    if s.tokens.is_empty() {
+        return Err(Box::new(
             (
                 StatusCode::FORBIDDEN,
                 "admin.token_file is not configured\n",
             )
                 .into_response(),
-        );
-    };
+        ));
+    }
     if let Err(refused) = s.limiter.auth_allowed(peer) {
-        return Some(refused.into_response());
+        return Err(Box::new(refused.into_response()));
     }
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if token.ct_eq(given.trim().as_bytes()) {
-        return None;
+        .unwrap_or("")
+        .trim();
+    let mut matched = None;
+    for (name, token) in &s.tokens {
+        if token.ct_eq(given.as_bytes()) && matched.is_none() {
+            matched = Some(name.clone());
+        }
+    }
+    if let Some(name) = matched {
+        return Ok(name);
     }
     if let Some(refused) = s.limiter.auth_failed(peer) {
-        return Some(refused.into_response());
+        return Err(Box::new(refused.into_response()));
     }
-    Some(
+    Err(Box::new(
         (
             StatusCode::UNAUTHORIZED,
             "a valid bearer token is required\n",
         )
             .into_response(),
-    )
+    ))
 }
 
 async fn blocks_handler(

@@ -278,6 +278,22 @@ pub fn audit(e: &AuditEvent<'_>) {
     );
 }
 
+/// An operator action through the admin API, for the audit log: who (the name of the admin
+/// token that was used), what, on which user and credential, and whether it changed anything
+/// (a repeated call does not).
+pub fn audit_api(actor: &str, action: &str, user: &str, credential: &str, changed: bool) {
+    tracing::info!(
+        target: AUDIT_TARGET,
+        event = "operator",
+        via = "api",
+        actor = actor,
+        action = action,
+        user = user,
+        credential = credential,
+        changed = changed,
+    );
+}
+
 /// One guard action, for the audit log: a block or attack mode imposed, ended or cleared.
 pub struct GuardAuditEvent<'a> {
     /// `block`, `attack_mode`, `block_ended`, `attack_mode_ended`, `cleared`.

@@ -410,19 +410,55 @@ impl Gateway {
         }
         health.listeners_bound.store(true, Ordering::Relaxed);
 
+        let api = {
+            let store_for_api = store.clone();
+            let store: Arc<dyn crate::store::UserStore> = match &user_store {
+                Some(s) => s.clone(),
+                None => Arc::new(crate::store::file::FileStore::new(
+                    config.auth.users_file.clone(),
+                    config.auth.allow_group_readable_secrets,
+                )),
+            };
+            let separators = config
+                .backends
+                .iter()
+                .filter_map(|b| match &b.login {
+                    crate::config::BackendLogin::MasterUser { separator } => {
+                        Some(separator.clone())
+                    }
+                    crate::config::BackendLogin::SaslAuthzid => None,
+                })
+                .collect();
+            Arc::new(crate::api::Api {
+                services: crate::api::service::Services::new(
+                    store,
+                    config.auth.clone(),
+                    separators,
+                )
+                .on_change({
+                    let creds = store_for_api.clone();
+                    Box::new(move |user| {
+                        creds.invalidate(user);
+                        creds.reload();
+                    })
+                }),
+                max_page: 1000,
+            })
+        };
         tokio::spawn(observe::admin::serve(
             admin_sock,
             observe::admin::AdminState {
                 metrics: metrics.clone(),
                 health: health.clone(),
                 guard: guard.clone(),
-                token: config.admin.token.clone(),
+                tokens: config.admin.tokens.clone(),
                 limiter: Arc::new(observe::limit::RequestLimiter::new(
                     observe::limit::Server::Admin,
                     &config.admin.rate_limit,
                     Some(metrics.http_limited.clone()),
                 )),
             },
+            Some((crate::api::router(api), crate::api::openapi::DOCUMENT)),
             background.clone(),
         ));
         tokio::spawn(upstreams.clone().health_loop(

@@ -665,6 +665,8 @@ pub(crate) struct Options {
     pub backend_address: Option<SocketAddr>,
     /// Where the users live (the harness imports its users into a database store).
     pub store: TestStore,
+    /// More keys of the `admin` mapping (e.g. `rate_limit: {…}`), after a comma.
+    pub admin_extra: &'static str,
 }
 
 /// The credential store of a test gateway.
@@ -703,6 +705,7 @@ impl Default for Options {
             state: String::new(),
             backend_address: None,
             store: TestStore::File,
+            admin_extra: "",
         }
     }
 }
@@ -837,7 +840,7 @@ backends:
 routes:
   default: dovecot
   domains: {{ down.test: down }}
-admin: {{ address: "127.0.0.1:0", health_interval: 1s, token_file: "{admin_token}" }}
+admin: {{ address: "127.0.0.1:0", health_interval: 1s, token_file: "{admin_token}"{admin_extra} }}
 "#,
             cert = cert.display(),
             key = key.display(),
@@ -883,6 +886,7 @@ admin: {{ address: "127.0.0.1:0", health_interval: 1s, token_file: "{admin_token
                 p.display().to_string()
             },
             guard = opts.guard,
+            admin_extra = opts.admin_extra,
             state = if opts.state.is_empty() {
                 "  backend: memory".to_owned()
             } else {

@@ -12,6 +12,7 @@ mod harness;
 mod pg;
 
 mod admin_http;
+mod api;
 mod audit;
 mod clients;
 mod config_files;

@@ -1,0 +1,366 @@
+//! The admin API: `/api/v1/…` on the admin listener, JSON, behind the admin bearer token (the
+//! listener checks it, in constant time, and names the token that passed: the *actor* every
+//! change is audited with). The OpenAPI 3.1 document is at `/api/v1/openapi.json`.
+//!
+//! Every change is a call of [`service::Services`] — the same calls whatever face asks (this
+//! API, the CLI through it) — and is idempotent where it can be: disabling a disabled user,
+//! revoking a revoked app password or deleting a deleted user answers success and changes
+//! nothing. Errors are `{"error": "...", "code": "not_found|conflict|invalid|unavailable"}`.
+
+use std::sync::Arc;
+
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::observe::admin::Actor;
+
+pub mod openapi;
+pub mod service;
+
+use service::{ServiceError, Services};
+
+/// What the API handlers share.
+pub struct Api {
+    pub services: Services,
+    /// The longest page `GET /users` returns.
+    pub max_page: u32,
+}
+
+type Shared = State<Arc<Api>>;
+
+impl IntoResponse for ServiceError {
+    fn into_response(self) -> Response {
+        let (status, code) = match &self {
+            ServiceError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ServiceError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ServiceError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+            ServiceError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        };
+        (
+            status,
+            Json(json!({ "error": self.to_string(), "code": code })),
+        )
+            .into_response()
+    }
+}
+
+/// The routes, relative to `/api/v1` (the admin listener nests them and checks the token).
+pub fn router(api: Arc<Api>) -> Router {
+    Router::new()
+        .route("/users", get(list_users).post(add_user))
+        .route(
+            "/users/{user}",
+            get(get_user).patch(update_user).delete(remove_user),
+        )
+        .route(
+            "/users/{user}/app-passwords",
+            get(list_app_passwords).post(create_app_password),
+        )
+        .route(
+            "/users/{user}/app-passwords/{id}",
+            delete(revoke_app_password),
+        )
+        .route("/users/{user}/totp", delete(reset_totp))
+        .route("/users/{user}/totp/enrolment", post(begin_totp))
+        .route("/users/{user}/totp/confirmation", post(confirm_totp))
+        .with_state(api)
+}
+
+/// The audit line of an operator action done through the API.
+fn audited(actor: &Actor, action: &str, user: &str, credential: &str, changed: bool) {
+    crate::observe::audit_api(&actor.0, action, user, credential, changed);
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    search: Option<String>,
+    after: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list_users(State(api): Shared, Query(p): Query<ListParams>) -> Response {
+    let limit = p.limit.unwrap_or(100).clamp(1, api.max_page);
+    let q = crate::store::ListQuery {
+        search: p.search.filter(|s| !s.is_empty()),
+        after: p.after.filter(|s| !s.is_empty()),
+        limit: limit + 1,
+    };
+    match api.services.store.list(&q).await {
+        Ok(mut users) => {
+            let more = users.len() > limit as usize;
+            users.truncate(limit as usize);
+            let next = more.then(|| users.last().map(|(n, _)| n.clone())).flatten();
+            let views: Vec<_> = users
+                .iter()
+                .map(|(n, u)| service::user_view(n, u))
+                .collect();
+            Json(json!({ "users": views, "next": next })).into_response()
+        }
+        Err(e) => ServiceError::from(e).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUser {
+    name: String,
+    upstream_user: Option<String>,
+    mfa: Option<String>,
+}
+
+async fn add_user(
+    State(api): Shared,
+    Extension(actor): Extension<Actor>,
+    Json(body): Json<NewUser>,
+) -> Response {
+    let mfa = match body.mfa.as_deref().map(service::parse_mfa).transpose() {
+        Ok(m) => m.flatten(),
+        Err(e) => return e.into_response(),
+    };
+    match api
+        .services
+        .add_user(&body.name, body.upstream_user, mfa)
+        .await
+    {
+        Ok(changed) => {
+            let (name, u) = match api.services.user(&body.name).await {
+                Ok(x) => x,
+                Err(e) => return e.into_response(),
+            };
+            audited(&actor, "user_added", &name, "", changed);
+            let status = if changed {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            (status, Json(service::user_view(&name, &u))).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn get_user(State(api): Shared, Path(user): Path<String>) -> Response {
+    match api.services.user(&user).await {
+        Ok((name, u)) => Json(service::user_view(&name, &u)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `PATCH /users/{user}`: `disabled`, `upstream_user` (null: the login name), `mfa`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserPatch {
+    disabled: Option<bool>,
+    #[serde(default, deserialize_with = "some")]
+    upstream_user: Option<Option<String>>,
+    mfa: Option<String>,
+}
+
+/// A present field, null or not, is `Some` (absent stays `None`).
+fn some<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+async fn update_user(
+    State(api): Shared,
+    Extension(actor): Extension<Actor>,
+    Path(user): Path<String>,
+    Json(p): Json<UserPatch>,
+) -> Response {
+    let mfa = match p.mfa.as_deref().map(service::parse_mfa).transpose() {
+        Ok(m) => m,
+        Err(e) => return e.into_response(),
+    };
+    match api
+        .services
+        .update_user(&user, p.disabled, p.upstream_user, mfa)
+        .await
+    {
+        Ok(changed) => match api.services.user(&user).await {
+            Ok((name, u)) => {
+                let action = match p.disabled {
+                    Some(true) => "user_disabled",
+                    Some(false) => "user_enabled",
+                    None => "user_changed",
+                };
+                audited(&actor, action, &name, "", changed);
+                Json(service::user_view(&name, &u)).into_response()
+            }
+            Err(e) => e.into_response(),
+        },
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn remove_user(
+    State(api): Shared,
+    Extension(actor): Extension<Actor>,
+    Path(user): Path<String>,
+) -> Response {
+    match api.services.remove_user(&user).await {
+        Ok(changed) => {
+            let name = api.services.name(&user).unwrap_or_default();
+            audited(&actor, "user_removed", &name, "", changed);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn list_app_passwords(State(api): Shared, Path(user): Path<String>) -> Response {
+    match api.services.user(&user).await {
+        Ok((name, u)) => Json(json!({
+            "user": name,
+            "app_passwords": service::user_view(&name, &u).app_passwords,
+        }))
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewAppPassword {
+    #[serde(default)]
+    label: String,
+    /// A duration such as `90d`.
+    expires_in: Option<String>,
+}
+
+async fn create_app_password(
+    State(api): Shared,
+    Extension(actor): Extension<Actor>,
+    Path(user): Path<String>,
+    Json(body): Json<NewAppPassword>,
+) -> Response {
+    let expires = match body
+        .expires_in
+        .as_deref()
+        .map(crate::config::units::parse_duration)
+    {
+        None => None,
+        Some(Ok(d)) if !d.is_zero() => Some(d),
+        Some(_) => {
+            return ServiceError::Invalid("expires_in must be a duration such as 90d".into())
+                .into_response()
+        }
+    };
+    match api
+        .services
+        .create_app_password(&user, &body.label, expires)
+        .await
+    {
+        Ok(created) => {
+            let name = api.services.name(&user).unwrap_or_default();
+            audited(
+                &actor,
+                "app_password_created",
+                &name,
+                &created.view.id,
+                true,
+            );
+            let grouped = crate::auth::app_password::grouped(&created.password);
+            (
+                StatusCode::CREATED,
+                [(header::CACHE_CONTROL, "no-store")],
+                Json(json!({
+                    "app_password": created.view,
+                    // Shown once: the store keeps only its hash.
+                    "password": grouped.expose_str().unwrap_or_default(),
+                })),
+            )
+                .into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn revoke_app_password(
+    State(api): Shared,
+    Extension(actor): Extension<Actor>,
+    Path((user, id)): Path<(String, String)>,
+) -> Response {
+    match api.services.revoke_app_password(&user, &id).await {
+        Ok(changed) => {
+            let name = api.services.name(&user).unwrap_or_default();
+            audited(&actor, "app_password_revoked", &name, &id, changed);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct BeginTotp {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn begin_totp(
+    State(api): Shared,
+    Path(user): Path<String>,
+    body: Option<Json<BeginTotp>>,
+) -> Response {
+    let force = body.map(|Json(b)| b.force).unwrap_or_default();
+    match api.services.totp_begin(&user, force).await {
+        Ok(e) => (
+            StatusCode::CREATED,
+            [(header::CACHE_CONTROL, "no-store")],
+            Json(json!({
+                "otpauth_uri": e.otpauth_uri.expose_str().unwrap_or_default(),
+                "enrolment": e.token,
+            })),
+        )
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfirmTotp {
+    enrolment: String,
+    code: String,
+}
+
+async fn confirm_totp(
+    State(api): Shared,
+    Extension(actor): Extension<Actor>,
+    Path(user): Path<String>,
+    Json(body): Json<ConfirmTotp>,
+) -> Response {
+    match api
+        .services
+        .totp_confirm(&user, &body.enrolment, &body.code)
+        .await
+    {
+        Ok(()) => {
+            let name = api.services.name(&user).unwrap_or_default();
+            audited(&actor, "totp_enrolled", &name, "", true);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn reset_totp(
+    State(api): Shared,
+    Extension(actor): Extension<Actor>,
+    Path(user): Path<String>,
+) -> Response {
+    match api.services.totp_reset(&user).await {
+        Ok(changed) => {
+            let name = api.services.name(&user).unwrap_or_default();
+            audited(&actor, "totp_reset", &name, "", changed);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}

@@ -1,0 +1,454 @@
+//! The admin API (`/api/v1`) against a running gateway with a real store: what an operator's
+//! script sees (status codes, JSON, idempotent repeats) and what a mail client then notices
+//! (a created app password logs in, a revoked one ends the live session and stops working).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::harness::{Options, TestGateway, TestStore, ADMIN_TOKEN};
+
+/// Generous request limits: these tests send many requests from one address.
+const LIMITS: &str = ", rate_limit: { per_ip: 100000, burst: 10000, overall: 100000 }";
+
+struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    fn new(t: &TestGateway) -> Api {
+        Api {
+            base: format!("http://{}/api/v1", t.gw.admin),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        token: Option<&str>,
+    ) -> (u16, Value) {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut r = self.http.request(m, format!("{}{path}", self.base));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn ok(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.call(method, path, body, Some(ADMIN_TOKEN)).await
+    }
+}
+
+async fn api_on(store: TestStore) {
+    let Some(t) = TestGateway::start_with(Options {
+        store: store.clone(),
+        admin_extra: LIMITS,
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let api = Api::new(&t);
+    let which = format!("{store:?}");
+
+    // No token, a wrong one: refused, nothing disclosed.
+    assert_eq!(api.call("GET", "/users", None, None).await.0, 401);
+    assert_eq!(
+        api.call("GET", "/users", None, Some("wrong-token-0123456789"))
+            .await
+            .0,
+        401
+    );
+
+    // Users: add (201), the same again (200, nothing changed), other settings (409).
+    let (s, v) = api
+        .ok(
+            "POST",
+            "/users",
+            Some(json!({"name": "Zoe@Example.org", "mfa": "optional"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{which}: {v}");
+    assert_eq!(v["name"], "zoe@example.org");
+    let (s, _) = api
+        .ok(
+            "POST",
+            "/users",
+            Some(json!({"name": "zoe@example.org", "mfa": "optional"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{which}: a repeated add is not an error");
+    let (s, v) = api
+        .ok(
+            "POST",
+            "/users",
+            Some(json!({"name": "zoe@example.org", "mfa": "off"})),
+        )
+        .await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (409, Some("conflict")),
+        "{which}: {v}"
+    );
+    let (s, v) = api
+        .ok("POST", "/users", Some(json!({"name": "not an address"})))
+        .await;
+    assert_eq!((s, v["code"].as_str()), (422, Some("invalid")), "{v}");
+    let (s, _) = api
+        .ok(
+            "POST",
+            "/users",
+            Some(json!({"name": "x@example.org", "extra": 1})),
+        )
+        .await;
+    assert!((400..500).contains(&s), "unknown fields are refused: {s}");
+    let (s, v) = api.ok("GET", "/users/nobody@example.org", None).await;
+    assert_eq!((s, v["code"].as_str()), (404, Some("not_found")));
+
+    // Paging: every user exactly once, in order, pages of 3.
+    let mut seen = Vec::new();
+    let mut after = String::new();
+    loop {
+        let (s, v) = api
+            .ok("GET", &format!("/users?limit=3&after={after}"), None)
+            .await;
+        assert_eq!(s, 200, "{v}");
+        let page: Vec<String> = v["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["name"].as_str().unwrap().to_owned())
+            .collect();
+        assert!(page.len() <= 3);
+        seen.extend(page);
+        match v["next"].as_str() {
+            Some(n) => after = n.to_owned(),
+            None => break,
+        }
+        assert!(seen.len() < 100, "paging does not end");
+    }
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(seen, sorted, "{which}: pages overlap or are out of order");
+    assert!(
+        seen.contains(&"zoe@example.org".to_owned())
+            && seen.contains(&"alice@example.org".to_owned())
+    );
+    let (_, v) = api.ok("GET", "/users?search=zoe", None).await;
+    assert_eq!(v["users"].as_array().unwrap().len(), 1);
+
+    // An app password made through the API logs in; the response holds it, once.
+    let (s, v) = api
+        .ok(
+            "POST",
+            "/users/zoe@example.org/app-passwords",
+            Some(json!({"label": "phone"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{which}: {v}");
+    let password = v["password"].as_str().unwrap().to_owned();
+    let id = v["app_password"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(v["app_password"]["state"], "active");
+    let (_, listed) = api
+        .ok("GET", "/users/zoe@example.org/app-passwords", None)
+        .await;
+    assert!(
+        !listed.to_string().contains(&password.replace(' ', "")[..8]),
+        "a listing shows the password"
+    );
+    assert!(
+        !listed.to_string().contains("argon2"),
+        "a listing shows the hash"
+    );
+    // zoe is not a Dovecot user: the gateway checks her credential, then the backend refuses.
+    // Use alice, a real mailbox, for the session part.
+    let (s, v) = api
+        .ok(
+            "POST",
+            "/users/alice@example.org/app-passwords",
+            Some(json!({"label": "api", "expires_in": "30d"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let alice_pw = v["password"].as_str().unwrap().to_owned();
+    let alice_id = v["app_password"]["id"].as_str().unwrap().to_owned();
+    assert!(v["app_password"]["expires"].is_string());
+    let mut session = crate::harness::Client::tls(t.imaps(), &t.pki.ca_der).await;
+    session.line().await.unwrap();
+    let r = session
+        .cmd("a", &format!("LOGIN alice@example.org \"{alice_pw}\""))
+        .await;
+    assert!(
+        crate::harness::last(&r).starts_with("a OK"),
+        "{which}: {r:?}"
+    );
+    session.cmd("s", "SELECT INBOX").await;
+    session.send("i IDLE\r\n").await;
+    assert!(session.line().await.unwrap().starts_with('+'));
+
+    // Revoking it ends the live session within 2 s, and it no longer logs in; a repeat is
+    // harmless; an unknown id is a 404.
+    let (s, _) = api
+        .ok(
+            "DELETE",
+            &format!("/users/alice@example.org/app-passwords/{alice_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 204);
+    assert!(
+        session.closed_within(Duration::from_secs(2)).await,
+        "{which}: revoked session still open"
+    );
+    assert!(t
+        .login_from("127.0.0.1", "alice@example.org", &alice_pw)
+        .await
+        .contains("NO"));
+    let (s, _) = api
+        .ok(
+            "DELETE",
+            &format!("/users/alice@example.org/app-passwords/{alice_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 204, "a repeated revocation is not an error");
+    let (s, _) = api
+        .ok(
+            "DELETE",
+            "/users/alice@example.org/app-passwords/ap_nope",
+            None,
+        )
+        .await;
+    assert_eq!(s, 404);
+    // Her harness app password is untouched.
+    assert!(t
+        .login_from(
+            "127.0.0.1",
+            "alice@example.org",
+            &t.password("alice@example.org")
+        )
+        .await
+        .contains("OK"));
+
+    // Disable / enable.
+    let (s, v) = api
+        .ok(
+            "PATCH",
+            "/users/bob@example.org",
+            Some(json!({"disabled": true})),
+        )
+        .await;
+    assert_eq!((s, v["disabled"].as_bool()), (200, Some(true)), "{v}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let bob = "bob@example.org";
+    assert!(
+        t.login_from("127.0.0.1", bob, &t.password(bob))
+            .await
+            .contains("NO"),
+        "{which}: disabled user logged in"
+    );
+    let (s, _) = api
+        .ok(
+            "PATCH",
+            "/users/bob@example.org",
+            Some(json!({"disabled": false})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        t.login_from("127.0.0.1", bob, &t.password(bob))
+            .await
+            .contains("OK"),
+        "{which}: enabled user refused"
+    );
+
+    // TOTP: begin (nothing stored), a wrong code (422, still not enrolled), the right code.
+    let (s, v) = api
+        .ok("POST", "/users/zoe@example.org/totp/enrolment", None)
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let uri = v["otpauth_uri"].as_str().unwrap().to_owned();
+    let token = v["enrolment"].as_str().unwrap().to_owned();
+    assert!(uri.starts_with("otpauth://totp/"));
+    let (_, u) = api.ok("GET", "/users/zoe@example.org", None).await;
+    assert_eq!(u["totp_enrolled"], false, "begin stored something");
+    let secret = uri
+        .split("secret=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap();
+    let secret = imapgate::secret::Secret::new(crate::mfa::base32_decode(secret));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let code = imapgate::auth::totp::code_at(&secret, now, 6).unwrap();
+    let wrong = format!("{:06}", (code.parse::<u32>().unwrap() + 1) % 1_000_000);
+    let (s, _) = api
+        .ok(
+            "POST",
+            "/users/zoe@example.org/totp/confirmation",
+            Some(json!({"enrolment": token, "code": wrong})),
+        )
+        .await;
+    assert_eq!(s, 422);
+    // A token made for zoe does not enrol bob.
+    let (s, _) = api
+        .ok(
+            "POST",
+            "/users/bob@example.org/totp/confirmation",
+            Some(json!({"enrolment": token, "code": code})),
+        )
+        .await;
+    assert_eq!(s, 422, "an enrolment token worked for another user");
+    let (s, v) = api
+        .ok(
+            "POST",
+            "/users/zoe@example.org/totp/confirmation",
+            Some(json!({"enrolment": token, "code": code})),
+        )
+        .await;
+    assert_eq!(s, 204, "{v}");
+    let (_, u) = api.ok("GET", "/users/zoe@example.org", None).await;
+    assert_eq!(u["totp_enrolled"], true);
+    let (s, _) = api
+        .ok("POST", "/users/zoe@example.org/totp/enrolment", None)
+        .await;
+    assert_eq!(s, 409, "a second enrolment without force");
+    assert_eq!(
+        api.ok("DELETE", "/users/zoe@example.org/totp", None)
+            .await
+            .0,
+        204
+    );
+    assert_eq!(
+        api.ok("DELETE", "/users/zoe@example.org/totp", None)
+            .await
+            .0,
+        204
+    );
+    let (_, u) = api.ok("GET", "/users/zoe@example.org", None).await;
+    assert_eq!(u["totp_enrolled"], false);
+
+    // Delete (twice: still 204), then gone.
+    assert_eq!(
+        api.ok("DELETE", "/users/zoe@example.org", None).await.0,
+        204
+    );
+    assert_eq!(
+        api.ok("DELETE", "/users/zoe@example.org", None).await.0,
+        204
+    );
+    assert_eq!(api.ok("GET", "/users/zoe@example.org", None).await.0, 404);
+    let _ = id;
+    let _ = password;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_manages_users_on_sqlite() {
+    api_on(TestStore::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_manages_users_on_postgres() {
+    let Some(pg) = crate::pg::postgres() else {
+        return;
+    };
+    api_on(TestStore::Postgres(pg.database())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_manages_users_in_the_users_file() {
+    api_on(TestStore::File).await;
+}
+
+/// The OpenAPI document is served, and it names exactly the routes the API answers: every
+/// documented operation is routed (not 404/405), and no undocumented method is.
+#[tokio::test]
+async fn the_openapi_document_matches_the_routes() {
+    let Some(t) = TestGateway::start_with(Options {
+        store: TestStore::Sqlite,
+        admin_extra: LIMITS,
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let api = Api::new(&t);
+    let (s, served) = api.call("GET", "/openapi.json", None, None).await;
+    assert_eq!(s, 200);
+    let doc: Value = serde_json::from_str(imapgate::api::openapi::DOCUMENT).unwrap();
+    assert_eq!(
+        served, doc,
+        "the served document is not the one in the source"
+    );
+    assert_eq!(doc["openapi"], "3.1.0");
+    let methods = ["get", "post", "put", "patch", "delete"];
+    let mut documented = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        let concrete = path
+            .replace("{user}", "alice@example.org")
+            .replace("{id}", "ap_unknown");
+        for m in methods {
+            let (status, body) = api.ok(&m.to_uppercase(), &concrete, Some(json!({}))).await;
+            if item.get(m).is_some() {
+                documented.insert(format!("{m} {path}"));
+                // Routed: any answer but axum's "no route" (404 with an empty body) or 405.
+                let unrouted =
+                    status == 405 || (status == 404 && body == Value::String(String::new()));
+                assert!(
+                    !unrouted,
+                    "{m} {path} is documented but not served ({status})"
+                );
+            } else {
+                assert!(
+                    status == 405 || (status == 404 && body == Value::String(String::new())),
+                    "{m} {path} is served ({status}) but not documented"
+                );
+            }
+        }
+    }
+    assert_eq!(documented.len(), 13, "{documented:?}");
+    // Every documented operation has an id and its responses, and every $ref resolves.
+    fn refs(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    if k == "$ref" {
+                        out.push(x.as_str().unwrap().to_owned());
+                    }
+                    refs(x, out);
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|x| refs(x, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    refs(&doc, &mut all);
+    for r in all {
+        let pointer = r.strip_prefix('#').unwrap();
+        assert!(doc.pointer(pointer).is_some(), "dangling $ref {r}");
+    }
+}
