@@ -15,11 +15,21 @@ use crate::guard::BlockInfo;
 #[derive(clap::Args, Debug)]
 pub struct AdminTarget {
     /// The configuration file (its `admin.address` and `admin.token_file` are used).
-    #[arg(short, long, env = "IMAPGATE_CONFIG")]
-    pub config: PathBuf,
-    /// The admin listener to talk to, if not `admin.address` (e.g. a port-forward).
+    #[arg(
+        short,
+        long,
+        env = "IMAPGATE_CONFIG",
+        required_unless_present = "token_file"
+    )]
+    pub config: Option<PathBuf>,
+    /// The admin listener to talk to, if not `admin.address` (e.g. `127.0.0.1:9190` or
+    /// `http://127.0.0.1:9190` through a port-forward).
     #[arg(long)]
-    pub admin: Option<SocketAddr>,
+    pub admin: Option<String>,
+    /// The admin bearer token, if not the configuration's `admin.token_file` (with `--admin`,
+    /// no configuration is needed).
+    #[arg(long, requires = "admin")]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -73,7 +83,27 @@ pub(super) fn guard(cmd: GuardCmd) -> ExitCode {
             (target, Request::Clear(q.join("&")))
         }
     };
-    let config = match load(&target.config) {
+    if let (Some(admin), Some(token_file)) = (&target.admin, &target.token_file) {
+        let remote = match super::remote::Remote::new(admin, token_file) {
+            Ok(r) => r,
+            Err(code) => return code,
+        };
+        let (method, path) = match &request {
+            Request::Status => ("GET", "/guard/blocks".to_owned()),
+            Request::Clear(q) => ("DELETE", format!("/guard/blocks?{q}")),
+        };
+        return match remote.call(method, &path, None) {
+            Ok(v) => show(&cmd, &v.to_string()),
+            Err(code) => code,
+        };
+    }
+    let Some(config_path) = &target.config else {
+        return fail(
+            EXIT_CONFIG,
+            "give -c CONFIG, or --admin URL --token-file FILE",
+        );
+    };
+    let config = match load(config_path) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -83,7 +113,14 @@ pub(super) fn guard(cmd: GuardCmd) -> ExitCode {
             "admin.token_file must be set to list or clear blocks",
         );
     };
-    let mut addr = target.admin.unwrap_or(config.admin.address);
+    let mut addr = match target.admin.as_deref().map(str::parse::<SocketAddr>) {
+        None => config.admin.address,
+        Some(Ok(a)) => a,
+        Some(Err(_)) => return fail(
+            EXIT_CONFIG,
+            "--admin without --token-file must be IP:port (the token comes from the configuration)",
+        ),
+    };
     if addr.ip().is_unspecified() {
         addr.set_ip(if addr.is_ipv4() {
             std::net::Ipv4Addr::LOCALHOST.into()
@@ -99,14 +136,18 @@ pub(super) fn guard(cmd: GuardCmd) -> ExitCode {
         Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
     };
     let result = rt.block_on(send(addr, token, &request));
-    let body = match result {
-        Ok(b) => b,
-        Err(e) => return fail(1, e),
-    };
-    match (&cmd, request) {
-        (GuardCmd::Status { json: true, .. }, _) => outln!("{}", body.trim_end()),
-        (GuardCmd::Status { .. }, _) => {
-            let list: Vec<BlockInfo> = match serde_json::from_str(&body) {
+    match result {
+        Ok(b) => show(&cmd, &b),
+        Err(e) => fail(1, e),
+    }
+}
+
+/// Prints the gateway's answer: a table of blocks, or its JSON.
+fn show(cmd: &GuardCmd, body: &str) -> ExitCode {
+    match cmd {
+        GuardCmd::Status { json: true, .. } => outln!("{}", body.trim_end()),
+        GuardCmd::Status { .. } => {
+            let list: Vec<BlockInfo> = match serde_json::from_str(body) {
                 Ok(l) => l,
                 Err(e) => return fail(1, format!("unexpected answer from the gateway: {e}")),
             };
@@ -124,7 +165,7 @@ pub(super) fn guard(cmd: GuardCmd) -> ExitCode {
                 );
             }
         }
-        (GuardCmd::Clear { .. }, _) => outln!("{}", body.trim_end()),
+        GuardCmd::Clear { .. } => outln!("{}", body.trim_end()),
     }
     ExitCode::SUCCESS
 }

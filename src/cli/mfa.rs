@@ -80,6 +80,13 @@ pub(super) fn totp(cmd: TotpCmd) -> ExitCode {
             force,
             cfg,
         } => {
+            if cfg.admin.is_some() && no_verify {
+                return fail(
+                    EXIT_CONFIG,
+                    "--no-verify cannot be used with --admin: the API stores an enrolment only with a first valid code",
+                );
+            }
+            via_api!(cfg, |r| super::remote::enroll_totp(&r, &user, force));
             let name = match user_name(&user) {
                 Ok(n) => n,
                 Err(c) => return c,
@@ -152,6 +159,7 @@ pub(super) fn totp(cmd: TotpCmd) -> ExitCode {
             super::audited(code, &cfg, "totp_enrolled", &name, "")
         }
         TotpCmd::Reset { user, cfg } => {
+            via_api!(cfg, |r| super::remote::reset_totp(&r, &user));
             let name = match user_name(&user) {
                 Ok(n) => n,
                 Err(c) => return c,

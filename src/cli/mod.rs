@@ -29,6 +29,16 @@ macro_rules! err {
         let _ = write!(std::io::stderr(), $($t)*);
     }};
 }
+/// Runs `$remote` with the API named by `--admin` and returns its exit code, if one was given.
+macro_rules! via_api {
+    ($cfg:expr, |$r:ident| $remote:expr) => {
+        match $cfg.remote() {
+            Ok(Some($r)) => return $remote,
+            Ok(None) => {}
+            Err(code) => return code,
+        }
+    };
+}
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -42,6 +52,7 @@ mod doctor;
 mod guard;
 mod mfa;
 mod oauth;
+mod remote;
 mod transfer;
 
 pub const EXIT_CONFIG: u8 = 64;
@@ -103,14 +114,32 @@ pub struct UsersTarget {
         short,
         long,
         env = "IMAPGATE_CONFIG",
-        required_unless_present = "users_file"
+        required_unless_present_any = ["users_file", "admin"]
     )]
     pub config: Option<PathBuf>,
     /// The users file itself; wins over `-c` (and over IMAPGATE_CONFIG, which the container
     /// image sets) for the file. `app-password create` still needs a configuration too, for
     /// its key ring.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "admin")]
     pub users_file: Option<PathBuf>,
+    /// Work through a running gateway's admin API instead (e.g. `http://127.0.0.1:9190`
+    /// through a `kubectl port-forward`); wins over `-c` and IMAPGATE_CONFIG.
+    #[arg(long, requires = "token_file")]
+    pub admin: Option<String>,
+    /// The admin bearer token (a file holding `admin.token_file`'s token or one of
+    /// `admin.tokens`).
+    #[arg(long, requires = "admin")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl UsersTarget {
+    /// The admin API to use, when `--admin` was given.
+    fn remote(&self) -> Result<Option<remote::Remote>, ExitCode> {
+        match (&self.admin, &self.token_file) {
+            (Some(url), Some(token)) => remote::Remote::new(url, token).map(Some),
+            _ => Ok(None),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -223,6 +252,14 @@ pub enum MfaArg {
 }
 
 impl MfaArg {
+    fn name(self) -> &'static str {
+        match self {
+            MfaArg::Required => "required",
+            MfaArg::Optional => "optional",
+            MfaArg::Off => "off",
+        }
+    }
+
     fn mode(self) -> crate::config::MfaMode {
         match self {
             MfaArg::Required => crate::config::MfaMode::Required,
@@ -643,6 +680,12 @@ fn users(cmd: UsersCmd) -> ExitCode {
             mfa,
             cfg,
         } => {
+            via_api!(cfg, |r| remote::add_user(
+                &r,
+                &user,
+                upstream_user,
+                mfa.map(MfaArg::name)
+            ));
             let mfa_mode = mfa.map(MfaArg::mode);
             let name = match user_name(&user) {
                 Ok(n) => n,
@@ -679,6 +722,7 @@ fn users(cmd: UsersCmd) -> ExitCode {
             audited(code, &cfg, "user_added", &name, "")
         }
         UsersCmd::Show { user, cfg } => {
+            via_api!(cfg, |r| remote::show_user(&r, &user));
             let (name, u) = match read_user(&cfg, &user) {
                 Ok(found) => found,
                 Err(c) => return c,
@@ -717,6 +761,7 @@ fn users(cmd: UsersCmd) -> ExitCode {
             ExitCode::SUCCESS
         }
         UsersCmd::List { cfg } => {
+            via_api!(cfg, |r| remote::list_users(&r));
             let tgt = match target(&cfg) {
                 Ok(t) => t,
                 Err(code) => return code,
@@ -764,6 +809,7 @@ fn users(cmd: UsersCmd) -> ExitCode {
         UsersCmd::Disable { user, cfg } => set_disabled(&user, &cfg, true),
         UsersCmd::Enable { user, cfg } => set_disabled(&user, &cfg, false),
         UsersCmd::Remove { user, cfg } => {
+            via_api!(cfg, |r| remote::remove_user(&r, &user));
             let name = match user_name(&user) {
                 Ok(n) => n,
                 Err(c) => return c,
@@ -780,6 +826,7 @@ fn users(cmd: UsersCmd) -> ExitCode {
 }
 
 fn set_disabled(user: &str, cfg: &UsersTarget, disabled: bool) -> ExitCode {
+    via_api!(cfg, |r| remote::set_disabled(&r, user, disabled));
     let name = match user_name(user) {
         Ok(n) => n,
         Err(c) => return c,
@@ -806,6 +853,12 @@ fn app_passwords(cmd: AppPasswordCmd) -> ExitCode {
             expires_in,
             cfg,
         } => {
+            via_api!(cfg, |r| remote::create_app_password(
+                &r,
+                &user,
+                &label,
+                expires_in.as_deref()
+            ));
             let expires = match expires_in
                 .as_deref()
                 .map(crate::config::units::parse_duration)
@@ -880,6 +933,7 @@ fn app_passwords(cmd: AppPasswordCmd) -> ExitCode {
             code
         }
         AppPasswordCmd::List { user, cfg } => {
+            via_api!(cfg, |r| remote::list_app_passwords(&r, &user));
             let (_, u) = match read_user(&cfg, &user) {
                 Ok(found) => found,
                 Err(c) => return c,
@@ -892,6 +946,7 @@ fn app_passwords(cmd: AppPasswordCmd) -> ExitCode {
             ExitCode::SUCCESS
         }
         AppPasswordCmd::Revoke { user, id, cfg } => {
+            via_api!(cfg, |r| remote::revoke_app_password(&r, &user, &id));
             let name = match user_name(&user) {
                 Ok(n) => n,
                 Err(c) => return c,

@@ -452,3 +452,124 @@ async fn the_openapi_document_matches_the_routes() {
         assert!(doc.pointer(pointer).is_some(), "dangling $ref {r}");
     }
 }
+
+/// The CLI through the API (`--admin URL --token-file FILE`), against the real binary: the
+/// commands an operator types after a port-forward, and the audit lines naming the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_works_through_the_api_and_actions_are_audited_with_the_token_name() {
+    let tokens = tempfile::tempdir().unwrap();
+    let helpdesk = tokens.path().join("helpdesk.token");
+    crate::harness::write_secret(&helpdesk, "helpdesk-token-0123456789abcdef\n");
+    let extra: &'static str = Box::leak(
+        format!(
+            "{LIMITS}, tokens: [{{ name: helpdesk, file: \"{}\" }}]",
+            helpdesk.display()
+        )
+        .into_boxed_str(),
+    );
+    let Some(t) = TestGateway::start_with(Options {
+        store: TestStore::Sqlite,
+        admin_extra: extra,
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let b = crate::harness::start_binary(&t);
+    let admin = format!("http://127.0.0.1:{}", b.admin);
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_imapgate"))
+            .args(args)
+            .args(["--admin", &admin, "--token-file"])
+            .arg(&helpdesk)
+            // No configuration at all: everything goes through the API.
+            .env_remove("IMAPGATE_CONFIG")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, _, err) = cli(&["users", "add", "carl@example.org", "--mfa", "off"]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(&[
+        "app-password",
+        "create",
+        "carl@example.org",
+        "--label",
+        "laptop",
+    ]);
+    assert!(ok, "{err}");
+    let password = out.trim().to_owned();
+    assert_eq!(password.replace(' ', "").len(), 16, "{out}");
+    assert!(!err.contains(&password), "the password went to stderr too");
+    let (ok, out, _) = cli(&["users", "list"]);
+    assert!(
+        ok && out.contains("carl@example.org\tenabled\tapp-passwords=1"),
+        "{out}"
+    );
+    let (ok, out, _) = cli(&["app-password", "list", "carl@example.org"]);
+    assert!(
+        ok && out.contains("active") && out.contains("laptop"),
+        "{out}"
+    );
+    let id = out.split('\t').next().unwrap().to_owned();
+    let (ok, _, err) = cli(&["app-password", "revoke", "carl@example.org", &id]);
+    assert!(ok, "{err}");
+    let (ok, out, _) = cli(&["users", "show", "carl@example.org"]);
+    assert!(ok && out.contains("revoked"), "{out}");
+    let (ok, _, _) = cli(&["users", "disable", "carl@example.org"]);
+    assert!(ok);
+    let (ok, out, _) = cli(&["guard", "status", "--json"]);
+    assert!(ok && out.trim().starts_with('['), "{out}");
+    // Errors come back as the API's message and a failing exit code.
+    let (ok, _, err) = cli(&["users", "show", "nobody@example.org"]);
+    assert!(
+        !ok && err.contains("404") && err.contains("no user"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(&["totp", "enroll", "carl@example.org", "--no-verify"]);
+    assert!(!ok && err.contains("--no-verify"), "{err}");
+    // A wrong token is refused.
+    let bad = tokens.path().join("bad.token");
+    crate::harness::write_secret(&bad, "not-the-token-0123456789");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_imapgate"))
+        .args(["users", "list", "--admin", &admin, "--token-file"])
+        .arg(&bad)
+        .env_remove("IMAPGATE_CONFIG")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+
+    // The binary's audit log names the token behind every change, and never the password.
+    let audit = std::fs::read_to_string(b.dir.path().join("audit.log")).unwrap_or_default();
+    let ops: Vec<Value> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["event"] == "operator")
+        .collect();
+    let actions: Vec<&str> = ops
+        .iter()
+        .map(|v| v["action"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "user_added",
+            "app_password_created",
+            "app_password_revoked",
+            "user_disabled"
+        ],
+        "{audit}"
+    );
+    assert!(
+        ops.iter()
+            .all(|v| v["actor"] == "helpdesk" && v["via"] == "api"),
+        "{audit}"
+    );
+    assert!(!audit.contains(&password.replace(' ', "")) && !audit.contains(&password));
+}

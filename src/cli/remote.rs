@@ -1,0 +1,378 @@
+//! The CLI through a running gateway's admin API (`--admin URL --token-file FILE`): the same
+//! user, app-password and TOTP commands, for a store the operator cannot reach directly (a
+//! Kubernetes Secret or a database behind a port-forward). The token is sent as a bearer token
+//! and never printed; a new app password is printed once, alone on stdout, as locally.
+
+use std::io::{BufRead as _, Write as _};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::{block_on, fail, EXIT_CONFIG};
+use crate::secret::Secret;
+
+/// A gateway's admin API.
+pub(crate) struct Remote {
+    base: String,
+    token: Secret,
+    http: reqwest::Client,
+}
+
+/// `http://host:port` (or `https://…`, or just `host:port`) → the API's base URL.
+fn base_url(admin: &str) -> Result<String, String> {
+    let admin = admin.trim().trim_end_matches('/');
+    let with_scheme = if admin.starts_with("http://") || admin.starts_with("https://") {
+        admin.to_owned()
+    } else {
+        format!("http://{admin}")
+    };
+    let url = reqwest::Url::parse(&with_scheme).map_err(|e| format!("--admin: {e}"))?;
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("--admin: no host".into());
+    }
+    if url.scheme() == "http" {
+        let host = url.host_str().unwrap_or_default();
+        let loopback = host == "localhost"
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if !loopback {
+            errln!("warning: --admin {with_scheme} is plain HTTP to another host: the token crosses the network in the clear (use a port-forward to 127.0.0.1, or https)");
+        }
+    }
+    Ok(format!("{}/api/v1", url.as_str().trim_end_matches('/')))
+}
+
+impl Remote {
+    pub(crate) fn new(admin: &str, token_file: &Path) -> Result<Remote, ExitCode> {
+        let base = base_url(admin).map_err(|e| fail(EXIT_CONFIG, e))?;
+        let text = std::fs::read_to_string(token_file).map_err(|e| {
+            fail(
+                EXIT_CONFIG,
+                format!("--token-file {}: {e}", token_file.display()),
+            )
+        })?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(fail(
+                EXIT_CONFIG,
+                format!("--token-file {} is empty", token_file.display()),
+            ));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .no_proxy()
+            .build()
+            .map_err(|e| fail(1, format!("HTTP client: {e}")))?;
+        Ok(Remote {
+            base,
+            token: Secret::from(token.to_owned()),
+            http,
+        })
+    }
+
+    /// One call; the JSON answer of a success, or the API's error message.
+    pub(crate) fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, ExitCode> {
+        let url = format!("{}{path}", self.base);
+        let method = reqwest::Method::from_bytes(method.as_bytes())
+            .map_err(|e| fail(1, format!("method: {e}")))?;
+        let mut req = self
+            .http
+            .request(method, &url)
+            .bearer_auth(self.token.expose_str().unwrap_or_default());
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let outcome = block_on(async move {
+            let resp = req.send().await?;
+            let status = resp.status();
+            let text = resp.text().await?;
+            Ok::<_, reqwest::Error>((status, text))
+        })?;
+        let (status, text) = outcome.map_err(|e| {
+            fail(
+                1,
+                format!(
+                    "cannot reach the admin API at {}: {}",
+                    self.base,
+                    e.without_url()
+                ),
+            )
+        })?;
+        let value = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text.trim().to_owned()))
+        };
+        if status.is_success() {
+            return Ok(value);
+        }
+        let message = value
+            .get("error")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .unwrap_or_else(|| value.as_str().unwrap_or_default().to_owned());
+        Err(fail(1, format!("the gateway answered {status}: {message}")))
+    }
+}
+
+/// A path segment, percent-encoded.
+fn seg(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'@' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn done(r: Result<Value, ExitCode>) -> ExitCode {
+    match r {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(code) => code,
+    }
+}
+
+pub(crate) fn add_user(
+    r: &Remote,
+    user: &str,
+    upstream: Option<String>,
+    mfa: Option<&str>,
+) -> ExitCode {
+    let mut body = json!({ "name": user });
+    if let Some(u) = upstream {
+        body["upstream_user"] = json!(u);
+    }
+    if let Some(m) = mfa {
+        body["mfa"] = json!(m);
+    }
+    match r.call("POST", "/users", Some(body)) {
+        Ok(v) => {
+            errln!("added {}", v["name"].as_str().unwrap_or(user));
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+pub(crate) fn show_user(r: &Remote, user: &str) -> ExitCode {
+    let v = match r.call("GET", &format!("/users/{}", seg(user)), None) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    let s = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+    outln!("user: {}", s("name"));
+    outln!(
+        "state: {}",
+        if v["disabled"].as_bool() == Some(true) {
+            "disabled"
+        } else {
+            "enabled"
+        }
+    );
+    outln!("upstream user: {}", s("upstream_user"));
+    outln!("mfa: {}", s("mfa"));
+    outln!(
+        "totp: {}",
+        if v["totp_enrolled"].as_bool() == Some(true) {
+            "enrolled"
+        } else {
+            "not enrolled"
+        }
+    );
+    for a in v["app_passwords"].as_array().into_iter().flatten() {
+        outln!(
+            "app password {}\t{}\t{}\t{}",
+            a["id"].as_str().unwrap_or_default(),
+            a["state"].as_str().unwrap_or_default(),
+            a["created"].as_str().unwrap_or_default(),
+            a["label"].as_str().unwrap_or_default()
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+pub(crate) fn list_users(r: &Remote) -> ExitCode {
+    let mut after = String::new();
+    loop {
+        let v = match r.call(
+            "GET",
+            &format!("/users?limit=1000&after={}", seg(&after)),
+            None,
+        ) {
+            Ok(v) => v,
+            Err(code) => return code,
+        };
+        for u in v["users"].as_array().into_iter().flatten() {
+            let active = u["app_passwords"]
+                .as_array()
+                .map_or(0, |a| a.iter().filter(|x| x["state"] == "active").count());
+            outln!(
+                "{}\t{}\tapp-passwords={active}",
+                u["name"].as_str().unwrap_or_default(),
+                if u["disabled"].as_bool() == Some(true) {
+                    "disabled"
+                } else {
+                    "enabled"
+                }
+            );
+        }
+        match v["next"].as_str() {
+            Some(n) if !n.is_empty() && n != after => after = n.to_owned(),
+            _ => return ExitCode::SUCCESS,
+        }
+    }
+}
+
+pub(crate) fn set_disabled(r: &Remote, user: &str, disabled: bool) -> ExitCode {
+    let res = r.call(
+        "PATCH",
+        &format!("/users/{}", seg(user)),
+        Some(json!({ "disabled": disabled })),
+    );
+    if res.is_ok() {
+        errln!("{user} {}", if disabled { "disabled" } else { "enabled" });
+    }
+    done(res)
+}
+
+pub(crate) fn remove_user(r: &Remote, user: &str) -> ExitCode {
+    let res = r.call("DELETE", &format!("/users/{}", seg(user)), None);
+    if res.is_ok() {
+        errln!("removed {user}");
+    }
+    done(res)
+}
+
+pub(crate) fn create_app_password(
+    r: &Remote,
+    user: &str,
+    label: &str,
+    expires_in: Option<&str>,
+) -> ExitCode {
+    let mut body = json!({ "label": label });
+    if let Some(e) = expires_in {
+        body["expires_in"] = json!(e);
+    }
+    match r.call(
+        "POST",
+        &format!("/users/{}/app-passwords", seg(user)),
+        Some(body),
+    ) {
+        Ok(v) => {
+            errln!(
+                "app password {} for {user}; it is shown only this once:",
+                v["app_password"]["id"].as_str().unwrap_or_default()
+            );
+            outln!("{}", v["password"].as_str().unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+pub(crate) fn list_app_passwords(r: &Remote, user: &str) -> ExitCode {
+    match r.call("GET", &format!("/users/{}/app-passwords", seg(user)), None) {
+        Ok(v) => {
+            for a in v["app_passwords"].as_array().into_iter().flatten() {
+                outln!(
+                    "{}\t{}\t{}\t{}",
+                    a["id"].as_str().unwrap_or_default(),
+                    a["state"].as_str().unwrap_or_default(),
+                    a["created"].as_str().unwrap_or_default(),
+                    a["label"].as_str().unwrap_or_default()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+pub(crate) fn revoke_app_password(r: &Remote, user: &str, id: &str) -> ExitCode {
+    let res = r.call(
+        "DELETE",
+        &format!("/users/{}/app-passwords/{}", seg(user), seg(id)),
+        None,
+    );
+    if res.is_ok() {
+        errln!("revoked {id} of {user}");
+    }
+    done(res)
+}
+
+/// `totp enroll` through the API: the URI (and QR code) from the gateway, the first code from
+/// the operator's prompt, the confirmation back; nothing is stored before a valid code.
+pub(crate) fn enroll_totp(r: &Remote, user: &str, force: bool) -> ExitCode {
+    let v = match r.call(
+        "POST",
+        &format!("/users/{}/totp/enrolment", seg(user)),
+        Some(json!({ "force": force })),
+    ) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    let uri = Secret::from(v["otpauth_uri"].as_str().unwrap_or_default().to_owned());
+    let token = v["enrolment"].as_str().unwrap_or_default().to_owned();
+    errln!("Scan this with an authenticator app (or enter the URI):\n");
+    if let Some(qr) = crate::auth::totp::qr_terminal(&uri) {
+        errln!("{qr}");
+    }
+    outln!("{}", uri.expose_str().unwrap_or_default());
+    let _ = std::io::stdout().flush();
+    err!("\nEnter the code the app shows: ");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    if std::io::stdin().lock().read_line(&mut line).is_err() || line.trim().is_empty() {
+        return fail(1, "no code entered; nothing saved");
+    }
+    let res = r.call(
+        "POST",
+        &format!("/users/{}/totp/confirmation", seg(user)),
+        Some(json!({ "enrolment": token, "code": line.trim() })),
+    );
+    if res.is_ok() {
+        errln!("TOTP enrolled for {user}. At login the password is the app password followed by the current code.");
+    }
+    done(res)
+}
+
+pub(crate) fn reset_totp(r: &Remote, user: &str) -> ExitCode {
+    let res = r.call("DELETE", &format!("/users/{}/totp", seg(user)), None);
+    if res.is_ok() {
+        errln!("TOTP removed for {user}; they must enrol again");
+    }
+    done(res)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn admin_urls() {
+        assert_eq!(
+            super::base_url("127.0.0.1:9190").unwrap(),
+            "http://127.0.0.1:9190/api/v1"
+        );
+        assert_eq!(
+            super::base_url("https://gw.example.org/").unwrap(),
+            "https://gw.example.org/api/v1"
+        );
+        assert_eq!(
+            super::base_url("http://[::1]:9190").unwrap(),
+            "http://[::1]:9190/api/v1"
+        );
+        assert!(super::base_url("http://").is_err());
+        assert_eq!(super::seg("a b/c@d"), "a%20b%2Fc@d");
+    }
+}
