@@ -22,7 +22,7 @@ pub(crate) struct Remote {
 
 /// `http://host:port` (or `https://…`, or just `host:port`) → the API's base URL.
 fn base_url(admin: &str) -> Result<String, String> {
-    let admin = admin.trim().trim_end_matches('/');
+    let admin = admin.trim();
     let with_scheme = if admin.starts_with("http://") || admin.starts_with("https://") {
         admin.to_owned()
     } else {
@@ -125,6 +125,16 @@ impl Remote {
     }
 }
 
+/// A string field of a JSON answer ("" when absent).
+fn text<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key).and_then(Value::as_str).unwrap_or_default()
+}
+
+/// The elements of an array field (none when absent).
+fn list<'a>(v: &'a Value, key: &str) -> impl Iterator<Item = &'a Value> {
+    v.get(key).and_then(Value::as_array).into_iter().flatten()
+}
+
 /// A path segment, percent-encoded.
 fn seg(s: &str) -> String {
     s.bytes()
@@ -150,16 +160,10 @@ pub(crate) fn add_user(
     upstream: Option<String>,
     mfa: Option<&str>,
 ) -> ExitCode {
-    let mut body = json!({ "name": user });
-    if let Some(u) = upstream {
-        body["upstream_user"] = json!(u);
-    }
-    if let Some(m) = mfa {
-        body["mfa"] = json!(m);
-    }
+    let body = json!({ "name": user, "upstream_user": upstream, "mfa": mfa });
     match r.call("POST", "/users", Some(body)) {
         Ok(v) => {
-            errln!("added {}", v["name"].as_str().unwrap_or(user));
+            errln!("added {}", text(&v, "name"));
             ExitCode::SUCCESS
         }
         Err(code) => code,
@@ -171,11 +175,12 @@ pub(crate) fn show_user(r: &Remote, user: &str) -> ExitCode {
         Ok(v) => v,
         Err(code) => return code,
     };
-    let s = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+    let s = |k: &str| text(&v, k).to_owned();
+    let yes = |k: &str| v.get(k).and_then(Value::as_bool) == Some(true);
     outln!("user: {}", s("name"));
     outln!(
         "state: {}",
-        if v["disabled"].as_bool() == Some(true) {
+        if yes("disabled") {
             "disabled"
         } else {
             "enabled"
@@ -185,19 +190,19 @@ pub(crate) fn show_user(r: &Remote, user: &str) -> ExitCode {
     outln!("mfa: {}", s("mfa"));
     outln!(
         "totp: {}",
-        if v["totp_enrolled"].as_bool() == Some(true) {
+        if yes("totp_enrolled") {
             "enrolled"
         } else {
             "not enrolled"
         }
     );
-    for a in v["app_passwords"].as_array().into_iter().flatten() {
+    for a in list(&v, "app_passwords") {
         outln!(
             "app password {}\t{}\t{}\t{}",
-            a["id"].as_str().unwrap_or_default(),
-            a["state"].as_str().unwrap_or_default(),
-            a["created"].as_str().unwrap_or_default(),
-            a["label"].as_str().unwrap_or_default()
+            text(a, "id"),
+            text(a, "state"),
+            text(a, "created"),
+            text(a, "label")
         );
     }
     ExitCode::SUCCESS
@@ -214,21 +219,21 @@ pub(crate) fn list_users(r: &Remote) -> ExitCode {
             Ok(v) => v,
             Err(code) => return code,
         };
-        for u in v["users"].as_array().into_iter().flatten() {
-            let active = u["app_passwords"]
-                .as_array()
-                .map_or(0, |a| a.iter().filter(|x| x["state"] == "active").count());
+        for u in list(&v, "users") {
+            let active = list(u, "app_passwords")
+                .filter(|x| text(x, "state") == "active")
+                .count();
             outln!(
                 "{}\t{}\tapp-passwords={active}",
-                u["name"].as_str().unwrap_or_default(),
-                if u["disabled"].as_bool() == Some(true) {
+                text(u, "name"),
+                if u.get("disabled").and_then(Value::as_bool) == Some(true) {
                     "disabled"
                 } else {
                     "enabled"
                 }
             );
         }
-        match v["next"].as_str() {
+        match v.get("next").and_then(Value::as_str) {
             Some(n) if !n.is_empty() && n != after => after = n.to_owned(),
             _ => return ExitCode::SUCCESS,
         }
@@ -261,21 +266,16 @@ pub(crate) fn create_app_password(
     label: &str,
     expires_in: Option<&str>,
 ) -> ExitCode {
-    let mut body = json!({ "label": label });
-    if let Some(e) = expires_in {
-        body["expires_in"] = json!(e);
-    }
+    let body = json!({ "label": label, "expires_in": expires_in });
     match r.call(
         "POST",
         &format!("/users/{}/app-passwords", seg(user)),
         Some(body),
     ) {
         Ok(v) => {
-            errln!(
-                "app password {} for {user}; it is shown only this once:",
-                v["app_password"]["id"].as_str().unwrap_or_default()
-            );
-            outln!("{}", v["password"].as_str().unwrap_or_default());
+            let id = v.get("app_password").map_or("", |a| text(a, "id"));
+            errln!("app password {id} for {user}; it is shown only this once:");
+            outln!("{}", text(&v, "password"));
             ExitCode::SUCCESS
         }
         Err(code) => code,
@@ -285,13 +285,13 @@ pub(crate) fn create_app_password(
 pub(crate) fn list_app_passwords(r: &Remote, user: &str) -> ExitCode {
     match r.call("GET", &format!("/users/{}/app-passwords", seg(user)), None) {
         Ok(v) => {
-            for a in v["app_passwords"].as_array().into_iter().flatten() {
+            for a in list(&v, "app_passwords") {
                 outln!(
                     "{}\t{}\t{}\t{}",
-                    a["id"].as_str().unwrap_or_default(),
-                    a["state"].as_str().unwrap_or_default(),
-                    a["created"].as_str().unwrap_or_default(),
-                    a["label"].as_str().unwrap_or_default()
+                    text(a, "id"),
+                    text(a, "state"),
+                    text(a, "created"),
+                    text(a, "label")
                 );
             }
             ExitCode::SUCCESS
@@ -323,8 +323,8 @@ pub(crate) fn enroll_totp(r: &Remote, user: &str, force: bool) -> ExitCode {
         Ok(v) => v,
         Err(code) => return code,
     };
-    let uri = Secret::from(v["otpauth_uri"].as_str().unwrap_or_default().to_owned());
-    let token = v["enrolment"].as_str().unwrap_or_default().to_owned();
+    let uri = Secret::from(text(&v, "otpauth_uri").to_owned());
+    let token = text(&v, "enrolment").to_owned();
     errln!("Scan this with an authenticator app (or enter the URI):\n");
     if let Some(qr) = crate::auth::totp::qr_terminal(&uri) {
         errln!("{qr}");
