@@ -272,8 +272,10 @@ listeners:
 tls:
   self_signed: true
 auth:
-  users_file: "$GW/users.yaml"
-  secret_keys:                     # encrypts TOTP secrets in the users file
+  store:                           # users, app passwords and TOTP enrolments (docs/store.md)
+    backend: sqlite
+    sqlite: { path: "$GW/imapgate.db" }
+  secret_keys:                     # encrypts TOTP secrets in the store
     - id: k1
       file: "$KEY_FILE"
   active_key: k1
@@ -684,6 +686,60 @@ PY
   ! grep -Eq "^ip +$GUESSER " <<<"$OUT" || fail "$GUESSER is still blocked after guard clear: $OUT"
   log "ok: cleared"
 
+  API=(--admin "http://$HOST:$ADMIN_PORT" --token-file "$ADMIN_TOKEN_FILE")
+  step "check: an app password created through the admin API logs in (imapgate app-password create --admin …)"
+  API_PASSWORD="$("$BIN" app-password create "$DEMO_USER" --label api-demo "${API[@]}" 2>>"$GW/cli.log")" ||
+    fail "app-password create through the API failed: $(tail -n 2 "$GW/cli.log")"
+  [[ "$API_PASSWORD" =~ ^[a-z]{4}( [a-z]{4}){3}$ ]] || fail "the API printed '$API_PASSWORD', not an app password"
+  API_ID="$("$BIN" app-password list "$DEMO_USER" "${API[@]}" 2>>"$GW/cli.log" | awk -F '\t' '$4 == "api-demo" { print $1 }')"
+  [ -n "$API_ID" ] || fail "app-password list through the API does not show the new app password"
+  # A code of the next 30-second step: accepted (±1 step) and not used yet by the checks above.
+  NEXT_CODE="$(totp_code "$TOTP_SECRET" "$(($(date +%s) + 30))")"
+  IDLE_LOG="$GW/idle.log"
+  python3 - "$HOST" "$TLS_PORT" "$DEMO_USER" "${API_PASSWORD// /}$NEXT_CODE" >"$IDLE_LOG" 2>&1 <<'PY' &
+import imaplib, socket, ssl, sys, time
+host, port, user, password = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+m = imaplib.IMAP4_SSL(host, port, ssl_context=ctx, timeout=30)
+m.login(user, password)
+m.select("INBOX")
+tag = m._new_tag().decode()
+m.send(f"{tag} IDLE\r\n".encode())
+if not m.readline().startswith(b"+"):
+    print("no IDLE continuation"); sys.exit(2)
+print("idling", flush=True)
+m.sock.settimeout(20)
+try:
+    while True:
+        line = m.readline()
+        if not line or line.startswith(b"* BYE"):
+            break
+except (OSError, socket.timeout):
+    pass
+print(f"closed {time.time():.3f}", flush=True)
+PY
+  IDLE_PID=$!
+  for _ in $(seq 1 100); do
+    grep -q '^idling' "$IDLE_LOG" 2>/dev/null && break
+    kill -0 "$IDLE_PID" 2>/dev/null || fail "imaplib could not log in with the API's app password: $(cat "$IDLE_LOG")"
+    sleep 0.1
+  done
+  grep -q '^idling' "$IDLE_LOG" || fail "imaplib did not reach IDLE: $(cat "$IDLE_LOG")"
+  log "ok: imaplib logged in with it and idles"
+  step "check: revoking it through the API (imapgate app-password revoke --admin …) ends the IDLE session within 2 s"
+  REVOKED_AT="$(date +%s.%N)"
+  "$BIN" app-password revoke "$DEMO_USER" "$API_ID" "${API[@]}" >>"$GW/cli.log" 2>&1 || fail "app-password revoke through the API failed"
+  wait "$IDLE_PID" || true
+  CLOSED_AT="$(sed -n 's/^closed //p' "$IDLE_LOG")"
+  [ -n "$CLOSED_AT" ] || fail "the IDLE session did not end: $(cat "$IDLE_LOG")"
+  python3 -c "import sys; d = float(sys.argv[2]) - float(sys.argv[1]); print(f'closed {d:.2f} s after the revocation'); sys.exit(0 if d <= 2.0 else 1)" "$REVOKED_AT" "$CLOSED_AT" ||
+    fail "the session outlived its revocation by more than 2 s"
+  RC=0
+  OUT="$("${CURL[@]}" --insecure "imaps://$HOST:$TLS_PORT/" --user "$DEMO_USER:${API_PASSWORD// /}$(totp_code "$TOTP_SECRET")" 2>&1)" || RC=$?
+  expect_refused "the revoked app password" "$OUT" "$RC"
+  audit_has '"event":"operator"' '"action":"app_password_revoked"' '"actor":"admin"' ||
+    fail "no audit line for the revocation through the API"
+
   step "check: no login in cleartext on the STARTTLS port"
   if OUT="$("${CURL[@]}" "imap://$HOST:$STARTTLS_PORT/" --user "$CRED" 2>&1)"; then
     fail "a login without TLS succeeded on the STARTTLS port: $OUT"
@@ -741,7 +797,7 @@ PY
   if [ "$OAUTH" -eq 1 ]; then
     OAUTH_PASSED="; OAuth: XOAUTH2/OAUTHBEARER logins with IdP tokens (imaplib, curl), forged and other users' tokens refused, device flow"
   fi
-  printf '\nPASS: demo check (imapgate in front of Dovecot: app password + TOTP, unlock window, replayed code refused, a guesser blocked and cleared, STARTTLS, admin%s)\n' "$OAUTH_PASSED"
+  printf '\nPASS: demo check (imapgate in front of Dovecot, users in SQLite: app password + TOTP, unlock window, replayed code refused, a guesser blocked and cleared, an app password made and revoked through the admin API ending its IDLE session, STARTTLS, admin%s)\n' "$OAUTH_PASSED"
   exit 0
 fi
 

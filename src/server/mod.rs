@@ -437,9 +437,25 @@ impl Gateway {
                 )
                 .on_change({
                     let creds = store_for_api.clone();
+                    let db = user_store.clone();
+                    let sessions = config
+                        .auth
+                        .revoke_closes_sessions
+                        .then(|| shared.login.user_sessions.clone());
                     Box::new(move |user| {
                         creds.invalidate(user);
+                        // The users file: re-read now (its reload hook ends revoked sessions).
                         creds.reload();
+                        // A database: this replica ends them now; the others within a poll
+                        // of the change log.
+                        if let (Some(db), Some(sessions)) = (db.clone(), sessions.clone()) {
+                            let user = user.to_owned();
+                            tokio::spawn(async move {
+                                if let Ok(record) = db.user(&user).await {
+                                    sessions.close_revoked_user(&user, record.as_ref());
+                                }
+                            });
+                        }
                     })
                 }),
                 max_page: 1000,
