@@ -306,11 +306,18 @@ async fn readyz(admin: SocketAddr, code: u16, line: &str) {
     panic!("/readyz never said {code} {line:?}: {seen:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_unreachable_postgres_store_serves_cached_credentials_only_and_catches_up() {
-    let Some(pg) = postgres() else { return };
-    // The gateway's own role, so that it can be cut off while an operator still reaches the
-    // database (a partitioned replica).
+/// A test gateway on a PostgreSQL database of its own role, so that the gateway can be cut off
+/// while an operator still reaches the database (a partitioned replica); the role, and a
+/// configuration for the operator (the same store, through the superuser).
+struct Partitionable {
+    t: TestGateway,
+    /// The database's name.
+    db: String,
+    role: String,
+    operator: std::path::PathBuf,
+}
+
+async fn partitionable(pg: &crate::pg::Postgres) -> Option<Partitionable> {
     let url = pg.database();
     let db = url.rsplit('/').next().unwrap().to_owned();
     let role = format!("gw_{db}");
@@ -319,11 +326,50 @@ async fn an_unreachable_postgres_store_serves_cached_credentials_only_and_catche
     pg.psql("postgres", &format!("ALTER DATABASE {db} OWNER TO {role}"))
         .unwrap();
     let gw_url = url.replace("postgres://postgres@", &format!("postgres://{role}@"));
-    let Some(t) = TestGateway::start_with(Options {
+    let t = TestGateway::start_with(Options {
         store: TestStore::Postgres(gw_url),
         ..Default::default()
     })
-    .await
+    .await?;
+    let operator_url = t.dir.path().join("operator.url");
+    write_secret(&operator_url, &url);
+    let operator = t.dir.path().join("operator.yaml");
+    std::fs::write(
+        &operator,
+        t.config_yaml.replace(
+            &t.dir.path().join("pg.url").display().to_string(),
+            &operator_url.display().to_string(),
+        ),
+    )
+    .unwrap();
+    Some(Partitionable {
+        t,
+        db,
+        role,
+        operator,
+    })
+}
+
+/// The id of `user`'s first app password, read as the operator.
+async fn first_app_password(operator: &std::path::Path, user: &str) -> String {
+    imapgate::store::open(&Config::load(operator).unwrap().auth)
+        .await
+        .unwrap()
+        .user(user)
+        .await
+        .unwrap()
+        .unwrap()
+        .app_passwords[0]
+        .id
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreachable_postgres_store_serves_cached_credentials_only_and_catches_up() {
+    let Some(pg) = postgres() else { return };
+    let Some(Partitionable {
+        t, role, operator, ..
+    }) = partitionable(&pg).await
     else {
         return;
     };
@@ -343,29 +389,8 @@ async fn an_unreachable_postgres_store_serves_cached_credentials_only_and_catche
     let closed = start("fail_closed").await.unwrap();
     let imaps =
         |g: &imapgate::server::Gateway| g.listeners.iter().find(|(n, _)| n == "imaps").unwrap().1;
-    // The operator's configuration: the same store through the superuser.
-    let operator_url = t.dir.path().join("operator.url");
-    write_secret(&operator_url, &url);
-    let operator = t.dir.path().join("operator.yaml");
-    std::fs::write(
-        &operator,
-        t.config_yaml.replace(
-            &t.dir.path().join("pg.url").display().to_string(),
-            &operator_url.display().to_string(),
-        ),
-    )
-    .unwrap();
     let (alice, bob) = ("alice@example.org", "bob@example.org");
-    let alice_ap = imapgate::store::open(&Config::load(&operator).unwrap().auth)
-        .await
-        .unwrap()
-        .user(alice)
-        .await
-        .unwrap()
-        .unwrap()
-        .app_passwords[0]
-        .id
-        .clone();
+    let alice_ap = first_app_password(&operator, alice).await;
 
     // Before: alice logs in on both (her credential is now in their verified caches) and keeps
     // a session open on the `cache` replica; bob has not logged in anywhere.
@@ -453,4 +478,38 @@ async fn an_unreachable_postgres_store_serves_cached_credentials_only_and_catche
     assert_eq!(login_at(imaps(&cache), &t, alice).await.0, wrong);
     cache.shutdown();
     closed.shutdown();
+}
+
+/// The follower read a revocation from the change log but could not read the user's record
+/// (here: the gateway's role lost SELECT on `users`): it must try that entry again, not skip it
+/// and leave the revoked session running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_whose_user_cannot_be_read_yet_is_applied_later_not_skipped() {
+    let Some(pg) = postgres() else { return };
+    let Some(Partitionable {
+        t,
+        db,
+        role,
+        operator,
+    }) = partitionable(&pg).await
+    else {
+        return;
+    };
+    let alice = "alice@example.org";
+    let id = first_app_password(&operator, alice).await;
+    let mut open = session(t.imaps(), &t, alice, None).await;
+    pg.psql(&db, &format!("REVOKE SELECT ON users FROM {role}"))
+        .unwrap();
+    let (ok, _, err) = cli(&operator, &["app-password", "revoke", alice, &id]);
+    assert!(ok, "{err}");
+    // The change is read, the record is not: nothing can be decided yet.
+    assert!(!open.closed_within(Duration::from_secs(1)).await);
+    pg.psql(&db, &format!("GRANT SELECT ON users TO {role}"))
+        .unwrap();
+    ends_with_bye(
+        &mut open,
+        "* BYE Session ended: access revoked\r\n",
+        "a revocation read while its user could not be",
+    )
+    .await;
 }
