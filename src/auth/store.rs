@@ -82,9 +82,50 @@ enum Lookup {
 /// A record read from a database store, and when (`None`: no such user).
 type Cached = (tokio::time::Instant, Option<Arc<Entry>>);
 
+/// Whether a database store answers, as the change-log follower last found it (`/readyz`,
+/// `imapgate_store_up`).
+pub struct StoreHealth {
+    backend: crate::config::StoreBackend,
+    on_error: StoreOnError,
+    up: std::sync::atomic::AtomicBool,
+    gauge: prometheus::IntGauge,
+}
+
+impl StoreHealth {
+    fn set(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::Relaxed);
+        self.gauge.set(i64::from(up));
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl crate::observe::StateReadiness for StoreHealth {
+    /// Ready while the store answers. While it does not, `on_error: cache` stays ready (the
+    /// logins the verified cache vouches for still work there, and on Kubernetes an unready pod
+    /// would get none at all), `fail_closed` is not.
+    fn readiness(&self) -> (bool, String) {
+        let backend = self.backend.as_str();
+        match (self.is_up(), self.on_error) {
+            (true, _) => (true, format!("store ({backend}): ok")),
+            (false, StoreOnError::Cache) => (
+                true,
+                format!("store ({backend}, on_error: cache): not ok: unreachable; only credentials in the verified cache log in"),
+            ),
+            (false, StoreOnError::FailClosed) => (
+                false,
+                format!("store ({backend}, on_error: fail_closed): not ok: unreachable"),
+            ),
+        }
+    }
+}
+
 /// A database store and this replica's short-lived copies of the records it read.
 struct Db {
     store: Arc<dyn UserStore>,
+    health: Arc<StoreHealth>,
     on_error: StoreOnError,
     ttl: Duration,
     poll: Duration,
@@ -262,6 +303,12 @@ impl CredentialStore {
         let db = store
             .filter(|s| s.backend() != crate::config::StoreBackend::File)
             .map(|store| Db {
+                health: Arc::new(StoreHealth {
+                    backend: store.backend(),
+                    on_error: cfg.store.on_error,
+                    up: std::sync::atomic::AtomicBool::new(true),
+                    gauge: metrics.store_up.clone(),
+                }),
                 store,
                 on_error: cfg.store.on_error,
                 ttl: cfg.store.cache_ttl,
@@ -326,6 +373,11 @@ impl CredentialStore {
     /// Users in the users file (a database store: 0, it is not loaded whole).
     pub fn user_count(&self) -> usize {
         self.loaded.read().map(|l| l.file.users.len()).unwrap_or(0)
+    }
+
+    /// Whether the database store answers (`None`: the users file).
+    pub fn store_health(&self) -> Option<Arc<StoreHealth>> {
+        self.db.as_ref().map(|db| db.health.clone())
     }
 
     /// Installs the hook run for each change-log entry (database stores only).
@@ -405,42 +457,44 @@ impl CredentialStore {
     /// Follows a database store's change log until cancelled: each entry drops this
     /// replica's copies of that user and runs the change hook. The first read starts from
     /// the newest entry; a read that fails is retried at the next interval from where it
-    /// left off, so a replica cut off for a while catches up.
+    /// left off, so a replica cut off for a while catches up (a revocation made meanwhile
+    /// ends its sessions as soon as the store answers again). A failure is logged once per
+    /// outage and marks the store down (`/readyz`, `imapgate_store_up`) until a read succeeds.
     pub async fn follow_changes(self: Arc<Self>, stop: CancellationToken) {
         let Some(db) = &self.db else { return };
         let mut last = None;
-        let mut failing = false;
         let mut pruned = tokio::time::Instant::now();
         loop {
-            match last {
-                None => match db.store.changes_since(u64::MAX - 1, 1).await {
-                    Ok((_, newest)) => last = Some(newest),
-                    Err(e) if !failing => {
-                        failing = true;
-                        tracing::warn!(error = %e, "cannot read the store's change log");
-                    }
-                    Err(_) => {}
-                },
+            let read = match last {
+                None => db
+                    .store
+                    .changes_since(u64::MAX - 1, 1)
+                    .await
+                    .map(|(_, newest)| last = Some(newest)),
                 Some(seq) => match db.store.changes_since(seq, 1000).await {
                     Ok((events, newest)) => {
-                        if failing {
-                            tracing::info!("the store's change log can be read again");
-                            failing = false;
-                        }
                         // A database restored from an older backup starts lower: follow it.
                         let next = match events.last() {
-                            Some(e) => e.seq,
+                            Some(_) => self.apply_changes(db, &events).await.unwrap_or(seq),
                             None => seq.min(newest),
                         };
-                        self.apply_changes(db, &events).await;
                         last = Some(next);
+                        Ok(())
                     }
-                    Err(e) if !failing => {
-                        failing = true;
-                        tracing::warn!(error = %e, "cannot read the store's change log");
-                    }
-                    Err(_) => {}
+                    Err(e) => Err(e),
                 },
+            };
+            match read {
+                Ok(()) if !db.health.is_up() => {
+                    tracing::info!("the credential store can be read again");
+                    db.health.set(true);
+                }
+                Ok(()) => {}
+                Err(e) if db.health.is_up() => {
+                    db.health.set(false);
+                    tracing::warn!(error = %e, "cannot read the store's change log; retrying every poll interval");
+                }
+                Err(_) => {}
             }
             if pruned.elapsed() > Duration::from_secs(3600) {
                 pruned = tokio::time::Instant::now();
@@ -453,29 +507,34 @@ impl CredentialStore {
         }
     }
 
-    async fn apply_changes(&self, db: &Db, events: &[ChangeEvent]) {
+    /// Applies `events` in order; the sequence number of the last one applied (`None`: not
+    /// even the first). A changed user that cannot be read stops here, so that entry is applied
+    /// again at the next poll rather than skipped (a revocation is never lost).
+    async fn apply_changes(&self, db: &Db, events: &[ChangeEvent]) -> Option<u64> {
+        let mut applied = None;
         for e in events {
             self.invalidate(&e.user);
             let hooked = db.on_change.read().is_ok_and(|h| h.is_some());
-            if !hooked {
-                continue;
-            }
-            let user = match e.kind {
-                ChangeKind::Sessions => None,
-                ChangeKind::User => match db.store.user(&e.user).await {
-                    Ok(u) => u,
-                    Err(err) => {
-                        tracing::warn!(error = %err, user = %e.user, "cannot read a changed user; their sessions are checked at the next change");
-                        continue;
+            if hooked {
+                let user = match e.kind {
+                    ChangeKind::Sessions => None,
+                    ChangeKind::User => match db.store.user(&e.user).await {
+                        Ok(u) => u,
+                        Err(err) => {
+                            tracing::warn!(error = %err, user = %e.user, "cannot read a changed user; trying again at the next poll");
+                            return applied;
+                        }
+                    },
+                };
+                if let Ok(hook) = db.on_change.read() {
+                    if let Some(h) = hook.as_ref() {
+                        h(e, user.as_ref());
                     }
-                },
-            };
-            if let Ok(hook) = db.on_change.read() {
-                if let Some(h) = hook.as_ref() {
-                    h(e, user.as_ref());
                 }
             }
+            applied = Some(e.seq);
         }
+        applied
     }
 
     /// Re-reads the users file now (SIGHUP).

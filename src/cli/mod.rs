@@ -53,6 +53,7 @@ mod guard;
 mod mfa;
 mod oauth;
 mod remote;
+mod sessions;
 mod transfer;
 
 pub const EXIT_CONFIG: u8 = 64;
@@ -103,6 +104,9 @@ pub enum Command {
     Guard(guard::GuardCmd),
     /// Bring the credential database (auth.store: sqlite or postgres) to the current schema.
     Migrate(ConfigArg),
+    /// Relayed sessions of every replica: list them, end them (database stores).
+    #[command(subcommand)]
+    Sessions(sessions::SessionsCmd),
 }
 
 /// Where the users file is: named by the config, or given directly (e.g. a local copy of a
@@ -291,6 +295,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Guard(g) => guard::guard(g),
         Command::Doctor(d) => doctor::doctor(d),
         Command::Migrate(c) => transfer::migrate(&c.config),
+        Command::Sessions(s) => sessions::sessions(s),
     }
 }
 
@@ -533,6 +538,35 @@ pub(crate) fn read_one(tgt: &Target, name: &str) -> Result<Option<User>, ExitCod
     }
     let store = tgt.open()?;
     block_on(store.user(name))?.map_err(|e| fail(1, e))
+}
+
+/// The last-used records of `name` (`None`: this store keeps none, said once on stderr).
+fn last_used(cfg: &UsersTarget, name: &str) -> Option<Vec<crate::store::Usage>> {
+    let store = target(cfg).and_then(|t| t.open()).ok()?;
+    match block_on(store.usage(name)).ok()? {
+        Ok(list) => Some(list),
+        Err(e) => {
+            errln!("note: {e}");
+            None
+        }
+    }
+}
+
+/// `last used 2025-06-01T09:30:12Z from 192.0.2.7 (Thunderbird)`.
+fn describe_use(u: &crate::store::Usage) -> String {
+    let when = OffsetDateTime::from_unix_timestamp(u.last_used)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| u.last_used.to_string());
+    let client = if u.client.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", u.client)
+    };
+    format!("last used {when} from {}{client}", u.address)
 }
 
 /// The user `name` of a file being edited, or the message that there is none.
@@ -934,14 +968,24 @@ fn app_passwords(cmd: AppPasswordCmd) -> ExitCode {
         }
         AppPasswordCmd::List { user, cfg } => {
             via_api!(cfg, |r| remote::list_app_passwords(&r, &user));
-            let (_, u) = match read_user(&cfg, &user) {
+            let (name, u) = match read_user(&cfg, &user) {
                 Ok(found) => found,
                 Err(c) => return c,
             };
+            let usage = last_used(&cfg, &name);
             let now = OffsetDateTime::now_utc();
             for a in &u.app_passwords {
                 let state = app_password_state(a, now);
-                outln!("{}\t{}\t{}\t{}", a.id, state, a.created, a.label);
+                let used = match &usage {
+                    None => "last used: unknown".to_owned(),
+                    Some(list) => list
+                        .iter()
+                        .find(|x| {
+                            x.scope == crate::store::UsageScope::AppPassword && x.credential == a.id
+                        })
+                        .map_or_else(|| "last used: never".to_owned(), describe_use),
+                };
+                outln!("{}\t{}\t{}\t{}\t{used}", a.id, state, a.created, a.label);
             }
             ExitCode::SUCCESS
         }

@@ -14,7 +14,7 @@
 
 mod client_id;
 mod record;
-mod registry;
+pub mod registry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 pub use client_id::{ClientId, MAX_CLIENT_ID_CHARS};
 pub use record::{Ending, LoginRecord, Reason};
-pub use registry::{UserSessions, UserSlot};
+pub use registry::{EndReason, SessionInfo, UserSessions, UserSlot};
 
 use crate::auth::{self, Attempt, Authenticator, Credential, FailureReason, Mechanism, Outcome};
 use crate::guard::{AttemptKey, Decision, Guard, Kind, Outcome as GuardOutcome, Scope, Verdict};
@@ -44,6 +44,8 @@ pub struct Services {
     pub failure_floor: Duration,
     pub max_sessions_per_user: u32,
     pub user_sessions: UserSessions,
+    /// Last-used records of successful logins (written to the store in the background).
+    pub last_used: Arc<crate::store::activity::LastUsed>,
     /// How login names are compared (`auth.unicode_names`): the guard counts the account the
     /// authenticator will check.
     pub names: auth::NameRules,
@@ -274,9 +276,14 @@ impl Services {
         record.user.clone_from(&identity.user);
         record.credential.clone_from(&identity.credential_id);
         let Some(slot) = self.user_sessions.try_acquire(
-            &identity.user,
-            &identity.credential_id,
-            client.session,
+            registry::NewSession {
+                user: &identity.user,
+                credential: &identity.credential_id,
+                session: client.session,
+                client: client.peer.ip(),
+                client_id: client.id,
+                listener: client.listener,
+            },
             self.max_sessions_per_user,
         ) else {
             record.emit(m, Ending::TooManySessions, Reason::TooManySessions);
@@ -297,6 +304,13 @@ impl Services {
                     .observe(up_started.elapsed().as_secs_f64());
                 record.mfa = identity.mfa;
                 record.emit(m, Ending::Success, Reason::None);
+                // Buffered; written by a background task (a login never waits for it).
+                self.last_used.record(
+                    &identity.user,
+                    &identity.credential_id,
+                    client.peer.ip(),
+                    client.id.name(),
+                );
                 LoginResult::Ready(Box::new(Ready {
                     conn,
                     login_ok,

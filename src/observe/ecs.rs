@@ -167,6 +167,32 @@ pub fn to_ecs(m: &Map<String, Value>, timestamp: &str) -> Value {
                 put(&mut custom, k, m.get(k).cloned().unwrap_or_default());
             }
         }
+        "session" => {
+            event.insert("category".into(), json!(["session"]));
+            event.insert("type".into(), json!(["end"]));
+            event.insert("action".into(), "session_ended".into());
+            put(
+                &mut event,
+                "reason",
+                m.get("reason").cloned().unwrap_or_default(),
+            );
+            let mut source = Map::new();
+            put(
+                &mut source,
+                "ip",
+                m.get("client_ip").cloned().unwrap_or_default(),
+            );
+            put(
+                &mut source,
+                "port",
+                m.get("client_port").cloned().unwrap_or_default(),
+            );
+            doc.insert("source".into(), source.into());
+            doc.insert("user".into(), json!({ "name": text(m, "user") }));
+            for k in ["session", "listener", "credential", "backend", "seconds"] {
+                put(&mut custom, k, m.get(k).cloned().unwrap_or_default());
+            }
+        }
         "operator" => {
             let action = text(m, "action");
             event.insert("category".into(), json!(["iam"]));
@@ -279,5 +305,20 @@ mod tests {
         assert_eq!(o["event"]["type"], json!(["user", "deletion"]));
         assert_eq!(o["user"]["name"], "root");
         assert_eq!(o["user"]["target"]["name"], "bob@example.org");
+        let s = to_ecs(
+            &map(
+                json!({"event": "session", "action": "ended", "session": "pod-a-7",
+                "listener": "imaps", "client_ip": "192.0.2.7", "client_port": 993,
+                "user": "bob@example.org", "credential": "ap2", "backend": "b",
+                "reason": "operator", "seconds": 12}),
+            ),
+            "t",
+        );
+        assert_eq!(s["event"]["category"], json!(["session"]));
+        assert_eq!(s["event"]["type"], json!(["end"]));
+        assert_eq!(s["event"]["reason"], "operator");
+        assert_eq!(s["user"]["name"], "bob@example.org");
+        assert_eq!(s["source"]["ip"], "192.0.2.7");
+        assert_eq!(s["imapgate"]["session"], "pod-a-7");
     }
 }

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub runtime_tasks: IntGauge,
     pub limits: IntGaugeVec,
     pub http_limited: IntCounterVec,
+    pub store_up: IntGauge,
+    pub store_usage_dropped: IntCounter,
 }
 
 /// The metric names and help texts, in the order they are registered (docs and tests use it).
@@ -162,6 +164,14 @@ pub const CATALOGUE: &[(&str, &str)] = &[
     (
         "imapgate_http_requests_limited_total",
         "HTTP requests answered 429 by the request limits, by server and limit.",
+    ),
+    (
+        "imapgate_store_up",
+        "1 while the credential store answers (always 1 for the users file; 0 while the database cannot be read).",
+    ),
+    (
+        "imapgate_store_usage_dropped_total",
+        "Last-used records dropped because the buffer waiting to be written was full.",
     ),
 ];
 
@@ -370,6 +380,13 @@ impl Metrics {
         for limit in super::limit::LimitKind::ALL {
             http_limited.with_label_values(&[super::limit::Server::Admin.as_str(), limit.as_str()]);
         }
+        let store_up = gauge("imapgate_store_up")?;
+        store_up.set(1);
+        let store_usage_dropped = IntCounter::new(
+            "imapgate_store_usage_dropped_total",
+            help("imapgate_store_usage_dropped_total"),
+        )?;
+        registry.register(Box::new(store_usage_dropped.clone()))?;
         Ok(Self {
             registry,
             connections,
@@ -402,6 +419,8 @@ impl Metrics {
             runtime_tasks,
             limits,
             http_limited,
+            store_up,
+            store_usage_dropped,
         })
     }
 

@@ -256,6 +256,39 @@ pub struct AuditEvent<'a> {
     pub mfa: &'a str,
 }
 
+/// A relayed session ended from outside: its credential was revoked or an operator ended it.
+pub struct SessionEndEvent<'a> {
+    /// `<replica>-<n>` (the `n` is the `auth` line's `session`).
+    pub session: &'a str,
+    pub listener: &'a str,
+    pub client: SocketAddr,
+    pub user: &'a str,
+    pub credential: &'a str,
+    pub backend: &'a str,
+    /// `revoked` or `operator`.
+    pub reason: &'a str,
+    /// How long the session had been relayed.
+    pub seconds: u64,
+}
+
+/// Writes one `session` audit line. `user` must already be loggable.
+pub fn audit_session_end(e: &SessionEndEvent<'_>) {
+    tracing::info!(
+        target: AUDIT_TARGET,
+        event = "session",
+        action = "ended",
+        session = e.session,
+        listener = e.listener,
+        client_ip = %e.client.ip(),
+        client_port = e.client.port(),
+        user = e.user,
+        credential = e.credential,
+        backend = e.backend,
+        reason = e.reason,
+        seconds = e.seconds,
+    );
+}
+
 /// Writes one audit line. `user` must already be loggable.
 pub fn audit(e: &AuditEvent<'_>) {
     tracing::info!(
@@ -352,6 +385,8 @@ pub struct Health {
     pub config_stale: AtomicBool,
     /// The shared state store, when there is one (Redis).
     pub state: std::sync::OnceLock<Arc<dyn StateReadiness>>,
+    /// The credential store, when it is a database (sqlite, postgres).
+    pub store: std::sync::OnceLock<Arc<dyn StateReadiness>>,
     /// One flag per backend, in config order (replaced when a reload changes the backends).
     backends: std::sync::RwLock<Vec<(String, bool)>>,
 }
@@ -423,6 +458,11 @@ impl Health {
                 ok &= good;
                 lines.push(line);
             }
+        }
+        if let Some(s) = self.store.get() {
+            let (good, line) = s.readiness();
+            ok &= good;
+            lines.push(line);
         }
         if self.config_stale.load(Ordering::Relaxed) {
             // Still ready: the previous configuration is serving.

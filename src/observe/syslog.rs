@@ -9,7 +9,7 @@
 //! and reported in the operational log. Every connect, handshake and write has a deadline.
 //!
 //! The message: `<PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID - MSG`, where PRI is the
-//! facility × 8 + 6 (informational), MSGID is the event (`auth`, `guard`, `operator`), there
+//! facility × 8 + 6 (informational), MSGID is the event (`auth`, `guard`, `session`, `operator`), there
 //! is no structured data, and MSG is the audit line itself (the `json` or `ecs` format).
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -136,6 +136,7 @@ fn msgid(line: &[u8]) -> &'static str {
     match event {
         Some("auth") => "auth",
         Some("guard") => "guard",
+        Some("session") => "session",
         Some("operator") => "operator",
         _ => "audit",
     }
@@ -411,6 +412,7 @@ mod tests {
         );
         assert!(w.frame(b"\n").is_none());
         assert_eq!(msgid(b"{\"imapgate\":{\"event\":\"guard\"}}"), "guard");
+        assert_eq!(msgid(b"{\"event\":\"session\"}"), "session");
         assert_eq!(msgid(b"not json"), "audit");
     }
 

@@ -321,7 +321,24 @@ impl Gateway {
             None => tracing::info!(users = store.user_count(), "users file loaded"),
             Some(s) => tracing::info!(backend = s.backend().as_str(), "credential store opened"),
         }
+        if let Some(h) = store.store_health() {
+            let _ = health.store.set(h);
+        }
         let upstreams = Arc::new(Upstreams::new(config.clone())?);
+        // Session ids are `<replica>-<n>`: the pod's name where the chart passes it.
+        let replica_env = std::env::var("IMAPGATE_REPLICA").ok();
+        let replica = crate::login::registry::replica_from(replica_env.as_deref())
+            .unwrap_or_else(|| {
+                if replica_env.is_some() {
+                    tracing::warn!("IMAPGATE_REPLICA is not 1-63 characters of A-Z a-z 0-9 . _ -; using a random replica name");
+                }
+                crate::login::registry::random_replica()
+            });
+        tracing::info!(replica = %replica, "replica name (session ids are REPLICA-N)");
+        let user_sessions = UserSessions::new(&replica);
+        let last_used = Arc::new(crate::store::activity::LastUsed::new(
+            metrics.store_usage_dropped.clone(),
+        ));
 
         let mut bound = Vec::new();
         for l in &config.listeners {
@@ -355,7 +372,8 @@ impl Gateway {
                 metrics: metrics.clone(),
                 failure_floor: config.auth.failure_floor,
                 max_sessions_per_user: config.limits.max_sessions_per_user,
-                user_sessions: UserSessions::default(),
+                user_sessions: user_sessions.clone(),
+                last_used: last_used.clone(),
                 names: crate::auth::NameRules::from_config(config.auth.unicode_names),
             },
             metrics: metrics.clone(),
@@ -371,16 +389,20 @@ impl Gateway {
             store.set_reload_hook(Box::new(move |file| {
                 sessions.close_revoked(file);
             }));
-            let sessions = shared.login.user_sessions.clone();
-            store.set_change_hook(Box::new(move |event, record| match event.kind {
-                crate::store::ChangeKind::User => {
-                    sessions.close_revoked_user(&event.user, record);
-                }
-                crate::store::ChangeKind::Sessions => {
-                    sessions.close_matching(&event.user, &event.credential);
-                }
-            }));
         }
+        // An operator's `sessions kill` always ends sessions; a record change does with
+        // `revoke_closes_sessions`.
+        let sessions = shared.login.user_sessions.clone();
+        let revoke = config.auth.revoke_closes_sessions;
+        store.set_change_hook(Box::new(move |event, record| match event.kind {
+            crate::store::ChangeKind::User if revoke => {
+                sessions.close_revoked_user(&event.user, record);
+            }
+            crate::store::ChangeKind::User => {}
+            crate::store::ChangeKind::Sessions => {
+                sessions.close_matching(&event.user, &event.credential);
+            }
+        }));
         let admission = Arc::new(Admission::new(
             config.limits.max_connections,
             config.limits.max_sessions_per_ip,
@@ -489,6 +511,15 @@ impl Gateway {
                 .watch(Duration::from_secs(2), background.clone()),
         );
         tokio::spawn(store.clone().follow_changes(background.clone()));
+        if let Some(db) = &user_store {
+            // Last-used records and the session directory, written in the background.
+            tokio::spawn(last_used.run(db.clone(), background.clone()));
+            tokio::spawn(crate::store::activity::mirror_sessions(
+                user_sessions,
+                db.clone(),
+                background.clone(),
+            ));
+        }
         tokio::spawn(
             guard
                 .clone()

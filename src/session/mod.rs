@@ -338,7 +338,7 @@ impl Session {
             return;
         }
         let end = relay::run(
-            client,
+            &mut client,
             backend,
             relay::RelayLimits {
                 idle: l.relay_idle_timeout,
@@ -363,6 +363,23 @@ impl Session {
         )
         .await;
         m.session_seconds.observe(started.elapsed().as_secs_f64());
+        if end == relay::RelayEnd::Revoked {
+            // Ended from outside: the client gets a last word (RFC 3501 §7.1.5), then the
+            // connection closes. (A client that turned on COMPRESS=DEFLATE cannot read it; it
+            // sees the close.)
+            let reason = slot.end_reason().unwrap_or(login::EndReason::Revoked);
+            self.close(&mut client, Some(reason.bye())).await;
+            crate::observe::audit_session_end(&crate::observe::SessionEndEvent {
+                session: slot.id(),
+                listener: &self.listener.name,
+                client: self.peer,
+                user: &user,
+                credential: slot.credential(),
+                backend: &backend_name,
+                reason: reason.as_str(),
+                seconds: started.elapsed().as_secs(),
+            });
+        }
         tracing::info!(user = %user, backend = %backend_name, end = ?end, seconds = started.elapsed().as_secs(), "session ended");
         drop(slot);
     }

@@ -1,6 +1,8 @@
 //! `backend: file`: the YAML users file, read and changed under its lock (see
 //! `auth::users::UsersFile::update`). The gateway itself reads it through its own snapshot,
-//! re-read when the file changes; this is what the CLI and imports use.
+//! re-read when the file changes; this is what the CLI and imports use. It has no change log,
+//! no session directory and no last-used records: the running gateway keeps its sessions and
+//! last-used records in memory, reachable through its admin API only.
 
 use std::path::PathBuf;
 
@@ -167,5 +169,17 @@ impl UserStore for FileStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.read().map(|_| ())
+    }
+
+    async fn sessions(&self, _user: Option<&str>) -> Result<Vec<super::SessionInfo>, StoreError> {
+        Err(StoreError::Refused(
+            "the file store keeps no session directory: sessions are only listed through the running gateway's admin API (--admin URL --token-file FILE)".into(),
+        ))
+    }
+
+    async fn usage(&self, _user: &str) -> Result<Vec<super::Usage>, StoreError> {
+        Err(StoreError::Refused(
+            "the file store keeps last-used records in the running gateway's memory only: ask it through its admin API (--admin URL --token-file FILE)".into(),
+        ))
     }
 }

@@ -17,6 +17,12 @@
 //! replica, or by the CLI beside it, reaches all of them within about a poll interval, and a
 //! replica that was away catches up from the log.
 //!
+//! They also keep what the gateway writes about its own activity (see [`activity`]): the
+//! *session directory* (`sessions`: each replica mirrors its relayed sessions there, so any
+//! replica and the CLI can list and end them) and *last-used records* (when, from where and
+//! with which client each app password, and each user, last logged in). Both are written in
+//! the background, batched; a login never waits for them.
+//!
 //! The store holds no policy: whether a login passes is decided in `auth`.
 
 use std::sync::Arc;
@@ -24,8 +30,11 @@ use std::sync::Arc;
 use crate::auth::users::{User, UsersError, UsersFile};
 use crate::config::{AuthConfig, StoreBackend};
 
+pub mod activity;
 pub mod file;
 pub mod sql;
+
+pub use crate::login::SessionInfo;
 
 /// The one change [`UserStore::modify`] applies: it gets the user as stored (`None`: no such
 /// user) and edits it in place (setting `None` deletes the user); `Ok(true)` writes it,
@@ -105,6 +114,44 @@ pub struct ImportReport {
     pub skipped_users: Vec<String>,
 }
 
+/// One successful login, as the last-used buffer keeps it until it is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRecord {
+    pub user: String,
+    /// The app password id, or `oauth:{issuer name}` (then only the user's last login).
+    pub credential: String,
+    /// Unix seconds.
+    pub at: i64,
+    pub address: String,
+    /// The client's IMAP `ID` name (sanitised), or "".
+    pub client: String,
+}
+
+/// What a last-used record is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageScope {
+    /// One app password's last use.
+    AppPassword,
+    /// The user's last login, with any credential.
+    User,
+}
+
+/// When, from where and with which client a credential (or a user) last logged in.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Usage {
+    pub scope: UsageScope,
+    pub user: String,
+    /// `app_password`: its id; `user`: the credential of the last login (an app password id or
+    /// `oauth:{issuer name}`).
+    pub credential: String,
+    /// Unix seconds.
+    pub last_used: i64,
+    pub address: String,
+    /// The client's IMAP `ID` name, or "".
+    pub client: String,
+}
+
 /// The credential store's operations; implemented by [`file::FileStore`] and
 /// [`sql::SqlStore`].
 #[async_trait::async_trait]
@@ -151,6 +198,44 @@ pub trait UserStore: Send + Sync {
 
     /// Whether the store answers (readiness).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// The relayed sessions of every replica (of `user` only, if given) from the session
+    /// directory, leaving out those of replicas that stopped renewing them.
+    async fn sessions(&self, _user: Option<&str>) -> Result<Vec<SessionInfo>, StoreError> {
+        Err(StoreError::Refused(
+            "this store keeps no session directory: list sessions through the running gateway (--admin)".into(),
+        ))
+    }
+
+    /// Mirrors replica `replica`'s sessions: adds (or replaces) `upsert`, deletes `remove`,
+    /// marks all of the replica's rows as seen now, and deletes other replicas' rows that were
+    /// not renewed in time. Returns how many rows the replica has now. One transaction.
+    async fn write_sessions(
+        &self,
+        _replica: &str,
+        _upsert: &[SessionInfo],
+        _remove: &[String],
+    ) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
+    /// Deletes replica `replica`'s rows from the session directory (at start and at shutdown).
+    async fn clear_sessions(&self, _replica: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Writes last-used records (newer ones win; records of app passwords or users that are
+    /// gone are dropped).
+    async fn record_usage(&self, _batch: &[UsageRecord]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// The last-used records of `user`: one per app password used, and the user's last login.
+    async fn usage(&self, _user: &str) -> Result<Vec<Usage>, StoreError> {
+        Err(StoreError::Refused(
+            "this store keeps no last-used records: the running gateway keeps them in memory (--admin)".into(),
+        ))
+    }
 }
 
 /// Opens the store `auth` names; the database backends are migrated to the current schema

@@ -3,7 +3,8 @@
 //! the binary, forward-only, applied at start and by `imapgate migrate`.
 //!
 //! Layout: `users` (one row per user), `app_passwords` (one row per app password, deleted with
-//! its user), `changes` (the change log the replicas follow), `app_password_usage` (last use).
+//! its user), `changes` (the change log the replicas follow), `app_password_usage` and
+//! `user_logins` (last use, see `store::activity`), `sessions` (the session directory).
 //! Times are Unix seconds. A user's row is the unit of locking: SQLite takes the database's
 //! write lock at the start of each change (`BEGIN IMMEDIATE`), PostgreSQL a transaction-scoped
 //! advisory lock on the user's name, so two changes of one user run one after the other and
@@ -19,7 +20,10 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AnyPool, AssertSqlSafe, Row, SqlSafeStr};
 use time::OffsetDateTime;
 
-use super::{ChangeEvent, ChangeKind, ImportReport, ListQuery, StoreError, UserStore};
+use super::{
+    ChangeEvent, ChangeKind, ImportReport, ListQuery, SessionInfo, StoreError, Usage, UsageRecord,
+    UsageScope, UserStore,
+};
 use crate::auth::users::{AppPassword, User, UsersFile, VERSION};
 use crate::config::{MfaMode, StoreBackend, StoreConfig};
 
@@ -37,18 +41,26 @@ pub struct SqlStore {
 
 /// The embedded migrations of one dialect, in order.
 fn migrations(backend: StoreBackend) -> Vec<Migration> {
-    let sqlite: [(&str, &'static str); 2] = [
+    let sqlite: [(&str, &'static str); 3] = [
         ("users", include_str!("migrations/sqlite/0001_users.sql")),
         (
             "changes usage",
             include_str!("migrations/sqlite/0002_changes_usage.sql"),
         ),
+        (
+            "sessions logins",
+            include_str!("migrations/sqlite/0003_sessions_logins.sql"),
+        ),
     ];
-    let postgres: [(&str, &'static str); 2] = [
+    let postgres: [(&str, &'static str); 3] = [
         ("users", include_str!("migrations/postgres/0001_users.sql")),
         (
             "changes usage",
             include_str!("migrations/postgres/0002_changes_usage.sql"),
+        ),
+        (
+            "sessions logins",
+            include_str!("migrations/postgres/0003_sessions_logins.sql"),
         ),
     ];
     let set = if backend == StoreBackend::Postgres {
@@ -342,6 +354,7 @@ impl SqlStore {
         let Some(u) = user else {
             for q in [
                 "DELETE FROM app_password_usage WHERE user_name = $1",
+                "DELETE FROM user_logins WHERE user_name = $1",
                 "DELETE FROM app_passwords WHERE user_name = $1",
                 "DELETE FROM users WHERE name = $1",
             ] {
@@ -476,6 +489,32 @@ impl SqlStore {
         }
         Ok(users)
     }
+}
+
+const SESSION_COLUMNS: &str = "id, replica, user_name, credential, client_address, client_name, \
+     client_version, listener, since";
+
+/// Session rows per INSERT statement (10 values each, well under SQLite's bound on parameters).
+const SESSIONS_PER_INSERT: usize = 50;
+
+fn session_of(row: &AnyRow) -> Result<SessionInfo, StoreError> {
+    Ok(SessionInfo {
+        id: row.try_get("id").map_err(db_err)?,
+        replica: row.try_get("replica").map_err(db_err)?,
+        user: row.try_get("user_name").map_err(db_err)?,
+        credential: row.try_get("credential").map_err(db_err)?,
+        client_address: row.try_get("client_address").map_err(db_err)?,
+        client_name: row.try_get("client_name").map_err(db_err)?,
+        client_version: row.try_get("client_version").map_err(db_err)?,
+        listener: row.try_get("listener").map_err(db_err)?,
+        since: row.try_get("since").map_err(db_err)?,
+    })
+}
+
+/// The oldest `seen` a live replica's session row can have.
+fn sessions_cutoff() -> i64 {
+    unix(OffsetDateTime::now_utc())
+        - i64::try_from(super::activity::SESSIONS_STALE.as_secs()).unwrap_or(i64::MAX)
 }
 
 /// Percent-encodes what would end or confuse a URL's path or parameter.
@@ -682,5 +721,182 @@ impl UserStore for SqlStore {
             .await
             .map(|_| ())
             .map_err(db_err)
+    }
+
+    async fn sessions(&self, user: Option<&str>) -> Result<Vec<SessionInfo>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {SESSION_COLUMNS} FROM sessions WHERE seen >= $1 AND ($2 = '' OR user_name = $2) \
+             ORDER BY user_name, since, id"
+        )))
+        .bind(sessions_cutoff())
+        .bind(user.unwrap_or_default())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(session_of).collect()
+    }
+
+    async fn write_sessions(
+        &self,
+        replica: &str,
+        upsert: &[SessionInfo],
+        remove: &[String],
+    ) -> Result<u64, StoreError> {
+        let now = unix(OffsetDateTime::now_utc());
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        for id in remove {
+            sqlx::query("DELETE FROM sessions WHERE id = $1 AND replica = $2")
+                .bind(id.clone())
+                .bind(replica)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
+        for chunk in upsert.chunks(SESSIONS_PER_INSERT) {
+            let values: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let p: Vec<String> = (1..=10).map(|k| format!("${}", i * 10 + k)).collect();
+                    format!("({})", p.join(", "))
+                })
+                .collect();
+            let sql = format!(
+                "INSERT INTO sessions ({SESSION_COLUMNS}, seen) VALUES {} \
+                 ON CONFLICT (id) DO UPDATE SET replica = excluded.replica, \
+                 user_name = excluded.user_name, credential = excluded.credential, \
+                 client_address = excluded.client_address, client_name = excluded.client_name, \
+                 client_version = excluded.client_version, listener = excluded.listener, \
+                 since = excluded.since, seen = excluded.seen",
+                values.join(", ")
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for s in chunk {
+                q = q
+                    .bind(s.id.clone())
+                    .bind(replica.to_owned())
+                    .bind(s.user.clone())
+                    .bind(s.credential.clone())
+                    .bind(s.client_address.clone())
+                    .bind(s.client_name.clone())
+                    .bind(s.client_version.clone())
+                    .bind(s.listener.clone())
+                    .bind(s.since)
+                    .bind(now);
+            }
+            q.execute(&mut *tx).await.map_err(db_err)?;
+        }
+        let rows = sqlx::query("UPDATE sessions SET seen = $1 WHERE replica = $2")
+            .bind(now)
+            .bind(replica)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .rows_affected();
+        sqlx::query("DELETE FROM sessions WHERE seen < $1")
+            .bind(sessions_cutoff())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(rows)
+    }
+
+    async fn clear_sessions(&self, replica: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM sessions WHERE replica = $1")
+            .bind(replica)
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(db_err)
+    }
+
+    async fn record_usage(&self, batch: &[UsageRecord]) -> Result<(), StoreError> {
+        // The newest login per user, for `user_logins`.
+        let mut newest: BTreeMap<&str, &UsageRecord> = BTreeMap::new();
+        for r in batch {
+            let e = newest.entry(r.user.as_str()).or_insert(r);
+            if e.at < r.at {
+                *e = r;
+            }
+        }
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        for r in batch.iter().filter(|r| !r.credential.starts_with("oauth:")) {
+            // Only for an app password that (still) exists: a record never outlives it.
+            sqlx::query(
+                "INSERT INTO app_password_usage (user_name, id, last_used, last_address, last_client) \
+                 SELECT $1, $2, $3, $4, $5 \
+                 WHERE EXISTS (SELECT 1 FROM app_passwords WHERE user_name = $1 AND id = $2) \
+                 ON CONFLICT (user_name, id) DO UPDATE SET last_used = excluded.last_used, \
+                 last_address = excluded.last_address, last_client = excluded.last_client \
+                 WHERE excluded.last_used >= app_password_usage.last_used",
+            )
+            .bind(r.user.clone())
+            .bind(r.credential.clone())
+            .bind(r.at)
+            .bind(r.address.clone())
+            .bind(r.client.clone())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        for r in newest.values() {
+            sqlx::query(
+                "INSERT INTO user_logins (user_name, last_login, last_address, last_client, last_credential) \
+                 SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM users WHERE name = $1) \
+                 ON CONFLICT (user_name) DO UPDATE SET last_login = excluded.last_login, \
+                 last_address = excluded.last_address, last_client = excluded.last_client, \
+                 last_credential = excluded.last_credential \
+                 WHERE excluded.last_login >= user_logins.last_login",
+            )
+            .bind(r.user.clone())
+            .bind(r.at)
+            .bind(r.address.clone())
+            .bind(r.client.clone())
+            .bind(r.credential.clone())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn usage(&self, user: &str) -> Result<Vec<Usage>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, last_used, last_address, last_client FROM app_password_usage \
+             WHERE user_name = $1 ORDER BY id",
+        )
+        .bind(user)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        let mut out = Vec::with_capacity(rows.len() + 1);
+        for r in &rows {
+            out.push(Usage {
+                scope: UsageScope::AppPassword,
+                user: user.to_owned(),
+                credential: r.try_get("id").map_err(db_err)?,
+                last_used: r.try_get("last_used").map_err(db_err)?,
+                address: r.try_get("last_address").map_err(db_err)?,
+                client: r.try_get("last_client").map_err(db_err)?,
+            });
+        }
+        let login = sqlx::query(
+            "SELECT last_login, last_address, last_client, last_credential FROM user_logins \
+             WHERE user_name = $1",
+        )
+        .bind(user)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        if let Some(r) = login {
+            out.push(Usage {
+                scope: UsageScope::User,
+                user: user.to_owned(),
+                credential: r.try_get("last_credential").map_err(db_err)?,
+                last_used: r.try_get("last_login").map_err(db_err)?,
+                address: r.try_get("last_address").map_err(db_err)?,
+                client: r.try_get("last_client").map_err(db_err)?,
+            });
+        }
+        Ok(out)
     }
 }

@@ -26,6 +26,7 @@ mod oauth;
 mod operations;
 mod preauth_input;
 mod relay;
+mod sessions;
 mod shared_state;
 mod shutdown;
 mod store;

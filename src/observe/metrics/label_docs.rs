@@ -287,6 +287,9 @@ fn emitted() -> BTreeMap<&'static str, Vec<(&'static str, Values)>> {
             ),
         ],
     );
+    // auth/store.rs (`follow_changes`) and store/activity.rs.
+    add("imapgate_store_up", vec![]);
+    add("imapgate_store_usage_dropped_total", vec![]);
     m
 }
 
@@ -325,8 +328,10 @@ fn registered_labels(m: &Metrics) -> BTreeMap<String, Vec<String>> {
         runtime_tasks,
         limits,
         http_limited,
+        store_up,
+        store_usage_dropped,
     } = m;
-    let collectors: [&dyn Collector; 30] = [
+    let collectors: [&dyn Collector; 32] = [
         connections,
         tls_handshake_failures,
         sessions_preauth,
@@ -357,6 +362,8 @@ fn registered_labels(m: &Metrics) -> BTreeMap<String, Vec<String>> {
         runtime_tasks,
         limits,
         http_limited,
+        store_up,
+        store_usage_dropped,
     ];
     // The syslog drop counter is registered beside the struct's fields (see Metrics::new).
     let syslog = crate::observe::syslog::dropped_counter();
