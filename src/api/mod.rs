@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::observe::admin::Actor;
 
@@ -29,6 +29,68 @@ pub struct Api {
     pub services: Services,
     /// The longest page `GET /users` returns.
     pub max_page: u32,
+    /// This replica's relayed sessions.
+    pub sessions: crate::login::registry::UserSessions,
+    /// Last-used records not written yet (with the users file: all there are).
+    pub last_used: Arc<crate::store::activity::LastUsed>,
+}
+
+impl Api {
+    /// Whether the store is a database (sessions and last-used records of every replica are
+    /// in it), not the users file (this replica's own only).
+    fn database(&self) -> bool {
+        self.services.store.backend() != crate::config::StoreBackend::File
+    }
+
+    /// The sessions of every replica (the users file: of this one), of `user` only if given.
+    async fn session_list(
+        &self,
+        user: Option<&str>,
+    ) -> Result<Vec<crate::login::SessionInfo>, ServiceError> {
+        // This replica's own at once (the directory mirrors them within a second).
+        let mut list = self.sessions.list(user);
+        if self.database() {
+            for s in self.services.store.sessions(user).await? {
+                if !list.iter().any(|x| x.id == s.id) {
+                    list.push(s);
+                }
+            }
+        }
+        list.sort_by(|a, b| (a.since, &a.id).cmp(&(b.since, &b.id)));
+        Ok(list)
+    }
+
+    /// Ends `user`'s sessions that `which` names (see `UserSessions::close_matching`): here at
+    /// once, on the other replicas through the change log.
+    async fn end_sessions(&self, user: &str, which: &str) -> Result<usize, ServiceError> {
+        if self.database() {
+            self.services
+                .store
+                .log_event(crate::store::ChangeKind::Sessions, user, which)
+                .await?;
+        }
+        Ok(self.sessions.close_matching(user, which))
+    }
+
+    /// The last-used records of `user`: the store's, newer ones still buffered here winning.
+    async fn usage(&self, user: &str) -> Vec<crate::store::Usage> {
+        let mut all = if self.database() {
+            self.services.store.usage(user).await.unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        for u in self.last_used.usage(user) {
+            match all
+                .iter_mut()
+                .find(|x| x.scope == u.scope && x.credential == u.credential)
+            {
+                Some(x) if x.last_used >= u.last_used => {}
+                Some(x) => *x = u,
+                None => all.push(u),
+            }
+        }
+        all
+    }
 }
 
 type Shared = State<Arc<Api>>;
@@ -66,6 +128,9 @@ pub fn router(api: Arc<Api>) -> Router {
             delete(revoke_app_password),
         )
         .route("/users/{user}/totp", delete(reset_totp))
+        .route("/users/{user}/sessions", delete(end_user_sessions))
+        .route("/sessions", get(list_sessions))
+        .route("/sessions/{id}", delete(end_session))
         .route("/users/{user}/totp/enrolment", post(begin_totp))
         .route("/users/{user}/totp/confirmation", post(confirm_totp))
         .with_state(api)
@@ -214,12 +279,120 @@ async fn remove_user(
 }
 
 async fn list_app_passwords(State(api): Shared, Path(user): Path<String>) -> Response {
-    match api.services.user(&user).await {
-        Ok((name, u)) => Json(json!({
-            "user": name,
-            "app_passwords": service::user_view(&name, &u).app_passwords,
-        }))
-        .into_response(),
+    let (name, u) = match api.services.user(&user).await {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    let usage = api.usage(&name).await;
+    let list: Vec<Value> = service::user_view(&name, &u)
+        .app_passwords
+        .into_iter()
+        .map(|a| {
+            let used = usage
+                .iter()
+                .find(|x| x.scope == crate::store::UsageScope::AppPassword && x.credential == a.id);
+            let mut v = serde_json::to_value(&a).unwrap_or(Value::Null);
+            if let Some(obj) = v.as_object_mut() {
+                obj.insert("last_used".into(), used.map_or(Value::Null, last_use));
+            }
+            v
+        })
+        .collect();
+    Json(json!({ "user": name, "app_passwords": list })).into_response()
+}
+
+/// A last-used record as the API shows it.
+fn last_use(u: &crate::store::Usage) -> Value {
+    let at = time::OffsetDateTime::from_unix_timestamp(u.last_used)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        });
+    json!({ "at": at, "address": u.address, "client": u.client })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SessionParams {
+    user: Option<String>,
+}
+
+async fn list_sessions(State(api): Shared, Query(p): Query<SessionParams>) -> Response {
+    let user = match p
+        .user
+        .as_deref()
+        .filter(|u| !u.is_empty())
+        .map(|u| api.services.name(u))
+    {
+        None => None,
+        Some(Ok(n)) => Some(n),
+        Some(Err(e)) => return e.into_response(),
+    };
+    match api.session_list(user.as_deref()).await {
+        Ok(list) => Json(json!({ "sessions": list })).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn end_session(
+    State(api): Shared,
+    Extension(actor): Extension<Actor>,
+    Path(id): Path<String>,
+) -> Response {
+    let found = match api.session_list(None).await {
+        Ok(list) => list.into_iter().find(|s| s.id == id),
+        Err(e) => return e.into_response(),
+    };
+    let Some(session) = found else {
+        return ServiceError::NotFound(format!("no session {id}")).into_response();
+    };
+    let which = format!("session:{id}");
+    match api.end_sessions(&session.user, &which).await {
+        Ok(_) => {
+            audited(&actor, "sessions_killed", &session.user, &which, true);
+            (StatusCode::ACCEPTED, Json(json!({ "listed": 1 }))).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndParams {
+    /// An app password id or `oauth:ISSUER`; absent: every session of the user.
+    credential: Option<String>,
+}
+
+async fn end_user_sessions(
+    State(api): Shared,
+    Extension(actor): Extension<Actor>,
+    Path(user): Path<String>,
+    Query(p): Query<EndParams>,
+) -> Response {
+    let name = match api.services.name(&user) {
+        Ok(n) => n,
+        Err(e) => return e.into_response(),
+    };
+    let which = p.credential.unwrap_or_default();
+    if which.chars().any(char::is_control) || which.len() > 300 || which.starts_with("session:") {
+        return ServiceError::Invalid(
+            "credential is not an app password id or oauth:ISSUER".into(),
+        )
+        .into_response();
+    }
+    let listed = match api.session_list(Some(&name)).await {
+        Ok(list) => list
+            .iter()
+            .filter(|s| which.is_empty() || s.credential == which)
+            .count(),
+        Err(e) => return e.into_response(),
+    };
+    match api.end_sessions(&name, &which).await {
+        Ok(_) => {
+            audited(&actor, "sessions_killed", &name, &which, listed > 0);
+            (StatusCode::ACCEPTED, Json(json!({ "listed": listed }))).into_response()
+        }
         Err(e) => e.into_response(),
     }
 }

@@ -356,6 +356,48 @@ pub(crate) fn reset_totp(r: &Remote, user: &str) -> ExitCode {
     done(res)
 }
 
+/// `sessions list` through the API: every replica's sessions (of `user` only).
+pub(crate) fn list_sessions(r: &Remote, user: Option<&str>) -> ExitCode {
+    let path = match user {
+        Some(u) => format!("/sessions?user={}", seg(u)),
+        None => "/sessions".to_owned(),
+    };
+    match r.call("GET", &path, None) {
+        Ok(v) => {
+            let list: Vec<crate::login::SessionInfo> = v
+                .get("sessions")
+                .cloned()
+                .and_then(|s| serde_json::from_value(s).ok())
+                .unwrap_or_default();
+            super::sessions::print(&list);
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+/// `sessions kill` through the API: one session by id, or a user's (of one credential).
+pub(crate) fn kill_sessions(
+    r: &Remote,
+    user: &str,
+    credential: Option<&str>,
+    session: Option<&str>,
+) -> ExitCode {
+    let path = match (session, credential) {
+        (Some(id), _) => format!("/sessions/{}", seg(id)),
+        (None, Some(c)) => format!("/users/{}/sessions?credential={}", seg(user), seg(c)),
+        (None, None) => format!("/users/{}/sessions", seg(user)),
+    };
+    match r.call("DELETE", &path, None) {
+        Ok(v) => {
+            let listed = v.get("listed").and_then(Value::as_u64).unwrap_or(0);
+            errln!("asked every replica to end them; {listed} session(s) matched");
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -47,6 +47,7 @@ const FILE_STORE: &str = "the users file (auth.store.backend: file) has no sessi
 pub(super) fn sessions(cmd: SessionsCmd) -> ExitCode {
     match cmd {
         SessionsCmd::List { user, cfg } => {
+            via_api!(cfg, |r| super::remote::list_sessions(&r, user.as_deref()));
             let name = match user.as_deref().map(user_name).transpose() {
                 Ok(n) => n,
                 Err(code) => return code,
@@ -70,6 +71,12 @@ pub(super) fn sessions(cmd: SessionsCmd) -> ExitCode {
             session,
             cfg,
         } => {
+            via_api!(cfg, |r| super::remote::kill_sessions(
+                &r,
+                &user,
+                credential.as_deref(),
+                session.as_deref()
+            ));
             let name = match user_name(&user) {
                 Ok(n) => n,
                 Err(code) => return code,
@@ -186,7 +193,7 @@ pub(crate) async fn kill_on(
     }
 }
 
-fn print(list: &[SessionInfo]) {
+pub(crate) fn print(list: &[SessionInfo]) {
     if list.is_empty() {
         errln!("no sessions");
         return;

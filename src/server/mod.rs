@@ -481,6 +481,8 @@ impl Gateway {
                     })
                 }),
                 max_page: 1000,
+                sessions: shared.login.user_sessions.clone(),
+                last_used: last_used.clone(),
             })
         };
         tokio::spawn(observe::admin::serve(

@@ -203,6 +203,42 @@ async fn api_on(store: TestStore) {
     session.send("i IDLE\r\n").await;
     assert!(session.line().await.unwrap().starts_with('+'));
 
+    // The session directory shows it, with its client address and app password; the
+    // listing of app passwords says when and from where it was last used.
+    let (s, v) = api
+        .ok("GET", "/sessions?user=alice@example.org", None)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let mine: Vec<&Value> = v["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["credential"] == alice_id.as_str())
+        .collect();
+    assert_eq!(mine.len(), 1, "{which}: {v}");
+    assert_eq!(mine[0]["client_address"], "127.0.0.1", "{v}");
+    let mut used = Value::Null;
+    for _ in 0..40 {
+        let (_, l) = api
+            .ok("GET", "/users/alice@example.org/app-passwords", None)
+            .await;
+        used = l["app_passwords"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["id"] == alice_id.as_str())
+            .unwrap()["last_used"]
+            .clone();
+        if !used.is_null() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        used["address"], "127.0.0.1",
+        "{which}: no last-used record: {used}"
+    );
+
     // Revoking it ends the live session within 2 s, and it no longer logs in; a repeat is
     // harmless; an unknown id is a 404.
     let (s, _) = api
@@ -246,6 +282,35 @@ async fn api_on(store: TestStore) {
         )
         .await
         .contains("OK"));
+
+    // Ending sessions: one by its id, then every session of a user; each client gets * BYE.
+    for by_id in [true, false] {
+        let mut c = t.logged_in("carol@example.org").await;
+        c.cmd("s", "SELECT INBOX").await;
+        c.send("i IDLE\r\n").await;
+        assert!(c.line().await.unwrap().starts_with('+'));
+        let (_, v) = api
+            .ok("GET", "/sessions?user=carol@example.org", None)
+            .await;
+        let id = v["sessions"][0]["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{which}: {v}"))
+            .to_owned();
+        let (s, _) = if by_id {
+            api.ok("DELETE", &format!("/sessions/{id}"), None).await
+        } else {
+            api.ok("DELETE", "/users/carol@example.org/sessions", None)
+                .await
+        };
+        assert_eq!(s, 202);
+        let bye = c
+            .line_within(Duration::from_secs(2))
+            .await
+            .unwrap_or_default();
+        assert!(bye.starts_with("* BYE"), "{which}: {bye:?}");
+        assert!(c.closed_within(Duration::from_secs(2)).await);
+    }
+    assert_eq!(api.ok("DELETE", "/sessions/nobody-1", None).await.0, 404);
 
     // Disable / enable.
     let (s, v) = api
@@ -409,7 +474,7 @@ async fn the_openapi_document_matches_the_routes() {
     for (path, item) in doc["paths"].as_object().unwrap() {
         let concrete = path
             .replace("{user}", "alice@example.org")
-            .replace("{id}", "ap_unknown");
+            .replace("{id}", "unknown-id");
         for m in methods {
             let (status, body) = api.ok(&m.to_uppercase(), &concrete, Some(json!({}))).await;
             if item.get(m).is_some() {
@@ -429,7 +494,7 @@ async fn the_openapi_document_matches_the_routes() {
             }
         }
     }
-    assert_eq!(documented.len(), 13, "{documented:?}");
+    assert_eq!(documented.len(), 16, "{documented:?}");
     // Every documented operation has an id and its responses, and every $ref resolves.
     fn refs(v: &Value, out: &mut Vec<String>) {
         match v {
@@ -523,6 +588,30 @@ async fn the_cli_works_through_the_api_and_actions_are_audited_with_the_token_na
     assert!(ok && out.contains("revoked"), "{out}");
     let (ok, _, _) = cli(&["users", "disable", "carl@example.org"]);
     assert!(ok);
+    // Sessions through the API: dave idles on this replica; the CLI lists and ends it.
+    let dave = "dave@example.org";
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", b.imaps).parse().unwrap();
+    let mut c = crate::harness::Client::tls(addr, &t.pki.ca_der).await;
+    c.line().await.unwrap();
+    let r = c
+        .cmd("a", &format!("LOGIN {dave} \"{}\"", t.password(dave)))
+        .await;
+    assert!(crate::harness::last(&r).starts_with("a OK"), "{r:?}");
+    c.cmd("s", "SELECT INBOX").await;
+    c.send("i IDLE\r\n").await;
+    assert!(c.line().await.unwrap().starts_with('+'));
+    let (ok, out, err) = cli(&["sessions", "list", dave]);
+    assert!(
+        ok && out.contains(dave) && out.contains("127.0.0.1"),
+        "{out}{err}"
+    );
+    let (ok, _, err) = cli(&["sessions", "kill", dave]);
+    assert!(ok && err.contains("1 session(s) matched"), "{err}");
+    assert!(
+        c.closed_within(Duration::from_secs(2)).await,
+        "the killed session stayed open"
+    );
+
     let (ok, out, _) = cli(&["guard", "status", "--json"]);
     assert!(ok && out.trim().starts_with('['), "{out}");
     // Errors come back as the API's message and a failing exit code.
@@ -546,12 +635,21 @@ async fn the_cli_works_through_the_api_and_actions_are_audited_with_the_token_na
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
 
     // The binary's audit log names the token behind every change, and never the password.
-    let audit = std::fs::read_to_string(b.dir.path().join("audit.log")).unwrap_or_default();
-    let ops: Vec<Value> = audit
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["event"] == "operator")
-        .collect();
+    // (The audit writer is asynchronous: wait for the five lines.)
+    let mut audit = String::new();
+    let mut ops: Vec<Value> = Vec::new();
+    for _ in 0..50 {
+        audit = std::fs::read_to_string(b.dir.path().join("audit.log")).unwrap_or_default();
+        ops = audit
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["event"] == "operator")
+            .collect();
+        if ops.len() >= 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let actions: Vec<&str> = ops
         .iter()
         .map(|v| v["action"].as_str().unwrap_or(""))
@@ -562,7 +660,8 @@ async fn the_cli_works_through_the_api_and_actions_are_audited_with_the_token_na
             "user_added",
             "app_password_created",
             "app_password_revoked",
-            "user_disabled"
+            "user_disabled",
+            "sessions_killed"
         ],
         "{audit}"
     );
