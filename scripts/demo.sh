@@ -726,6 +726,11 @@ PY
   done
   grep -q '^idling' "$IDLE_LOG" || fail "imaplib did not reach IDLE: $(cat "$IDLE_LOG")"
   log "ok: imaplib logged in with it and idles"
+  step "check: imapgate sessions list (through the API) shows that session"
+  SESSIONS="$("$BIN" sessions list "$DEMO_USER" "${API[@]}" 2>>"$GW/cli.log")" || fail "imapgate sessions list failed"
+  printf '%s\n' "$SESSIONS"
+  awk -F '\t' -v id="$API_ID" '$3 == id { found = 1 } END { exit !found }' <<<"$SESSIONS" ||
+    fail "imapgate sessions list does not show the session of app password $API_ID"
   step "check: revoking it through the API (imapgate app-password revoke --admin …) ends the IDLE session within 2 s"
   REVOKED_AT="$(date +%s.%N)"
   "$BIN" app-password revoke "$DEMO_USER" "$API_ID" "${API[@]}" >>"$GW/cli.log" 2>&1 || fail "app-password revoke through the API failed"
