@@ -32,6 +32,10 @@ impl From<StoreError> for ServiceError {
             StoreError::Refused(m) if m.starts_with("no user") => ServiceError::NotFound(m),
             StoreError::Refused(m) => ServiceError::Conflict(m),
             StoreError::Invalid(m) => ServiceError::Invalid(m),
+            // A read-only mount, or the lock held by another writer too long.
+            StoreError::File(e) => {
+                ServiceError::Conflict(format!("the users file cannot be changed: {e}"))
+            }
             other => ServiceError::Unavailable(other.to_string()),
         }
     }
