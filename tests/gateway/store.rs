@@ -447,9 +447,11 @@ async fn a_users_file_moves_into_sqlite_and_a_csv_creates_users() {
     assert!(!out.status.success(), "a refused CSV left a user behind");
 }
 
-async fn login_and_revoke_on(store: TestStore) {
+/// `state`: the `state` section's body (empty: memory).
+async fn login_and_revoke_on(store: TestStore, state: String) {
     let Some(t) = TestGateway::start_with(Options {
         store: store.clone(),
+        state,
         ..Default::default()
     })
     .await
@@ -549,11 +551,23 @@ async fn login_and_revoke_on(store: TestStore) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logins_and_revocation_on_sqlite() {
-    login_and_revoke_on(TestStore::Sqlite).await;
+    login_and_revoke_on(TestStore::Sqlite, String::new()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn logins_and_revocation_across_two_replicas_on_postgres() {
+async fn logins_and_revocation_across_two_replicas_on_postgres_and_redis() {
     let Some(pg) = postgres() else { return };
-    login_and_revoke_on(TestStore::Postgres(pg.database())).await;
+    // The deployment of several replicas: credentials in PostgreSQL, guard and unlock state in
+    // Redis.
+    let Some(redis) = crate::harness::RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let url_file = dir.path().join("redis.url");
+    crate::harness::write_secret(&url_file, redis.url());
+    let state = format!(
+        "  backend: redis\n  redis: {{ url_file: \"{}\", key_prefix: \"s:\" }}",
+        url_file.display()
+    );
+    login_and_revoke_on(TestStore::Postgres(pg.database()), state).await;
 }
