@@ -502,7 +502,7 @@ impl CredentialStore {
             }
             tokio::select! {
                 () = stop.cancelled() => return,
-                () = tokio::time::sleep(db.poll) => {}
+                () = db.store.wait_for_change(db.poll) => {}
             }
         }
     }

@@ -191,6 +191,12 @@ pub trait UserStore: Send + Sync {
         credential: &str,
     ) -> Result<(), StoreError>;
 
+    /// Returns when the change log may have grown (PostgreSQL: a notification from the
+    /// changing transaction), or after `within` at the latest.
+    async fn wait_for_change(&self, within: std::time::Duration) {
+        tokio::time::sleep(within).await;
+    }
+
     /// Deletes old change-log entries; how many.
     async fn prune_changes(&self) -> Result<u64, StoreError> {
         Ok(0)

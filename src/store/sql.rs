@@ -37,7 +37,14 @@ const SQLITE_BUSY_TIMEOUT_MS: u32 = 5000;
 pub struct SqlStore {
     pool: AnyPool,
     backend: StoreBackend,
+    /// PostgreSQL: the URL for the `LISTEN` connection that wakes the change-log follower.
+    listen_url: Option<String>,
+    listener: tokio::sync::Mutex<Option<sqlx::postgres::PgListener>>,
 }
+
+/// The channel each change notifies (PostgreSQL), so replicas read the log at once instead of
+/// at their next poll.
+const CHANNEL: &str = "imapgate_changes";
 
 /// The embedded migrations of one dialect, in order.
 fn migrations(backend: StoreBackend) -> Vec<Migration> {
@@ -240,7 +247,24 @@ impl SqlStore {
                 })
             })
             .connect_lazy_with(options);
-        Ok(Self { pool, backend })
+        let listen_url = (backend == StoreBackend::Postgres).then(|| url.clone());
+        Ok(Self {
+            pool,
+            backend,
+            listen_url,
+            listener: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// PostgreSQL: tells the listening replicas that the log grew (delivered at commit).
+    async fn notify(&self, conn: &mut sqlx::AnyConnection) -> Result<(), StoreError> {
+        if self.backend == StoreBackend::Postgres {
+            sqlx::query(AssertSqlSafe(format!("SELECT pg_notify('{CHANNEL}', '')")))
+                .execute(&mut *conn)
+                .await
+                .map_err(db_err)?;
+        }
+        Ok(())
     }
 
     /// Applies the migrations this database lacks (a no-op when current). Several replicas
@@ -617,6 +641,7 @@ impl UserStore for SqlStore {
         }
         Self::write_user(&mut tx, name, before.as_ref(), user.as_ref()).await?;
         Self::log(&mut tx, ChangeKind::User, name, "").await?;
+        self.notify(&mut tx).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(true)
     }
@@ -659,6 +684,7 @@ impl UserStore for SqlStore {
             Self::write_user(&mut tx, name, before.as_ref(), Some(user)).await?;
             Self::log(&mut tx, ChangeKind::User, name, "").await?;
         }
+        self.notify(&mut tx).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(report)
     }
@@ -708,7 +734,48 @@ impl UserStore for SqlStore {
         credential: &str,
     ) -> Result<(), StoreError> {
         let mut conn = self.pool.acquire().await.map_err(db_err)?;
-        Self::log(&mut conn, kind, user, credential).await
+        Self::log(&mut conn, kind, user, credential).await?;
+        self.notify(&mut conn).await
+    }
+
+    async fn wait_for_change(&self, within: Duration) {
+        let Some(url) = &self.listen_url else {
+            tokio::time::sleep(within).await;
+            return;
+        };
+        let started = tokio::time::Instant::now();
+        let mut slot = self.listener.lock().await;
+        if slot.is_none() {
+            let connected = tokio::time::timeout(within, async {
+                let mut l = sqlx::postgres::PgListener::connect(url).await?;
+                l.listen(CHANNEL).await?;
+                Ok::<_, sqlx::Error>(l)
+            })
+            .await;
+            match connected {
+                Ok(Ok(l)) => *slot = Some(l),
+                // No notifications for now: the poll still reads the log.
+                Ok(Err(e)) => tracing::debug!(error = %e, "cannot LISTEN for store changes"),
+                Err(_) => {}
+            }
+        }
+        let left = within.saturating_sub(started.elapsed());
+        let Some(listener) = slot.as_mut() else {
+            drop(slot);
+            tokio::time::sleep(left).await;
+            return;
+        };
+        match tokio::time::timeout(left, listener.recv()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                // Connect again next time; meanwhile the poll interval holds.
+                tracing::debug!(error = %e, "the LISTEN connection failed");
+                *slot = None;
+                drop(slot);
+                tokio::time::sleep(within.saturating_sub(started.elapsed())).await;
+            }
+            Err(_) => {}
+        }
     }
 
     async fn prune_changes(&self) -> Result<u64, StoreError> {

@@ -667,6 +667,8 @@ pub(crate) struct Options {
     pub store: TestStore,
     /// More keys of the `admin` mapping (e.g. `rate_limit: {…}`), after a comma.
     pub admin_extra: &'static str,
+    /// `auth.store.poll_interval` of a database store.
+    pub store_poll: &'static str,
 }
 
 /// The credential store of a test gateway.
@@ -706,6 +708,7 @@ impl Default for Options {
             backend_address: None,
             store: TestStore::File,
             admin_extra: "",
+            store_poll: "200ms",
         }
     }
 }
@@ -854,15 +857,17 @@ admin: {{ address: "127.0.0.1:0", health_interval: 1s, token_file: "{admin_token
             store_yaml = match &opts.store {
                 TestStore::File => format!("  users_file: \"{}\"", users_file.display()),
                 TestStore::Sqlite => format!(
-                    "  store: {{ backend: sqlite, sqlite: {{ path: \"{}\" }}, poll_interval: 200ms }}",
-                    dir.path().join("imapgate.db").display()
+                    "  store: {{ backend: sqlite, sqlite: {{ path: \"{}\" }}, poll_interval: {} }}",
+                    dir.path().join("imapgate.db").display(),
+                    opts.store_poll
                 ),
                 TestStore::Postgres(url) => {
                     let p = dir.path().join("pg.url");
                     write_secret(&p, url);
                     format!(
-                        "  store: {{ backend: postgres, postgres: {{ url_file: \"{}\" }}, poll_interval: 200ms }}",
-                        p.display()
+                        "  store: {{ backend: postgres, postgres: {{ url_file: \"{}\" }}, poll_interval: {} }}",
+                        p.display(),
+                        opts.store_poll
                     )
                 }
             },
