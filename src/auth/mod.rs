@@ -151,9 +151,24 @@ pub struct Identity {
     pub credential_id: String,
     /// How the second factor was satisfied: `totp`, `unlocked` or `none`.
     pub mfa: &'static str,
+    /// The TOTP enrolment the second factor was met with (`totp`, `unlocked`), as
+    /// [`enrolment_tag`] names it: a session that relied on it ends when it is reset.
+    pub enrolment: Option<String>,
     /// End the relayed session at this Unix time (the token's expiry, when the issuer has
     /// `end_session_at_expiry`).
     pub session_until: Option<u64>,
+}
+
+/// A short name of a TOTP enrolment (of its stored ciphertext): part of the unlock windows'
+/// keys, so a reset or a new enrolment ends every window, and kept with each session whose
+/// second factor it met.
+pub fn enrolment_tag(stored_totp: Option<&str>) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(stored_totp.unwrap_or_default().as_bytes())
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[derive(Debug)]

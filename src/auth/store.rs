@@ -834,6 +834,7 @@ impl CredentialStore {
             credential_id: format!("oauth:{}", id.issuer),
             user: id.user,
             mfa: "idp",
+            enrolment: None,
             session_until: id.end_session_at,
         })
     }
@@ -946,11 +947,13 @@ impl Authenticator for CredentialStore {
         if let Err(r) = user_policy(entry, attempt) {
             return Outcome::Failure(r);
         }
-        let identity = |mfa| Identity {
+        let identity = |mfa: &'static str| Identity {
             user: name.clone(),
             upstream_user: entry.upstream_user.clone().unwrap_or_else(|| name.clone()),
             credential_id: ap.id.clone(),
             mfa,
+            enrolment: matches!(mfa, "totp" | "unlocked")
+                .then(|| super::enrolment_tag(entry.totp.as_deref())),
             session_until: None,
         };
 
@@ -977,15 +980,7 @@ impl Authenticator for CredentialStore {
             "any".to_owned()
         };
         // The enrolment is part of the key: `totp reset` or a new enrolment ends every window.
-        let enrolment = {
-            use sha2::Digest;
-            let digest = sha2::Sha256::digest(entry.totp.as_deref().unwrap_or_default().as_bytes());
-            digest
-                .iter()
-                .take(6)
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        };
+        let enrolment = super::enrolment_tag(entry.totp.as_deref());
         let unlock_key = format!("unlock:{name}:{}:{scope}:{enrolment}", ap.id);
         // One read: is this app password unlocked here, and has the guard marked it suspect
         // (correct, but given too many wrong codes)?

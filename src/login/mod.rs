@@ -283,6 +283,7 @@ impl Services {
                 client: client.peer.ip(),
                 client_id: client.id,
                 listener: client.listener,
+                enrolment: identity.enrolment.as_deref(),
             },
             self.max_sessions_per_user,
         ) else {

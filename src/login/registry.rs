@@ -76,6 +76,8 @@ pub struct NewSession<'a> {
     pub client: IpAddr,
     pub client_id: &'a ClientId,
     pub listener: &'a str,
+    /// The TOTP enrolment the login's second factor was met with (`auth::enrolment_tag`).
+    pub enrolment: Option<&'a str>,
 }
 
 type Map = Arc<Mutex<HashMap<String, Vec<SessionEntry>>>>;
@@ -100,6 +102,8 @@ impl Default for UserSessions {
 struct SessionEntry {
     session: u64,
     info: SessionInfo,
+    /// See [`NewSession::enrolment`].
+    enrolment: Option<String>,
     revoked: CancellationToken,
     reason: Arc<OnceLock<EndReason>>,
 }
@@ -219,6 +223,7 @@ impl UserSessions {
         let reason = Arc::new(OnceLock::new());
         list.push(SessionEntry {
             session: s.session,
+            enrolment: s.enrolment.map(str::to_owned),
             info: SessionInfo {
                 id: id.clone(),
                 replica: self.replica.to_string(),
@@ -336,7 +341,13 @@ fn close_unless_allowed(list: &[SessionEntry], record: Option<&crate::auth::user
                     .any(|a| &a.id == credential && a.is_active(now))
             })
         };
-        if !active && s.end(EndReason::Revoked) {
+        // A session whose second factor was a TOTP enrolment since reset or replaced.
+        let enrolment_gone = s.enrolment.as_deref().is_some_and(|tag| {
+            record.is_none_or(|u| {
+                crate::auth::enrolment_tag(u.totp.as_deref()) != tag || u.totp.is_none()
+            })
+        });
+        if (!active || enrolment_gone) && s.end(EndReason::Revoked) {
             closed += 1;
         }
     }
@@ -374,6 +385,7 @@ mod tests {
                 user,
                 credential,
                 session: n,
+                enrolment: None,
                 client: "192.0.2.7".parse().unwrap(),
                 client_id: &ClientId {
                     name: Some("Thunderbird".into()),

@@ -312,6 +312,38 @@ async fn api_on(store: TestStore) {
     }
     assert_eq!(api.ok("DELETE", "/sessions/nobody-1", None).await.0, 404);
 
+    // Resetting TOTP ends the sessions whose second factor it was (mia logged in with a code).
+    let mia = "mia@example.org";
+    let mut c = crate::harness::Client::tls(t.imaps(), &t.pki.ca_der).await;
+    c.line().await.unwrap();
+    let r = c
+        .cmd(
+            "a",
+            &format!("LOGIN {mia} \"{}{}\"", t.password(mia), t.code(mia, 0)),
+        )
+        .await;
+    assert!(
+        crate::harness::last(&r).starts_with("a OK"),
+        "{which}: {r:?}"
+    );
+    c.cmd("s", "SELECT INBOX").await;
+    c.send("i IDLE\r\n").await;
+    assert!(c.line().await.unwrap().starts_with('+'));
+    let mut other = t.logged_in("erin@example.org").await;
+    assert_eq!(
+        api.ok("DELETE", "/users/mia@example.org/totp", None)
+            .await
+            .0,
+        204
+    );
+    assert!(
+        c.closed_within(Duration::from_secs(2)).await,
+        "{which}: a session that relied on the reset enrolment stayed open"
+    );
+    // A session without a second factor is not touched.
+    assert!(!other.closed_within(Duration::from_millis(300)).await);
+    other.cmd("n", "NOOP").await;
+
     // Disable / enable.
     let (s, v) = api
         .ok(
