@@ -46,35 +46,26 @@ pub struct SqlStore {
 /// at their next poll.
 const CHANNEL: &str = "imapgate_changes";
 
-/// The embedded migrations of one dialect, in order.
+/// The embedded migrations of one dialect, in order. Most are plain SQL both dialects run; a
+/// migration that needs a dialect's own words has a file per dialect. Never edit one that has
+/// been released: add the next.
 fn migrations(backend: StoreBackend) -> Vec<Migration> {
-    let sqlite: [(&str, &'static str); 3] = [
-        ("users", include_str!("migrations/sqlite/0001_users.sql")),
+    let postgres = backend == StoreBackend::Postgres;
+    let set: [(&str, &'static str); 3] = [
+        ("users", include_str!("migrations/0001_users.sql")),
         (
             "changes usage",
-            include_str!("migrations/sqlite/0002_changes_usage.sql"),
+            if postgres {
+                include_str!("migrations/0002_changes_usage.postgres.sql")
+            } else {
+                include_str!("migrations/0002_changes_usage.sqlite.sql")
+            },
         ),
         (
             "sessions logins",
-            include_str!("migrations/sqlite/0003_sessions_logins.sql"),
+            include_str!("migrations/0003_sessions_logins.sql"),
         ),
     ];
-    let postgres: [(&str, &'static str); 3] = [
-        ("users", include_str!("migrations/postgres/0001_users.sql")),
-        (
-            "changes usage",
-            include_str!("migrations/postgres/0002_changes_usage.sql"),
-        ),
-        (
-            "sessions logins",
-            include_str!("migrations/postgres/0003_sessions_logins.sql"),
-        ),
-    ];
-    let set = if backend == StoreBackend::Postgres {
-        postgres
-    } else {
-        sqlite
-    };
     set.iter()
         .zip(1i64..)
         .map(|((desc, sql), version)| {
