@@ -68,7 +68,6 @@ pub(super) fn doctor(args: DoctorArgs) -> ExitCode {
         r.warn("config", w);
     }
     certificates(&mut r, &config, args.server_name.as_deref());
-    users_file(&mut r, &config);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -76,6 +75,11 @@ pub(super) fn doctor(args: DoctorArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
     };
+    if config.auth.store.backend == crate::config::StoreBackend::File {
+        users_file(&mut r, &config);
+    } else {
+        rt.block_on(database(&mut r, &config));
+    }
     rt.block_on(async {
         backends(&mut r, &config, user.as_deref()).await;
         issuers(&mut r, &config).await;
@@ -173,6 +177,59 @@ fn certificates(r: &mut Report, config: &Config, server_name: Option<&str>) {
                 format!("none is valid for {name}: clients connecting to it will refuse the certificate"),
             );
         }
+    }
+}
+
+/// A database store: reachable, at the schema this binary writes (a newer one is refused: an
+/// older binary must not run against it), how many users, and whether its records load.
+async fn database(r: &mut Report, config: &Config) {
+    let store_cfg = &config.auth.store;
+    let what = match store_cfg.backend {
+        crate::config::StoreBackend::Sqlite => {
+            format!(
+                "credential store sqlite {}",
+                store_cfg.sqlite_path.display()
+            )
+        }
+        _ => "credential store postgres".to_owned(),
+    };
+    let s = match crate::store::sql::SqlStore::connect(store_cfg).await {
+        Ok(s) => s,
+        Err(e) => return r.fail(&what, e),
+    };
+    let version = match s.current_version().await {
+        Ok(v) => v,
+        Err(e) => return r.fail(&what, e),
+    };
+    let want = crate::store::sql::schema_version();
+    if version == 0 {
+        s.close().await;
+        return r.warn(
+            &what,
+            "no schema yet: the gateway creates it at start (or run `imapgate migrate`)",
+        );
+    }
+    use crate::store::UserStore as _;
+    let users = match s.export().await {
+        Ok(f) => f,
+        Err(e) => return r.fail(&what, format!("the records do not load: {e}")),
+    };
+    s.close().await;
+    let detail = format!("{} user(s), schema {version}", users.users.len());
+    if version < want {
+        r.warn(
+            &what,
+            format!(
+                "{detail}: the gateway migrates it to {want} at start (or run `imapgate migrate`)"
+            ),
+        );
+    } else if version > want {
+        r.fail(
+            &what,
+            format!("{detail}: newer than this binary's {want}; run the newer imapgate"),
+        );
+    } else {
+        r.ok(&what, detail);
     }
 }
 

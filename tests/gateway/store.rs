@@ -402,6 +402,12 @@ async fn a_users_file_moves_into_sqlite_and_a_csv_creates_users() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("3 added"));
+    let out = cli(&["doctor"]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains("[ok]   credential store sqlite") && report.contains("3 user(s), schema"),
+        "{report}"
+    );
     let out = cli(&["users", "export"]);
     assert!(out.status.success());
     let exported = UsersFile::parse(&String::from_utf8_lossy(&out.stdout)).unwrap();
