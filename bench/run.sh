@@ -4,6 +4,7 @@
 #
 #   bench/run.sh [--quick] [--sessions N] [--rounds R] [--seconds S] [--out FILE]
 #   bench/run.sh --compare OTHER_BINARY [--rounds R] [--seconds S]
+#   bench/run.sh --stores [--quick] [--rounds R] [--seconds S] [--out FILE]
 #
 # What runs (all on 127.0.0.1, ports chosen at run time):
 #   - Dovecot (Debian's), with a generated mailbox (2000 messages of 50 KB; --quick: 200), a
@@ -28,7 +29,8 @@
 # the warm gateway and adds up their figures (nginx, with two workers, is two processes too). A table with ratios to Dovecot and to nginx goes to stdout,
 # every raw result to the JSON file (default target/bench/results.json). The credential-store
 # targets are compared with the file store's (logins only): their ratios, and whether warm
-# logins/s stay within 10 %.
+# logins/s stay within 10 %. --stores measures only those logins (file, sqlite, postgres; warm
+# and cold), round after round in a rotating order, for medians that the host's drift moves less.
 #
 # BENCH_PERF=PREFIX profiles warm logins and a FETCH instead (docs/benchmarks.md);
 # BENCH_PERF_TARGET=imapgate-sqlite|imapgate-postgres profiles that store's logins.
@@ -50,6 +52,7 @@ SECONDS_PER_RUN=10
 SECONDS_GIVEN=0
 OUT="$REPO/target/bench/results.json"
 COMPARE=""
+STORES=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
@@ -58,7 +61,8 @@ while [ $# -gt 0 ]; do
     --seconds) SECONDS_PER_RUN="$2"; SECONDS_GIVEN=1; shift ;;
     --out) OUT="$2"; shift ;;
     --compare) COMPARE="$(realpath "$2")"; shift ;;
-    -h | --help) sed -n '2,37p' "$0"; exit 0 ;;
+    --stores) STORES=1 ;;
+    -h | --help) sed -n '2,39p' "$0"; exit 0 ;;
     *) die "unknown argument $1" ;;
   esac
   shift
@@ -510,6 +514,30 @@ PY
   exit 0
 fi
 
+if [ "$STORES" -eq 1 ]; then
+  # The credential stores only: warm and cold logins of the file, sqlite and postgres
+  # gateways, each round in another order (so that none always runs right after a cold run).
+  step "stores: file, sqlite and postgres logins, $ROUNDS round(s) of ${SECONDS_PER_RUN}s"
+  targets=("imapgate $GW $GW_PID" "imapgate-sqlite $GWS $GWS_PID" "imapgate-postgres $GWP $GWP_PID"
+    "imapgate-cold $GWC $GWC_PID" "imapgate-sqlite-cold $GWSC $GWSC_PID" "imapgate-postgres-cold $GWPC $GWPC_PID")
+  for r in $(seq 1 "$ROUNDS"); do
+    log "round $r"
+    for c in 8 64; do
+      for i in $(seq 0 $((${#targets[@]} - 1))); do
+        read -r label port pid <<<"${targets[$(((i + r) % ${#targets[@]}))]}"
+        run "$label" "$port" "$WORK/gateway.txt" "$pid" logins --concurrency "$c" --seconds "$SECONDS_PER_RUN"
+      done
+    done
+  done
+  step "results"
+  python3 "$REPO/bench/report.py" "$RAW" "$OUT" \
+    "cpus=$(nproc)" "model=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)" \
+    "mem_gib=$(awk '/MemTotal/ { printf "%.0f", $2 / 1048576 }' /proc/meminfo)" \
+    "mode=stores" "rounds=$ROUNDS" "seconds_per_run=$SECONDS_PER_RUN" \
+    "loadavg_at_end=$(cut -d' ' -f1-3 /proc/loadavg)" "postgresql=$("$PG_BIN/postgres" --version | sed -n 's/^postgres (PostgreSQL) \([^ ]*\).*/\1/p')"
+  exit 0
+fi
+
 # Idle sessions first, on fresh processes: memory per session is the growth of resident memory,
 # which allocations of the earlier runs (kept by the allocator) would blur.
 step "idle sessions: $SESSIONS per target"
@@ -549,4 +577,5 @@ python3 "$REPO/bench/report.py" "$RAW" "$OUT" \
   "mem_gib=$(awk '/MemTotal/ { printf "%.0f", $2 / 1048576 }' /proc/meminfo)" \
   "quick=$QUICK" "messages=$MESSAGES" "sessions=$SESSIONS" "rounds=$ROUNDS" \
   "fd_hard_limit=$FD_HARD" "idle_gateway_processes=$GW_REPLICAS" \
-  "dovecot=$(dovecot --version 2>/dev/null | head -1)" "nginx=$(nginx -v 2>&1 | sed 's/.*nginx\///')"
+  "dovecot=$(dovecot --version 2>/dev/null | head -1)" "nginx=$(nginx -v 2>&1 | sed 's/.*nginx\///')" \
+  "postgresql=$("$PG_BIN/postgres" --version | sed -n 's/^postgres (PostgreSQL) \([^ ]*\).*/\1/p')" "loadavg_at_end=$(cut -d' ' -f1-3 /proc/loadavg)"
