@@ -1714,7 +1714,7 @@ def check_rendering(
             report.check(ok, f"render[{name}]", message)
         if deep is not None:
             deep.check_config(name, config_text, report)
-            if name in ("defaults", FULL_VALUES, OAUTH_VALUES, POSTGRES_VALUES):
+            if name in ("defaults", FULL_VALUES, OAUTH_VALUES, POSTGRES_VALUES, SQLITE_STORE):
                 deep.check_manifests(renderer, name, overrides, report)
             elif name in NOTES_VARIANTS and getattr(renderer, "helm", None):
                 deep.check_notes(renderer.helm, name, overrides, report)  # type: ignore[attr-defined]
@@ -2618,31 +2618,31 @@ CRD_KINDS = ("ServiceMonitor", "PrometheusRule", "Certificate")
 # checkov findings the chart accepts: check id -> (the renders it applies to, why).
 CHECKOV_ACCEPTED: dict[str, tuple[tuple[str, ...], str]] = {
     "CKV_K8S_11": (
-        ("defaults", FULL_VALUES, OAUTH_VALUES, POSTGRES_VALUES),
+        ("defaults", FULL_VALUES, OAUTH_VALUES, POSTGRES_VALUES, SQLITE_STORE),
         (
             "no CPU limit on purpose: CFS throttling would stretch TLS handshakes and argon2 under load "
             "and skew the failure floor and tarpit timing; CPU requests are set"
         ),
     ),
     "CKV_K8S_43": (
-        ("defaults", OAUTH_VALUES),
+        ("defaults", OAUTH_VALUES, SQLITE_STORE),
         (
             "each operator builds the image from deploy/Dockerfile, so the defaults cannot know its digest; "
-            "image.digest pins it (the full values do; the OAuth values keep the default image)"
+            "image.digest pins it (the full and PostgreSQL values do; the OAuth and SQLite renders keep the default image)"
         ),
     ),
     "CKV_K8S_15": (
-        ("defaults", OAUTH_VALUES),
+        ("defaults", OAUTH_VALUES, SQLITE_STORE),
         (
             "pullPolicy IfNotPresent by default: the tag is pinned (never latest), and Always would make "
-            "every restart depend on the registry; the full values use Always"
+            "every restart depend on the registry; the full and PostgreSQL values use Always"
         ),
     ),
     "CKV2_K8S_6": (
-        ("defaults",),
+        ("defaults", SQLITE_STORE),
         (
             "networkPolicy is off by default because its peers (monitoring namespace, DNS pods, backends) "
-            "differ between clusters; the full values enable it"
+            "differ between clusters; the full and PostgreSQL values enable it (the SQLite render keeps the defaults)"
         ),
     ),
 }
