@@ -4,6 +4,7 @@
 #
 #   bench/run.sh [--quick] [--sessions N] [--rounds R] [--seconds S] [--out FILE]
 #   bench/run.sh --compare OTHER_BINARY [--rounds R] [--seconds S]
+#   bench/run.sh --stores [--quick] [--rounds R] [--seconds S] [--out FILE]
 #
 # What runs (all on 127.0.0.1, ports chosen at run time):
 #   - Dovecot (Debian's), with a generated mailbox (2000 messages of 50 KB; --quick: 200), a
@@ -14,6 +15,11 @@
 #   - imapgate, plain to Dovecot like nginx (`tls: none`), app passwords checked (warm: the
 #     verified-credential cache; a second instance with the cache off measures cold argon2
 #     logins), and a third with a TLS upstream, reported beside;
+#   - the same warm and cold imapgate with the same users in the other credential stores
+#     (auth.store.backend sqlite and postgres, each filled with `imapgate users import` from
+#     the file store's users file): a SQLite file, and a throwaway PostgreSQL cluster (Debian's,
+#     initdb + postgres as nobody in the work directory, a free loopback port, a random password,
+#     removed at the end);
 #   - the test identity provider (tests/idp, npm oidc-provider) issuing RS256 JWTs, for OAuth
 #     logins (AUTHENTICATE XOAUTH2) through the warm imapgate.
 # Figures: logins/s (password, and for imapgate also OAuth) at 8 and 64 clients with p50/p99 and the proxy's CPU per login; bulk FETCH
@@ -21,9 +27,16 @@
 # per session and CPU while idle. When the hard open-files limit keeps one imapgate process
 # from holding N sessions (two descriptors each), the idle run spreads them over replicas of
 # the warm gateway and adds up their figures (nginx, with two workers, is two processes too). A table with ratios to Dovecot and to nginx goes to stdout,
-# every raw result to the JSON file (default target/bench/results.json).
+# every raw result to the JSON file (default target/bench/results.json). The credential-store
+# targets are compared with the file store's (logins only): their ratios, and whether warm
+# logins/s stay within 10 %. --stores measures only those logins (file, sqlite, postgres; warm
+# and cold), round after round in a rotating order, for medians that the host's drift moves less.
 #
-# Needs root (Dovecot), cargo, python3; installs missing Debian packages behind policy-rc.d.
+# BENCH_PERF=PREFIX profiles warm logins and a FETCH instead (docs/benchmarks.md);
+# BENCH_PERF_TARGET=imapgate-sqlite|imapgate-postgres profiles that store's logins.
+#
+# Needs root (Dovecot), cargo, python3, Debian's postgresql; installs missing Debian packages behind
+# policy-rc.d.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -39,6 +52,7 @@ SECONDS_PER_RUN=10
 SECONDS_GIVEN=0
 OUT="$REPO/target/bench/results.json"
 COMPARE=""
+STORES=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
@@ -47,7 +61,8 @@ while [ $# -gt 0 ]; do
     --seconds) SECONDS_PER_RUN="$2"; SECONDS_GIVEN=1; shift ;;
     --out) OUT="$2"; shift ;;
     --compare) COMPARE="$(realpath "$2")"; shift ;;
-    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+    --stores) STORES=1 ;;
+    -h | --help) sed -n '2,39p' "$0"; exit 0 ;;
     *) die "unknown argument $1" ;;
   esac
   shift
@@ -63,11 +78,11 @@ fi
 
 step "packages"
 ensure_packages dovecot-imapd:dovecot nginx-light:nginx libnginx-mod-mail python3:python3 openssl:openssl \
-  nodejs:node npm:npm curl:curl
+  nodejs:node npm:npm curl:curl 'postgresql:/usr/lib/postgresql/*/bin/postgres'
 if [ ! -d tests/idp/node_modules/oidc-provider ] || [ tests/idp/package-lock.json -nt tests/idp/node_modules ]; then
   (cd tests/idp && npm ci --no-audit --no-fund --loglevel=error)
 fi
-for s in nginx dovecot; do disable_boot_service "$s"; done
+for s in nginx dovecot postgresql; do disable_boot_service "$s"; done
 
 step "building imapgate and the load generator (release)"
 cargo build --release --locked --bin imapgate --example loadgen
@@ -80,18 +95,28 @@ ulimit -n 1048576 2>/dev/null || ulimit -n 65536 2>/dev/null || log "open files 
 WORK="$(mktemp -d /tmp/imapgate-bench.XXXXXX)"
 chmod 755 "$WORK"
 PIDS=()
+PG_PID=""
 cleanup() {
   local p
   for p in "${PIDS[@]}"; do stop_pid "$p" bench || true; done
   idp_stop || true
+  if [ -n "$PG_PID" ]; then
+    # Fast shutdown (SIGINT): rolls back open transactions and closes clients at once.
+    kill -INT "$PG_PID" 2>/dev/null || true
+    wait_pid_gone "$PG_PID" 10 || kill -KILL "$PG_PID" 2>/dev/null || true
+    wait "$PG_PID" 2>/dev/null || true
+  fi
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-mapfile -t PORTS < <(free_ports 16)
+mapfile -t PORTS < <(free_ports 25)
 DV_PLAIN=${PORTS[0]} DV_TLS=${PORTS[1]} NGX=${PORTS[2]} NGX_HTTP=${PORTS[3]}
 GW=${PORTS[4]} GW_ADMIN=${PORTS[5]} GWC=${PORTS[6]} GWC_ADMIN=${PORTS[7]} GWT=${PORTS[8]}
 GWT_ADMIN=${PORTS[9]} GWB=${PORTS[10]} GWB_ADMIN=${PORTS[11]}
+# (12-15: replicas for the idle run, below.) The credential-store targets and PostgreSQL:
+GWS=${PORTS[16]} GWS_ADMIN=${PORTS[17]} GWSC=${PORTS[18]} GWSC_ADMIN=${PORTS[19]}
+GWP=${PORTS[20]} GWP_ADMIN=${PORTS[21]} GWPC=${PORTS[22]} GWPC_ADMIN=${PORTS[23]} PG_PORT=${PORTS[24]}
 # Replicas of the warm gateway for the idle run, when one process may not hold --sessions:
 # a relayed session holds two descriptors (client and Dovecot), and where the hard open-files
 # limit is below twice the sessions (this sandbox: 20000, and no CAP_SYS_RESOURCE to raise
@@ -267,18 +292,60 @@ NGX_PID=$!
 PIDS+=("$NGX_PID")
 wait_for_port 127.0.0.1 "$NGX" 30 "$NGX_PID" || die "nginx did not start: $(cat "$WORK/nginx.stderr")"
 
+step "PostgreSQL (:$PG_PORT, a throwaway cluster in $WORK/pg)"
+# Debian keeps the server per major version, off PATH; the newest installed one.
+PG_BIN="$(compgen -G '/usr/lib/postgresql/*/bin/postgres' | sort -V | tail -1)"
+[ -n "$PG_BIN" ] || die "no /usr/lib/postgresql/*/bin/postgres (Debian's postgresql)"
+PG_BIN="$(dirname "$PG_BIN")"
+as_nobody() { setpriv --reuid=nobody --regid=nogroup --clear-groups -- "$@"; }
+mkdir -p "$WORK/pg"
+chown nobody:nogroup "$WORK/pg"
+chmod 700 "$WORK/pg"
+PG_SUPER_PW="$(random_secret)" PG_PW="$(random_secret)"
+(umask 077 && printf '%s\n' "$PG_SUPER_PW" >"$WORK/pg/superuser.pw")
+chown nobody:nogroup "$WORK/pg/superuser.pw"
+# Password logins only (SCRAM), also on loopback: other local users get nowhere.
+as_nobody "$PG_BIN/initdb" -D "$WORK/pg/data" -U postgres --auth=scram-sha-256 \
+  --pwfile="$WORK/pg/superuser.pw" -E UTF8 --no-sync >"$WORK/pg/initdb.log" 2>&1 ||
+  die "initdb failed: $(cat "$WORK/pg/initdb.log")"
+as_nobody "$PG_BIN/postgres" -D "$WORK/pg/data" -p "$PG_PORT" -k "$WORK/pg" \
+  -c listen_addresses=127.0.0.1 >"$WORK/pg/postgres.log" 2>&1 &
+PG_PID=$!
+deadline=$((SECONDS + 30))
+until "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"; do
+  kill -0 "$PG_PID" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ] ||
+    die "PostgreSQL did not start: $(cat "$WORK/pg/postgres.log")"
+  sleep 0.2
+done
+# The gateway's own role owns its database (not the superuser).
+PGPASSWORD="$PG_SUPER_PW" "$PG_BIN/psql" -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres \
+  -v ON_ERROR_STOP=1 -c "CREATE ROLE imapgate LOGIN PASSWORD '$PG_PW'" -c "CREATE DATABASE imapgate OWNER imapgate" ||
+  die "could not create the imapgate role and database"
+# The URL holds the password: a 0600 file, never an argument.
+(umask 077 && printf 'postgres://imapgate:%s@127.0.0.1:%s/imapgate' "$PG_PW" "$PG_PORT" >"$WORK/pg.url")
+
 step "identity provider (tests/idp)"
 idp_start "$WORK/idp" || die "the identity provider did not start: $(cat "$WORK/idp/idp.log")"
 log "issuer $IDP_URL"
 
-step "imapgate: warm (:$GW), cold (:$GWC, no verified-credential cache), TLS upstream (:$GWT)"
-gw_config() { # NAME PORT ADMIN CACHE BACKEND_TLS BACKEND_PORT
+step "imapgate: warm (:$GW), cold (:$GWC, no verified-credential cache), TLS upstream (:$GWT); sqlite (:$GWS, cold :$GWSC), postgres (:$GWP, cold :$GWPC)"
+# The credential store of one gateway: the users file (default), a SQLite file of its own, or
+# the PostgreSQL database (shared by the warm and the cold gateway, as replicas would share it).
+store_config() { # NAME STORE
+  case "$2" in
+    file) printf '  users_file: "%s"' "$WORK/users.yaml" ;;
+    sqlite) printf '  store: { backend: sqlite, sqlite: { path: "%s" } }' "$WORK/$1.db" ;;
+    postgres) printf '  store: { backend: postgres, postgres: { url_file: "%s" } }' "$WORK/pg.url" ;;
+    *) die "store_config: unknown store $2" ;;
+  esac
+}
+gw_config() { # NAME PORT ADMIN CACHE BACKEND_TLS BACKEND_PORT [STORE: file | sqlite | postgres]
   cat <<EOF
 listeners: [{ name: imaps, address: "127.0.0.1:$2", tls: implicit }]
 tls: { certificates: [{ cert_file: "$WORK/tls/server.pem", key_file: "$WORK/tls/server.key" }] }
 limits: { max_connections: 100000, max_preauth_per_ip: 100000, max_sessions_per_ip: 100000, max_sessions_per_user: 100000 }
 auth:
-  users_file: "$WORK/users.yaml"
+$(store_config "$1" "${7:-file}")
   secret_keys: [{ id: k1, file: "$WORK/k1.key" }]
   mfa: { default: off }
   verified_cache_ttl: $4
@@ -304,6 +371,10 @@ EOF
 gw_config warm "$GW" "$GW_ADMIN" 5m none "$DV_PLAIN" >"$WORK/gw.yaml"
 gw_config cold "$GWC" "$GWC_ADMIN" 0s none "$DV_PLAIN" >"$WORK/gwc.yaml"
 gw_config tlsup "$GWT" "$GWT_ADMIN" 5m implicit "$DV_TLS" >"$WORK/gwt.yaml"
+gw_config sqlite "$GWS" "$GWS_ADMIN" 5m none "$DV_PLAIN" sqlite >"$WORK/gws.yaml"
+gw_config sqlite-cold "$GWSC" "$GWSC_ADMIN" 0s none "$DV_PLAIN" sqlite >"$WORK/gwsc.yaml"
+gw_config postgres "$GWP" "$GWP_ADMIN" 5m none "$DV_PLAIN" postgres >"$WORK/gwp.yaml"
+gw_config postgres-cold "$GWPC" "$GWPC_ADMIN" 0s none "$DV_PLAIN" postgres >"$WORK/gwpc.yaml"
 : >"$WORK/gateway.txt"
 while read -r u _; do
   "$BIN" users add "$u" -c "$WORK/gw.yaml" 2>>"$WORK/cli.log"
@@ -311,6 +382,11 @@ while read -r u _; do
   printf '%s %s\n' "$u" "${pw// /}" >>"$WORK/gateway.txt"
 done <"$WORK/direct.txt"
 "$BIN" users add demo@example.org -c "$WORK/gw.yaml" 2>>"$WORK/cli.log"
+# The same users, app passwords (hashes and lookup indexes) and all, in the database stores.
+for name in gws gwsc gwp; do
+  "$BIN" users import "$WORK/users.yaml" -c "$WORK/$name.yaml" 2>>"$WORK/cli.log" ||
+    die "users import into $name failed: $(tail -5 "$WORK/cli.log")"
+done
 # oauth.txt: `user token` for loadgen --mech xoauth2, fetched fresh before each run (tokens
 # live 10 minutes).
 oauth_users() {
@@ -318,13 +394,13 @@ oauth_users() {
   token="$(idp_client_token "$IDP_URL" demo secret-demo)" || die "no token from the identity provider"
   printf 'demo@example.org %s\n' "$token" >"$WORK/oauth.txt"
 }
-for name in gw gwc gwt; do
+for name in gw gwc gwt gws gwsc gwp gwpc; do
   "$BIN" run -c "$WORK/$name.yaml" >"$WORK/$name.log" 2>&1 &
   pid=$!
   PIDS+=("$pid")
   eval "${name^^}_PID=$pid"
 done
-for p in "$GW" "$GWC" "$GWT"; do
+for p in "$GW" "$GWC" "$GWT" "$GWS" "$GWSC" "$GWP" "$GWPC"; do
   wait_for_port 127.0.0.1 "$p" 30 || die "imapgate did not start on $p: $(cat "$WORK"/gw*.log)"
 done
 # shellcheck disable=SC2153 # GW_PID is set by eval above
@@ -340,7 +416,7 @@ for i in $(seq 2 "$GW_REPLICAS"); do
 done
 [ "$GW_REPLICAS" -eq 1 ] || log "idle run: $SESSIONS sessions over $GW_REPLICAS imapgate processes (ports $IDLE_GW_PORTS) under an open-files limit of $FD_HARD"
 # shellcheck disable=SC2153 # set by eval above
-log "pids: dovecot $DV_PID, nginx $NGX_PID, imapgate $GW_PID (cold $GWC_PID, tls upstream $GWT_PID)"
+log "pids: dovecot $DV_PID, nginx $NGX_PID, imapgate $GW_PID (cold $GWC_PID, tls upstream $GWT_PID, sqlite $GWS_PID/$GWSC_PID, postgres $GWP_PID/$GWPC_PID), postgresql $PG_PID"
 
 mkdir -p "$(dirname "$OUT")"
 RAW="$WORK/raw.jsonl"
@@ -364,28 +440,37 @@ perf_summary() {
 
 if [ -n "${BENCH_PERF:-}" ]; then
   # Profile imapgate's warm logins (8 clients) and FETCH with perf, then stop.
-  step "perf: imapgate logins and FETCH -> $BENCH_PERF.{logins,fetch}.txt"
+  # BENCH_PERF_TARGET picks whose logins: imapgate (the file store, default), imapgate-sqlite
+  # or imapgate-postgres.
+  case "${BENCH_PERF_TARGET:-imapgate}" in
+    imapgate) PERF_PORT="$GW" PERF_PID="$GW_PID" ;;
+    imapgate-sqlite) PERF_PORT="$GWS" PERF_PID="$GWS_PID" ;;
+    imapgate-postgres) PERF_PORT="$GWP" PERF_PID="$GWP_PID" ;;
+    *) die "BENCH_PERF_TARGET must be imapgate, imapgate-sqlite or imapgate-postgres" ;;
+  esac
+  PERF_LABEL="${BENCH_PERF_TARGET:-imapgate}"
+  step "perf: $PERF_LABEL logins and imapgate FETCH -> $BENCH_PERF.{logins,fetch}.txt"
   # Scheduler and syscall counts first (perf stat), then a sampled profile.
-  perf stat -e task-clock,context-switches,cpu-migrations,raw_syscalls:sys_enter -p "$GW_PID" \
+  perf stat -e task-clock,context-switches,cpu-migrations,raw_syscalls:sys_enter -p "$PERF_PID" \
     -o "$BENCH_PERF.logins.stat" -- sleep "$SECONDS_PER_RUN" &
   perf_pid=$!
-  run imapgate "$GW" "$WORK/gateway.txt" "$GW_PID" logins --concurrency 8 --seconds "$SECONDS_PER_RUN"
+  run "$PERF_LABEL" "$PERF_PORT" "$WORK/gateway.txt" "$PERF_PID" logins --concurrency 8 --seconds "$SECONDS_PER_RUN"
   wait "$perf_pid" || true
   # One client's logins, every system call in order (a few hundred milliseconds).
-  strace -f -tt -p "$GW_PID" -o "$BENCH_PERF.logins.strace" 2>/dev/null &
+  strace -f -tt -p "$PERF_PID" -o "$BENCH_PERF.logins.strace" 2>/dev/null &
   strace_pid=$!
   sleep 1
-  run imapgate "$GW" "$WORK/gateway.txt" "$GW_PID" logins --concurrency 1 --seconds 1
+  run "$PERF_LABEL" "$PERF_PORT" "$WORK/gateway.txt" "$PERF_PID" logins --concurrency 1 --seconds 1
   kill "$strace_pid" 2>/dev/null || true
   wait "$strace_pid" 2>/dev/null || true
   # Which system calls, per thread.
-  perf trace -s -p "$GW_PID" -o "$BENCH_PERF.logins.syscalls" -- sleep "$SECONDS_PER_RUN" 2>/dev/null &
+  perf trace -s -p "$PERF_PID" -o "$BENCH_PERF.logins.syscalls" -- sleep "$SECONDS_PER_RUN" 2>/dev/null &
   perf_pid=$!
-  run imapgate "$GW" "$WORK/gateway.txt" "$GW_PID" logins --concurrency 8 --seconds "$SECONDS_PER_RUN"
+  run "$PERF_LABEL" "$PERF_PORT" "$WORK/gateway.txt" "$PERF_PID" logins --concurrency 8 --seconds "$SECONDS_PER_RUN"
   wait "$perf_pid" || true
-  perf record -F 999 --call-graph "${BENCH_PERF_CALLGRAPH:-fp}" -p "$GW_PID" -o "$BENCH_PERF.logins.data" -- sleep "$SECONDS_PER_RUN" 2>/dev/null &
+  perf record -F 999 --call-graph "${BENCH_PERF_CALLGRAPH:-fp}" -p "$PERF_PID" -o "$BENCH_PERF.logins.data" -- sleep "$SECONDS_PER_RUN" 2>/dev/null &
   perf_pid=$!
-  run imapgate "$GW" "$WORK/gateway.txt" "$GW_PID" logins --concurrency 8 --seconds "$SECONDS_PER_RUN"
+  run "$PERF_LABEL" "$PERF_PORT" "$WORK/gateway.txt" "$PERF_PID" logins --concurrency 8 --seconds "$SECONDS_PER_RUN"
   wait "$perf_pid" || true
   perf_summary "$BENCH_PERF.logins.data" >"$BENCH_PERF.logins.txt"
   perf record -F 999 -g -p "$GW_PID" -o "$BENCH_PERF.fetch.data" -- sleep 8 2>/dev/null &
@@ -429,6 +514,30 @@ PY
   exit 0
 fi
 
+if [ "$STORES" -eq 1 ]; then
+  # The credential stores only: warm and cold logins of the file, sqlite and postgres
+  # gateways, each round in another order (so that none always runs right after a cold run).
+  step "stores: file, sqlite and postgres logins, $ROUNDS round(s) of ${SECONDS_PER_RUN}s"
+  targets=("imapgate $GW $GW_PID" "imapgate-sqlite $GWS $GWS_PID" "imapgate-postgres $GWP $GWP_PID"
+    "imapgate-cold $GWC $GWC_PID" "imapgate-sqlite-cold $GWSC $GWSC_PID" "imapgate-postgres-cold $GWPC $GWPC_PID")
+  for r in $(seq 1 "$ROUNDS"); do
+    log "round $r"
+    for c in 8 64; do
+      for i in $(seq 0 $((${#targets[@]} - 1))); do
+        read -r label port pid <<<"${targets[$(((i + r) % ${#targets[@]}))]}"
+        run "$label" "$port" "$WORK/gateway.txt" "$pid" logins --concurrency "$c" --seconds "$SECONDS_PER_RUN"
+      done
+    done
+  done
+  step "results"
+  python3 "$REPO/bench/report.py" "$RAW" "$OUT" \
+    "cpus=$(nproc)" "model=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)" \
+    "mem_gib=$(awk '/MemTotal/ { printf "%.0f", $2 / 1048576 }' /proc/meminfo)" \
+    "mode=stores" "rounds=$ROUNDS" "seconds_per_run=$SECONDS_PER_RUN" \
+    "loadavg_at_end=$(cut -d' ' -f1-3 /proc/loadavg)" "postgresql=$("$PG_BIN/postgres" --version | sed -n 's/^postgres (PostgreSQL) \([^ ]*\).*/\1/p')"
+  exit 0
+fi
+
 # Idle sessions first, on fresh processes: memory per session is the growth of resident memory,
 # which allocations of the earlier runs (kept by the allocator) would blur.
 step "idle sessions: $SESSIONS per target"
@@ -444,6 +553,10 @@ for r in $(seq 1 "$ROUNDS"); do
     run nginx "$NGX" "$WORK/direct.txt" "$NGX_PID" logins --concurrency "$c" --seconds "$SECONDS_PER_RUN"
     run imapgate "$GW" "$WORK/gateway.txt" "$GW_PID" logins --concurrency "$c" --seconds "$SECONDS_PER_RUN"
     run imapgate-cold "$GWC" "$WORK/gateway.txt" "$GWC_PID" logins --concurrency "$c" --seconds "$SECONDS_PER_RUN"
+    run imapgate-sqlite "$GWS" "$WORK/gateway.txt" "$GWS_PID" logins --concurrency "$c" --seconds "$SECONDS_PER_RUN"
+    run imapgate-postgres "$GWP" "$WORK/gateway.txt" "$GWP_PID" logins --concurrency "$c" --seconds "$SECONDS_PER_RUN"
+    run imapgate-sqlite-cold "$GWSC" "$WORK/gateway.txt" "$GWSC_PID" logins --concurrency "$c" --seconds "$SECONDS_PER_RUN"
+    run imapgate-postgres-cold "$GWPC" "$WORK/gateway.txt" "$GWPC_PID" logins --concurrency "$c" --seconds "$SECONDS_PER_RUN"
     oauth_users
     run imapgate-oauth "$GW" "$WORK/oauth.txt" "$GW_PID" logins --concurrency "$c" --seconds "$SECONDS_PER_RUN" --mech xoauth2
     run imapgate-tls-upstream "$GWT" "$WORK/gateway.txt" "$GWT_PID" logins --concurrency "$c" --seconds "$SECONDS_PER_RUN"
@@ -464,4 +577,5 @@ python3 "$REPO/bench/report.py" "$RAW" "$OUT" \
   "mem_gib=$(awk '/MemTotal/ { printf "%.0f", $2 / 1048576 }' /proc/meminfo)" \
   "quick=$QUICK" "messages=$MESSAGES" "sessions=$SESSIONS" "rounds=$ROUNDS" \
   "fd_hard_limit=$FD_HARD" "idle_gateway_processes=$GW_REPLICAS" \
-  "dovecot=$(dovecot --version 2>/dev/null | head -1)" "nginx=$(nginx -v 2>&1 | sed 's/.*nginx\///')"
+  "dovecot=$(dovecot --version 2>/dev/null | head -1)" "nginx=$(nginx -v 2>&1 | sed 's/.*nginx\///')" \
+  "postgresql=$("$PG_BIN/postgres" --version | sed -n 's/^postgres (PostgreSQL) \([^ ]*\).*/\1/p')" "loadavg_at_end=$(cut -d' ' -f1-3 /proc/loadavg)"

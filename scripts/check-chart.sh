@@ -5,9 +5,10 @@
 #
 #   chart:   Chart.yaml, values.yaml against values.schema.json (and a list of values it must
 #            refuse), template syntax and .Values references; then with the real helm v3 binary:
-#            helm lint --strict (default values, helm/imapgate/ci/full-values.yaml and
-#            ci/oauth-values.yaml), helm template of ~60 value sets (each rendered config and
-#            manifest checked, refusals checked for their message), kubernetes-validate --strict
+#            helm lint --strict (default values, helm/imapgate/ci/full-values.yaml,
+#            ci/oauth-values.yaml and ci/postgres-values.yaml), helm template of ~70 value sets
+#            (each rendered config and manifest checked, refusals checked for their message),
+#            kubernetes-validate --strict
 #            against the lowest Kubernetes the chart admits and the newest one it knows, checkov,
 #            NOTES.txt, and `imapgate check-config` on every rendered config when
 #            target/debug/imapgate exists

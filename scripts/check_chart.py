@@ -20,8 +20,8 @@ Static checks (always):
 
 Rendered checks (when a renderer is available: the helm binary, or the helm-python-sdk module
 when the caller asks for it): `helm lint --strict` with the default, the full and the OAuth
-values; the chart renders with the default values, ci/full-values.yaml, ci/oauth-values.yaml and
-~60 variants; the manifests carry
+values; the chart renders with the default values, ci/full-values.yaml, ci/oauth-values.yaml,
+ci/postgres-values.yaml and ~70 variants; the manifests carry
 the security settings the project promises; the rendered imapgate config uses only keys that
 config/imapgate.example.yaml documents (or, for an option that is off by default, documents in a
 commented-out entry); every file the config names (TLS, users file, TOTP key ring, master
@@ -29,15 +29,18 @@ passwords, CAs, admin token, Redis URL) is mounted into the container, read-only
 than CA certificates are not world-readable; the optional objects (PDB, HPA, NetworkPolicy,
 metrics Service and ServiceMonitor, PrometheusRule, Certificate, topology spread) select and
 fit the Deployment; variants render what they promise (state.backend redis: several replicas, the
-Redis URL from its Secret); and values that must be refused are refused (more than one pod with
-in-memory state, redis without its Secret), with the expected message where one is named.
+Redis URL from its Secret; auth.store.backend postgres: the URL and CA from their Secrets and no
+users file, several pods with Redis; sqlite: a PersistentVolumeClaim, the only writable mount
+besides /tmp, one pod, the Recreate strategy); and values that must be refused are refused (more
+than one pod with in-memory state, redis without its Secret, postgres without its Secret, sqlite
+with more than one pod), with the expected message where one is named.
 The monitoring objects' value sets, refusals and expectations are in check_monitoring.py (the
 Grafana dashboard ConfigMap).
 
 Deep checks: `imapgate check-config` on every rendered config (target/debug/imapgate, with
 stand-in secret files), and, with the helm binary, `kubernetes-validate --strict` of the default,
-the full and the OAuth render against the lowest Kubernetes version Chart.yaml admits and the newest one
-kubernetes-validate knows, checkov on both renders (accepted findings in CHECKOV_ACCEPTED, each
+the full, the OAuth and the PostgreSQL render against the lowest Kubernetes version Chart.yaml admits and the newest one
+kubernetes-validate knows, checkov on those renders (accepted findings in CHECKOV_ACCEPTED, each
 with its reason), and the install notes (NOTES.txt) rendered for both.
 """
 
@@ -423,6 +426,29 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("serviceMonitor.labels", {"release": 1}),
     ("prometheusRule.enabled", 1),
     ("prometheusRule.rules", []),
+    ("auth.store.backend", "mysql"),
+    ("auth.store.backend", "memory"),
+    ("auth.store.onError", "open"),
+    ("auth.store.cacheTtl", "1 minute"),
+    ("auth.store.pollInterval", "1m"),
+    ("auth.store.postgres.poolSize", 0),
+    ("auth.store.postgres.poolSize", 1000),
+    ("auth.store.postgres.statementTimeout", "5m"),
+    ("auth.store.postgres.url", "postgres://imapgate:secret@db:5432/imapgate"),
+    ("auth.store.postgres.caSecret", "imapgate-db-ca"),
+    ("auth.store.sqlite.path", "/data/imapgate.db"),
+    ("auth.store.sqlite.persistence.size", "lots"),
+    ("auth.store.sqlite.persistence.accessMode", "ReadWriteMany"),
+]
+
+# Values the schema must refuse only together (set_path each pair over values.yaml, in order).
+BAD_COMBINATIONS: list[tuple[str, list[tuple[str, Any]]]] = [
+    ("sqlite with two replicas", [("auth.store.backend", "sqlite"), ("replicaCount", 2)]),
+    (
+        "sqlite with two replicas and redis",
+        [("auth.store.backend", "sqlite"), ("replicaCount", 2), ("state.backend", "redis")],
+    ),
+    ("sqlite with autoscaling", [("auth.store.backend", "sqlite"), ("autoscaling.enabled", True)]),
 ]
 
 
@@ -439,6 +465,18 @@ def check_schema_rejects(schema: dict[str, Any], values: Any, report: Report) ->
             bool(schema_errors(schema, candidate)),
             "values.schema.json",
             f"accepts {dotted}={bad!r}, which it must refuse",
+        )
+    for name, pairs in BAD_COMBINATIONS:
+        candidate = values
+        for dotted, bad in pairs:
+            candidate = set_path(candidate, dotted, bad)
+        report.check(bool(schema_errors(schema, candidate)), "values.schema.json", f"accepts {name}, which it must refuse")
+    # ... and each of them alone is fine (so the refusal is the combination's).
+    for dotted, good in (("replicaCount", 2), ("autoscaling.enabled", True), ("auth.store.backend", "sqlite")):
+        report.check(
+            not schema_errors(schema, set_path(values, dotted, good)),
+            "values.schema.json",
+            f"refuses {dotted}={good!r} on its own: {schema_errors(schema, set_path(values, dotted, good))}",
         )
 
 
@@ -689,7 +727,26 @@ def check_rendered(name: str, all_docs: list[dict[str, Any]], example_paths: set
     def mounted(path: str) -> bool:
         return any(path == mp or path.startswith(mp.rstrip("/") + "/") for mp in mount_paths)
 
-    files = [config["auth"]["users_file"]]
+    store = config["auth"].get("store") or {}
+    store_backend = store.get("backend", "file" if "users_file" in config["auth"] else "sqlite")
+    report.check(
+        ("users_file" in config["auth"]) == (store_backend == "file"),
+        where,
+        f"auth.users_file must be rendered exactly with auth.store.backend file (it is {store_backend})",
+    )
+    report.check(
+        ("users" in volumes) == (store_backend == "file"),
+        where,
+        f"the users Secret must be mounted exactly with auth.store.backend file (it is {store_backend})",
+    )
+    files = [config["auth"]["users_file"]] if "users_file" in config["auth"] else []
+    postgres = store.get("postgres") or {}
+    report.check(
+        (store_backend == "postgres") == ("url_file" in postgres),
+        where,
+        "auth.store.postgres.url_file must be rendered exactly with auth.store.backend postgres",
+    )
+    files += [postgres[k] for k in ("url_file", "ca_file") if k in postgres]
     files += [key["file"] for key in config["auth"].get("secret_keys", []) if "file" in key]
     for cert in config["tls"].get("certificates", []):
         files += [cert["cert_file"], cert["key_file"]]
@@ -704,8 +761,34 @@ def check_rendered(name: str, all_docs: list[dict[str, Any]], example_paths: set
         files += [issuer["introspection"]["client_secret_file"]] if "introspection" in issuer else []
     for path in files:
         report.check(mounted(path), where, f"the config names {path}, which nothing mounts")
+    # The only writable mounts: /tmp (an emptyDir in memory) and, with sqlite, the database's
+    # volume, which must be a PersistentVolumeClaim (an emptyDir would lose every user).
+    writable = {"tmp"}
+    strategy = deployment["spec"].get("strategy", {}).get("type")
+    if store_backend == "sqlite":
+        db = (store.get("sqlite") or {}).get("path", "/var/lib/imapgate/imapgate.db")
+        data = next((m for m in mounts if db.startswith(m["mountPath"].rstrip("/") + "/")), None)
+        if report.check(data is not None, where, f"the SQLite database {db} is on no mount"):
+            assert data is not None
+            writable.add(data["name"])
+            volume = next((v for v in spec.get("volumes", []) if v["name"] == data["name"]), {})
+            report.check(
+                "persistentVolumeClaim" in volume,
+                where,
+                f"the SQLite database must live on a PersistentVolumeClaim, not {volume!r}",
+            )
+            report.check(not data.get("readOnly"), where, "the SQLite database's volume must be writable")
+        report.check(
+            deployment["spec"].get("replicas", 1) == 1 and not by_kind.get("HorizontalPodAutoscaler"),
+            where,
+            "auth.store.backend sqlite is one pod only",
+        )
+        report.check(strategy == "Recreate", where, f"with sqlite the old pod must stop first (Recreate), not {strategy}")
+    else:
+        report.check(strategy == "RollingUpdate", where, f"without sqlite, pods roll one by one, not {strategy}")
+        report.check(not by_kind.get("PersistentVolumeClaim"), where, "a PersistentVolumeClaim without sqlite")
     for mount in mounts:
-        if mount["name"] != "tmp":
+        if mount["name"] not in writable:
             report.check(mount.get("readOnly") is True, where, f"mount {mount['name']} must be read-only")
     secret_volumes = [v for v in spec.get("volumes", []) if "secret" in v]
     for volume in secret_volumes:
@@ -1037,6 +1120,11 @@ def check_production_objects(
 
 FULL_VALUES = "full-featured values (ci/full-values.yaml)"
 OAUTH_VALUES = "OAuth values (ci/oauth-values.yaml)"
+POSTGRES_VALUES = "PostgreSQL store values (ci/postgres-values.yaml)"
+POSTGRES_THREE_REPLICAS = "postgres store, three replicas with redis"
+POSTGRES_PRIVATE_CA = "postgres store with a CA Secret, fail_closed, tuned pool"
+SQLITE_STORE = "sqlite store on the chart's PersistentVolumeClaim"
+SQLITE_EXISTING_CLAIM = "sqlite store on an existing claim"
 REDIS_TWO_REPLICAS = "redis state, two replicas"
 PROXY_BESIDE_INTERNAL = "a PROXY port for the load balancer beside an internal one for webmail"
 OAUTH_OTHER_KEYS = "OAuth: jwksUri without discovery, an introspection endpoint, the other issuer keys"
@@ -1093,7 +1181,10 @@ IMAP = {"name": "imap", "containerPort": 1143, "tls": "starttls", "servicePort":
 
 
 def render_variants(
-    values: dict[str, Any], full_values: dict[str, Any], oauth_values: dict[str, Any] | None = None
+    values: dict[str, Any],
+    full_values: dict[str, Any],
+    oauth_values: dict[str, Any] | None = None,
+    postgres_values: dict[str, Any] | None = None,
 ) -> list[tuple[str, dict[str, Any], bool]]:
     """(name, overrides, must_render). Overrides are merged over values.yaml by Helm."""
     backend = copy.deepcopy(values["backends"][0])
@@ -1322,6 +1413,99 @@ def render_variants(
         ("schema violation", {"limits": {"lineBytes": "lots"}}, False),
         (FULL_VALUES, full_values, True),
         *([(OAUTH_VALUES, oauth_values, True)] if oauth_values is not None else []),
+        *([(POSTGRES_VALUES, postgres_values, True)] if postgres_values is not None else []),
+        (
+            POSTGRES_THREE_REPLICAS,
+            {
+                "replicaCount": 3,
+                "admin": {"token": {"existingSecret": "mail-imapgate-admin"}},
+                "auth": {"store": {"backend": "postgres", "postgres": {"url": {"existingSecret": "imapgate-db-app", "key": "uri"}}}},
+                "state": {"backend": "redis", "redis": {"url": {"existingSecret": "mail-imapgate-redis"}}},
+            },
+            True,
+        ),
+        (
+            POSTGRES_PRIVATE_CA,
+            {
+                "auth": {
+                    "store": {
+                        "backend": "postgres",
+                        "onError": "fail_closed",
+                        "cacheTtl": "5m",
+                        "pollInterval": "500ms",
+                        "postgres": {
+                            "url": {"existingSecret": "imapgate-postgres"},
+                            "ca": {"existingSecret": "imapgate-db-ca", "key": "root.pem"},
+                            "poolSize": 32,
+                            "statementTimeout": "2s",
+                        },
+                    }
+                },
+                "networkPolicy": {"enabled": True},
+            },
+            True,
+        ),
+        (SQLITE_STORE, {"auth": {"store": {"backend": "sqlite"}}, "podDisruptionBudget": {"enabled": True}}, True),
+        (
+            SQLITE_EXISTING_CLAIM,
+            {
+                "auth": {
+                    "store": {
+                        "backend": "sqlite",
+                        "sqlite": {"persistence": {"existingClaim": "imapgate-credentials", "size": "5Gi"}},
+                    }
+                }
+            },
+            True,
+        ),
+        (
+            "sqlite store on a named StorageClass, ReadWriteOncePod",
+            {
+                "auth": {
+                    "store": {
+                        "backend": "sqlite",
+                        "sqlite": {"persistence": {"storageClassName": "fast-ssd", "accessMode": "ReadWriteOncePod", "size": "2Gi"}},
+                    }
+                }
+            },
+            True,
+        ),
+        ("postgres without url.existingSecret", {"auth": {"store": {"backend": "postgres"}}}, False),
+        (
+            "postgres with two replicas on memory state",
+            {"replicaCount": 2, "auth": {"store": {"backend": "postgres", "postgres": {"url": {"existingSecret": "pg"}}}}},
+            False,
+        ),
+        (
+            "sqlite with two replicas and redis",
+            {
+                "replicaCount": 2,
+                "auth": {"store": {"backend": "sqlite"}},
+                "state": {"backend": "redis", "redis": {"url": {"existingSecret": "mail-imapgate-redis"}}},
+            },
+            False,
+        ),
+        (
+            "sqlite with autoscaling",
+            {
+                "allowMultipleReplicasWithLocalState": True,
+                "auth": {"store": {"backend": "sqlite"}},
+                "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 2},
+            },
+            False,
+        ),
+        ("a store cache above 1h", {"auth": {"store": {"cacheTtl": "2h"}}}, False),
+        ("a change-log poll every 50ms", {"auth": {"store": {"pollInterval": "50ms"}}}, False),
+        (
+            "a statement timeout of 90s",
+            {"auth": {"store": {"backend": "postgres", "postgres": {"url": {"existingSecret": "pg"}, "statementTimeout": "90s"}}}},
+            False,
+        ),
+        (
+            "file store with three replicas and redis (as before)",
+            {"replicaCount": 3, "state": {"backend": "redis", "redis": {"url": {"existingSecret": "mail-imapgate-redis"}}}},
+            True,
+        ),
         ("two replicas without allowMultipleReplicasWithLocalState", {"replicaCount": 2}, False),
         (
             REDIS_TWO_REPLICAS,
@@ -1454,6 +1638,13 @@ COMMENTED_EXAMPLE_KEYS: dict[str, re.Pattern[str]] = {
     "state.redis.on_error": re.compile(r"^\s*#\s+on_error:\s", re.MULTILINE),
     "state.redis.timeout": re.compile(r"^\s*#\s+timeout:\s", re.MULTILINE),
     "state.redis.allow_eviction": re.compile(r"^\s*#\s+allow_eviction:\s", re.MULTILINE),
+    "auth.store.sqlite": re.compile(r"^\s*#\s+sqlite:\s*$", re.MULTILINE),
+    "auth.store.sqlite.path": re.compile(r"^\s*#\s+path:\s+/var/lib/imapgate/", re.MULTILINE),
+    "auth.store.postgres": re.compile(r"^\s*#\s+postgres:\s*$", re.MULTILINE),
+    "auth.store.postgres.url_file": re.compile(r"^\s*#\s+url_file:\s.*postgres", re.MULTILINE),
+    "auth.store.postgres.ca_file": re.compile(r"^\s*#\s+ca_file:\s.*postgres", re.MULTILINE),
+    "auth.store.postgres.pool_size": re.compile(r"^\s*#\s+pool_size:\s", re.MULTILINE),
+    "auth.store.postgres.statement_timeout": re.compile(r"^\s*#\s+statement_timeout:\s", re.MULTILINE),
 }
 
 
@@ -1478,11 +1669,13 @@ def check_rendering(
     deep: DeepChecks | None,
     report: Report,
     monitoring: check_monitoring.Checks | None = None,
+    postgres_values: dict[str, Any] | None = None,
 ) -> None:
     """Renders every variant (check_chart's and check_monitoring's) and checks what it renders;
     monitoring: check_monitoring's checks of each render, beside MANIFEST_EXPECTATIONS."""
     failure_messages = {**FAILURE_MESSAGES, **check_monitoring.FAILURE_MESSAGES}
-    for name, overrides, must_render in render_variants(values, full_values, oauth_values) + check_monitoring.VARIANTS:
+    variants = render_variants(values, full_values, oauth_values, postgres_values)
+    for name, overrides, must_render in variants + check_monitoring.VARIANTS:
         try:
             rendered = renderer(overrides)
         except RuntimeError as err:
@@ -1521,7 +1714,7 @@ def check_rendering(
             report.check(ok, f"render[{name}]", message)
         if deep is not None:
             deep.check_config(name, config_text, report)
-            if name in ("defaults", FULL_VALUES, OAUTH_VALUES):
+            if name in ("defaults", FULL_VALUES, OAUTH_VALUES, POSTGRES_VALUES, SQLITE_STORE):
                 deep.check_manifests(renderer, name, overrides, report)
             elif name in NOTES_VARIANTS and getattr(renderer, "helm", None):
                 deep.check_notes(renderer.helm, name, overrides, report)  # type: ignore[attr-defined]
@@ -1538,6 +1731,9 @@ NOTES_VARIANTS = (
     PROXY_BESIDE_INTERNAL,
     "redis with a private CA, fail_closed, another URL key",
     "three backends, routes, IPv6, two replicas",
+    POSTGRES_THREE_REPLICAS,
+    POSTGRES_PRIVATE_CA,
+    SQLITE_STORE,
 )
 
 
@@ -1638,6 +1834,17 @@ FAILURE_MESSAGES: dict[str, str | tuple[str, ...]] = {
         "kubectl create secret generic imapgate-redis --from-literal=url=",
     ),
     "redis with a timeout above 10s": "state.redis.timeout 30s is out of range",
+    "postgres without url.existingSecret": (
+        "auth.store.backend is postgres but auth.store.postgres.url.existingSecret is empty",
+        "kubectl create secret generic imapgate-postgres --from-literal=url=",
+    ),
+    "postgres with two replicas on memory state": "replicaCount is 2, but state is kept per pod",
+    # Refused by values.schema.json first (Helm validates the values before rendering).
+    "sqlite with two replicas and redis": ("replicaCount", "less than or equal to 1"),
+    "sqlite with autoscaling": "autoscaling.enabled",
+    "a store cache above 1h": "auth.store.cacheTtl 2h is above 1h",
+    "a change-log poll every 50ms": "auth.store.pollInterval 50ms is out of range: 100ms to 60s",
+    "a statement timeout of 90s": "auth.store.postgres.statementTimeout 90s is out of range: 100ms to 60s",
     "redis with a timeout below 10ms": "state.redis.timeout 5ms is out of range",
     "autoscaling with minReplicas above maxReplicas": "minReplicas must not exceed",
     "PDB minAvailable 1 with one pod": "blocks every node drain",
@@ -2066,7 +2273,95 @@ MANIFEST_EXPECTATIONS: dict[str, Callable[[list[dict[str, Any]]], list[tuple[boo
         (_get(_one(d, "PodDisruptionBudget"), "spec", "minAvailable") == "50%", "the PDB must render minAvailable: 50%"),
         ("maxUnavailable" not in (_get(_one(d, "PodDisruptionBudget"), "spec") or {}), "only minAvailable"),
     ],
+    POSTGRES_VALUES: lambda d: [
+        (_get(_one(d, "Deployment"), "spec", "replicas") == 3, "the PostgreSQL values run three pods"),
+        *_postgres_secrets_mounted(d, ("imapgate-db-app", "uri"), ("imapgate-db-ca", "ca.crt")),
+        *_redis_secret_mounted(d, "mail-imapgate-redis", "url"),
+        (not _volume(d, "users"), "postgres: no users Secret"),
+    ],
+    POSTGRES_THREE_REPLICAS: lambda d: [
+        (_get(_one(d, "Deployment"), "spec", "replicas") == 3, "postgres with redis: three pods must render"),
+        *_postgres_secrets_mounted(d, ("imapgate-db-app", "uri"), None),
+        (not _volume(d, "users") and not _mount(d, "users"), "postgres: no users Secret"),
+        (not _one(d, "PersistentVolumeClaim"), "postgres: no PersistentVolumeClaim"),
+    ],
+    POSTGRES_PRIVATE_CA: lambda d: [
+        *_postgres_secrets_mounted(d, ("imapgate-postgres", "url"), ("imapgate-db-ca", "root.pem")),
+    ],
+    SQLITE_STORE: lambda d: [
+        (_get(_one(d, "PersistentVolumeClaim"), "metadata", "name") == "mail-imapgate-data", "sqlite: the chart's claim"),
+        (
+            _get(_one(d, "PersistentVolumeClaim"), "metadata", "annotations", "helm.sh/resource-policy") == "keep",
+            "the credential database's claim must survive helm uninstall (resource-policy keep)",
+        ),
+        (
+            _get(_one(d, "PersistentVolumeClaim"), "spec", "accessModes") == ["ReadWriteOnce"]
+            and _get(_one(d, "PersistentVolumeClaim"), "spec", "resources", "requests", "storage") == "1Gi"
+            and "storageClassName" not in (_get(_one(d, "PersistentVolumeClaim"), "spec") or {}),
+            "sqlite: a 1Gi ReadWriteOnce claim on the default StorageClass (no storageClassName)",
+        ),
+        (
+            _get(_volume(d, "data"), "persistentVolumeClaim", "claimName") == "mail-imapgate-data",
+            "the data volume must be the chart's claim",
+        ),
+        (_mount(d, "data").get("mountPath") == "/var/lib/imapgate", "the database volume at /var/lib/imapgate"),
+        (not _volume(d, "users"), "sqlite: no users Secret"),
+        (_get(_one(d, "PodDisruptionBudget"), "spec", "maxUnavailable") == 1, "sqlite: a PDB that allows drains"),
+    ],
+    SQLITE_EXISTING_CLAIM: lambda d: [
+        (not _one(d, "PersistentVolumeClaim"), "an existing claim: the chart makes none"),
+        (
+            _get(_volume(d, "data"), "persistentVolumeClaim", "claimName") == "imapgate-credentials",
+            "the data volume must be the existing claim",
+        ),
+    ],
+    "sqlite store on a named StorageClass, ReadWriteOncePod": lambda d: [
+        (
+            _get(_one(d, "PersistentVolumeClaim"), "spec", "storageClassName") == "fast-ssd"
+            and _get(_one(d, "PersistentVolumeClaim"), "spec", "accessModes") == ["ReadWriteOncePod"]
+            and _get(_one(d, "PersistentVolumeClaim"), "spec", "resources", "requests", "storage") == "2Gi",
+            "the claim must take storageClassName, accessMode and size",
+        ),
+    ],
+    "file store with three replicas and redis (as before)": lambda d: [
+        (_get(_one(d, "Deployment"), "spec", "replicas") == 3, "the file store still runs several pods with redis"),
+        (_mount(d, "users").get("readOnly") is True, "the users Secret read-only"),
+    ],
 }
+
+
+def _postgres_secrets_mounted(
+    docs: list[dict[str, Any]], url: tuple[str, str], ca: tuple[str, str] | None
+) -> list[tuple[bool, str]]:
+    """The PostgreSQL URL Secret (and the CA Secret) are volumes with only that key, mounted
+    read-only where the config looks (url, ca.crt), not world-readable."""
+    volume = _volume(docs, "postgres-url").get("secret", {})
+    checks = [
+        (volume.get("secretName") == url[0], f"the postgres-url volume must come from Secret {url[0]}, not {volume!r}"),
+        (volume.get("items") == [{"key": url[1], "path": "url"}], f"the postgres-url volume must map key {url[1]} to url"),
+        (volume.get("defaultMode") == 0o440, "the database URL (it holds a password) must not be world-readable"),
+        (
+            _mount(docs, "postgres-url").get("mountPath") == "/etc/imapgate/postgres"
+            and _mount(docs, "postgres-url").get("readOnly") is True,
+            "the database URL Secret must be mounted read-only at /etc/imapgate/postgres",
+        ),
+    ]
+    ca_volume = _volume(docs, "postgres-ca").get("secret", {})
+    if ca is None:
+        checks.append((not ca_volume, "no ca.existingSecret: no postgres-ca volume"))
+    else:
+        checks += [
+            (
+                ca_volume.get("secretName") == ca[0] and ca_volume.get("items") == [{"key": ca[1], "path": "ca.crt"}],
+                f"the postgres-ca volume must map {ca[0]}'s key {ca[1]} to ca.crt, not {ca_volume!r}",
+            ),
+            (
+                _mount(docs, "postgres-ca").get("mountPath") == "/etc/imapgate/postgres-ca"
+                and _mount(docs, "postgres-ca").get("readOnly") is True,
+                "the database CA must be mounted read-only at /etc/imapgate/postgres-ca",
+            ),
+        ]
+    return checks
 
 
 # What particular variants must put into the rendered imapgate config: (holds, message) pairs.
@@ -2078,7 +2373,12 @@ RENDER_EXPECTATIONS: dict[str, Callable[[dict[str, Any]], list[tuple[bool, str]]
             "the default key ring must be k1, active",
         ),
         (_auth(c).get("mfa", {}).get("unlock_ttl") == "12h", "auth.mfa.unlock_ttl must default to 12h"),
-        (_auth(c).get("revoke_closes_sessions") is False, "auth.revoke_closes_sessions must render as a boolean"),
+        (_auth(c).get("revoke_closes_sessions") is True, "auth.revoke_closes_sessions must default to true (the gateway's default)"),
+        (
+            _auth(c).get("store") == {"backend": "file", "on_error": "cache", "cache_ttl": "60s", "poll_interval": "1s"}
+            and _auth(c).get("users_file") == "/etc/imapgate/users/users.yaml",
+            f"auth.store must default to the users file, with the gateway's defaults, not {_auth(c).get('store')!r}",
+        ),
         (_guard(c) == GUARD_DEFAULTS, f"guard must render the gateway's defaults, not {_guard(c)!r}"),
         (c.get("state", {}).get("max_entries") == 500000, "state.max_entries must default to 500000"),
         (
@@ -2248,6 +2548,55 @@ RENDER_EXPECTATIONS: dict[str, Callable[[dict[str, Any]], list[tuple[bool, str]]
         ),
         (_state(c).get("max_entries") == 100000, "state.max_entries must render with redis"),
     ],
+    POSTGRES_VALUES: lambda c: [
+        (
+            _auth(c).get("store")
+            == {
+                "backend": "postgres",
+                "postgres": {
+                    "url_file": "/etc/imapgate/postgres/url",
+                    "ca_file": "/etc/imapgate/postgres-ca/ca.crt",
+                    "pool_size": 8,
+                    "statement_timeout": "5s",
+                },
+                "on_error": "cache",
+                "cache_ttl": "60s",
+                "poll_interval": "1s",
+            },
+            f"auth.store must render the PostgreSQL values, not {_auth(c).get('store')!r}",
+        ),
+        ("users_file" not in _auth(c), "postgres: no auth.users_file"),
+        (_state(c).get("backend") == "redis", "several pods with postgres share their state through Redis"),
+    ],
+    POSTGRES_PRIVATE_CA: lambda c: [
+        (
+            _auth(c).get("store")
+            == {
+                "backend": "postgres",
+                "postgres": {
+                    "url_file": "/etc/imapgate/postgres/url",
+                    "ca_file": "/etc/imapgate/postgres-ca/ca.crt",
+                    "pool_size": 32,
+                    "statement_timeout": "2s",
+                },
+                "on_error": "fail_closed",
+                "cache_ttl": "5m",
+                "poll_interval": "500ms",
+            },
+            f"auth.store must render as given, not {_auth(c).get('store')!r}",
+        ),
+    ],
+    POSTGRES_THREE_REPLICAS: lambda c: [
+        ("ca_file" not in (_auth(c).get("store") or {}).get("postgres", {}), "no CA Secret: no ca_file (the URL decides)"),
+    ],
+    SQLITE_STORE: lambda c: [
+        (
+            _auth(c).get("store", {}).get("backend") == "sqlite"
+            and _auth(c).get("store", {}).get("sqlite") == {"path": "/var/lib/imapgate/imapgate.db"},
+            f"auth.store must be sqlite at /var/lib/imapgate/imapgate.db, not {_auth(c).get('store')!r}",
+        ),
+        ("users_file" not in _auth(c) and "postgres" not in _auth(c).get("store", {}), "sqlite: no users file, no postgres"),
+    ],
     FULL_VALUES: lambda c: [
         (_state(c).get("backend") == "redis", "the full values use state.backend redis"),
         (
@@ -2269,31 +2618,31 @@ CRD_KINDS = ("ServiceMonitor", "PrometheusRule", "Certificate")
 # checkov findings the chart accepts: check id -> (the renders it applies to, why).
 CHECKOV_ACCEPTED: dict[str, tuple[tuple[str, ...], str]] = {
     "CKV_K8S_11": (
-        ("defaults", FULL_VALUES, OAUTH_VALUES),
+        ("defaults", FULL_VALUES, OAUTH_VALUES, POSTGRES_VALUES, SQLITE_STORE),
         (
             "no CPU limit on purpose: CFS throttling would stretch TLS handshakes and argon2 under load "
             "and skew the failure floor and tarpit timing; CPU requests are set"
         ),
     ),
     "CKV_K8S_43": (
-        ("defaults", OAUTH_VALUES),
+        ("defaults", OAUTH_VALUES, SQLITE_STORE),
         (
             "each operator builds the image from deploy/Dockerfile, so the defaults cannot know its digest; "
-            "image.digest pins it (the full values do; the OAuth values keep the default image)"
+            "image.digest pins it (the full and PostgreSQL values do; the OAuth and SQLite renders keep the default image)"
         ),
     ),
     "CKV_K8S_15": (
-        ("defaults", OAUTH_VALUES),
+        ("defaults", OAUTH_VALUES, SQLITE_STORE),
         (
             "pullPolicy IfNotPresent by default: the tag is pinned (never latest), and Always would make "
-            "every restart depend on the registry; the full values use Always"
+            "every restart depend on the registry; the full and PostgreSQL values use Always"
         ),
     ),
     "CKV2_K8S_6": (
-        ("defaults",),
+        ("defaults", SQLITE_STORE),
         (
             "networkPolicy is off by default because its peers (monitoring namespace, DNS pods, backends) "
-            "differ between clusters; the full values enable it"
+            "differ between clusters; the full and PostgreSQL values enable it (the SQLite render keeps the defaults)"
         ),
     ),
 }
@@ -2374,9 +2723,23 @@ class DeepChecks:
         assert self.pki is not None
         with tempfile.TemporaryDirectory(dir=self.tmp) as tmp:
             root = Path(tmp)
-            text = config_text.replace("/etc/imapgate/", f"{root}/etc/imapgate/")
+            text = config_text.replace("/etc/imapgate/", f"{root}/etc/imapgate/").replace(
+                "/var/lib/imapgate/", f"{root}/var/lib/imapgate/"
+            )
             config = yaml.safe_load(text)
-            files: dict[str, str] = {config["auth"]["users_file"]: "version: 1\nusers: {}\n"}
+            files: dict[str, str] = {}
+            if "users_file" in config["auth"]:
+                files[config["auth"]["users_file"]] = "version: 1\nusers: {}\n"
+            postgres = (config["auth"].get("store") or {}).get("postgres") or {}
+            if "url_file" in postgres:
+                # check-config does not connect; the URL's form is what it checks.
+                files[postgres["url_file"]] = "postgres://imapgate:stand-in@imapgate-db-rw.mail:5432/imapgate\n"
+            if "ca_file" in postgres:
+                files[postgres["ca_file"]] = (self.pki / "tls.crt").read_text()
+            sqlite = (config["auth"].get("store") or {}).get("sqlite") or {}
+            if "path" in sqlite:
+                # The database's directory (a PersistentVolumeClaim in the pod) lives in the temporary root too.
+                report.check(sqlite["path"].startswith(f"{root}/"), where, f"{sqlite['path']} is not moved into the check's root")
             for index, key in enumerate(config["auth"].get("secret_keys", [])):
                 files[key["file"]] = self.keys[index % len(self.keys)]
             for cert in config["tls"].get("certificates", []):
@@ -2494,6 +2857,27 @@ class DeepChecks:
                        "docs/operations.md"):  # fmt: skip
             report.check(needed in notes, where, f"must tell {needed!r} (how to create the first user)")
         merged = merge_values(BASE_VALUES or {}, overrides)
+        store = ((merged.get("auth") or {}).get("store") or {}).get("backend", "file")
+        token = ((merged.get("admin") or {}).get("token") or {}).get("existingSecret")
+        api = "--admin http://127.0.0.1:9190 --token-file admin.token"
+        if store == "file":
+            report.check("users.yaml" in notes and api not in notes, where, "with the file store, the users file Secret")
+        else:
+            report.check("users.yaml" not in notes, where, f"with the {store} store, no users file Secret")
+            report.check(
+                (api in notes) == bool(token) and ("port-forward deployment/mail-imapgate 9190 &" in notes) == bool(token),
+                where,
+                f"with the {store} store and {'a' if token else 'no'} admin token, the first user "
+                + ("through the admin API over a port-forward" if token else "with the CLI in the pod"),
+            )
+            report.check("docs/store.md" in notes, where, "must point to docs/store.md")
+        if store == "postgres":
+            url = merged["auth"]["store"]["postgres"]["url"]
+            report.check(
+                f"create secret generic {url['existingSecret']} " in notes and f"--from-literal={url['key']}='postgres://" in notes,
+                where,
+                "with postgres, must tell how to create the URL Secret",
+            )
         for needed in secret_commands(merged):
             report.check(needed in notes, where, f"must tell how to create each Secret: {needed!r}")
         report.check(
@@ -2553,9 +2937,16 @@ def secret_commands(values: dict[str, Any]) -> list[str]:
     if auth.get("secretKeys"):
         wanted.append(f"create secret generic {(auth.get('keyRing') or {}).get('existingSecret') or full + '-keys'} ")
         wanted += [f"--from-file={k['key']}={k['id']}.key" for k in auth["secretKeys"]]
-    users = values.get("users") or {}
-    wanted.append(f"create secret generic {users.get('existingSecret') or full + '-users'} ")
-    wanted.append(f"--from-file={users.get('key') or 'users.yaml'}=users.yaml")
+    store = (auth.get("store") or {}).get("backend", "file")
+    if store == "file":
+        users = values.get("users") or {}
+        wanted.append(f"create secret generic {users.get('existingSecret') or full + '-users'} ")
+        wanted.append(f"--from-file={users.get('key') or 'users.yaml'}=users.yaml")
+    if store == "postgres":
+        postgres = auth["store"]["postgres"]
+        wanted.append(f"create secret generic {postgres['url']['existingSecret']} ")
+        if (postgres.get("ca") or {}).get("existingSecret"):
+            wanted += [f"create secret generic {postgres['ca']['existingSecret']} ", f"--from-file={postgres['ca']['key']}="]
     token = (values.get("admin") or {}).get("token") or {}
     if token.get("existingSecret"):
         wanted += [f"create secret generic {token['existingSecret']} ", f"--from-file={token.get('key', 'token')}=admin.token"]
@@ -2609,11 +3000,17 @@ def main() -> int:
     full_values = load_yaml(full_values_path, report)
     oauth_values_path = chart_dir / "ci" / "oauth-values.yaml"
     oauth_values = load_yaml(oauth_values_path, report)
+    postgres_values_path = chart_dir / "ci" / "postgres-values.yaml"
+    postgres_values = load_yaml(postgres_values_path, report)
     schema = load_schema(chart_dir, report)
     if isinstance(values, dict) and schema is not None:
         check_values_against_schema(chart_dir, schema, values, report)
         check_schema_rejects(schema, values, report)
-        for ci_path, ci_values in ((full_values_path, full_values), (oauth_values_path, oauth_values)):
+        for ci_path, ci_values in (
+            (full_values_path, full_values),
+            (oauth_values_path, oauth_values),
+            (postgres_values_path, postgres_values),
+        ):
             if isinstance(ci_values, dict):
                 for error in schema_errors(schema, merge_values(values, ci_values)):
                     report.fail(str(ci_path), f"violates values.schema.json at {error}")
@@ -2642,6 +3039,18 @@ def main() -> int:
             str(oauth_values_path),
             "must turn OAuth on with at least two issuers, one with introspection and one with a CA",
         )
+    if isinstance(postgres_values, dict):
+        store = (postgres_values.get("auth") or {}).get("store") or {}
+        report.check(
+            store.get("backend") == "postgres"
+            and (postgres_values.get("state") or {}).get("backend") == "redis"
+            and int(postgres_values.get("replicaCount", 1)) > 1
+            and "allowMultipleReplicasWithLocalState" not in postgres_values
+            and bool(((postgres_values.get("admin") or {}).get("token") or {}).get("existingSecret")),
+            str(postgres_values_path),
+            "must run several pods on the postgres store with redis state, without allowMultipleReplicasWithLocalState, "
+            "and an admin token (the API manages the users)",
+        )
     if isinstance(full_values, dict):
         report.check(
             (full_values.get("state") or {}).get("backend") == "redis"
@@ -2666,7 +3075,9 @@ def main() -> int:
     renderer: Renderer | None = None
     how = "skipped"
     if args.render in ("auto", "helm"):
-        renderer = helm_binary_renderer(args.helm, chart_dir, [full_values_path, oauth_values_path], report)
+        renderer = helm_binary_renderer(
+            args.helm, chart_dir, [full_values_path, oauth_values_path, postgres_values_path], report
+        )
         how = "helm binary" if renderer else how
     if renderer is None and args.render in ("auto", "sdk"):
         renderer = helm_sdk_renderer(chart_dir, report)
@@ -2690,6 +3101,7 @@ def main() -> int:
                     monitoring=check_monitoring.Checks(
                         repo, chart_dir, FULL_VALUES, DEPLOY_ALERT_GROUPS, tools["promtool"], Path(tmp)
                     ),
+                    postgres_values=postgres_values if isinstance(postgres_values, dict) else None,
                 )
                 skipped += [s for s in deep.skipped if s != "manifests"]
 

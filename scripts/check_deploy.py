@@ -21,6 +21,14 @@ Without tools:
     scripts/pin-images.sh, run against a copy with a stand-in registry client, rewrites a stale
     digest, keeps a current one and exits 2 without a client; docs/operations.md has the
     "Build, sign and publish" section (buildx, SBOM, cosign, helm push, the pin refresh).
+  * docs/store.md (the credential store) has its sections, names every auth.store key of
+    src/config/raw.rs and points to docs/api.md; README.md and docs/operations.md link it;
+    docs/operations.md installs with PostgreSQL (a CloudNativePG Cluster) and manages users
+    through the admin API over a port-forward.
+  * scripts/test.sh installs Debian's postgresql with a check path where the test harness looks
+    for the server, and keeps its boot service disabled; scripts/lib/common.sh's ensure_packages,
+    run with stand-ins for dpkg and apt, counts a package present when an executable matches its
+    globbed check path and installs it when none does.
 With tools, when they are there: `promtool check rules` and `promtool test rules` on the alerts,
 and `promtool check rules` on the dashboard's queries (as recording rules, for their syntax);
 `systemd-analyze verify` on the unit; checkov on the Dockerfile.
@@ -596,4 +604,127 @@ def check_deploy(
     check_dashboard(repo, chart_dir, metrics, promtool, report)
     check_systemd_unit(repo, systemd_analyze, imapgate, report)
     check_dockerfile(repo, checkov, report)
+    check_store_docs(repo, report)
+    check_test_script(repo, report)
     return groups
+
+
+# --- the credential store's documentation ---------------------------------------------------
+
+# docs/store.md's sections (GitHub anchors), each a question an operator comes with.
+STORE_SECTIONS = (
+    "which-backend",
+    "configuration",
+    "migrations",
+    "moving-between-backends-bulk-creation",
+    "backup-and-restore",
+    "when-the-database-cannot-be-reached",
+    "the-change-log-how-a-revocation-reaches-every-replica",
+    "security",
+    "admin-api",
+)
+
+
+def raw_struct_fields(source: str, name: str) -> list[str]:
+    """The field names of `struct NAME { ... }` in a Rust source (the config's raw structs)."""
+    match = re.search(r"struct " + re.escape(name) + r" \{(.*?)\n\}", source, re.DOTALL)
+    return re.findall(r"^\s*pub (\w+):", match.group(1), re.MULTILINE) if match else []
+
+
+def check_store_docs(repo: Path, report: Reporter) -> None:
+    where = "docs/store.md"
+    path = repo / "docs" / "store.md"
+    if not report.check(path.is_file(), where, "is missing (backends, migrations, backup and restore, revocation)"):
+        return
+    text = path.read_text(encoding="utf-8")
+    anchors = github_anchors(text)
+    for section in STORE_SECTIONS:
+        report.check(section in anchors, where, f"needs the section #{section}")
+    admin_api = text.split("## Admin API", 1)[-1]
+    report.check("(api.md)" in admin_api, where, "the Admin API section must point to docs/api.md")
+    # Every key of auth.store, as the raw config structs spell it.
+    raw = (repo / "src" / "config" / "raw.rs").read_text(encoding="utf-8")
+    keys = {
+        "Store": raw_struct_fields(raw, "Store"),
+        "Sqlite": raw_struct_fields(raw, "Sqlite"),
+        "Postgres": raw_struct_fields(raw, "Postgres"),
+    }
+    report.check(all(keys.values()), where, f"cannot find auth.store's raw structs in src/config/raw.rs: {keys}")
+    for struct, fields in keys.items():
+        for field in fields:
+            report.check(f"{field}:" in text or f"`{field}`" in text, where, f"does not document {struct}.{field}")
+    for needed in ("imapgate migrate", "imapgate users export", "imapgate users import", "--csv", ".backup",
+                   "VACUUM INTO", "pg_dump", "pg_restore", "fail_closed", "0600"):  # fmt: skip
+        report.check(needed in text, where, f"must cover `{needed}`")
+    for doc in ("README.md", "docs/operations.md"):
+        linked = (repo / doc).read_text(encoding="utf-8")
+        report.check("store.md" in linked, doc, "must link docs/store.md")
+    operations = (repo / "docs" / "operations.md").read_text(encoding="utf-8")
+    for needed in ("kubectl -n mail port-forward deployment/mail-imapgate 9190",
+                   "--admin http://127.0.0.1:9190 --token-file admin.token", "imapgate users add alice@example.org $ADMIN",
+                   "apiVersion: postgresql.cnpg.io/v1", "kind: Cluster", "backend: postgres"):  # fmt: skip
+        report.check(needed in operations, "docs/operations.md", f"the Helm install must show `{needed}`")
+
+
+# --- scripts/test.sh: the packages the tests need ------------------------------------------
+
+
+def check_test_script(repo: Path, report: Reporter) -> None:
+    where = "scripts/test.sh"
+    text = (repo / "scripts" / "test.sh").read_text(encoding="utf-8")
+    packages = re.search(r"^SYSTEM_PACKAGES=\((.*?)^\)", text, re.DOTALL | re.MULTILINE)
+    specs = re.findall(r"^\s*'?([a-z0-9.+-]+(?::[^\s']+)?)'?", packages.group(1), re.MULTILINE) if packages else []
+    postgres = [spec for spec in specs if spec.split(":", 1)[0] == "postgresql"]
+    # tests/gateway/pg.rs runs initdb and postgres from /usr/lib/postgresql/VERSION/bin.
+    report.check(
+        postgres == ["postgresql:/usr/lib/postgresql/*/bin/postgres"],
+        where,
+        "SYSTEM_PACKAGES must install Debian's postgresql, present when /usr/lib/postgresql/*/bin/postgres "
+        f"exists (found {postgres})",
+    )
+    loop = re.search(r'^for service in ([^;]+); do\n\s+case " \$ENSURE_PACKAGES_INSTALLED', text, re.MULTILINE)
+    report.check(
+        loop is not None and "postgresql" in loop.group(1).split(),
+        where,
+        "must keep the postgresql package's boot service disabled, like redis-server's",
+    )
+    # ensure_packages, with dpkg saying nothing is installed and as_root recording instead of running.
+    with tempfile.TemporaryDirectory(prefix="check-ensure-") as tmp:
+        root = Path(tmp)
+        stubs = root / "bin"
+        stubs.mkdir()
+        for tool in ("dpkg-query", "apt-get"):
+            (stubs / tool).write_text("#!/bin/sh\nexit 1\n", encoding="utf-8")
+            (stubs / tool).chmod(0o755)
+        server = root / "lib" / "postgresql" / "15" / "bin" / "postgres"
+        script = (
+            f". '{repo / 'scripts' / 'lib' / 'common.sh'}'\n"
+            'as_root() { printf "%s\\n" "$*" >>"$CALLS"; }\n'
+            'ensure_packages "stand-in-postgresql:$LIB/*/bin/postgres" >/dev/null 2>&1\n'
+            'printf "installed=%s\\n" "$ENSURE_PACKAGES_INSTALLED"\n'
+        )
+        outcomes = {}
+        for present in (True, False):
+            if present:
+                server.parent.mkdir(parents=True)
+                server.write_text("#!/bin/sh\n", encoding="utf-8")
+                server.chmod(0o755)
+            else:
+                server.unlink()
+            calls = root / f"calls-{present}"
+            env = dict(os.environ, PATH=f"{stubs}:{os.environ.get('PATH', '')}", CALLS=str(calls),
+                       LIB=str(root / "lib" / "postgresql"))  # fmt: skip
+            rc, out = run(["bash", "-c", script], timeout=60, env=env)
+            installed = calls.read_text(encoding="utf-8") if calls.exists() else ""
+            outcomes[present] = (rc, out.strip(), "stand-in-postgresql" in installed)
+        report.check(
+            outcomes[True] == (0, "installed=", False),
+            "scripts/lib/common.sh",
+            "ensure_packages must count a package present when its globbed check path matches an executable: "
+            f"{outcomes[True]}",
+        )
+        report.check(
+            outcomes[False][2],
+            "scripts/lib/common.sh",
+            f"ensure_packages must install a package whose globbed check path matches nothing: {outcomes[False]}",
+        )

@@ -38,6 +38,10 @@ SYSTEM_PACKAGES=(
   sslscan:sslscan           # the TLS scan of both listener kinds (step 7)
   rsyslog:rsyslogd          # a real syslog for the audit log's syslog sink; the harness starts its own, never the service
   rsyslog-openssl           # rsyslog's TLS input (the audit syslog over TLS test)
+  # The credential store's PostgreSQL backend: the harness (tests/gateway/pg.rs) runs initdb and
+  # postgres from /usr/lib/postgresql/VERSION/bin as nobody, in a temporary directory on a free
+  # loopback port; the packaged cluster (5432) is never started
+  'postgresql:/usr/lib/postgresql/*/bin/postgres'
 )
 ADVISORY_SRC=../shared/advisory-db
 DENY_DB_ROOT=/tmp/deny-dbs
@@ -87,9 +91,11 @@ ensure_packages "${SYSTEM_PACKAGES[@]}"
 if [ "${CI:-}" = true ] || [ -n "$ENSURE_PACKAGES_INSTALLED" ]; then
   stop_system_dovecot
 fi
-# Only promtool is wanted from the prometheus package, and the tests start their own Redis: keep
-# the packages' servers from starting at boot.
-for service in prometheus redis-server; do
+# Only promtool is wanted from the prometheus package, and the tests start their own Redis and
+# PostgreSQL: keep the packages' servers from starting at boot (policy-rc.d kept them from
+# starting at install; Debian's postgresql also creates a cluster "main" on 5432, which then
+# never runs).
+for service in prometheus redis-server postgresql; do
   case " $ENSURE_PACKAGES_INSTALLED " in
     *" $service "*) disable_boot_service "$service" ;;
   esac

@@ -35,8 +35,10 @@ pkg_installed() {
 # ensure_packages PKG[:COMMAND] ...
 # Installs the packages that are missing, with one apt-get update, behind a policy-rc.d that
 # stops dpkg from starting services. A package counts as present when dpkg says so or when its
-# COMMAND is already on PATH (e.g. a python3 from pyenv). Sets ENSURE_PACKAGES_INSTALLED to the
-# packages it installed (empty when the machine was warm).
+# COMMAND is already on PATH (e.g. a python3 from pyenv); a COMMAND that is an absolute path may
+# be a glob (quote it), and then any executable match counts (PostgreSQL's server lives in
+# /usr/lib/postgresql/VERSION/bin, off PATH). Sets ENSURE_PACKAGES_INSTALLED to the packages it
+# installed (empty when the machine was warm).
 # shellcheck disable=SC2034 # read by the scripts that source this file
 ENSURE_PACKAGES_INSTALLED=""
 ensure_packages() {
@@ -46,7 +48,7 @@ ensure_packages() {
     cmd=""
     [ "$spec" != "$pkg" ] && cmd="${spec#*:}"
     if pkg_installed "$pkg"; then continue; fi
-    if [ -n "$cmd" ] && PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1; then continue; fi
+    if [ -n "$cmd" ] && command_present "$cmd"; then continue; fi
     missing+=("$pkg")
   done
   ENSURE_PACKAGES_INSTALLED=""
@@ -74,6 +76,21 @@ ensure_packages() {
   [ "$rc" -eq 0 ] || die "apt-get failed (exit $rc) installing: ${missing[*]}"
   # shellcheck disable=SC2034
   ENSURE_PACKAGES_INSTALLED="${missing[*]}"
+}
+
+# command_present COMMAND: true when COMMAND is on PATH (with /usr/sbin and /sbin), or, for an
+# absolute path (which may be a glob), when an executable file matches it.
+command_present() {
+  local cmd="$1" match
+  case "$cmd" in
+    /*)
+      for match in $cmd; do
+        [ -f "$match" ] && [ -x "$match" ] && return 0
+      done
+      return 1
+      ;;
+    *) PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1 ;;
+  esac
 }
 
 # disable_boot_service NAME: keeps a service that a package installed (and policy-rc.d kept from

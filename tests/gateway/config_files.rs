@@ -20,10 +20,10 @@ fn write_secret(path: impl AsRef<Path>, contents: impl AsRef<[u8]>) {
     std::fs::set_permissions(path.as_ref(), std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
-#[test]
-fn the_example_config_documents_a_valid_config() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("etc");
+/// The example config with its /etc/imapgate paths moved to `dir`/etc, which then holds a file
+/// for each of them (certificates, CA, master password, OAuth client secret, key ring).
+fn example_config_in(dir: &Path) -> String {
+    let root = dir.join("etc");
     std::fs::create_dir_all(root.join("tls")).unwrap();
     let pki = Pki::new(&root.join("pki"));
     let (c, k) = pki.issue("tls", &["mail.example.org"]);
@@ -39,7 +39,13 @@ fn the_example_config_documents_a_valid_config() {
         imapgate::auth::keyring::generate_key().expose(),
     );
     let text = std::fs::read_to_string(manifest().join("config/imapgate.example.yaml")).unwrap();
-    let text = text.replace("/etc/imapgate/", &format!("{}/", root.display()));
+    text.replace("/etc/imapgate/", &format!("{}/", root.display()))
+}
+
+#[test]
+fn the_example_config_documents_a_valid_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = example_config_in(dir.path());
     let cfg = Config::from_yaml(&text, dir.path())
         .unwrap_or_else(|e| panic!("example config invalid: {e}"));
     assert_eq!(cfg.listeners.len(), 2);
@@ -81,6 +87,15 @@ fn the_example_config_documents_a_valid_config() {
         (d.subnet_v4, d.subnet_v6, d.max_delayed_per_ip, d.enforce)
     );
     assert_eq!(cfg.state.max_entries, 500_000);
+    // The users file, and the store's documented values are the defaults the code applies.
+    let store = &cfg.auth.store;
+    assert_eq!(store.backend, imapgate::config::StoreBackend::File);
+    assert_eq!(store.on_error, imapgate::config::StoreOnError::default());
+    assert_eq!(
+        (store.cache_ttl.as_secs(), store.poll_interval.as_secs()),
+        (60, 1)
+    );
+    assert!(cfg.auth.revoke_closes_sessions);
     let issuer = &cfg.auth.oauth_issuers[0];
     assert_eq!(issuer.audiences, vec!["imap".to_owned()]);
     // The documented OAuth defaults: email_verified required, any domain, ASCII names.
@@ -108,6 +123,82 @@ fn the_example_config_documents_a_valid_config() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The example's commented entry for `block` (`sqlite` or `postgres`) under auth.store,
+/// uncommented, with that backend chosen and the users file left out.
+fn example_with_store(text: &str, block: &str) -> String {
+    let start = format!("    # {block}:");
+    let mut out = Vec::new();
+    let mut inside = false;
+    for line in text.lines() {
+        if line == start {
+            inside = true;
+        } else if inside && !line.starts_with("    #   ") && !line.starts_with("    #         ") {
+            inside = false;
+        }
+        if line.starts_with("  users_file:")
+            || line.trim_start().starts_with("# (store.backend file only")
+        {
+            continue;
+        }
+        match line {
+            l if inside => out.push(l.replacen("    # ", "    ", 1)),
+            l if l.starts_with("    backend: file ") => {
+                out.push(l.replacen("backend: file", &format!("backend: {block}"), 1))
+            }
+            l => out.push(l.to_owned()),
+        }
+    }
+    out.join("\n")
+}
+
+#[test]
+fn the_example_config_documents_the_database_stores() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = example_config_in(dir.path());
+    let etc = dir.path().join("etc");
+
+    // SQLite: the documented path is the default one.
+    let sqlite = example_with_store(&text, "sqlite");
+    assert!(
+        sqlite.contains("    sqlite:\n      path: /var/lib/imapgate/imapgate.db"),
+        "{sqlite}"
+    );
+    let cfg = Config::from_yaml(&sqlite, dir.path())
+        .unwrap_or_else(|e| panic!("the example's sqlite store is invalid: {e}\n{sqlite}"));
+    assert_eq!(
+        cfg.auth.store.backend,
+        imapgate::config::StoreBackend::Sqlite
+    );
+    assert_eq!(
+        cfg.auth.store.sqlite_path,
+        Path::new("/var/lib/imapgate/imapgate.db")
+    );
+
+    // PostgreSQL: the URL from a file, TLS with the CA, the documented pool and timeout.
+    write_secret(
+        etc.join("postgres.url"),
+        "postgres://imapgate:pw@db.example.org:5432/imapgate\n",
+    );
+    std::fs::copy(etc.join("backend-ca.pem"), etc.join("postgres-ca.pem")).unwrap();
+    let postgres = example_with_store(&text, "postgres");
+    let cfg = Config::from_yaml(&postgres, dir.path())
+        .unwrap_or_else(|e| panic!("the example's postgres store is invalid: {e}\n{postgres}"));
+    assert_eq!(
+        cfg.auth.store.backend,
+        imapgate::config::StoreBackend::Postgres
+    );
+    let pg = cfg.auth.store.postgres.as_ref().unwrap();
+    assert_eq!(
+        pg.ca_file.as_deref(),
+        Some(etc.join("postgres-ca.pem").as_path())
+    );
+    assert_eq!((pg.pool_size, pg.statement_timeout.as_secs()), (8, 5));
+    assert_eq!(
+        pg.url.expose(),
+        b"postgres://imapgate:pw@db.example.org:5432/imapgate"
     );
 }
 

@@ -100,6 +100,19 @@ The fewest pods the release runs: replicaCount, or autoscaling.minReplicas.
 {{- default (printf "%s-tls" (include "imapgate.fullname" .)) .Values.tls.existingSecret }}
 {{- end }}
 
+{{/*
+auth.store.backend: file (the users file from a Secret), sqlite (a PersistentVolumeClaim) or postgres.
+*/}}
+{{- define "imapgate.store" -}}{{ .Values.auth.store.backend }}{{- end }}
+
+{{/*
+The PersistentVolumeClaim that holds the SQLite database: persistence.existingClaim, else the
+chart's own "<fullname>-data".
+*/}}
+{{- define "imapgate.dataClaimName" -}}
+{{- default (printf "%s-data" (include "imapgate.fullname" . | trunc 58 | trimSuffix "-")) .Values.auth.store.sqlite.persistence.existingClaim }}
+{{- end }}
+
 {{- define "imapgate.usersSecretName" -}}
 {{- default (printf "%s-users" (include "imapgate.fullname" .)) .Values.users.existingSecret }}
 {{- end }}
@@ -133,6 +146,9 @@ Paths inside the container. The config refers to them; the Deployment mounts the
 {{- define "imapgate.adminDir" -}}/etc/imapgate/admin{{- end }}
 {{- define "imapgate.redisDir" -}}/etc/imapgate/redis{{- end }}
 {{- define "imapgate.redisCaDir" -}}/etc/imapgate/redis-ca{{- end }}
+{{- define "imapgate.postgresDir" -}}/etc/imapgate/postgres{{- end }}
+{{- define "imapgate.postgresCaDir" -}}/etc/imapgate/postgres-ca{{- end }}
+{{- define "imapgate.dataDir" -}}/var/lib/imapgate{{- end }}
 {{- define "imapgate.backendDir" -}}/etc/imapgate/backends/{{ . }}{{- end }}
 {{- define "imapgate.oauthDir" -}}/etc/imapgate/oauth/{{ . }}{{- end }}
 
