@@ -1137,6 +1137,8 @@ PREFER_DUAL_STACK_IPV4 = "PreferDualStack with bindAddress 0.0.0.0"
 
 # extraEnv, extraVolumes and extraVolumeMounts of SERVICE_AND_POD_OPTIONS: a CA bundle for the
 # gateway's outgoing TLS, as values.yaml describes it.
+# The pod's name as the replica's name in session ids (src/login/registry.rs), always set.
+REPLICA_ENV = {"name": "IMAPGATE_REPLICA", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
 EXTRA_ENV = [
     {"name": "SSL_CERT_FILE", "value": "/etc/ssl/corp/ca-certificates.crt"},
     {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -2017,7 +2019,10 @@ MANIFEST_EXPECTATIONS: dict[str, Callable[[list[dict[str, Any]]], list[tuple[boo
         ),
         (_get(_pod_spec(d), "priorityClassName") == "mail-critical", "priorityClassName must render"),
         (_get(_one(d, "Deployment"), "spec", "revisionHistoryLimit") == 3, "revisionHistoryLimit must render"),
-        (_container(d).get("env") == EXTRA_ENV, f"extraEnv must render as the container's env, not {_container(d).get('env')!r}"),
+        (
+            _container(d).get("env") == [REPLICA_ENV, *EXTRA_ENV],
+            f"extraEnv must render after IMAPGATE_REPLICA as the container's env, not {_container(d).get('env')!r}",
+        ),
         (
             [v for v in _pod_spec(d).get("volumes", []) if v["name"] in ("corp-ca", "motd")] == EXTRA_VOLUMES,
             "extraVolumes must render as given",
@@ -2149,7 +2154,10 @@ MANIFEST_EXPECTATIONS: dict[str, Callable[[list[dict[str, Any]]], list[tuple[boo
             _probe_timing(_container(d).get("startupProbe", {})) == {"periodSeconds": 2, "timeoutSeconds": 3, "failureThreshold": 30},
             "a startup probe of up to 60s by default",
         ),
-        ("env" not in _container(d) and "priorityClassName" not in _pod_spec(d), "no env and no priority class by default"),
+        (
+            _container(d).get("env") == [REPLICA_ENV] and "priorityClassName" not in _pod_spec(d),
+            "by default only IMAPGATE_REPLICA (the pod's name) in the env, and no priority class",
+        ),
         (
             not ({"loadBalancerClass", "loadBalancerIP", "ipFamilyPolicy", "ipFamilies"} & set(_get(_one(d, "Service"), "spec") or {})),
             "no load balancer class, address or IP families by default (the cluster's defaults)",
@@ -2225,7 +2233,8 @@ MANIFEST_EXPECTATIONS: dict[str, Callable[[list[dict[str, Any]]], list[tuple[boo
             "the full values' load balancer class and IP families",
         ),
         (
-            _container(d).get("env") == [{"name": "SSL_CERT_FILE", "value": "/etc/ssl/corp/ca-certificates.crt"}]
+            _container(d).get("env")
+            == [REPLICA_ENV, {"name": "SSL_CERT_FILE", "value": "/etc/ssl/corp/ca-certificates.crt"}]
             and _mount(d, "corp-ca").get("readOnly") is True,
             "the full values' CA bundle (extraEnv, extraVolumes, extraVolumeMounts)",
         ),

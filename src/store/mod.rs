@@ -253,6 +253,20 @@ pub async fn open(auth: &AuthConfig) -> Result<Arc<dyn UserStore>, StoreError> {
             auth.allow_group_readable_secrets,
         )),
         StoreBackend::Sqlite | StoreBackend::Postgres => {
+            if auth.store.backend == StoreBackend::Sqlite {
+                // The database holds hashes and TOTP ciphertexts: refused when others can read
+                // it, like the users file (`config::file_mode`).
+                match crate::config::file_mode::check(
+                    &auth.store.sqlite_path,
+                    auth.allow_group_readable_secrets,
+                ) {
+                    Ok(None) => {}
+                    Ok(Some(w)) => tracing::warn!("auth.store.sqlite.path: {w}"),
+                    Err(e) => {
+                        return Err(StoreError::Refused(format!("auth.store.sqlite.path: {e}")))
+                    }
+                }
+            }
             let s = sql::SqlStore::connect(&auth.store).await?;
             s.migrate().await?;
             Arc::new(s)

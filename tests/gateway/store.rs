@@ -419,6 +419,20 @@ async fn a_users_file_moves_into_sqlite_and_a_csv_creates_users() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o077, 0, "database readable by others: {mode:o}");
+    // Made readable by others, it is refused (with the fix in the message).
+    std::fs::set_permissions(
+        dir.path().join("imapgate.db"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let out = cli(&["users", "list"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("chmod"), "{err}");
+    std::fs::set_permissions(
+        dir.path().join("imapgate.db"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
 
     let csv = dir.path().join("new.csv");
     std::fs::write(
