@@ -72,10 +72,10 @@ pub(super) fn guard(cmd: GuardCmd) -> ExitCode {
             }
             let mut q = Vec::new();
             if let Some(s) = scope {
-                q.push(format!("scope={}", encode(s)));
+                q.push(format!("scope={}", super::remote::seg(s)));
             }
             if let Some(v) = value {
-                q.push(format!("value={}", encode(v)));
+                q.push(format!("value={}", super::remote::seg(v)));
             }
             if *all {
                 q.push("all=true".into());
@@ -198,16 +198,4 @@ async fn send(addr: SocketAddr, token: &str, req: &Request) -> Result<String, St
     } else {
         Err(format!("the gateway answered {status}: {}", body.trim()))
     }
-}
-
-/// Percent-encodes a query value.
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }

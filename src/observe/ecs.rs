@@ -48,6 +48,23 @@ fn text<'a>(m: &'a Map<String, Value>, k: &str) -> &'a str {
     m.get(k).and_then(Value::as_str).unwrap_or("")
 }
 
+/// `source.ip`, `source.port` and `user.name` of an auth or session line.
+fn source_and_user(doc: &mut Map<String, Value>, m: &Map<String, Value>) {
+    let mut source = Map::new();
+    put(
+        &mut source,
+        "ip",
+        m.get("client_ip").cloned().unwrap_or_default(),
+    );
+    put(
+        &mut source,
+        "port",
+        m.get("client_port").cloned().unwrap_or_default(),
+    );
+    doc.insert("source".into(), source.into());
+    doc.insert("user".into(), json!({ "name": text(m, "user") }));
+}
+
 /// Inserts `v` under `k` unless it is an empty string.
 fn put(obj: &mut Map<String, Value>, k: &str, v: Value) {
     if v.as_str() != Some("") && !v.is_null() {
@@ -92,19 +109,7 @@ pub fn to_ecs(m: &Map<String, Value>, timestamp: &str) -> Value {
                 "reason",
                 m.get("reason").cloned().unwrap_or_default(),
             );
-            let mut source = Map::new();
-            put(
-                &mut source,
-                "ip",
-                m.get("client_ip").cloned().unwrap_or_default(),
-            );
-            put(
-                &mut source,
-                "port",
-                m.get("client_port").cloned().unwrap_or_default(),
-            );
-            doc.insert("source".into(), source.into());
-            doc.insert("user".into(), json!({ "name": text(m, "user") }));
+            source_and_user(&mut doc, m);
             doc.insert("network".into(), json!({ "protocol": "imap" }));
             let (name, version) = (text(m, "client_name"), text(m, "client_version"));
             if !name.is_empty() || !version.is_empty() {
@@ -176,19 +181,7 @@ pub fn to_ecs(m: &Map<String, Value>, timestamp: &str) -> Value {
                 "reason",
                 m.get("reason").cloned().unwrap_or_default(),
             );
-            let mut source = Map::new();
-            put(
-                &mut source,
-                "ip",
-                m.get("client_ip").cloned().unwrap_or_default(),
-            );
-            put(
-                &mut source,
-                "port",
-                m.get("client_port").cloned().unwrap_or_default(),
-            );
-            doc.insert("source".into(), source.into());
-            doc.insert("user".into(), json!({ "name": text(m, "user") }));
+            source_and_user(&mut doc, m);
             for k in ["session", "listener", "credential", "backend", "seconds"] {
                 put(&mut custom, k, m.get(k).cloned().unwrap_or_default());
             }
