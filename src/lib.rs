@@ -31,6 +31,7 @@ pub mod imap;
 pub mod login;
 pub mod net;
 pub mod observe;
+pub mod portal;
 pub mod secret;
 pub mod server;
 pub mod session;

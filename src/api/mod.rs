@@ -43,7 +43,7 @@ impl Api {
     }
 
     /// The sessions of every replica (the users file: of this one), of `user` only if given.
-    async fn session_list(
+    pub async fn session_list(
         &self,
         user: Option<&str>,
     ) -> Result<Vec<crate::login::SessionInfo>, ServiceError> {
@@ -62,7 +62,7 @@ impl Api {
 
     /// Ends `user`'s sessions that `which` names (see `UserSessions::close_matching`): here at
     /// once, on the other replicas through the change log.
-    async fn end_sessions(&self, user: &str, which: &str) -> Result<usize, ServiceError> {
+    pub async fn end_sessions(&self, user: &str, which: &str) -> Result<usize, ServiceError> {
         if self.database() {
             self.services
                 .store
@@ -73,7 +73,7 @@ impl Api {
     }
 
     /// The last-used records of `user`: the store's, newer ones still buffered here winning.
-    async fn usage(&self, user: &str) -> Vec<crate::store::Usage> {
+    pub async fn usage(&self, user: &str) -> Vec<crate::store::Usage> {
         let mut all = if self.database() {
             self.services.store.usage(user).await.unwrap_or_default()
         } else {

@@ -12,6 +12,7 @@ mod backends;
 mod ctx;
 pub mod file_mode;
 mod guard;
+pub mod portal;
 mod raw;
 pub mod units;
 mod validate;
@@ -130,6 +131,8 @@ pub struct Config {
     pub routes: Routes,
     pub admin: AdminConfig,
     pub logging: LoggingConfig,
+    /// The self-service portal (`portal:`), when configured.
+    pub portal: Option<portal::PortalConfig>,
     /// Things that are allowed but deserve the operator's attention (logged at start).
     pub warnings: Vec<String>,
     /// The file it was loaded from (reloads read it again), if any.

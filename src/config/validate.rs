@@ -28,6 +28,7 @@ const SECTIONS: &[&str] = &[
     "routes",
     "admin",
     "logging",
+    "portal",
 ];
 
 pub(super) fn from_yaml(text: &str, base: &Path) -> Result<Config, ConfigError> {
@@ -93,6 +94,13 @@ pub(super) fn from_yaml(text: &str, base: &Path) -> Result<Config, ConfigError> 
     let routes = routes(&mut cx, section("routes"), &backends);
     let admin = admin(&mut cx, section("admin"));
     let logging = logging(&mut cx, section("logging"));
+    let portal = super::portal::portal(&mut cx, section("portal"));
+    if portal.is_some() && auth.as_ref().is_some_and(|a| a.active_key.is_none()) {
+        cx.err(
+            "portal",
+            "needs auth.secret_keys: its session cookies are encrypted with the key ring",
+        );
+    }
     let allow_group = auth
         .as_ref()
         .is_some_and(|a| a.allow_group_readable_secrets);
@@ -119,6 +127,7 @@ pub(super) fn from_yaml(text: &str, base: &Path) -> Result<Config, ConfigError> 
             routes,
             admin,
             logging,
+            portal,
             warnings: cx.warnings,
             source: None,
         }),

@@ -52,12 +52,16 @@ pub const MAX_KEYS: usize = 10_000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Server {
     Admin,
+    Portal,
 }
 
 impl Server {
+    pub const ALL: [Server; 2] = [Server::Admin, Server::Portal];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Server::Admin => "admin",
+            Server::Portal => "portal",
         }
     }
 }

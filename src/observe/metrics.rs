@@ -43,6 +43,8 @@ pub struct Metrics {
     pub http_limited: IntCounterVec,
     pub store_up: IntGauge,
     pub store_usage_dropped: IntCounter,
+    /// `imapgate_portal_signins_total{result}`: `ok` or `failed`.
+    pub portal_signins: IntCounterVec,
 }
 
 /// The metric names and help texts, in the order they are registered (docs and tests use it).
@@ -172,6 +174,10 @@ pub const CATALOGUE: &[(&str, &str)] = &[
     (
         "imapgate_store_usage_dropped_total",
         "Last-used records dropped because the buffer waiting to be written was full.",
+    ),
+    (
+        "imapgate_portal_signins_total",
+        "Sign-ins to the self-service portal through the identity provider, by result.",
     ),
 ];
 
@@ -377,8 +383,10 @@ impl Metrics {
         }
         let http_limited =
             counter_vec("imapgate_http_requests_limited_total", &["server", "limit"])?;
-        for limit in super::limit::LimitKind::ALL {
-            http_limited.with_label_values(&[super::limit::Server::Admin.as_str(), limit.as_str()]);
+        for server in super::limit::Server::ALL {
+            for limit in super::limit::LimitKind::ALL {
+                http_limited.with_label_values(&[server.as_str(), limit.as_str()]);
+            }
         }
         let store_up = gauge("imapgate_store_up")?;
         store_up.set(1);
@@ -387,6 +395,10 @@ impl Metrics {
             help("imapgate_store_usage_dropped_total"),
         )?;
         registry.register(Box::new(store_usage_dropped.clone()))?;
+        let portal_signins = counter_vec("imapgate_portal_signins_total", &["result"])?;
+        for result in ["ok", "failed"] {
+            portal_signins.with_label_values(&[result]);
+        }
         Ok(Self {
             registry,
             connections,
@@ -421,6 +433,7 @@ impl Metrics {
             http_limited,
             store_up,
             store_usage_dropped,
+            portal_signins,
         })
     }
 

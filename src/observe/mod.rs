@@ -327,6 +327,34 @@ pub fn audit_api(actor: &str, action: &str, user: &str, credential: &str, change
     );
 }
 
+/// A self-service or helpdesk action in the portal: `actor` is the signed-in person's address
+/// (the administrator's for a helpdesk action), `user` the account acted on.
+pub fn audit_portal(actor: &str, action: &str, user: &str, credential: &str, changed: bool) {
+    tracing::info!(
+        target: AUDIT_TARGET,
+        event = "operator",
+        via = "portal",
+        actor = actor,
+        action = action,
+        user = user,
+        credential = credential,
+        changed = changed,
+    );
+}
+
+/// A sign-in to the portal (`signed_in`, `sign_in_failed`, `signed_out`); `reason` is a closed
+/// name, `user` empty when the identity provider's answer named nobody valid.
+pub fn audit_portal_signin(action: &str, user: &str, reason: &str, client: std::net::IpAddr) {
+    tracing::info!(
+        target: AUDIT_TARGET,
+        event = "portal",
+        action = action,
+        user = user,
+        reason = reason,
+        client_ip = %client,
+    );
+}
+
 /// One guard action, for the audit log: a block or attack mode imposed, ended or cleared.
 pub struct GuardAuditEvent<'a> {
     /// `block`, `attack_mode`, `block_ended`, `attack_mode_ended`, `cleared`.

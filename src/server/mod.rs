@@ -56,12 +56,16 @@ pub enum StartError {
     State(crate::state::StoreError),
     #[error("credential store: {0}")]
     Credentials(#[from] crate::store::StoreError),
+    #[error("{0}")]
+    Portal(String),
 }
 
 /// A started gateway, for the binary and for tests.
 pub struct Gateway {
     pub listeners: Vec<(String, SocketAddr)>,
     pub admin: SocketAddr,
+    /// The self-service portal's listener, when `portal:` is configured.
+    pub portal: Option<SocketAddr>,
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -99,6 +103,7 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     diff("state", old.state != new.state);
     diff("admin", old.admin != new.admin);
     diff("logging", old.logging != new.logging);
+    diff("portal", old.portal != new.portal);
     diff("tls.min_version", old.tls.tls13_only != new.tls.tls13_only);
     changed
 }
@@ -358,6 +363,18 @@ impl Gateway {
                 source,
             })?;
         let admin_addr = admin_sock.local_addr().unwrap_or(config.admin.address);
+        let portal_sock =
+            match &config.portal {
+                Some(pc) => Some(crate::portal::bind(pc.address).await.map_err(|source| {
+                    StartError::Bind {
+                        name: "portal".into(),
+                        addr: pc.address,
+                        source,
+                    }
+                })?),
+                None => None,
+            };
+        let portal_addr = portal_sock.as_ref().and_then(|s| s.local_addr().ok());
 
         let stopping = CancellationToken::new();
         let background = CancellationToken::new();
@@ -485,6 +502,37 @@ impl Gateway {
                 last_used: last_used.clone(),
             })
         };
+        if let (Some(pc), Some(sock)) = (&config.portal, portal_sock) {
+            let portal = crate::portal::Portal::new(crate::portal::Parts {
+                cfg: pc.clone(),
+                api: api.clone(),
+                guard: guard.clone(),
+                metrics: metrics.clone(),
+                ring: crate::auth::keyring::KeyRing::new(
+                    config.auth.secret_keys.clone(),
+                    config.auth.active_key.clone(),
+                ),
+                names: crate::auth::NameRules::from_config(config.auth.unicode_names),
+                totp_issuer: config.auth.mfa.issuer.clone(),
+                totp_digits: config.auth.mfa.code_digits,
+            })
+            .map_err(|e| StartError::Portal(e.to_string()))?;
+            let tls = if pc.tls {
+                Some(
+                    crate::portal::tls_config(server_tls.resolver.clone(), config.tls.tls13_only)
+                        .map_err(|e| StartError::Portal(e.to_string()))?,
+                )
+            } else {
+                None
+            };
+            tracing::info!(address = ?portal_addr, public_url = %pc.public_url, "portal listening");
+            tokio::spawn(crate::portal::serve(
+                sock,
+                Arc::new(portal),
+                tls,
+                background.clone(),
+            ));
+        }
         tokio::spawn(observe::admin::serve(
             admin_sock,
             observe::admin::AdminState {
@@ -498,7 +546,10 @@ impl Gateway {
                     Some(metrics.http_limited.clone()),
                 )),
             },
-            Some((crate::api::router(api), crate::api::openapi::DOCUMENT)),
+            Some((
+                crate::api::router(api.clone()),
+                crate::api::openapi::DOCUMENT,
+            )),
             background.clone(),
         ));
         tokio::spawn(upstreams.clone().health_loop(
@@ -593,6 +644,7 @@ impl Gateway {
         Ok(Gateway {
             listeners: addrs,
             admin: admin_addr,
+            portal: portal_addr,
             health,
             metrics,
             shutdown,

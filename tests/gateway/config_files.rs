@@ -33,6 +33,8 @@ fn example_config_in(dir: &Path) -> String {
     write_secret(root.join("master.secret"), "s3cret\n");
     std::fs::create_dir_all(root.join("oauth")).unwrap();
     write_secret(root.join("oauth/corp.secret"), "client-secret\n");
+    std::fs::create_dir_all(root.join("portal")).unwrap();
+    write_secret(root.join("portal/oidc.secret"), "portal-client-secret\n");
     std::fs::create_dir_all(root.join("keys")).unwrap();
     write_secret(
         root.join("keys/k1.key"),
@@ -59,6 +61,13 @@ fn the_example_config_documents_a_valid_config() {
     assert_eq!(cfg.auth.active_key.as_deref(), Some("k1"));
     assert_eq!(cfg.auth.max_app_passwords_per_user, 20);
     assert!(!cfg.auth.allow_group_readable_secrets);
+    let portal = cfg
+        .portal
+        .as_ref()
+        .expect("the example documents the portal");
+    assert_eq!(portal.reauth_after.as_secs(), 600);
+    assert_eq!(portal.oidc.scopes, ["openid", "email", "profile"]);
+    assert_eq!(portal.mail.imap_port, 993);
     // The guard values the example documents are the defaults the code applies.
     let d = imapgate::config::GuardConfig::default();
     let g = &cfg.guard;

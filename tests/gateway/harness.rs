@@ -637,6 +637,8 @@ pub(crate) struct TestGateway {
     pub config_yaml: String,
     /// The same config, written to a file (for CLI runs).
     pub config_path: PathBuf,
+    /// The portal's public URL (`https://localhost:PORT`), when it was started.
+    pub portal_url: Option<String>,
 }
 
 /// What a test may change in the config.
@@ -669,6 +671,10 @@ pub(crate) struct Options {
     pub admin_extra: &'static str,
     /// `auth.store.poll_interval` of a database store.
     pub store_poll: &'static str,
+    /// Start the self-service portal (HTTPS on a free port, the test IdP as its OpenID
+    /// provider, registered there as a client for this portal), with these extra lines of the
+    /// `portal` mapping (indented two spaces).
+    pub portal: Option<&'static str>,
 }
 
 /// The credential store of a test gateway.
@@ -709,6 +715,7 @@ impl Default for Options {
             store: TestStore::File,
             admin_extra: "",
             store_poll: "200ms",
+            portal: None,
         }
     }
 }
@@ -797,8 +804,31 @@ impl TestGateway {
             None if opts.backend_tls == "starttls" => dovecot.imap,
             None => dovecot.imaps,
         };
+        let (portal_yaml, portal_url) = match opts.portal {
+            None => (String::new(), None),
+            Some(extra) => {
+                let idp = idp()?;
+                let port = free_port();
+                let url = format!("https://localhost:{port}");
+                let client_id = format!("portal-{port}");
+                let secret_file = dir.path().join("portal-oidc.secret");
+                let client_secret = format!("portal-secret-{port}-{}", std::process::id());
+                write_secret(&secret_file, &client_secret);
+                idp.register_client(&client_id, &client_secret, &format!("{url}/auth/callback"))
+                    .await;
+                (
+                    format!(
+                        "portal:\n  address: \"127.0.0.1:{port}\"\n  public_url: \"{url}\"\n  oidc:\n    issuer: \"{issuer}\"\n    client_id: {client_id}\n    client_secret_file: \"{secret}\"\n    scopes: [openid, email, profile, groups]\n    domains: [example.org]\n    admin: {{ claim: groups, values: [mail-admins] }}\n{extra}\n",
+                        issuer = idp.url,
+                        secret = secret_file.display(),
+                    ),
+                    Some(url),
+                )
+            }
+        };
         let yaml = format!(
             r#"
+{portal_yaml}
 listeners:
   - {{ name: imaps, address: "127.0.0.1:0", tls: implicit }}
   - {{ name: imap, address: "127.0.0.1:0", tls: starttls }}
@@ -918,6 +948,7 @@ admin: {{ address: "127.0.0.1:0", health_interval: 1s, token_file: "{admin_token
             users_file,
             passwords,
             config_yaml: yaml,
+            portal_url,
         })
     }
 
@@ -1135,6 +1166,25 @@ impl Idp {
         );
         let v: serde_json::Value = resp.json().await.unwrap();
         v["access_token"].as_str().unwrap().to_owned()
+    }
+
+    /// Registers a confidential code-flow client (the portal of one test gateway).
+    pub(crate) async fn register_client(&self, id: &str, secret: &str, redirect_uri: &str) {
+        let resp = reqwest::Client::new()
+            .post(format!("{}/__clients", self.url))
+            .json(&serde_json::json!({
+                "client_id": id,
+                "client_secret": secret,
+                "redirect_uris": [redirect_uri],
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            resp.status().is_success(),
+            "client registration failed: {}",
+            resp.status()
+        );
     }
 
     /// Rotates the provider's signing keys (new `kid`s).

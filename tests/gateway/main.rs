@@ -24,6 +24,7 @@ mod metrics;
 mod mfa;
 mod oauth;
 mod operations;
+mod portal;
 mod preauth_input;
 mod relay;
 mod sessions;

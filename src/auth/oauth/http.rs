@@ -54,7 +54,7 @@ pub(super) async fn get_json(
     client: &reqwest::Client,
     url: &str,
 ) -> Result<(serde_json::Value, Option<Duration>), OAuthError> {
-    let mut resp = client
+    let resp = client
         .get(url)
         .send()
         .await
@@ -74,6 +74,16 @@ pub(super) async fn get_json(
                 .find_map(|d| d.trim().strip_prefix("max-age=")?.parse::<u64>().ok())
         })
         .map(Duration::from_secs);
+    let body = read_bounded(resp).await?;
+    let value = serde_json::from_slice(&body).map_err(|_| OAuthError::IdpUnavailable)?;
+    Ok((value, max_age))
+}
+
+/// A response body of at most [`MAX_BODY`] bytes.
+pub(super) async fn read_bounded(mut resp: reqwest::Response) -> Result<Vec<u8>, OAuthError> {
+    if resp.content_length().is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(OAuthError::IdpUnavailable);
+    }
     let mut body = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(|_| OAuthError::IdpUnavailable)? {
         if body.len() + chunk.len() > MAX_BODY {
@@ -81,6 +91,5 @@ pub(super) async fn get_json(
         }
         body.extend_from_slice(&chunk);
     }
-    let value = serde_json::from_slice(&body).map_err(|_| OAuthError::IdpUnavailable)?;
-    Ok((value, max_age))
+    Ok(body)
 }

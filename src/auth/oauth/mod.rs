@@ -28,6 +28,7 @@
 pub mod device;
 mod http;
 mod introspect;
+pub mod oidc;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

@@ -277,7 +277,7 @@ fn emitted() -> BTreeMap<&'static str, Vec<(&'static str, Values)>> {
         vec![
             (
                 "server",
-                closed(variants!(Server: Admin).map(Server::as_str)),
+                closed(variants!(Server: Admin, Portal).map(Server::as_str)),
             ),
             (
                 "limit",
@@ -290,6 +290,11 @@ fn emitted() -> BTreeMap<&'static str, Vec<(&'static str, Values)>> {
     // auth/store.rs (`follow_changes`) and store/activity.rs.
     add("imapgate_store_up", vec![]);
     add("imapgate_store_usage_dropped_total", vec![]);
+    // portal/signin.rs.
+    add(
+        "imapgate_portal_signins_total",
+        vec![("result", closed(["ok", "failed"]))],
+    );
     m
 }
 
@@ -330,8 +335,9 @@ fn registered_labels(m: &Metrics) -> BTreeMap<String, Vec<String>> {
         http_limited,
         store_up,
         store_usage_dropped,
+        portal_signins,
     } = m;
-    let collectors: [&dyn Collector; 32] = [
+    let collectors: [&dyn Collector; 33] = [
         connections,
         tls_handshake_failures,
         sessions_preauth,
@@ -364,6 +370,7 @@ fn registered_labels(m: &Metrics) -> BTreeMap<String, Vec<String>> {
         http_limited,
         store_up,
         store_usage_dropped,
+        portal_signins,
     ];
     // The syslog drop counter is registered beside the struct's fields (see Metrics::new).
     let syslog = crate::observe::syslog::dropped_counter();

@@ -1,0 +1,310 @@
+//! The helpdesk: administrators (by the configured claim of their ID token) find a person, see
+//! what the person sees, and disable or enable the account, reset the authenticator, revoke app
+//! passwords, end sessions, and clear guard blocks. Every action is audited with the
+//! administrator as the actor. Re-enabling an account and resetting an authenticator need a
+//! fresh sign-in, like the person's own sensitive actions.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use serde_json::{json, Value};
+
+use super::signin::{enc, query_value};
+use super::{Form, Portal, Req};
+use crate::store::ListQuery;
+
+type Shared = State<Arc<Portal>>;
+
+impl Portal {
+    /// The signed-in administrator, or the answer for anyone else.
+    fn admin<'a>(&self, r: &'a Req, path: &str) -> Result<&'a super::Session, Response> {
+        let s = self.signed(r, path)?;
+        if s.admin {
+            Ok(s)
+        } else {
+            Err(self.error(r, StatusCode::FORBIDDEN, "forbidden_title", "forbidden"))
+        }
+    }
+
+    /// A POST from an administrator (session, CSRF, origin, the role).
+    fn admin_post<'a>(
+        &self,
+        r: &'a Req,
+        headers: &HeaderMap,
+        form: &Form,
+    ) -> Result<&'a super::Session, Response> {
+        let s = self.check_post(r, headers, form)?;
+        if s.admin {
+            Ok(s)
+        } else {
+            Err(self.error(r, StatusCode::FORBIDDEN, "forbidden_title", "forbidden"))
+        }
+    }
+
+    async fn block_rows(&self, only: Option<&str>) -> Vec<Value> {
+        match self.guard.status().await {
+            Ok(list) => list
+                .into_iter()
+                .filter(|b| only.is_none_or(|v| b.value == v))
+                .map(|b| json!(b))
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+fn user_base(name: &str) -> String {
+    format!("/admin/users/{}", enc(name))
+}
+
+pub(crate) async fn search(
+    State(p): Shared,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let r = p.req(peer, &headers, query.as_deref());
+    if let Err(resp) = p.admin(&r, "/admin") {
+        return resp;
+    }
+    let q = query_value(query.as_deref(), "q")
+        .unwrap_or_default()
+        .trim()
+        .chars()
+        .take(200)
+        .collect::<String>();
+    let searched = !q.is_empty();
+    let users: Vec<Value> = if searched {
+        let list = p
+            .api
+            .services
+            .store
+            .list(&ListQuery {
+                search: Some(q.to_lowercase()),
+                after: None,
+                limit: 50,
+            })
+            .await;
+        match list {
+            Ok(list) => list
+                .into_iter()
+                .map(|(name, u)| json!({ "name": name, "disabled": u.disabled }))
+                .collect(),
+            Err(e) => return p.service_error(&r, &e.into()),
+        }
+    } else {
+        Vec::new()
+    };
+    let blocks = p.block_rows(None).await;
+    let notice = p.notice(&r, query.as_deref());
+    p.page(
+        &r,
+        "admin.html",
+        "admin",
+        "admin_title",
+        json!({ "q": q, "searched": searched, "users": users, "blocks": blocks, "notice": notice }),
+    )
+}
+
+pub(crate) async fn user(
+    State(p): Shared,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(user): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let r = p.req(peer, &headers, query.as_deref());
+    if let Err(resp) = p.admin(&r, &user_base(&user)) {
+        return resp;
+    }
+    let (name, u) = match p.api.services.user(&user).await {
+        Ok(x) => x,
+        Err(e) => return p.service_error(&r, &e),
+    };
+    let base = user_base(&name);
+    let passwords = p.password_rows(&name, &u).await;
+    let sessions = match p.session_rows(&name, &u).await {
+        Ok(s) => s,
+        Err(e) => return p.service_error(&r, &e),
+    };
+    let logins = p.login_rows(&name).await;
+    let blocks = p.block_rows(Some(&name)).await;
+    let attack = p.attack_mode(&name).await;
+    let notice = p.notice(&r, query.as_deref());
+    p.page(
+        &r,
+        "admin_user.html",
+        "admin",
+        "admin_title",
+        json!({
+            "title": name,
+            "subject": name,
+            "base": base,
+            "disabled": u.disabled,
+            "enrolled": u.totp.is_some(),
+            "attack": attack,
+            "passwords": passwords,
+            "revoke_base": format!("{base}/app-passwords"),
+            "sessions": sessions,
+            "end_base": format!("{base}/devices"),
+            "blocks": blocks,
+            "logins": logins,
+            "notice": notice,
+        }),
+    )
+}
+
+pub(crate) async fn action(
+    State(p): Shared,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path((user, action)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    let r = p.req(peer, &headers, None);
+    let form = Form::parse(&body);
+    let admin = match p.admin_post(&r, &headers, &form) {
+        Ok(s) => s.clone(),
+        Err(resp) => return resp,
+    };
+    let name = match p.api.services.name(&user) {
+        Ok(n) => n,
+        Err(e) => return p.service_error(&r, &e),
+    };
+    let base = user_base(&name);
+    let sensitive = matches!(action.as_str(), "enable" | "totp-reset");
+    if sensitive && !p.fresh(&admin) {
+        return p.reauth(&r, &base);
+    }
+    let services = &p.api.services;
+    let (audit, notice, result) = match action.as_str() {
+        "disable" => (
+            "user_disabled",
+            "disabled",
+            services.update_user(&name, Some(true), None, None).await,
+        ),
+        "enable" => (
+            "user_enabled",
+            "enabled",
+            services.update_user(&name, Some(false), None, None).await,
+        ),
+        "totp-reset" => ("totp_reset", "totp_reset", services.totp_reset(&name).await),
+        "sessions-end" => (
+            "sessions_killed",
+            "sessions_ended",
+            p.api.end_sessions(&name, "").await.map(|n| n > 0),
+        ),
+        _ => return p.error(&r, StatusCode::NOT_FOUND, "not_found_title", "not_found"),
+    };
+    match result {
+        Ok(changed) => {
+            crate::observe::audit_portal(&admin.user, audit, &name, "", changed);
+            p.see_other(&r, &format!("{base}?notice={notice}"))
+        }
+        Err(e) => p.service_error(&r, &e),
+    }
+}
+
+pub(crate) async fn revoke(
+    State(p): Shared,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path((user, id)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    let r = p.req(peer, &headers, None);
+    let form = Form::parse(&body);
+    let admin = match p.admin_post(&r, &headers, &form) {
+        Ok(s) => s.user.clone(),
+        Err(resp) => return resp,
+    };
+    match p.api.services.revoke_app_password(&user, &id).await {
+        Ok(changed) => {
+            let name = p.api.services.name(&user).unwrap_or_default();
+            crate::observe::audit_portal(&admin, "app_password_revoked", &name, &id, changed);
+            p.see_other(&r, &format!("{}?notice=revoked", user_base(&name)))
+        }
+        Err(e) => p.service_error(&r, &e),
+    }
+}
+
+pub(crate) async fn end_device(
+    State(p): Shared,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path((user, id)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    let r = p.req(peer, &headers, None);
+    let form = Form::parse(&body);
+    let admin = match p.admin_post(&r, &headers, &form) {
+        Ok(s) => s.user.clone(),
+        Err(resp) => return resp,
+    };
+    let name = match p.api.services.name(&user) {
+        Ok(n) => n,
+        Err(e) => return p.service_error(&r, &e),
+    };
+    match super::pages::end_one(&p, &name, &id).await {
+        Ok(()) => {
+            crate::observe::audit_portal(
+                &admin,
+                "sessions_killed",
+                &name,
+                &format!("session:{id}"),
+                true,
+            );
+            p.see_other(&r, &format!("{}?notice=session_ended", user_base(&name)))
+        }
+        Err(e) => p.service_error(&r, &e),
+    }
+}
+
+pub(crate) async fn guard_clear(
+    State(p): Shared,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let r = p.req(peer, &headers, None);
+    let form = Form::parse(&body);
+    let admin = match p.admin_post(&r, &headers, &form) {
+        Ok(s) => s.user.clone(),
+        Err(resp) => return resp,
+    };
+    let scope = form.get("scope").filter(|s| !s.is_empty());
+    let value = form.get("value").filter(|s| !s.is_empty());
+    if value.is_none() {
+        return p.error(
+            &r,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "error_title",
+            "bad_request",
+        );
+    }
+    let back = super::cookie::safe_back(form.get("back").unwrap_or("/admin"));
+    match p.guard.clear(scope, value).await {
+        Ok(n) => {
+            crate::observe::audit_portal(
+                &admin,
+                "guard_cleared",
+                value.unwrap_or_default(),
+                scope.unwrap_or_default(),
+                n > 0,
+            );
+            p.see_other(&r, &format!("{back}?notice=cleared"))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "portal: the guard's state cannot be changed");
+            p.error(
+                &r,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "error_title",
+                "unavailable",
+            )
+        }
+    }
+}
