@@ -37,7 +37,7 @@ SERVICE = "mail-imapgate-portal"
 TLS_SECRET = "mail-imapgate-portal-tls"
 SECRET_FILE = "/etc/imapgate/portal/oidc/client-secret"
 CA_FILE = "/etc/imapgate/portal/oidc-ca/ca.pem"
-PUBLIC_URL = re.compile(r"^https://([A-Za-z0-9.-]+)(:\d{1,5})?$")
+PUBLIC_URL = re.compile(r"^https://([a-z0-9.-]+)(:\d{1,5})?$")
 
 
 def is_portal_service(doc: dict[str, Any]) -> bool:
@@ -89,6 +89,8 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("portal.publicUrl", "https://mail.example.org/portal"),
     ("portal.publicUrl", "https://user@mail.example.org"),
     ("portal.publicUrl", "mail.example.org"),
+    ("portal.publicUrl", "https://Mail.Example.org"),
+    ("portal.ingress.host", "Mail.example.org"),
     ("portal.autoprovision", "yes"),
     ("portal.reauthAfter", "10 minutes"),
     ("portal.sessionIdle", 1800),
