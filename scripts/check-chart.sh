@@ -6,12 +6,16 @@
 #   chart:   Chart.yaml, values.yaml against values.schema.json (and a list of values it must
 #            refuse), template syntax and .Values references; then with the real helm v3 binary:
 #            helm lint --strict (default values, helm/imapgate/ci/full-values.yaml,
-#            ci/oauth-values.yaml and ci/postgres-values.yaml), helm template of ~70 value sets
-#            (each rendered config and manifest checked, refusals checked for their message),
+#            ci/oauth-values.yaml, ci/postgres-values.yaml and ci/portal-values.yaml), helm
+#            template of ~120 value sets (each rendered config and manifest checked, refusals checked
+#            for their message; the portal's in scripts/check_portal.py: Ingress with TLS, the
+#            NetworkPolicy admitting the portal only from the ingress controller's namespace, the
+#            client secret only as a mounted file, the portal's ClusterIP Service port),
 #            kubernetes-validate --strict
 #            against the lowest Kubernetes the chart admits and the newest one it knows, checkov,
 #            NOTES.txt, and `imapgate check-config` on every rendered config when
-#            target/debug/imapgate exists
+#            target/debug/imapgate exists (a binary without the portal checks the rest of a portal
+#            render, and the output says what waits for the portal)
 #   deploy/: alert rules (promtool check rules + promtool test rules when promtool is on PATH),
 #            the Grafana dashboard (every metric, the data source variable, query syntax), the
 #            systemd unit (hardening, Type=notify; systemd-analyze verify when present), the

@@ -151,6 +151,7 @@ Paths inside the container. The config refers to them; the Deployment mounts the
 {{- define "imapgate.dataDir" -}}/var/lib/imapgate{{- end }}
 {{- define "imapgate.backendDir" -}}/etc/imapgate/backends/{{ . }}{{- end }}
 {{- define "imapgate.oauthDir" -}}/etc/imapgate/oauth/{{ . }}{{- end }}
+{{- define "imapgate.portalDir" -}}/etc/imapgate/portal{{- end }}
 
 {{/*
 A duration as the gateway writes it (500ms, 30s, 15m, 12h, 30d) in milliseconds.
@@ -201,4 +202,44 @@ tls.certManager.dnsNames entry that is no wildcard; empty: not verified.
 {{- range .Values.tls.certManager.dnsNames }}{{ if and (not $name) (not (hasPrefix "*" .)) }}{{ $name = . }}{{ end }}{{ end }}
 {{- $name }}
 {{- end }}
+{{- end }}
+
+{{/*
+The portal (portal.enabled): its ClusterIP Service, the TLS Secret of its Ingress, the host people
+open (publicUrl's), and what it tells mail clients.
+*/}}
+{{- define "imapgate.portalServiceName" -}}
+{{- printf "%s-portal" (include "imapgate.fullname" . | trunc 56 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "imapgate.portalTlsSecretName" -}}
+{{- default (printf "%s-portal-tls" (include "imapgate.fullname" . | trunc 52 | trimSuffix "-")) .Values.portal.ingress.tls.secretName }}
+{{- end }}
+
+{{- define "imapgate.portalHost" -}}
+{{- regexReplaceAll "^https://([^:/]+).*$" .Values.portal.publicUrl "${1}" }}
+{{- end }}
+
+{{/*
+portal.mail.imapHost, else the first tls.certManager.dnsNames entry that is no wildcard (the name
+the gateway's certificate is for), else publicUrl's host.
+*/}}
+{{- define "imapgate.portalImapHost" -}}
+{{- $name := .Values.portal.mail.imapHost }}
+{{- if and (not $name) .Values.tls.certManager.enabled }}
+{{- range .Values.tls.certManager.dnsNames }}{{ if and (not $name) (not (hasPrefix "*" .)) }}{{ $name = . }}{{ end }}{{ end }}
+{{- end }}
+{{- default (include "imapgate.portalHost" .) $name }}
+{{- end }}
+
+{{/*
+The Service port of the first listener on the main Service with that tls ("implicit" or
+"starttls"); empty when there is none. Call with (dict "root" $ "tls" "implicit").
+*/}}
+{{- define "imapgate.mainServicePort" -}}
+{{- $port := "" }}
+{{- range .root.Values.listeners }}
+{{- if and (not $port) (eq .tls $.tls) (eq (.service | default "main") "main") }}{{ $port = .servicePort | int | toString }}{{ end }}
+{{- end }}
+{{- $port }}
 {{- end }}
