@@ -23,6 +23,7 @@ import os
 import struct
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -114,6 +115,19 @@ def new_context(browser, **kwargs):
 IDP_FORM = "form#login-form"
 
 
+def origin_of(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def body_text(page, limit: int = 300) -> str:
+    """The start of what the page says (for failure messages)."""
+    try:
+        return " ".join(page.locator("body").inner_text(timeout=2000).split())[:limit]
+    except Exception:  # noqa: BLE001 - only for a message
+        return "(no text)"
+
+
 def on_idp_form(page) -> bool:
     """True when the page shows the test IdP's login form."""
     return "/interaction/" in page.url and page.locator(IDP_FORM).count() == 1
@@ -126,6 +140,7 @@ def idp_sign_in(page, account: str, password: str | None = None, expect_failure:
     the form (on its way back to the relying party), or, with ``expect_failure``, once the form
     is shown again with its error; raises Failure otherwise."""
     page.locator(IDP_FORM).wait_for(state="visible")
+    idp_origin = origin_of(page.url)
     page.get_by_label("User name", exact=True).fill(account)
     page.get_by_label("Password", exact=True).fill(password if password is not None else f"pw-{account}")
     with page.expect_navigation(wait_until="load"):
@@ -136,8 +151,16 @@ def idp_sign_in(page, account: str, password: str | None = None, expect_failure:
         check(alert.count() == 1 and "wrong" in alert.inner_text().lower(),
               "the IdP's form came back without a 'wrong user name or password' alert")
         return
-    # The form answers with a 303 chain back to the relying party; a wrong password renders
-    # the form again with role=alert.
+    # The form answers with a 303 chain back to the relying party (one navigation), or, when
+    # another person was signed in at the IdP in this browser, with an auto-submitting page that
+    # ends that session first (more navigations); a wrong password renders the form again.
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_url(lambda url: origin_of(url) != idp_origin or "/interaction/" in url, wait_until="load")
+    except PlaywrightTimeout as err:
+        raise Failure(f"the IdP did not send the browser back after {account} signed in; at {page.url}: "
+                      f"{body_text(page)}") from err
     if on_idp_form(page):
         alert = page.get_by_role("alert")
         text = alert.inner_text() if alert.count() else "(no message)"

@@ -108,7 +108,8 @@ class Run:
             sign_in.click()
         if lib.on_idp_form(page):
             lib.idp_sign_in(page, account)
-        check(page.url.startswith(self.portal), f"after signing in at the IdP the browser is at {page.url}")
+        check(page.url.startswith(self.portal),
+              f"signing in as {account} did not come back to the portal; at {page.url}: {lib.body_text(page)}")
         error = page.locator("#error")
         check(error.count() == 0, f"the portal shows an error after sign-in: {error.first.inner_text() if error.count() else ''}")
         check(page.locator("form#create-app-password").count() == 1,
