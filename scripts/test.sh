@@ -3,12 +3,14 @@
 #
 #   scripts/test.sh
 #
-# Steps: 1 system packages (installed only if missing), 2 cargo fmt + clippy, 3 cargo deny
-# (advisory DB: ../shared/advisory-db offline when present, else fetched by cargo-deny, else
-# skipped with a warning), 4 cargo test with IMAPGATE_REQUIRE_REAL=1
-# (tests whose real component is missing fail instead of skipping), 5 the Helm chart and deploy/
-# checks if scripts/check-chart.sh exists (helm, kubernetes-validate, checkov, promtool, and
-# imapgate check-config with the binary step 4 built), 6 scripts/demo.sh --check --oauth (the
+# Steps: 1 system packages (installed only if missing; also the test IdP's npm packages and the
+# browser tests' venv target/venv-browser with a pinned Playwright), 2 cargo fmt + clippy, 3 cargo
+# deny (advisory DB: ../shared/advisory-db offline when present, else fetched by cargo-deny, else
+# skipped with a warning), 4 the browser self-check (tests/browser/idp_selfcheck.py: headless
+# Chromium signs in at the test IdP), then cargo test with IMAPGATE_REQUIRE_REAL=1 (tests whose
+# real component is missing fail instead of skipping; IMAPGATE_BROWSER_PYTHON set), 5 the Helm
+# chart and deploy/ checks if scripts/check-chart.sh exists (helm, kubernetes-validate, checkov,
+# promtool, and imapgate check-config with the binary step 4 built), 6 scripts/demo.sh --check --oauth (the
 # demo, TOTP and OAuth), 7 scripts/tls_scan.sh (sslscan and openssl against both listener kinds
 # of the binary step 4 built), 8 fuzz/run.sh --smoke (every fuzz target for 10 s, stable Rust,
 # `-s none`; cargo-fuzz is installed with `cargo install --locked` when missing), 9 scripts/sbom.sh
@@ -42,6 +44,10 @@ SYSTEM_PACKAGES=(
   # postgres from /usr/lib/postgresql/VERSION/bin as nobody, in a temporary directory on a free
   # loopback port; the packaged cluster (5432) is never started
   'postgresql:/usr/lib/postgresql/*/bin/postgres'
+  # The portal's browser test (tests/browser): Playwright for Python (a venv, below) drives this
+  # Chromium headless; a font so pages render (screenshots, axe-core's contrast checks)
+  chromium:chromium
+  fonts-dejavu-core
 )
 ADVISORY_SRC=../shared/advisory-db
 DENY_DB_ROOT=/tmp/deny-dbs
@@ -101,10 +107,15 @@ for service in prometheus redis-server postgresql; do
   esac
 done
 # The test identity provider's packages, exactly as locked.
-if [ ! -d tests/idp/node_modules/oidc-provider ] || [ tests/idp/package-lock.json -nt tests/idp/node_modules ]; then
+if [ ! -d tests/idp/node_modules/oidc-provider ] || [ ! -d tests/idp/node_modules/axe-core ] \
+  || [ tests/idp/package-lock.json -nt tests/idp/node_modules ]; then
   log "npm ci in tests/idp"
   (cd tests/idp && npm ci --no-audit --no-fund --loglevel=error)
 fi
+
+# The browser tests' Python: Playwright, pinned, in a venv of its own (never `playwright
+# install`: it drives the chromium package above).
+ensure_browser_venv target/venv-browser
 
 # --- 2 ---------------------------------------------------------------------------------------
 begin "cargo fmt --check; cargo clippy"
@@ -160,6 +171,12 @@ fi
 # --- 4 ---------------------------------------------------------------------------------------
 begin "cargo test (IMAPGATE_REQUIRE_REAL=1)"
 mkdir -p target
+# First the browser setup on its own (Chromium + Playwright + the IdP's login form), so a broken
+# one fails here with one clear line rather than inside a Rust test.
+log "browser self-check: tests/browser/idp_selfcheck.py (Chromium signs in at the test IdP)"
+browser_selfcheck target/browser-selfcheck
+# The portal's browser test (a Rust test) runs tests/browser/*.py with this python.
+export IMAPGATE_BROWSER_PYTHON="$BROWSER_PYTHON"
 IMAPGATE_REQUIRE_REAL=1 cargo test --locked 2>&1 | tee target/test-output.log
 
 # --- 5 ---------------------------------------------------------------------------------------

@@ -403,6 +403,59 @@ dovecot_sandbox_stop() {
   fi
 }
 
+# --- browser tests (tests/browser) -----------------------------------------------------------
+
+# Playwright for Python, pinned (with its one dependency). It drives Debian's chromium
+# (/usr/bin/chromium); `playwright install` is never run, so no browser is downloaded.
+BROWSER_PY_REQUIREMENTS=(playwright==1.65.3 greenlet==3.5.6)
+BROWSER_PYTHON=""
+
+# ensure_browser_venv DIR: a venv in DIR holding BROWSER_PY_REQUIREMENTS (pip from PyPI the
+# first time, or when the pins change; reused after). Sets BROWSER_PYTHON to its python (an
+# absolute path).
+ensure_browser_venv() {
+  local venv="$1" want have
+  if [ ! -x "$venv/bin/python" ]; then
+    log "creating $venv"
+    if ! python3 -m venv "$venv" 2>/dev/null; then
+      rm -rf "$venv"
+      # Debian splits venv support out of python3.
+      ensure_packages python3-venv
+      python3 -m venv "$venv" || die "could not create a venv in $venv"
+    fi
+  fi
+  want="$(printf '%s\n' "${BROWSER_PY_REQUIREMENTS[@]}" | sort)"
+  have="$({ "$venv/bin/python" -m pip freeze --disable-pip-version-check 2>/dev/null || true; } \
+    | { grep -iE '^(playwright|greenlet)==' || true; } | sort)"
+  if [ "$have" != "$want" ]; then
+    log "installing ${BROWSER_PY_REQUIREMENTS[*]} into $venv (once)"
+    PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+      "${BROWSER_PY_REQUIREMENTS[@]}" || die "pip could not install ${BROWSER_PY_REQUIREMENTS[*]} (is PyPI reachable?)"
+  fi
+  BROWSER_PYTHON="$(cd "$venv" && pwd)/bin/python"
+}
+
+# browser_selfcheck DIR: starts the test IdP (logs in DIR), runs tests/browser/idp_selfcheck.py
+# with BROWSER_PYTHON against it (Chromium signs in through the IdP's login form), stops the IdP.
+# Fails with the self-check's FAIL line and the IdP's log when anything is wrong.
+browser_selfcheck() {
+  local dir="$1" rc=0
+  [ -n "$BROWSER_PYTHON" ] || die "browser_selfcheck: call ensure_browser_venv first"
+  idp_start "$dir" || {
+    cat "$dir/idp.log" >&2 2>/dev/null || true
+    idp_stop
+    die "the test identity provider did not start (log above)"
+  }
+  "$BROWSER_PYTHON" "$(dirname "$IDP_SERVER_JS")/../browser/idp_selfcheck.py" --idp "$IDP_URL" \
+    --screenshots "$dir/screenshots" || rc=$?
+  idp_stop
+  if [ "$rc" -ne 0 ]; then
+    log "--- identity provider log ($dir/idp.log)"
+    cat "$dir/idp.log" >&2 2>/dev/null || true
+    die "the browser self-check failed (exit $rc): Chromium, Playwright or the test IdP's sign-in flow is broken"
+  fi
+}
+
 # --- test identity provider (tests/idp) -----------------------------------------------------
 
 # idp_start DIR: starts the test OpenID provider (node tests/idp/server.js, npm oidc-provider;

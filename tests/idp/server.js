@@ -9,6 +9,10 @@
 // Start:   node tests/idp/server.js --port P          (P = 0 picks a free port)
 //          optional: --jwks-max-age SECONDS   (Cache-Control max-age on the JWKS, default 300)
 //                    --exit-with-stdin        (exit when stdin reaches EOF; spawn with a pipe)
+//                    --client ID:SECRET:REDIRECT_URI   (repeatable) registers a web client for
+//                                             the sign-in flow before READY, exactly as POST
+//                                             /__clients does (see SIGN-IN FLOW below); a bad
+//                                             one -> a line on stderr and exit 2
 // Ready:   exactly one stdout line `READY http://127.0.0.1:P` (P = the real port); nothing else
 //          is ever written to stdout (library notices/warnings go to stderr). On Node 20 stderr
 //          gets one line "oidc-provider WARNING: Unsupported runtime. Use Node.js v22.x LTS, ..."
@@ -33,6 +37,12 @@
 //                                            old keys stay published in the JWKS unless
 //                                            `?drop_old=1` is given. 200 {"rs256":kid,"es256":kid,"kids":[...published]}
 //   GET  /__health                           200 {"ok":true}
+//   GET  /auth                               authorization endpoint (SIGN-IN FLOW below)
+//   GET  /interaction/<uid>                  the IdP's login form (HTML)
+//   POST /interaction/<uid>/login            username + password from that form
+//   POST /interaction/<uid>/abort            its Cancel button (RP gets error=access_denied)
+//   GET  /session/end                        end_session_endpoint (RP-initiated logout)
+//   POST /__clients                          test hook: register (or replace) a web client
 //   POST /__scripted/introspect              test hook: an RFC 7662 endpoint with answers the
 //                                            test chooses (see SCRIPTED INTROSPECTION below)
 //   POST /__scripted/answer                  test hook: JSON {"token":..,"answer":{..}}
@@ -126,6 +136,75 @@
 //   (none -> urn:imapgate:rs256). Scope: the requested imap/other values (none -> imap).
 //   The codes live in the same in-memory store as tokens, so they survive POST /__rotate.
 //
+// SIGN-IN FLOW (OpenID Connect authorization code flow with PKCE, as the portal uses it)
+//   1. Register the relying party once its port is known (one IdP per test binary, so any
+//      number of clients; the same client_id again replaces the client, secret included):
+//      POST /__clients   Content-Type: application/json
+//        {"client_id":"portal-1","client_secret":"s3cret",
+//         "redirect_uris":["https://127.0.0.1:PORT/auth/callback"],
+//         "post_logout_redirect_uris":["https://127.0.0.1:PORT/"]}     (optional; default: the
+//                                                 origin of each redirect URI + "/")
+//      curl -H 'Content-Type: application/json' -d '{"client_id":...}' http://127.0.0.1:P/__clients
+//      -> 200 {"ok":true,"client_id":..,"redirect_uris":[..],"post_logout_redirect_uris":[..]}
+//         (the secret is never echoed); 400 {"error":"invalid_client_metadata",..} for a bad
+//         id/secret/URI (client_id: 1-128 of A-Z a-z 0-9 . _ ~ -); 409 for a built-in client id
+//         (alice, imapgate-gateway, ...); 405 not POST.
+//      The client: confidential web client, response_types [code], grant_types
+//      [authorization_code, refresh_token], token_endpoint_auth_method client_secret_basic
+//      (client_secret_post works too, as for every client here), ID tokens RS256 (kid in
+//      /jwks), require_auth_time, scopes `openid email profile groups offline_access`.
+//      http:// redirect URIs on 127.0.0.1 work as well as https:// ones.
+//   2. Browser -> GET /auth?response_type=code&client_id=..&redirect_uri=..&scope=openid email
+//        profile groups&state=..&nonce=..&code_challenge=<S256>&code_challenge_method=S256
+//        [&max_age=N][&prompt=login][&login_hint=alice]
+//      PKCE is required (without code_challenge: redirect with error=invalid_request; S256 is
+//      the only method). Without a (fresh enough) IdP session -> 303 to /interaction/<uid>, the
+//      login form: <form id="login-form"> with <label for="username">User name</label>
+//      input#username, <label for="password">Password</label> input#password,
+//      button#submit "Sign in"; a second form with button#cancel "Cancel"; an error is
+//      p#error role="alert". User name = the account (alice) or its address (alice@example.org).
+//      Wrong password -> 200, the same form again with "Wrong user name or password." (never a
+//      redirect, never a 500). Expired/unknown interaction (or no cookies) -> 400 HTML page.
+//      Right password -> 303 chain -> redirect_uri?code=..&state=..&iss=http://127.0.0.1:P
+//      (no consent page: what the client asked for is granted at once, by an extra 303 through
+//      /interaction/<uid2>). Cancel -> redirect_uri?error=access_denied&state=..&iss=..
+//      With a live IdP session (cookie `_session`, 1 day) the next /auth comes straight back
+//      with a code (no form), unless max_age=N and the last sign-in is older than N s
+//      (max_age=0: always) or prompt=login: then the form again. Signing in as another person
+//      in the same browser works (oidc-provider ends the old IdP session on the way: an
+//      auto-submitting page, JavaScript on).
+//      Note: cookies ignore ports, so the IdP's `_session`/`_interaction*` cookies for
+//      127.0.0.1 also reach a portal on 127.0.0.1 (and the portal's __Host- cookies, Secure,
+//      never reach the plain-http IdP).
+//   3. POST /token   Authorization: Basic base64(client_id:client_secret)
+//        grant_type=authorization_code&code=..&redirect_uri=..&code_verifier=..
+//      -> 200 {"access_token":"<opaque>","expires_in":600,"id_token":"<JWT>","scope":"openid ..",
+//              "token_type":"Bearer"} (+ refresh_token only when the request had both
+//              scope offline_access and prompt=consent: oidc-provider's reading of OIDC Core
+//              11; prompt=consent shows no page here either).
+//      Codes live 60 s and work once (a second use -> 400 invalid_grant).
+//   ID token: header {"alg":"RS256","kid":..}; payload iss (= issuer), aud (= client_id), sub
+//   (= the account), exp (iat + 3600), iat, auth_time (when the person typed the password),
+//   nonce (as sent), sid (the IdP session), amr, plus per scope: email -> email,
+//   email_verified (true, a boolean); profile -> name, preferred_username (= account);
+//   groups -> groups (a list, maybe empty). No acr. There is no userinfo endpoint.
+//
+//   account    password      email                     amr            groups
+//   alice      pw-alice      alice@example.org         ["pwd","mfa"]  []
+//   bob        pw-bob        bob@example.org           ["pwd"]        []
+//   hanna      pw-hanna      hanna@example.org         ["pwd","mfa"]  ["mail-admins"]  (helpdesk)
+//   demo       pw-demo       demo@example.org          ["pwd","mfa"]  []   (scripts/demo.sh)
+//   newbie     pw-newbie     newbie@example.org        ["pwd","mfa"]  []   (no user record yet)
+//   stranger   pw-stranger   stranger@elsewhere.test   ["pwd","mfa"]  []   (unrouted domain)
+//   (These are people of the login form; the client-credentials users above are separate, and
+//   alice/bob/demo's access-token claims there are unchanged.)
+//
+//   Sign-out: GET /session/end?id_token_hint=..&post_logout_redirect_uri=..&state=.. shows
+//   "Sign out of the test IdP?" with button#logout-yes / button#logout-no; yes -> 303 to the
+//   post_logout_redirect_uri (must be registered) or a "Signed out" page.
+//   tests/browser/idp_selfcheck.py plays all of this in Chromium (see tests/browser/lib.py
+//   idp_sign_in for filling the form).
+//
 // SCRIPTED INTROSPECTION (answers a real IdP will not give: for the gateway's strictness tests)
 //   POST /__scripted/answer   {"token":"t1","answer":{"active":true,"exp":...,"iss":...}}
 //                             -> 200 {"ok":true}; the answer is returned as given, verbatim
@@ -149,11 +228,13 @@ try {
       port: { type: 'string' },
       'jwks-max-age': { type: 'string', default: '300' },
       'exit-with-stdin': { type: 'boolean', default: false },
+      // id:secret:redirect_uri, repeatable: a web client for the sign-in flow (the demo's portal)
+      client: { type: 'string', multiple: true, default: [] },
     },
     strict: true,
   }));
 } catch (err) {
-  process.stderr.write(`idp: ${err.message}\nusage: node server.js --port P [--jwks-max-age S] [--exit-with-stdin]\n`);
+  process.stderr.write(`idp: ${err.message}\nusage: node server.js --port P [--jwks-max-age S] [--exit-with-stdin] [--client ID:SECRET:REDIRECT_URI]...\n`);
   process.exit(2);
 }
 const requestedPort = Number(args.port);
@@ -165,6 +246,22 @@ const jwksMaxAge = Number(args['jwks-max-age']);
 if (!Number.isInteger(jwksMaxAge) || jwksMaxAge < 0) {
   process.stderr.write('idp: --jwks-max-age must be a non-negative integer\n');
   process.exit(2);
+}
+
+// --client ID:SECRET:REDIRECT_URI (the redirect URI has colons of its own: split at the first two).
+const cliClients = [];
+for (const spec of args.client) {
+  const first = spec.indexOf(':');
+  const second = first < 0 ? -1 : spec.indexOf(':', first + 1);
+  if (first <= 0 || second <= first + 1 || second === spec.length - 1) {
+    process.stderr.write('idp: --client must be ID:SECRET:REDIRECT_URI (e.g. portal:s3cret:https://127.0.0.1:8443/auth/callback)\n');
+    process.exit(2);
+  }
+  cliClients.push({
+    client_id: spec.slice(0, first),
+    client_secret: spec.slice(first + 1, second),
+    redirect_uris: [spec.slice(second + 1)],
+  });
 }
 
 // oidc-provider prints notices with console.info (i.e. to stdout). stdout is reserved for the
@@ -227,6 +324,127 @@ const clients = [
     scope: 'imap other offline_access',
   },
 ];
+
+// Static client ids: /__clients may not register one of these (the static one would win).
+const STATIC_CLIENT_IDS = new Set(clients.map((c) => c.client_id));
+
+// ----------------------------------------------------------------------------------------------
+// People who sign in through the IdP's own login form (authorization code flow, as the portal
+// uses it). Password: `pw-<account>`. Every person: email_verified=true, amr ["pwd","mfa"]
+// unless given, name, preferred_username = the account, groups.
+// ----------------------------------------------------------------------------------------------
+const PEOPLE = {
+  alice: { email: 'alice@example.org', groups: [] },
+  // Signs in with a password only (amr ["pwd"]): a portal with `require_amr: [mfa]` refuses him.
+  bob: { email: 'bob@example.org', groups: [], amr: ['pwd'] },
+  // The helpdesk.
+  hanna: { email: 'hanna@example.org', groups: ['mail-admins'] },
+  // The mailbox of scripts/demo.sh.
+  demo: { email: 'demo@example.org', groups: [] },
+  // Someone with no user record at the gateway yet (auto-provisioning).
+  newbie: { email: 'newbie@example.org', groups: [] },
+  // A mail domain the gateway does not route.
+  stranger: { email: 'stranger@elsewhere.test', groups: [] },
+};
+const DEFAULT_AMR = ['pwd', 'mfa'];
+
+/** The claims of a person (the provider filters them by the granted scopes). */
+function personClaims(account) {
+  const p = PEOPLE[account];
+  return {
+    sub: account,
+    email: p.email,
+    email_verified: true,
+    name: account.charAt(0).toUpperCase() + account.slice(1),
+    preferred_username: account,
+    groups: [...p.groups],
+  };
+}
+
+/** The account for what someone typed as user name (the account or its address), or undefined. */
+function personFor(username) {
+  const typed = String(username ?? '').trim().toLowerCase();
+  return Object.keys(PEOPLE).find((a) => a === typed || PEOPLE[a].email === typed);
+}
+
+/** Constant-time password check (`pw-<account>`). */
+function passwordMatches(account, password) {
+  const want = crypto.createHash('sha256').update(`pw-${account}`).digest();
+  const got = crypto.createHash('sha256').update(String(password ?? '')).digest();
+  return crypto.timingSafeEqual(want, got);
+}
+
+// Web clients registered at run time (POST /__clients, --client): client id -> metadata. They
+// live in the shared store (model `Client`), so oidc-provider finds them as it finds clients
+// from dynamic registration, and they survive POST /__rotate.
+const registeredClients = new Set();
+const WEB_CLIENT_SCOPE = 'openid offline_access email profile groups';
+
+/** Builds a client's metadata from the hook's fields; throws Error(description) if malformed. */
+function webClientMetadata(fields) {
+  const { client_id: id, client_secret: secret } = fields;
+  if (typeof id !== 'string' || !/^[A-Za-z0-9._~-]{1,128}$/.test(id)) {
+    throw new Error('client_id must be 1-128 characters of A-Z a-z 0-9 . _ ~ -');
+  }
+  if (typeof secret !== 'string' || secret.length === 0 || secret.length > 512) {
+    throw new Error('client_secret must be a non-empty string');
+  }
+  const uris = (name, required) => {
+    const v = fields[name];
+    if (v === undefined && !required) return undefined;
+    if (!Array.isArray(v) || (required && v.length === 0) || !v.every((u) => typeof u === 'string')) {
+      throw new Error(`${name} must be ${required ? 'a non-empty' : 'an'} array of strings`);
+    }
+    return v;
+  };
+  const redirectUris = uris('redirect_uris', true);
+  // Default: each redirect URI's origin + "/" (where the portal shows "signed out").
+  // (An invalid redirect URI gives no default here; Client.validate reports it.)
+  const postLogout = uris('post_logout_redirect_uris', false)
+    ?? [...new Set(redirectUris.filter((u) => URL.canParse(u)).map((u) => `${new URL(u).origin}/`))];
+  return {
+    client_id: id,
+    client_secret: secret,
+    application_type: 'web',
+    redirect_uris: redirectUris,
+    post_logout_redirect_uris: postLogout,
+    response_types: ['code'],
+    grant_types: ['authorization_code', 'refresh_token'],
+    token_endpoint_auth_method: 'client_secret_basic',
+    id_token_signed_response_alg: 'RS256',
+    require_auth_time: true,
+    scope: WEB_CLIENT_SCOPE,
+  };
+}
+
+/** [status, body] for POST /__clients: registers (or replaces) a web client. */
+async function registerClient(fields) {
+  let metadata;
+  try {
+    metadata = webClientMetadata(fields);
+  } catch (err) {
+    return [400, { error: 'invalid_client_metadata', error_description: err.message }];
+  }
+  if (STATIC_CLIENT_IDS.has(metadata.client_id)) {
+    return [409, { error: 'client_id_taken', error_description: `${metadata.client_id} is a built-in client` }];
+  }
+  try {
+    await provider.Client.validate(metadata);
+  } catch (err) {
+    return [400, {
+      error: 'invalid_client_metadata',
+      error_description: String(err?.error_description ?? err?.message ?? err),
+    }];
+  }
+  await new SharedMemoryAdapter('Client').upsert(metadata.client_id, metadata);
+  registeredClients.add(metadata.client_id);
+  return [200, {
+    ok: true,
+    client_id: metadata.client_id,
+    redirect_uris: metadata.redirect_uris,
+    post_logout_redirect_uris: metadata.post_logout_redirect_uris,
+  }];
+}
 
 // ----------------------------------------------------------------------------------------------
 // Resource servers (RFC 8707 resource indicators) -> token format / alg / audience / lifetime
@@ -329,9 +547,12 @@ class SharedMemoryAdapter {
     store.delete(this.key(id));
   }
 
+  // Called per token model (oidc-provider's MemoryAdapter also drops only tokens): an
+  // Interaction or Session that mentions the grant must survive, or an account switch on the
+  // login form (sign-out of the old session, then resume) finds its interaction gone.
   async revokeByGrantId(grantId) {
     for (const [key, { payload }] of store) {
-      if (payload.grantId === grantId) store.delete(key);
+      if (key.startsWith(`${this.model}:`) && payload.grantId === grantId) store.delete(key);
     }
   }
 }
@@ -340,21 +561,47 @@ class SharedMemoryAdapter {
 // Provider
 // ----------------------------------------------------------------------------------------------
 let issuer;
+const COOKIE_KEY = crypto.randomBytes(32).toString('base64url');
 
 function buildProvider() {
   const provider = new Provider(issuer, {
     adapter: SharedMemoryAdapter,
     clients,
     jwks: { keys: privateJwks },
-    scopes: ['openid', 'offline_access', 'imap', 'other'],
-    claims: { openid: ['sub'] },
-    // Accounts exist only for the device flow (approved through POST /__device/approve).
-    findAccount: async (ctx, sub) => (Object.hasOwn(USERS, sub)
-      ? { accountId: sub, claims: async () => ({ sub, ...structuredClone(USERS[sub]) }) }
-      : undefined),
+    scopes: ['openid', 'offline_access', 'imap', 'other', 'email', 'profile', 'groups'],
+    claims: {
+      // amr: the session's (how the person signed in, from the login form); an ID token claim.
+      openid: ['sub', 'amr'],
+      email: ['email', 'email_verified'],
+      profile: ['name', 'preferred_username'],
+      groups: ['groups'],
+    },
+    // People of the login form (PEOPLE) and the device flow's accounts (USERS, approved through
+    // POST /__device/approve). Device-flow tokens take their claims from extraTokenClaims below,
+    // so a name in both (alice, bob, demo) keeps its access-token claims.
+    findAccount: async (ctx, sub) => {
+      if (Object.hasOwn(PEOPLE, sub)) return { accountId: sub, claims: async () => personClaims(sub) };
+      if (Object.hasOwn(USERS, sub)) {
+        return { accountId: sub, claims: async () => ({ sub, ...structuredClone(USERS[sub]) }) };
+      }
+      return undefined;
+    },
+    // The login form lives in this file (see interaction() below), not in oidc-provider.
+    interactions: { url: async (ctx, interaction) => `/interaction/${interaction.uid}` },
+    // Cookie signing keys outlive a provider rebuild (POST /__rotate), so a sign-in that is
+    // under way, and the IdP session, survive a key rotation.
+    cookies: { keys: [COOKIE_KEY] },
+    // Every authorization request must carry PKCE (S256 is the only method oidc-provider 9
+    // accepts): a relying party that forgets it gets invalid_request.
+    pkce: { required: () => true },
+    // ID tokens carry the scope's claims (email, groups, ...) even though an access token is
+    // issued too: the portal reads them from the ID token (there is no userinfo endpoint).
+    conformIdTokenClaims: false,
     features: {
       devInteractions: { enabled: false },
       userinfo: { enabled: false },
+      // GET/POST /session/end (discovery: end_session_endpoint), with our own pages.
+      rpInitiatedLogout: { enabled: true, logoutSource, postLogoutSuccessSource },
       clientCredentials: { enabled: true },
       // RFC 8628. No browser pages are used: tests approve with POST /__device/approve.
       deviceFlow: { enabled: true },
@@ -371,10 +618,13 @@ function buildProvider() {
         enabled: true,
         // A device authorization request that names no resource is granted every resource, so
         // that its token request may pick one with resource= (default: DEFAULT_RESOURCE).
-        defaultResource: async (ctx, client, oneOf) => (
-          ctx?.oidc?.route === 'device_authorization' && oneOf === undefined
-            ? Object.keys(RESOURCES)
-            : DEFAULT_RESOURCE),
+        // Web clients (sign-in flow) get no resource: their access token is an opaque one
+        // for the (disabled) userinfo endpoint, and nothing but the ID token matters.
+        defaultResource: async (ctx, client, oneOf) => {
+          if (ctx?.oidc?.route === 'device_authorization' && oneOf === undefined) return Object.keys(RESOURCES);
+          if (client && registeredClients.has(client.clientId)) return undefined;
+          return DEFAULT_RESOURCE;
+        },
         useGrantedResource: async () => true,
         getResourceServerInfo: async (ctx, resourceIndicator) => {
           const rs = RESOURCES[resourceIndicator];
@@ -419,6 +669,14 @@ function buildProvider() {
       ctx.body = out;
     },
   });
+
+  // ID tokens for web clients carry `sid` (the IdP session, for RP-initiated logout).
+  // oidc-provider adds it only for clients with a back-channel logout URI; a test IdP has no
+  // business calling the portal back, so widen the rule for the registered web clients.
+  const { includeSid } = provider.Client.prototype;
+  provider.Client.prototype.includeSid = function includeSidForWebClients() {
+    return registeredClients.has(this.clientId) || includeSid.call(this);
+  };
 
   provider.use(async (ctx, next) => {
     await next();
@@ -644,6 +902,192 @@ function gated(req, res, url) {
 }
 
 // ----------------------------------------------------------------------------------------------
+// The IdP's own pages: login form (interaction), sign-out confirmation. Plain HTML, no script,
+// no third-party assets; labelled fields, one <main>, an <h1>, errors with role="alert", colours
+// with WCAG AA contrast (axe-core finds nothing serious on them).
+// ----------------------------------------------------------------------------------------------
+const PAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'";
+const PAGE_STYLE = `
+  body { font: 16px/1.5 system-ui, sans-serif; color: #1b1b1b; background: #f4f4f4; margin: 0; }
+  main { max-width: 26rem; margin: 3rem auto; padding: 1.5rem 2rem; background: #fff;
+         border: 1px solid #8a8a8a; border-radius: 6px; }
+  h1 { font-size: 1.5rem; margin: 0 0 .5rem; }
+  label { display: block; font-weight: 600; margin-top: 1rem; }
+  input { box-sizing: border-box; width: 100%; font: inherit; padding: .4rem; margin-top: .25rem;
+          border: 1px solid #595959; border-radius: 4px; }
+  button { font: inherit; padding: .5rem 1rem; margin-top: 1.25rem; border-radius: 4px;
+           border: 1px solid #0b3d73; background: #0b3d73; color: #fff; cursor: pointer; }
+  button.secondary { background: #fff; color: #0b3d73; }
+  :focus-visible { outline: 3px solid #b35900; outline-offset: 2px; }
+  #error { color: #8b0000; background: #fdecea; border: 1px solid #8b0000; padding: .5rem; }
+  .hint { color: #4a4a4a; font-size: .9rem; }
+  code { white-space: nowrap; }
+`;
+
+function htmlEscape(value) {
+  return String(value ?? '').replace(/[&<>"']/g, (c) => ({
+    '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;',
+  })[c]);
+}
+
+/** A whole HTML page (title and body are HTML; escape what goes in). */
+function pageHtml(title, body) {
+  return `<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>${title} · imapgate test IdP</title>
+<style>${PAGE_STYLE}</style>
+</head>
+<body>
+<main id="main">
+${body}
+</main>
+</body>
+</html>
+`;
+}
+
+function sendPage(res, status, title, body) {
+  const data = pageHtml(title, body);
+  res.writeHead(status, {
+    'Content-Type': 'text/html; charset=utf-8',
+    'Content-Length': Buffer.byteLength(data),
+    'Cache-Control': 'no-store',
+    'Content-Security-Policy': PAGE_CSP,
+    'X-Content-Type-Options': 'nosniff',
+    'Referrer-Policy': 'no-referrer',
+  });
+  res.end(data);
+}
+
+/** The login form of interaction `uid` (error: a message to show above it). */
+function loginPage(res, { uid, clientId, username, error }) {
+  const action = `/interaction/${encodeURIComponent(uid)}`;
+  const errorBlock = error ? `<p id="error" role="alert">${htmlEscape(error)}</p>\n` : '';
+  sendPage(res, 200, 'Sign in', `<h1>Sign in</h1>
+<p>to continue to <strong id="client">${htmlEscape(clientId)}</strong></p>
+${errorBlock}<form id="login-form" method="post" action="${action}/login">
+<label for="username">User name</label>
+<input id="username" name="username" type="text" autocomplete="username" autocapitalize="none"
+  spellcheck="false" required value="${htmlEscape(username)}"${username ? '' : ' autofocus'}>
+<label for="password">Password</label>
+<input id="password" name="password" type="password" autocomplete="current-password" required${username ? ' autofocus' : ''}>
+<button id="submit" type="submit">Sign in</button>
+</form>
+<form id="abort-form" method="post" action="${action}/abort">
+<button id="cancel" class="secondary" type="submit">Cancel</button>
+</form>
+<p class="hint">Test identity provider: user name <code>alice</code>, password <code>pw-alice</code>.</p>`);
+}
+
+function expiredPage(res) {
+  sendPage(res, 400, 'Sign-in expired', `<h1>This sign-in has expired</h1>
+<p id="error" role="alert">The sign-in request is unknown or has expired (or cookies are blocked).
+Go back to the application and start again.</p>`);
+}
+
+/** rpInitiatedLogout.logoutSource: "sign out?" with the provider's hidden form. */
+async function logoutSource(ctx, form) {
+  ctx.set('Content-Security-Policy', PAGE_CSP);
+  ctx.body = pageHtml('Sign out', `<h1>Sign out of the test IdP?</h1>
+${form}
+<button id="logout-yes" type="submit" form="op.logoutForm" value="yes" name="logout">Yes, sign me out</button>
+<button id="logout-no" class="secondary" type="submit" form="op.logoutForm">No, stay signed in</button>`);
+}
+
+/** rpInitiatedLogout.postLogoutSuccessSource (no post_logout_redirect_uri given). */
+async function postLogoutSuccessSource(ctx) {
+  ctx.set('Content-Security-Policy', PAGE_CSP);
+  ctx.body = pageHtml('Signed out', '<h1>Signed out</h1>\n<p id="notice" role="status">You are signed out of the test IdP.</p>');
+}
+
+const INTERACTION_PATH = /^\/interaction\/([A-Za-z0-9_-]{1,64})(?:\/(login|abort))?$/;
+
+/**
+ * GET  /interaction/<uid>        the login form (prompt login); a consent prompt is granted at
+ *                                once (no consent page) and the browser sent on
+ * POST /interaction/<uid>/login  username + password -> back to the authorization endpoint,
+ *                                or the form again with an error
+ * POST /interaction/<uid>/abort  the relying party gets error=access_denied
+ */
+async function interaction(req, res, url, uid, action) {
+  let details;
+  try {
+    details = await provider.interactionDetails(req, res);
+  } catch (err) {
+    if (err instanceof oidcErrors.SessionNotFound) {
+      req.resume();
+      expiredPage(res);
+      return;
+    }
+    throw err;
+  }
+  if (details.uid !== uid) {
+    req.resume();
+    expiredPage(res);
+    return;
+  }
+  const { prompt, params } = details;
+  const want = action === undefined ? ['GET', 'HEAD'] : ['POST'];
+  if (!want.includes(req.method)) {
+    req.resume();
+    sendJson(res, 405, { error: 'method_not_allowed' }, { Allow: want.join(', ') });
+    return;
+  }
+
+  if (action === undefined && prompt.name === 'consent') {
+    // No consent page: grant what the client asked for.
+    let grant = details.grantId ? await provider.Grant.find(details.grantId) : undefined;
+    const existing = Boolean(grant);
+    grant ??= new provider.Grant({ accountId: details.session.accountId, clientId: params.client_id });
+    const missing = prompt.details;
+    if (missing.missingOIDCScope) grant.addOIDCScope(missing.missingOIDCScope.join(' '));
+    if (missing.missingOIDCClaims) grant.addOIDCClaims(missing.missingOIDCClaims);
+    for (const [indicator, scopes] of Object.entries(missing.missingResourceScopes ?? {})) {
+      grant.addResourceScope(indicator, scopes.join(' '));
+    }
+    const grantId = await grant.save();
+    await provider.interactionFinished(req, res, { consent: existing ? {} : { grantId } }, { mergeWithLastSubmission: true });
+    return;
+  }
+  if (prompt.name !== 'login') {
+    req.resume();
+    sendPage(res, 400, 'Unsupported', `<h1>Unsupported request</h1>
+<p id="error" role="alert">The test IdP cannot handle the prompt "${htmlEscape(prompt.name)}".</p>`);
+    return;
+  }
+  if (action === undefined) {
+    const hint = typeof params.login_hint === 'string' ? params.login_hint : '';
+    loginPage(res, { uid, clientId: params.client_id, username: hint });
+    return;
+  }
+  const fields = await readFields(req, new URL('http://127.0.0.1/'));
+  if (action === 'abort') {
+    await provider.interactionFinished(req, res, {
+      error: 'access_denied', error_description: 'End-User aborted interaction',
+    }, { mergeWithLastSubmission: false });
+    return;
+  }
+  const account = personFor(fields.username);
+  // Check a password even for an unknown name, so both answers take the same time.
+  const ok = passwordMatches(account ?? 'no-such-account', fields.password) && account !== undefined;
+  if (!ok) {
+    loginPage(res, {
+      uid,
+      clientId: params.client_id,
+      username: typeof fields.username === 'string' ? fields.username : '',
+      error: 'Wrong user name or password.',
+    });
+    return;
+  }
+  await provider.interactionFinished(req, res, {
+    login: { accountId: account, amr: [...(PEOPLE[account].amr ?? DEFAULT_AMR)], remember: true },
+  }, { mergeWithLastSubmission: false });
+}
+
+// ----------------------------------------------------------------------------------------------
 // HTTP wrapper: test hooks + delegate to the current provider instance
 // ----------------------------------------------------------------------------------------------
 function sendJson(res, status, body, extraHeaders = {}) {
@@ -700,6 +1144,34 @@ const server = http.createServer((req, res) => {
       });
     return;
   }
+  if (url.pathname === '/__clients') {
+    if (req.method !== 'POST') {
+      req.resume();
+      sendJson(res, 405, { error: 'method_not_allowed' }, { Allow: 'POST' });
+      return;
+    }
+    if (!provider) {
+      req.resume();
+      sendJson(res, 503, { error: 'starting' });
+      return;
+    }
+    readFields(req, url)
+      .then((fields) => registerClient(fields))
+      .then(([status, body]) => sendJson(res, status, body))
+      .catch((err) => {
+        sendJson(res, 400, { error: 'invalid_request', error_description: String(err?.message ?? err) });
+      });
+    return;
+  }
+  const interactionMatch = INTERACTION_PATH.exec(url.pathname);
+  if (interactionMatch && provider) {
+    interaction(req, res, url, interactionMatch[1], interactionMatch[2]).catch((err) => {
+      process.stderr.write(`idp: ${url.pathname} failed: ${err?.stack ?? err}\n`);
+      if (!res.headersSent) sendJson(res, 500, { error: 'server_error' });
+      else res.destroy();
+    });
+    return;
+  }
   if (url.pathname.startsWith('/__scripted/')) {
     scripted(req, res, url).catch((err) => {
       sendJson(res, 400, { error: 'invalid_request', error_description: String(err?.message ?? err) });
@@ -753,5 +1225,18 @@ server.listen(requestedPort, '127.0.0.1', () => {
     process.stderr.write(`idp: provider setup failed: ${err?.stack ?? err}\n`);
     process.exit(1);
   }
-  process.stdout.write(`READY ${issuer}\n`);
+  (async () => {
+    for (const fields of cliClients) {
+      // eslint-disable-next-line no-await-in-loop
+      const [status, body] = await registerClient(fields);
+      if (status !== 200) {
+        process.stderr.write(`idp: --client ${fields.client_id}: ${body.error_description ?? body.error}\n`);
+        process.exit(2);
+      }
+    }
+    process.stdout.write(`READY ${issuer}\n`);
+  })().catch((err) => {
+    process.stderr.write(`idp: provider setup failed: ${err?.stack ?? err}\n`);
+    process.exit(1);
+  });
 });
