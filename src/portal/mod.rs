@@ -318,7 +318,7 @@ impl Portal {
     }
 
     /// Checks a state-changing request: a session, its CSRF token in the form, and a
-    /// same-origin `Origin` (or, without one, `Sec-Fetch-Site: same-origin`).
+    /// same-origin `Origin` (or, when it is absent or `null`, `Sec-Fetch-Site: same-origin`).
     pub(crate) fn check_post<'a>(
         &self,
         r: &'a Req,
@@ -328,11 +328,12 @@ impl Portal {
         let Some(s) = r.session.as_ref() else {
             return Err(self.see_other(r, "/"));
         };
+        // Browsers send `Origin: null` on form posts from a page whose referrer policy is
+        // `no-referrer` (ours): then the Fetch metadata must say same-origin.
+        let fetch_site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
         let same_origin = match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
-            Some(o) => o == self.cfg.public_url,
-            None => {
-                headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) == Some("same-origin")
-            }
+            Some("null") | None => fetch_site == Some("same-origin"),
+            Some(o) => o == self.cfg.public_url && fetch_site.is_none_or(|f| f == "same-origin"),
         };
         let token_ok = form.get("csrf").is_some_and(|t| {
             !s.csrf.is_empty()

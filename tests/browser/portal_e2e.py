@@ -320,7 +320,7 @@ def scenario(run: Run, browser, account: str) -> IdleSession | None:
 
     run.submit(page, account, create)
     shown = page.locator("#new-password")
-    check(shown.count() == 1, f"no #new-password after creating an app password (at {page.url})")
+    check(shown.count() == 1, f"no #new-password after creating an app password (at {page.url}): {page.locator('main').inner_text()[:400]!r}")
     grouped = shown.inner_text().strip()
     app_password = "".join(grouped.split())
     run.secrets.append(app_password)

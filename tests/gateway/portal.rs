@@ -43,6 +43,8 @@ pub(crate) struct Browser {
     pub base: String,
     pub cookies: BTreeMap<String, String>,
     pub lang: Option<&'static str>,
+    /// `Sec-Fetch-Site` to send.
+    pub fetch_site: Option<&'static str>,
 }
 
 impl Browser {
@@ -62,6 +64,7 @@ impl Browser {
             base,
             cookies: BTreeMap::new(),
             lang: None,
+            fetch_site: None,
         }
     }
 
@@ -90,6 +93,9 @@ impl Browser {
         let mut req = req.header("cookie", self.cookie_header());
         if let Some(l) = self.lang {
             req = req.header("accept-language", l);
+        }
+        if let Some(f) = self.fetch_site {
+            req = req.header("sec-fetch-site", f);
         }
         let resp = req.send().await.unwrap();
         let status = resp.status().as_u16();
@@ -348,6 +354,17 @@ async fn an_app_password_made_on_the_page_logs_in_and_revoking_it_there_ends_the
         .post_from("/app-passwords", &[("label", "Laptop")], None)
         .await;
     assert_eq!(r.status, 403);
+    let r = b
+        .post_from("/app-passwords", &[("label", "Laptop")], Some("null"))
+        .await;
+    assert_eq!(r.status, 403);
+    b.fetch_site = Some("cross-site");
+    let origin = b.base.clone();
+    let r = b
+        .post_from("/app-passwords", &[("label", "Laptop")], Some(&origin))
+        .await;
+    assert_eq!(r.status, 403);
+    b.fetch_site = None;
     assert_eq!(
         b.get("/").await.body.matches("data-id=").count(),
         rows_before
@@ -644,4 +661,57 @@ async fn portal_requests_are_limited_per_address() {
     let mut c: Client = t.client().await;
     let r = c.cmd("a", "CAPABILITY").await;
     assert!(last(&r).starts_with("a OK"));
+}
+
+/// The person's whole path in a real browser (tests/browser/portal_e2e.py driving Debian's
+/// Chromium through Playwright, axe-core on every page): sign in at the IdP's own form, make an
+/// app password and enrol TOTP on the pages, log in over IMAP with curl and imaplib, see the
+/// session, revoke it in the browser and watch the IMAP session close, and the helpdesk reset
+/// the TOTP. `IMAPGATE_PORTAL_SCREENSHOTS=DIR` keeps a screenshot of each page.
+#[tokio::test]
+async fn a_person_sets_up_mail_in_a_real_browser() {
+    let python = match std::env::var("IMAPGATE_BROWSER_PYTHON") {
+        Ok(p) if std::path::Path::new(&p).exists() => p,
+        _ => {
+            assert!(
+                !crate::harness::require_real(),
+                "IMAPGATE_BROWSER_PYTHON (the Playwright venv scripts/test.sh makes) is required"
+            );
+            eprintln!("skipping: IMAPGATE_BROWSER_PYTHON is not set");
+            return;
+        }
+    };
+    let Some(t) = portal_gateway("").await else {
+        return;
+    };
+    let idp = crate::harness::idp().unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/portal_e2e.py");
+    let mut cmd = tokio::process::Command::new(python);
+    cmd.arg(script)
+        .args(["--portal", t.portal_url.as_deref().unwrap()])
+        .args(["--idp", &idp.url])
+        .args(["--imap-port", &t.imaps().port().to_string()])
+        .args(["--ca", &t.pki.ca_pem.display().to_string()])
+        .args(["--metrics", &format!("http://{}/metrics", t.gw.admin)])
+        .kill_on_drop(true);
+    if let Ok(dir) = std::env::var("IMAPGATE_PORTAL_SCREENSHOTS") {
+        cmd.args(["--screenshots", &dir]);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(240), cmd.output())
+        .await
+        .expect("the browser test took longer than 4 minutes")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the browser test failed:\n{stdout}\n{stderr}"
+    );
+    // The steps the issue names all ran.
+    for step in ["sign in", "app password", "TOTP", "curl", "revoke", "reset"] {
+        assert!(
+            stdout.to_lowercase().contains(&step.to_lowercase()),
+            "step `{step}` missing from:\n{stdout}"
+        );
+    }
 }
