@@ -43,6 +43,7 @@ pub struct Metrics {
     pub http_limited: IntCounterVec,
     pub store_up: IntGauge,
     pub store_usage_dropped: IntCounter,
+    pub store_logins_dropped: IntCounter,
 }
 
 /// The metric names and help texts, in the order they are registered (docs and tests use it).
@@ -172,6 +173,10 @@ pub const CATALOGUE: &[(&str, &str)] = &[
     (
         "imapgate_store_usage_dropped_total",
         "Last-used records dropped because the buffer waiting to be written was full.",
+    ),
+    (
+        "imapgate_store_logins_dropped_total",
+        "Login-history events dropped because the buffer waiting to be written (or, with the users file, the history kept in memory) was full.",
     ),
 ];
 
@@ -387,6 +392,11 @@ impl Metrics {
             help("imapgate_store_usage_dropped_total"),
         )?;
         registry.register(Box::new(store_usage_dropped.clone()))?;
+        let store_logins_dropped = IntCounter::new(
+            "imapgate_store_logins_dropped_total",
+            help("imapgate_store_logins_dropped_total"),
+        )?;
+        registry.register(Box::new(store_logins_dropped.clone()))?;
         Ok(Self {
             registry,
             connections,
@@ -421,6 +431,7 @@ impl Metrics {
             http_limited,
             store_up,
             store_usage_dropped,
+            store_logins_dropped,
         })
     }
 

@@ -290,6 +290,7 @@ fn emitted() -> BTreeMap<&'static str, Vec<(&'static str, Values)>> {
     // auth/store.rs (`follow_changes`) and store/activity.rs.
     add("imapgate_store_up", vec![]);
     add("imapgate_store_usage_dropped_total", vec![]);
+    add("imapgate_store_logins_dropped_total", vec![]);
     m
 }
 
@@ -330,8 +331,9 @@ fn registered_labels(m: &Metrics) -> BTreeMap<String, Vec<String>> {
         http_limited,
         store_up,
         store_usage_dropped,
+        store_logins_dropped,
     } = m;
-    let collectors: [&dyn Collector; 32] = [
+    let collectors: [&dyn Collector; 33] = [
         connections,
         tls_handshake_failures,
         sessions_preauth,
@@ -364,6 +366,7 @@ fn registered_labels(m: &Metrics) -> BTreeMap<String, Vec<String>> {
         http_limited,
         store_up,
         store_usage_dropped,
+        store_logins_dropped,
     ];
     // The syslog drop counter is registered beside the struct's fields (see Metrics::new).
     let syslog = crate::observe::syslog::dropped_counter();
