@@ -229,3 +229,88 @@ impl LoginRecord<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::activity::Keep;
+
+    #[test]
+    fn only_attempts_that_prove_the_user_reach_the_history() {
+        let metrics = Metrics::new().unwrap();
+        let history = LoginHistory::new(
+            prometheus::IntCounter::new("d", "d").unwrap(),
+            Keep::UntilWritten,
+        );
+        let id = super::super::ClientId {
+            name: Some("Mail".into()),
+            version: Some("16.0".into()),
+        };
+        let mut r = LoginRecord {
+            session: 1,
+            listener: "imaps",
+            client: "192.0.2.7:5000".parse().unwrap(),
+            client_id: &id,
+            user: "a@example.org".into(),
+            mechanism: Mechanism::Plain,
+            guard: "allow",
+            backend: String::new(),
+            credential: "ap_1".into(),
+            mfa: "",
+            started: Instant::now(),
+            verified: false,
+            history: &history,
+        };
+        let nothing = [
+            Reason::Guard,
+            Reason::Credential(FailureReason::UnknownUser),
+            Reason::Credential(FailureReason::BadName),
+            Reason::Credential(FailureReason::Malformed),
+            Reason::Credential(FailureReason::AttackMode),
+            Reason::Credential(FailureReason::StateUnavailable),
+            Reason::Credential(FailureReason::OAuthNotConfigured),
+            Reason::Credential(FailureReason::Token(
+                crate::auth::oauth::OAuthError::UnknownIssuer,
+            )),
+            Reason::Deadline,
+        ];
+        for reason in nothing {
+            r.emit(&metrics, Ending::Failure, reason);
+        }
+        assert!(
+            history.recent("a@example.org", 50).is_empty(),
+            "an attempt that does not prove the user was recorded"
+        );
+        r.emit(
+            &metrics,
+            Ending::Failure,
+            Reason::Credential(FailureReason::BadCode),
+        );
+        r.verified = true;
+        r.emit(&metrics, Ending::Success, Reason::None);
+        r.emit(&metrics, Ending::Timeout, Reason::Deadline);
+        let got = history.recent("a@example.org", 50);
+        let summary: Vec<(&str, &str, &str)> = got
+            .iter()
+            .map(|e| (e.result.as_str(), e.reason.as_str(), e.credential.as_str()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("fail", "deadline", ""),
+                ("ok", "", "ap_1"),
+                ("fail", "bad_code", "")
+            ]
+        );
+        let ok = &got[1];
+        assert_eq!(
+            (
+                ok.address.as_str(),
+                ok.listener.as_str(),
+                ok.mechanism.as_str(),
+                ok.client.as_str()
+            ),
+            ("192.0.2.7", "imaps", "PLAIN", "Mail/16.0")
+        );
+    }
+}

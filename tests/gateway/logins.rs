@@ -200,11 +200,11 @@ async fn history_on(store: TestStore) {
         check(&listed(&t, alice, 2).await, "stored");
     }
 
-    // 4. The cap: 60 failed logins of bob (wrong passwords, 12 addresses at a time) leave his
-    //    newest 50.
+    // 4. The cap: 60 failed logins of bob (wrong passwords, 10 addresses at a time), in two
+    //    halves that reach the database in different writes, leave his newest 50.
     let bob = "bob@example.org";
-    for round in 0..5 {
-        let wrong = (0..12)
+    for round in 0..6 {
+        let wrong = (0..10)
             .map(|i| {
                 (
                     format!("127.0.4.{}", i + 1),
@@ -215,6 +215,11 @@ async fn history_on(store: TestStore) {
             .collect();
         for r in logins_at_once(&t, wrong).await {
             assert!(r.contains("NO"), "{r}");
+        }
+        if round == 2 {
+            if let Some(db) = &db {
+                assert_eq!(rows_become(db, Some(bob), 30).await, 30, "{which}");
+            }
         }
     }
     let list = listed(&t, bob, 50).await;
@@ -301,4 +306,55 @@ async fn recent_logins_on_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recent_logins_with_the_users_file_in_memory() {
     history_on(TestStore::File).await;
+}
+
+/// Someone spraying a thousand made-up names cannot push a real person's history out of a
+/// users-file gateway's memory (it holds 1,000 users): the names never reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spray_of_made_up_names_leaves_the_history_alone() {
+    let Some(t) = TestGateway::start_with(Options {
+        guard: DRY_RUN_GUARD.to_owned(),
+        failure_floor: "100ms",
+        admin_extra: LIMITS,
+        limits: "  max_connections: 1000\n  auth_failures_per_connection: 60".to_owned(),
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let alice = "alice@example.org";
+    assert!(t
+        .login_from("127.0.0.1", alice, &t.password(alice))
+        .await
+        .starts_with("a OK"));
+    assert_eq!(listed(&t, alice, 1).await.len(), 1);
+    // 20 connections, 51 names each: more names than the history holds users.
+    let mut set = tokio::task::JoinSet::new();
+    for c in 0..20 {
+        let (addr, ca) = (t.imaps(), t.pki.ca_der.clone());
+        set.spawn(async move {
+            let mut client = Client::tls_from(addr, &format!("127.0.6.{}", c + 1), &ca).await;
+            assert!(client.line().await.unwrap().starts_with("* OK"));
+            for i in 0..51 {
+                let r = client
+                    .cmd(
+                        "a",
+                        &format!("LOGIN spray{c}x{i}@example.org \"aaaabbbbccccdddd\""),
+                    )
+                    .await;
+                assert!(last(&r).starts_with("a NO"), "{r:?}");
+            }
+        });
+    }
+    set.join_all().await;
+    assert_eq!(
+        listed(&t, alice, 1).await.len(),
+        1,
+        "the spray pushed alice's login out"
+    );
+    assert_eq!(
+        t.metric("imapgate_store_logins_dropped_total", &[]).await,
+        0.0
+    );
 }
