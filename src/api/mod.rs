@@ -33,6 +33,8 @@ pub struct Api {
     pub sessions: crate::login::registry::UserSessions,
     /// Last-used records not written yet (with the users file: all there are).
     pub last_used: Arc<crate::store::activity::LastUsed>,
+    /// Login-history events not written yet (with the users file: all there are).
+    pub login_history: Arc<crate::store::activity::LoginHistory>,
 }
 
 impl Api {
@@ -91,6 +93,44 @@ impl Api {
         }
         all
     }
+
+    /// The newest logins of `user` (a normalised name), newest first, at most `limit` (and at
+    /// most [`crate::store::LOGIN_HISTORY_PER_USER`]): the store's rows and those still
+    /// buffered in this replica, each once. A store that cannot be read leaves the buffered
+    /// ones.
+    pub async fn recent_logins(&self, user: &str, limit: u32) -> Vec<crate::store::LoginEvent> {
+        let cap = crate::store::LOGIN_HISTORY_PER_USER;
+        let limit = usize::try_from(limit).unwrap_or(cap).min(cap);
+        // The buffer first: an event written meanwhile is then in both (and counted once),
+        // never in neither.
+        let mut all = self.login_history.recent(user, limit);
+        if self.database() {
+            match self
+                .services
+                .store
+                .recent_logins(user, u32::try_from(limit).unwrap_or(u32::MAX))
+                .await
+            {
+                Ok(stored) => {
+                    // A buffered event the store has too (written meanwhile) is shown once.
+                    let mut unmatched = stored.clone();
+                    all.retain(|e| match unmatched.iter().position(|x| x == e) {
+                        Some(i) => {
+                            unmatched.swap_remove(i);
+                            false
+                        }
+                        None => true,
+                    });
+                    all.extend(stored);
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot read the login history"),
+            }
+        }
+        // Stable: buffered events (newer) before stored ones of the same second.
+        all.sort_by_key(|e| std::cmp::Reverse(e.at));
+        all.truncate(limit);
+        all
+    }
 }
 
 type Shared = State<Arc<Api>>;
@@ -129,6 +169,7 @@ pub fn router(api: Arc<Api>) -> Router {
         )
         .route("/users/{user}/totp", delete(reset_totp))
         .route("/users/{user}/sessions", delete(end_user_sessions))
+        .route("/users/{user}/logins", get(list_logins))
         .route("/sessions", get(list_sessions))
         .route("/sessions/{id}", delete(end_session))
         .route("/users/{user}/totp/enrolment", post(begin_totp))
@@ -310,6 +351,53 @@ fn last_use(u: &crate::store::Usage) -> Value {
                 .ok()
         });
     json!({ "at": at, "address": u.address, "client": u.client })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginsParams {
+    limit: Option<u32>,
+}
+
+/// `GET /users/{user}/logins?limit=`: the user's recent logins, newest first.
+async fn list_logins(
+    State(api): Shared,
+    Path(user): Path<String>,
+    Query(p): Query<LoginsParams>,
+) -> Response {
+    let (name, _) = match api.services.user(&user).await {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    let cap = u32::try_from(crate::store::LOGIN_HISTORY_PER_USER).unwrap_or(u32::MAX);
+    let limit = p.limit.unwrap_or(cap).clamp(1, cap);
+    let logins: Vec<Value> = api
+        .recent_logins(&name, limit)
+        .await
+        .iter()
+        .map(login_view)
+        .collect();
+    Json(json!({ "user": name, "logins": logins })).into_response()
+}
+
+/// A login-history event as the API shows it (`at` in RFC 3339).
+fn login_view(e: &crate::store::LoginEvent) -> Value {
+    let at = time::OffsetDateTime::from_unix_timestamp(e.at)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        });
+    json!({
+        "at": at,
+        "address": e.address,
+        "listener": e.listener,
+        "mechanism": e.mechanism,
+        "result": e.result,
+        "reason": e.reason,
+        "client": e.client,
+        "credential": e.credential,
+    })
 }
 
 #[derive(Deserialize)]

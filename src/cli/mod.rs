@@ -50,6 +50,7 @@ use crate::config::Config;
 
 mod doctor;
 mod guard;
+mod logins;
 mod mfa;
 mod oauth;
 mod remote;
@@ -168,6 +169,16 @@ pub enum UsersCmd {
     },
     /// List users.
     List {
+        #[command(flatten)]
+        cfg: UsersTarget,
+    },
+    /// Show a user's recent logins, newest first: time, result, reason, mechanism, address,
+    /// listener, client, credential.
+    Logins {
+        user: String,
+        /// At most this many (1-50).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
         #[command(flatten)]
         cfg: UsersTarget,
     },
@@ -840,6 +851,7 @@ fn users(cmd: UsersCmd) -> ExitCode {
             cfg,
         } => transfer::import(&file, csv, replace, passwords_out.as_deref(), &cfg),
         UsersCmd::Export { output, cfg } => transfer::export(output.as_deref(), &cfg),
+        UsersCmd::Logins { user, limit, cfg } => logins::show(&user, limit, &cfg),
         UsersCmd::Disable { user, cfg } => set_disabled(&user, &cfg, true),
         UsersCmd::Enable { user, cfg } => set_disabled(&user, &cfg, false),
         UsersCmd::Remove { user, cfg } => {

@@ -6,7 +6,7 @@
 //! failure waits out the floor and the tarpit (invariant 5) → a success takes a per-user slot,
 //! is routed, and the backend login runs. The result is one [`LoginResult`]; the protocol's
 //! state machine turns it into replies (this room never writes to the client), and one
-//! [`LoginRecord`] writes the audit line and the metrics together.
+//! [`LoginRecord`] writes the audit line, the metrics and the user's login history together.
 //!
 //! The whole attempt runs under the session's pre-auth deadline: when it passes, whatever the
 //! attempt was waiting for (a queue, the IdP, the tarpit, the backend) is dropped with it and
@@ -46,6 +46,8 @@ pub struct Services {
     pub user_sessions: UserSessions,
     /// Last-used records of successful logins (written to the store in the background).
     pub last_used: Arc<crate::store::activity::LastUsed>,
+    /// The recent logins of known users (written to the store in the background).
+    pub login_history: Arc<crate::store::activity::LoginHistory>,
     /// How login names are compared (`auth.unicode_names`): the guard counts the account the
     /// authenticator will check.
     pub names: auth::NameRules,
@@ -127,6 +129,8 @@ impl Services {
             credential: String::new(),
             mfa: "",
             started: Instant::now(),
+            verified: false,
+            history: &self.login_history,
         };
         let attempt = self.attempt(client, credential, claimed.as_deref(), &mut record);
         match tokio::time::timeout_at(deadline, attempt).await {
@@ -275,6 +279,7 @@ impl Services {
         let m = &self.metrics;
         record.user.clone_from(&identity.user);
         record.credential.clone_from(&identity.credential_id);
+        record.verified = true;
         let Some(slot) = self.user_sessions.try_acquire(
             registry::NewSession {
                 user: &identity.user,

@@ -45,6 +45,7 @@ pub struct Metrics {
     pub store_usage_dropped: IntCounter,
     /// `imapgate_portal_signins_total{result}`: `ok` or `failed`.
     pub portal_signins: IntCounterVec,
+    pub store_logins_dropped: IntCounter,
 }
 
 /// The metric names and help texts, in the order they are registered (docs and tests use it).
@@ -178,6 +179,10 @@ pub const CATALOGUE: &[(&str, &str)] = &[
     (
         "imapgate_portal_signins_total",
         "Sign-ins to the self-service portal through the identity provider, by result.",
+    ),
+    (
+        "imapgate_store_logins_dropped_total",
+        "Login-history events dropped because the buffer waiting to be written (or, with the users file, the history kept in memory) was full.",
     ),
 ];
 
@@ -399,6 +404,11 @@ impl Metrics {
         for result in ["ok", "failed"] {
             portal_signins.with_label_values(&[result]);
         }
+        let store_logins_dropped = IntCounter::new(
+            "imapgate_store_logins_dropped_total",
+            help("imapgate_store_logins_dropped_total"),
+        )?;
+        registry.register(Box::new(store_logins_dropped.clone()))?;
         Ok(Self {
             registry,
             connections,
@@ -434,6 +444,7 @@ impl Metrics {
             store_up,
             store_usage_dropped,
             portal_signins,
+            store_logins_dropped,
         })
     }
 

@@ -199,9 +199,21 @@ impl Portal {
 
     /// The recent logins of `name`, newest first, as rows.
     pub(crate) async fn login_rows(&self, name: &str) -> Vec<Value> {
-        // MERGE: wired to Api::recent_logins when the login history lands.
-        let _ = name;
-        Vec::new()
+        self.api
+            .recent_logins(name, 50)
+            .await
+            .into_iter()
+            .map(|l| {
+                json!({
+                    "at": fmt_unix(l.at),
+                    "address": l.address,
+                    "mechanism": l.mechanism,
+                    "client": l.client,
+                    "result": if l.result == "ok" { "ok" } else { "fail" },
+                    "reason": l.reason,
+                })
+            })
+            .collect()
     }
 
     pub(crate) fn mail_settings(&self, user: &str) -> Value {

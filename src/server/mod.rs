@@ -344,6 +344,13 @@ impl Gateway {
         let last_used = Arc::new(crate::store::activity::LastUsed::new(
             metrics.store_usage_dropped.clone(),
         ));
+        let login_history = Arc::new(crate::store::activity::LoginHistory::new(
+            metrics.store_logins_dropped.clone(),
+            match user_store {
+                Some(_) => crate::store::activity::Keep::UntilWritten,
+                None => crate::store::activity::Keep::InMemory,
+            },
+        ));
 
         let mut bound = Vec::new();
         for l in &config.listeners {
@@ -391,6 +398,7 @@ impl Gateway {
                 max_sessions_per_user: config.limits.max_sessions_per_user,
                 user_sessions: user_sessions.clone(),
                 last_used: last_used.clone(),
+                login_history: login_history.clone(),
                 names: crate::auth::NameRules::from_config(config.auth.unicode_names),
             },
             metrics: metrics.clone(),
@@ -500,6 +508,7 @@ impl Gateway {
                 max_page: 1000,
                 sessions: shared.login.user_sessions.clone(),
                 last_used: last_used.clone(),
+                login_history: login_history.clone(),
             })
         };
         if let (Some(pc), Some(sock)) = (&config.portal, portal_sock) {
@@ -567,6 +576,7 @@ impl Gateway {
         if let Some(db) = &user_store {
             // Last-used records and the session directory, written in the background.
             tokio::spawn(last_used.run(db.clone(), background.clone()));
+            tokio::spawn(login_history.run(db.clone(), background.clone()));
             tokio::spawn(crate::store::activity::mirror_sessions(
                 user_sessions,
                 db.clone(),

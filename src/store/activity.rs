@@ -18,6 +18,10 @@
 //! [`SESSIONS_STALE`] (3 heartbeats: their replica died or lost the database) are left out of
 //! every listing and deleted by the next replica that writes. A replica clears its own rows
 //! when it starts (a restarted pod keeps its name) and when it stops.
+//!
+//! **Login history** ([`LoginHistory`], in [`logins`]): each known user's recent logins,
+//! successful and failed, buffered the same way (bounded, batched, written every
+//! [`logins::LOGINS_FLUSH`] into `login_events`; with the users file kept in memory only).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -29,6 +33,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{SessionInfo, Usage, UsageRecord, UsageScope, UserStore};
 use crate::login::UserSessions;
+
+pub mod logins;
+pub use logins::{Keep, LoginHistory};
 
 /// Last-used records held at most before they are written: (user, credential) pairs.
 pub const MAX_PENDING: usize = 10_000;

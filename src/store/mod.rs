@@ -21,7 +21,9 @@
 //! *session directory* (`sessions`: each replica mirrors its relayed sessions there, so any
 //! replica and the CLI can list and end them) and *last-used records* (when, from where and
 //! with which client each app password, and each user, last logged in). Both are written in
-//! the background, batched; a login never waits for them.
+//! the background, batched; a login never waits for them. So is each user's *login history*
+//! (`login_events`: their recent successful and failed logins, [`LoginEvent`]), bounded to
+//! [`LOGIN_HISTORY_PER_USER`] rows per user and [`LOGIN_HISTORY_KEPT`].
 //!
 //! The store holds no policy: whether a login passes is decided in `auth`.
 
@@ -152,6 +154,43 @@ pub struct Usage {
     pub client: String,
 }
 
+/// The most logins the history keeps per user (the newest; older ones are deleted).
+pub const LOGIN_HISTORY_PER_USER: usize = 50;
+
+/// Logins older than this leave the history (and are never shown).
+pub const LOGIN_HISTORY_KEPT: std::time::Duration = std::time::Duration::from_secs(90 * 24 * 3600);
+
+/// The oldest `at` the login history still shows: now minus [`LOGIN_HISTORY_KEPT`].
+pub fn login_history_cutoff() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+        - i64::try_from(LOGIN_HISTORY_KEPT.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// One login of a known user, successful or failed, as the login history keeps it (see
+/// [`activity::LoginHistory`]). Never a password, token or code: the fields are the audit
+/// line's, reduced to what a person recognises.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LoginEvent {
+    /// The normalised login name.
+    pub user: String,
+    /// Unix seconds.
+    pub at: i64,
+    /// The client's address (the PROXY header's, where trusted).
+    pub address: String,
+    /// The listener's name from the configuration.
+    pub listener: String,
+    /// `LOGIN`, `PLAIN`, `XOAUTH2` or `OAUTHBEARER`.
+    pub mechanism: String,
+    /// `ok` or `fail`.
+    pub result: String,
+    /// The audit line's `reason` (`""` on success, e.g. `bad_password`, `bad_code`).
+    pub reason: String,
+    /// The client's IMAP `ID` name and version (`name/version`, sanitised), or "".
+    pub client: String,
+    /// Successes: the app password id or `oauth:{issuer name}`; failures: "".
+    pub credential: String,
+}
+
 /// The credential store's operations; implemented by [`file::FileStore`] and
 /// [`sql::SqlStore`].
 #[async_trait::async_trait]
@@ -241,6 +280,20 @@ pub trait UserStore: Send + Sync {
         Err(StoreError::Refused(
             "this store keeps no last-used records: the running gateway keeps them in memory (--admin)".into(),
         ))
+    }
+
+    /// Adds logins to the history, in the order given (oldest first). Only users the store
+    /// lists get rows; afterwards each user of the batch keeps at most
+    /// [`LOGIN_HISTORY_PER_USER`] rows, and rows older than [`LOGIN_HISTORY_KEPT`] are deleted.
+    /// The users file keeps no history here (the gateway keeps it in memory): a no-op.
+    async fn record_logins(&self, _events: &[LoginEvent]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// The newest logins of `user` (at most `limit`, at most [`LOGIN_HISTORY_PER_USER`]),
+    /// newest first; nothing older than [`LOGIN_HISTORY_KEPT`]. The users file: none.
+    async fn recent_logins(&self, _user: &str, _limit: u32) -> Result<Vec<LoginEvent>, StoreError> {
+        Ok(Vec::new())
     }
 }
 

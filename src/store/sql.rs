@@ -4,7 +4,8 @@
 //!
 //! Layout: `users` (one row per user), `app_passwords` (one row per app password, deleted with
 //! its user), `changes` (the change log the replicas follow), `app_password_usage` and
-//! `user_logins` (last use, see `store::activity`), `sessions` (the session directory).
+//! `user_logins` (last use, see `store::activity`), `sessions` (the session directory),
+//! `login_events` (each user's recent logins, bounded by [`UserStore::record_logins`]).
 //! Times are Unix seconds. A user's row is the unit of locking: SQLite takes the database's
 //! write lock at the start of each change (`BEGIN IMMEDIATE`), PostgreSQL a transaction-scoped
 //! advisory lock on the user's name, so two changes of one user run one after the other and
@@ -21,8 +22,8 @@ use sqlx::{AnyPool, AssertSqlSafe, Row, SqlSafeStr};
 use time::OffsetDateTime;
 
 use super::{
-    ChangeEvent, ChangeKind, ImportReport, ListQuery, SessionInfo, StoreError, Usage, UsageRecord,
-    UsageScope, UserStore,
+    ChangeEvent, ChangeKind, ImportReport, ListQuery, LoginEvent, SessionInfo, StoreError, Usage,
+    UsageRecord, UsageScope, UserStore, LOGIN_HISTORY_PER_USER,
 };
 use crate::auth::users::{AppPassword, User, UsersFile, VERSION};
 use crate::config::{MfaMode, StoreBackend, StoreConfig};
@@ -51,7 +52,7 @@ const CHANNEL: &str = "imapgate_changes";
 /// been released: add the next.
 fn migrations(backend: StoreBackend) -> Vec<Migration> {
     let postgres = backend == StoreBackend::Postgres;
-    let set: [(&str, &'static str); 3] = [
+    let set: [(&str, &'static str); 4] = [
         ("users", include_str!("migrations/0001_users.sql")),
         (
             "changes usage",
@@ -64,6 +65,14 @@ fn migrations(backend: StoreBackend) -> Vec<Migration> {
         (
             "sessions logins",
             include_str!("migrations/0003_sessions_logins.sql"),
+        ),
+        (
+            "login events",
+            if postgres {
+                include_str!("migrations/0004_login_events.postgres.sql")
+            } else {
+                include_str!("migrations/0004_login_events.sqlite.sql")
+            },
         ),
     ];
     set.iter()
@@ -370,6 +379,7 @@ impl SqlStore {
             for q in [
                 "DELETE FROM app_password_usage WHERE user_name = $1",
                 "DELETE FROM user_logins WHERE user_name = $1",
+                "DELETE FROM login_events WHERE user_name = $1",
                 "DELETE FROM app_passwords WHERE user_name = $1",
                 "DELETE FROM users WHERE name = $1",
             ] {
@@ -523,6 +533,26 @@ fn session_of(row: &AnyRow) -> Result<SessionInfo, StoreError> {
         client_version: row.try_get("client_version").map_err(db_err)?,
         listener: row.try_get("listener").map_err(db_err)?,
         since: row.try_get("since").map_err(db_err)?,
+    })
+}
+
+/// Login-history rows per INSERT statement (9 values each).
+const LOGINS_PER_INSERT: usize = 50;
+
+const LOGIN_COLUMNS: &str =
+    "user_name, at, address, listener, mechanism, result, reason, client, credential";
+
+fn login_of(row: &AnyRow) -> Result<LoginEvent, StoreError> {
+    Ok(LoginEvent {
+        user: row.try_get("user_name").map_err(db_err)?,
+        at: row.try_get("at").map_err(db_err)?,
+        address: row.try_get("address").map_err(db_err)?,
+        listener: row.try_get("listener").map_err(db_err)?,
+        mechanism: row.try_get("mechanism").map_err(db_err)?,
+        result: row.try_get("result").map_err(db_err)?,
+        reason: row.try_get("reason").map_err(db_err)?,
+        client: row.try_get("client").map_err(db_err)?,
+        credential: row.try_get("credential").map_err(db_err)?,
     })
 }
 
@@ -956,5 +986,81 @@ impl UserStore for SqlStore {
             });
         }
         Ok(out)
+    }
+
+    /// One transaction: the batch's rows (users the store does not list are skipped), then
+    /// the bounds: each user of the batch keeps the newest [`LOGIN_HISTORY_PER_USER`] rows, and
+    /// rows older than [`super::LOGIN_HISTORY_KEPT`] go, whoever they belong to (an index on
+    /// `at` makes that a short range scan).
+    async fn record_logins(&self, events: &[LoginEvent]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        for chunk in events.chunks(LOGINS_PER_INSERT) {
+            let values: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let p: Vec<String> = (1..=9).map(|k| format!("${}", i * 9 + k)).collect();
+                    format!("({})", p.join(", "))
+                })
+                .collect();
+            // `VALUES` names its columns column1…column9 in both dialects.
+            let sql = format!(
+                "INSERT INTO login_events ({LOGIN_COLUMNS}) \
+                 SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6, \
+                 v.column7, v.column8, v.column9 FROM (VALUES {}) AS v \
+                 WHERE EXISTS (SELECT 1 FROM users WHERE name = v.column1)",
+                values.join(", ")
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for e in chunk {
+                q = q
+                    .bind(e.user.clone())
+                    .bind(e.at)
+                    .bind(e.address.clone())
+                    .bind(e.listener.clone())
+                    .bind(e.mechanism.clone())
+                    .bind(e.result.clone())
+                    .bind(e.reason.clone())
+                    .bind(e.client.clone())
+                    .bind(e.credential.clone());
+            }
+            q.execute(&mut *tx).await.map_err(db_err)?;
+        }
+        let users: std::collections::BTreeSet<&str> =
+            events.iter().map(|e| e.user.as_str()).collect();
+        let keep = i64::try_from(LOGIN_HISTORY_PER_USER).unwrap_or(i64::MAX);
+        for user in users {
+            sqlx::query(
+                "DELETE FROM login_events WHERE user_name = $1 AND seq NOT IN \
+                 (SELECT seq FROM login_events WHERE user_name = $1 ORDER BY at DESC, seq DESC LIMIT $2)",
+            )
+            .bind(user)
+            .bind(keep)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        sqlx::query("DELETE FROM login_events WHERE at < $1")
+            .bind(super::login_history_cutoff())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn recent_logins(&self, user: &str, limit: u32) -> Result<Vec<LoginEvent>, StoreError> {
+        let limit = i64::from(limit).clamp(0, i64::try_from(LOGIN_HISTORY_PER_USER).unwrap_or(0));
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {LOGIN_COLUMNS} FROM login_events WHERE user_name = $1 AND at >= $2 \
+             ORDER BY at DESC, seq DESC LIMIT $3"
+        )))
+        .bind(user)
+        .bind(super::login_history_cutoff())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(login_of).collect()
     }
 }

@@ -526,7 +526,7 @@ async fn the_openapi_document_matches_the_routes() {
             }
         }
     }
-    assert_eq!(documented.len(), 16, "{documented:?}");
+    assert_eq!(documented.len(), 17, "{documented:?}");
     // Every documented operation has an id and its responses, and every $ref resolves.
     fn refs(v: &Value, out: &mut Vec<String>) {
         match v {
@@ -635,6 +635,13 @@ async fn the_cli_works_through_the_api_and_actions_are_audited_with_the_token_na
     let (ok, out, err) = cli(&["sessions", "list", dave]);
     assert!(
         ok && out.contains(dave) && out.contains("127.0.0.1"),
+        "{out}{err}"
+    );
+    // dave's login is in his recent logins, through the API.
+    let (ok, out, err) = cli(&["users", "logins", dave, "--limit", "5"]);
+    let first = out.lines().next().unwrap_or_default();
+    assert!(
+        ok && first.contains("\tok\t") && first.contains("LOGIN") && first.contains("127.0.0.1"),
         "{out}{err}"
     );
     let (ok, _, err) = cli(&["sessions", "kill", dave]);

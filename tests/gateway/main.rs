@@ -20,6 +20,7 @@ mod faulty_upstream;
 mod guard;
 mod hostile;
 mod login;
+mod logins;
 mod metrics;
 mod mfa;
 mod oauth;

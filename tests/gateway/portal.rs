@@ -685,7 +685,8 @@ async fn a_person_sets_up_mail_in_a_real_browser() {
         return;
     };
     let idp = crate::harness::idp().unwrap();
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/portal_e2e.py");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/portal_e2e.py");
     let mut cmd = tokio::process::Command::new(python);
     cmd.arg(script)
         .args(["--portal", t.portal_url.as_deref().unwrap()])

@@ -295,6 +295,7 @@ fn emitted() -> BTreeMap<&'static str, Vec<(&'static str, Values)>> {
         "imapgate_portal_signins_total",
         vec![("result", closed(["ok", "failed"]))],
     );
+    add("imapgate_store_logins_dropped_total", vec![]);
     m
 }
 
@@ -336,8 +337,9 @@ fn registered_labels(m: &Metrics) -> BTreeMap<String, Vec<String>> {
         store_up,
         store_usage_dropped,
         portal_signins,
+        store_logins_dropped,
     } = m;
-    let collectors: [&dyn Collector; 33] = [
+    let collectors: [&dyn Collector; 34] = [
         connections,
         tls_handshake_failures,
         sessions_preauth,
@@ -371,6 +373,7 @@ fn registered_labels(m: &Metrics) -> BTreeMap<String, Vec<String>> {
         store_up,
         store_usage_dropped,
         portal_signins,
+        store_logins_dropped,
     ];
     // The syslog drop counter is registered beside the struct's fields (see Metrics::new).
     let syslog = crate::observe::syslog::dropped_counter();
