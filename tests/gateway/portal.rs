@@ -709,7 +709,7 @@ async fn a_person_sets_up_mail_in_a_real_browser() {
         "the browser test failed:\n{stdout}\n{stderr}"
     );
     // The steps the issue names all ran.
-    for step in ["sign in", "app password", "TOTP", "curl", "revoke", "reset"] {
+    for step in ["signed in", "app password", "TOTP", "curl", "revoked", "reset the TOTP"] {
         assert!(
             stdout.to_lowercase().contains(&step.to_lowercase()),
             "step `{step}` missing from:\n{stdout}"
