@@ -12,6 +12,7 @@
 //! take more memory than `permits × m_kib`.
 
 pub mod app_password;
+pub mod approval;
 pub mod cache;
 pub mod keyring;
 pub mod locked_file;
@@ -79,6 +80,8 @@ pub struct Attempt {
     /// `RequireCode`): only an app password with a fresh, never-used TOTP code logs in; unlock
     /// windows do not count, code-less logins and accounts without TOTP are refused.
     pub require_code: bool,
+    /// The client's IMAP `ID` name and version ("" when not sent), for a pending sign-in.
+    pub client: String,
 }
 
 /// Why an attempt failed (never shown to the client).
@@ -110,6 +113,8 @@ pub enum FailureReason {
     AttackMode,
     /// The app password was marked suspect (too many wrong codes) and is not unlocked here.
     SuspectAppPassword,
+    /// The account's owner denied a sign-in from this network in the portal (approvals).
+    NetworkDenied,
     /// The bearer token was refused.
     Token(oauth::OAuthError),
     /// A token mechanism was used but no issuer is configured.
@@ -134,6 +139,7 @@ impl FailureReason {
             FailureReason::StateUnavailable => "state_unavailable",
             FailureReason::AttackMode => "attack_mode",
             FailureReason::SuspectAppPassword => "suspect_app_password",
+            FailureReason::NetworkDenied => "network_denied",
             FailureReason::Token(e) => e.as_str(),
             FailureReason::OAuthNotConfigured => "oauth_not_configured",
         }
@@ -162,6 +168,12 @@ pub struct Identity {
 /// A short name of a TOTP enrolment (of its stored ciphertext): part of the unlock windows'
 /// keys, so a reset or a new enrolment ends every window, and kept with each session whose
 /// second factor it met.
+/// The state key of an app password's unlock window for one network under one TOTP
+/// enrolment (written by a valid code or an approval, read by every login).
+pub fn unlock_key(user: &str, credential: &str, network: &str, enrolment: &str) -> String {
+    format!("unlock:{user}:{credential}:{network}:{enrolment}")
+}
+
 pub fn enrolment_tag(stored_totp: Option<&str>) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(stored_totp.unwrap_or_default().as_bytes())

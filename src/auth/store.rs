@@ -163,6 +163,8 @@ pub struct CredentialStore {
     allow_group_readable: bool,
     /// (user, app password id) already written back (or tried) since the last reload.
     written_back: std::sync::Mutex<HashSet<(String, String)>>,
+    /// Sign-in approval (`auth.mfa.approval: portal`), once the gateway installed it.
+    approvals: std::sync::OnceLock<Arc<super::approval::Approvals>>,
 }
 
 /// The client's subnet for unlock binding: /24 for IPv4, /64 for IPv6 (the same function the
@@ -360,6 +362,7 @@ impl CredentialStore {
             max_per_user: usize::try_from(cfg.max_app_passwords_per_user).unwrap_or(usize::MAX),
             allow_group_readable: cfg.allow_group_readable_secrets,
             written_back: Default::default(),
+            approvals: Default::default(),
         })
     }
 
@@ -381,6 +384,12 @@ impl CredentialStore {
     }
 
     /// Installs the hook run for each change-log entry (database stores only).
+    /// Installs sign-in approval: code-less logins from networks where the app password is
+    /// not unlocked are recorded for the person to approve.
+    pub fn set_approvals(&self, approvals: Arc<super::approval::Approvals>) {
+        let _ = self.approvals.set(approvals);
+    }
+
     pub fn set_change_hook(&self, hook: ChangeHook) {
         if let Some(db) = &self.db {
             if let Ok(mut h) = db.on_change.write() {
@@ -981,23 +990,33 @@ impl Authenticator for CredentialStore {
         };
         // The enrolment is part of the key: `totp reset` or a new enrolment ends every window.
         let enrolment = super::enrolment_tag(entry.totp.as_deref());
-        let unlock_key = format!("unlock:{name}:{}:{scope}:{enrolment}", ap.id);
-        // One read: is this app password unlocked here, and has the guard marked it suspect
-        // (correct, but given too many wrong codes)?
-        let (unlocked, suspect) = match self
+        let unlock_key = super::unlock_key(&name, &ap.id, &scope, &enrolment);
+        // One read: is this app password unlocked here, has the guard marked it suspect
+        // (correct, but given too many wrong codes), and has its owner denied a sign-in from
+        // this network?
+        let (unlocked, suspect, denied) = match self
             .state
-            .get_many(&[unlock_key.clone(), crate::state::suspect_key(&name, &ap.id)])
+            .get_many(&[
+                unlock_key.clone(),
+                crate::state::suspect_key(&name, &ap.id),
+                crate::state::denied_network_key(&name, &scope),
+            ])
             .await
         {
             Ok(v) => (
                 !self.mfa.unlock_ttl.is_zero() && v.first().is_some_and(Option::is_some),
                 v.get(1).is_some_and(Option::is_some),
+                v.get(2).is_some_and(Option::is_some),
             ),
             Err(e) => {
                 tracing::warn!(error = %e, "state store unavailable for unlock lookup");
                 return Outcome::Failure(FailureReason::StateUnavailable);
             }
         };
+        // A network its owner denied stays refused, code or not, until the block ends.
+        if denied {
+            return self.totp_failure(FailureReason::NetworkDenied);
+        }
         // In attack mode from an unknown network an unlock window does not count: only a
         // fresh code does.
         if unlocked && !attempt.require_code {
@@ -1009,6 +1028,28 @@ impl Authenticator for CredentialStore {
             return self.totp_failure(FailureReason::SuspectAppPassword);
         }
         let Some(code) = code else {
+            // Approval: the person may let this device in from the portal (never in attack
+            // mode, where only a fresh code counts).
+            if let (Some(approvals), false) = (self.approvals.get(), attempt.require_code) {
+                approvals
+                    .record(super::approval::Pending {
+                        id: String::new(),
+                        user: name.clone(),
+                        credential: ap.id.clone(),
+                        label: ap.label.clone(),
+                        address: attempt.client_ip.to_string(),
+                        network: scope.clone(),
+                        client: attempt
+                            .client
+                            .chars()
+                            .filter(|c| !c.is_control())
+                            .take(100)
+                            .collect(),
+                        at: 0,
+                        expires: 0,
+                    })
+                    .await;
+            }
             return self.totp_failure(FailureReason::CodeMissing);
         };
         let Some(step) = totp::verify(secret, &code, unix_now(), self.mfa.code_digits) else {

@@ -116,6 +116,7 @@ pub(super) fn auth(cx: &mut Ctx, v: &Value) -> Option<AuthConfig> {
         ),
         unlock_bind_subnet: a.mfa.unlock_bind_subnet.unwrap_or(d.unlock_bind_subnet),
         issuer: a.mfa.issuer.clone().unwrap_or(d.issuer),
+        approval: approval(cx, &a.mfa),
     };
     if !(6..=8).contains(&mfa.code_digits) {
         cx.err("auth.mfa.code_digits", "must be 6, 7 or 8");
@@ -198,6 +199,85 @@ pub(super) fn url_ok(u: &str) -> bool {
         || host
             .parse::<std::net::Ipv4Addr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// `auth.mfa.approval` and its settings (the portal and the unlock rules it needs are checked
+/// once every section is read).
+fn approval(cx: &mut Ctx, m: &raw::Mfa) -> Option<super::ApprovalConfig> {
+    match m.approval.as_deref() {
+        None | Some("off") => {
+            if m.approval_webhook_url.is_some() {
+                cx.err(
+                    "auth.mfa.approval_webhook_url",
+                    "is used only with approval: portal",
+                );
+            }
+            return None;
+        }
+        Some("portal") => {}
+        Some(other) => {
+            cx.err(
+                "auth.mfa.approval",
+                format!("`{other}` is not off or portal"),
+            );
+            return None;
+        }
+    }
+    let ttl = cx.duration(
+        m.approval_ttl.as_ref(),
+        "auth.mfa.approval_ttl",
+        Duration::from_secs(600),
+    );
+    if ttl < Duration::from_secs(30) || ttl > Duration::from_secs(3600) {
+        cx.err("auth.mfa.approval_ttl", "must be between 30s and 1h");
+    }
+    let max_pending = m.approval_max_pending.unwrap_or(3);
+    if !(1..=20).contains(&max_pending) {
+        cx.err("auth.mfa.approval_max_pending", "must be between 1 and 20");
+    }
+    let per_source = m.approval_per_source.unwrap_or(10);
+    if !(1..=1000).contains(&per_source) {
+        cx.err("auth.mfa.approval_per_source", "must be between 1 and 1000");
+    }
+    let webhook_url = m.approval_webhook_url.clone();
+    if let Some(u) = &webhook_url {
+        if !url_ok(u) {
+            cx.err(
+                "auth.mfa.approval_webhook_url",
+                "must be an https:// URL (http:// only for loopback)",
+            );
+        }
+    }
+    let webhook_secret = match (
+        &webhook_url,
+        &m.approval_webhook_secret_file,
+        &m.approval_webhook_secret_env,
+    ) {
+        (None, None, None) => None,
+        (None, _, _) => {
+            cx.err(
+                "auth.mfa.approval_webhook_secret_file",
+                "is used only with approval_webhook_url",
+            );
+            None
+        }
+        (Some(_), f, e) => cx.secret_file_or_env(
+            "auth.mfa",
+            [
+                "approval_webhook_secret_file",
+                "approval_webhook_secret_env",
+            ],
+            f.as_deref(),
+            e.as_deref(),
+        ),
+    };
+    Some(super::ApprovalConfig {
+        ttl,
+        max_pending,
+        per_source,
+        webhook_url,
+        webhook_secret,
+    })
 }
 
 fn issuers(cx: &mut Ctx, o: &raw::OAuth) -> Vec<super::IssuerConfig> {

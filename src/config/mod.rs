@@ -465,6 +465,23 @@ pub struct MfaConfig {
     pub unlock_ttl: Duration,
     pub unlock_bind_subnet: bool,
     pub issuer: String,
+    /// `approval: portal`: a code-less login from a network where the app password is not
+    /// unlocked waits for the person's approval in the portal (None: off).
+    pub approval: Option<ApprovalConfig>,
+}
+
+/// Sign-in approval from the portal (`auth.mfa.approval: portal`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApprovalConfig {
+    /// How long a pending sign-in waits for an answer.
+    pub ttl: Duration,
+    /// Pending sign-ins recorded per account within `ttl` at most (more are dropped).
+    pub max_pending: u32,
+    /// Pending sign-ins recorded per source network within `ttl` at most.
+    pub per_source: u32,
+    /// Told of each new pending sign-in (JSON POST, HMAC-SHA256 signed).
+    pub webhook_url: Option<String>,
+    pub webhook_secret: Option<Secret>,
 }
 
 impl Default for MfaConfig {
@@ -475,6 +492,7 @@ impl Default for MfaConfig {
             unlock_ttl: defaults::UNLOCK_TTL,
             unlock_bind_subnet: true,
             issuer: defaults::TOTP_ISSUER.into(),
+            approval: None,
         }
     }
 }

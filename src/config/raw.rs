@@ -188,6 +188,14 @@ pub(super) struct Mfa {
     pub unlock_ttl: Option<Scalar>,
     pub unlock_bind_subnet: Option<bool>,
     pub issuer: Option<String>,
+    /// `off` (the default) or `portal`.
+    pub approval: Option<String>,
+    pub approval_ttl: Option<Scalar>,
+    pub approval_max_pending: Option<u32>,
+    pub approval_per_source: Option<u32>,
+    pub approval_webhook_url: Option<String>,
+    pub approval_webhook_secret_file: Option<String>,
+    pub approval_webhook_secret_env: Option<String>,
 }
 
 /// When a TOTP code is required.

@@ -95,6 +95,24 @@ pub(super) fn from_yaml(text: &str, base: &Path) -> Result<Config, ConfigError> 
     let admin = admin(&mut cx, section("admin"));
     let logging = logging(&mut cx, section("logging"));
     let portal = super::portal::portal(&mut cx, section("portal"));
+    if let Some(m) = auth
+        .as_ref()
+        .map(|a| &a.mfa)
+        .filter(|m| m.approval.is_some())
+    {
+        if portal.is_none() {
+            cx.err(
+                "auth.mfa.approval",
+                "portal needs the portal section: people approve sign-ins there",
+            );
+        }
+        if !m.unlock_bind_subnet || m.unlock_ttl.is_zero() {
+            cx.err(
+                "auth.mfa.approval",
+                "needs unlock_bind_subnet: true and a non-zero unlock_ttl: an approval opens the app password's unlock window for the network it came from",
+            );
+        }
+    }
     if portal.is_some() && auth.as_ref().is_some_and(|a| a.active_key.is_none()) {
         cx.err(
             "portal",

@@ -112,7 +112,7 @@ impl Guard {
         let accounts = now.iter().filter(|b| b.scope == "account").count();
         let sources = now
             .iter()
-            .filter(|b| b.scope != "account" && b.scope != "app_password")
+            .filter(|b| !["account", "app_password", "account_network"].contains(&b.scope.as_str()))
             .count();
         self.metrics
             .guard_attack_mode_accounts

@@ -29,6 +29,7 @@ pub(super) fn scope_named(s: &str) -> Option<Scope> {
         "token_ip" => Scope::TokenIp,
         "token_subnet" => Scope::TokenSubnet,
         "app_password" => Scope::AppPassword,
+        "account_network" => Scope::AccountNetwork,
         _ => return None,
     })
 }

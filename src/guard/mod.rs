@@ -101,6 +101,10 @@ pub enum Scope {
     InFlight,
     /// The account's lane stayed taken for [`QUEUE_WAIT`].
     AccountQueue,
+    /// A network the account's owner denied a sign-in from (portal approvals): its password
+    /// logins for that account are refused for `guard.block_for`. Checked by the
+    /// authenticator, like [`Scope::AppPassword`].
+    AccountNetwork,
 }
 
 impl Scope {
@@ -115,6 +119,7 @@ impl Scope {
             Scope::TokenIp => "token_ip",
             Scope::TokenSubnet => "token_subnet",
             Scope::AppPassword => "app_password",
+            Scope::AccountNetwork => "account_network",
             Scope::InFlight => "in_flight",
             Scope::AccountQueue => "account_queue",
         }
@@ -560,6 +565,10 @@ impl Guard {
 
     /// Is a block of this scope, recorded with this value (`reason`), enforced?
     fn enforced(&self, scope: Scope, value: &str) -> bool {
+        if scope == Scope::AccountNetwork {
+            // The owner's own answer, never a dry run.
+            return true;
+        }
         let b = match (scope, reason_of(value)) {
             (_, "manual") => return self.config().enforce,
             (Scope::Account, _) => self.config().per_account,

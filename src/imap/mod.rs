@@ -175,6 +175,13 @@ pub fn untagged_bad(code: Option<RespCode>, text: &'static str) -> Vec<u8> {
     }
 }
 
+/// `* NO [ALERT] text` (RFC 9051 §7.1: the client must show the text to the person). The
+/// text is configuration, made once; `None` when it is not valid IMAP text.
+pub fn untagged_alert(text: &str) -> Option<Vec<u8>> {
+    let s = Status::no(None, Some(Code::Alert), text.to_owned()).ok()?;
+    Some(encode_response(&Response::Status(s), b""))
+}
+
 /// `* BYE …`.
 pub fn bye(code: Option<RespCode>, text: &'static str) -> Vec<u8> {
     match Status::bye(code.map(RespCode::code), text) {

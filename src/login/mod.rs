@@ -185,6 +185,9 @@ impl Services {
                     credential,
                     matched_credential: Default::default(),
                     require_code: decision.verdict == Verdict::RequireCode,
+                    client: format!("{} {}", record.client_id.name(), record.client_id.version())
+                        .trim()
+                        .to_owned(),
                 };
                 let outcome = self.authenticator.authenticate(&attempt).await;
                 (Some(outcome), attempt.matched_credential.take())

@@ -127,7 +127,8 @@ fn proves_user(reason: FailureReason) -> bool {
         | FailureReason::BadCode
         | FailureReason::StaleCode
         | FailureReason::CodeReplayed
-        | FailureReason::SuspectAppPassword => true,
+        | FailureReason::SuspectAppPassword
+        | FailureReason::NetworkDenied => true,
         FailureReason::BadName
         | FailureReason::Malformed
         | FailureReason::UnknownUser

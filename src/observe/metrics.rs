@@ -45,6 +45,12 @@ pub struct Metrics {
     pub store_usage_dropped: IntCounter,
     /// `imapgate_portal_signins_total{result}`: `ok` or `failed`.
     pub portal_signins: IntCounterVec,
+    /// `imapgate_signin_pending_total{result}`: `recorded` or `dropped`.
+    pub signin_pending: IntCounterVec,
+    pub signin_approved: IntCounter,
+    pub signin_denied: IntCounter,
+    /// `imapgate_signin_webhooks_total{result}`: `sent`, `failed` or `dropped`.
+    pub signin_webhooks: IntCounterVec,
     pub store_logins_dropped: IntCounter,
 }
 
@@ -179,6 +185,22 @@ pub const CATALOGUE: &[(&str, &str)] = &[
     (
         "imapgate_portal_signins_total",
         "Sign-ins to the self-service portal through the identity provider, by result.",
+    ),
+    (
+        "imapgate_signin_pending_total",
+        "Code-less sign-ins recorded to wait for the person's approval in the portal, or dropped by the per-account and per-source caps.",
+    ),
+    (
+        "imapgate_signin_approved_total",
+        "Pending sign-ins approved in the portal (each opened its app password's unlock window for its network).",
+    ),
+    (
+        "imapgate_signin_denied_total",
+        "Pending sign-ins denied in the portal (each blocked its network for the account).",
+    ),
+    (
+        "imapgate_signin_webhooks_total",
+        "Webhook calls about new pending sign-ins, by result.",
     ),
     (
         "imapgate_store_logins_dropped_total",
@@ -404,6 +426,24 @@ impl Metrics {
         for result in ["ok", "failed"] {
             portal_signins.with_label_values(&[result]);
         }
+        let signin_pending = counter_vec("imapgate_signin_pending_total", &["result"])?;
+        for result in ["recorded", "dropped"] {
+            signin_pending.with_label_values(&[result]);
+        }
+        let signin_approved = IntCounter::new(
+            "imapgate_signin_approved_total",
+            help("imapgate_signin_approved_total"),
+        )?;
+        registry.register(Box::new(signin_approved.clone()))?;
+        let signin_denied = IntCounter::new(
+            "imapgate_signin_denied_total",
+            help("imapgate_signin_denied_total"),
+        )?;
+        registry.register(Box::new(signin_denied.clone()))?;
+        let signin_webhooks = counter_vec("imapgate_signin_webhooks_total", &["result"])?;
+        for result in ["sent", "failed", "dropped"] {
+            signin_webhooks.with_label_values(&[result]);
+        }
         let store_logins_dropped = IntCounter::new(
             "imapgate_store_logins_dropped_total",
             help("imapgate_store_logins_dropped_total"),
@@ -444,6 +484,10 @@ impl Metrics {
             store_up,
             store_usage_dropped,
             portal_signins,
+            signin_pending,
+            signin_approved,
+            signin_denied,
+            signin_webhooks,
             store_logins_dropped,
         })
     }

@@ -342,6 +342,30 @@ pub fn audit_portal(actor: &str, action: &str, user: &str, credential: &str, cha
     );
 }
 
+/// A pending sign-in answered in the portal (`signin_approved`, `signin_denied`): by whom,
+/// for which account and app password, and the client's address and network.
+pub fn audit_signin_answer(
+    actor: &str,
+    action: &str,
+    user: &str,
+    credential: &str,
+    client: &str,
+    network: &str,
+) {
+    tracing::info!(
+        target: AUDIT_TARGET,
+        event = "operator",
+        via = "portal",
+        actor = actor,
+        action = action,
+        user = user,
+        credential = credential,
+        client_ip = client,
+        network = network,
+        changed = true,
+    );
+}
+
 /// A sign-in to the portal (`signed_in`, `sign_in_failed`, `signed_out`); `reason` is a closed
 /// name, `user` empty when the identity provider's answer named nobody valid.
 pub fn audit_portal_signin(action: &str, user: &str, reason: &str, client: std::net::IpAddr) {

@@ -20,7 +20,7 @@ type Shared = State<Arc<Portal>>;
 
 impl Portal {
     /// The signed-in administrator, or the answer for anyone else.
-    fn admin<'a>(&self, r: &'a Req, path: &str) -> Result<&'a super::Session, Response> {
+    pub(crate) fn admin<'a>(&self, r: &'a Req, path: &str) -> Result<&'a super::Session, Response> {
         let s = self.signed(r, path)?;
         if s.admin {
             Ok(s)
@@ -30,7 +30,7 @@ impl Portal {
     }
 
     /// A POST from an administrator (session, CSRF, origin, the role).
-    fn admin_post<'a>(
+    pub(crate) fn admin_post<'a>(
         &self,
         r: &'a Req,
         headers: &HeaderMap,
@@ -56,7 +56,7 @@ impl Portal {
     }
 }
 
-fn user_base(name: &str) -> String {
+pub(crate) fn user_base(name: &str) -> String {
     format!("/admin/users/{}", enc(name))
 }
 
@@ -134,6 +134,7 @@ pub(crate) async fn user(
     let blocks = p.block_rows(Some(&name)).await;
     let attack = p.attack_mode(&name).await;
     let notice = p.notice(&r, query.as_deref());
+    let approvals = p.approval_rows(&name).await;
     p.page(
         &r,
         "admin_user.html",
@@ -142,6 +143,9 @@ pub(crate) async fn user(
         json!({
             "title": name,
             "subject": name,
+            "approvals": approvals,
+            "approvals_base": p.approvals.is_some().then(|| format!("{base}/approvals")),
+            "can_approve": false,
             "base": base,
             "disabled": u.disabled,
             "enrolled": u.totp.is_some(),

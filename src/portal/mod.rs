@@ -18,6 +18,7 @@
 
 #![allow(clippy::result_large_err)] // handlers answer a Response either way; no hot path
 
+mod approvals;
 pub mod cookie;
 mod helpdesk;
 mod mailconfig;
@@ -68,6 +69,10 @@ pub struct Parts {
     /// `auth.mfa.issuer`, `auth.mfa.code_digits`.
     pub totp_issuer: String,
     pub totp_digits: u8,
+    /// Sign-in approval, when `auth.mfa.approval: portal`.
+    pub approvals: Option<Arc<crate::auth::approval::Approvals>>,
+    /// `auth.mfa.unlock_ttl`: what an approval opens.
+    pub unlock_ttl: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +96,8 @@ pub struct Portal {
     redirect_uri: String,
     totp_issuer: String,
     totp_digits: u8,
+    approvals: Option<Arc<crate::auth::approval::Approvals>>,
+    unlock_ttl: Duration,
     /// Discovery, cached for a few minutes.
     endpoints:
         tokio::sync::Mutex<Option<(crate::auth::oauth::oidc::Endpoints, tokio::time::Instant)>>,
@@ -141,6 +148,8 @@ impl Portal {
             csp,
             totp_issuer: p.totp_issuer,
             totp_digits: p.totp_digits,
+            approvals: p.approvals,
+            unlock_ttl: p.unlock_ttl,
             endpoints: tokio::sync::Mutex::new(None),
         })
     }
@@ -396,6 +405,9 @@ pub fn router(portal: Arc<Portal>) -> Router {
             "/app-passwords/{id}/revoke",
             post(pages::revoke_app_password),
         )
+        .route("/approvals/fragment", get(approvals::fragment))
+        .route("/approvals/{id}/approve", post(approvals::approve))
+        .route("/approvals/{id}/deny", post(approvals::deny))
         .route("/totp", get(pages::totp))
         .route("/totp/enrol", post(pages::totp_enrol))
         .route("/totp/confirm", post(pages::totp_confirm))
@@ -416,6 +428,14 @@ pub fn router(portal: Arc<Portal>) -> Router {
             post(helpdesk::end_device),
         )
         .route("/admin/guard/clear", post(helpdesk::guard_clear))
+        .route(
+            "/admin/users/{user}/approvals/fragment",
+            get(approvals::admin_fragment),
+        )
+        .route(
+            "/admin/users/{user}/approvals/{id}/deny",
+            post(approvals::admin_deny),
+        )
         .route(
             "/.well-known/autoconfig/mail/config-v1.1.xml",
             get(mailconfig::autoconfig),

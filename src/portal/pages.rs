@@ -23,6 +23,9 @@ type Shared = State<Arc<Portal>>;
 
 /// The notices a page shows when `?notice=` names one.
 const NOTICES: &[&str] = &[
+    "approved",
+    "denied",
+    "approval_gone",
     "reauthenticated",
     "revoked",
     "enrolled",
@@ -259,6 +262,7 @@ async fn app_passwords_page(
         Err(resp) => return resp,
     };
     let rows = p.password_rows(&name, &u).await;
+    let approvals = p.approval_rows(&name).await;
     p.page(
         r,
         "app_passwords.html",
@@ -266,6 +270,9 @@ async fn app_passwords_page(
         "app_passwords_title",
         json!({
             "passwords": rows,
+            "approvals": approvals,
+            "approvals_base": p.approvals.is_some().then_some("/approvals"),
+            "can_approve": true,
             "revoke_base": "/app-passwords",
             "notice": notice,
             "error": error,

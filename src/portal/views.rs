@@ -32,6 +32,7 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("_passwords.html", include_str!("templates/_passwords.html")),
     ("_sessions.html", include_str!("templates/_sessions.html")),
     ("_logins.html", include_str!("templates/_logins.html")),
+    ("_approvals.html", include_str!("templates/_approvals.html")),
     ("_settings.html", include_str!("templates/_settings.html")),
 ];
 
@@ -201,6 +202,8 @@ mod tests {
             "attack": true, "q": "a", "searched": true, "users": [{"name": "a@example.org", "disabled": true}],
             "blocks": [{"scope": "ip", "value": "192.0.2.1", "reason": "failures", "expires_in_secs": 60, "enforced": true}],
             "subject": "a@example.org", "base": "/admin/users/a%40example.org", "disabled": false,
+            "approvals_base": "/approvals", "can_approve": true,
+            "approvals": [{"id": "0123456789abcdef", "label": "Phone", "address": "192.0.2.9", "network": "192.0.2.0/24", "client": "", "at": "2026"}],
         });
         for (name, _) in TEMPLATES {
             if name.starts_with('_') || *name == "base.html" {

@@ -406,9 +406,31 @@ impl Gateway {
                 let (discovery, scope) = store.oauth_challenge_hints();
                 Arc::new(OAuthChallenges::new(discovery.as_deref(), &scope))
             }),
+            login_alert: match (&config.auth.mfa.approval, &config.portal) {
+                (Some(_), Some(pc)) => crate::imap::untagged_alert(&format!(
+                    "Login failed. If this is you on a new device or network, approve the sign-in at {}",
+                    pc.public_url
+                ))
+                .map(Arc::from),
+                _ => None,
+            },
             next_id: AtomicU64::new(1),
             stopping: stopping.clone(),
         });
+        let approvals = match (&config.auth.mfa.approval, &config.portal) {
+            (Some(ac), Some(pc)) => {
+                let a = Arc::new(crate::auth::approval::Approvals::new(
+                    state.clone(),
+                    ac.clone(),
+                    metrics.clone(),
+                    config.guard.block_for,
+                    pc.public_url.clone(),
+                ));
+                store.set_approvals(a.clone());
+                Some(a)
+            }
+            _ => None,
+        };
         if config.auth.revoke_closes_sessions {
             let sessions = shared.login.user_sessions.clone();
             store.set_reload_hook(Box::new(move |file| {
@@ -524,6 +546,8 @@ impl Gateway {
                 names: crate::auth::NameRules::from_config(config.auth.unicode_names),
                 totp_issuer: config.auth.mfa.issuer.clone(),
                 totp_digits: config.auth.mfa.code_digits,
+                approvals: approvals.clone(),
+                unlock_ttl: config.auth.mfa.unlock_ttl,
             })
             .map_err(|e| StartError::Portal(e.to_string()))?;
             let tls = if pc.tls {

@@ -37,6 +37,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Token mechanisms offered: their RFC 7628 error challenges.
     pub oauth: Option<Arc<OAuthChallenges>>,
+    /// `* NO [ALERT] …` before every failed password login (sign-in approval), made once.
+    pub login_alert: Option<Arc<[u8]>>,
     pub next_id: AtomicU64,
     /// Cancelled when the gateway stops accepting: pre-auth sessions say BYE, relayed ones get
     /// `shutdown_grace`.
@@ -163,7 +165,8 @@ impl Session {
             self.listener.starttls,
             implicit,
         )
-        .with_oauth_challenges(self.shared.oauth.clone());
+        .with_oauth_challenges(self.shared.oauth.clone())
+        .with_login_alert(self.shared.login_alert.clone());
         let conn = if implicit {
             match self.handshake(tcp, Some(sm.greeting())).await {
                 Some(c) => c,

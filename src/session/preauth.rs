@@ -136,6 +136,8 @@ pub struct PreAuth {
     oauth: bool,
     /// Their error challenges (a default one when only `with_oauth` was called).
     challenges: Option<std::sync::Arc<OAuthChallenges>>,
+    /// Sent before every failed password login's answer (sign-in approval).
+    login_alert: Option<std::sync::Arc<[u8]>>,
     state: State,
     framer: Framer,
     out: Vec<Vec<u8>>,
@@ -175,12 +177,21 @@ impl PreAuth {
             client_id: ClientId::default(),
             oauth: false,
             challenges: None,
+            login_alert: None,
         }
     }
 
     /// Offers XOAUTH2 and OAUTHBEARER after TLS.
     pub fn with_oauth(mut self, on: bool) -> Self {
         self.oauth = on;
+        self
+    }
+
+    /// Sends `alert` (a `* NO [ALERT]` line) before the answer to every failed password
+    /// login, whatever failed (sign-in approval: it points at the portal, and says nothing
+    /// about whether the user or the password was right).
+    pub fn with_login_alert(mut self, alert: Option<std::sync::Arc<[u8]>>) -> Self {
+        self.login_alert = alert;
         self
     }
 
@@ -211,7 +222,12 @@ impl PreAuth {
                     });
                 self.oauth_failed(tag, &challenge);
             }
-            Refused::Failed => self.auth_failed(tag),
+            Refused::Failed => {
+                if let Some(alert) = &self.login_alert {
+                    self.out.push(alert.to_vec());
+                }
+                self.auth_failed(tag)
+            }
             Refused::Unavailable => self.auth_unavailable(tag),
             Refused::TooManySessions => self.too_many_sessions(tag),
         }

@@ -123,6 +123,13 @@ pub fn suspect_key(user: &str, credential: &str) -> String {
     format!("g:block:app_password:{user}/{credential}")
 }
 
+/// The key under which a network the account's owner denied a sign-in from is blocked for
+/// that account (`network` as the unlock windows spell it, e.g. `192.0.2.0/24`). Written by
+/// the portal's approvals, read by the authenticator, listed and cleared by the guard.
+pub fn denied_network_key(user: &str, network: &str) -> String {
+    format!("g:block:account_network:{user}/{network}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::{key_class, KeyClass};

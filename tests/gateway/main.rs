@@ -13,6 +13,7 @@ mod pg;
 
 mod admin_http;
 mod api;
+mod approval;
 mod audit;
 mod clients;
 mod config_files;

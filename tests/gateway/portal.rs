@@ -498,7 +498,7 @@ async fn sensitive_actions_need_a_fresh_sign_in_and_the_authenticator_is_saved_o
         .contains("data-enrolled=\"false\""));
 }
 
-fn base32_decode(s: &str) -> Vec<u8> {
+pub(crate) fn base32_decode(s: &str) -> Vec<u8> {
     let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
     let mut bits = 0u64;
     let mut n = 0;
@@ -709,7 +709,14 @@ async fn a_person_sets_up_mail_in_a_real_browser() {
         "the browser test failed:\n{stdout}\n{stderr}"
     );
     // The steps the issue names all ran.
-    for step in ["signed in", "app password", "TOTP", "curl", "revoked", "reset the TOTP"] {
+    for step in [
+        "signed in",
+        "app password",
+        "TOTP",
+        "curl",
+        "revoked",
+        "reset the TOTP",
+    ] {
         assert!(
             stdout.to_lowercase().contains(&step.to_lowercase()),
             "step `{step}` missing from:\n{stdout}"

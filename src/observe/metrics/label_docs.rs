@@ -77,9 +77,9 @@ fn oauth_errors() -> [OAuthError; 18] {
         UserMismatch, IdpUnavailable, Inactive, EmailNotVerified, WrongDomain)
 }
 
-fn scopes() -> [Scope; 11] {
+fn scopes() -> [Scope; 12] {
     variants!(Scope: None, AllowList, KnownGood, Ip, Subnet, Account, TokenIp, TokenSubnet,
-        AppPassword, InFlight, AccountQueue)
+        AppPassword, InFlight, AccountQueue, AccountNetwork)
 }
 
 /// What the code emits, per metric: each label in order with its values.
@@ -141,6 +141,7 @@ fn emitted() -> BTreeMap<&'static str, Vec<(&'static str, Values)>> {
                     FailureReason::StaleCode,
                     FailureReason::CodeReplayed,
                     FailureReason::SuspectAppPassword,
+                    FailureReason::NetworkDenied,
                 ]
                 .map(FailureReason::as_str),
             ),
@@ -179,7 +180,7 @@ fn emitted() -> BTreeMap<&'static str, Vec<(&'static str, Values)>> {
     // by the authenticator); the deny list and the tarpit queue are literals in guard/mod.rs.
     let mut decision_scopes: Vec<&str> = scopes()
         .into_iter()
-        .filter(|s| *s != Scope::AppPassword)
+        .filter(|s| *s != Scope::AppPassword && *s != Scope::AccountNetwork)
         .map(Scope::as_str)
         .collect();
     decision_scopes.extend(["deny_list", "tarpit"]);
@@ -296,6 +297,17 @@ fn emitted() -> BTreeMap<&'static str, Vec<(&'static str, Values)>> {
         vec![("result", closed(["ok", "failed"]))],
     );
     add("imapgate_store_logins_dropped_total", vec![]);
+    // auth/approval.rs.
+    add(
+        "imapgate_signin_pending_total",
+        vec![("result", closed(["recorded", "dropped"]))],
+    );
+    add("imapgate_signin_approved_total", vec![]);
+    add("imapgate_signin_denied_total", vec![]);
+    add(
+        "imapgate_signin_webhooks_total",
+        vec![("result", closed(["sent", "failed", "dropped"]))],
+    );
     m
 }
 
@@ -337,9 +349,13 @@ fn registered_labels(m: &Metrics) -> BTreeMap<String, Vec<String>> {
         store_up,
         store_usage_dropped,
         portal_signins,
+        signin_pending,
+        signin_approved,
+        signin_denied,
+        signin_webhooks,
         store_logins_dropped,
     } = m;
-    let collectors: [&dyn Collector; 34] = [
+    let collectors: [&dyn Collector; 38] = [
         connections,
         tls_handshake_failures,
         sessions_preauth,
@@ -373,6 +389,10 @@ fn registered_labels(m: &Metrics) -> BTreeMap<String, Vec<String>> {
         store_up,
         store_usage_dropped,
         portal_signins,
+        signin_pending,
+        signin_approved,
+        signin_denied,
+        signin_webhooks,
         store_logins_dropped,
     ];
     // The syslog drop counter is registered beside the struct's fields (see Metrics::new).

@@ -20,3 +20,23 @@ document.addEventListener("DOMContentLoaded", () => {
     });
   }
 });
+
+// Pending sign-ins: refreshed every few seconds while the page is visible (no reload).
+document.addEventListener("DOMContentLoaded", () => {
+  const box = document.getElementById("approvals");
+  if (!box || !box.dataset.refresh) return;
+  const refresh = async () => {
+    if (document.visibilityState !== "visible") return;
+    // Never replace the list under a keyboard user's focus.
+    if (box.contains(document.activeElement) && document.activeElement !== document.body) return;
+    try {
+      const r = await fetch(box.dataset.refresh, { credentials: "same-origin", cache: "no-store" });
+      if (!r.ok) return;
+      const html = await r.text();
+      if (html.trim() !== box.innerHTML.trim()) box.innerHTML = html;
+    } catch (e) {
+      // Offline for a moment: the next round tries again.
+    }
+  };
+  setInterval(refresh, 5000);
+});
