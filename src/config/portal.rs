@@ -138,6 +138,21 @@ pub(crate) fn url_host(url: &str) -> &str {
     authority.split(':').next().unwrap_or("")
 }
 
+/// An origin as browsers serialise it in `Origin`: scheme and host in lower case, no default
+/// port (443 for https, 80 for http).
+pub(crate) fn normalise_origin(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let scheme = scheme.to_ascii_lowercase();
+    let mut rest = rest.to_ascii_lowercase();
+    let default = if scheme == "https" { ":443" } else { ":80" };
+    if rest.ends_with(default) && !rest.contains('/') {
+        rest.truncate(rest.len() - default.len());
+    }
+    format!("{scheme}://{rest}")
+}
+
 pub(super) fn portal(cx: &mut Ctx, v: &Value) -> Option<PortalConfig> {
     if v.is_null() {
         return None;
@@ -150,7 +165,7 @@ pub(super) fn portal(cx: &mut Ctx, v: &Value) -> Option<PortalConfig> {
         );
         SocketAddr::from(([127, 0, 0, 1], 8443))
     });
-    let public_url = r.public_url.trim_end_matches('/').to_owned();
+    let public_url = normalise_origin(r.public_url.trim_end_matches('/'));
     let origin_only = public_url
         .split_once("://")
         .is_some_and(|(_, rest)| !rest.is_empty() && !rest.contains(['/', '?', '#', '@']));
@@ -343,5 +358,21 @@ mod tests {
         );
         assert_eq!(super::url_host("https://127.0.0.1:8443"), "127.0.0.1");
         assert_eq!(super::url_host("https://[::1]:8443"), "::1");
+    }
+
+    #[test]
+    fn the_public_url_is_the_origin_browsers_send() {
+        assert_eq!(
+            super::normalise_origin("HTTPS://Mail.Example.org:443"),
+            "https://mail.example.org"
+        );
+        assert_eq!(
+            super::normalise_origin("https://mail.example.org:8443"),
+            "https://mail.example.org:8443"
+        );
+        assert_eq!(
+            super::normalise_origin("http://127.0.0.1:80"),
+            "http://127.0.0.1"
+        );
     }
 }

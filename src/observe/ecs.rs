@@ -210,11 +210,33 @@ pub fn to_ecs(m: &Map<String, Value>, timestamp: &str) -> Value {
                 user.insert("target".into(), json!({ "name": target }));
             }
             doc.insert("user".into(), user.into());
+            // An approval's answer names the client it was about.
+            let client = text(m, "client_ip");
+            if !client.is_empty() {
+                doc.insert("source".into(), json!({ "ip": client }));
+            }
+            for k in ["credential", "via", "changed", "network"] {
+                put(&mut custom, k, m.get(k).cloned().unwrap_or_default());
+            }
+        }
+        "portal" => {
+            let action = text(m, "action");
+            event.insert("category".into(), json!(["authentication"]));
+            let (ty, outcome) = match action {
+                "signed_in" => ("start", "success"),
+                "signed_out" => ("end", "success"),
+                _ => ("start", "failure"),
+            };
+            event.insert("type".into(), json!([ty]));
+            event.insert("action".into(), action.into());
+            event.insert("outcome".into(), outcome.into());
             put(
-                &mut custom,
-                "credential",
-                m.get("credential").cloned().unwrap_or_default(),
+                &mut event,
+                "reason",
+                m.get("reason").cloned().unwrap_or_default(),
             );
+            source_and_user(&mut doc, m);
+            doc.insert("network".into(), json!({ "protocol": "https" }));
         }
         _ => {}
     }
@@ -274,6 +296,34 @@ mod tests {
         assert_eq!(v["imapgate"]["session"], 7);
         assert!(v["imapgate"].get("backend").is_none());
         assert_eq!(v["service"]["name"], "imapgate");
+    }
+
+    #[test]
+    fn portal_sign_ins_and_approvals_keep_their_fields() {
+        let m = |v: Value| v.as_object().cloned().unwrap_or_default();
+        let v = to_ecs(
+            &m(
+                json!({"event": "portal", "action": "sign_in_failed", "user": "",
+                "reason": "state", "client_ip": "192.0.2.7"}),
+            ),
+            "t",
+        );
+        assert_eq!(v["event"]["action"], "sign_in_failed");
+        assert_eq!(v["event"]["outcome"], "failure");
+        assert_eq!(v["event"]["reason"], "state");
+        assert_eq!(v["source"]["ip"], "192.0.2.7");
+        let v = to_ecs(
+            &m(
+                json!({"event": "operator", "via": "portal", "actor": "a@example.org",
+                "action": "signin_denied", "user": "a@example.org", "credential": "ap_1",
+                "client_ip": "192.0.2.9", "network": "192.0.2.0/24", "changed": true}),
+            ),
+            "t",
+        );
+        assert_eq!(v["imapgate"]["via"], "portal");
+        assert_eq!(v["imapgate"]["network"], "192.0.2.0/24");
+        assert_eq!(v["imapgate"]["changed"], true);
+        assert_eq!(v["source"]["ip"], "192.0.2.9");
     }
 
     #[test]

@@ -164,7 +164,21 @@ pub(crate) async fn callback(
     // The sign-in cookie is used once, whatever happens.
     r.cookies.push(p.jar.clear(&p.jar.signin_name()));
     if let Err(refused) = p.limiter.auth_allowed(r.ip) {
-        return refused.into_response();
+        p.metrics
+            .portal_signins
+            .with_label_values(&["failed"])
+            .inc();
+        crate::observe::audit_portal_signin("sign_in_failed", "", "throttled", r.ip);
+        let mut resp = p.error(
+            &r,
+            StatusCode::TOO_MANY_REQUESTS,
+            "signin_failed_title",
+            "too_many",
+        );
+        if let Ok(v) = refused.retry_after_secs().to_string().parse() {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        return resp;
     }
     let key = AttemptKey {
         client_ip: r.ip,

@@ -39,7 +39,8 @@ pub struct Pending {
 pub struct SignedIn {
     /// The mail address, normalised, after the domain rules.
     pub user: String,
-    /// `auth_time` (when the person last authenticated at the IdP), else `iat`.
+    /// `auth_time` (when the person last authenticated at the IdP); 0 when the token does
+    /// not say.
     pub auth_time: u64,
     pub claims: Value,
 }
@@ -187,11 +188,14 @@ impl OidcClient {
             }
         }
         let id = check_claims(cfg, &claims, None, self.names)?;
+        // Without `auth_time` nothing says when the person last proved who they are (a
+        // silent single sign-on re-issues tokens): such a sign-in is never fresh, so the
+        // first sensitive action goes through the IdP with `max_age`, which obliges it to
+        // send `auth_time`.
         let auth_time = claims
             .get("auth_time")
             .and_then(Value::as_u64)
-            .unwrap_or(iat)
-            .min(now + leeway);
+            .map_or(0, |t| t.min(now + leeway));
         Ok(SignedIn {
             user: id.user,
             auth_time,
