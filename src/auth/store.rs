@@ -1068,10 +1068,15 @@ impl Authenticator for CredentialStore {
                 FailureReason::BadCode
             });
         };
-        // Each code at most once per user (the step identifies it within the window).
+        // Each code at most once per user and enrolment (the step identifies it within the
+        // window; a new enrolment has new codes, so its first one is never refused as used).
         match self
             .state
-            .set_if_absent(&format!("totp:{name}:{step}"), &ap.id, USED_CODE_TTL)
+            .set_if_absent(
+                &format!("totp:{name}:{enrolment}:{step}"),
+                &ap.id,
+                USED_CODE_TTL,
+            )
             .await
         {
             Ok(true) => {}

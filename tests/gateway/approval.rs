@@ -381,3 +381,55 @@ async fn approving_and_denying_in_a_real_browser() {
     assert_eq!(t.metric("imapgate_signin_approved_total", &[]).await, 1.0);
     assert_eq!(t.metric("imapgate_signin_denied_total", &[]).await, 1.0);
 }
+
+/// What Python's imaplib makes of the ALERT (docs/portal.md says which clients show it): the
+/// exception carries only the tagged NO; the ALERT text is in `untagged_responses["NO"]`.
+#[tokio::test]
+async fn imaplib_keeps_the_alert_beside_the_failure() {
+    let Some(python) = crate::harness::which("python3") else {
+        assert!(!crate::harness::require_real(), "python3 is required");
+        return;
+    };
+    let Some((t, _hook)) = approval_gateway("").await else {
+        return;
+    };
+    let script = r#"
+import imaplib, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+m = imaplib.IMAP4_SSL("localhost", int(sys.argv[1]), ssl_context=ctx)
+try:
+    m.login("mia@example.org", sys.stdin.read().strip())
+    print("LOGGED IN")
+except imaplib.IMAP4.error as e:
+    print("ERROR", e)
+    print("UNTAGGED", [x.decode() for x in m.untagged_responses.get("NO", [])])
+"#;
+    let mut child = tokio::process::Command::new(python)
+        .args([
+            "-c",
+            script,
+            &t.imaps().port().to_string(),
+            &t.pki.ca_pem.display().to_string(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(t.password("mia@example.org").as_bytes())
+        .await
+        .unwrap();
+    drop(stdin);
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("ERROR") && text.contains("AUTHENTICATIONFAILED"),
+        "{text}"
+    );
+    assert!(text.contains("UNTAGGED ['[ALERT] Login failed."), "{text}");
+}
