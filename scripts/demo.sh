@@ -13,6 +13,12 @@
 #                                log in with it over AUTHENTICATE XOAUTH2 (Python imaplib, curl);
 #                                with --check also check OAUTHBEARER, the device flow, and that
 #                                forged tokens and other users' tokens are refused
+#   scripts/demo.sh [--check] --portal
+#                                also start the self-service portal (HTTPS on 127.0.0.1, public URL
+#                                https://localhost:PORT) with the test OpenID provider as its single
+#                                sign-on; sign in there as demo / pw-demo (the demo user) or as the
+#                                helpdesk hanna / pw-hanna. With --check, headless Chromium runs the
+#                                portal's browser test (tests/browser/portal_e2e.py) against it
 #
 # The demo user logs in with the app password immediately followed by the current TOTP code
 # (scan the QR code the demo prints with an authenticator app, or use --code). After one login
@@ -20,12 +26,15 @@
 #
 # Needs a Debian-like machine with cargo. Installs dovecot-imapd, openssl, curl and python3 if
 # missing (with sudo when not root; no system service is started), and for --oauth nodejs and npm
-# (Node.js 20 or later) and the identity provider's npm packages (npm ci in tests/idp). Dovecot
-# must run as root, so when you are not root the script builds as you and then re-runs itself
-# under sudo.
+# (Node.js 20 or later) and the identity provider's npm packages (npm ci in tests/idp), the same
+# for --portal, and for --portal --check also chromium and a font, and Playwright for Python
+# (pinned, pip into target/venv-browser, shared with scripts/test.sh; no browser is downloaded).
+# Dovecot must run as root, so when you are not root the script builds as you and then re-runs
+# itself under sudo.
 #
 # Ports (interactive mode): IMAPGATE_DEMO_TLS_PORT (1993, implicit TLS),
-# IMAPGATE_DEMO_STARTTLS_PORT (1143), IMAPGATE_DEMO_ADMIN_PORT (9190), all on 127.0.0.1.
+# IMAPGATE_DEMO_STARTTLS_PORT (1143), IMAPGATE_DEMO_ADMIN_PORT (9190),
+# IMAPGATE_DEMO_PORTAL_PORT (8443, with --portal), all on 127.0.0.1.
 # The backend Dovecot gets a free port. --check picks free ports for everything.
 # IMAPGATE_DEMO_BIN=path uses that imapgate binary instead of running `cargo build --locked`.
 set -euo pipefail
@@ -37,6 +46,7 @@ usage() {
 
 MODE=interactive
 OAUTH=0
+PORTAL=0
 CODE_ENV_FILE=""
 ARGS=("$@") # for the re-run under sudo
 set_mode() {
@@ -50,6 +60,7 @@ while [ "$#" -gt 0 ]; do
   case "$1" in
     --check) set_mode check ;;
     --oauth) OAUTH=1 ;;
+    --portal) PORTAL=1 ;;
     --code)
       set_mode code
       if [ "$#" -gt 1 ] && [ "${2#-}" = "$2" ]; then
@@ -98,6 +109,14 @@ IDP_CLIENT=demo
 IDP_SECRET="secret-demo"
 IDP_RESOURCE=urn:imapgate:rs256
 IDP_ISSUER_NAME=demo-idp
+# --portal: the portal's client at the test identity provider (registered with --client when the
+# IdP starts; its secret is random, made at run time), and the IdP's people who sign in there
+# (password pw-<account>): demo is DEMO_USER, hanna is in the group mail-admins (the helpdesk).
+PORTAL_CLIENT=imapgate-portal
+PORTAL_ACCOUNT=demo
+PORTAL_ADMIN_ACCOUNT=hanna
+# The browser test's Python (Playwright), the same venv scripts/test.sh makes.
+BROWSER_VENV="$REPO/target/venv-browser"
 
 # --- 1. system packages ----------------------------------------------------------------------
 if [ -z "${IMAPGATE_DEMO_REEXEC:-}" ]; then
@@ -107,21 +126,33 @@ if [ -z "${IMAPGATE_DEMO_REEXEC:-}" ]; then
     # We just installed Dovecot; if its service started anyway, it is ours to stop.
     *" dovecot-imapd "*) stop_system_dovecot ;;
   esac
-  if [ "$OAUTH" -eq 1 ]; then
+  if [ "$OAUTH" -eq 1 ] || [ "$PORTAL" -eq 1 ]; then
     step "checking Node.js and the test identity provider's packages (tests/idp)"
     ensure_packages nodejs:node npm:npm
     NODE_MAJOR="$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)"
     [ "$NODE_MAJOR" -ge 20 ] 2>/dev/null ||
       die "the test identity provider needs Node.js 20 or later; $(command -v node) is $(node --version 2>/dev/null || echo 'not working')"
-    # Exactly as locked; as the invoking user (before any sudo), like scripts/test.sh.
-    if [ ! -d tests/idp/node_modules/oidc-provider ] || [ tests/idp/package-lock.json -nt tests/idp/node_modules ]; then
+    # Exactly as locked; as the invoking user (before any sudo), like scripts/test.sh. The
+    # same npm ci brings axe-core, which the portal's browser test injects into every page.
+    if [ ! -d tests/idp/node_modules/oidc-provider ] || [ ! -d tests/idp/node_modules/axe-core ] ||
+      [ tests/idp/package-lock.json -nt tests/idp/node_modules ]; then
       log "npm ci in tests/idp"
       (cd tests/idp && npm ci --no-audit --no-fund --loglevel=error) || die "npm ci in tests/idp failed"
     fi
   fi
+  if [ "$PORTAL" -eq 1 ] && [ "$MODE" = check ]; then
+    step "checking Chromium and Playwright for the portal's browser test (tests/browser)"
+    ensure_packages chromium:chromium fonts-dejavu-core
+    # As the invoking user, like npm ci; pip from PyPI only the first time.
+    ensure_browser_venv "$BROWSER_VENV"
+  fi
 fi
-if [ "$OAUTH" -eq 1 ]; then
+if [ "$OAUTH" -eq 1 ] || [ "$PORTAL" -eq 1 ]; then
   [ -d tests/idp/node_modules/oidc-provider ] || die "tests/idp/node_modules is missing (npm ci in tests/idp)"
+fi
+BROWSER_PYTHON="$BROWSER_VENV/bin/python"
+if [ "$PORTAL" -eq 1 ] && [ "$MODE" = check ]; then
+  [ -x "$BROWSER_PYTHON" ] || die "no Playwright venv at $BROWSER_VENV (scripts/demo.sh --portal --check makes it)"
 fi
 
 # --- 2. the binary ---------------------------------------------------------------------------
@@ -144,19 +175,24 @@ if [ "$(id -u)" -ne 0 ]; then
     IMAPGATE_DEMO_TLS_PORT="${IMAPGATE_DEMO_TLS_PORT:-}" \
     IMAPGATE_DEMO_STARTTLS_PORT="${IMAPGATE_DEMO_STARTTLS_PORT:-}" \
     IMAPGATE_DEMO_ADMIN_PORT="${IMAPGATE_DEMO_ADMIN_PORT:-}" \
+    IMAPGATE_DEMO_PORTAL_PORT="${IMAPGATE_DEMO_PORTAL_PORT:-}" \
     PATH="$PATH:/usr/sbin:/sbin" bash "$REPO/scripts/demo.sh" "${ARGS[@]}"
 fi
 
 # --- 3. ports and scratch space --------------------------------------------------------------
 if [ "$MODE" = check ]; then
-  mapfile -t PORTS < <(free_ports 4)
-  [ "${#PORTS[@]}" -eq 4 ] || die "could not pick free ports"
+  mapfile -t PORTS < <(free_ports 5)
+  [ "${#PORTS[@]}" -eq 5 ] || die "could not pick free ports"
   TLS_PORT="${PORTS[0]}" STARTTLS_PORT="${PORTS[1]}" ADMIN_PORT="${PORTS[2]}" BACKEND_PORT="${PORTS[3]}"
+  PORTAL_PORT="${PORTS[4]}"
 else
   TLS_PORT="${IMAPGATE_DEMO_TLS_PORT:-1993}"
   STARTTLS_PORT="${IMAPGATE_DEMO_STARTTLS_PORT:-1143}"
   ADMIN_PORT="${IMAPGATE_DEMO_ADMIN_PORT:-9190}"
-  for spec in "TLS_PORT:$TLS_PORT" "STARTTLS_PORT:$STARTTLS_PORT" "ADMIN_PORT:$ADMIN_PORT"; do
+  PORTAL_PORT="${IMAPGATE_DEMO_PORTAL_PORT:-8443}"
+  PORT_SPECS=("TLS_PORT:$TLS_PORT" "STARTTLS_PORT:$STARTTLS_PORT" "ADMIN_PORT:$ADMIN_PORT")
+  [ "$PORTAL" -eq 0 ] || PORT_SPECS+=("PORTAL_PORT:$PORTAL_PORT")
+  for spec in "${PORT_SPECS[@]}"; do
     port="${spec#*:}"
     case "$port" in '' | *[!0-9]*) die "IMAPGATE_DEMO_${spec%%:*} must be a port number, not '$port'" ;; esac
     if port_open "$HOST" "$port"; then
@@ -236,13 +272,52 @@ chmod 700 "$GW"
 step "starting a throwaway Dovecot on $HOST:$BACKEND_PORT (implicit TLS, master user, demo mailbox)"
 dovecot_sandbox_start "$DV" "$BACKEND_PORT" implicit "$DEMO_USER"
 
-# --- 4b. --oauth: the identity provider --------------------------------------------------------
+# --- 4b. the gateway's certificate -------------------------------------------------------------
+# From a throwaway CA, for localhost and 127.0.0.1 (the portal's public URL is
+# https://localhost:PORT): clients can verify it against TLS_DIR/ca.pem, as the portal's
+# browser test does, where an in-memory tls.self_signed certificate could only be accepted blindly.
+TLS_DIR="$WORK/tls"
+step "making the gateway's certificate (a throwaway CA signs one for localhost and 127.0.0.1)"
+make_test_pki "$TLS_DIR"
+if [ ! -s "$TLS_DIR/server.pem" ] || [ ! -s "$TLS_DIR/ca.pem" ]; then
+  fail "openssl could not make the demo's certificate"
+fi
+
+# --- 4c. --oauth, --portal: the identity provider ---------------------------------------------
 OAUTH_CONFIG=""
-if [ "$OAUTH" -eq 1 ]; then
+PORTAL_CONFIG=""
+IDP_ARGS=()
+if [ "$PORTAL" -eq 1 ]; then
+  PORTAL_URL="https://localhost:$PORTAL_PORT"
+  # The portal's client secret: random, in a file only root reads, and registered at the IdP
+  # as it starts (the IdP has its clients in memory only).
+  PORTAL_SECRET_FILE="$GW/portal-oidc.secret"
+  (umask 077 && random_secret >"$PORTAL_SECRET_FILE") || fail "could not write $PORTAL_SECRET_FILE"
+  IDP_ARGS+=(--client "$PORTAL_CLIENT:$(cat "$PORTAL_SECRET_FILE"):$PORTAL_URL/auth/callback")
+fi
+if [ "$OAUTH" -eq 1 ] || [ "$PORTAL" -eq 1 ]; then
   IDP_DIR="$WORK/idp"
   step "starting the test identity provider (node tests/idp/server.js: npm oidc-provider, in memory)"
-  idp_start "$IDP_DIR" || fail "the identity provider did not start"
+  idp_start "$IDP_DIR" "${IDP_ARGS[@]}" || fail "the identity provider did not start"
   log "issuer $IDP_URL (pid $IDP_PID; discovery $IDP_URL/.well-known/openid-configuration)"
+fi
+if [ "$PORTAL" -eq 1 ]; then
+  PORTAL_CONFIG="portal:                            # the self-service portal (docs/portal.md)
+  address: \"$HOST:$PORTAL_PORT\"
+  public_url: \"$PORTAL_URL\"
+  mail:                            # what the portal tells mail clients
+    imap_host: $HOST
+    imap_port: $TLS_PORT
+    imap_starttls_port: $STARTTLS_PORT
+  oidc:                            # the test identity provider, its client registered above
+    issuer: \"$IDP_URL\"
+    client_id: $PORTAL_CLIENT
+    client_secret_file: \"$PORTAL_SECRET_FILE\"
+    scopes: [openid, email, profile, groups]
+    domains: [example.org]
+    admin: { claim: groups, values: [mail-admins] }   # the helpdesk"
+fi
+if [ "$OAUTH" -eq 1 ]; then
   OAUTH_CONFIG="  oauth:                           # OAuth 2.0 bearer tokens (AUTHENTICATE XOAUTH2 / OAUTHBEARER)
     issuers:
       - name: $IDP_ISSUER_NAME             # the test identity provider (tests/idp), loopback only
@@ -270,7 +345,9 @@ listeners:
   - { name: imaps, address: "$HOST:$TLS_PORT", tls: implicit }
   - { name: imap, address: "$HOST:$STARTTLS_PORT", tls: starttls }
 tls:
-  self_signed: true
+  certificates:                    # signed by the demo's throwaway CA ($TLS_DIR/ca.pem)
+    - cert_file: "$TLS_DIR/server.pem"
+      key_file: "$TLS_DIR/server.key"
 auth:
   store:                           # users, app passwords and TOTP enrolments (docs/store.md)
     backend: sqlite
@@ -306,6 +383,7 @@ logging:
   format: text
   level: info
   audit: "$GW/audit.log"
+$PORTAL_CONFIG
 EOF
 
 step "checking the configuration (imapgate check-config)"
@@ -337,10 +415,16 @@ USER_SHOW="$("$BIN" users show "$DEMO_USER" -c "$CONFIG" 2>>"$GW/cli.log")" ||
   fail "imapgate users show $DEMO_USER failed"
 grep -q '^totp: enrolled' <<<"$USER_SHOW" || fail "imapgate users show does not list $DEMO_USER as enrolled: $USER_SHOW"
 
-step "starting imapgate (imaps $HOST:$TLS_PORT, starttls $HOST:$STARTTLS_PORT, admin $HOST:$ADMIN_PORT)"
+GATEWAY_PORTS=("$TLS_PORT" "$STARTTLS_PORT" "$ADMIN_PORT")
+PORTAL_NOTE=""
+if [ "$PORTAL" -eq 1 ]; then
+  GATEWAY_PORTS+=("$PORTAL_PORT")
+  PORTAL_NOTE=", portal $HOST:$PORTAL_PORT"
+fi
+step "starting imapgate (imaps $HOST:$TLS_PORT, starttls $HOST:$STARTTLS_PORT, admin $HOST:$ADMIN_PORT$PORTAL_NOTE)"
 "$BIN" run -c "$CONFIG" >"$GW/gateway.log" 2>&1 &
 GATEWAY_PID=$!
-for port in "$TLS_PORT" "$STARTTLS_PORT" "$ADMIN_PORT"; do
+for port in "${GATEWAY_PORTS[@]}"; do
   wait_for_port "$HOST" "$port" 60 "$GATEWAY_PID" ||
     fail "imapgate is not listening on $HOST:$port after 60 s (or it exited)"
 done
@@ -392,7 +476,7 @@ import imaplib, ssl, sys
 host, port, mech, user, token = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 ctx = ssl.create_default_context()
 ctx.check_hostname = False
-ctx.verify_mode = ssl.CERT_NONE  # the demo gateway's self-signed certificate
+ctx.verify_mode = ssl.CERT_NONE  # like curl --insecure: the demo's throwaway CA
 if mech == "XOAUTH2":  # Google's format
     first = f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
 else:  # RFC 7628 OAUTHBEARER
@@ -603,6 +687,54 @@ oauth_checks() {
   log "ok: logged in with it (XOAUTH2)"
 }
 
+# portal_checks: the portal's main path in a real browser, run last because it ends with the
+# helpdesk resetting the demo user's TOTP: tests/browser/portal_e2e.py (headless Chromium through
+# Playwright, axe-core on every page) as the demo user and the helpdesk, against this demo's IdP,
+# portal, gateway and Dovecot.
+portal_checks() {
+  local ca="$TLS_DIR/ca.pem" metrics="http://$HOST:$ADMIN_PORT/metrics"
+  step "check: the portal answers $PORTAL_URL/healthz (its certificate verified against the demo's CA)"
+  OUT="$("${CURL[@]}" --fail --cacert "$ca" "$PORTAL_URL/healthz" 2>&1)" || fail "the portal's /healthz did not answer 2xx: $OUT"
+  log "ok: $OUT"
+
+  # The browser test enrols TOTP on the portal's page, as a newcomer would: so the enrolment the
+  # CLI made above goes first, as the helpdesk would remove it after a lost phone.
+  step "check: $DEMO_USER's TOTP (enrolled with the CLI above) reset through the admin API, to enrol again in the portal"
+  "$BIN" totp reset "$DEMO_USER" "${API[@]}" >>"$GW/cli.log" 2>&1 || fail "imapgate totp reset through the API failed"
+  OUT="$("$BIN" users show "$DEMO_USER" -c "$CONFIG" 2>>"$GW/cli.log")" || fail "imapgate users show $DEMO_USER failed"
+  ! grep -q '^totp: enrolled' <<<"$OUT" || fail "$DEMO_USER is still enrolled after the reset: $OUT"
+  log "ok"
+
+  step "check: the portal in headless Chromium (tests/browser/portal_e2e.py): $PORTAL_ACCOUNT signs in at the IdP, makes an app password, enrols TOTP, logs in over IMAP, revokes it; the helpdesk $PORTAL_ADMIN_ACCOUNT resets the TOTP"
+  # The gateway refuses a time step's code a second time for a user, whatever the secret, and
+  # the browser test uses this step's code and the next one's: so it starts once the steps of
+  # the codes used above are past.
+  local wait_s=$(((TOTP_LAST_STEP + 1) * 30 - $(date +%s)))
+  if [ "$wait_s" -gt 0 ]; then
+    log "waiting ${wait_s} s for the TOTP steps the checks above used to pass"
+    sleep "$wait_s"
+  fi
+  log "\$ $BROWSER_PYTHON tests/browser/portal_e2e.py --portal $PORTAL_URL --idp $IDP_URL --imap-port $TLS_PORT --ca $ca --user-account $PORTAL_ACCOUNT --admin-account $PORTAL_ADMIN_ACCOUNT --metrics $metrics"
+  RC=0
+  timeout --kill-after=10 300 "$BROWSER_PYTHON" tests/browser/portal_e2e.py --portal "$PORTAL_URL" --idp "$IDP_URL" \
+    --imap-host "$HOST" --imap-port "$TLS_PORT" --ca "$ca" --user-account "$PORTAL_ACCOUNT" \
+    --admin-account "$PORTAL_ADMIN_ACCOUNT" --metrics "$metrics" || RC=$?
+  [ "$RC" -ne 124 ] || fail "the portal's browser test did not finish within 300 s"
+  [ "$RC" -eq 0 ] || fail "the portal's browser test failed (exit $RC; its FAIL line is above)"
+
+  step "check: the audit log has the portal's sign-ins and actions, each with its actor"
+  audit_has '"event":"portal"' '"action":"signed_in"' "\"user\":\"$DEMO_USER\"" ||
+    fail "no audit line for $DEMO_USER's sign-in to the portal"
+  audit_has '"event":"operator"' '"via":"portal"' '"action":"app_password_created"' "\"actor\":\"$DEMO_USER\"" ||
+    fail "no audit line for the app password $DEMO_USER made in the portal"
+  audit_has '"event":"operator"' '"via":"portal"' '"action":"app_password_revoked"' "\"actor\":\"$DEMO_USER\"" ||
+    fail "no audit line for the app password $DEMO_USER revoked in the portal"
+  audit_has '"event":"operator"' '"via":"portal"' '"action":"totp_reset"' \
+    "\"actor\":\"$PORTAL_ADMIN_ACCOUNT@example.org\"" "\"user\":\"$DEMO_USER\"" ||
+    fail "no audit line for the helpdesk's TOTP reset of $DEMO_USER"
+  log "ok: signed_in, app_password_created and app_password_revoked by $DEMO_USER, totp_reset by $PORTAL_ADMIN_ACCOUNT@example.org"
+}
+
 if [ "$MODE" = check ]; then
   step "check: the audit log says how the second factor was met (totp, then unlocked)"
   audit_has '"result":"success"' '"mfa":"totp"' || fail "no audit line for a login with a TOTP code"
@@ -642,7 +774,7 @@ import imaplib, ssl, sys
 host, port, user, pw = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 ctx = ssl.create_default_context()
 ctx.check_hostname = False
-ctx.verify_mode = ssl.CERT_NONE  # the demo's self-signed certificate
+ctx.verify_mode = ssl.CERT_NONE  # like curl --insecure: the demo's throwaway CA
 imaplib.Commands["ID"] = ("NONAUTH", "AUTH", "SELECTED")  # RFC 2971; imaplib has no ID method
 m = imaplib.IMAP4_SSL(host, port, ssl_context=ctx, timeout=30)
 typ, data = m._simple_command("ID", '("name" "imaplib-demo" "version" "1.0" "os" "not-logged")')
@@ -694,7 +826,9 @@ PY
   API_ID="$("$BIN" app-password list "$DEMO_USER" "${API[@]}" 2>>"$GW/cli.log" | awk -F '\t' '$4 == "api-demo" { print $1 }')"
   [ -n "$API_ID" ] || fail "app-password list through the API does not show the new app password"
   # A code of the next 30-second step: accepted (±1 step) and not used yet by the checks above.
-  NEXT_CODE="$(totp_code "$TOTP_SECRET" "$(($(date +%s) + 30))")"
+  NEXT_AT=$(($(date +%s) + 30))
+  NEXT_CODE="$(totp_code "$TOTP_SECRET" "$NEXT_AT")"
+  TOTP_LAST_STEP=$((NEXT_AT / 30)) # the last 30-second step whose code the demo uses
   IDLE_LOG="$GW/idle.log"
   python3 - "$HOST" "$TLS_PORT" "$DEMO_USER" "${API_PASSWORD// /}$NEXT_CODE" >"$IDLE_LOG" 2>&1 <<'PY' &
 import imaplib, socket, ssl, sys, time
@@ -796,13 +930,20 @@ PY
     log "ok: imapgate_oauth_tokens_total counts valid, bad_signature and user_mismatch"
   fi
 
+  if [ "$PORTAL" -eq 1 ]; then
+    portal_checks
+  fi
+
   kill -0 "$GATEWAY_PID" 2>/dev/null || fail "imapgate exited during the checks"
   SUCCESS=1
-  OAUTH_PASSED=""
+  ALSO_PASSED=""
   if [ "$OAUTH" -eq 1 ]; then
-    OAUTH_PASSED="; OAuth: XOAUTH2/OAUTHBEARER logins with IdP tokens (imaplib, curl), forged and other users' tokens refused, device flow"
+    ALSO_PASSED="; OAuth: XOAUTH2/OAUTHBEARER logins with IdP tokens (imaplib, curl), forged and other users' tokens refused, device flow"
   fi
-  printf '\nPASS: demo check (imapgate in front of Dovecot, users in SQLite: app password + TOTP, unlock window, replayed code refused, a guesser blocked and cleared, an app password made and revoked through the admin API ending its IDLE session, STARTTLS, admin%s)\n' "$OAUTH_PASSED"
+  if [ "$PORTAL" -eq 1 ]; then
+    ALSO_PASSED="$ALSO_PASSED; portal: the browser test in headless Chromium (sign-in at the IdP, app password, TOTP enrolment, IMAP logins, revocation ending the IDLE session, the helpdesk's TOTP reset)"
+  fi
+  printf '\nPASS: demo check (imapgate in front of Dovecot, users in SQLite: app password + TOTP, unlock window, replayed code refused, a guesser blocked and cleared, an app password made and revoked through the admin API ending its IDLE session, STARTTLS, admin%s)\n' "$ALSO_PASSED"
   exit 0
 fi
 
@@ -825,6 +966,12 @@ IMAPGATE_DEMO_IDP_URL=$IDP_URL
 IMAPGATE_DEMO_IDP_CLIENT=$IDP_CLIENT
 IMAPGATE_DEMO_IDP_SECRET=$IDP_SECRET
 EOF
+fi
+if [ "$PORTAL" -eq 1 ]; then
+  cat >>"$ENV_FILE" <<EOF
+IMAPGATE_DEMO_PORTAL_URL=$PORTAL_URL
+EOF
+  [ "$OAUTH" -eq 1 ] || echo "IMAPGATE_DEMO_IDP_URL=$IDP_URL" >>"$ENV_FILE"
 fi
 chmod 600 "$ENV_FILE"
 if [ -n "${SUDO_UID:-}" ] && [ -n "${SUDO_GID:-}" ]; then
@@ -855,7 +1002,8 @@ imapgate demo is running.
 Point any IMAP client at it (Thunderbird: "Configure manually", normal password):
 
   host         $HOST
-  IMAPS        port $TLS_PORT   (TLS from the first byte; self-signed certificate: accept it)
+  IMAPS        port $TLS_PORT   (TLS from the first byte; the demo's own throwaway CA signed
+               the certificate: accept it)
   IMAP         port $STARTTLS_PORT   (STARTTLS required before login)
   user         $DEMO_USER
   password     the app password immediately followed by the code your app shows now:
@@ -904,6 +1052,24 @@ page, so approve the code it shows with its test hook, from another terminal:
   curl -d user_code=XXXX-XXXX -d account=demo $IDP_URL/__device/approve
 
 The identity provider's URL, client and secret are in $ENV_FILE too.
+EOF
+fi
+
+if [ "$PORTAL" -eq 1 ]; then
+  cat <<EOF
+
+Self-service portal (--portal): $PORTAL_URL
+Open it in a browser on this machine and sign in at the test identity provider
+($IDP_URL) as
+
+  $PORTAL_ACCOUNT  / pw-$PORTAL_ACCOUNT      $DEMO_USER: app passwords, authenticator (TOTP), devices, activity,
+                       mail setup (the app password 'demo' and the TOTP above are already there)
+  $PORTAL_ADMIN_ACCOUNT / pw-$PORTAL_ADMIN_ACCOUNT     the helpdesk (group mail-admins): Helpdesk finds $DEMO_USER and can
+                       disable them, reset their TOTP, revoke app passwords, end sessions
+
+Its certificate comes from the demo's throwaway CA, so the browser warns once: accept it, or
+trust the CA, $TLS_DIR/ca.pem. An app password made in the portal logs in like the
+one above, with a code from the same authenticator. The portal's URL is in $ENV_FILE too.
 EOF
 fi
 

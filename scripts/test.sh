@@ -10,10 +10,11 @@
 # Chromium signs in at the test IdP), then cargo test with IMAPGATE_REQUIRE_REAL=1 (tests whose
 # real component is missing fail instead of skipping; IMAPGATE_BROWSER_PYTHON set), 5 the Helm
 # chart and deploy/ checks if scripts/check-chart.sh exists (helm, kubernetes-validate, checkov,
-# promtool, and imapgate check-config with the binary step 4 built), 6 scripts/demo.sh --check --oauth (the
-# demo, TOTP and OAuth), 7 scripts/tls_scan.sh (sslscan and openssl against both listener kinds
-# of the binary step 4 built), 8 fuzz/run.sh --smoke (every fuzz target for 10 s, stable Rust,
-# `-s none`; cargo-fuzz is installed with `cargo install --locked` when missing), 9 scripts/sbom.sh
+# promtool, and imapgate check-config with the binary step 4 built), 6 scripts/demo.sh --check
+# --oauth --portal (the demo, TOTP, OAuth and the portal's browser test), 7 scripts/tls_scan.sh
+# (sslscan and openssl against both listener kinds of the binary step 4 built), 8 fuzz/run.sh
+# --smoke (every fuzz target for 10 s, stable Rust, `-s none`; cargo-fuzz is installed with
+# `cargo install --locked` when missing), 9 scripts/sbom.sh
 # (the binary's CycloneDX SBOM in target/sbom, checked; cargo-cyclonedx is installed with
 # `cargo install --locked` when missing, about 2-3 minutes once, then reused).
 #
@@ -188,10 +189,11 @@ else
 fi
 
 # --- 6 ---------------------------------------------------------------------------------------
-begin "demo check (scripts/demo.sh --check --oauth)"
+begin "demo check (scripts/demo.sh --check --oauth --portal)"
 # The binary step 4 built (cargo test builds it for the integration tests). A plain `cargo build`
-# would compile every dependency again: dev-dependencies change tokio's features.
-IMAPGATE_DEMO_BIN="${CARGO_TARGET_DIR:-target}/debug/imapgate" bash scripts/demo.sh --check --oauth
+# would compile every dependency again: dev-dependencies change tokio's features. One demo run
+# for both: the portal's browser test reuses step 1's Chromium and target/venv-browser.
+IMAPGATE_DEMO_BIN="${CARGO_TARGET_DIR:-target}/debug/imapgate" bash scripts/demo.sh --check --oauth --portal
 
 # --- 7 ---------------------------------------------------------------------------------------
 begin "TLS scan (scripts/tls_scan.sh: sslscan + openssl, implicit TLS and STARTTLS)"

@@ -458,8 +458,9 @@ browser_selfcheck() {
 
 # --- test identity provider (tests/idp) -----------------------------------------------------
 
-# idp_start DIR: starts the test OpenID provider (node tests/idp/server.js, npm oidc-provider;
-# tests/idp/node_modules must be installed) on a free loopback port and waits up to 30 s for it.
+# idp_start DIR [ARG...]: starts the test OpenID provider (node tests/idp/server.js, npm
+# oidc-provider; tests/idp/node_modules must be installed) on a free loopback port, with the
+# server's extra ARGs (e.g. --client ID:SECRET:REDIRECT_URI), and waits up to 30 s for it.
 # Its stdout (the READY line) goes to DIR/idp.out, its log to DIR/idp.log. After it returns 0:
 #   IDP_PID   the node process (stop with idp_stop)
 #   IDP_URL   the issuer, http://127.0.0.1:PORT (no trailing slash)
@@ -469,9 +470,10 @@ IDP_URL=""
 IDP_SERVER_JS="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/tests/idp/server.js"
 idp_start() {
   local dir="$1" deadline=$((SECONDS + 30))
+  shift
   mkdir -p "$dir"
   IDP_URL=""
-  node "$IDP_SERVER_JS" --port 0 >"$dir/idp.out" 2>"$dir/idp.log" &
+  node "$IDP_SERVER_JS" --port 0 "$@" >"$dir/idp.out" 2>"$dir/idp.log" &
   IDP_PID=$!
   until IDP_URL="$(sed -n 's|^READY \(http://127\.0\.0\.1:[0-9][0-9]*\)$|\1|p' "$dir/idp.out")" && [ -n "$IDP_URL" ]; do
     if ! kill -0 "$IDP_PID" 2>/dev/null; then
