@@ -315,10 +315,22 @@ pub fn audit(e: &AuditEvent<'_>) {
 /// token that was used), what, on which user and credential, and whether it changed anything
 /// (a repeated call does not).
 pub fn audit_api(actor: &str, action: &str, user: &str, credential: &str, changed: bool) {
+    audit_operator_via("api", actor, action, user, credential, changed);
+}
+
+/// One operator line (`event: operator`) of an action done through `via` (`api`, `portal`).
+fn audit_operator_via(
+    via: &str,
+    actor: &str,
+    action: &str,
+    user: &str,
+    credential: &str,
+    changed: bool,
+) {
     tracing::info!(
         target: AUDIT_TARGET,
         event = "operator",
-        via = "api",
+        via = via,
         actor = actor,
         action = action,
         user = user,
@@ -330,16 +342,7 @@ pub fn audit_api(actor: &str, action: &str, user: &str, credential: &str, change
 /// A self-service or helpdesk action in the portal: `actor` is the signed-in person's address
 /// (the administrator's for a helpdesk action), `user` the account acted on.
 pub fn audit_portal(actor: &str, action: &str, user: &str, credential: &str, changed: bool) {
-    tracing::info!(
-        target: AUDIT_TARGET,
-        event = "operator",
-        via = "portal",
-        actor = actor,
-        action = action,
-        user = user,
-        credential = credential,
-        changed = changed,
-    );
+    audit_operator_via("portal", actor, action, user, credential, changed);
 }
 
 /// A pending sign-in answered in the portal (`signin_approved`, `signin_denied`): by whom,

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use super::helpdesk::user_base;
 use super::pages::fmt_unix;
-use super::{Form, Portal, Req};
+use super::{Portal, Posted, Req};
 
 type Shared = State<Arc<Portal>>;
 
@@ -90,20 +90,16 @@ pub(crate) async fn admin_fragment(
     p.fragment_for(&r, &name, &base, false).await
 }
 
-pub(crate) async fn approve(
-    State(p): Shared,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    body: axum::body::Bytes,
-) -> Response {
-    let mut r = p.req(peer, &headers, None);
-    let form = Form::parse(&body);
-    let user = match p.check_post(&r, &headers, &form) {
-        Ok(s) if !p.fresh(s) => return p.reauth(&r, "/"),
-        Ok(s) => s.user.clone(),
-        Err(resp) => return resp,
-    };
+pub(crate) async fn approve(State(p): Shared, Path(id): Path<String>, post: Posted) -> Response {
+    let Posted {
+        mut r,
+        form: _,
+        session,
+    } = post;
+    if !p.fresh(&session) {
+        return p.reauth(&r, "/");
+    }
+    let user = session.user;
     let Some(approvals) = p.approvals.clone() else {
         return p.error(&r, StatusCode::NOT_FOUND, "not_found_title", "not_found");
     };
@@ -131,35 +127,30 @@ pub(crate) async fn approve(
     }
 }
 
-pub(crate) async fn deny(
-    State(p): Shared,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    body: axum::body::Bytes,
-) -> Response {
-    let r = p.req(peer, &headers, None);
-    let form = Form::parse(&body);
-    let user = match p.check_post(&r, &headers, &form) {
-        Ok(s) => s.user.clone(),
-        Err(resp) => return resp,
-    };
+pub(crate) async fn deny(State(p): Shared, Path(id): Path<String>, post: Posted) -> Response {
+    let Posted {
+        r,
+        form: _,
+        session,
+    } = post;
+    let user = session.user;
     answer_deny(&p, &r, &user, &user, &id, "/").await
 }
 
 pub(crate) async fn admin_deny(
     State(p): Shared,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
     Path((user, id)): Path<(String, String)>,
-    body: axum::body::Bytes,
+    post: Posted,
 ) -> Response {
-    let r = p.req(peer, &headers, None);
-    let form = Form::parse(&body);
-    let admin = match p.admin_post(&r, &headers, &form) {
-        Ok(s) => s.user.clone(),
-        Err(resp) => return resp,
-    };
+    let Posted {
+        r,
+        form: _,
+        session,
+    } = post;
+    if !session.admin {
+        return p.forbidden(&r);
+    }
+    let admin = session.user;
     let Ok(name) = p.api.services.name(&user) else {
         return p.error(&r, StatusCode::NOT_FOUND, "not_found_title", "not_found");
     };

@@ -13,7 +13,7 @@ use axum::response::Response;
 use serde_json::{json, Value};
 
 use super::signin::{enc, query_value};
-use super::{Form, Portal, Req};
+use super::{Portal, Posted, Req};
 use crate::store::ListQuery;
 
 type Shared = State<Arc<Portal>>;
@@ -25,22 +25,7 @@ impl Portal {
         if s.admin {
             Ok(s)
         } else {
-            Err(self.error(r, StatusCode::FORBIDDEN, "forbidden_title", "forbidden"))
-        }
-    }
-
-    /// A POST from an administrator (session, CSRF, origin, the role).
-    pub(crate) fn admin_post<'a>(
-        &self,
-        r: &'a Req,
-        headers: &HeaderMap,
-        form: &Form,
-    ) -> Result<&'a super::Session, Response> {
-        let s = self.check_post(r, headers, form)?;
-        if s.admin {
-            Ok(s)
-        } else {
-            Err(self.error(r, StatusCode::FORBIDDEN, "forbidden_title", "forbidden"))
+            Err(self.forbidden(r))
         }
     }
 
@@ -163,17 +148,18 @@ pub(crate) async fn user(
 
 pub(crate) async fn action(
     State(p): Shared,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
     Path((user, action)): Path<(String, String)>,
-    body: axum::body::Bytes,
+    post: Posted,
 ) -> Response {
-    let r = p.req(peer, &headers, None);
-    let form = Form::parse(&body);
-    let admin = match p.admin_post(&r, &headers, &form) {
-        Ok(s) => s.clone(),
-        Err(resp) => return resp,
-    };
+    let Posted {
+        r,
+        form: _,
+        session,
+    } = post;
+    if !session.admin {
+        return p.forbidden(&r);
+    }
+    let admin = session;
     let name = match p.api.services.name(&user) {
         Ok(n) => n,
         Err(e) => return p.service_error(&r, &e),
@@ -214,17 +200,18 @@ pub(crate) async fn action(
 
 pub(crate) async fn revoke(
     State(p): Shared,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
     Path((user, id)): Path<(String, String)>,
-    body: axum::body::Bytes,
+    post: Posted,
 ) -> Response {
-    let r = p.req(peer, &headers, None);
-    let form = Form::parse(&body);
-    let admin = match p.admin_post(&r, &headers, &form) {
-        Ok(s) => s.user.clone(),
-        Err(resp) => return resp,
-    };
+    let Posted {
+        r,
+        form: _,
+        session,
+    } = post;
+    if !session.admin {
+        return p.forbidden(&r);
+    }
+    let admin = session.user;
     match p.api.services.revoke_app_password(&user, &id).await {
         Ok(changed) => {
             let name = p.api.services.name(&user).unwrap_or_default();
@@ -237,17 +224,18 @@ pub(crate) async fn revoke(
 
 pub(crate) async fn end_device(
     State(p): Shared,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
     Path((user, id)): Path<(String, String)>,
-    body: axum::body::Bytes,
+    post: Posted,
 ) -> Response {
-    let r = p.req(peer, &headers, None);
-    let form = Form::parse(&body);
-    let admin = match p.admin_post(&r, &headers, &form) {
-        Ok(s) => s.user.clone(),
-        Err(resp) => return resp,
-    };
+    let Posted {
+        r,
+        form: _,
+        session,
+    } = post;
+    if !session.admin {
+        return p.forbidden(&r);
+    }
+    let admin = session.user;
     let name = match p.api.services.name(&user) {
         Ok(n) => n,
         Err(e) => return p.service_error(&r, &e),
@@ -267,18 +255,12 @@ pub(crate) async fn end_device(
     }
 }
 
-pub(crate) async fn guard_clear(
-    State(p): Shared,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    let r = p.req(peer, &headers, None);
-    let form = Form::parse(&body);
-    let admin = match p.admin_post(&r, &headers, &form) {
-        Ok(s) => s.user.clone(),
-        Err(resp) => return resp,
-    };
+pub(crate) async fn guard_clear(State(p): Shared, post: Posted) -> Response {
+    let Posted { r, form, session } = post;
+    if !session.admin {
+        return p.forbidden(&r);
+    }
+    let admin = session.user;
     let scope = form.get("scope").filter(|s| !s.is_empty());
     let value = form.get("value").filter(|s| !s.is_empty());
     if value.is_none() {

@@ -7,15 +7,14 @@
 //! the password (never a URL), answered `no-store`, and never logged. It is not signed: the
 //! device shows it as unverified (sign it with the organisation's certificate to change that).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, RawQuery, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{RawQuery, State};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::signin::query_value;
-use super::{Form, Portal};
+use super::{Portal, Posted};
 
 type Shared = State<Arc<Portal>>;
 
@@ -170,18 +169,9 @@ pub(crate) fn mobileconfig(p: &Portal, user: &str, password: &str, label: &str) 
     )
 }
 
-pub(crate) async fn profile(
-    State(p): Shared,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    let r = p.req(peer, &headers, None);
-    let form = Form::parse(&body);
-    let user = match p.check_post(&r, &headers, &form) {
-        Ok(s) => s.user.clone(),
-        Err(resp) => return resp,
-    };
+pub(crate) async fn profile(State(p): Shared, post: Posted) -> Response {
+    let Posted { r, form, session } = post;
+    let user = session.user;
     // The password as the created page showed it (groups of four); it is the person's own,
     // so it is not checked here — a wrong one only makes a profile that cannot log in.
     let password: String = form

@@ -358,6 +358,11 @@ impl Portal {
         Ok(s)
     }
 
+    /// The answer to someone who is not an administrator.
+    pub(crate) fn forbidden(&self, r: &Req) -> Response {
+        self.error(r, StatusCode::FORBIDDEN, "forbidden_title", "forbidden")
+    }
+
     /// Whether the session's sign-in is fresh enough for a sensitive action.
     pub(crate) fn fresh(&self, s: &Session) -> bool {
         cookie::now().saturating_sub(s.auth_time) <= self.cfg.reauth_after.as_secs()
@@ -366,6 +371,33 @@ impl Portal {
     /// Sends the person through the IdP again (`max_age`), back to `back` afterwards.
     pub(crate) fn reauth(&self, r: &Req, back: &str) -> Response {
         self.see_other(r, &format!("/login?reauth=1&back={}", signin::enc(back)))
+    }
+}
+
+/// A form POST from a signed-in person, its CSRF token and origin already checked
+/// ([`Portal::check_post`]): what every state-changing handler starts from.
+pub(crate) struct Posted {
+    pub r: Req,
+    pub form: Form,
+    pub session: Session,
+}
+
+impl axum::extract::FromRequest<Arc<Portal>> for Posted {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, p: &Arc<Portal>) -> Result<Self, Response> {
+        let peer = req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)), |c| c.0);
+        let headers = req.headers().clone();
+        let body = axum::body::Bytes::from_request(req, p)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let r = p.req(peer, &headers, None);
+        let form = Form::parse(&body);
+        let session = p.check_post(&r, &headers, &form)?.clone();
+        Ok(Posted { r, form, session })
     }
 }
 

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use time::OffsetDateTime;
 
 use super::signin::query_value;
-use super::{Form, Portal, Req};
+use super::{Portal, Posted, Req};
 use crate::api::service::{self, ServiceError};
 use crate::auth::users::User;
 use crate::secret::Secret;
@@ -292,19 +292,16 @@ fn expiry(choice: &str) -> Result<Option<Duration>, ()> {
     }
 }
 
-pub(crate) async fn create_app_password(
-    State(p): Shared,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    let mut r = p.req(peer, &headers, None);
-    let form = Form::parse(&body);
-    let user = match p.check_post(&r, &headers, &form) {
-        Ok(s) if !p.fresh(s) => return p.reauth(&r, "/"),
-        Ok(s) => s.user.clone(),
-        Err(resp) => return resp,
-    };
+pub(crate) async fn create_app_password(State(p): Shared, post: Posted) -> Response {
+    let Posted {
+        mut r,
+        form,
+        session,
+    } = post;
+    if !p.fresh(&session) {
+        return p.reauth(&r, "/");
+    }
+    let user = session.user;
     let label = form.get("label").unwrap_or("").trim().to_owned();
     let Ok(expires) = expiry(form.get("expires").unwrap_or("")) else {
         return p.error(
@@ -356,17 +353,15 @@ pub(crate) async fn create_app_password(
 
 pub(crate) async fn revoke_app_password(
     State(p): Shared,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    body: axum::body::Bytes,
+    post: Posted,
 ) -> Response {
-    let r = p.req(peer, &headers, None);
-    let form = Form::parse(&body);
-    let user = match p.check_post(&r, &headers, &form) {
-        Ok(s) => s.user.clone(),
-        Err(resp) => return resp,
-    };
+    let Posted {
+        r,
+        form: _,
+        session,
+    } = post;
+    let user = session.user;
     match p.api.services.revoke_app_password(&user, &id).await {
         Ok(changed) => {
             crate::observe::audit_portal(&user, "app_password_revoked", &user, &id, changed);
@@ -452,19 +447,16 @@ fn enrol_page(p: &Portal, r: &Req, uri: &Secret, token: &str, error: Value) -> R
     )
 }
 
-pub(crate) async fn totp_enrol(
-    State(p): Shared,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    let r = p.req(peer, &headers, None);
-    let form = Form::parse(&body);
-    let user = match p.check_post(&r, &headers, &form) {
-        Ok(s) if !p.fresh(s) => return p.reauth(&r, "/totp"),
-        Ok(s) => s.user.clone(),
-        Err(resp) => return resp,
-    };
+pub(crate) async fn totp_enrol(State(p): Shared, post: Posted) -> Response {
+    let Posted {
+        r,
+        form: _,
+        session,
+    } = post;
+    if !p.fresh(&session) {
+        return p.reauth(&r, "/totp");
+    }
+    let user = session.user;
     match p.api.services.totp_begin(&user, false).await {
         Ok(e) => enrol_page(&p, &r, &e.otpauth_uri, &e.token, Value::Null),
         // Enrolled meanwhile (another tab): the page says so.
@@ -473,19 +465,12 @@ pub(crate) async fn totp_enrol(
     }
 }
 
-pub(crate) async fn totp_confirm(
-    State(p): Shared,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    let r = p.req(peer, &headers, None);
-    let form = Form::parse(&body);
-    let user = match p.check_post(&r, &headers, &form) {
-        Ok(s) if !p.fresh(s) => return p.reauth(&r, "/totp"),
-        Ok(s) => s.user.clone(),
-        Err(resp) => return resp,
-    };
+pub(crate) async fn totp_confirm(State(p): Shared, post: Posted) -> Response {
+    let Posted { r, form, session } = post;
+    if !p.fresh(&session) {
+        return p.reauth(&r, "/totp");
+    }
+    let user = session.user;
     let token = form.get("enrolment").unwrap_or("");
     let code: String = form
         .get("code")
@@ -526,19 +511,16 @@ pub(crate) async fn totp_confirm(
     }
 }
 
-pub(crate) async fn totp_reset(
-    State(p): Shared,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    let r = p.req(peer, &headers, None);
-    let form = Form::parse(&body);
-    let user = match p.check_post(&r, &headers, &form) {
-        Ok(s) if !p.fresh(s) => return p.reauth(&r, "/totp"),
-        Ok(s) => s.user.clone(),
-        Err(resp) => return resp,
-    };
+pub(crate) async fn totp_reset(State(p): Shared, post: Posted) -> Response {
+    let Posted {
+        r,
+        form: _,
+        session,
+    } = post;
+    if !p.fresh(&session) {
+        return p.reauth(&r, "/totp");
+    }
+    let user = session.user;
     match p.api.services.totp_reset(&user).await {
         Ok(changed) => {
             crate::observe::audit_portal(&user, "totp_reset", &user, "", changed);
@@ -592,19 +574,13 @@ pub(crate) async fn end_one(p: &Portal, user: &str, id: &str) -> Result<(), Serv
     Ok(())
 }
 
-pub(crate) async fn end_device(
-    State(p): Shared,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    body: axum::body::Bytes,
-) -> Response {
-    let r = p.req(peer, &headers, None);
-    let form = Form::parse(&body);
-    let user = match p.check_post(&r, &headers, &form) {
-        Ok(s) => s.user.clone(),
-        Err(resp) => return resp,
-    };
+pub(crate) async fn end_device(State(p): Shared, Path(id): Path<String>, post: Posted) -> Response {
+    let Posted {
+        r,
+        form: _,
+        session,
+    } = post;
+    let user = session.user;
     match end_one(&p, &user, &id).await {
         Ok(()) => {
             crate::observe::audit_portal(

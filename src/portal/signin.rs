@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
 use super::cookie::{self, Session, SignIn};
-use super::{Form, Portal, Req};
+use super::{Portal, Posted, Req};
 use crate::auth::oauth::oidc::Pending;
 use crate::guard::{AttemptKey, Kind, Outcome, Verdict};
 
@@ -363,18 +363,13 @@ async fn signed_in(
     p.see_other(&r, &to)
 }
 
-pub(crate) async fn logout(
-    State(p): Shared,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    let mut r = p.req(peer, &headers, None);
-    let form = Form::parse(&body);
-    let user = match p.check_post(&r, &headers, &form) {
-        Ok(s) => s.user.clone(),
-        Err(resp) => return resp,
-    };
+pub(crate) async fn logout(State(p): Shared, post: Posted) -> Response {
+    let Posted {
+        mut r,
+        form: _,
+        session,
+    } = post;
+    let user = session.user;
     crate::observe::audit_portal_signin("signed_out", &user, "", r.ip);
     r.session = None;
     r.cookies.push(p.jar.clear(&p.jar.session_name()));
