@@ -80,6 +80,21 @@ impl Portal {
         }
     }
 
+    /// A signed-in person's page: the request, their name and their record (or the way to
+    /// sign in, or the refusal).
+    pub(crate) async fn person(
+        &self,
+        peer: SocketAddr,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        path: &str,
+    ) -> Result<(Req, String, User), Response> {
+        let mut r = self.req(peer, headers, query);
+        let user = self.signed(&r, path)?.user.clone();
+        let (name, u) = self.record(&mut r, &user).await?;
+        Ok((r, name, u))
+    }
+
     /// The person's record; a disabled or removed account ends the portal session too.
     pub(crate) async fn record(&self, r: &mut Req, user: &str) -> Result<(String, User), Response> {
         match self.api.services.user(user).await {
@@ -377,12 +392,7 @@ pub(crate) async fn totp(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let mut r = p.req(peer, &headers, query.as_deref());
-    let user = match p.signed(&r, "/totp") {
-        Ok(s) => s.user.clone(),
-        Err(resp) => return resp,
-    };
-    let (_, u) = match p.record(&mut r, &user).await {
+    let (r, _, u) = match p.person(peer, &headers, query.as_deref(), "/totp").await {
         Ok(x) => x,
         Err(resp) => return resp,
     };
@@ -536,12 +546,7 @@ pub(crate) async fn devices(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let mut r = p.req(peer, &headers, query.as_deref());
-    let user = match p.signed(&r, "/devices") {
-        Ok(s) => s.user.clone(),
-        Err(resp) => return resp,
-    };
-    let (name, u) = match p.record(&mut r, &user).await {
+    let (r, name, u) = match p.person(peer, &headers, query.as_deref(), "/devices").await {
         Ok(x) => x,
         Err(resp) => return resp,
     };
@@ -602,12 +607,10 @@ pub(crate) async fn activity(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let mut r = p.req(peer, &headers, query.as_deref());
-    let user = match p.signed(&r, "/activity") {
-        Ok(s) => s.user.clone(),
-        Err(resp) => return resp,
-    };
-    let (name, _) = match p.record(&mut r, &user).await {
+    let (r, name, _) = match p
+        .person(peer, &headers, query.as_deref(), "/activity")
+        .await
+    {
         Ok(x) => x,
         Err(resp) => return resp,
     };
