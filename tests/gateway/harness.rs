@@ -1206,6 +1206,8 @@ pub(crate) struct Binary {
     pub imaps: u16,
     pub imap: u16,
     pub admin: u16,
+    /// The portal's port (another than the in-process gateway's), when it has one.
+    pub portal: Option<u16>,
 }
 
 impl Drop for Binary {
@@ -1236,8 +1238,18 @@ pub(crate) fn spawn_binary(
 ) -> Binary {
     let dir = tempfile::tempdir().unwrap();
     let (imaps, imap, admin) = (free_port(), free_port(), free_port());
-    let yaml = t
-        .config_yaml
+    // The portal moves to a port of its own too (its address and public URL).
+    let portal = t.portal_url.as_ref().map(|u| {
+        let old: u16 = u.rsplit(':').next().unwrap().parse().unwrap();
+        (old, free_port())
+    });
+    let config = match portal {
+        Some((old, new)) => t
+            .config_yaml
+            .replace(&format!(":{old}\""), &format!(":{new}\"")),
+        None => t.config_yaml.clone(),
+    };
+    let yaml = config
         .replacen(
             "127.0.0.1:0\", tls: implicit",
             &format!("127.0.0.1:{imaps}\", tls: implicit"),
@@ -1287,6 +1299,7 @@ pub(crate) fn spawn_binary(
         imaps,
         imap,
         admin,
+        portal: portal.map(|(_, new)| new),
     }
 }
 

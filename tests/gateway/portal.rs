@@ -49,7 +49,11 @@ pub(crate) struct Browser {
 
 impl Browser {
     pub(crate) fn new(t: &TestGateway) -> Browser {
-        let base = t.portal_url.clone().expect("portal started");
+        Self::at(t, t.portal_url.clone().expect("portal started"))
+    }
+
+    /// A browser for the portal at `base` (`https://localhost:PORT`), trusting `t`'s CA.
+    pub(crate) fn at(t: &TestGateway, base: String) -> Browser {
         let port: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
         let ca = std::fs::read(&t.pki.ca_pem).unwrap();
         let http = reqwest::Client::builder()
@@ -721,5 +725,93 @@ async fn a_person_sets_up_mail_in_a_real_browser() {
             stdout.to_lowercase().contains(&step.to_lowercase()),
             "step `{step}` missing from:\n{stdout}"
         );
+    }
+}
+
+/// No secret reaches a log line (debug level), the audit log or a URL: the real binary with
+/// the portal, an app password made and a TOTP enrolled on the pages, the Apple profile, a
+/// login with both over IMAP, and a forged callback.
+#[tokio::test]
+async fn no_secret_reaches_a_log_line_or_the_audit_log() {
+    let Some(t) = portal_gateway("").await else {
+        return;
+    };
+    let bin = crate::harness::start_binary(&t);
+    let old: u16 = t
+        .portal_url
+        .as_deref()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let port = bin.portal.unwrap();
+    let base = format!("https://localhost:{port}");
+    let client_secret = std::fs::read_to_string(t.dir.path().join("portal-oidc.secret")).unwrap();
+    let client_secret = client_secret.trim().to_owned();
+    let idp = crate::harness::idp().unwrap();
+    idp.register_client(&format!("portal-{old}"), &client_secret, &format!("{base}/auth/callback"))
+        .await;
+    let mut b = Browser::at(&t, base);
+    for _ in 0..100 {
+        if b.http.get(format!("{}/healthz", b.base)).send().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.sign_in_as(&t, "bob@example.org", false, 0);
+    let created = b.post("/app-passwords", &[("label", "Phone")]).await;
+    let grouped = text_of(&created.body, "new-password").unwrap();
+    let password = grouped.replace(' ', "");
+    let profile = b
+        .post("/app-passwords/profile", &[("password", &grouped), ("label", "Phone")])
+        .await;
+    assert_eq!(profile.status, 200);
+    let enrol = b.post("/totp/enrol", &[]).await;
+    let secret_b32 = text_of(&enrol.body, "totp-secret").unwrap().replace(' ', "");
+    let token = hidden(&enrol.body, "enrolment").unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let secret = Secret::new(base32_decode(&secret_b32));
+    let code = imapgate::auth::totp::code_at(&secret, now, 6).unwrap();
+    let r = b
+        .post("/totp/confirm", &[("enrolment", &token), ("code", &code)])
+        .await;
+    assert_eq!(r.status, 303);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], bin.imaps));
+    let mut c = Client::tls(addr, &t.pki.ca_der).await;
+    c.line().await.unwrap();
+    let r = c
+        .cmd("a", &format!("LOGIN bob@example.org \"{password}{code}\""))
+        .await;
+    assert!(last(&r).starts_with("a OK"), "{r:?}");
+    c.cmd("b", "LOGOUT").await;
+    // A forged callback carrying made-up code and state values.
+    b.get("/auth/callback?code=forged-code-value-123&state=forged-state-456")
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let logs = std::fs::read_to_string(bin.dir.path().join("stderr.log")).unwrap();
+    let audit = std::fs::read_to_string(bin.dir.path().join("audit.log")).unwrap();
+    // Not vacuous: the actions and the login are there.
+    for action in ["app_password_created", "totp_enrolled", "sign_in_failed"] {
+        assert!(audit.contains(action), "no {action} in the audit log:\n{audit}");
+    }
+    assert!(logs.contains("portal"), "the debug log says nothing of the portal");
+    for (what, secret) in [
+        ("the app password", password.as_str()),
+        ("the grouped app password", grouped.as_str()),
+        ("the TOTP secret", secret_b32.as_str()),
+        ("the enrolment token", token.as_str()),
+        ("the code", code.as_str()),
+        ("the client secret", client_secret.as_str()),
+        ("the session cookie", b.cookies["__Host-imapgate-session"].as_str()),
+        ("a callback's code", "forged-code-value-123"),
+    ] {
+        assert!(!logs.contains(secret), "{what} is in the log");
+        assert!(!audit.contains(secret), "{what} is in the audit log");
     }
 }
