@@ -17,7 +17,9 @@
 //!   same `[ALERT]` text to every failed password login), so it learns nothing.
 //!
 //! Entries live in the shared state store (`approval:p:{user}:{id}`, with the TTL), so any
-//! replica's portal sees any replica's logins.
+//! replica's portal sees any replica's logins; the account's n-th request of the window is
+//! listed under `approval:slot:{user}:{n}` (n ≤ `approval_max_pending`), so listing reads a
+//! few keys and never scans the store.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,6 +79,16 @@ pub struct Approvals {
 
 fn key(user: &str, id: &str) -> String {
     format!("approval:p:{user}:{id}")
+}
+
+/// The n-th request of an account within the window names its entry here.
+fn slot_key(user: &str, n: u64) -> String {
+    format!("approval:slot:{user}:{n}")
+}
+
+/// Set when an entry is answered, so a second answer finds nothing.
+fn done_key(user: &str, id: &str) -> String {
+    format!("approval:done:{user}:{id}")
 }
 
 fn unix_now() -> i64 {
@@ -155,21 +167,23 @@ impl Approvals {
                 return self.dropped();
             }
         }
-        let over = |n: Result<u64, crate::state::StoreError>, cap: u32| {
-            n.map_or(true, |n| n > u64::from(cap))
+        let over = |n: &Result<u64, crate::state::StoreError>, cap: u32| {
+            n.as_ref().map_or(true, |n| *n > u64::from(cap))
         };
         let account = self
             .state
             .incr(&format!("approval:n:{}", p.user), 1, ttl)
             .await;
-        if over(account, self.cfg.max_pending) {
+        if over(&account, self.cfg.max_pending) {
             return self.dropped();
         }
+        // The account's n-th request of this window: its slot in the account's list.
+        let slot = account.unwrap_or(0);
         let source = self
             .state
             .incr(&format!("approval:src:{}", p.network), 1, ttl)
             .await;
-        if over(source, self.cfg.per_source) {
+        if over(&source, self.cfg.per_source) {
             return self.dropped();
         }
         p.at = unix_now();
@@ -177,10 +191,15 @@ impl Approvals {
         let Ok(json) = serde_json::to_string(&p) else {
             return self.dropped();
         };
+        // A request answered earlier may come again (its unlock window ended): answerable anew.
+        let _ = self.state.delete(&done_key(&p.user, &p.id)).await;
         match self.state.set_if_absent(&k, &json, ttl).await {
             Ok(true) => {}
             Ok(false) => return Recorded::Again,
             Err(_) => return self.dropped(),
+        }
+        if let Err(e) = self.state.put(&slot_key(&p.user, slot), &p.id, ttl).await {
+            tracing::warn!(error = %e, "approvals: the request could not be listed");
         }
         self.metrics
             .signin_pending
@@ -244,17 +263,31 @@ impl Approvals {
         });
     }
 
-    /// The pending sign-ins of `user`, oldest first.
+    /// The pending sign-ins of `user`, oldest first: two reads (the account's slots, then
+    /// their entries), never a scan of the store.
     pub async fn list(&self, user: &str) -> Vec<Pending> {
-        let prefix = format!("approval:p:{user}:");
-        let mut out: Vec<Pending> = match self.state.scan_prefix(&prefix, 100).await {
-            Ok(entries) => entries
+        let slots: Vec<String> = (1..=u64::from(self.cfg.max_pending))
+            .map(|n| slot_key(user, n))
+            .collect();
+        let mut ids: Vec<String> = match self.state.get_many(&slots).await {
+            Ok(v) => v.into_iter().flatten().collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "approvals: the state store cannot be read");
+                return Vec::new();
+            }
+        };
+        ids.sort();
+        ids.dedup();
+        let keys: Vec<String> = ids.iter().map(|id| key(user, id)).collect();
+        let mut out: Vec<Pending> = match self.state.get_many(&keys).await {
+            Ok(v) => v
                 .into_iter()
-                .filter_map(|(_, v, _)| serde_json::from_str(&v).ok())
+                .flatten()
+                .filter_map(|v| serde_json::from_str(&v).ok())
                 .filter(|p: &Pending| p.user == user)
                 .collect(),
             Err(e) => {
-                tracing::warn!(error = %e, "approvals: the state store cannot be listed");
+                tracing::warn!(error = %e, "approvals: the state store cannot be read");
                 Vec::new()
             }
         };
@@ -271,7 +304,7 @@ impl Approvals {
         let value = self.state.get(&k).await.ok()??;
         let once = self
             .state
-            .set_if_absent(&format!("approval:done:{user}:{id}"), "1", self.cfg.ttl)
+            .set_if_absent(&done_key(user, id), "1", self.cfg.ttl)
             .await
             .ok()?;
         if !once {

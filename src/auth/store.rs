@@ -974,6 +974,19 @@ impl Authenticator for CredentialStore {
             MfaMode::Required => true,
         };
         if !needed && !attempt.require_code {
+            // A network its owner denied stays refused even when no code is needed (their
+            // authenticator was removed since, under `mfa: optional`).
+            if self.approvals.get().is_some() {
+                let denied = crate::state::denied_network_key(&name, &subnet(attempt.client_ip));
+                match self.state.get(&denied).await {
+                    Ok(None) => {}
+                    Ok(Some(_)) => return self.totp_failure(FailureReason::NetworkDenied),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "state store unavailable for the denial lookup");
+                        return Outcome::Failure(FailureReason::StateUnavailable);
+                    }
+                }
+            }
             return Outcome::Success(identity("none"));
         }
         let Some(secret) = secret else {

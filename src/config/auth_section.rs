@@ -204,7 +204,12 @@ pub(super) fn url_ok(u: &str) -> bool {
 /// `auth.mfa.approval` and its settings (the portal and the unlock rules it needs are checked
 /// once every section is read).
 fn approval(cx: &mut Ctx, m: &raw::Mfa) -> Option<super::ApprovalConfig> {
-    match m.approval.as_deref() {
+    let named = match &m.approval {
+        None | Some(raw::Approval::Flag(false)) => None,
+        Some(raw::Approval::Flag(true)) => Some("true"),
+        Some(raw::Approval::Name(n)) => Some(n.as_str()),
+    };
+    match named {
         None | Some("off") => {
             if m.approval_webhook_url.is_some() {
                 cx.err(

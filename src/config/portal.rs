@@ -34,7 +34,7 @@ pub struct PortalConfig {
     pub address: SocketAddr,
     /// HTTPS with the gateway's certificates; `false`: plain HTTP behind a TLS-terminating proxy.
     pub tls: bool,
-    /// Peers whose `X-Forwarded-For` / `X-Forwarded-Proto` are believed.
+    /// Peers whose `X-Forwarded-For` is believed (read from the right).
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// `scheme://host[:port]`, no trailing slash: the origin people use.
     pub public_url: String,

@@ -188,14 +188,22 @@ pub(super) struct Mfa {
     pub unlock_ttl: Option<Scalar>,
     pub unlock_bind_subnet: Option<bool>,
     pub issuer: Option<String>,
-    /// `off` (the default) or `portal`.
-    pub approval: Option<String>,
+    /// `off` (the default; YAML's `off` is also read as `false`) or `portal`.
+    pub approval: Option<Approval>,
     pub approval_ttl: Option<Scalar>,
     pub approval_max_pending: Option<u32>,
     pub approval_per_source: Option<u32>,
     pub approval_webhook_url: Option<String>,
     pub approval_webhook_secret_file: Option<String>,
     pub approval_webhook_secret_env: Option<String>,
+}
+
+/// `auth.mfa.approval`: `portal`, or off (`off`, which plain YAML reads as `false`).
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub(super) enum Approval {
+    Flag(bool),
+    Name(String),
 }
 
 /// When a TOTP code is required.

@@ -608,7 +608,7 @@ pub fn tarpit(start: Duration, max: Duration, failures: u32) -> Duration {
 /// The reason part of a block's stored value.
 fn reason_of(value: &str) -> &str {
     match value {
-        "spray" | "manual" | "failures" | "wrong_codes" => value,
+        "spray" | "manual" | "failures" | "wrong_codes" | "denied" => value,
         _ => "failures",
     }
 }

@@ -207,6 +207,23 @@ async fn approving_lets_that_network_in_once_and_denying_keeps_it_out() {
     let second = hook.events();
     assert_eq!(second.len(), 2, "{second:?}");
     let id2 = second[1]["id"].as_str().unwrap().to_owned();
+    // The helpdesk sees it but cannot approve it (there is no such action).
+    let mut desk = Browser::new(&t);
+    desk.sign_in_as(&t, "hanna@example.org", true, 0);
+    let view = desk.get("/admin/users/mia%40example.org").await;
+    assert!(
+        view.body.contains(&id2) && !view.body.contains("class=\"approve"),
+        "{}",
+        view.body
+    );
+    let r = desk
+        .post(
+            &format!("/admin/users/mia%40example.org/approvals/{id2}/approve"),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 404);
+    assert!(b.get("/").await.body.contains(&id2));
     let r = b.post(&format!("/approvals/{id2}/deny"), &[]).await;
     assert_eq!(r.location(), "/?notice=denied");
     let with_code = login_lines(
@@ -222,11 +239,22 @@ async fn approving_lets_that_network_in_once_and_denying_keeps_it_out() {
     );
     assert_eq!(t.metric("imapgate_signin_denied_total", &[]).await, 1.0);
     // The helpdesk sees the block and can clear it.
-    let mut desk = Browser::new(&t);
-    desk.sign_in_as(&t, "hanna@example.org", true, 0);
     let admin = desk.get("/admin").await;
     assert!(admin.body.contains("account_network"), "{}", admin.body);
     assert!(admin.body.contains("127.0.6.0"), "{}", admin.body);
+    // With the authenticator removed (mfa optional: no code needed any more), the denied
+    // network is still refused.
+    let r = desk
+        .post("/admin/users/mia%40example.org/totp-reset", &[])
+        .await;
+    assert_eq!(r.status, 303);
+    let bare = login_lines(&t, "127.0.6.1", mia, &pw).await;
+    assert!(bare.last().unwrap().starts_with("a NO"), "{bare:?}");
+    let elsewhere = login_lines(&t, "127.0.7.1", mia, &pw).await;
+    assert!(
+        elsewhere.last().unwrap().starts_with("a OK"),
+        "{elsewhere:?}"
+    );
     assert!(!text_of(&page.body, "approvals")
         .unwrap_or_default()
         .is_empty());
@@ -252,6 +280,66 @@ async fn pending_sign_ins_are_capped_per_account() {
     let mut b = Browser::new(&t);
     b.sign_in_as(&t, mia, false, 0);
     assert_eq!(b.get("/").await.body.matches("data-approval=").count(), 2);
+}
+
+#[tokio::test]
+async fn one_network_can_ask_only_so_often_and_never_for_an_account_under_attack() {
+    let Some((t, hook)) = approval_gateway(", approval_per_source: 1").await else {
+        return;
+    };
+    // Per source: one request from 127.0.30.0/24 within the window, whoever asks.
+    login_lines(
+        &t,
+        "127.0.30.1",
+        "max@example.org",
+        &t.password("max@example.org"),
+    )
+    .await;
+    login_lines(
+        &t,
+        "127.0.30.2",
+        "mo@example.org",
+        &t.password("mo@example.org"),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(hook.events().len(), 1);
+    assert_eq!(
+        t.metric("imapgate_signin_pending_total", &["result=\"dropped\""])
+            .await,
+        1.0
+    );
+    // Attack mode on mia (wrong passwords from several networks): a code-less login with the
+    // right app password asks nobody, and still gets the ALERT like any failure.
+    // Different wrong passwords (the same one repeated counts once), one per network (each
+    // network counts for at most a quarter of the account's budget of 10).
+    for i in 0..12 {
+        let guess = format!("guess{i:02}guessguess");
+        login_lines(&t, &format!("127.1.{i}.1"), "mia@example.org", &guess).await;
+    }
+    let lines = login_lines(
+        &t,
+        "127.0.50.1",
+        "mia@example.org",
+        &t.password("mia@example.org"),
+    )
+    .await;
+    assert!(lines[0].starts_with("* NO [ALERT]"), "{lines:?}");
+    assert!(
+        t.metric(
+            "imapgate_guard_decisions_total",
+            &["action=\"require_code\""]
+        )
+        .await
+            >= 1.0,
+        "the account was not in attack mode"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        hook.events().len(),
+        1,
+        "a request was made under attack mode"
+    );
 }
 
 #[tokio::test]

@@ -751,11 +751,20 @@ async fn no_secret_reaches_a_log_line_or_the_audit_log() {
     let client_secret = std::fs::read_to_string(t.dir.path().join("portal-oidc.secret")).unwrap();
     let client_secret = client_secret.trim().to_owned();
     let idp = crate::harness::idp().unwrap();
-    idp.register_client(&format!("portal-{old}"), &client_secret, &format!("{base}/auth/callback"))
-        .await;
+    idp.register_client(
+        &format!("portal-{old}"),
+        &client_secret,
+        &format!("{base}/auth/callback"),
+    )
+    .await;
     let mut b = Browser::at(&t, base);
     for _ in 0..100 {
-        if b.http.get(format!("{}/healthz", b.base)).send().await.is_ok() {
+        if b.http
+            .get(format!("{}/healthz", b.base))
+            .send()
+            .await
+            .is_ok()
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -765,11 +774,16 @@ async fn no_secret_reaches_a_log_line_or_the_audit_log() {
     let grouped = text_of(&created.body, "new-password").unwrap();
     let password = grouped.replace(' ', "");
     let profile = b
-        .post("/app-passwords/profile", &[("password", &grouped), ("label", "Phone")])
+        .post(
+            "/app-passwords/profile",
+            &[("password", &grouped), ("label", "Phone")],
+        )
         .await;
     assert_eq!(profile.status, 200);
     let enrol = b.post("/totp/enrol", &[]).await;
-    let secret_b32 = text_of(&enrol.body, "totp-secret").unwrap().replace(' ', "");
+    let secret_b32 = text_of(&enrol.body, "totp-secret")
+        .unwrap()
+        .replace(' ', "");
     let token = hidden(&enrol.body, "enrolment").unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -798,9 +812,15 @@ async fn no_secret_reaches_a_log_line_or_the_audit_log() {
     let audit = std::fs::read_to_string(bin.dir.path().join("audit.log")).unwrap();
     // Not vacuous: the actions and the login are there.
     for action in ["app_password_created", "totp_enrolled", "sign_in_failed"] {
-        assert!(audit.contains(action), "no {action} in the audit log:\n{audit}");
+        assert!(
+            audit.contains(action),
+            "no {action} in the audit log:\n{audit}"
+        );
     }
-    assert!(logs.contains("portal"), "the debug log says nothing of the portal");
+    assert!(
+        logs.contains("portal"),
+        "the debug log says nothing of the portal"
+    );
     for (what, secret) in [
         ("the app password", password.as_str()),
         ("the grouped app password", grouped.as_str()),
@@ -808,7 +828,10 @@ async fn no_secret_reaches_a_log_line_or_the_audit_log() {
         ("the enrolment token", token.as_str()),
         ("the code", code.as_str()),
         ("the client secret", client_secret.as_str()),
-        ("the session cookie", b.cookies["__Host-imapgate-session"].as_str()),
+        (
+            "the session cookie",
+            b.cookies["__Host-imapgate-session"].as_str(),
+        ),
         ("a callback's code", "forged-code-value-123"),
     ] {
         assert!(!logs.contains(secret), "{what} is in the log");
