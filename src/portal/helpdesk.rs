@@ -33,7 +33,12 @@ impl Portal {
         match self.guard.status().await {
             Ok(list) => list
                 .into_iter()
-                .filter(|b| only.is_none_or(|v| b.value == v))
+                // The account's own blocks: attack mode, suspect app passwords, denied networks.
+                .filter(|b| {
+                    only.is_none_or(|v| {
+                        b.value == v || b.value.strip_prefix(v).is_some_and(|r| r.starts_with('/'))
+                    })
+                })
                 .map(|b| json!(b))
                 .collect(),
             Err(_) => Vec::new(),

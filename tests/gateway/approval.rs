@@ -242,6 +242,13 @@ async fn approving_lets_that_network_in_once_and_denying_keeps_it_out() {
     let admin = desk.get("/admin").await;
     assert!(admin.body.contains("account_network"), "{}", admin.body);
     assert!(admin.body.contains("127.0.6.0"), "{}", admin.body);
+    let person = desk.get("/admin/users/mia%40example.org").await;
+    assert!(
+        text_of(&person.body, "guard")
+            .unwrap()
+            .contains("127.0.6.0"),
+        "the person's helpdesk page does not list the denied network"
+    );
     // With the authenticator removed (mfa optional: no code needed any more), the denied
     // network is still refused.
     let r = desk
