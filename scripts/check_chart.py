@@ -1648,6 +1648,9 @@ def render_variants(
 COMMENTED_EXAMPLE_KEYS: dict[str, re.Pattern[str]] = {
     "listeners[].proxy_protocol": re.compile(r"^\s*#\s+proxy_protocol:\s", re.MULTILINE),
     "auth.oauth.issuers[].jwks_uri": re.compile(r"^\s+discovery:.*#.*`jwks_uri: URL` instead", re.MULTILINE),
+    "auth.mfa.approval_ttl": re.compile(r"^\s*#\s+approval_ttl:\s", re.MULTILINE),
+    "auth.mfa.approval_max_pending": re.compile(r"^\s*#\s+approval_max_pending:\s", re.MULTILINE),
+    "auth.mfa.approval_per_source": re.compile(r"^\s*#\s+approval_per_source:\s", re.MULTILINE),
     "state.redis": re.compile(r"^\s*#\s+redis:\s*$", re.MULTILINE),
     "state.redis.url_file": re.compile(r"^\s*#\s+url_file:\s", re.MULTILINE),
     "state.redis.ca_file": re.compile(r"^\s*#\s+ca_file:\s", re.MULTILINE),
