@@ -1007,15 +1007,11 @@ impl Authenticator for CredentialStore {
         // One read: is this app password unlocked here, has the guard marked it suspect
         // (correct, but given too many wrong codes), and has its owner denied a sign-in from
         // this network?
-        let (unlocked, suspect, denied) = match self
-            .state
-            .get_many(&[
-                unlock_key.clone(),
-                crate::state::suspect_key(&name, &ap.id),
-                crate::state::denied_network_key(&name, &scope),
-            ])
-            .await
-        {
+        let mut keys = vec![unlock_key.clone(), crate::state::suspect_key(&name, &ap.id)];
+        if self.approvals.get().is_some() {
+            keys.push(crate::state::denied_network_key(&name, &scope));
+        }
+        let (unlocked, suspect, denied) = match self.state.get_many(&keys).await {
             Ok(v) => (
                 !self.mfa.unlock_ttl.is_zero() && v.first().is_some_and(Option::is_some),
                 v.get(1).is_some_and(Option::is_some),
