@@ -29,6 +29,18 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # Packages the tests and the demo need, as package[:command that proves it is present].
 SYSTEM_PACKAGES=(
   dovecot-imapd:dovecot # the real backend the harness and the demo start
+  # Dovecot's POP3, LMTP (Postfix delivers into it) and submission services for the harness's
+  # Dovecot; the packages only add protocols to the same dovecot binary
+  'dovecot-pop3d:/usr/lib/dovecot/pop3'
+  'dovecot-lmtpd:/usr/lib/dovecot/lmtp'
+  'dovecot-submissiond:/usr/lib/dovecot/submission'
+  # A real Postfix: the harness runs a non-system instance from a temporary config directory
+  # (debconf preseeded to "No configuration" below: no /etc/postfix/main.cf, nothing started)
+  postfix:postfix
+  swaks:swaks           # a real SMTP client (tests)
+  libnet-ssleay-perl    # swaks's TLS (a Recommends of swaks, so named here)
+  libio-socket-ssl-perl # swaks's TLS
+  fetchmail:fetchmail   # a real POP3 client (tests); its service is never configured
   curl:curl             # a real IMAP client (tests and demo)
   openssl:openssl       # certificates for the throwaway Dovecot
   ca-certificates
@@ -92,17 +104,20 @@ begin() {
 # --- 1 ---------------------------------------------------------------------------------------
 begin "system packages"
 [ "$(id -u)" -eq 0 ] || warn "not running as root: the Dovecot-based tests and the demo check need root"
+# Postfix's package asks which mail setup to write; "No configuration" writes no main.cf (so
+# nothing could start), and the install stays non-interactive.
+debconf_preseed 'postfix postfix/main_mailer_type select No configuration'
 ensure_packages "${SYSTEM_PACKAGES[@]}"
 # The package must not leave a system Dovecot on 143/993. On CI, or when we just installed it,
 # stop one if it runs; a developer's own mail server is left alone.
 if [ "${CI:-}" = true ] || [ -n "$ENSURE_PACKAGES_INSTALLED" ]; then
   stop_system_dovecot
 fi
-# Only promtool is wanted from the prometheus package, and the tests start their own Redis and
-# PostgreSQL: keep the packages' servers from starting at boot (policy-rc.d kept them from
-# starting at install; Debian's postgresql also creates a cluster "main" on 5432, which then
-# never runs).
-for service in prometheus redis-server postgresql; do
+# Only promtool is wanted from the prometheus package, and the tests start their own Redis,
+# PostgreSQL and Postfix (fetchmail runs as a client only): keep the packages' servers from
+# starting at boot (policy-rc.d kept them from starting at install; Debian's postgresql also
+# creates a cluster "main" on 5432, which then never runs).
+for service in prometheus redis-server postgresql postfix fetchmail; do
   case " $ENSURE_PACKAGES_INSTALLED " in
     *" $service "*) disable_boot_service "$service" ;;
   esac

@@ -78,6 +78,17 @@ ensure_packages() {
   ENSURE_PACKAGES_INSTALLED="${missing[*]}"
 }
 
+# debconf_preseed 'PACKAGE QUESTION TYPE VALUE'...: answers a package's debconf questions
+# before ensure_packages installs it (debconf-set-selections), so apt-get asks nothing. Only
+# for packages that are not installed yet: an installed one keeps its owner's answers.
+debconf_preseed() {
+  local line
+  for line in "$@"; do
+    pkg_installed "${line%% *}" && continue
+    printf '%s\n' "$line" | as_root debconf-set-selections || die "debconf-set-selections failed: $line"
+  done
+}
+
 # command_present COMMAND: true when COMMAND is on PATH (with /usr/sbin and /sbin), or, for an
 # absolute path (which may be a glob), when an executable file matches it.
 command_present() {

@@ -217,6 +217,17 @@ pub(crate) struct Dovecot {
     pub dir: PathBuf,
     pub imaps: SocketAddr,
     pub imap: SocketAddr,
+    /// POP3 (RFC 1939) with STLS (RFC 2595; no login before it), and POP3 over implicit TLS.
+    /// The master user logs in as `user*gateway` (USER/PASS) or with AUTH PLAIN and authzid.
+    pub pop3: SocketAddr,
+    pub pop3s: SocketAddr,
+    /// LMTP (RFC 2033), plain, loopback: the harness's Postfix delivers `@example.org` here.
+    pub lmtp: SocketAddr,
+    /// Dovecot's submission service (RFC 6409): STARTTLS port and implicit-TLS port, AUTH
+    /// PLAIN/LOGIN after TLS (the master user as for IMAP); it relays every message to the
+    /// harness's Postfix smtpd ([`mail_ports`]), plain, without XCLIENT.
+    pub submission: SocketAddr,
+    pub submissions: SocketAddr,
     pub master_user: String,
     pub master_secret_file: PathBuf,
     pub master_password: String,
@@ -237,6 +248,17 @@ pub(crate) const USERS: &[&str] = &[
     "max@example.org",
     "mo@example.org",
     "milo@example.org",
+];
+
+/// Mailboxes on the shared Dovecot only (not in the gateway's users file unless a test adds
+/// them with `Options::extra_users`), one per mail-delivery test: mail those tests deliver
+/// never lands in a mailbox that another test compares or counts.
+pub(crate) const MAIL_USERS: &[&str] = &[
+    "pat@example.org",
+    "quinn@example.org",
+    "rosa@example.org",
+    "sam@example.org",
+    "tess@example.org",
 ];
 
 static DOVECOT: OnceLock<Option<Arc<Dovecot>>> = OnceLock::new();
@@ -293,6 +315,7 @@ fn start_dovecot() -> Dovecot {
     .unwrap();
     let users: Vec<(String, String)> = USERS
         .iter()
+        .chain(MAIL_USERS)
         .map(|u| {
             (
                 u.to_string(),
@@ -327,7 +350,7 @@ fn start_dovecot() -> Dovecot {
     let d = dir.display();
     let conf = format!(
         "base_dir = {d}/run\nstate_dir = {d}/state\ninstance_name = igd-{imaps}\nlog_path = {d}/dovecot.log\n\
-         protocols = imap\nlisten = 127.0.0.1\nssl = yes\nssl_cert = <{cert}\nssl_key = <{key}\n\
+         protocols = imap pop3 lmtp submission\nlisten = 127.0.0.1\nssl = yes\nssl_cert = <{cert}\nssl_key = <{key}\n\
          ssl_min_protocol = TLSv1.2\nssl_dh = </usr/share/dovecot/dh.pem\ndisable_plaintext_auth = yes\n\
          auth_mechanisms = plain login\nauth_master_user_separator = *\nlogin_trusted_networks = 127.0.0.1\n\
          mail_uid = nobody\nmail_gid = nogroup\nmail_location = maildir:~/Maildir\nmail_max_userip_connections = 1000\n\
@@ -340,8 +363,9 @@ fn start_dovecot() -> Dovecot {
         cert = cert.display(),
         key = key.display(),
     );
+    let mail = mail_services_conf();
     let conf_path = dir.join("dovecot.conf");
-    std::fs::write(&conf_path, conf).unwrap();
+    std::fs::write(&conf_path, conf + &mail.conf).unwrap();
     let bin = which("dovecot").unwrap();
     // Dovecot runs in the foreground under a shell that kills it when this test process ends,
     // then removes its directory (mailboxes and all), which nothing else would.
@@ -369,6 +393,10 @@ fn start_dovecot() -> Dovecot {
     for i in 0..100 {
         if std::net::TcpStream::connect(imaps_addr).is_ok()
             && std::net::TcpStream::connect(imap_addr).is_ok()
+            && mail
+                .addrs()
+                .iter()
+                .all(|a| std::net::TcpStream::connect(a).is_ok())
         {
             break;
         }
@@ -383,6 +411,11 @@ fn start_dovecot() -> Dovecot {
         dir,
         imaps: imaps_addr,
         imap: imap_addr,
+        pop3: mail.pop3,
+        pop3s: mail.pop3s,
+        lmtp: mail.lmtp,
+        submission: mail.submission,
+        submissions: mail.submissions,
         master_user: "gateway".into(),
         master_secret_file,
         master_password,
@@ -1423,5 +1456,312 @@ impl Drop for Rsyslog {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The shared Dovecot's POP3, LMTP and submission services: their config and their ports.
+struct MailServices {
+    conf: String,
+    pop3: SocketAddr,
+    pop3s: SocketAddr,
+    lmtp: SocketAddr,
+    submission: SocketAddr,
+    submissions: SocketAddr,
+}
+
+impl MailServices {
+    fn addrs(&self) -> [SocketAddr; 5] {
+        [
+            self.pop3,
+            self.pop3s,
+            self.lmtp,
+            self.submission,
+            self.submissions,
+        ]
+    }
+}
+
+/// Config appended to the shared Dovecot's (after its IMAP part, which it leaves alone).
+fn mail_services_conf() -> MailServices {
+    let port = || -> SocketAddr { format!("127.0.0.1:{}", free_port()).parse().unwrap() };
+    let (pop3, pop3s, lmtp, submission, submissions) = (port(), port(), port(), port(), port());
+    let relay = mail_ports().smtp;
+    let conf = format!(
+        "# POP3, LMTP and submission for the SMTP/POP3 tests (issue 21).\n\
+         # POP3 UIDs like Dovecot's default; no lock, so IMAP and POP3 tests can share a box.\n\
+         pop3_uidl_format = %08Xu%08Xv\n\
+         service pop3-login {{\n  inet_listener pop3 {{\n    port = {pop3p}\n  }}\n  \
+         inet_listener pop3s {{\n    port = {pop3sp}\n    ssl = yes\n  }}\n}}\n\
+         # LMTP on loopback TCP: Postfix delivers @example.org here (lmtp:inet:127.0.0.1:PORT).\n\
+         # The static userdb checks that a recipient exists with a passdb lookup.\n\
+         service lmtp {{\n  inet_listener lmtp {{\n    address = 127.0.0.1\n    port = {lmtpp}\n  }}\n}}\n\
+         # Submission relays to the harness's Postfix smtpd; Dovecot connects only after a\n\
+         # login, so Postfix need not be up first.\n\
+         hostname = localhost\n\
+         submission_relay_host = 127.0.0.1\nsubmission_relay_port = {relay}\n\
+         submission_relay_ssl = no\nsubmission_relay_trusted = no\n\
+         service submission-login {{\n  inet_listener submission {{\n    port = {subp}\n  }}\n  \
+         inet_listener submissions {{\n    port = {subsp}\n    ssl = yes\n  }}\n}}\n",
+        pop3p = pop3.port(),
+        pop3sp = pop3s.port(),
+        lmtpp = lmtp.port(),
+        subp = submission.port(),
+        subsp = submissions.port(),
+    );
+    MailServices {
+        conf,
+        pop3,
+        pop3s,
+        lmtp,
+        submission,
+        submissions,
+    }
+}
+
+/// The harness's Postfix ports, chosen once per test binary before either server starts
+/// (Dovecot's submission relays to `smtp`; Postfix delivers to Dovecot's LMTP).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MailPorts {
+    /// Postfix smtpd, an MX-style port: accepts mail for `@example.org` from anyone.
+    pub smtp: u16,
+    /// Postfix smtpd, a submission-style port for the gateway: XCLIENT from 127.0.0.0/8, no
+    /// SASL of its own, and nothing but XCLIENT-authenticated sessions may send.
+    pub submission: u16,
+}
+
+static MAIL_PORTS: OnceLock<MailPorts> = OnceLock::new();
+
+pub(crate) fn mail_ports() -> MailPorts {
+    *MAIL_PORTS.get_or_init(|| MailPorts {
+        smtp: free_port(),
+        submission: free_port(),
+    })
+}
+
+/// The shared Postfix: a non-system instance (its own config, queue and data directories in
+/// a temporary directory; never /etc/postfix, never port 25), one per test binary, delivering
+/// `@example.org` to the shared Dovecot's LMTP. Its daemons run as the package's `postfix`
+/// user; `master` runs as root (it must), so the tests run as root, as Dovecot's do.
+pub(crate) struct Postfix {
+    /// The temporary directory: `conf/` (main.cf, master.cf), `queue/`, `data/`, `maillog`.
+    pub dir: PathBuf,
+    pub conf_dir: PathBuf,
+    /// smtpd, MX-style: mail for `@example.org` from anyone, no XCLIENT.
+    pub smtp: SocketAddr,
+    /// smtpd for the gateway: XCLIENT from 127.0.0.0/8 (`LOGIN=` shows as the authenticated
+    /// sender, `ADDR=` as the client), no SASL of its own, STARTTLS offered with a certificate
+    /// of the shared Dovecot's test CA (`Dovecot::pki`).
+    pub submission: SocketAddr,
+    /// Postfix's own log (`maillog_file`, written by its `postlog` service; no syslog).
+    pub maillog: PathBuf,
+    /// From `postfix check` until both smtpd ports accepted.
+    pub started_in: Duration,
+}
+
+static POSTFIX: OnceLock<Option<Arc<Postfix>>> = OnceLock::new();
+
+/// The shared Postfix, started on first use (after the shared Dovecot, whose LMTP it delivers
+/// to); `None` (skip) when Postfix or Dovecot is missing and real components are not required.
+pub(crate) fn postfix() -> Option<Arc<Postfix>> {
+    POSTFIX
+        .get_or_init(|| {
+            let d = dovecot()?;
+            if !have("postfix") {
+                return None;
+            }
+            Some(Arc::new(Postfix::start(&d, mail_ports())))
+        })
+        .clone()
+}
+
+impl Postfix {
+    fn start(d: &Dovecot, ports: MailPorts) -> Postfix {
+        let began = std::time::Instant::now();
+        // Short: the watchdog below names it; 0755 so the postfix user reaches queue/.
+        let dir = tempfile::Builder::new()
+            .prefix("igp")
+            .tempdir_in("/tmp")
+            .unwrap()
+            .keep();
+        chmod(&dir, 0o755);
+        let (conf_dir, queue, data) = (dir.join("conf"), dir.join("queue"), dir.join("data"));
+        for p in [&conf_dir, &queue, &data] {
+            std::fs::create_dir(p).unwrap();
+            chmod(p, 0o755);
+        }
+        // data_directory belongs to postfix (postfix check warns otherwise); the queue's
+        // subdirectories are created by `postfix check` with their owners and modes.
+        let ok = Command::new("chown")
+            .arg("postfix")
+            .arg(&data)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "chown postfix failed (is the postfix user there?)");
+        chmod(&data, 0o700);
+        let (cert, key) = d.pki.issue("postfix", &["localhost", "127.0.0.1"]);
+        let maillog = dir.join("maillog");
+        let lmtp = d.lmtp.port();
+        let (smtp, submission) = (ports.smtp, ports.submission);
+        let main_cf = format!(
+            "# Throwaway Postfix for imapgate's tests: loopback only, everything under {d}.\n\
+             compatibility_level = 3.6\n\
+             queue_directory = {queue}\ndata_directory = {data}\n\
+             mail_owner = postfix\nsetgid_group = postdrop\n\
+             myhostname = mx.example.org\nmydomain = example.org\nmyorigin = example.org\n\
+             inet_interfaces = loopback-only\ninet_protocols = ipv4\nmynetworks = 127.0.0.0/8\n\
+             # example.org is local; every address in it goes to Dovecot's LMTP, which\n\
+             # refuses unknown users (so no local_recipient_maps here).\n\
+             mydestination = example.org\nlocal_recipient_maps =\n\
+             local_transport = lmtp:inet:127.0.0.1:{lmtp}\n\
+             alias_maps =\nalias_database =\n\
+             # No syslog: Postfix's own postlog service writes this file.\n\
+             maillog_file = {maillog}\nmaillog_file_prefixes = {d}\n\
+             # Loopback only: no DNS, no reverse lookups.\n\
+             smtpd_peername_lookup = no\nsmtp_dns_support_level = disabled\n\
+             lmtp_host_lookup = native\nsmtp_host_lookup = native\n\
+             smtpd_tls_cert_file = {cert}\nsmtpd_tls_key_file = {key}\n\
+             smtpd_tls_security_level = may\nsmtpd_tls_session_cache_database =\n\
+             # Failures are answered at once (no tarpit), as for Dovecot.\n\
+             smtpd_error_sleep_time = 0\n",
+            d = dir.display(),
+            queue = queue.display(),
+            data = data.display(),
+            maillog = maillog.display(),
+            cert = cert.display(),
+            key = key.display(),
+        );
+        // Services as in Postfix's master.cf.proto, none chrooted, no port 25; and two smtpd
+        // listeners on loopback ports chosen at run time.
+        let master_cf = format!(
+            "127.0.0.1:{smtp} inet n - n - - smtpd\n\
+             127.0.0.1:{submission} inet n - n - - smtpd\n\
+             \x20 -o syslog_name=postfix/submission\n\
+             \x20 -o smtpd_authorized_xclient_hosts=127.0.0.0/8\n\
+             \x20 -o smtpd_sasl_auth_enable=no\n\
+             \x20 -o smtpd_sasl_authenticated_header=yes\n\
+             pickup unix n - n 60 1 pickup\n\
+             cleanup unix n - n - 0 cleanup\n\
+             qmgr unix n - n 300 1 qmgr\n\
+             tlsmgr unix - - n 1000? 1 tlsmgr\n\
+             rewrite unix - - n - - trivial-rewrite\n\
+             bounce unix - - n - 0 bounce\n\
+             defer unix - - n - 0 bounce\n\
+             trace unix - - n - 0 bounce\n\
+             verify unix - - n - 1 verify\n\
+             flush unix n - n 1000? 0 flush\n\
+             proxymap unix - - n - - proxymap\n\
+             proxywrite unix - - n - 1 proxymap\n\
+             smtp unix - - n - - smtp\n\
+             relay unix - - n - - smtp\n\
+             showq unix n - n - - showq\n\
+             error unix - - n - - error\n\
+             retry unix - - n - - error\n\
+             discard unix - - n - - discard\n\
+             local unix - n n - - local\n\
+             lmtp unix - - n - - lmtp\n\
+             anvil unix - - n - 1 anvil\n\
+             scache unix - - n - 1 scache\n\
+             postlog unix-dgram n - n - 1 postlogd\n"
+        );
+        std::fs::write(conf_dir.join("main.cf"), main_cf).unwrap();
+        std::fs::write(conf_dir.join("master.cf"), master_cf).unwrap();
+        let bin = which("postfix").unwrap();
+        let run = |verb: &str| {
+            let out = Command::new(&bin)
+                .arg("-c")
+                .arg(&conf_dir)
+                .arg(verb)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "postfix {verb}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        // `check` creates the queue's subdirectories with their owners and modes.
+        run("check");
+        run("start");
+        // Postfix's master daemonizes: a watchdog in a process group of its own (so a Ctrl-C
+        // of the test run does not take it along) stops it when this test process ends, then
+        // removes its directory. Statics are never dropped.
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {bin} -c '{conf}' stop; \
+             sleep 1; rm -rf '{dir}'",
+            pid = std::process::id(),
+            bin = bin.display(),
+            conf = conf_dir.display(),
+            dir = dir.display(),
+        );
+        let mut child = {
+            use std::os::unix::process::CommandExt;
+            Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .process_group(0)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        let smtp_addr: SocketAddr = format!("127.0.0.1:{smtp}").parse().unwrap();
+        let submission_addr: SocketAddr = format!("127.0.0.1:{submission}").parse().unwrap();
+        for i in 0..100 {
+            if std::net::TcpStream::connect(smtp_addr).is_ok()
+                && std::net::TcpStream::connect(submission_addr).is_ok()
+            {
+                break;
+            }
+            assert!(
+                i < 99,
+                "postfix did not start: {}",
+                std::fs::read_to_string(&maillog).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let started_in = began.elapsed();
+        eprintln!("postfix started in {started_in:?}");
+        Postfix {
+            dir,
+            conf_dir,
+            smtp: smtp_addr,
+            submission: submission_addr,
+            maillog,
+            started_in,
+        }
+    }
+
+    /// Postfix's log so far.
+    pub(crate) fn log(&self) -> String {
+        std::fs::read_to_string(&self.maillog).unwrap_or_default()
+    }
+
+    /// `postfix -c DIR stop` (master and all its daemons); harmless when already stopped.
+    pub(crate) fn stop(&self) {
+        if let Some(bin) = which("postfix") {
+            let _ = Command::new(bin)
+                .arg("-c")
+                .arg(&self.conf_dir)
+                .arg("stop")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// The shared instance lives in a static and is stopped by its watchdog; an instance held
+/// elsewhere stops when dropped (also while a failing test unwinds).
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

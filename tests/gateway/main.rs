@@ -15,6 +15,7 @@ mod admin_http;
 mod api;
 mod approval;
 mod audit;
+mod backends_mail;
 mod clients;
 mod config_files;
 mod faulty_upstream;
