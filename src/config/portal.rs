@@ -116,6 +116,8 @@ struct RawOidc {
     #[serde(default)]
     require_acr: Vec<String>,
     admin: Option<RawAdmin>,
+    /// An unknown `kid` re-fetches the key set at most once per this (as for OAuth issuers).
+    key_refresh_interval: Option<Scalar>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -313,6 +315,19 @@ fn oidc(cx: &mut Ctx, o: RawOidc) -> Option<PortalOidc> {
         }
         None => (String::new(), Vec::new()),
     };
+    let key_refresh_interval = cx.duration(
+        o.key_refresh_interval.as_ref(),
+        &format!("{path}.key_refresh_interval"),
+        Duration::from_secs(60),
+    );
+    if key_refresh_interval < Duration::from_secs(1)
+        || key_refresh_interval > Duration::from_secs(86_400)
+    {
+        cx.err(
+            format!("{path}.key_refresh_interval"),
+            "must be between 1s and 24h",
+        );
+    }
     let issuer = IssuerConfig {
         name: "portal".into(),
         issuer: o.issuer,
@@ -332,7 +347,7 @@ fn oidc(cx: &mut Ctx, o: RawOidc) -> Option<PortalOidc> {
         require_acr: o.require_acr,
         accept_id_tokens: true,
         leeway: Duration::from_secs(60),
-        key_refresh_interval: Duration::from_secs(60),
+        key_refresh_interval,
         end_session_at_expiry: false,
         introspection: None,
         domains,

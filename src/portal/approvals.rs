@@ -80,7 +80,11 @@ pub(crate) async fn admin_fragment(
     Path(user): Path<String>,
 ) -> Response {
     let r = p.req(peer, &headers, None);
-    if !r.session.as_ref().is_some_and(|s| s.admin) {
+    let admin = match &r.session {
+        Some(s) => p.active_admin(s).await,
+        None => false,
+    };
+    if !admin {
         return StatusCode::FORBIDDEN.into_response();
     }
     let Ok(name) = p.api.services.name(&user) else {
@@ -147,7 +151,7 @@ pub(crate) async fn admin_deny(
         form: _,
         session,
     } = post;
-    if !session.admin {
+    if !p.active_admin(&session).await {
         return p.forbidden(&r);
     }
     let admin = session.user;

@@ -19,10 +19,26 @@ use crate::store::ListQuery;
 type Shared = State<Arc<Portal>>;
 
 impl Portal {
+    /// Whether `s` may use the helpdesk: the administrator claim at sign-in, and their own
+    /// account (if they have one here) not disabled since — a disabled administrator loses
+    /// the helpdesk at their next request, not at the end of their portal session.
+    pub(crate) async fn active_admin(&self, s: &super::Session) -> bool {
+        s.admin
+            && match self.api.services.store.user(&s.user).await {
+                Ok(Some(u)) => !u.disabled,
+                Ok(None) => true,
+                Err(_) => false,
+            }
+    }
+
     /// The signed-in administrator, or the answer for anyone else.
-    pub(crate) fn admin<'a>(&self, r: &'a Req, path: &str) -> Result<&'a super::Session, Response> {
+    pub(crate) async fn admin<'a>(
+        &self,
+        r: &'a Req,
+        path: &str,
+    ) -> Result<&'a super::Session, Response> {
         let s = self.signed(r, path)?;
-        if s.admin {
+        if self.active_admin(s).await {
             Ok(s)
         } else {
             Err(self.forbidden(r))
@@ -57,7 +73,7 @@ pub(crate) async fn search(
     RawQuery(query): RawQuery,
 ) -> Response {
     let r = p.req(peer, &headers, query.as_deref());
-    if let Err(resp) = p.admin(&r, "/admin") {
+    if let Err(resp) = p.admin(&r, "/admin").await {
         return resp;
     }
     let q = query_value(query.as_deref(), "q")
@@ -107,7 +123,7 @@ pub(crate) async fn user(
     RawQuery(query): RawQuery,
 ) -> Response {
     let r = p.req(peer, &headers, query.as_deref());
-    if let Err(resp) = p.admin(&r, &user_base(&user)) {
+    if let Err(resp) = p.admin(&r, &user_base(&user)).await {
         return resp;
     }
     let (name, u) = match p.api.services.user(&user).await {
@@ -161,7 +177,7 @@ pub(crate) async fn action(
         form: _,
         session,
     } = post;
-    if !session.admin {
+    if !p.active_admin(&session).await {
         return p.forbidden(&r);
     }
     let admin = session;
@@ -213,7 +229,7 @@ pub(crate) async fn revoke(
         form: _,
         session,
     } = post;
-    if !session.admin {
+    if !p.active_admin(&session).await {
         return p.forbidden(&r);
     }
     let admin = session.user;
@@ -237,7 +253,7 @@ pub(crate) async fn end_device(
         form: _,
         session,
     } = post;
-    if !session.admin {
+    if !p.active_admin(&session).await {
         return p.forbidden(&r);
     }
     let admin = session.user;
@@ -262,7 +278,7 @@ pub(crate) async fn end_device(
 
 pub(crate) async fn guard_clear(State(p): Shared, post: Posted) -> Response {
     let Posted { r, form, session } = post;
-    if !session.admin {
+    if !p.active_admin(&session).await {
         return p.forbidden(&r);
     }
     let admin = session.user;

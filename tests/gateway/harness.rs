@@ -851,7 +851,7 @@ impl TestGateway {
                     .await;
                 (
                     format!(
-                        "portal:\n  address: \"127.0.0.1:{port}\"\n  public_url: \"{url}\"\n  oidc:\n    issuer: \"{issuer}\"\n    client_id: {client_id}\n    client_secret_file: \"{secret}\"\n    scopes: [openid, email, profile, groups]\n    domains: [example.org]\n    admin: {{ claim: groups, values: [mail-admins] }}\n{extra}\n",
+                        "portal:\n  address: \"127.0.0.1:{port}\"\n  public_url: \"{url}\"\n  oidc:\n    issuer: \"{issuer}\"\n    client_id: {client_id}\n    client_secret_file: \"{secret}\"\n    scopes: [openid, email, profile, groups]\n    domains: [example.org]\n    admin: {{ claim: groups, values: [mail-admins] }}\n    key_refresh_interval: 1s\n{extra}\n",
                         issuer = idp.url,
                         secret = secret_file.display(),
                     ),
@@ -1146,12 +1146,15 @@ pub(crate) fn idp() -> Option<Arc<Idp>> {
             eprintln!("skipping: node or tests/idp/node_modules missing");
             return None;
         }
+        // Its stderr goes to a file, named in the failure if it does not start.
+        let log =
+            std::env::temp_dir().join(format!("imapgate-test-idp-{}.log", std::process::id()));
         let mut child = Command::new("node")
             .arg(dir.join("server.js"))
             .args(["--port", "0", "--exit-with-stdin", "--jwks-max-age", "60"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
@@ -1162,9 +1165,16 @@ pub(crate) fn idp() -> Option<Arc<Idp>> {
             let _ = std::io::BufReader::new(stdout).read_line(&mut line);
             let _ = tx.send(line);
         });
+        // Generous: a loaded 2-core machine starting many gateways at once.
         let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("IdP did not start");
+            .recv_timeout(Duration::from_secs(90))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "IdP did not start ({e}); its stderr ({}):\n{}",
+                    log.display(),
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
         let url = line
             .trim()
             .strip_prefix("READY ")

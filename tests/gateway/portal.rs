@@ -567,6 +567,14 @@ async fn only_administrators_reach_the_helpdesk_and_what_they_do_takes_effect() 
         .post("/admin/users/carol%40example.org/disable", &[])
         .await;
     assert_eq!(r.status, 303);
+    // An administrator whose own account is disabled loses the helpdesk at once.
+    let mut carol_desk = Browser::new(&t);
+    carol_desk.sign_in_as(&t, "carol@example.org", true, 0);
+    assert_eq!(carol_desk.get("/admin").await.status, 403);
+    let r = carol_desk
+        .post("/admin/users/mia%40example.org/sessions-end", &[])
+        .await;
+    assert_eq!(r.status, 403);
     let refused = t.login_from("127.0.0.1", "carol@example.org", &pw).await;
     assert!(refused.contains("NO"), "{refused}");
     let r = desk
