@@ -511,7 +511,7 @@ pub(crate) fn target(t: &UsersTarget) -> Result<Target, ExitCode> {
         .iter()
         .filter_map(|b| match &b.login {
             crate::config::BackendLogin::MasterUser { separator } => Some(separator.clone()),
-            crate::config::BackendLogin::SaslAuthzid => None,
+            crate::config::BackendLogin::SaslAuthzid | crate::config::BackendLogin::Xclient => None,
         })
         .collect();
     Ok(Target {

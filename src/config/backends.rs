@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::ctx::{items, Ctx};
-use super::{defaults, raw, BackendConfig, BackendLogin, Routes, StateConfig};
+use super::{defaults, raw, BackendConfig, BackendLogin, Protocol, Routes, StateConfig};
 
 pub(super) fn state(cx: &mut Ctx, v: &Value) -> StateConfig {
     let d = StateConfig::default();
@@ -174,16 +174,39 @@ pub(super) fn backends(cx: &mut Ctx, v: &Value) -> Vec<BackendConfig> {
                 );
             }
         }
-        if b.master_user.is_empty()
-            || b.master_user
-                .bytes()
-                .any(|c| c.is_ascii_control() || c == b' ' || c == b'"')
-        {
-            cx.err(
-                format!("{path}.master_user"),
-                "must be a non-empty name without spaces, quotes or control characters",
-            );
+        let xclient = b.login == raw::LoginMode::Xclient;
+        if xclient && b.protocol != raw::Protocol::Smtp {
+            cx.err(format!("{path}.login"), "xclient is for SMTP backends only");
         }
+        if b.send_id && b.protocol != raw::Protocol::Imap {
+            cx.err(format!("{path}.send_id"), "is for IMAP backends only");
+        }
+        let master_user = match (&b.master_user, xclient) {
+            (Some(_), true) => {
+                cx.err(
+                    format!("{path}.master_user"),
+                    "makes no sense with login: xclient (Postfix trusts the gateway's address)",
+                );
+                String::new()
+            }
+            (None, true) => String::new(),
+            (None, false) => {
+                cx.err(format!("{path}.master_user"), "is required");
+                String::new()
+            }
+            (Some(m), false) => {
+                if m.is_empty()
+                    || m.bytes()
+                        .any(|c| c.is_ascii_control() || c == b' ' || c == b'"')
+                {
+                    cx.err(
+                        format!("{path}.master_user"),
+                        "must be a non-empty name without spaces, quotes or control characters",
+                    );
+                }
+                m.clone()
+            }
+        };
         let login = match b.login {
             raw::LoginMode::MasterUser => {
                 let sep = b
@@ -206,22 +229,38 @@ pub(super) fn backends(cx: &mut Ctx, v: &Value) -> Vec<BackendConfig> {
                 }
                 BackendLogin::MasterUser { separator: sep }
             }
-            raw::LoginMode::SaslAuthzid => {
+            raw::LoginMode::SaslAuthzid | raw::LoginMode::Xclient => {
                 if b.master_separator.is_some() {
                     cx.err(
                         format!("{path}.master_separator"),
                         "only applies to login: master_user",
                     );
                 }
-                BackendLogin::SaslAuthzid
+                if xclient {
+                    BackendLogin::Xclient
+                } else {
+                    BackendLogin::SaslAuthzid
+                }
             }
         };
-        let master_password = cx.secret_file_or_env(
-            &path,
-            ["master_password_file", "master_password_env"],
-            b.master_password_file.as_deref(),
-            b.master_password_env.as_deref(),
-        );
+        let master_password = if xclient {
+            for (k, set) in [
+                ("master_password_file", b.master_password_file.is_some()),
+                ("master_password_env", b.master_password_env.is_some()),
+            ] {
+                if set {
+                    cx.err(format!("{path}.{k}"), "makes no sense with login: xclient");
+                }
+            }
+            Some(crate::secret::Secret::default())
+        } else {
+            cx.secret_file_or_env(
+                &path,
+                ["master_password_file", "master_password_env"],
+                b.master_password_file.as_deref(),
+                b.master_password_env.as_deref(),
+            )
+        };
         let connect_timeout = cx.duration(
             b.connect_timeout.as_ref(),
             &format!("{path}.connect_timeout"),
@@ -240,7 +279,7 @@ pub(super) fn backends(cx: &mut Ctx, v: &Value) -> Vec<BackendConfig> {
                 cx.err(format!("{path}.{k}"), "must be more than 0 and at most 5m");
             }
         }
-        if let Some(pw) = &master_password {
+        if let Some(pw) = master_password.as_ref().filter(|_| !xclient) {
             if pw.expose_str().is_none()
                 || pw.expose().iter().any(|b| matches!(b, b'\r' | b'\n' | 0))
             {
@@ -252,6 +291,7 @@ pub(super) fn backends(cx: &mut Ctx, v: &Value) -> Vec<BackendConfig> {
         }
         out.push(BackendConfig {
             name: b.name,
+            protocol: b.protocol,
             server_name: b
                 .server_name
                 .map(|s| s.to_ascii_lowercase())
@@ -261,7 +301,7 @@ pub(super) fn backends(cx: &mut Ctx, v: &Value) -> Vec<BackendConfig> {
             tls: b.tls,
             ca_file,
             login,
-            master_user: b.master_user,
+            master_user,
             master_password: master_password.unwrap_or_default(),
             send_id: b.send_id,
             connect_timeout,
@@ -271,41 +311,116 @@ pub(super) fn backends(cx: &mut Ctx, v: &Value) -> Vec<BackendConfig> {
     out
 }
 
-pub(super) fn routes(cx: &mut Ctx, v: &Value, backends: &[BackendConfig]) -> Option<Routes> {
-    if v.is_null() {
-        // One backend needs no routing table.
-        if backends.len() == 1 {
-            return Some(Routes {
-                default: 0,
-                domains: BTreeMap::new(),
-            });
+/// Routes per protocol: IMAP's at the top of `routes:`, SMTP's and POP3's under `routes.smtp`
+/// and `routes.pop3`. A protocol with one backend needs none; every route names a backend of its
+/// own protocol.
+pub(super) fn routes(
+    cx: &mut Ctx,
+    v: &Value,
+    backends: &[BackendConfig],
+) -> Option<BTreeMap<Protocol, Routes>> {
+    let r: raw::Routes = if v.is_null() {
+        raw::Routes {
+            default: None,
+            domains: BTreeMap::new(),
+            smtp: None,
+            pop3: None,
         }
-        cx.err("routes", "is required when there is more than one backend");
-        return None;
-    }
-    let r: raw::Routes = cx.decode(v, "routes")?;
-    let find = |name: &str| backends.iter().position(|b| b.name == name);
-    let default = find(&r.default);
-    if default.is_none() {
-        cx.err(
-            "routes.default",
-            format!("`{}` is not a backend name", r.default),
+    } else {
+        cx.decode(v, "routes")?
+    };
+    let mut out = BTreeMap::new();
+    let mut ok = true;
+    for protocol in Protocol::ALL {
+        let (path, given) = match protocol {
+            Protocol::Imap => (
+                "routes".to_owned(),
+                r.default.clone().map(|d| (d, r.domains.clone())),
+            ),
+            Protocol::Smtp => (
+                "routes.smtp".to_owned(),
+                r.smtp
+                    .as_ref()
+                    .map(|x| (x.default.clone(), x.domains.clone())),
+            ),
+            Protocol::Pop3 => (
+                "routes.pop3".to_owned(),
+                r.pop3
+                    .as_ref()
+                    .map(|x| (x.default.clone(), x.domains.clone())),
+            ),
+        };
+        if protocol == Protocol::Imap && r.default.is_none() && !r.domains.is_empty() {
+            cx.err("routes.default", "is required with routes.domains");
+            ok = false;
+        }
+        let of_protocol: Vec<usize> = (0..backends.len())
+            .filter(|&i| backends.get(i).is_some_and(|b| b.protocol == protocol))
+            .collect();
+        let Some((default, domains)) = given else {
+            match of_protocol.as_slice() {
+                [] => {}
+                [only] => {
+                    out.insert(
+                        protocol,
+                        Routes {
+                            default: *only,
+                            domains: BTreeMap::new(),
+                        },
+                    );
+                }
+                _ => {
+                    let at = if protocol == Protocol::Imap {
+                        "routes.default".to_owned()
+                    } else {
+                        path.clone()
+                    };
+                    cx.err(
+                        at,
+                        format!(
+                            "is required when there is more than one {} backend",
+                            protocol.as_str()
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+            continue;
+        };
+        let find = |name: &str| {
+            of_protocol
+                .iter()
+                .copied()
+                .find(|&i| backends.get(i).is_some_and(|b| b.name == name))
+        };
+        let what = format!("is not the name of a {} backend", protocol.as_str());
+        let d = find(&default);
+        if d.is_none() {
+            cx.err(format!("{path}.default"), format!("`{default}` {what}"));
+            ok = false;
+        }
+        let mut table = BTreeMap::new();
+        for (domain, name) in &domains {
+            match find(name) {
+                Some(i) => {
+                    table.insert(domain.to_ascii_lowercase(), i);
+                }
+                None => {
+                    cx.err(
+                        format!("{path}.domains.{domain}"),
+                        format!("`{name}` {what}"),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        out.insert(
+            protocol,
+            Routes {
+                default: d.unwrap_or(0),
+                domains: table,
+            },
         );
     }
-    let mut domains = BTreeMap::new();
-    for (domain, name) in &r.domains {
-        match find(name) {
-            Some(i) => {
-                domains.insert(domain.to_ascii_lowercase(), i);
-            }
-            None => cx.err(
-                format!("routes.domains.{domain}"),
-                format!("`{name}` is not a backend name"),
-            ),
-        }
-    }
-    Some(Routes {
-        default: default.unwrap_or(0),
-        domains,
-    })
+    ok.then_some(out)
 }

@@ -26,7 +26,7 @@ use std::time::Duration;
 use crate::secret::Secret;
 
 pub use raw::{
-    AuditFormat, BackendTls, ListenerTls, LogFormat, MfaMode, OnError, StateBackend,
+    AuditFormat, BackendTls, ListenerTls, LogFormat, MfaMode, OnError, Protocol, StateBackend,
     SyslogTransport,
 };
 
@@ -128,7 +128,8 @@ pub struct Config {
     pub state: StateConfig,
     pub guard: GuardConfig,
     pub backends: Vec<BackendConfig>,
-    pub routes: Routes,
+    /// Routes per protocol that has backends.
+    pub routes: BTreeMap<Protocol, Routes>,
     pub admin: AdminConfig,
     pub logging: LoggingConfig,
     /// The self-service portal (`portal:`), when configured.
@@ -144,6 +145,9 @@ pub struct ListenerConfig {
     pub name: String,
     pub address: SocketAddr,
     pub tls: ListenerTls,
+    pub protocol: Protocol,
+    /// SMTP: the gateway's name in its greeting and EHLO reply.
+    pub hostname: String,
     /// A PROXY protocol header is required on this listener.
     pub proxy_protocol: bool,
 }
@@ -501,20 +505,26 @@ impl Default for MfaConfig {
 pub enum BackendLogin {
     /// Dovecot-style `LOGIN "user<sep>master" password`.
     MasterUser { separator: String },
-    /// `AUTHENTICATE PLAIN` with authzid = user, authcid = master.
+    /// `AUTHENTICATE PLAIN` (SMTP and POP3: `AUTH PLAIN`) with authzid = user, authcid =
+    /// master.
     SaslAuthzid,
+    /// SMTP only: `XCLIENT LOGIN=user ADDR=client` (Postfix), no master credential.
+    Xclient,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct BackendConfig {
     pub name: String,
+    pub protocol: Protocol,
     pub host: String,
     pub port: u16,
     pub tls: BackendTls,
     pub ca_file: Option<PathBuf>,
     pub server_name: String,
     pub login: BackendLogin,
+    /// Empty with `login: xclient`.
     pub master_user: String,
+    /// Empty with `login: xclient`.
     pub master_password: Secret,
     pub send_id: bool,
     pub connect_timeout: Duration,
@@ -663,12 +673,13 @@ impl Config {
     }
 
     /// The backend for a user, by the domain after the last '@'.
-    pub fn route(&self, user: &str) -> Option<&BackendConfig> {
+    pub fn route(&self, protocol: Protocol, user: &str) -> Option<&BackendConfig> {
+        let routes = self.routes.get(&protocol)?;
         let idx = user
             .rsplit_once('@')
-            .and_then(|(_, d)| self.routes.domains.get(&d.to_ascii_lowercase()))
+            .and_then(|(_, d)| routes.domains.get(&d.to_ascii_lowercase()))
             .copied()
-            .unwrap_or(self.routes.default);
+            .unwrap_or(routes.default);
         self.backends.get(idx)
     }
 }

@@ -16,9 +16,37 @@ pub(super) struct Listener {
     pub name: String,
     pub address: String,
     pub tls: ListenerTls,
+    /// Which mail protocol this listener speaks (default imap).
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// SMTP: the name in the greeting and the EHLO reply (default: the machine's host name).
+    pub hostname: Option<String>,
     /// Expect a PROXY protocol v1/v2 header (from `guard.trusted_proxies` only).
     #[serde(default)]
     pub proxy_protocol: bool,
+}
+
+/// A mail protocol the gateway fronts (listeners) or logs into (backends).
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    #[default]
+    Imap,
+    Smtp,
+    Pop3,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 3] = [Protocol::Imap, Protocol::Smtp, Protocol::Pop3];
+
+    /// The config word, also the `protocol` metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Imap => "imap",
+            Protocol::Smtp => "smtp",
+            Protocol::Pop3 => "pop3",
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -273,12 +301,14 @@ pub enum StateBackend {
 #[serde(deny_unknown_fields)]
 pub(super) struct Backend {
     pub name: String,
+    #[serde(default)]
+    pub protocol: Protocol,
     pub address: String,
     pub tls: BackendTls,
     pub ca_file: Option<String>,
     pub server_name: Option<String>,
     pub login: LoginMode,
-    pub master_user: String,
+    pub master_user: Option<String>,
     pub master_password_file: Option<String>,
     pub master_password_env: Option<String>,
     pub master_separator: Option<String>,
@@ -301,11 +331,25 @@ pub enum BackendTls {
 pub(super) enum LoginMode {
     MasterUser,
     SaslAuthzid,
+    /// SMTP only: Postfix's `XCLIENT LOGIN=…` (the gateway in `smtpd_authorized_xclient_hosts`).
+    Xclient,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct Routes {
+    /// IMAP's routes (the keys this section always had).
+    pub default: Option<String>,
+    #[serde(default)]
+    pub domains: BTreeMap<String, String>,
+    /// SMTP submission's and POP3's routes, each like IMAP's.
+    pub smtp: Option<ProtocolRoutes>,
+    pub pop3: Option<ProtocolRoutes>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ProtocolRoutes {
     pub default: String,
     #[serde(default)]
     pub domains: BTreeMap<String, String>,

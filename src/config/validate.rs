@@ -92,6 +92,27 @@ pub(super) fn from_yaml(text: &str, base: &Path) -> Result<Config, ConfigError> 
     }
     let backends = backends(&mut cx, section("backends"));
     let routes = routes(&mut cx, section("routes"), &backends);
+    for (i, l) in listeners.iter().enumerate() {
+        if !backends.iter().any(|b| b.protocol == l.protocol) {
+            cx.err(
+                format!("listeners[{i}].protocol"),
+                format!(
+                    "no backend speaks {}: add one with protocol: {}",
+                    l.protocol.as_str(),
+                    l.protocol.as_str()
+                ),
+            );
+        }
+    }
+    for b in &backends {
+        if !listeners.iter().any(|l| l.protocol == b.protocol) {
+            cx.warnings.push(format!(
+                "backend {}: no listener speaks {}, so it is never used",
+                b.name,
+                b.protocol.as_str()
+            ));
+        }
+    }
     let admin = admin(&mut cx, section("admin"));
     let logging = logging(&mut cx, section("logging"));
     let portal = super::portal::portal(&mut cx, section("portal"));
@@ -157,6 +178,30 @@ pub(super) fn from_yaml(text: &str, base: &Path) -> Result<Config, ConfigError> 
     }
 }
 
+/// A DNS name as SMTP's greeting and EHLO reply carry it (RFC 5321 §4.1.2 `Domain`).
+fn is_host_name(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// The kernel's host name (`/proc/sys/kernel/hostname`), or `localhost`.
+fn machine_host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_ascii_lowercase())
+        .filter(|h| is_host_name(h))
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
 fn listeners(cx: &mut Ctx, v: &Value) -> Vec<ListenerConfig> {
     let mut out = Vec::new();
     let mut names = BTreeSet::new();
@@ -172,10 +217,28 @@ fn listeners(cx: &mut Ctx, v: &Value) -> Vec<ListenerConfig> {
                 if a.port() != 0 && !addrs.insert(a) {
                     cx.err(format!("{path}.address"), format!("{a} is used twice"));
                 }
+                let hostname = match (&l.hostname, l.protocol) {
+                    (Some(_), p) if p != super::Protocol::Smtp => {
+                        cx.err(format!("{path}.hostname"), "is for SMTP listeners only");
+                        String::new()
+                    }
+                    (Some(h), _) if !is_host_name(h) => {
+                        cx.err(
+                            format!("{path}.hostname"),
+                            "must be a DNS name (letters, digits, '-' and '.')",
+                        );
+                        String::new()
+                    }
+                    (Some(h), _) => h.to_ascii_lowercase(),
+                    (None, super::Protocol::Smtp) => machine_host_name(),
+                    (None, _) => String::new(),
+                };
                 out.push(ListenerConfig {
                     name: l.name,
                     address: a,
                     tls: l.tls,
+                    protocol: l.protocol,
+                    hostname,
                     proxy_protocol: l.proxy_protocol,
                 });
             }

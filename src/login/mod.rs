@@ -28,6 +28,7 @@ pub use record::{Ending, LoginRecord, Reason};
 pub use registry::{EndReason, SessionInfo, UserSessions, UserSlot};
 
 use crate::auth::{self, Attempt, Authenticator, Credential, FailureReason, Mechanism, Outcome};
+use crate::config::Protocol;
 use crate::guard::{AttemptKey, Decision, Guard, Kind, Outcome as GuardOutcome, Scope, Verdict};
 use crate::imap::LoginOk;
 use crate::observe::Metrics;
@@ -62,6 +63,10 @@ pub struct Client<'a> {
     pub peer: SocketAddr,
     /// What the client's `ID` said about it (sanitised), for the audit line.
     pub id: &'a ClientId,
+    /// Which protocol the client speaks (routes the backend; the metrics' `protocol` label).
+    pub protocol: Protocol,
+    /// SMTP: the client's EHLO name, passed on to the backend.
+    pub helo: Option<&'a str>,
 }
 
 /// How a login ended, for the protocol's state machine.
@@ -86,8 +91,8 @@ pub enum LoginResult {
 /// A logged-in backend session, ready to relay.
 pub struct Ready {
     pub conn: Conn,
-    /// The client's tagged OK, encoded once per backend capability list.
-    pub login_ok: Arc<LoginOk>,
+    /// IMAP: the client's tagged OK, encoded once per backend capability list.
+    pub login_ok: Option<Arc<LoginOk>>,
     /// Bytes the backend sent after its login reply (relayed to the client first).
     pub backend_extra: BytesMut,
     pub slot: UserSlot,
@@ -298,15 +303,22 @@ impl Services {
             record.emit(m, Ending::TooManySessions, Reason::TooManySessions);
             return LoginResult::TooManySessions;
         };
-        let Some(backend) = self.upstreams.route(&identity.user) else {
+        let Some(backend) = self.upstreams.route(client.protocol, &identity.user) else {
             record.emit(m, Ending::Unavailable, Reason::NoRoute);
             return LoginResult::Unavailable;
         };
         let name = backend.config.name.clone();
         record.backend.clone_from(&name);
         let up_started = Instant::now();
-        match backend.open(&identity.upstream_user, client.peer).await {
-            Ok((conn, login_ok, backend_extra)) => {
+        match backend
+            .open(&identity.upstream_user, client.peer, client.helo)
+            .await
+        {
+            Ok(crate::upstream::Opened {
+                conn,
+                login_ok,
+                extra: backend_extra,
+            }) => {
                 m.upstream_logins.with_label_values(&[&name, "ok"]).inc();
                 m.upstream_login_seconds
                     .with_label_values(&[&name])

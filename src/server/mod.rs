@@ -388,7 +388,6 @@ impl Gateway {
         let background_watch = background.clone();
         let shared = Arc::new(Shared {
             limits: config.limits.clone(),
-            acceptor: TlsAcceptor::from(server_tls.config.clone()),
             login: login::Services {
                 authenticator: store.clone() as Arc<dyn Authenticator>,
                 guard: guard.clone(),
@@ -407,11 +406,10 @@ impl Gateway {
                 Arc::new(OAuthChallenges::new(discovery.as_deref(), &scope))
             }),
             login_alert: match (&config.auth.mfa.approval, &config.portal) {
-                (Some(_), Some(pc)) => crate::imap::untagged_alert(&format!(
+                (Some(_), Some(pc)) => Some(Arc::from(format!(
                     "Login failed. If this is you on a new device or network, approve the sign-in at {}",
                     pc.public_url
-                ))
-                .map(Arc::from),
+                ))),
                 _ => None,
             },
             next_id: AtomicU64::new(1),
@@ -465,6 +463,9 @@ impl Gateway {
             addrs.push((l.name.clone(), local));
             let info = ListenerInfo {
                 name: Arc::from(l.name.as_str()),
+                protocol: l.protocol,
+                acceptor: TlsAcceptor::from(server_tls.for_protocol(l.protocol)),
+                hostname: Arc::from(l.hostname.as_str()),
                 starttls: l.tls == ListenerTls::Starttls,
                 proxy_protocol: l.proxy_protocol,
             };
@@ -495,7 +496,8 @@ impl Gateway {
                     crate::config::BackendLogin::MasterUser { separator } => {
                         Some(separator.clone())
                     }
-                    crate::config::BackendLogin::SaslAuthzid => None,
+                    crate::config::BackendLogin::SaslAuthzid
+                    | crate::config::BackendLogin::Xclient => None,
                 })
                 .collect();
             Arc::new(crate::api::Api {

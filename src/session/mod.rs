@@ -7,8 +7,12 @@
 //! idle, total time to authenticate, and — through `login`, `upstream` and `relay` — backend
 //! connect/login and post-auth idle.
 
+pub mod front;
+pub mod imap;
+pub mod pop3;
 pub mod preauth;
 pub mod relay;
+pub mod smtp;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,23 +26,24 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::Limits;
+use crate::config::{Limits, Protocol};
 use crate::login::{self, LoginResult};
 use crate::observe::Metrics;
 use crate::tls::{Conn, Wire};
-use preauth::{OAuthChallenges, PreAuth, PreAuthLimits, Refused, Step};
+use front::{Bye, Front, FrontConfig, Refused, Step, Welcome};
+use preauth::{OAuthChallenges, PreAuthLimits};
 
 /// Everything sessions share.
 pub struct Shared {
     pub limits: Limits,
-    pub acceptor: TlsAcceptor,
     /// Guard, authenticator, upstreams: everything a login needs.
     pub login: login::Services,
     pub metrics: Arc<Metrics>,
     /// Token mechanisms offered: their RFC 7628 error challenges.
     pub oauth: Option<Arc<OAuthChallenges>>,
-    /// `* NO [ALERT] …` before every failed password login (sign-in approval), made once.
-    pub login_alert: Option<Arc<[u8]>>,
+    /// Sign-in approval: the sentence every failed password login's answer carries (IMAP: a
+    /// `* NO [ALERT]` line), pointing at the portal.
+    pub login_alert: Option<Arc<str>>,
     pub next_id: AtomicU64,
     /// Cancelled when the gateway stops accepting: pre-auth sessions say BYE, relayed ones get
     /// `shutdown_grace`.
@@ -46,9 +51,14 @@ pub struct Shared {
 }
 
 /// The listener a connection came in on.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ListenerInfo {
     pub name: Arc<str>,
+    pub protocol: Protocol,
+    /// The client-facing TLS (ALPN per protocol; certificates shared by all listeners).
+    pub acceptor: TlsAcceptor,
+    /// SMTP: the gateway's name in its greeting and EHLO reply.
+    pub hostname: Arc<str>,
     pub starttls: bool,
     /// A PROXY protocol header precedes each connection.
     pub proxy_protocol: bool,
@@ -121,7 +131,7 @@ impl Session {
     /// handshake completes.
     async fn handshake(&self, tcp: TcpStream, first: Option<&[u8]>) -> Option<Conn> {
         let m = &self.shared.metrics;
-        let accept = self.shared.acceptor.accept_with(Wire::server(tcp), |c| {
+        let accept = self.listener.acceptor.accept_with(Wire::server(tcp), |c| {
             if let Some(bytes) = first {
                 // Buffered by rustls until it may send application data.
                 let _ = std::io::Write::write_all(&mut c.writer(), bytes);
@@ -150,25 +160,39 @@ impl Session {
         }
     }
 
-    async fn run(mut self, tcp: TcpStream) {
-        let _preauth_gauge = GaugeGuard::new(&self.shared.metrics.sessions_preauth);
+    /// This connection's front, by the listener's protocol.
+    fn front(&self, tls: bool) -> Box<dyn Front> {
         let l = &self.shared.limits;
-        let implicit = !self.listener.starttls;
-        let sm = PreAuth::new(
-            PreAuthLimits {
+        let cfg = FrontConfig {
+            limits: PreAuthLimits {
                 line_bytes: l.line_bytes,
                 literal_bytes: l.literal_bytes,
                 sasl_bytes: l.sasl_bytes,
                 bad_commands_before_bye: l.bad_commands_before_bye,
                 auth_failures_per_connection: l.auth_failures_per_connection,
             },
-            self.listener.starttls,
-            implicit,
-        )
-        .with_oauth_challenges(self.shared.oauth.clone())
-        .with_login_alert(self.shared.login_alert.clone());
+            starttls_listener: self.listener.starttls,
+            oauth: self.shared.oauth.clone(),
+            login_alert: self.shared.login_alert.clone(),
+            hostname: self.listener.hostname.clone(),
+            smtp_extensions: match self.listener.protocol {
+                Protocol::Smtp => self.shared.login.upstreams.smtp_extensions(),
+                _ => Arc::from(Vec::new()),
+            },
+        };
+        match self.listener.protocol {
+            Protocol::Imap => Box::new(imap::ImapFront::new(&cfg, tls)),
+            Protocol::Smtp => Box::new(smtp::SmtpFront::new(&cfg, tls)),
+            Protocol::Pop3 => Box::new(pop3::Pop3Front::new(&cfg, tls)),
+        }
+    }
+
+    async fn run(mut self, tcp: TcpStream) {
+        let _preauth_gauge = GaugeGuard::new(&self.shared.metrics.sessions_preauth);
+        let implicit = !self.listener.starttls;
+        let sm = self.front(implicit);
         let conn = if implicit {
-            match self.handshake(tcp, Some(sm.greeting())).await {
+            match self.handshake(tcp, Some(&sm.greeting())).await {
                 Some(c) => c,
                 None => return,
             }
@@ -209,11 +233,11 @@ impl Session {
     async fn preauth(
         &mut self,
         mut conn: Conn,
-        mut sm: PreAuth,
+        mut sm: Box<dyn Front>,
         deadline: Instant,
         greeted: bool,
     ) -> Option<RelayParts> {
-        if !greeted && !self.write(&mut conn, sm.greeting(), deadline).await {
+        if !greeted && !self.write(&mut conn, &sm.greeting(), deadline).await {
             return None;
         }
         // Reads may carry a password: wipe the buffer when the session is done with it.
@@ -234,12 +258,12 @@ impl Session {
                     tokio::select! {
                         biased;
                         () = self.shared.stopping.cancelled() => {
-                            let bye = sm.bye_now("Server shutting down");
+                            let bye = sm.bye_now(Bye::Shutdown);
                             self.close(&mut conn, Some(&bye)).await;
                             return None;
                         }
                         () = tokio::time::sleep_until(deadline) => {
-                            let bye = sm.bye_now("Authentication timeout");
+                            let bye = sm.bye_now(Bye::Timeout);
                             self.close(&mut conn, Some(&bye)).await;
                             return None;
                         }
@@ -247,7 +271,7 @@ impl Session {
                             Ok(Ok(0)) | Ok(Err(_)) => return None,
                             Ok(Ok(n)) => sm.feed(buf.get(..n).unwrap_or(&[])),
                             Err(_) => {
-                                let bye = sm.bye_now("Idle timeout");
+                                let bye = sm.bye_now(Bye::Idle);
                                 self.close(&mut conn, Some(&bye)).await;
                                 return None;
                             }
@@ -267,6 +291,8 @@ impl Session {
                         listener: &self.listener.name,
                         peer: self.peer,
                         id: sm.client_id(),
+                        protocol: self.listener.protocol,
+                        helo: sm.helo(),
                     };
                     let result = self
                         .shared
@@ -275,7 +301,11 @@ impl Session {
                         .await;
                     let refused = match result {
                         LoginResult::Ready(ready) => {
-                            let (ok, pipelined) = sm.auth_succeeded(&req.tag, &ready.login_ok);
+                            let welcome = match &ready.login_ok {
+                                Some(ok) => Welcome::Imap(ok),
+                                None => Welcome::Fixed,
+                            };
+                            let (ok, pipelined) = sm.succeeded(welcome);
                             if !self.write(&mut conn, &ok, deadline).await {
                                 return None;
                             }
@@ -286,7 +316,7 @@ impl Session {
                             });
                         }
                         LoginResult::TimedOut => {
-                            let bye = sm.bye_now("Authentication timeout");
+                            let bye = sm.bye_now(Bye::Timeout);
                             self.close(&mut conn, Some(&bye)).await;
                             return None;
                         }
@@ -296,7 +326,7 @@ impl Session {
                         LoginResult::TooManySessions => Refused::TooManySessions,
                         LoginResult::Unavailable => Refused::Unavailable,
                     };
-                    sm.login_refused(&req.tag, req.mechanism, refused);
+                    sm.refused(refused);
                 }
             }
         }

@@ -248,6 +248,23 @@ impl ServerTls {
     }
 }
 
+impl ServerTls {
+    /// The setup for one protocol's listeners: the same certificates, session tickets and
+    /// versions, with that protocol's ALPN name (RFC 7301; ALPACA): a client that offers ALPN
+    /// without it is refused. SMTP has no registered name; `smtp` is offered so that a client
+    /// offering any other protocol (a browser's `h2`, `http/1.1`) is refused all the same,
+    /// while mail clients, which offer no ALPN, are not affected.
+    pub fn for_protocol(&self, protocol: crate::config::Protocol) -> Arc<ServerConfig> {
+        use crate::config::Protocol;
+        if protocol == Protocol::Imap {
+            return self.config.clone();
+        }
+        let mut c = (*self.config).clone();
+        c.alpn_protocols = vec![protocol.as_str().as_bytes().to_vec()];
+        Arc::new(c)
+    }
+}
+
 /// The backend-facing TLS setup for one backend; `None` for `tls: none`.
 pub fn client_config(b: &BackendConfig) -> Result<Arc<ClientConfig>, TlsError> {
     let mut roots = RootCertStore::empty();

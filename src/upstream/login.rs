@@ -107,7 +107,7 @@ pub fn check_user(user: &str, login: &BackendLogin) -> Result<(), LoginError> {
     let control = user.chars().any(|c| c.is_control());
     let sep = match login {
         BackendLogin::MasterUser { separator } => user.contains(separator.as_str()),
-        BackendLogin::SaslAuthzid => false,
+        BackendLogin::SaslAuthzid | BackendLogin::Xclient => false,
     };
     if user.is_empty() || control || sep {
         return Err(LoginError::BadUser);
@@ -135,6 +135,8 @@ impl UpstreamLogin {
                     None,
                 )
             }
+            // Config validation allows xclient for SMTP backends only.
+            BackendLogin::Xclient => return Err(LoginError::Protocol),
             BackendLogin::SaslAuthzid => {
                 let mut msg = Vec::with_capacity(
                     user.len() + backend.master_user.len() + backend.master_password.len() + 2,

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{BackendConfig, BackendTls, Config};
+use crate::config::{BackendConfig, BackendTls, Config, Protocol};
 use crate::imap;
 use crate::observe::{Health, Metrics};
 use crate::tls::{self, Conn, Wire};
@@ -47,6 +47,15 @@ impl UpstreamError {
             UpstreamError::Login(e) => e.as_str(),
         }
     }
+}
+
+/// A logged-in backend session.
+pub struct Opened {
+    pub conn: Conn,
+    /// IMAP: the client's tagged OK with the capabilities it may see.
+    pub login_ok: Option<Arc<imap::LoginOk>>,
+    /// Bytes the backend sent past its final login reply.
+    pub extra: BytesMut,
 }
 
 /// A backend ready to be connected to: its config and prebuilt TLS client config.
@@ -124,13 +133,16 @@ impl Backend {
         Ok(Conn::Tls(Box::new(tokio_rustls::TlsStream::Client(s))))
     }
 
-    /// Connects and logs in as `user`; returns the stream, the client's login reply (with the
-    /// capabilities the client may see) and any bytes the backend sent past its final OK.
+    /// Connects and logs in as `user` (`helo`: the SMTP client's EHLO name); returns the
+    /// stream, for IMAP the client's login reply (with the capabilities the client may see), and
+    /// any bytes the backend sent past its final reply.
     pub async fn open(
         &self,
         user: &str,
         client: SocketAddr,
-    ) -> Result<(Conn, Arc<imap::LoginOk>, BytesMut), UpstreamError> {
+        helo: Option<&str>,
+    ) -> Result<Opened, UpstreamError> {
+        let _ = helo;
         let mut machine = UpstreamLogin::new(&self.config, user, client)?;
         let tcp = self.connect_tcp().await?;
         let dialogue = async {
@@ -166,7 +178,11 @@ impl Backend {
                         machine.tls_started();
                     }
                     UpStep::Done(caps) => {
-                        return Ok((conn, self.login_ok(caps), machine.take_remaining()));
+                        return Ok(Opened {
+                            conn,
+                            login_ok: Some(self.login_ok(caps)),
+                            extra: machine.take_remaining(),
+                        });
                     }
                     UpStep::Fail(e) => return Err(e.into()),
                 }
@@ -241,8 +257,12 @@ impl Backend {
     /// login (in its OK and in the CAPABILITY reply), or what went wrong.
     pub async fn diagnose_login(&self, user: &str) -> Result<Vec<String>, String> {
         let client = SocketAddr::from(([127, 0, 0, 1], 0));
-        let (mut conn, _, rest) = self
-            .open(user, client)
+        let Opened {
+            mut conn,
+            extra: rest,
+            ..
+        } = self
+            .open(user, client, None)
             .await
             .map_err(|e| format!("master login as {user}: {}", describe(&e)))?;
         let mut caps = self
@@ -395,15 +415,25 @@ impl Upstreams {
         }
     }
 
-    /// The backend for a (normalised) user.
-    pub fn route(&self, user: &str) -> Option<Arc<Backend>> {
+    /// The backend of `protocol` for a (normalised) user.
+    pub fn route(&self, protocol: Protocol, user: &str) -> Option<Arc<Backend>> {
         let inner = self.current();
-        let b = inner.config.route(user)?;
+        let b = inner.config.route(protocol, user)?;
         inner
             .backends
             .iter()
             .find(|x| x.config.name == b.name)
             .cloned()
+    }
+
+    /// The service extensions (EHLO keywords and parameters, AUTH, STARTTLS and XCLIENT left
+    /// out) of the default SMTP backend, as last seen; a conservative list before it answered.
+    pub fn smtp_extensions(&self) -> Arc<[String]> {
+        Arc::from(
+            ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"]
+                .map(String::from)
+                .to_vec(),
+        )
     }
 
     /// Probes every backend each `every` until cancelled, updating `/readyz` and the metric.

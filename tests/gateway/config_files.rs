@@ -55,7 +55,12 @@ fn the_example_config_documents_a_valid_config() {
     assert_eq!(cfg.limits.sasl_bytes, 24 * 1024);
     assert_eq!(cfg.limits.relay_idle_timeout.as_secs(), 31 * 60);
     assert_eq!(cfg.backends[0].master_password.expose(), b"s3cret");
-    assert_eq!(cfg.route("someone@example.org").unwrap().name, "dovecot");
+    assert_eq!(
+        cfg.route(imapgate::config::Protocol::Imap, "someone@example.org")
+            .unwrap()
+            .name,
+        "dovecot"
+    );
     assert_eq!(cfg.auth.mfa.default, imapgate::config::MfaMode::Required);
     assert_eq!(cfg.auth.mfa.unlock_ttl.as_secs(), 12 * 3600);
     assert_eq!(cfg.auth.active_key.as_deref(), Some("k1"));

@@ -8,6 +8,7 @@ use crate::config::BackendConfig;
 fn backend(tls: BackendTls, login: BackendLogin, send_id: bool) -> BackendConfig {
     BackendConfig {
         name: "b".into(),
+        protocol: crate::config::Protocol::Imap,
         host: "localhost".into(),
         port: 993,
         tls,
