@@ -125,6 +125,7 @@ impl Services {
         let mut record = LoginRecord {
             session: client.session,
             listener: client.listener,
+            protocol: client.protocol,
             client: client.peer,
             client_id: client.id,
             user: claimed.clone().unwrap_or_else(|| "<invalid>".into()),

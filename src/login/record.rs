@@ -90,6 +90,7 @@ impl Reason {
 pub struct LoginRecord<'a> {
     pub session: u64,
     pub listener: &'a str,
+    pub protocol: crate::config::Protocol,
     pub client: SocketAddr,
     /// The client's `ID` name and version (already sanitised).
     pub client_id: &'a super::ClientId,
@@ -182,7 +183,7 @@ impl LoginRecord<'_> {
         let mechanism = self.mechanism.as_str();
         metrics
             .auth_attempts
-            .with_label_values(&[mechanism, ending.metric()])
+            .with_label_values(&[mechanism, self.protocol.as_str(), ending.metric()])
             .inc();
         if matches!(ending, Ending::Success | Ending::Failure) {
             metrics
@@ -193,6 +194,7 @@ impl LoginRecord<'_> {
         observe::audit(&AuditEvent {
             session: self.session,
             listener: self.listener,
+            protocol: self.protocol.as_str(),
             client: self.client,
             client_name: self.client_id.name(),
             client_version: self.client_id.version(),
@@ -250,6 +252,7 @@ mod tests {
         let mut r = LoginRecord {
             session: 1,
             listener: "imaps",
+            protocol: crate::config::Protocol::Imap,
             client: "192.0.2.7:5000".parse().unwrap(),
             client_id: &id,
             user: "a@example.org".into(),

@@ -110,7 +110,11 @@ pub fn to_ecs(m: &Map<String, Value>, timestamp: &str) -> Value {
                 m.get("reason").cloned().unwrap_or_default(),
             );
             source_and_user(&mut doc, m);
-            doc.insert("network".into(), json!({ "protocol": "imap" }));
+            let protocol = match text(m, "protocol") {
+                "" => "imap",
+                p => p,
+            };
+            doc.insert("network".into(), json!({ "protocol": protocol }));
             let (name, version) = (text(m, "client_name"), text(m, "client_version"));
             if !name.is_empty() || !version.is_empty() {
                 let mut ua = Map::new();

@@ -291,14 +291,20 @@ impl Metrics {
             24.0 * 3600.0,
         ];
 
-        let connections = counter_vec("imapgate_connections_total", &["listener", "outcome"])?;
+        let connections = counter_vec(
+            "imapgate_connections_total",
+            &["listener", "protocol", "outcome"],
+        )?;
         let tls_handshake_failures = counter_vec(
             "imapgate_tls_handshake_failures_total",
             &["listener", "reason"],
         )?;
         let sessions_preauth = gauge("imapgate_sessions_preauth")?;
         let sessions_relayed = gauge("imapgate_sessions_relayed")?;
-        let auth_attempts = counter_vec("imapgate_auth_attempts_total", &["mechanism", "result"])?;
+        let auth_attempts = counter_vec(
+            "imapgate_auth_attempts_total",
+            &["mechanism", "protocol", "result"],
+        )?;
         let auth_seconds = HistogramVec::new(
             HistogramOpts::new("imapgate_auth_seconds", help("imapgate_auth_seconds"))
                 .buckets(seconds.to_vec()),
@@ -545,12 +551,14 @@ mod tests {
     fn every_catalogued_metric_is_exported() {
         let m = Metrics::new().unwrap();
         // Touch the vectors so that they appear in the output.
-        m.connections.with_label_values(&["l", "accepted"]).inc();
+        m.connections
+            .with_label_values(&["l", "imap", "accepted"])
+            .inc();
         m.tls_handshake_failures
             .with_label_values(&["l", "timeout"])
             .inc();
         m.auth_attempts
-            .with_label_values(&["login", "success"])
+            .with_label_values(&["login", "imap", "success"])
             .inc();
         m.guard_decisions
             .with_label_values(&["allow", "none"])

@@ -240,6 +240,8 @@ fn open_mode(path: &std::path::Path, mode: u32) -> std::io::Result<std::fs::File
 pub struct AuditEvent<'a> {
     pub session: u64,
     pub listener: &'a str,
+    /// `imap`, `smtp` or `pop3`.
+    pub protocol: &'a str,
     pub client: SocketAddr,
     /// The client's IMAP `ID` name and version, sanitised ("" when not sent).
     pub client_name: &'a str,
@@ -296,6 +298,7 @@ pub fn audit(e: &AuditEvent<'_>) {
         event = "auth",
         session = e.session,
         listener = e.listener,
+        protocol = e.protocol,
         client_ip = %e.client.ip(),
         client_port = e.client.port(),
         client_name = e.client_name,

@@ -864,7 +864,7 @@ fn count_connection(shared: &Shared, info: &ListenerInfo, outcome: &str) {
     shared
         .metrics
         .connections
-        .with_label_values(&[&info.name, outcome])
+        .with_label_values(&[&info.name, info.protocol.as_str(), outcome])
         .inc();
 }
 

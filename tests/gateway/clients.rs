@@ -219,9 +219,9 @@ async fn curl_and_python_imaplib_through_the_real_binary_and_no_secret_in_any_lo
         assert!(!metrics.contains(leak), "{leak} in /metrics");
     }
     assert!(
-        metrics.contains("imapgate_auth_attempts_total{mechanism=\"plain\",result=\"success\"}")
+        metrics.contains("imapgate_auth_attempts_total{mechanism=\"plain\",protocol=\"imap\",result=\"success\"}")
             || metrics
-                .contains("imapgate_auth_attempts_total{mechanism=\"login\",result=\"success\"}"),
+                .contains("imapgate_auth_attempts_total{mechanism=\"login\",protocol=\"imap\",result=\"success\"}"),
         "{metrics}"
     );
 

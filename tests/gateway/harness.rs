@@ -259,6 +259,10 @@ pub(crate) const MAIL_USERS: &[&str] = &[
     "rosa@example.org",
     "sam@example.org",
     "tess@example.org",
+    // The gateway's own SMTP and POP3 fronts (mail_fronts.rs)
+    "uma@example.org",
+    "vic@example.org",
+    "wes@example.org",
 ];
 
 static DOVECOT: OnceLock<Option<Arc<Dovecot>>> = OnceLock::new();
@@ -283,7 +287,7 @@ pub(crate) fn write_secret(p: &Path, contents: impl AsRef<[u8]>) {
     chmod(p, 0o600);
 }
 
-fn chmod(p: &Path, mode: u32) {
+pub(crate) fn chmod(p: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
 }
@@ -708,6 +712,12 @@ pub(crate) struct Options {
     /// provider, registered there as a client for this portal), with these extra lines of the
     /// `portal` mapping (indented two spaces).
     pub portal: Option<&'static str>,
+    /// Also front SMTP submission and POP3: listeners `smtps` (implicit TLS), `submission`
+    /// (STARTTLS), `pop3s` and `pop3`; backends `postfix` (the harness's Postfix, XCLIENT over
+    /// STARTTLS), `dovecot-submission` (Dovecot's submission service, AUTH PLAIN with the
+    /// master user as authcid, implicit TLS) and `dovecot-pop3` (master user, implicit TLS).
+    /// The value is the SMTP route's default backend.
+    pub mail: Option<&'static str>,
 }
 
 /// The credential store of a test gateway.
@@ -749,6 +759,7 @@ impl Default for Options {
             admin_extra: "",
             store_poll: "200ms",
             portal: None,
+            mail: None,
         }
     }
 }
@@ -859,13 +870,37 @@ impl TestGateway {
                 )
             }
         };
+        let (mail_listeners, mail_backends, mail_routes) = match opts.mail {
+            None => (String::new(), String::new(), String::new()),
+            Some(smtp_default) => {
+                let p = postfix()?;
+                let ca = dovecot.pki.ca_pem.display();
+                let master = dovecot.master_secret_file.display();
+                (
+                    "  - { name: smtps, protocol: smtp, address: \"127.0.0.1:0\", tls: implicit, hostname: gw.example.org }\n  \
+                     - { name: submission, protocol: smtp, address: \"127.0.0.1:0\", tls: starttls, hostname: gw.example.org }\n  \
+                     - { name: pop3s, protocol: pop3, address: \"127.0.0.1:0\", tls: implicit }\n  \
+                     - { name: pop3, protocol: pop3, address: \"127.0.0.1:0\", tls: starttls }\n"
+                        .to_owned(),
+                    format!(
+                        "  - {{ name: postfix, protocol: smtp, address: \"{pf}\", tls: starttls, ca_file: \"{ca}\", server_name: localhost, login: xclient, connect_timeout: 2s, login_timeout: 5s }}\n  \
+                         - {{ name: dovecot-submission, protocol: smtp, address: \"{sub}\", tls: implicit, ca_file: \"{ca}\", server_name: localhost, login: sasl_authzid, master_user: gateway, master_password_file: \"{master}\", connect_timeout: 2s, login_timeout: 5s }}\n  \
+                         - {{ name: dovecot-pop3, protocol: pop3, address: \"{pop3s}\", tls: implicit, ca_file: \"{ca}\", server_name: localhost, login: master_user, master_user: gateway, master_password_file: \"{master}\", connect_timeout: 2s, login_timeout: 5s }}\n",
+                        pf = p.submission,
+                        sub = dovecot.submissions,
+                        pop3s = dovecot.pop3s,
+                    ),
+                    format!("  smtp: {{ default: {smtp_default} }}\n"),
+                )
+            }
+        };
         let yaml = format!(
             r#"
 {portal_yaml}
 listeners:
   - {{ name: imaps, address: "127.0.0.1:0", tls: implicit }}
   - {{ name: imap, address: "127.0.0.1:0", tls: starttls }}
-{extra_listeners}
+{mail_listeners}{extra_listeners}
 guard:
 {guard}
 state:
@@ -903,10 +938,10 @@ backends:
     master_user: gateway
     master_password_file: "{master}"
     connect_timeout: 1s
-routes:
+{mail_backends}routes:
   default: dovecot
   domains: {{ down.test: down }}
-admin: {{ address: "127.0.0.1:0", health_interval: 1s, token_file: "{admin_token}"{admin_extra} }}
+{mail_routes}admin: {{ address: "127.0.0.1:0", health_interval: 1s, token_file: "{admin_token}"{admin_extra} }}
 "#,
             cert = cert.display(),
             key = key.display(),
@@ -1011,6 +1046,11 @@ admin: {{ address: "127.0.0.1:0", health_interval: 1s, token_file: "{admin_token
 
     pub(crate) fn imap(&self) -> SocketAddr {
         self.gw.listener("imap").unwrap()
+    }
+
+    /// A listener's address by name (`smtps`, `submission`, `pop3s`, `pop3` with `mail`).
+    pub(crate) fn addr(&self, name: &str) -> SocketAddr {
+        self.gw.listener(name).unwrap()
     }
 
     pub(crate) fn password(&self, user: &str) -> String {

@@ -23,6 +23,7 @@ mod guard;
 mod hostile;
 mod login;
 mod logins;
+mod mail_fronts;
 mod metrics;
 mod mfa;
 mod oauth;

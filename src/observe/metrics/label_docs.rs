@@ -53,6 +53,11 @@ fn mechanisms() -> Values {
     closed(variants!(Mechanism: Login, Plain, XOAuth2, OAuthBearer).map(Mechanism::as_str))
 }
 
+fn protocols() -> Values {
+    use crate::config::Protocol;
+    closed(variants!(Protocol: Imap, Smtp, Pop3).map(Protocol::as_str))
+}
+
 fn upstream_results() -> Values {
     let login = variants!(LoginError: Preauth, Bye, NoStartTls, StartTlsRefused, Rejected, Protocol, BadUser);
     variants!(UpstreamError: Timeout, Closed; covered: Connect, Tls, Login);
@@ -94,7 +99,11 @@ fn emitted() -> BTreeMap<&'static str, Vec<(&'static str, Values)>> {
     outcomes.extend(variants!(ProxyError: Timeout, Closed, Malformed).map(ProxyError::as_str));
     add(
         "imapgate_connections_total",
-        vec![("listener", Config), ("outcome", Closed(outcomes))],
+        vec![
+            ("listener", Config),
+            ("protocol", protocols()),
+            ("outcome", Closed(outcomes)),
+        ],
     );
     add(
         "imapgate_tls_handshake_failures_total",
@@ -116,6 +125,7 @@ fn emitted() -> BTreeMap<&'static str, Vec<(&'static str, Values)>> {
         "imapgate_auth_attempts_total",
         vec![
             ("mechanism", mechanisms()),
+            ("protocol", protocols()),
             (
                 "result",
                 closed(
