@@ -577,6 +577,7 @@ fn syslog(cx: &mut Ctx, s: raw::Syslog) -> SyslogConfig {
 mod tests {
     use super::super::backends::host_port;
     use super::super::ctx::MAX_SECRET_FILE;
+    use super::super::{BackendLogin, Protocol};
     use super::*;
 
     #[test]
@@ -618,6 +619,169 @@ mod tests {
             "{msgs:?}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A config with `listeners` and `backends` (YAML flow sequences' items) and `routes`.
+    fn mail_yaml(listeners: &str, backends: &str, routes: &str) -> String {
+        format!(
+            "listeners: [{listeners}]\n\
+             tls: {{ self_signed: true }}\n\
+             auth: {{ users_file: users.yaml }}\n\
+             backends: [{backends}]\n{routes}"
+        )
+    }
+
+    const IMAPS: &str = "{ name: imaps, address: \"127.0.0.1:993\", tls: implicit }";
+    const DOVECOT: &str = "{ name: dovecot, address: \"mail:993\", tls: implicit, login: master_user, master_user: g, master_password_env: PATH }";
+    const POSTFIX: &str =
+        "{ name: postfix, protocol: smtp, address: \"mx:10587\", tls: starttls, login: xclient }";
+
+    fn errors(yaml: &str) -> Vec<String> {
+        match Config::from_yaml(yaml, Path::new(".")) {
+            Ok(_) => Vec::new(),
+            Err(ConfigError::Invalid(e)) => e.iter().map(|e| e.to_string()).collect(),
+            Err(e) => vec![e.to_string()],
+        }
+    }
+
+    #[test]
+    fn listeners_and_backends_by_protocol_with_routes_per_protocol() {
+        let smtp = "{ name: sub, protocol: smtp, address: \"127.0.0.1:465\", tls: implicit, hostname: Mail.Example.org }";
+        let pop3 = "{ name: pop3s, protocol: pop3, address: \"127.0.0.1:995\", tls: implicit }";
+        let pop3_backend = "{ name: d-pop3, protocol: pop3, address: \"mail:995\", tls: implicit, login: master_user, master_user: g, master_password_env: PATH }";
+        let sub2 = "{ name: dsub, protocol: smtp, address: \"mail:465\", tls: implicit, login: sasl_authzid, master_user: g, master_password_env: PATH }";
+        let c = Config::from_yaml(
+            &mail_yaml(
+                &format!("{IMAPS}, {smtp}, {pop3}"),
+                &format!("{DOVECOT}, {POSTFIX}, {sub2}, {pop3_backend}"),
+                "routes: { default: dovecot, smtp: { default: postfix, domains: { Example.NET: dsub } } }\n",
+            ),
+            Path::new("."),
+        )
+        .unwrap();
+        let l = &c.listeners[1];
+        assert_eq!(
+            (l.protocol, l.hostname.as_str()),
+            (Protocol::Smtp, "mail.example.org")
+        );
+        assert_eq!(c.listeners[0].protocol, Protocol::Imap);
+        assert_eq!(c.backends[1].login, BackendLogin::Xclient);
+        assert!(c.backends[1].master_user.is_empty());
+        let route = |p, u| c.route(p, u).map(|b| b.name.as_str());
+        assert_eq!(route(Protocol::Imap, "a@example.org"), Some("dovecot"));
+        assert_eq!(route(Protocol::Smtp, "a@example.org"), Some("postfix"));
+        assert_eq!(route(Protocol::Smtp, "a@example.net"), Some("dsub"));
+        // One POP3 backend needs no routes.
+        assert_eq!(route(Protocol::Pop3, "a@example.net"), Some("d-pop3"));
+        // An SMTP listener without a hostname gets the machine's.
+        let c = Config::from_yaml(
+            &mail_yaml(
+                "{ name: s, protocol: smtp, address: \"127.0.0.1:587\", tls: starttls }",
+                POSTFIX,
+                "",
+            ),
+            Path::new("."),
+        )
+        .unwrap();
+        assert!(
+            is_host_name(&c.listeners[0].hostname),
+            "{}",
+            c.listeners[0].hostname
+        );
+        assert!(!c.routes.contains_key(&Protocol::Imap));
+    }
+
+    #[test]
+    fn protocol_mistakes_are_named() {
+        let smtp = "{ name: sub, protocol: smtp, address: \"127.0.0.1:465\", tls: implicit }";
+        // An SMTP listener with no SMTP backend.
+        let e = errors(&mail_yaml(&format!("{IMAPS}, {smtp}"), DOVECOT, ""));
+        assert!(
+            e.iter().any(
+                |m| m.contains("listeners[1].protocol") && m.contains("no backend speaks smtp")
+            ),
+            "{e:?}"
+        );
+        // xclient on an IMAP backend; master credentials with xclient; send_id on SMTP.
+        let bad = "{ name: x, address: \"mail:993\", tls: implicit, login: xclient }";
+        let e = errors(&mail_yaml(IMAPS, bad, ""));
+        assert!(
+            e.iter()
+                .any(|m| m.contains("backends[0].login") && m.contains("SMTP backends only")),
+            "{e:?}"
+        );
+        let bad = "{ name: p, protocol: smtp, address: \"mx:25\", tls: none, login: xclient, master_user: g, master_password_env: PATH, send_id: true }";
+        let e = errors(&mail_yaml(smtp, bad, ""));
+        for key in ["master_user", "master_password_env", "send_id"] {
+            assert!(
+                e.iter().any(|m| m.contains(&format!("backends[0].{key}"))),
+                "{key}: {e:?}"
+            );
+        }
+        // A master login still needs its master user.
+        let bad = "{ name: d, protocol: pop3, address: \"mail:995\", tls: implicit, login: master_user, master_password_env: PATH }";
+        let pop3 = "{ name: pop3s, protocol: pop3, address: \"127.0.0.1:995\", tls: implicit }";
+        let e = errors(&mail_yaml(pop3, bad, ""));
+        assert!(
+            e.iter()
+                .any(|m| m.contains("backends[0].master_user") && m.contains("required")),
+            "{e:?}"
+        );
+        // A route to a backend of another protocol, and two SMTP backends without routes.smtp.
+        let sub2 = "{ name: dsub, protocol: smtp, address: \"mail:465\", tls: implicit, login: sasl_authzid, master_user: g, master_password_env: PATH }";
+        let e = errors(&mail_yaml(
+            &format!("{IMAPS}, {smtp}"),
+            &format!("{DOVECOT}, {POSTFIX}"),
+            "routes: { default: dovecot, smtp: { default: dovecot } }\n",
+        ));
+        assert!(
+            e.iter().any(|m| m.contains("routes.smtp.default")
+                && m.contains("not the name of a smtp backend")),
+            "{e:?}"
+        );
+        let e = errors(&mail_yaml(
+            &format!("{IMAPS}, {smtp}"),
+            &format!("{DOVECOT}, {POSTFIX}, {sub2}"),
+            "",
+        ));
+        assert!(
+            e.iter()
+                .any(|m| m.contains("routes.smtp") && m.contains("more than one smtp backend")),
+            "{e:?}"
+        );
+        // hostname is SMTP's, and must be a DNS name.
+        let e = errors(&mail_yaml(
+            "{ name: imaps, address: \"127.0.0.1:993\", tls: implicit, hostname: mail.example.org }",
+            DOVECOT,
+            "",
+        ));
+        assert!(
+            e.iter().any(|m| m.contains("listeners[0].hostname")),
+            "{e:?}"
+        );
+        let e = errors(&mail_yaml(
+            "{ name: s, protocol: smtp, address: \"127.0.0.1:465\", tls: implicit, hostname: \"bad name\\r\" }",
+            POSTFIX,
+            "",
+        ));
+        assert!(
+            e.iter()
+                .any(|m| m.contains("listeners[0].hostname") && m.contains("DNS name")),
+            "{e:?}"
+        );
+        // A backend no listener uses: a warning, not an error.
+        let c = Config::from_yaml(
+            &mail_yaml(IMAPS, &format!("{DOVECOT}, {POSTFIX}"), ""),
+            Path::new("."),
+        )
+        .unwrap();
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("backend postfix: no listener speaks smtp")),
+            "{:?}",
+            c.warnings
+        );
     }
 
     #[test]

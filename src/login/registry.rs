@@ -57,11 +57,23 @@ impl EndReason {
         }
     }
 
-    /// The last line the client gets (RFC 3501 §7.1.5).
-    pub fn bye(self) -> &'static [u8] {
-        match self {
-            EndReason::Revoked => b"* BYE Session ended: access revoked\r\n",
-            EndReason::Operator => b"* BYE Session ended by an administrator\r\n",
+    /// The last line the client gets: IMAP's `* BYE` (RFC 3501 §7.1.5), SMTP's `421` (RFC 5321
+    /// §3.8: a server may close with 421 at any time) or POP3's `-ERR`.
+    pub fn bye(self, protocol: crate::config::Protocol) -> &'static [u8] {
+        use crate::config::Protocol;
+        match (protocol, self) {
+            (Protocol::Imap, EndReason::Revoked) => b"* BYE Session ended: access revoked\r\n",
+            (Protocol::Imap, EndReason::Operator) => b"* BYE Session ended by an administrator\r\n",
+            (Protocol::Smtp, EndReason::Revoked) => b"421 4.7.0 Session ended: access revoked\r\n",
+            (Protocol::Smtp, EndReason::Operator) => {
+                b"421 4.7.0 Session ended by an administrator\r\n"
+            }
+            (Protocol::Pop3, EndReason::Revoked) => {
+                b"-ERR [AUTH] Session ended: access revoked\r\n"
+            }
+            (Protocol::Pop3, EndReason::Operator) => {
+                b"-ERR [SYS/TEMP] Session ended by an administrator\r\n"
+            }
         }
     }
 }

@@ -401,7 +401,8 @@ impl Session {
             // connection closes. (A client that turned on COMPRESS=DEFLATE cannot read it; it
             // sees the close.)
             let reason = slot.end_reason().unwrap_or(login::EndReason::Revoked);
-            self.close(&mut client, Some(reason.bye())).await;
+            self.close(&mut client, Some(reason.bye(self.listener.protocol)))
+                .await;
             crate::observe::audit_session_end(&crate::observe::SessionEndEvent {
                 session: slot.id(),
                 listener: &self.listener.name,

@@ -201,7 +201,7 @@ async fn poplib_read(
         s(user),
         t.password(user),
     ];
-    args.extend(subjects.iter().map(|x| s(x)));
+    args.extend(subjects.iter().map(s));
     python(POPLIB, &args).await
 }
 
