@@ -88,6 +88,7 @@ fn relay_1mib_each_way() -> usize {
             counter(),
             CancellationToken::new(),
             CancellationToken::new(),
+            None,
         ));
         let payload = vec![7u8; 1024 * 1024];
         let up = payload.clone();

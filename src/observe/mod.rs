@@ -267,7 +267,8 @@ pub struct SessionEndEvent<'a> {
     pub user: &'a str,
     pub credential: &'a str,
     pub backend: &'a str,
-    /// `revoked` or `operator`.
+    /// `revoked`, `operator`, or for SMTP `forbidden_command` / `command_too_long` (the
+    /// client sent XCLIENT, XFORWARD, AUTH or STARTTLS after the handover, or an endless line).
     pub reason: &'a str,
     /// How long the session had been relayed.
     pub seconds: u64,

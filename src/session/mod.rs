@@ -393,9 +393,24 @@ impl Session {
                 .with_label_values(&["to_client", &backend_name]),
             self.shared.stopping.clone(),
             slot.revoked.clone(),
+            (self.listener.protocol == Protocol::Smtp).then(relay::smtp::SmtpGuard::new),
         )
         .await;
         m.session_seconds.observe(started.elapsed().as_secs_f64());
+        if let relay::RelayEnd::Refused(v) = end {
+            tracing::warn!(user = %user, backend = %backend_name, violation = ?v, "relayed SMTP session ended: a command the backend trusts only from the gateway");
+            self.close(&mut client, Some(v.reply())).await;
+            crate::observe::audit_session_end(&crate::observe::SessionEndEvent {
+                session: slot.id(),
+                listener: &self.listener.name,
+                client: self.peer,
+                user: &user,
+                credential: slot.credential(),
+                backend: &backend_name,
+                reason: v.as_str(),
+                seconds: started.elapsed().as_secs(),
+            });
+        }
         if end == relay::RelayEnd::Revoked {
             // Ended from outside: the client gets a last word (RFC 3501 §7.1.5), then the
             // connection closes. (A client that turned on COMPRESS=DEFLATE cannot read it; it

@@ -1,6 +1,8 @@
 //! After login: bytes both ways, unchanged (IDLE, COMPRESS=DEFLATE, literals of any size).
 //!
-//! The relay does not parse IMAP. Each direction is its own copy loop so a slow reader on one
+//! The relay does not parse IMAP or POP3. SMTP sessions go through [`smtp::SmtpGuard`], which
+//! reads command lines (never the message) so that a client cannot use the backend's trust in
+//! the gateway (a second XCLIENT, XFORWARD, AUTH, STARTTLS) and hides those from a later EHLO. Each direction is its own copy loop so a slow reader on one
 //! side never stalls the other (no deadlock when both sides write at once). The session ends
 //! when either side closes, after `relay_idle_timeout` without a byte in either direction,
 //! after `max_session_lifetime`, or `shutdown_grace` after the gateway stopped accepting. No
@@ -17,6 +19,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+pub mod smtp;
+
 /// Why a relayed session ended (for the log).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RelayEnd {
@@ -27,6 +31,8 @@ pub enum RelayEnd {
     Shutdown,
     /// The credential was revoked or the user disabled (`auth.revoke_closes_sessions`).
     Revoked,
+    /// The SMTP client sent what a relayed session may not (its last line: `Violation::reply`).
+    Refused(smtp::Violation),
 }
 
 pub struct RelayLimits {
@@ -123,7 +129,116 @@ where
     }
 }
 
-/// Relays until one of the ending conditions.
+/// The SMTP guard both directions share (one task polls both: the lock is never contended or
+/// held across an await), and the signal that DATA's answer arrived.
+struct Shared {
+    guard: std::sync::Mutex<smtp::SmtpGuard>,
+    answered: tokio::sync::Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, smtp::SmtpGuard> {
+        self.guard.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Client to backend through the SMTP guard: command lines are checked before they go out, and
+/// after DATA nothing more goes until the backend answered.
+async fn copy_up_guarded<R, W>(
+    mut from: R,
+    mut to: W,
+    activity: &AtomicU64,
+    epoch: Instant,
+    bytes: &IntCounter,
+    shared: &Shared,
+) -> RelayEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(BUF);
+    let mut out = Vec::with_capacity(BUF);
+    loop {
+        if buf.is_empty() {
+            match from.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    let _ = to.shutdown().await;
+                    return RelayEnd::ClientClosed;
+                }
+                Ok(_) => activity.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed),
+            }
+        }
+        let used = match shared.lock().from_client(&buf, &mut out) {
+            Ok(n) => n,
+            Err(v) => return RelayEnd::Refused(v),
+        };
+        let _ = buf.split_to(used.min(buf.len()));
+        if !out.is_empty() {
+            let w = async {
+                to.write_all(&out).await?;
+                to.flush().await
+            };
+            if w.await.is_err() {
+                return RelayEnd::BackendClosed;
+            }
+            bytes.inc_by(out.len() as u64);
+            out.clear();
+        }
+        // Held behind DATA: wait for its answer (registered before looking, so none is lost).
+        while !buf.is_empty() {
+            let answered = shared.answered.notified();
+            if !shared.lock().waiting() {
+                break;
+            }
+            answered.await;
+        }
+    }
+}
+
+/// Backend to client through the SMTP guard (replies counted, a later EHLO reply filtered).
+async fn copy_down_guarded<R, W>(
+    mut from: R,
+    mut to: W,
+    activity: &AtomicU64,
+    epoch: Instant,
+    bytes: &IntCounter,
+    shared: &Shared,
+) -> RelayEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(BUF);
+    let mut out = Vec::with_capacity(BUF);
+    loop {
+        buf.clear();
+        match from.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown().await;
+                return RelayEnd::BackendClosed;
+            }
+            Ok(_) => activity.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed),
+        }
+        let go_on = shared.lock().from_backend(&buf, &mut out);
+        if go_on {
+            shared.answered.notify_waiters();
+        }
+        if !out.is_empty() {
+            let w = async {
+                to.write_all(&out).await?;
+                to.flush().await
+            };
+            if w.await.is_err() {
+                return RelayEnd::ClientClosed;
+            }
+            bytes.inc_by(out.len() as u64);
+            out.clear();
+        }
+    }
+}
+
+/// Relays until one of the ending conditions; an SMTP session (`smtp_guard`) through the guard.
+#[allow(clippy::too_many_arguments)]
 pub async fn run<C, B>(
     client: C,
     backend: B,
@@ -132,6 +247,7 @@ pub async fn run<C, B>(
     to_client: IntCounter,
     shutdown: CancellationToken,
     revoked: CancellationToken,
+    smtp_guard: Option<smtp::SmtpGuard>,
 ) -> RelayEnd
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -141,8 +257,28 @@ where
     let activity = Arc::new(AtomicU64::new(0));
     let (cr, cw) = tokio::io::split(client);
     let (br, bw) = tokio::io::split(backend);
-    let up = copy(cr, bw, &activity, epoch, &to_backend);
-    let down = copy(br, cw, &activity, epoch, &to_client);
+    let shared = smtp_guard.map(|g| Shared {
+        guard: std::sync::Mutex::new(g),
+        answered: tokio::sync::Notify::new(),
+    });
+    let up = async {
+        match &shared {
+            Some(s) => copy_up_guarded(cr, bw, &activity, epoch, &to_backend, s).await,
+            None => {
+                let _ = copy(cr, bw, &activity, epoch, &to_backend).await;
+                RelayEnd::ClientClosed
+            }
+        }
+    };
+    let down = async {
+        match &shared {
+            Some(s) => copy_down_guarded(br, cw, &activity, epoch, &to_client, s).await,
+            None => {
+                let _ = copy(br, cw, &activity, epoch, &to_client).await;
+                RelayEnd::BackendClosed
+            }
+        }
+    };
     tokio::pin!(up, down);
 
     let idle = async {
@@ -160,8 +296,8 @@ where
         tokio::time::sleep(limits.shutdown_grace).await;
     };
     tokio::select! {
-        _ = &mut up => RelayEnd::ClientClosed,
-        _ = &mut down => RelayEnd::BackendClosed,
+        end = &mut up => end,
+        end = &mut down => end,
         () = idle => RelayEnd::Idle,
         () = tokio::time::sleep(limits.lifetime) => RelayEnd::Lifetime,
         () = grace => RelayEnd::Shutdown,
@@ -184,7 +320,17 @@ mod tests {
         let (client, _cp) = duplex(64);
         let (backend, _bp) = duplex(64);
         let revoked = CancellationToken::new();
-        run(client, backend, limits, counter(), counter(), stop, revoked).await
+        run(
+            client,
+            backend,
+            limits,
+            counter(),
+            counter(),
+            stop,
+            revoked,
+            None,
+        )
+        .await
     }
 
     #[tokio::test]
@@ -205,6 +351,7 @@ mod tests {
             b.clone(),
             CancellationToken::new(),
             CancellationToken::new(),
+            None,
         ));
         let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         let p2 = payload.clone();
