@@ -84,7 +84,7 @@ impl OAuthChallenges {
         }
     }
 
-    fn for_mechanism(&self, mechanism: Mechanism) -> &[u8] {
+    pub(crate) fn for_mechanism(&self, mechanism: Mechanism) -> &[u8] {
         if mechanism == Mechanism::OAuthBearer {
             &self.oauthbearer
         } else {
