@@ -84,7 +84,8 @@ impl OAuthChallenges {
         }
     }
 
-    fn for_mechanism(&self, mechanism: Mechanism) -> &[u8] {
+    /// The challenge (JSON, before base64) a refused token of `mechanism` is answered with.
+    pub(crate) fn for_mechanism(&self, mechanism: Mechanism) -> &[u8] {
         if mechanism == Mechanism::OAuthBearer {
             &self.oauthbearer
         } else {
