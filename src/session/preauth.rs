@@ -84,6 +84,7 @@ impl OAuthChallenges {
         }
     }
 
+    /// The challenge (JSON, before base64) a refused token of `mechanism` is answered with.
     pub(crate) fn for_mechanism(&self, mechanism: Mechanism) -> &[u8] {
         if mechanism == Mechanism::OAuthBearer {
             &self.oauthbearer
