@@ -47,6 +47,36 @@ CLIENTS = {
     + b"t" * 300 + b" NOOP\r\nq ID " + b"(" * 200 + b"\r\nz LOGIN a b\nz LOGOUT\r\n",
 }
 
+# SMTP submission clients (the smtp_front target): byte 0 = listener mode (bit 0 STARTTLS
+# listener, bit 1 OAuth, bit 2 sign-in alert), byte 1 = chunk seed.
+SMTP_CLIENTS = {
+    # Thunderbird on 465: EHLO, AUTH PLAIN with initial response, then a pipelined message.
+    "thunderbird": b"EHLO [192.168.1.20]\r\nAUTH PLAIN " + b64(b"\0alice@example.org\0app-pw 123456")
+    + b"\r\nMAIL FROM:<alice@example.org> SIZE=120\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n",
+    # Outlook on 587: STARTTLS with smuggled AUTH behind it, then AUTH LOGIN in two steps.
+    "outlook_starttls": b"EHLO DESKTOP-1\r\nSTARTTLS\r\nAUTH PLAIN " + b64(b"\0smuggled\0x")
+    + b"\r\nEHLO DESKTOP-1\r\nAUTH LOGIN\r\n" + b64(b"alice@example.org") + b"\r\n"
+    + b64(b"app pw") + b"\r\n",
+    # XOAUTH2 with the RFC 7628 dance, OAUTHBEARER without initial response.
+    "oauth": b"EHLO c\r\nAUTH XOAUTH2 " + b64(XOAUTH2) + b"\r\n\r\nAUTH OAUTHBEARER\r\n"
+    + b64(OAUTHBEARER) + b"\r\nAQ==\r\n",
+    # Hostile: MAIL before AUTH, bad base64, cancel, NUL, bare LF, a long line.
+    "hostile": b"MAIL FROM:<a@b>\r\nHELO x\nAUTH PLAIN %%%\r\nAUTH LOGIN\r\n*\r\n\0\0\r\nXCLIENT LOGIN=x\r\n"
+    + b"A" * 9000 + b"\r\nQUIT\r\n",
+}
+
+# POP3 clients (the pop3_front target): byte 0 = listener mode (bit 0 STLS listener, bit 1
+# OAuth, bit 2 sign-in alert), byte 1 = chunk seed.
+POP3_CLIENTS = {
+    "poplib": b"CAPA\r\nUSER alice@example.org\r\nPASS app pw 123456\r\nSTAT\r\n",
+    "stls": b"CAPA\r\nSTLS\r\nUSER smuggled\r\nPASS x\r\nCAPA\r\nAUTH PLAIN "
+    + b64(b"\0alice\0pw") + b"\r\n",
+    "sasl": b"AUTH\r\nAUTH PLAIN\r\n" + b64(b"\0alice\0pw") + b"\r\nAUTH XOAUTH2 " + b64(XOAUTH2)
+    + b"\r\n\r\nAUTH PLAIN\r\n*\r\n",
+    "hostile": b"APOP alice 0123456789abcdef0123456789abcdef\r\nRETR 1\r\nPASS x\r\nAUTH PLAIN %%\r\n"
+    + b"\0\0\nUSER " + b"u" * 400 + b"\r\n" + b"B" * 9000 + b"\r\nQUIT\r\n",
+}
+
 BACKENDS = {
     # Dovecot 2.3.19 (Debian 12), master-user LOGIN on plain TCP.
     "dovecot_login": (2, b"* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE "
@@ -109,6 +139,12 @@ def main():
     for name, t in CLIENTS.items():
         write("preauth", name + "_tls", bytes([2, 7]) + t)
         write("preauth", name + "_starttls_oauth", bytes([3, 11]) + t)
+    for name, t in SMTP_CLIENTS.items():
+        write("smtp_front", name + "_tls", bytes([0, 7]) + t)
+        write("smtp_front", name + "_starttls_oauth_alert", bytes([7, 11]) + t)
+    for name, t in POP3_CLIENTS.items():
+        write("pop3_front", name + "_tls", bytes([0, 7]) + t)
+        write("pop3_front", name + "_stls_oauth_alert", bytes([7, 11]) + t)
     for name, (mode, t) in BACKENDS.items():
         write("upstream_login", name, bytes([mode, 5]) + t)
     write("sasl_plain", "authcid", b"\0alice\0secret")
