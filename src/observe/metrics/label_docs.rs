@@ -54,7 +54,7 @@ fn mechanisms() -> Values {
 }
 
 fn upstream_results() -> Values {
-    let login = variants!(LoginError: Preauth, Bye, NoStartTls, StartTlsRefused, Rejected, Protocol, BadUser);
+    let login = variants!(LoginError: Preauth, Bye, NoStartTls, StartTlsRefused, Rejected, Protocol, BadUser, NoXclient);
     variants!(UpstreamError: Timeout, Closed; covered: Connect, Tls, Login);
     let mut v = vec!["ok"];
     v.extend(
