@@ -4,7 +4,9 @@
 //! Every wait has a deadline (invariant 6): `connect_timeout` covers resolving and TCP connect,
 //! `login_timeout` covers TLS, the greeting and the whole login dialogue.
 
+mod lines;
 pub mod login;
+pub mod smtp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{BackendConfig, BackendTls, Config, Protocol};
 use crate::imap;
 use crate::observe::{Health, Metrics};
+use crate::secret::Secret;
 use crate::tls::{self, Conn, Wire};
 use login::{LoginError, UpStep, UpstreamLogin};
 
@@ -368,6 +371,23 @@ impl LineReader {
             }
         }
     }
+}
+
+/// The SASL PLAIN response `base64(authzid \0 authcid \0 password)` (RFC 4616 §2) for the
+/// SMTP and POP3 logins; every copy of the credential is a [`Secret`].
+pub(crate) fn plain_response(authzid: &[u8], authcid: &[u8], password: &[u8]) -> Secret {
+    use base64::Engine as _;
+    let mut raw = Vec::with_capacity(authzid.len() + authcid.len() + password.len() + 2);
+    raw.extend_from_slice(authzid);
+    raw.push(0);
+    raw.extend_from_slice(authcid);
+    raw.push(0);
+    raw.extend_from_slice(password);
+    let raw = Secret::new(raw);
+    // Sized up front, so the encoder never reallocates and leaves a copy behind.
+    let mut encoded = String::with_capacity(raw.len().div_ceil(3) * 4);
+    base64::engine::general_purpose::STANDARD.encode_string(raw.expose(), &mut encoded);
+    Secret::from(encoded)
 }
 
 /// All backends, routed by the user's domain.
