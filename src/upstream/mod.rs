@@ -6,6 +6,7 @@
 
 mod lines;
 pub mod login;
+pub mod pop3;
 pub mod smtp;
 
 use std::net::SocketAddr;
