@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use imapgate::config::{BackendConfig, BackendLogin, BackendTls};
+use imapgate::config::{BackendConfig, BackendLogin, BackendTls, Protocol};
 use imapgate::secret::Secret;
 use imapgate::upstream::login::{client_capabilities, UpStep, UpstreamLogin};
 use libfuzzer_sys::fuzz_target;
@@ -22,6 +22,7 @@ const PLAIN_B64: &[u8] = b"YWxpY2VAZXhhbXBsZS5vcmcAZ2F0ZXdheQBtYXN0ZXItc2VjcmV0L
 fn backend(mode: u8) -> BackendConfig {
     BackendConfig {
         name: "fuzz".into(),
+        protocol: Protocol::Imap,
         host: "127.0.0.1".into(),
         port: 143,
         tls: match mode & 3 {

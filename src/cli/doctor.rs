@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rustls_pki_types::{pem::PemObject, CertificateDer, ServerName};
 
 use super::{fail, EXIT_CONFIG};
-use crate::config::Config;
+use crate::config::{BackendConfig, BackendLogin, BackendTls, Config, Protocol};
 
 #[derive(clap::Args, Debug)]
 pub struct DoctorArgs {
@@ -283,11 +283,22 @@ fn users_file(r: &mut Report, config: &Config) {
     }
 }
 
+/// Each backend as a session uses it: the greeting, TLS and what it announces (IMAP
+/// capabilities, SMTP EHLO extensions, POP3 CAPA); with `--user`, the login as that user.
 async fn backends(r: &mut Report, config: &Config, user: Option<&str>) {
     for b in &config.backends {
+        // `backend NAME (imap 127.0.0.1:993, tls implicit)`: the config's words.
         let what = format!(
-            "backend {} ({}:{}, tls {:?})",
-            b.name, b.host, b.port, b.tls
+            "backend {} ({} {}:{}, tls {})",
+            b.name,
+            b.protocol.as_str(),
+            b.host,
+            b.port,
+            match b.tls {
+                BackendTls::Implicit => "implicit",
+                BackendTls::Starttls => "starttls",
+                BackendTls::None => "none",
+            }
         );
         let backend = match crate::upstream::Backend::new(b.clone()) {
             Ok(x) => x,
@@ -297,23 +308,15 @@ async fn backends(r: &mut Report, config: &Config, user: Option<&str>) {
             }
         };
         match backend.diagnose().await {
-            Ok(caps) => {
-                let mut notes = Vec::new();
-                if b.tls == crate::config::BackendTls::None {
-                    notes.push("cleartext (trusted network only)");
+            Ok(announced) => {
+                let (detail, mut notes) = match b.protocol {
+                    Protocol::Imap => imap_notes(&announced),
+                    Protocol::Smtp => smtp_notes(b, &announced),
+                    Protocol::Pop3 => pop3_notes(b, &announced),
+                };
+                if b.tls == BackendTls::None {
+                    notes.insert(0, "cleartext (trusted network only)");
                 }
-                if caps.contains("LOGINDISABLED") {
-                    notes.push("LOGINDISABLED offered: master LOGIN will fail");
-                }
-                if caps
-                    .split_whitespace()
-                    .any(|c| c.eq_ignore_ascii_case(UNAUTHENTICATE))
-                {
-                    notes.push(
-                        "UNAUTHENTICATE offered: turn it off on the backend (docs/backends.md)",
-                    );
-                }
-                let detail = format!("greeting and capabilities: {caps}");
                 if notes.is_empty() {
                     r.ok(&what, detail);
                 } else {
@@ -327,9 +330,16 @@ async fn backends(r: &mut Report, config: &Config, user: Option<&str>) {
         }
         if let Some(u) = user {
             match backend.diagnose_login(u).await {
-                Ok(caps) if caps.iter().any(|c| c.eq_ignore_ascii_case(UNAUTHENTICATE)) => {
+                Ok(caps)
+                    if b.protocol == Protocol::Imap
+                        && caps.iter().any(|c| c.eq_ignore_ascii_case(UNAUTHENTICATE)) =>
+                {
                     r.warn(&what, format!("logged in as {u} with the master credential, but the backend offers UNAUTHENTICATE (RFC 8437) after login: the gateway leaves it out of the client's login reply, yet relays every command unchanged, so a client that sends it is back at the backend's own login with no second factor. Turn it off on the backend (docs/backends.md)"));
                 }
+                Ok(_) if b.login == BackendLogin::Xclient => r.ok(
+                    &what,
+                    format!("handed over as {u} with XCLIENT, and EHLO answered after it"),
+                ),
                 Ok(_) => r.ok(
                     &what,
                     format!("logged in as {u} with the master credential"),
@@ -338,6 +348,84 @@ async fn backends(r: &mut Report, config: &Config, user: Option<&str>) {
             }
         }
     }
+}
+
+/// IMAP: the capability list, and what in it breaks the master login or the second factor.
+fn imap_notes(caps: &[String]) -> (String, Vec<&'static str>) {
+    let mut notes = Vec::new();
+    if caps.iter().any(|c| c.eq_ignore_ascii_case("LOGINDISABLED")) {
+        notes.push("LOGINDISABLED offered: master LOGIN will fail");
+    }
+    if caps.iter().any(|c| c.eq_ignore_ascii_case(UNAUTHENTICATE)) {
+        notes.push("UNAUTHENTICATE offered: turn it off on the backend (docs/backends.md)");
+    }
+    (
+        format!("greeting and capabilities: {}", caps.join(" ")),
+        notes,
+    )
+}
+
+/// SMTP: the EHLO extensions (the ones the handover needs were checked by `diagnose`).
+fn smtp_notes(b: &BackendConfig, extensions: &[String]) -> (String, Vec<&'static str>) {
+    let after = if b.tls == BackendTls::Starttls {
+        "greeting, STARTTLS and EHLO"
+    } else {
+        "greeting and EHLO"
+    };
+    let handover = match b.login {
+        BackendLogin::Xclient => "XCLIENT offered to the gateway",
+        _ => "AUTH PLAIN offered",
+    };
+    let listed = if extensions.is_empty() {
+        "none".to_owned()
+    } else {
+        extensions.join(", ")
+    };
+    (
+        format!("{after}; {handover}; extensions: {listed}"),
+        Vec::new(),
+    )
+}
+
+/// POP3: the CAPA lines (RFC 2449), and whether the login the config asks for is announced.
+fn pop3_notes(b: &BackendConfig, capa: &[String]) -> (String, Vec<&'static str>) {
+    let greeting = if b.tls == BackendTls::Starttls {
+        "greeting and STLS"
+    } else {
+        "greeting"
+    };
+    if capa.is_empty() {
+        return (
+            format!("{greeting}; no CAPA answer (RFC 2449 is optional: nothing to check)"),
+            Vec::new(),
+        );
+    }
+    let mut notes = Vec::new();
+    let keyword = |k: &str| {
+        capa.iter().find(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|w| w.eq_ignore_ascii_case(k))
+        })
+    };
+    match b.login {
+        BackendLogin::MasterUser { .. } if keyword("USER").is_none() => {
+            notes.push("CAPA has no USER: the master login (USER/PASS) will likely be refused");
+        }
+        BackendLogin::SaslAuthzid
+            if !keyword("SASL").is_some_and(|l| {
+                l.split_whitespace()
+                    .skip(1)
+                    .any(|m| m.eq_ignore_ascii_case("PLAIN"))
+            }) =>
+        {
+            notes.push(
+                "CAPA has no SASL PLAIN: the master login (AUTH PLAIN) will likely be refused",
+            );
+        }
+        _ => {}
+    }
+    (format!("{greeting} and CAPA: {}", capa.join(", ")), notes)
 }
 
 /// The state store: memory needs nothing; Redis must answer and must not evict keys before

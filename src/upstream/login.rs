@@ -45,6 +45,10 @@ pub enum LoginError {
     Protocol,
     #[error("user name cannot be sent to this backend")]
     BadUser,
+    /// SMTP `login: xclient`: the backend's EHLO has no XCLIENT with LOGIN and ADDR (Postfix
+    /// offers it only to hosts in `smtpd_authorized_xclient_hosts`).
+    #[error("backend does not offer XCLIENT to the gateway")]
+    NoXclient,
 }
 
 impl LoginError {
@@ -57,6 +61,7 @@ impl LoginError {
             LoginError::Rejected => "rejected",
             LoginError::Protocol => "protocol",
             LoginError::BadUser => "bad_user",
+            LoginError::NoXclient => "no_xclient",
         }
     }
 }

@@ -1,10 +1,18 @@
 //! The backend side: routing, connecting (verified TLS, STARTTLS or plain), logging in as the
-//! user with the master credential, and periodic health probes.
+//! user, and periodic health probes, for IMAP, SMTP submission and POP3 backends.
+//!
+//! Each protocol's login is a state machine without sockets — [`login`] (IMAP: master user or
+//! AUTHENTICATE PLAIN with an authzid), [`smtp`] (XCLIENT or AUTH PLAIN), [`pop3`] (USER/PASS
+//! with a master user or AUTH PLAIN) — and one connection loop here drives all three.
 //!
 //! Every wait has a deadline (invariant 6): `connect_timeout` covers resolving and TCP connect,
 //! `login_timeout` covers TLS, the greeting and the whole login dialogue.
 
+mod diagnose;
+mod lines;
 pub mod login;
+pub mod pop3;
+pub mod smtp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,8 +27,11 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{BackendConfig, BackendTls, Config, Protocol};
 use crate::imap;
 use crate::observe::{Health, Metrics};
+use crate::secret::Secret;
 use crate::tls::{self, Conn, Wire};
 use login::{LoginError, UpStep, UpstreamLogin};
+use pop3::Pop3Login;
+use smtp::SmtpLogin;
 
 /// Why no backend session could be made (a closed set: metric label and audit reason).
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +63,8 @@ impl UpstreamError {
 /// A logged-in backend session.
 pub struct Opened {
     pub conn: Conn,
-    /// IMAP: the client's tagged OK with the capabilities it may see.
+    /// IMAP: the client's tagged OK with the capabilities it may see; `None` for SMTP and
+    /// POP3.
     pub login_ok: Option<Arc<imap::LoginOk>>,
     /// Bytes the backend sent past its final login reply.
     pub extra: BytesMut,
@@ -65,6 +77,8 @@ pub struct Backend {
     /// The last capability list this backend answered a login with, and the client's reply
     /// made from it (the list rarely changes; a new one replaces it).
     login_ok: std::sync::Mutex<Option<(Vec<String>, Arc<imap::LoginOk>)>>,
+    /// SMTP: the extensions the client may see, as the last EHLO (probe or handover) had them.
+    extensions: std::sync::Mutex<Option<Arc<[String]>>>,
 }
 
 impl Backend {
@@ -80,6 +94,7 @@ impl Backend {
             config,
             tls,
             login_ok: std::sync::Mutex::new(None),
+            extensions: std::sync::Mutex::new(None),
         })
     }
 
@@ -135,15 +150,53 @@ impl Backend {
 
     /// Connects and logs in as `user` (`helo`: the SMTP client's EHLO name); returns the
     /// stream, for IMAP the client's login reply (with the capabilities the client may see), and
-    /// any bytes the backend sent past its final reply.
+    /// any bytes the backend sent past its final reply. An SMTP handover also refreshes the
+    /// backend's extensions ([`Upstreams::smtp_extensions`]).
     pub async fn open(
         &self,
         user: &str,
         client: SocketAddr,
         helo: Option<&str>,
     ) -> Result<Opened, UpstreamError> {
-        let _ = helo;
-        let mut machine = UpstreamLogin::new(&self.config, user, client)?;
+        match self.config.protocol {
+            Protocol::Imap => {
+                let mut machine = UpstreamLogin::new(&self.config, user, client)?;
+                let (conn, caps) = self.converse(&mut machine).await?;
+                Ok(Opened {
+                    conn,
+                    login_ok: Some(self.login_ok(caps)),
+                    extra: machine.take_remaining(),
+                })
+            }
+            Protocol::Smtp => {
+                let mut machine = SmtpLogin::new(&self.config, user, client, helo)?;
+                let (conn, extensions) = self.converse(&mut machine).await?;
+                self.remember_extensions(&extensions);
+                Ok(Opened {
+                    conn,
+                    login_ok: None,
+                    extra: machine.take_remaining(),
+                })
+            }
+            Protocol::Pop3 => {
+                let mut machine = Pop3Login::new(&self.config, user, client)?;
+                let (conn, _) = self.converse(&mut machine).await?;
+                Ok(Opened {
+                    conn,
+                    login_ok: None,
+                    extra: machine.take_remaining(),
+                })
+            }
+        }
+    }
+
+    /// Connects and runs a login machine to its end: TLS when the config says so (implicit,
+    /// or when the machine asks after STARTTLS/STLS), every write and read under
+    /// `login_timeout`. Returns the stream and what the machine finished with.
+    async fn converse<D: Dialogue>(
+        &self,
+        machine: &mut D,
+    ) -> Result<(Conn, Vec<String>), UpstreamError> {
         let tcp = self.connect_tcp().await?;
         let dialogue = async {
             let mut conn = match self.config.tls {
@@ -171,19 +224,14 @@ impl Backend {
                         machine.feed(&buf);
                     }
                     UpStep::StartTls => {
+                        conn.flush().await.map_err(|_| UpstreamError::Closed)?;
                         let Conn::Plain(tcp) = conn else {
                             return Err(UpstreamError::Tls("already TLS".into()));
                         };
                         conn = self.tls_upgrade(tcp).await?;
                         machine.tls_started();
                     }
-                    UpStep::Done(caps) => {
-                        return Ok(Opened {
-                            conn,
-                            login_ok: Some(self.login_ok(caps)),
-                            extra: machine.take_remaining(),
-                        });
-                    }
+                    UpStep::Done(result) => return Ok((conn, result)),
                     UpStep::Fail(e) => return Err(e.into()),
                 }
             }
@@ -193,111 +241,61 @@ impl Backend {
             .map_err(|_| UpstreamError::Timeout)?
     }
 
-    /// For `imapgate doctor`: connect, TLS (implicit or STARTTLS) verified as in production,
-    /// the greeting and the capabilities, then LOGOUT. Returns the capabilities line, or what
-    /// went wrong (the backend's own text is not repeated, only what step failed).
-    pub async fn diagnose(&self) -> Result<String, String> {
-        let tcp = self
-            .connect_tcp()
-            .await
-            .map_err(|e| format!("connect: {}", describe(&e)))?;
-        let check = async {
-            let mut conn = match self.config.tls {
-                BackendTls::Implicit => self
-                    .tls_upgrade(tcp)
-                    .await
-                    .map_err(|e| format!("TLS: {}", describe(&e)))?,
-                _ => Conn::Plain(tcp),
-            };
-            let mut lines = LineReader::default();
-            let greeting = lines.next(&mut conn).await?;
-            if !greeting.starts_with("* OK") {
-                return Err("the greeting is not `* OK` (PREAUTH or BYE?)".into());
-            }
-            if self.config.tls == BackendTls::Starttls {
-                conn.write_all(b"d0 STARTTLS\r\n")
-                    .await
-                    .map_err(|_| "closed".to_owned())?;
-                let reply = lines.tagged(&mut conn, "d0").await?;
-                if !reply.starts_with("d0 OK") {
-                    return Err("STARTTLS refused".into());
-                }
-                let Conn::Plain(tcp) = conn else {
-                    return Err("unexpected TLS".into());
-                };
-                conn = self
-                    .tls_upgrade(tcp)
-                    .await
-                    .map_err(|e| format!("TLS after STARTTLS: {}", describe(&e)))?;
-                lines = LineReader::default();
-            }
-            conn.write_all(b"d1 CAPABILITY\r\n")
-                .await
-                .map_err(|_| "closed".to_owned())?;
-            let mut caps = String::new();
-            loop {
-                let l = lines.next(&mut conn).await?;
-                if let Some(c) = l.strip_prefix("* CAPABILITY ") {
-                    caps = c.trim_end().to_owned();
-                } else if l.starts_with("d1 ") {
-                    break;
-                }
-            }
-            let _ = conn.write_all(b"d2 LOGOUT\r\n").await;
+    /// Says goodbye (`QUIT`, `LOGOUT`) and closes, without waiting for more than
+    /// `login_timeout`; what the backend answers does not matter.
+    async fn goodbye(&self, mut conn: Conn, command: &[u8]) {
+        let bye = async {
+            let _ = conn.write_all(command).await;
             let _ = conn.shutdown().await;
-            Ok(caps)
         };
-        tokio::time::timeout(self.config.login_timeout, check)
-            .await
-            .map_err(|_| "no answer within login_timeout".to_owned())?
+        let _ = tokio::time::timeout(self.config.login_timeout, bye).await;
     }
 
-    /// For `imapgate doctor --user`: the master login as `user` (as a session makes it), then
-    /// `CAPABILITY`, then LOGOUT. Returns every capability the backend announced after the
-    /// login (in its OK and in the CAPABILITY reply), or what went wrong.
-    pub async fn diagnose_login(&self, user: &str) -> Result<Vec<String>, String> {
-        let client = SocketAddr::from(([127, 0, 0, 1], 0));
-        let Opened {
-            mut conn,
-            extra: rest,
-            ..
-        } = self
-            .open(user, client, None)
-            .await
-            .map_err(|e| format!("master login as {user}: {}", describe(&e)))?;
-        let mut caps = self
-            .login_ok
+    /// Keeps what the client may see of the extensions an SMTP backend announced.
+    fn remember_extensions(&self, extensions: &[String]) {
+        let visible = smtp::client_extensions(extensions);
+        let mut memo = self.extensions.lock().unwrap_or_else(|e| e.into_inner());
+        if memo.as_deref() != Some(visible.as_slice()) {
+            *memo = Some(Arc::from(visible));
+        }
+    }
+
+    /// The SMTP extensions the client may see, as this backend last announced them (after a
+    /// probe or a handover); `None` before it answered.
+    pub fn smtp_extensions(&self) -> Option<Arc<[String]>> {
+        self.extensions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(|(c, _)| c.clone())
-            .unwrap_or_default();
-        let check = async {
-            conn.write_all(b"d3 CAPABILITY\r\n")
-                .await
-                .map_err(|_| "closed".to_owned())?;
-            let mut lines = LineReader { buf: rest.to_vec() };
-            loop {
-                let l = lines.next(&mut conn).await?;
-                if let Some(c) = l.strip_prefix("* CAPABILITY ") {
-                    caps.extend(c.split_whitespace().map(str::to_owned));
-                } else if l.starts_with("d3 ") {
-                    break;
-                }
-            }
-            let _ = conn.write_all(b"d4 LOGOUT\r\n").await;
-            let _ = conn.shutdown().await;
-            Ok::<_, String>(())
-        };
-        tokio::time::timeout(self.config.login_timeout, check)
-            .await
-            .map_err(|_| "no answer to CAPABILITY after login within login_timeout".to_owned())?
-            .map_err(|e| format!("after login as {user}: {e}"))?;
-        Ok(caps)
+            .clone()
     }
 
-    /// Health probe: connect, (TLS), read an OK greeting, LOGOUT.
+    /// Health probe. IMAP: connect, (TLS), an OK greeting, LOGOUT. SMTP: the greeting, EHLO
+    /// (and STARTTLS with EHLO again), whose extensions are remembered, then QUIT. POP3: the
+    /// `+OK` greeting (and STLS), then QUIT.
     pub async fn probe(&self) -> bool {
+        match self.config.protocol {
+            Protocol::Imap => self.probe_imap().await,
+            Protocol::Smtp => {
+                let mut machine = SmtpLogin::probe(&self.config);
+                let Ok((conn, extensions)) = self.converse(&mut machine).await else {
+                    return false;
+                };
+                self.remember_extensions(&extensions);
+                self.goodbye(conn, b"QUIT\r\n").await;
+                true
+            }
+            Protocol::Pop3 => {
+                let mut machine = Pop3Login::probe(&self.config);
+                let Ok((conn, _)) = self.converse(&mut machine).await else {
+                    return false;
+                };
+                self.goodbye(conn, b"QUIT\r\n").await;
+                true
+            }
+        }
+    }
+
+    async fn probe_imap(&self) -> bool {
         let Ok(tcp) = self.connect_tcp().await else {
             return false;
         };
@@ -328,46 +326,54 @@ pub fn describe(e: &UpstreamError) -> String {
         UpstreamError::Timeout => "timed out".into(),
         UpstreamError::Tls(m) => m.clone(),
         UpstreamError::Closed => "the backend closed the connection".into(),
+        UpstreamError::Login(LoginError::NoXclient) => format!(
+            "login refused ({}): the backend's EHLO offers no XCLIENT with LOGIN and ADDR to the gateway; Postfix offers it only to hosts in smtpd_authorized_xclient_hosts",
+            LoginError::NoXclient.as_str()
+        ),
         UpstreamError::Login(l) => format!("login refused ({})", l.as_str()),
     }
 }
 
-/// Reads CRLF lines for the doctor's short dialogue (bounded: 64 KiB per line).
-#[derive(Default)]
-struct LineReader {
-    buf: Vec<u8>,
+/// What the connection loop needs of a login machine (IMAP, SMTP, POP3): bytes in, steps out.
+trait Dialogue {
+    fn step(&mut self) -> UpStep;
+    fn feed(&mut self, bytes: &[u8]);
+    fn tls_started(&mut self);
 }
 
-impl LineReader {
-    async fn next(&mut self, conn: &mut Conn) -> Result<String, String> {
-        loop {
-            if let Some(pos) = self.buf.windows(2).position(|w| w == b"\r\n") {
-                let line: Vec<u8> = self.buf.drain(..pos + 2).collect();
-                return Ok(String::from_utf8_lossy(&line).into_owned());
+macro_rules! dialogue {
+    ($($t:ty),*) => {$(
+        impl Dialogue for $t {
+            fn step(&mut self) -> UpStep {
+                <$t>::step(self)
             }
-            if self.buf.len() > 64 * 1024 {
-                return Err("a line longer than 64 KiB".into());
+            fn feed(&mut self, bytes: &[u8]) {
+                <$t>::feed(self, bytes)
             }
-            let mut chunk = [0u8; 4096];
-            let n = conn
-                .read(&mut chunk)
-                .await
-                .map_err(|_| "the backend closed the connection".to_owned())?;
-            if n == 0 {
-                return Err("the backend closed the connection".into());
+            fn tls_started(&mut self) {
+                <$t>::tls_started(self)
             }
-            self.buf.extend_from_slice(chunk.get(..n).unwrap_or(&[]));
         }
-    }
+    )*};
+}
 
-    async fn tagged(&mut self, conn: &mut Conn, tag: &str) -> Result<String, String> {
-        loop {
-            let l = self.next(conn).await?;
-            if l.starts_with(&format!("{tag} ")) {
-                return Ok(l);
-            }
-        }
-    }
+dialogue!(UpstreamLogin, SmtpLogin, Pop3Login);
+
+/// The SASL PLAIN response `base64(authzid \0 authcid \0 password)` (RFC 4616 §2) for the
+/// SMTP and POP3 logins; every copy of the credential is a [`Secret`].
+pub(crate) fn plain_response(authzid: &[u8], authcid: &[u8], password: &[u8]) -> Secret {
+    use base64::Engine as _;
+    let mut raw = Vec::with_capacity(authzid.len() + authcid.len() + password.len() + 2);
+    raw.extend_from_slice(authzid);
+    raw.push(0);
+    raw.extend_from_slice(authcid);
+    raw.push(0);
+    raw.extend_from_slice(password);
+    let raw = Secret::new(raw);
+    // Sized up front, so the encoder never reallocates and leaves a copy behind.
+    let mut encoded = String::with_capacity(raw.len().div_ceil(3) * 4);
+    base64::engine::general_purpose::STANDARD.encode_string(raw.expose(), &mut encoded);
+    Secret::from(encoded)
 }
 
 /// All backends, routed by the user's domain.
@@ -398,9 +404,20 @@ impl Upstreams {
         Ok(Inner { backends, config })
     }
 
-    /// New backends and routes (reload); an error keeps the old ones.
+    /// New backends and routes (reload); an error keeps the old ones. A backend whose config
+    /// did not change keeps the SMTP extensions it announced, so clients do not fall back to
+    /// the conservative list until the next probe.
     pub fn reconfigure(&self, config: Arc<Config>) -> Result<(), tls::TlsError> {
-        let inner = Arc::new(Self::build(config)?);
+        let inner = Self::build(config)?;
+        let old = self.current();
+        for b in &inner.backends {
+            if let Some(same) = old.backends.iter().find(|o| o.config == b.config) {
+                if let Some(ext) = same.smtp_extensions() {
+                    *b.extensions.lock().unwrap_or_else(|e| e.into_inner()) = Some(ext);
+                }
+            }
+        }
+        let inner = Arc::new(inner);
         match self.inner.write() {
             Ok(mut i) => *i = inner,
             Err(poisoned) => *poisoned.into_inner() = inner,
@@ -426,14 +443,25 @@ impl Upstreams {
             .cloned()
     }
 
-    /// The service extensions (EHLO keywords and parameters, AUTH, STARTTLS and XCLIENT left
-    /// out) of the default SMTP backend, as last seen; a conservative list before it answered.
+    /// The service extensions (EHLO keywords and parameters; AUTH, STARTTLS, XCLIENT and
+    /// XFORWARD left out) of the default SMTP route's backend, as its last probe or handover
+    /// saw them; a conservative list before it answered (or with no SMTP backend).
     pub fn smtp_extensions(&self) -> Arc<[String]> {
-        Arc::from(
-            ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"]
-                .map(String::from)
-                .to_vec(),
-        )
+        let inner = self.current();
+        inner
+            .config
+            .routes
+            .get(&Protocol::Smtp)
+            // `backends` is built from `config.backends` in order: the route's index holds.
+            .and_then(|r| inner.backends.get(r.default))
+            .and_then(|b| b.smtp_extensions())
+            .unwrap_or_else(|| {
+                Arc::from(
+                    ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"]
+                        .map(String::from)
+                        .to_vec(),
+                )
+            })
     }
 
     /// Probes every backend each `every` until cancelled, updating `/readyz` and the metric.

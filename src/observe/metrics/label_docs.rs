@@ -59,7 +59,7 @@ fn protocols() -> Values {
 }
 
 fn upstream_results() -> Values {
-    let login = variants!(LoginError: Preauth, Bye, NoStartTls, StartTlsRefused, Rejected, Protocol, BadUser);
+    let login = variants!(LoginError: Preauth, Bye, NoStartTls, StartTlsRefused, Rejected, Protocol, BadUser, NoXclient);
     variants!(UpstreamError: Timeout, Closed; covered: Connect, Tls, Login);
     let mut v = vec!["ok"];
     v.extend(
