@@ -33,7 +33,7 @@
 //! - bytes pipelined behind AUTH are not read while the login is checked; on success they are
 //!   handed to the driver unchanged, in order (invariant 3);
 //! - each 5xx to a command (syntax, unknown, refused, bad base64; not the `535`, not a
-//!   cancelled AUTH) counts as an error; at `limits.bad_commands_before_bye` errors,
+//!   cancelled AUTH, not AUTH refused before TLS) counts as an error; at `limits.bad_commands_before_bye` errors,
 //!   `limits.auth_failures_per_connection` failed logins or [`MAX_PREAUTH_COMMANDS`] lines the
 //!   front answers the last command, then says `421` and closes (RFC 5321 §3.8);
 //! - the client's words are never echoed: replies are fixed texts and the operator's
@@ -399,7 +399,10 @@ impl SmtpFront {
     /// AUTH (RFC 4954 §4): only over TLS, after EHLO; an initial response is taken at once.
     fn auth(&mut self, arg: &[u8]) -> Option<Step> {
         if !self.tls {
-            self.reject(STARTTLS_FIRST);
+            // Not counted, as IMAP's `NO [PRIVACYREQUIRED]` and POP3's plaintext refusal are
+            // not: a client that tries before TLS is misconfigured, not probing (the command
+            // cap still bounds it).
+            self.reply(STARTTLS_FIRST);
             return None;
         }
         if self.helo.is_none() {

@@ -475,10 +475,20 @@ impl Client {
         local: &str,
         ca: &CertificateDer<'static>,
     ) -> Client {
+        Self::tls_from_alpn(addr, local, ca, &[b"imap"]).await
+    }
+
+    /// [`Client::tls_from`] offering `alpn` (none for an SMTP or POP3 client).
+    pub(crate) async fn tls_from_alpn(
+        addr: SocketAddr,
+        local: &str,
+        ca: &CertificateDer<'static>,
+        alpn: &[&[u8]],
+    ) -> Client {
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
         sock.bind(format!("{local}:0").parse().unwrap()).unwrap();
         let s = sock.connect(addr).await.unwrap();
-        let t = client_tls(ca, &[b"imap"])
+        let t = client_tls(ca, alpn)
             .connect(ServerName::try_from("localhost").unwrap(), s)
             .await
             .unwrap();
@@ -497,11 +507,22 @@ impl Client {
         header: &[u8],
         ca: &CertificateDer<'static>,
     ) -> std::io::Result<Client> {
+        Self::tls_after_header_alpn(addr, local, header, ca, &[b"imap"]).await
+    }
+
+    /// [`Client::tls_after_header`] offering `alpn` (none for an SMTP or POP3 client).
+    pub(crate) async fn tls_after_header_alpn(
+        addr: SocketAddr,
+        local: &str,
+        header: &[u8],
+        ca: &CertificateDer<'static>,
+        alpn: &[&[u8]],
+    ) -> std::io::Result<Client> {
         let sock = tokio::net::TcpSocket::new_v4()?;
         sock.bind(format!("{local}:0").parse().unwrap())?;
         let mut s = sock.connect(addr).await?;
         s.write_all(header).await?;
-        let t = client_tls(ca, &[b"imap"])
+        let t = client_tls(ca, alpn)
             .connect(ServerName::try_from("localhost").unwrap(), s)
             .await?;
         Ok(Client {

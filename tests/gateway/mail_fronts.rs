@@ -253,7 +253,7 @@ async fn mail_sent_through_the_gateway_with_real_clients_is_read_back_through_it
     for ext in ["pipelining", "8bitmime", "size", "enhancedstatuscodes"] {
         assert!(out.contains(&format!("'{ext}'")), "{ext} missing: {out}");
     }
-    assert!(out.contains("AUTH PLAIN LOGIN"), "{out}");
+    assert!(out.contains("AUTH  PLAIN LOGIN\n"), "{out}");
     assert!(
         !out.contains("xclient"),
         "the backend's XCLIENT shown: {out}"
@@ -354,8 +354,13 @@ async fn mail_sent_through_the_gateway_with_real_clients_is_read_back_through_it
             header.contains(&format!("(Authenticated sender: {user})")),
             "{header}"
         );
-        assert!(header.contains("[127.0.0.1]"), "{header}");
-        assert!(header.contains("with ESMTPA"), "{header}");
+        assert!(header.contains("(unknown [127.0.0.1])"), "{header}");
+        // Authenticated, over the STARTTLS the gateway holds with Postfix.
+        assert!(header.contains("with ESMTPSA"), "{header}");
+        if subject.starts_with("smtplib") {
+            // The client's own EHLO name, handed over with XCLIENT HELO=.
+            assert!(header.contains("from client.example.net "), "{header}");
+        }
     }
     let log = postfix().unwrap().log();
     assert!(
@@ -554,7 +559,7 @@ async fn smtp_pre_auth_rules_hold_on_the_wire() {
 
     // Implicit TLS: a huge line is refused and the connection closed, without the gateway
     // buffering it.
-    let mut c = Client::tls(t.addr("smtps"), &ca).await;
+    let mut c = Client::tls_alpn(t.addr("smtps"), &ca, &[]).await.unwrap();
     assert!(c.line().await.unwrap().starts_with("220 gw.example.org"));
     let _ = c.try_send(vec![b'A'; 1 << 20]).await;
     let r = reply(&mut c).await;
@@ -642,7 +647,7 @@ async fn pop3_pre_auth_rules_hold_on_the_wire() {
     assert!(pop(&mut c, "QUIT").await.starts_with("+OK"));
 
     // Implicit TLS: a huge line closes the connection.
-    let mut c = Client::tls(t.addr("pop3s"), &ca).await;
+    let mut c = Client::tls_alpn(t.addr("pop3s"), &ca, &[]).await.unwrap();
     assert!(c.line().await.unwrap().starts_with("+OK"));
     let _ = c.try_send(vec![b'A'; 1 << 20]).await;
     let r = c
@@ -665,9 +670,12 @@ async fn login_as(t: &TestGateway, smtp_front: bool, client: &str, user: &str, p
     };
     let to = t.addr(listener);
     let from: SocketAddr = format!("{client}:40000").parse().unwrap();
-    let mut c = Client::tls_after_header(to, "127.0.0.1", &v2_header(from, to), &t.pki.ca_der)
-        .await
-        .unwrap();
+    // A mail client offers no ALPN; the IMAP one offers `imap`.
+    let alpn: &[&[u8]] = if smtp_front { &[] } else { &[b"imap"] };
+    let mut c =
+        Client::tls_after_header_alpn(to, "127.0.0.1", &v2_header(from, to), &t.pki.ca_der, alpn)
+            .await
+            .unwrap();
     c.line().await.unwrap();
     if smtp_front {
         smtp(&mut c, "EHLO sprayer.example").await;
@@ -688,7 +696,7 @@ async fn guessing_over_smtp_and_imap_spends_the_same_budgets() {
     let Some(t) = mail_gateway(
         "postfix",
         Options {
-            guard: "  trusted_proxies: [127.0.0.1]\n  tarpit: { start: 100ms, max: 400ms }\n  per_ip: { failures: 3, per: 15m }\n  per_subnet: { failures: 6, per: 15m }\n  per_account: { failures: 50, per: 15m }".into(),
+            guard: "  trusted_proxies: [127.0.0.1]\n  tarpit: { start: 100ms, max: 400ms }\n  per_ip: { failures: 3, per: 15m }\n  per_account: { failures: 50, per: 15m }".into(),
             extra_listeners: PROXIED,
             ..Default::default()
         },
@@ -735,7 +743,8 @@ async fn guessing_over_smtp_and_imap_spends_the_same_budgets() {
     );
 
     // Spraying one password over many accounts from one /24, each guess from a new address,
-    // alternating IMAP and SMTP: the subnet budget (6) counts both, and what comes after it
+    // alternating IMAP and SMTP: the spray budget (5 distinct accounts failed from one
+    // subnet) counts both; the 6th guess is checked and blocks the subnet, and what comes after
     // is refused unchecked on either front.
     let mut checked = Vec::new();
     for i in 0..10 {
@@ -748,8 +757,8 @@ async fn guessing_over_smtp_and_imap_spends_the_same_budgets() {
     }
     assert_eq!(
         checked,
-        [true, true, true, true, true, true, true, false, false, false],
-        "the 7th guess from the /24 is checked and blocks it; the rest are not"
+        [true, true, true, true, true, true, false, false, false, false],
+        "the 6th account guessed from the /24 is checked and blocks it; the rest are not"
     );
     assert!(
         t.metric(
@@ -772,7 +781,7 @@ async fn an_unlock_earned_over_imap_holds_for_smtp_from_that_network() {
         let to = t.addr("smtps");
         let ca = t.pki.ca_der.clone();
         async move {
-            let mut c = Client::tls_from(to, local, &ca).await;
+            let mut c = Client::tls_from_alpn(to, local, &ca, &[]).await;
             c.line().await.unwrap();
             smtp(&mut c, "EHLO laptop.example").await;
             smtp(
@@ -800,4 +809,91 @@ async fn an_unlock_earned_over_imap_holds_for_smtp_from_that_network() {
     assert!(r.starts_with("535"), "{r}");
     let r = smtp_login("127.0.1.1", format!("{pw}{code}")).await;
     assert!(r.starts_with("535"), "a replayed code over SMTP: {r}");
+}
+
+#[tokio::test]
+async fn a_relayed_client_cannot_speak_for_the_gateway() {
+    let Some(t) = mail_gateway("postfix", Options::default()).await else {
+        return;
+    };
+    let Some(p) = postfix() else { return };
+    let user = "wes@example.org";
+    let plain = b64(&format!("\0{user}\0{}", t.password(user)));
+    let ca = t.pki.ca_der.clone();
+    let logged_in = || async {
+        let mut c = Client::tls_alpn(t.addr("smtps"), &ca, &[]).await.unwrap();
+        c.line().await.unwrap();
+        smtp(&mut c, "EHLO laptop.example").await;
+        let r = smtp(&mut c, &format!("AUTH PLAIN {plain}")).await;
+        assert!(r[0].starts_with("235"), "{r:?}");
+        c
+    };
+
+    // Why it matters: Postfix (3.7) checks a second XCLIENT against the address the first one
+    // set. A client outside `smtpd_authorized_xclient_hosts` is refused, but one inside it (here
+    // every client is on 127.0.0.0/8, as clients on an internal network may be inside a broad
+    // list) would become whoever it names on the gateway's connection.
+    for (addr, obeyed) in [("192.0.2.9", false), ("127.0.0.1", true)] {
+        let mut direct = Client::plain(p.submission, &ca).await;
+        direct.line().await.unwrap();
+        smtp(&mut direct, "EHLO gateway").await;
+        let r = smtp(&mut direct, &format!("XCLIENT LOGIN={user} ADDR={addr}")).await;
+        assert!(r[0].starts_with("220"), "{r:?}");
+        smtp(&mut direct, "EHLO gateway").await;
+        let r = smtp(&mut direct, "XCLIENT LOGIN=alice@example.org").await;
+        assert_eq!(
+            r[0].starts_with("220"),
+            obeyed,
+            "second XCLIENT after ADDR={addr}: {r:?}"
+        );
+    }
+
+    // Through the gateway, a later EHLO shows the backend's extensions without the gateway's
+    // business, and XCLIENT ends the session before Postfix sees it.
+    let mut c = logged_in().await;
+    let r = smtp(&mut c, "EHLO laptop.example").await;
+    let text = r.concat();
+    assert!(text.starts_with("250-mx.example.org"), "{r:?}");
+    assert!(text.contains("PIPELINING"), "{r:?}");
+    for hidden in ["XCLIENT", "AUTH", "STARTTLS", "XFORWARD"] {
+        assert!(!text.contains(hidden), "{hidden} shown after login: {r:?}");
+    }
+    let r = smtp(&mut c, "XCLIENT LOGIN=alice@example.org").await;
+    assert_eq!(
+        r,
+        ["421 4.7.0 Command not allowed after authentication\r\n"]
+    );
+    assert!(c.closed_within(Duration::from_secs(5)).await);
+
+    // Smuggled behind a DATA that Postfix refuses (no recipient): held until Postfix answered,
+    // then read as the command it is.
+    let mut c = logged_in().await;
+    c.send("DATA\r\nXCLIENT LOGIN=alice@example.org\r\n").await;
+    let r = reply(&mut c).await;
+    assert!(r[0].starts_with("503") || r[0].starts_with("554"), "{r:?}");
+    let r = reply(&mut c).await;
+    assert_eq!(
+        r,
+        ["421 4.7.0 Command not allowed after authentication\r\n"]
+    );
+    assert!(c.closed_within(Duration::from_secs(5)).await);
+
+    // A message that merely contains such a line is delivered as it is.
+    let subject = marker("xclient-in-body");
+    let mut c = logged_in().await;
+    assert!(smtp(&mut c, &format!("MAIL FROM:<{user}>")).await[0].starts_with("250"));
+    assert!(smtp(&mut c, &format!("RCPT TO:<{user}>")).await[0].starts_with("250"));
+    assert!(smtp(&mut c, "DATA").await[0].starts_with("354"));
+    let r = smtp(
+        &mut c,
+        &format!("Subject: {subject}\r\n\r\nXCLIENT LOGIN=alice@example.org\r\nAUTH PLAIN x\r\n."),
+    )
+    .await;
+    assert!(r[0].starts_with("250"), "{r:?}");
+    assert!(smtp(&mut c, "QUIT").await[0].starts_with("221"));
+    let header = arrived_via_gateway(&t, user, &subject).await;
+    assert!(
+        header.contains(&format!("(Authenticated sender: {user})")),
+        "{header}"
+    );
 }

@@ -1,13 +1,15 @@
 //! The SMTP relay's guard: after the handover the bytes still flow as they are, except that the
 //! client may no longer speak for the gateway.
 //!
-//! Why IMAP's plain copy is not enough here: the backend trusts the gateway's connection.
-//! Postfix decides whether XCLIENT is allowed once, from the address that connected (the
-//! gateway's), so a logged-in client that sent `XCLIENT LOGIN=someone-else` through a plain
-//! copy would become someone else; `XFORWARD` would forge the logged client, and a second `AUTH`
-//! or a `STARTTLS` to the backend is nothing a client of the gateway needs. So the client's
-//! command lines are read (bounded) and those verbs end the session with `421`; the message
-//! itself is never looked at, only its end is found:
+//! Why IMAP's plain copy is not enough here: the backend trusts the gateway's connection. Postfix
+//! allows XCLIENT on it; Postfix 3.7 checks a second XCLIENT against the address the first one
+//! set, so a client inside `smtpd_authorized_xclient_hosts` (an internal network in a broad
+//! list, as in tests/gateway/mail_fronts.rs) that sent `XCLIENT LOGIN=someone-else` through a
+//! plain copy would become someone else, and older Postfix versions decided once, from the
+//! gateway's own address. `XFORWARD` would forge the logged client, and a second `AUTH` or a
+//! `STARTTLS` to the backend is nothing a client of the gateway needs. So the client's command
+//! lines are read (bounded) and those verbs end the session with `421`; the message itself is
+//! never looked at, only its end is found:
 //! - `DATA`: RFC 2920 makes it the last command of a pipelined group: the client waits for the
 //!   `354`. The guard holds any later client bytes until the backend has answered every
 //!   command sent so far, then knows from that answer whether the message follows (`354`) or
