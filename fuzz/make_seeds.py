@@ -77,6 +77,39 @@ POP3_CLIENTS = {
     + b"\0\0\nUSER " + b"u" * 400 + b"\r\n" + b"B" * 9000 + b"\r\nQUIT\r\n",
 }
 
+# Backends answering the SMTP handover (upstream_smtp_login): byte 0 = mode (bits 0-1 implicit /
+# STARTTLS / plain, bits 2-3 master user / SASL authzid / XCLIENT, bits 4-5 the client's EHLO
+# name, bit 6 IPv6), from Postfix 3.7's and Dovecot 2.3's submission transcripts.
+POSTFIX_EHLO = (b"250-mx.example.org\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-VRFY\r\n"
+                b"250-ETRN\r\n250-STARTTLS\r\n250-XCLIENT NAME ADDR PROTO HELO REVERSE_NAME PORT LOGIN DESTADDR DESTPORT\r\n"
+                b"250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-DSN\r\n250-SMTPUTF8\r\n250 CHUNKING\r\n")
+DOVECOT_EHLO = (b"250-mail.example.org\r\n250-8BITMIME\r\n250-AUTH PLAIN\r\n250-BURL imap\r\n"
+                b"250-CHUNKING\r\n250-ENHANCEDSTATUSCODES\r\n250-SIZE\r\n250-PIPELINING\r\n250 SMTPUTF8\r\n")
+SMTP_BACKENDS = {
+    "postfix_xclient_starttls": (1 | 8 | 16, b"220 mx.example.org ESMTP Postfix (Debian/GNU)\r\n" + POSTFIX_EHLO
+                                 + b"220 2.0.0 Ready to start TLS\r\n" + POSTFIX_EHLO
+                                 + b"220 mx.example.org ESMTP Postfix (Debian/GNU)\r\n" + POSTFIX_EHLO),
+    "postfix_xclient_v6": (2 | 8 | 16 | 64, b"220 mx.example.org ESMTP\r\n" + POSTFIX_EHLO
+                           + b"220 mx.example.org ESMTP\r\n" + POSTFIX_EHLO),
+    "dovecot_authzid": (0 | 4 | 16, b"220 mail.example.org Dovecot ready.\r\n" + DOVECOT_EHLO
+                        + b"235 2.7.0 Logged in.\r\n"),
+    "dovecot_master": (0 | 0 | 32, b"220-mail.example.org\r\n220 Dovecot ready.\r\n" + DOVECOT_EHLO
+                       + b"535 5.7.8 Authentication failed\r\n"),
+    "refused": (1 | 8, b"421 4.3.2 Service shutting down\r\n"),
+    "no_xclient": (2 | 8, b"220 mx ESMTP\r\n250-mx\r\n250 PIPELINING\r\n"),
+}
+
+# Backends answering the POP3 login (upstream_pop3_login): byte 0 = mode (bits 0-1 implicit /
+# STLS / plain, bit 2 SASL authzid, bit 3 a long master password), from Dovecot 2.3's POP3.
+POP3_BACKENDS = {
+    "dovecot_user_pass": (0, b"+OK Dovecot ready.\r\n+OK\r\n+OK Logged in.\r\n"),
+    "dovecot_stls_authzid": (1 | 4, b"+OK Dovecot ready.\r\n+OK Begin TLS negotiation now.\r\n"
+                             b"+OK Logged in.\r\n"),
+    "long_password": (2 | 4 | 8, b"+OK ready\r\n+ \r\n+OK Logged in.\r\n"),
+    "refused": (0, b"+OK ready\r\n+OK\r\n-ERR [AUTH] Authentication failed.\r\n"),
+    "bye": (0, b"-ERR [SYS/TEMP] too busy\r\n"),
+}
+
 BACKENDS = {
     # Dovecot 2.3.19 (Debian 12), master-user LOGIN on plain TCP.
     "dovecot_login": (2, b"* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE "
@@ -145,6 +178,10 @@ def main():
     for name, t in POP3_CLIENTS.items():
         write("pop3_front", name + "_tls", bytes([0, 7]) + t)
         write("pop3_front", name + "_stls_oauth_alert", bytes([7, 11]) + t)
+    for name, (mode, t) in SMTP_BACKENDS.items():
+        write("upstream_smtp_login", name, bytes([mode, 5]) + t)
+    for name, (mode, t) in POP3_BACKENDS.items():
+        write("upstream_pop3_login", name, bytes([mode, 5]) + t)
     for name, (mode, t) in BACKENDS.items():
         write("upstream_login", name, bytes([mode, 5]) + t)
     write("sasl_plain", "authcid", b"\0alice\0secret")
