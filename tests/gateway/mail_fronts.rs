@@ -897,3 +897,89 @@ async fn a_relayed_client_cannot_speak_for_the_gateway() {
         "{header}"
     );
 }
+
+#[tokio::test]
+async fn tokens_log_in_over_smtp_and_pop3_and_a_bad_one_gets_the_challenge() {
+    let Some(t) = mail_gateway(
+        "postfix",
+        Options {
+            oauth: Some(""),
+            ..Default::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let Some(idp) = idp() else { return };
+    let token = idp.token("alice", "urn:imapgate:rs256", "imap").await;
+    let xoauth2 = |user: &str, token: &str| b64(&format!("user={user}\x01auth=Bearer {token}\x01\x01"));
+    let ca = t.pki.ca_der.clone();
+
+    // SMTP: offered after TLS, a good token logs in, a token for someone else gets the
+    // RFC 7628 challenge, then 535.
+    let mut c = Client::tls_alpn(t.addr("smtps"), &ca, &[]).await.unwrap();
+    c.line().await.unwrap();
+    let r = smtp(&mut c, "EHLO laptop.example").await;
+    assert!(r.iter().any(|l| l.contains("AUTH PLAIN LOGIN XOAUTH2 OAUTHBEARER")), "{r:?}");
+    let r = smtp(&mut c, &format!("AUTH XOAUTH2 {}", xoauth2("bob@example.org", &token))).await;
+    assert!(r[0].starts_with("334 "), "{r:?}");
+    let challenge = {
+        use base64::Engine;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(r[0].trim_end().trim_start_matches("334 "))
+            .unwrap();
+        String::from_utf8(raw).unwrap()
+    };
+    assert!(challenge.contains("\"status\""), "{challenge}");
+    let r = smtp(&mut c, "").await;
+    assert!(r[0].starts_with("535 5.7.8"), "{r:?}");
+    let r = smtp(&mut c, &format!("AUTH XOAUTH2 {}", xoauth2("alice@example.org", &token))).await;
+    assert!(r[0].starts_with("235 2.7.0"), "{r:?}");
+    assert!(smtp(&mut c, "MAIL FROM:<alice@example.org>").await[0].starts_with("250"));
+    smtp(&mut c, "QUIT").await;
+
+    // POP3: SASL XOAUTH2 with an initial response.
+    let mut c = Client::tls_alpn(t.addr("pop3s"), &ca, &[]).await.unwrap();
+    c.line().await.unwrap();
+    let r = pop(&mut c, &format!("AUTH XOAUTH2 {}", xoauth2("alice@example.org", &token))).await;
+    assert!(r.starts_with("+OK"), "{r}");
+    let r = pop(&mut c, "STAT").await;
+    assert!(r.starts_with("+OK "), "{r}");
+    pop(&mut c, "QUIT").await;
+    assert!(
+        t.metric(
+            "imapgate_auth_attempts_total",
+            &["mechanism=\"xoauth2\"", "protocol=\"smtp\"", "result=\"success\""]
+        )
+        .await
+            >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn doctor_checks_the_smtp_and_pop3_backends() {
+    let Some(t) = mail_gateway("postfix", Options::default()).await else {
+        return;
+    };
+    let config = t.config_path.clone();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_imapgate"))
+        .args(["doctor", "-c"])
+        .arg(&config)
+        .args(["--user", "wes@example.org"])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned()
+        + &String::from_utf8_lossy(&out.stderr);
+    for backend in ["postfix", "dovecot-submission", "dovecot-pop3"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("[ok]   backend {backend} ")) && l.contains("logged in as wes@example.org")),
+            "{backend}: {text}"
+        );
+    }
+    assert!(text.contains("(smtp "), "{text}");
+    assert!(text.contains("(pop3 "), "{text}");
+    assert!(!text.contains(&t.password("wes@example.org")), "{text}");
+}
