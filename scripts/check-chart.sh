@@ -6,11 +6,14 @@
 #   chart:   Chart.yaml, values.yaml against values.schema.json (and a list of values it must
 #            refuse), template syntax and .Values references; then with the real helm v3 binary:
 #            helm lint --strict (default values, helm/imapgate/ci/full-values.yaml,
-#            ci/oauth-values.yaml, ci/postgres-values.yaml and ci/portal-values.yaml), helm
-#            template of ~120 value sets (each rendered config and manifest checked, refusals checked
-#            for their message; the portal's in scripts/check_portal.py: Ingress with TLS, the
-#            NetworkPolicy admitting the portal only from the ingress controller's namespace, the
-#            client secret only as a mounted file, the portal's ClusterIP Service port),
+#            ci/oauth-values.yaml, ci/postgres-values.yaml, ci/portal-values.yaml and
+#            ci/mail-values.yaml), helm template of ~140 value sets (each rendered config and
+#            manifest checked, refusals checked for their message; the portal's in
+#            scripts/check_portal.py: Ingress with TLS, the NetworkPolicy admitting the portal only
+#            from the ingress controller's namespace, the client secret only as a mounted file, the
+#            portal's ClusterIP Service port; SMTP submission's and POP3's in
+#            scripts/check_mail_fronts.py: their listeners and Service ports, backends by protocol,
+#            XCLIENT backends without a master password, routes and NetworkPolicy rules per protocol),
 #            kubernetes-validate --strict
 #            against the lowest Kubernetes the chart admits and the newest one it knows, checkov,
 #            NOTES.txt, and `imapgate check-config` on every rendered config when

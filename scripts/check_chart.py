@@ -21,7 +21,7 @@ Static checks (always):
 Rendered checks (when a renderer is available: the helm binary, or the helm-python-sdk module
 when the caller asks for it): `helm lint --strict` with the default values and each ci/ file;
 the chart renders with the default values, ci/full-values.yaml, ci/oauth-values.yaml,
-ci/postgres-values.yaml, ci/portal-values.yaml and ~120 variants; the manifests carry
+ci/postgres-values.yaml, ci/portal-values.yaml, ci/mail-values.yaml and ~140 variants; the manifests carry
 the security settings the project promises; the rendered imapgate config uses only keys that
 config/imapgate.example.yaml documents (or, for an option that is off by default, documents in a
 commented-out entry); every file the config names (TLS, users file, TOTP key ring, master
@@ -37,7 +37,10 @@ with more than one pod), with the expected message where one is named.
 The monitoring objects' value sets, refusals and expectations are in check_monitoring.py (the
 Grafana dashboard ConfigMap), the self-service portal's in check_portal.py (its config section, the
 client secret as a file, its ClusterIP Service, the Ingress with TLS, the NetworkPolicy rules, and
-ci/portal-values.yaml through helm lint, kubernetes-validate, checkov and the install notes).
+ci/portal-values.yaml through helm lint, kubernetes-validate, checkov and the install notes), and
+the SMTP submission and POP3 fronts' in check_mail_fronts.py (their listeners, backends by
+protocol, login: xclient without a master credential, routes per protocol, the NetworkPolicy
+rules per protocol, and ci/mail-values.yaml through the same deep checks).
 
 Deep checks: `imapgate check-config` on every rendered config (target/debug/imapgate, with
 stand-in secret files; a binary that predates the portal checks a portal render without its
@@ -63,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 import check_deploy
+import check_mail_fronts
 import check_monitoring
 import check_portal
 import jsonschema
@@ -463,7 +467,7 @@ def check_schema_rejects(schema: dict[str, Any], values: Any, report: Report) ->
         "values.schema.json",
         f"refuses GOOD_ISSUER, so its bad variants prove nothing: {schema_errors(schema, good)}",
     )
-    for dotted, bad in BAD_VALUES + check_monitoring.BAD_VALUES + check_portal.BAD_VALUES:
+    for dotted, bad in BAD_VALUES + check_monitoring.BAD_VALUES + check_portal.BAD_VALUES + check_mail_fronts.BAD_VALUES:
         candidate = set_path(values, dotted, bad)
         report.check(
             bool(schema_errors(schema, candidate)),
@@ -620,7 +624,7 @@ def key_paths(node: Any, prefix: str = "") -> set[str]:
         for key, sub in node.items():
             here = f"{prefix}.{key}" if prefix else str(key)
             paths.add(here)
-            if prefix == "routes" and key == "domains":
+            if prefix in ("routes", "routes.smtp", "routes.pop3") and key == "domains":
                 continue  # free-form map: domain -> backend
             paths |= key_paths(sub, here)
     elif isinstance(node, list):
@@ -1057,15 +1061,22 @@ def check_production_objects(
         def rule_ports(rule: dict[str, Any]) -> set[Any]:
             return {p.get("port") for p in rule.get("ports", [])}
 
-        listener_ports = {ports[l["name"]] for l in config["listeners"]}
+        # Each protocol's listener ports (IMAP, SMTP, POP3) in rules of their own
+        # (check_mail_fronts checks the SMTP and POP3 rules' peers).
+        by_protocol: dict[str, set[Any]] = {}
+        for l in config["listeners"]:
+            by_protocol.setdefault(l.get("protocol", "imap"), set()).add(ports[l["name"]])
+        listener_ports = set().union(*by_protocol.values())
         admin_port = ports.get("admin")
         imap_rules = [r for r in rules if listener_ports & rule_ports(r)]
         admin_rules = [r for r in rules if admin_port in rule_ports(r)]
-        report.check(
-            bool(imap_rules) and all(listener_ports <= rule_ports(r) for r in imap_rules),
-            where,
-            "the NetworkPolicy must admit every IMAP listener port",
-        )
+        for protocol, wanted in sorted(by_protocol.items()):
+            touching = [r for r in rules if wanted & rule_ports(r)]
+            report.check(
+                bool(touching) and all(wanted <= rule_ports(r) for r in touching),
+                where,
+                f"the NetworkPolicy must admit every {protocol.upper()} listener port",
+            )
         report.check(
             all(admin_port not in rule_ports(r) for r in imap_rules),
             where,
@@ -1136,6 +1147,7 @@ FULL_VALUES = "full-featured values (ci/full-values.yaml)"
 OAUTH_VALUES = "OAuth values (ci/oauth-values.yaml)"
 POSTGRES_VALUES = "PostgreSQL store values (ci/postgres-values.yaml)"
 PORTAL_VALUES = check_portal.PORTAL_VALUES
+MAIL_VALUES = check_mail_fronts.MAIL_VALUES
 POSTGRES_THREE_REPLICAS = "postgres store, three replicas with redis"
 POSTGRES_PRIVATE_CA = "postgres store with a CA Secret, fail_closed, tuned pool"
 SQLITE_STORE = "sqlite store on the chart's PersistentVolumeClaim"
@@ -1665,6 +1677,13 @@ COMMENTED_EXAMPLE_KEYS: dict[str, re.Pattern[str]] = {
     "auth.store.postgres.ca_file": re.compile(r"^\s*#\s+ca_file:\s.*postgres", re.MULTILINE),
     "auth.store.postgres.pool_size": re.compile(r"^\s*#\s+pool_size:\s", re.MULTILINE),
     "auth.store.postgres.statement_timeout": re.compile(r"^\s*#\s+statement_timeout:\s", re.MULTILINE),
+    "listeners[].hostname": re.compile(r"^\s*#\s+hostname: mail\.example\.org\s+# SMTP only:", re.MULTILINE),
+    "routes.smtp": re.compile(r"^  #\s+smtp:\s*$", re.MULTILINE),
+    "routes.smtp.default": re.compile(r"^  #\s+default: postfix\s*$", re.MULTILINE),
+    "routes.smtp.domains": re.compile(r"^  #\s+domains: \{\}\s+# example\.net: dovecot-submission$", re.MULTILINE),
+    "routes.pop3": re.compile(r"^  #\s+pop3:\s*$", re.MULTILINE),
+    "routes.pop3.default": re.compile(r"^  #\s+default: dovecot-pop3\s*$", re.MULTILINE),
+    "routes.pop3.domains": re.compile(r"^  #\s+domains: \{\}\s+# example\.net: other-pop3-backend$", re.MULTILINE),
 }
 
 
@@ -1691,15 +1710,24 @@ def check_rendering(
     monitoring: check_monitoring.Checks | None = None,
     postgres_values: dict[str, Any] | None = None,
     portal_values: dict[str, Any] | None = None,
+    mail_values: dict[str, Any] | None = None,
 ) -> None:
-    """Renders every variant (check_chart's, check_monitoring's and check_portal's) and checks
-    what it renders; monitoring: check_monitoring's checks of each render, beside
-    MANIFEST_EXPECTATIONS; check_portal's of each render too."""
-    failure_messages = {**FAILURE_MESSAGES, **check_monitoring.FAILURE_MESSAGES, **check_portal.FAILURE_MESSAGES}
+    """Renders every variant (check_chart's, check_monitoring's, check_portal's and
+    check_mail_fronts') and checks what it renders; monitoring: check_monitoring's checks of each
+    render, beside MANIFEST_EXPECTATIONS; check_portal's and check_mail_fronts' of each render too."""
+    failure_messages = {
+        **FAILURE_MESSAGES,
+        **check_monitoring.FAILURE_MESSAGES,
+        **check_portal.FAILURE_MESSAGES,
+        **check_mail_fronts.FAILURE_MESSAGES,
+    }
     variants = render_variants(values, full_values, oauth_values, postgres_values)
     variants += check_portal.variants()
     if portal_values is not None:
         variants.append((PORTAL_VALUES, portal_values, True))
+    variants += check_mail_fronts.variants()
+    if mail_values is not None:
+        variants.append((MAIL_VALUES, mail_values, True))
     for name, overrides, must_render in variants + check_monitoring.VARIANTS:
         try:
             rendered = renderer(overrides)
@@ -1730,6 +1758,8 @@ def check_rendering(
             report.check(ok, f"render[{name}]", message)
         for ok, message in check_portal.pairs(name, docs, merge_values(values, overrides)):
             report.check(ok, f"render[{name}]", message)
+        for ok, message in check_mail_fronts.pairs(name, docs, merge_values(values, overrides)):
+            report.check(ok, f"render[{name}]", message)
         config_maps = [d for d in docs if d.get("kind") == "ConfigMap" and not check_monitoring.is_dashboard_config_map(d)]
         if len(config_maps) != 1:
             continue
@@ -1741,7 +1771,7 @@ def check_rendering(
             report.check(ok, f"render[{name}]", message)
         if deep is not None:
             deep.check_config(name, config_text, report)
-            if name in ("defaults", FULL_VALUES, OAUTH_VALUES, POSTGRES_VALUES, SQLITE_STORE, PORTAL_VALUES):
+            if name in ("defaults", FULL_VALUES, OAUTH_VALUES, POSTGRES_VALUES, SQLITE_STORE, PORTAL_VALUES, MAIL_VALUES):
                 deep.check_manifests(renderer, name, overrides, report)
             elif name in NOTES_VARIANTS and getattr(renderer, "helm", None):
                 deep.check_notes(renderer.helm, name, overrides, report)  # type: ignore[attr-defined]
@@ -1764,6 +1794,9 @@ NOTES_VARIANTS = (
     check_portal.PORTAL_DEFAULTS,
     check_portal.PORTAL_SQLITE_NO_INGRESS,
     check_portal.PORTAL_PORT_ANNOTATIONS,
+    check_mail_fronts.SMTP_STARTTLS_ONLY,
+    check_mail_fronts.POP3_INTERNAL,
+    check_mail_fronts.FRONTS_PROXY_NODE_PORTS,
 )
 
 
@@ -2655,7 +2688,7 @@ CRD_KINDS = ("ServiceMonitor", "PrometheusRule", "Certificate")
 # checkov findings the chart accepts: check id -> (the renders it applies to, why).
 CHECKOV_ACCEPTED: dict[str, tuple[tuple[str, ...], str]] = {
     "CKV_K8S_11": (
-        ("defaults", FULL_VALUES, OAUTH_VALUES, POSTGRES_VALUES, SQLITE_STORE, PORTAL_VALUES),
+        ("defaults", FULL_VALUES, OAUTH_VALUES, POSTGRES_VALUES, SQLITE_STORE, PORTAL_VALUES, MAIL_VALUES),
         (
             "no CPU limit on purpose: CFS throttling would stretch TLS handshakes and argon2 under load "
             "and skew the failure floor and tarpit timing; CPU requests are set"
@@ -2787,7 +2820,8 @@ class DeepChecks:
                 files[cert["cert_file"]] = (self.pki / "tls.crt").read_text()
                 files[cert["key_file"]] = (self.pki / "tls.key").read_text()
             for backend in config["backends"]:
-                files[backend["master_password_file"]] = "stand-in master password"
+                if "master_password_file" in backend:  # not with login: xclient
+                    files[backend["master_password_file"]] = "stand-in master password"
                 if "ca_file" in backend:
                     files[backend["ca_file"]] = (self.pki / "tls.crt").read_text()
             if config.get("admin", {}).get("token_file"):
@@ -2934,6 +2968,8 @@ class DeepChecks:
             report.check(needed in notes, where, f"must tell how to create each Secret: {needed!r}")
         for ok, message in check_portal.notes_pairs(merged, notes):
             report.check(ok, where, message)
+        for ok, message in check_mail_fronts.notes_pairs(merged, notes):
+            report.check(ok, where, message)
         report.check(
             ("helm test mail -n mail --logs" in notes) == bool((merged.get("test") or {}).get("enabled")),
             where,
@@ -3011,10 +3047,12 @@ def secret_commands(values: dict[str, Any]) -> list[str]:
             client = issuer["introspection"]["clientSecret"]
             wanted += [f"create secret generic {client['existingSecret']} ", f"--from-file={client['key']}="]
     for backend in values.get("backends") or []:
+        if backend.get("login") == "xclient":
+            continue  # no master password: Postfix trusts the gateway's address
         master = backend.get("masterPassword") or {}
         wanted.append(f"create secret generic {master.get('existingSecret') or full + '-' + backend['name'] + '-master'} ")
         wanted.append(f"--from-file={master.get('key') or 'password'}=master.secret")
-    return wanted + check_portal.secret_commands(values)
+    return wanted + check_portal.secret_commands(values) + check_mail_fronts.secret_commands(values)
 
 
 # values.yaml, for checks that need the values a render used (set by main()).
@@ -3062,6 +3100,8 @@ def main() -> int:
     postgres_values = load_yaml(postgres_values_path, report)
     portal_values_path = chart_dir / "ci" / "portal-values.yaml"
     portal_values = load_yaml(portal_values_path, report)
+    mail_values_path = chart_dir / "ci" / "mail-values.yaml"
+    mail_values = load_yaml(mail_values_path, report)
     schema = load_schema(chart_dir, report)
     if isinstance(values, dict) and schema is not None:
         check_values_against_schema(chart_dir, schema, values, report)
@@ -3071,6 +3111,7 @@ def main() -> int:
             (oauth_values_path, oauth_values),
             (postgres_values_path, postgres_values),
             (portal_values_path, portal_values),
+            (mail_values_path, mail_values),
         ):
             if isinstance(ci_values, dict):
                 for error in schema_errors(schema, merge_values(values, ci_values)):
@@ -3126,6 +3167,18 @@ def main() -> int:
             "must turn the portal on with its Ingress (cert-manager), an IdP CA, the postgres store, several pods "
             "and the NetworkPolicy",
         )
+    if isinstance(mail_values, dict):
+        logins = {(b.get("protocol", "imap"), b.get("login")) for b in mail_values.get("backends") or []}
+        report.check(
+            (mail_values.get("smtp") or {}).get("enabled") is True
+            and (mail_values.get("pop3") or {}).get("enabled") is True
+            and {("smtp", "xclient"), ("smtp", "sasl_authzid"), ("pop3", "master_user")} <= logins
+            and bool(((mail_values.get("routes") or {}).get("smtp") or {}).get("domains"))
+            and (mail_values.get("networkPolicy") or {}).get("enabled") is True,
+            str(mail_values_path),
+            "must turn SMTP and POP3 on with an XCLIENT and an authzid SMTP backend, a master-user POP3 backend, "
+            "routes.smtp with a domain, and the NetworkPolicy",
+        )
     if isinstance(full_values, dict):
         report.check(
             (full_values.get("state") or {}).get("backend") == "redis"
@@ -3151,7 +3204,10 @@ def main() -> int:
     how = "skipped"
     if args.render in ("auto", "helm"):
         renderer = helm_binary_renderer(
-            args.helm, chart_dir, [full_values_path, oauth_values_path, postgres_values_path, portal_values_path], report
+            args.helm,
+            chart_dir,
+            [full_values_path, oauth_values_path, postgres_values_path, portal_values_path, mail_values_path],
+            report,
         )
         how = "helm binary" if renderer else how
     if renderer is None and args.render in ("auto", "sdk"):
@@ -3178,6 +3234,7 @@ def main() -> int:
                     ),
                     postgres_values=postgres_values if isinstance(postgres_values, dict) else None,
                     portal_values=portal_values if isinstance(portal_values, dict) else None,
+                    mail_values=mail_values if isinstance(mail_values, dict) else None,
                 )
                 skipped += [s for s in deep.skipped if s != "manifests"]
 

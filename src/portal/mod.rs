@@ -26,6 +26,8 @@ mod pages;
 mod signin;
 pub mod views;
 
+pub use mailconfig::{Front, MailFronts};
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,6 +100,9 @@ pub struct Portal {
     totp_digits: u8,
     approvals: Option<Arc<crate::auth::approval::Approvals>>,
     unlock_ttl: Duration,
+    /// The SMTP submission and POP3 fronts mail programs are told about
+    /// ([`Portal::with_mail_fronts`]); none until set.
+    fronts: MailFronts,
     /// Discovery, cached for a few minutes.
     endpoints:
         tokio::sync::Mutex<Option<(crate::auth::oauth::oidc::Endpoints, tokio::time::Instant)>>,
@@ -150,8 +155,17 @@ impl Portal {
             totp_digits: p.totp_digits,
             approvals: p.approvals,
             unlock_ttl: p.unlock_ttl,
+            fronts: MailFronts::default(),
             endpoints: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// The gateway's SMTP submission and POP3 fronts for the mail settings (setup page,
+    /// autoconfig, Apple profile), e.g. `MailFronts::from_listeners(&config.listeners)`.
+    /// Without them the portal names no outgoing server and no POP3.
+    pub fn with_mail_fronts(mut self, fronts: MailFronts) -> Self {
+        self.fronts = fronts;
+        self
     }
 
     async fn endpoints(

@@ -234,12 +234,17 @@ impl Portal {
             .collect()
     }
 
+    /// What `_settings.html` shows: IMAP from `portal.mail`, and the gateway's SMTP and POP3
+    /// fronts (`{port, ssl}`, or null where there is none) on the same host.
     pub(crate) fn mail_settings(&self, user: &str) -> Value {
         let m = &self.cfg.mail;
+        let (smtp, pop3) = self.fronts.json();
         json!({
             "imap_host": m.imap_host,
             "imap_port": m.imap_port,
             "imap_starttls_port": m.imap_starttls_port,
+            "smtp": smtp,
+            "pop3": pop3,
             "user": user,
         })
     }

@@ -189,7 +189,8 @@ mod tests {
     #[test]
     fn every_page_renders_in_every_language() {
         let v = Views::new().unwrap_or_else(|e| panic!("{e}"));
-        let mail = serde_json::json!({"imap_host": "mail.example.org", "imap_port": 993, "imap_starttls_port": 143, "user": "a@example.org"});
+        let mail = serde_json::json!({"imap_host": "mail.example.org", "imap_port": 993, "imap_starttls_port": 143,
+            "smtp": {"port": 465, "ssl": true}, "pop3": {"port": 995, "ssl": true}, "user": "a@example.org"});
         let ctx = serde_json::json!({
             "title": "T", "page": "app_passwords", "csrf": "c<srf", "notice": "n", "error": "e",
             "me": {"user": "a@example.org", "admin": true},
@@ -217,6 +218,47 @@ mod tests {
                     "{name}: a label was not escaped"
                 );
             }
+        }
+    }
+
+    /// The settings a person reads on the setup page: the outgoing server where the gateway
+    /// fronts SMTP, its port and security; where it does not, the page says the organisation
+    /// sets it up and names no server. In both languages.
+    #[test]
+    fn the_settings_name_the_outgoing_server_only_where_there_is_one() {
+        let v = Views::new().unwrap_or_else(|e| panic!("{e}"));
+        let page = |smtp: serde_json::Value, pop3: serde_json::Value, lang: &str| {
+            let ctx = serde_json::json!({
+                "title": "T", "page": "setup", "csrf": "c", "notice": null, "error": null,
+                "me": {"user": "a@example.org", "admin": false},
+                "mail": {"imap_host": "mail.example.org", "imap_port": 993, "imap_starttls_port": null,
+                    "smtp": smtp, "pop3": pop3, "user": "a@example.org"},
+            });
+            v.render("setup.html", lang, &ctx)
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        for lang in LANGS {
+            let org = v.t(lang, "set_outgoing_org");
+            let html = page(serde_json::Value::Null, serde_json::Value::Null, lang);
+            assert!(html.contains(&org), "{lang}: {html}");
+            assert!(html.contains(&v.t(lang, "set_outgoing")));
+            assert!(
+                !html.contains("SMTP</dd>") && !html.contains("POP3"),
+                "{lang}"
+            );
+
+            let html = page(
+                serde_json::json!({"port": 587, "ssl": false}),
+                serde_json::json!({"port": 995, "ssl": true}),
+                lang,
+            );
+            assert!(!html.contains(&org), "{lang}");
+            assert!(html.contains("<dd>SMTP</dd>"), "{lang}");
+            assert!(html.contains("<code>587</code></dd>"), "{lang}");
+            assert!(html.contains("<dd>STARTTLS</dd>"), "{lang}");
+            assert!(html.contains(&v.t(lang, "set_same_login")), "{lang}");
+            assert!(html.contains(&v.t(lang, "set_or_pop3")), "{lang}");
+            assert!(html.contains("<code>995</code>"), "{lang}");
         }
     }
 }

@@ -173,6 +173,37 @@ app.kubernetes.io/component: test
 {{- end }}
 
 {{/*
+Every listener, as YAML with the list under "items" (use: (include "imapgate.listeners" . |
+fromYaml).items): the IMAP ones (listeners), then with smtp.enabled SMTP submission's and with
+pop3.enabled POP3's, each with its protocol.
+*/}}
+{{- define "imapgate.listeners" -}}
+{{- $all := list }}
+{{- range .Values.listeners }}{{ $all = append $all (merge (dict "protocol" "imap") .) }}{{ end }}
+{{- if .Values.smtp.enabled }}
+{{- range .Values.smtp.listeners }}{{ $all = append $all (merge (dict "protocol" "smtp") .) }}{{ end }}
+{{- end }}
+{{- if .Values.pop3.enabled }}
+{{- range .Values.pop3.listeners }}{{ $all = append $all (merge (dict "protocol" "pop3") .) }}{{ end }}
+{{- end }}
+{{- toYaml (dict "items" $all) }}
+{{- end }}
+
+{{/*
+The name in the SMTP greeting and EHLO reply: smtp.hostname, else the first tls.certManager.dnsNames
+entry that is no wildcard, else with the portal its mail host; empty: the gateway's default (the
+pod's host name).
+*/}}
+{{- define "imapgate.smtpHostname" -}}
+{{- $name := .Values.smtp.hostname }}
+{{- if and (not $name) .Values.tls.certManager.enabled (not .Values.tls.selfSigned) }}
+{{- range .Values.tls.certManager.dnsNames }}{{ if and (not $name) (not (hasPrefix "*" .)) }}{{ $name = . }}{{ end }}{{ end }}
+{{- end }}
+{{- if and (not $name) .Values.portal.enabled }}{{ $name = include "imapgate.portalImapHost" . }}{{ end }}
+{{- $name }}
+{{- end }}
+
+{{/*
 The listener `helm test` connects to: test.listener, else the first with tls implicit, else the
 first (STARTTLS). Returned as YAML (fromYaml it).
 */}}
