@@ -1677,6 +1677,8 @@ COMMENTED_EXAMPLE_KEYS: dict[str, re.Pattern[str]] = {
     "auth.store.postgres.ca_file": re.compile(r"^\s*#\s+ca_file:\s.*postgres", re.MULTILINE),
     "auth.store.postgres.pool_size": re.compile(r"^\s*#\s+pool_size:\s", re.MULTILINE),
     "auth.store.postgres.statement_timeout": re.compile(r"^\s*#\s+statement_timeout:\s", re.MULTILINE),
+    "portal.mail.smtp_port": re.compile(r"^\s*#\s+smtp_port:\s", re.MULTILINE),
+    "portal.mail.pop3_port": re.compile(r"^\s*#\s+pop3_port:\s", re.MULTILINE),
     "listeners[].hostname": re.compile(r"^\s*#\s+hostname: mail\.example\.org\s+# SMTP only:", re.MULTILINE),
     "routes.smtp": re.compile(r"^  #\s+smtp:\s*$", re.MULTILINE),
     "routes.smtp.default": re.compile(r"^  #\s+default: postfix\s*$", re.MULTILINE),

@@ -53,6 +53,10 @@ pub struct MailSettings {
     pub imap_host: String,
     pub imap_port: u16,
     pub imap_starttls_port: Option<u16>,
+    /// The port people reach the gateway's SMTP submission (POP3) listener on, when it is not
+    /// the one the listener binds (a container's port mapping, a load balancer).
+    pub smtp_port: Option<u16>,
+    pub pop3_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -96,6 +100,8 @@ struct RawMail {
     imap_host: Option<String>,
     imap_port: Option<u16>,
     imap_starttls_port: Option<u16>,
+    smtp_port: Option<u16>,
+    pop3_port: Option<u16>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -232,7 +238,14 @@ pub(super) fn portal(cx: &mut Ctx, v: &Value) -> Option<PortalConfig> {
             .unwrap_or_else(|| url_host(&public_url).to_owned()),
         imap_port: m.imap_port.unwrap_or(993),
         imap_starttls_port: m.imap_starttls_port,
+        smtp_port: m.smtp_port,
+        pop3_port: m.pop3_port,
     };
+    for (key, port) in [("smtp_port", m.smtp_port), ("pop3_port", m.pop3_port)] {
+        if port == Some(0) {
+            cx.err(format!("portal.mail.{key}"), "must be a port (1-65535)");
+        }
+    }
     if mail.imap_host.is_empty()
         || mail
             .imap_host

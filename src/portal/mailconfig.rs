@@ -367,6 +367,8 @@ mod tests {
             imap_host: "mail.example.org".into(),
             imap_port: 993,
             imap_starttls_port: Some(143),
+            smtp_port: None,
+            pop3_port: None,
         }
     }
 

@@ -551,7 +551,18 @@ impl Gateway {
                 approvals: approvals.clone(),
                 unlock_ttl: config.auth.mfa.unlock_ttl,
             })
-            .map_err(|e| StartError::Portal(e.to_string()))?;
+            .map_err(|e| StartError::Portal(e.to_string()))?
+            .with_mail_fronts({
+                // The listeners' own ports, unless people reach them through others.
+                let mut fronts = crate::portal::MailFronts::from_listeners(&config.listeners);
+                if let (Some(f), Some(p)) = (fronts.smtp.as_mut(), pc.mail.smtp_port) {
+                    f.port = p;
+                }
+                if let (Some(f), Some(p)) = (fronts.pop3.as_mut(), pc.mail.pop3_port) {
+                    f.port = p;
+                }
+                fronts
+            });
             let tls = if pc.tls {
                 Some(
                     crate::portal::tls_config(server_tls.resolver.clone(), config.tls.tls13_only)

@@ -913,7 +913,8 @@ async fn tokens_log_in_over_smtp_and_pop3_and_a_bad_one_gets_the_challenge() {
     };
     let Some(idp) = idp() else { return };
     let token = idp.token("alice", "urn:imapgate:rs256", "imap").await;
-    let xoauth2 = |user: &str, token: &str| b64(&format!("user={user}\x01auth=Bearer {token}\x01\x01"));
+    let xoauth2 =
+        |user: &str, token: &str| b64(&format!("user={user}\x01auth=Bearer {token}\x01\x01"));
     let ca = t.pki.ca_der.clone();
 
     // SMTP: offered after TLS, a good token logs in, a token for someone else gets the
@@ -921,8 +922,16 @@ async fn tokens_log_in_over_smtp_and_pop3_and_a_bad_one_gets_the_challenge() {
     let mut c = Client::tls_alpn(t.addr("smtps"), &ca, &[]).await.unwrap();
     c.line().await.unwrap();
     let r = smtp(&mut c, "EHLO laptop.example").await;
-    assert!(r.iter().any(|l| l.contains("AUTH PLAIN LOGIN XOAUTH2 OAUTHBEARER")), "{r:?}");
-    let r = smtp(&mut c, &format!("AUTH XOAUTH2 {}", xoauth2("bob@example.org", &token))).await;
+    assert!(
+        r.iter()
+            .any(|l| l.contains("AUTH PLAIN LOGIN XOAUTH2 OAUTHBEARER")),
+        "{r:?}"
+    );
+    let r = smtp(
+        &mut c,
+        &format!("AUTH XOAUTH2 {}", xoauth2("bob@example.org", &token)),
+    )
+    .await;
     assert!(r[0].starts_with("334 "), "{r:?}");
     let challenge = {
         use base64::Engine;
@@ -934,7 +943,11 @@ async fn tokens_log_in_over_smtp_and_pop3_and_a_bad_one_gets_the_challenge() {
     assert!(challenge.contains("\"status\""), "{challenge}");
     let r = smtp(&mut c, "").await;
     assert!(r[0].starts_with("535 5.7.8"), "{r:?}");
-    let r = smtp(&mut c, &format!("AUTH XOAUTH2 {}", xoauth2("alice@example.org", &token))).await;
+    let r = smtp(
+        &mut c,
+        &format!("AUTH XOAUTH2 {}", xoauth2("alice@example.org", &token)),
+    )
+    .await;
     assert!(r[0].starts_with("235 2.7.0"), "{r:?}");
     assert!(smtp(&mut c, "MAIL FROM:<alice@example.org>").await[0].starts_with("250"));
     smtp(&mut c, "QUIT").await;
@@ -942,7 +955,11 @@ async fn tokens_log_in_over_smtp_and_pop3_and_a_bad_one_gets_the_challenge() {
     // POP3: SASL XOAUTH2 with an initial response.
     let mut c = Client::tls_alpn(t.addr("pop3s"), &ca, &[]).await.unwrap();
     c.line().await.unwrap();
-    let r = pop(&mut c, &format!("AUTH XOAUTH2 {}", xoauth2("alice@example.org", &token))).await;
+    let r = pop(
+        &mut c,
+        &format!("AUTH XOAUTH2 {}", xoauth2("alice@example.org", &token)),
+    )
+    .await;
     assert!(r.starts_with("+OK"), "{r}");
     let r = pop(&mut c, "STAT").await;
     assert!(r.starts_with("+OK "), "{r}");
@@ -950,7 +967,11 @@ async fn tokens_log_in_over_smtp_and_pop3_and_a_bad_one_gets_the_challenge() {
     assert!(
         t.metric(
             "imapgate_auth_attempts_total",
-            &["mechanism=\"xoauth2\"", "protocol=\"smtp\"", "result=\"success\""]
+            &[
+                "mechanism=\"xoauth2\"",
+                "protocol=\"smtp\"",
+                "result=\"success\""
+            ]
         )
         .await
             >= 1.0
@@ -970,12 +991,13 @@ async fn doctor_checks_the_smtp_and_pop3_backends() {
         .output()
         .await
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     for backend in ["postfix", "dovecot-submission", "dovecot-pop3"] {
         assert!(
             text.lines()
-                .any(|l| l.starts_with(&format!("[ok]   backend {backend} ")) && l.contains("logged in as wes@example.org")),
+                .any(|l| l.starts_with(&format!("[ok]   backend {backend} "))
+                    && l.contains("logged in as wes@example.org")),
             "{backend}: {text}"
         );
     }
