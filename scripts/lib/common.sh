@@ -265,6 +265,12 @@ make_test_pki() {
 #   DIR/tls/ca.pem         the CA that signed Dovecot's certificate (TLS modes)
 # Users' own Dovecot passwords are random and never written anywhere but the passwd-file, so
 # the only way in is the master user.
+# Optional, set for the call (e.g. `DOVECOT_SANDBOX_LMTP_PORT=24 dovecot_sandbox_start ...`):
+#   DOVECOT_SANDBOX_POP3S_PORT  also serve POP3 over implicit TLS there (RFC 8314; TLS modes
+#                               only), for the same users and master user (`user*gateway`)
+#   DOVECOT_SANDBOX_LMTP_PORT   also accept deliveries over LMTP (RFC 2033), plain, on
+#                               127.0.0.1 there (for a Postfix's local_transport); mail for an
+#                               address that is not a user is refused at RCPT
 DOVECOT_PID=""
 DOVECOT_CONF=""
 DOVECOT_LOG=""
@@ -301,6 +307,8 @@ dovecot_sandbox_start() {
   chmod 700 "$dir/mail"
 
   local ssl_block="" imap_port=0 imaps_port=0 plaintext="no"
+  local pop3s_port="${DOVECOT_SANDBOX_POP3S_PORT:-}" lmtp_port="${DOVECOT_SANDBOX_LMTP_PORT:-}"
+  local protocols="imap" more_services="" wait_ports=("$port")
   case "$tls" in
     implicit | starttls)
       make_test_pki "$dir/tls"
@@ -321,6 +329,35 @@ ssl_dh = </usr/share/dovecot/dh.pem"
       ;;
     *) die "dovecot_sandbox_start: TLS must be implicit, starttls or none, not '$tls'" ;;
   esac
+  if [ -n "$pop3s_port" ]; then
+    [ "$tls" != none ] || die "dovecot_sandbox_start: POP3 over implicit TLS needs a TLS mode, not '$tls'"
+    protocols="$protocols pop3"
+    # Port 0: no cleartext POP3 listener (the default would take 110).
+    more_services="$more_services
+service pop3-login {
+  inet_listener pop3 {
+    port = 0
+  }
+  inet_listener pop3s {
+    port = $pop3s_port
+    ssl = yes
+  }
+}"
+    wait_ports+=("$pop3s_port")
+  fi
+  if [ -n "$lmtp_port" ]; then
+    protocols="$protocols lmtp"
+    # The static userdb cannot list users, so Dovecot checks each recipient with a passdb
+    # lookup: an address that is not a user is refused at RCPT.
+    more_services="$more_services
+service lmtp {
+  inet_listener lmtp {
+    address = 127.0.0.1
+    port = $lmtp_port
+  }
+}"
+    wait_ports+=("$lmtp_port")
+  fi
 
   cat >"$DOVECOT_CONF" <<EOF
 # Throwaway Dovecot for imapgate's demo and tests: loopback only, everything under $dir.
@@ -329,7 +366,7 @@ state_dir = $dir/state
 instance_name = imapgate-sandbox
 log_path = $dir/dovecot.log
 info_log_path = $dir/dovecot.log
-protocols = imap
+protocols = $protocols
 listen = 127.0.0.1
 $ssl_block
 disable_plaintext_auth = $plaintext
@@ -374,18 +411,21 @@ service imap-login {
     port = $imaps_port
     ssl = yes
   }
-}
+}$more_services
 EOF
 
   "$dovecot_bin" -c "$DOVECOT_CONF" -F >"$dir/dovecot.stderr" 2>&1 &
   DOVECOT_PID=$!
-  if ! wait_for_port 127.0.0.1 "$port" 30 "$DOVECOT_PID"; then
-    log "--- dovecot stderr"
-    cat "$dir/dovecot.stderr" >&2 || true
-    log "--- dovecot log"
-    cat "$DOVECOT_LOG" >&2 2>/dev/null || true
-    die "Dovecot did not start listening on 127.0.0.1:$port within 30 s"
-  fi
+  local p
+  for p in "${wait_ports[@]}"; do
+    if ! wait_for_port 127.0.0.1 "$p" 30 "$DOVECOT_PID"; then
+      log "--- dovecot stderr"
+      cat "$dir/dovecot.stderr" >&2 || true
+      log "--- dovecot log"
+      cat "$DOVECOT_LOG" >&2 2>/dev/null || true
+      die "Dovecot did not start listening on 127.0.0.1:$p within 30 s"
+    fi
+  done
 }
 
 # dovecot_sandbox_add_message DIR USER: drops one small message into USER's INBOX (maildir new/).
@@ -412,6 +452,132 @@ dovecot_sandbox_stop() {
     stop_pid "$DOVECOT_PID" dovecot
     DOVECOT_PID=""
   fi
+}
+
+# --- throwaway Postfix ---------------------------------------------------------------------
+
+# postfix_sandbox_start DIR PORT LMTP_PORT DOMAIN
+# Starts a non-system Postfix instance that lives in DIR (never /etc/postfix, never port 25):
+# its config (DIR/conf), queue (DIR/queue), data directory (DIR/data) and log (DIR/maillog,
+# written by its own postlog service; no syslog). Its one smtpd listens on 127.0.0.1:PORT as a
+# submission port for a gateway on 127.0.0.1: XCLIENT (Postfix's XCLIENT_README) from
+# 127.0.0.1 only, no SASL of its own, STARTTLS offered with a certificate from a throwaway CA.
+# It delivers DOMAIN (its only destination; other domains are refused at RCPT) to the LMTP
+# server on 127.0.0.1:LMTP_PORT, e.g. dovecot_sandbox_start's. `master` runs as root (it must);
+# its daemons run as the package's postfix user. After it returns:
+#   POSTFIX_CONF_DIR   DIR/conf (stop with postfix_sandbox_stop)
+#   POSTFIX_LOG        DIR/maillog
+#   DIR/tls/ca.pem     the CA that signed its certificate (for localhost and 127.0.0.1)
+POSTFIX_CONF_DIR=""
+POSTFIX_LOG=""
+postfix_sandbox_start() {
+  local dir="$1" port="$2" lmtp_port="$3" domain="$4" postfix_bin
+  postfix_bin="$(PATH="$PATH:/usr/sbin:/sbin" command -v postfix)" || die "postfix is not installed"
+  [ "$(id -u)" -eq 0 ] || die "the Postfix sandbox must be started as root"
+  getent passwd postfix >/dev/null || die "system user 'postfix' missing (postfix not installed?)"
+  getent group postdrop >/dev/null || die "system group 'postdrop' missing (postfix not installed?)"
+
+  # The postfix user must reach the queue; the data directory is its own (`postfix check`
+  # warns otherwise) and `postfix check` makes the queue's subdirectories with their owners.
+  mkdir -p "$dir/conf" "$dir/queue" "$dir/data"
+  chmod 755 "$dir" "$dir/conf" "$dir/queue"
+  chown postfix "$dir/data"
+  chmod 700 "$dir/data"
+  make_test_pki "$dir/tls"
+  POSTFIX_LOG="$dir/maillog"
+
+  cat >"$dir/conf/main.cf" <<EOF
+# Throwaway Postfix for imapgate's demo: loopback only, everything under $dir.
+compatibility_level = 3.6
+queue_directory = $dir/queue
+data_directory = $dir/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = mx.$domain
+mydomain = $domain
+myorigin = $domain
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+# $domain is the only destination. Every address in it goes to LMTP, whose server refuses
+# unknown users (hence no local_recipient_maps); nothing is relayed anywhere else.
+mydestination = $domain
+local_recipient_maps =
+local_transport = lmtp:inet:127.0.0.1:$lmtp_port
+smtpd_relay_restrictions = reject_unauth_destination
+default_transport = error:this demo Postfix delivers to $domain only
+alias_maps =
+alias_database =
+# No syslog: the postlog service writes this file.
+maillog_file = $dir/maillog
+maillog_file_prefixes = $dir
+# Loopback only: no DNS, no reverse lookups.
+smtpd_peername_lookup = no
+smtp_dns_support_level = disabled
+lmtp_host_lookup = native
+smtp_host_lookup = native
+smtpd_tls_cert_file = $dir/tls/server.pem
+smtpd_tls_key_file = $dir/tls/server.key
+smtpd_tls_security_level = may
+smtpd_tls_session_cache_database =
+# Errors are answered at once (no tarpit).
+smtpd_error_sleep_time = 0
+EOF
+  # The gateway's port, then the internal services Postfix needs (as in its master.cf.proto),
+  # none chrooted.
+  cat >"$dir/conf/master.cf" <<EOF
+127.0.0.1:$port inet n - n - - smtpd
+  -o syslog_name=postfix/submission
+  -o smtpd_authorized_xclient_hosts=127.0.0.1
+  -o smtpd_sasl_auth_enable=no
+  -o smtpd_sasl_authenticated_header=yes
+pickup unix n - n 60 1 pickup
+cleanup unix n - n - 0 cleanup
+qmgr unix n - n 300 1 qmgr
+tlsmgr unix - - n 1000? 1 tlsmgr
+rewrite unix - - n - - trivial-rewrite
+bounce unix - - n - 0 bounce
+defer unix - - n - 0 bounce
+trace unix - - n - 0 bounce
+verify unix - - n - 1 verify
+flush unix n - n 1000? 0 flush
+proxymap unix - - n - - proxymap
+proxywrite unix - - n - 1 proxymap
+smtp unix - - n - - smtp
+relay unix - - n - - smtp
+showq unix n - n - - showq
+error unix - - n - - error
+retry unix - - n - - error
+discard unix - - n - - discard
+local unix - n n - - local
+lmtp unix - - n - - lmtp
+anvil unix - - n - 1 anvil
+scache unix - - n - 1 scache
+postlog unix-dgram n - n - 1 postlogd
+EOF
+
+  # Set before the start, so that postfix_sandbox_stop also stops a half-started instance.
+  POSTFIX_CONF_DIR="$dir/conf"
+  local verb
+  for verb in check start; do
+    if ! "$postfix_bin" -c "$POSTFIX_CONF_DIR" "$verb" >>"$dir/postfix.out" 2>&1; then
+      cat "$dir/postfix.out" >&2 || true
+      die "postfix -c $POSTFIX_CONF_DIR $verb failed"
+    fi
+  done
+  if ! wait_for_port 127.0.0.1 "$port" 30; then
+    log "--- postfix log"
+    cat "$POSTFIX_LOG" >&2 2>/dev/null || true
+    die "Postfix did not start listening on 127.0.0.1:$port within 30 s"
+  fi
+}
+
+# postfix_sandbox_stop: stops the Postfix started by postfix_sandbox_start, master and daemons
+# (`postfix stop` waits for them, up to 5 s); idempotent.
+postfix_sandbox_stop() {
+  [ -n "$POSTFIX_CONF_DIR" ] || return 0
+  PATH="$PATH:/usr/sbin:/sbin" postfix -c "$POSTFIX_CONF_DIR" stop >/dev/null 2>&1 || true
+  POSTFIX_CONF_DIR=""
 }
 
 # --- browser tests (tests/browser) -----------------------------------------------------------
