@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# imapgate demo: a real Dovecot behind imapgate, on loopback, in one command.
+# imapgate demo: a real Dovecot and Postfix behind imapgate, on loopback, in one command.
 #
-#   scripts/demo.sh              build, start Dovecot + imapgate, enrol a demo user with an app
-#                                password and TOTP, show a login, stay up until Ctrl-C
+#   scripts/demo.sh              build, start Dovecot (IMAP, POP3, LMTP), Postfix (submission via
+#                                XCLIENT, delivering to Dovecot) and imapgate in front of them (IMAP,
+#                                SMTP submission, POP3), enrol a demo user with an app password and
+#                                TOTP, show a login, stay up until Ctrl-C
 #   scripts/demo.sh --check      the same on free ports, non-interactively; exit 0 only if it all
-#                                works (app password + code, unlock window, replay refused, ...)
+#                                works (app password + code, unlock window, replay refused, mail
+#                                sent through the gateway's SMTP and read back over POP3 and IMAP, ...)
 #   scripts/demo.sh --code [F]   print the demo user's current 6-digit TOTP code, from
 #                                $IMAPGATE_DEMO_TOTP_SECRET or the demo.env file F (default ./demo.env)
 #   scripts/demo.sh [--check] --oauth
@@ -24,18 +27,23 @@
 # (scan the QR code the demo prints with an authenticator app, or use --code). After one login
 # with a code, that app password works without a code from the same /24 for 12 hours.
 #
-# Needs a Debian-like machine with cargo. Installs dovecot-imapd, openssl, curl and python3 if
-# missing (with sudo when not root; no system service is started), and for --oauth nodejs and npm
+# Needs a Debian-like machine with cargo. Installs dovecot-imapd, dovecot-pop3d, dovecot-lmtpd,
+# postfix (debconf preseeded to "No configuration"; refused if another MTA is installed, which
+# it would replace), openssl, curl and python3 if missing (with sudo when not root; no system
+# service is started, and postfix's is kept from starting at boot), and for --oauth nodejs and npm
 # (Node.js 20 or later) and the identity provider's npm packages (npm ci in tests/idp), the same
 # for --portal, and for --portal --check also chromium and a font, and Playwright for Python
 # (pinned, pip into target/venv-browser, shared with scripts/test.sh; no browser is downloaded).
-# Dovecot must run as root, so when you are not root the script builds as you and then re-runs
-# itself under sudo.
+# Dovecot and Postfix must run as root, so when you are not root the script builds as you and then
+# re-runs itself under sudo.
 #
-# Ports (interactive mode): IMAPGATE_DEMO_TLS_PORT (1993, implicit TLS),
-# IMAPGATE_DEMO_STARTTLS_PORT (1143), IMAPGATE_DEMO_ADMIN_PORT (9190),
+# Ports (interactive mode): IMAPGATE_DEMO_TLS_PORT (1993, IMAP, implicit TLS),
+# IMAPGATE_DEMO_STARTTLS_PORT (1143, IMAP, STARTTLS), IMAPGATE_DEMO_SMTP_TLS_PORT (1465, SMTP
+# submission, implicit TLS), IMAPGATE_DEMO_SMTP_STARTTLS_PORT (1587, SMTP submission, STARTTLS),
+# IMAPGATE_DEMO_POP3_TLS_PORT (1995, POP3, implicit TLS), IMAPGATE_DEMO_ADMIN_PORT (9190),
 # IMAPGATE_DEMO_PORTAL_PORT (8443, with --portal), all on 127.0.0.1.
-# The backend Dovecot gets a free port. --check picks free ports for everything.
+# The backends (Dovecot's IMAP, POP3 and LMTP, Postfix's submission port) get free ports.
+# --check picks free ports for everything.
 # IMAPGATE_DEMO_BIN=path uses that imapgate binary instead of running `cargo build --locked`.
 set -euo pipefail
 
@@ -121,10 +129,26 @@ BROWSER_VENV="$REPO/target/venv-browser"
 # --- 1. system packages ----------------------------------------------------------------------
 if [ -z "${IMAPGATE_DEMO_REEXEC:-}" ]; then
   step "checking system packages"
-  ensure_packages dovecot-imapd:dovecot openssl:openssl curl:curl python3:python3 ca-certificates
+  # Postfix conflicts with every other MTA package: apt would remove the machine's own (exim4 on
+  # a default Debian) to install it. Refuse instead of replacing someone's mail system.
+  if ! pkg_installed postfix; then
+    OTHER_MTA="$(dpkg-query -W -f='${Package} ${Status} ${Provides}\n' 2>/dev/null |
+      awk '/ install ok installed/ && /mail-transport-agent/ { print $1; exit }')" || true
+    [ -z "$OTHER_MTA" ] ||
+      die "the demo needs Postfix, which would replace the installed mail server package $OTHER_MTA; run the demo on another machine or in a container"
+  fi
+  # "No configuration": the package writes no main.cf, so no system Postfix could start; the
+  # demo runs its own instance from its directory.
+  debconf_preseed 'postfix postfix/main_mailer_type select No configuration'
+  ensure_packages dovecot-imapd:dovecot 'dovecot-pop3d:/usr/lib/dovecot/pop3' 'dovecot-lmtpd:/usr/lib/dovecot/lmtp' \
+    postfix:postfix openssl:openssl curl:curl python3:python3 ca-certificates
   case " $ENSURE_PACKAGES_INSTALLED " in
     # We just installed Dovecot; if its service started anyway, it is ours to stop.
     *" dovecot-imapd "*) stop_system_dovecot ;;
+  esac
+  case " $ENSURE_PACKAGES_INSTALLED " in
+    # policy-rc.d kept it from starting; nor should it at the next boot.
+    *" postfix "*) disable_boot_service postfix ;;
   esac
   if [ "$OAUTH" -eq 1 ] || [ "$PORTAL" -eq 1 ]; then
     step "checking Node.js and the test identity provider's packages (tests/idp)"
@@ -166,40 +190,57 @@ fi
 case "$BIN" in /*) ;; *) BIN="$REPO/$BIN" ;; esac
 [ -x "$BIN" ] || die "no imapgate binary at $BIN"
 
-# Dovecot needs root; re-run the rest under sudo with the binary we just built.
+# Dovecot and Postfix need root; re-run the rest under sudo with the binary we just built.
 if [ "$(id -u)" -ne 0 ]; then
-  command -v sudo >/dev/null 2>&1 || die "Dovecot must be started as root; run this as root or install sudo"
-  step "re-running as root with sudo (Dovecot must start as root)"
+  command -v sudo >/dev/null 2>&1 || die "Dovecot and Postfix must be started as root; run this as root or install sudo"
+  step "re-running as root with sudo (Dovecot and Postfix must start as root)"
   cd "$START_DIR"
   exec sudo env IMAPGATE_DEMO_REEXEC=1 IMAPGATE_DEMO_BIN="$BIN" \
     IMAPGATE_DEMO_TLS_PORT="${IMAPGATE_DEMO_TLS_PORT:-}" \
     IMAPGATE_DEMO_STARTTLS_PORT="${IMAPGATE_DEMO_STARTTLS_PORT:-}" \
+    IMAPGATE_DEMO_SMTP_TLS_PORT="${IMAPGATE_DEMO_SMTP_TLS_PORT:-}" \
+    IMAPGATE_DEMO_SMTP_STARTTLS_PORT="${IMAPGATE_DEMO_SMTP_STARTTLS_PORT:-}" \
+    IMAPGATE_DEMO_POP3_TLS_PORT="${IMAPGATE_DEMO_POP3_TLS_PORT:-}" \
     IMAPGATE_DEMO_ADMIN_PORT="${IMAPGATE_DEMO_ADMIN_PORT:-}" \
     IMAPGATE_DEMO_PORTAL_PORT="${IMAPGATE_DEMO_PORTAL_PORT:-}" \
     PATH="$PATH:/usr/sbin:/sbin" bash "$REPO/scripts/demo.sh" "${ARGS[@]}"
 fi
 
 # --- 3. ports and scratch space --------------------------------------------------------------
+# The backends' ports: Dovecot's IMAP (implicit TLS), POP3 (implicit TLS) and LMTP (plain),
+# and Postfix's submission port for the gateway (XCLIENT, STARTTLS).
 if [ "$MODE" = check ]; then
-  mapfile -t PORTS < <(free_ports 5)
-  [ "${#PORTS[@]}" -eq 5 ] || die "could not pick free ports"
-  TLS_PORT="${PORTS[0]}" STARTTLS_PORT="${PORTS[1]}" ADMIN_PORT="${PORTS[2]}" BACKEND_PORT="${PORTS[3]}"
-  PORTAL_PORT="${PORTS[4]}"
+  mapfile -t PORTS < <(free_ports 11)
+  [ "${#PORTS[@]}" -eq 11 ] || die "could not pick free ports"
+  TLS_PORT="${PORTS[0]}" STARTTLS_PORT="${PORTS[1]}" ADMIN_PORT="${PORTS[2]}" PORTAL_PORT="${PORTS[3]}"
+  SMTP_TLS_PORT="${PORTS[4]}" SMTP_STARTTLS_PORT="${PORTS[5]}" POP3_TLS_PORT="${PORTS[6]}"
+  BACKEND_PORT="${PORTS[7]}" BACKEND_POP3S_PORT="${PORTS[8]}" BACKEND_LMTP_PORT="${PORTS[9]}"
+  POSTFIX_PORT="${PORTS[10]}"
 else
   TLS_PORT="${IMAPGATE_DEMO_TLS_PORT:-1993}"
   STARTTLS_PORT="${IMAPGATE_DEMO_STARTTLS_PORT:-1143}"
+  SMTP_TLS_PORT="${IMAPGATE_DEMO_SMTP_TLS_PORT:-1465}"
+  SMTP_STARTTLS_PORT="${IMAPGATE_DEMO_SMTP_STARTTLS_PORT:-1587}"
+  POP3_TLS_PORT="${IMAPGATE_DEMO_POP3_TLS_PORT:-1995}"
   ADMIN_PORT="${IMAPGATE_DEMO_ADMIN_PORT:-9190}"
   PORTAL_PORT="${IMAPGATE_DEMO_PORTAL_PORT:-8443}"
-  PORT_SPECS=("TLS_PORT:$TLS_PORT" "STARTTLS_PORT:$STARTTLS_PORT" "ADMIN_PORT:$ADMIN_PORT")
+  PORT_SPECS=("TLS_PORT:$TLS_PORT" "STARTTLS_PORT:$STARTTLS_PORT" "SMTP_TLS_PORT:$SMTP_TLS_PORT"
+    "SMTP_STARTTLS_PORT:$SMTP_STARTTLS_PORT" "POP3_TLS_PORT:$POP3_TLS_PORT" "ADMIN_PORT:$ADMIN_PORT")
   [ "$PORTAL" -eq 0 ] || PORT_SPECS+=("PORTAL_PORT:$PORTAL_PORT")
+  SEEN_PORTS=" "
   for spec in "${PORT_SPECS[@]}"; do
     port="${spec#*:}"
     case "$port" in '' | *[!0-9]*) die "IMAPGATE_DEMO_${spec%%:*} must be a port number, not '$port'" ;; esac
+    case "$SEEN_PORTS" in *" $port "*) die "IMAPGATE_DEMO_${spec%%:*}=$port is already given to another of the demo's ports" ;; esac
+    SEEN_PORTS="$SEEN_PORTS$port "
     if port_open "$HOST" "$port"; then
       die "$HOST:$port is already in use; set IMAPGATE_DEMO_${spec%%:*} to another port"
     fi
   done
-  read -r BACKEND_PORT < <(free_ports 1)
+  mapfile -t PORTS < <(free_ports 4)
+  [ "${#PORTS[@]}" -eq 4 ] || die "could not pick free ports"
+  BACKEND_PORT="${PORTS[0]}" BACKEND_POP3S_PORT="${PORTS[1]}" BACKEND_LMTP_PORT="${PORTS[2]}"
+  POSTFIX_PORT="${PORTS[3]}"
 fi
 
 WORK=""
@@ -211,8 +252,8 @@ SUCCESS=0
 dump_logs() {
   local f
   for f in "$WORK/gateway/cli.log" "$WORK/gateway/totp-enroll.txt" "$WORK/gateway/gateway.log" "$WORK/gateway/audit.log" \
-    "$WORK/dovecot/dovecot.stderr" "$WORK/dovecot/dovecot.log" "$WORK/idp/idp.out" "$WORK/idp/idp.log" \
-    "$WORK/idp/oauth-token.log"; do
+    "$WORK/dovecot/dovecot.stderr" "$WORK/dovecot/dovecot.log" "$WORK/postfix/postfix.out" "$WORK/postfix/maillog" \
+    "$WORK/idp/idp.out" "$WORK/idp/idp.log" "$WORK/idp/oauth-token.log"; do
     [ -s "$f" ] || continue
     printf '\n----- %s (last 200 lines) -----\n' "${f#"$WORK"/}" >&2
     tail -n 200 "$f" >&2 || true
@@ -233,6 +274,10 @@ cleanup() {
   if [ -n "$TAIL_PID" ]; then
     sleep 0.3 # let tail print the gateway's last lines
     stop_pid "$TAIL_PID" tail
+  fi
+  if [ -n "$POSTFIX_CONF_DIR" ]; then
+    log "stopping Postfix (postfix -c $POSTFIX_CONF_DIR stop)"
+    postfix_sandbox_stop
   fi
   if [ -n "$DOVECOT_PID" ]; then
     log "stopping Dovecot (pid $DOVECOT_PID)"
@@ -264,13 +309,18 @@ fail() {
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/imapgate-demo.XXXXXX")"
 chmod 755 "$WORK"
 DV="$WORK/dovecot"
+PF="$WORK/postfix"
 GW="$WORK/gateway"
-mkdir -p "$DV" "$GW"
+mkdir -p "$DV" "$PF" "$GW"
 chmod 700 "$GW"
 
-# --- 4. the backend --------------------------------------------------------------------------
-step "starting a throwaway Dovecot on $HOST:$BACKEND_PORT (implicit TLS, master user, demo mailbox)"
-dovecot_sandbox_start "$DV" "$BACKEND_PORT" implicit "$DEMO_USER"
+# --- 4. the backends -------------------------------------------------------------------------
+step "starting a throwaway Dovecot: IMAP $HOST:$BACKEND_PORT and POP3 $HOST:$BACKEND_POP3S_PORT (implicit TLS, master user), LMTP $HOST:$BACKEND_LMTP_PORT, demo mailbox"
+DOVECOT_SANDBOX_POP3S_PORT="$BACKEND_POP3S_PORT" DOVECOT_SANDBOX_LMTP_PORT="$BACKEND_LMTP_PORT" \
+  dovecot_sandbox_start "$DV" "$BACKEND_PORT" implicit "$DEMO_USER"
+DEMO_DOMAIN="${DEMO_USER#*@}"
+step "starting a throwaway Postfix: submission for the gateway on $HOST:$POSTFIX_PORT (XCLIENT from 127.0.0.1, STARTTLS), delivering $DEMO_DOMAIN to Dovecot's LMTP"
+postfix_sandbox_start "$PF" "$POSTFIX_PORT" "$BACKEND_LMTP_PORT" "$DEMO_DOMAIN"
 
 # --- 4b. the gateway's certificate -------------------------------------------------------------
 # From a throwaway CA, for localhost and 127.0.0.1 (the portal's public URL is
@@ -349,6 +399,11 @@ cat >"$CONFIG" <<EOF
 listeners:
   - { name: imaps, address: "$HOST:$TLS_PORT", tls: implicit }
   - { name: imap, address: "$HOST:$STARTTLS_PORT", tls: starttls }
+  # SMTP submission (RFC 8314 implicit TLS, RFC 6409 with STARTTLS) and POP3: the gateway's own
+  # greeting and EHLO name; the same users, app passwords, TOTP, unlock windows and guard.
+  - { name: smtps, protocol: smtp, address: "$HOST:$SMTP_TLS_PORT", tls: implicit, hostname: localhost }
+  - { name: submission, protocol: smtp, address: "$HOST:$SMTP_STARTTLS_PORT", tls: starttls, hostname: localhost }
+  - { name: pop3s, protocol: pop3, address: "$HOST:$POP3_TLS_PORT", tls: implicit }
 tls:
   certificates:                    # signed by the demo's throwaway CA ($TLS_DIR/ca.pem)
     - cert_file: "$TLS_DIR/server.pem"
@@ -380,8 +435,26 @@ backends:
     login: master_user
     master_user: $DOVECOT_MASTER_USER
     master_password_file: "$DV/master.secret"
+  - name: postfix                  # hands the login over with XCLIENT LOGIN=… ADDR=… (no password)
+    protocol: smtp
+    address: "127.0.0.1:$POSTFIX_PORT"
+    tls: starttls
+    ca_file: "$PF/tls/ca.pem"
+    server_name: localhost
+    login: xclient
+  - name: dovecot-pop3             # USER demo@example.org*$DOVECOT_MASTER_USER, then the master password
+    protocol: pop3
+    address: "127.0.0.1:$BACKEND_POP3S_PORT"
+    tls: implicit
+    ca_file: "$DV/tls/ca.pem"
+    server_name: localhost
+    login: master_user
+    master_user: $DOVECOT_MASTER_USER
+    master_password_file: "$DV/master.secret"
 routes:
   default: dovecot
+  smtp: { default: postfix }
+  pop3: { default: dovecot-pop3 }
 admin:
   address: "$HOST:$ADMIN_PORT"
   token_file: "$ADMIN_TOKEN_FILE"
@@ -421,13 +494,13 @@ USER_SHOW="$("$BIN" users show "$DEMO_USER" -c "$CONFIG" 2>>"$GW/cli.log")" ||
   fail "imapgate users show $DEMO_USER failed"
 grep -q '^totp: enrolled' <<<"$USER_SHOW" || fail "imapgate users show does not list $DEMO_USER as enrolled: $USER_SHOW"
 
-GATEWAY_PORTS=("$TLS_PORT" "$STARTTLS_PORT" "$ADMIN_PORT")
+GATEWAY_PORTS=("$TLS_PORT" "$STARTTLS_PORT" "$SMTP_TLS_PORT" "$SMTP_STARTTLS_PORT" "$POP3_TLS_PORT" "$ADMIN_PORT")
 PORTAL_NOTE=""
 if [ "$PORTAL" -eq 1 ]; then
   GATEWAY_PORTS+=("$PORTAL_PORT")
   PORTAL_NOTE=", portal $HOST:$PORTAL_PORT"
 fi
-step "starting imapgate (imaps $HOST:$TLS_PORT, starttls $HOST:$STARTTLS_PORT, admin $HOST:$ADMIN_PORT$PORTAL_NOTE)"
+step "starting imapgate (imaps $HOST:$TLS_PORT, imap+starttls $HOST:$STARTTLS_PORT, smtps $HOST:$SMTP_TLS_PORT, submission+starttls $HOST:$SMTP_STARTTLS_PORT, pop3s $HOST:$POP3_TLS_PORT, admin $HOST:$ADMIN_PORT$PORTAL_NOTE)"
 "$BIN" run -c "$CONFIG" >"$GW/gateway.log" 2>&1 &
 GATEWAY_PID=$!
 for port in "${GATEWAY_PORTS[@]}"; do
@@ -745,6 +818,124 @@ portal_checks() {
   log "ok: signed_in, app_password_created and app_password_revoked by $DEMO_USER, totp_reset by $PORTAL_ADMIN_ACCOUNT@example.org"
 }
 
+# mail_checks: SMTP submission and POP3 through the gateway, with real clients. curl sends one
+# message through each SMTP listener (implicit TLS; STARTTLS) with the bare app password: the IMAP
+# login with a code at the start unlocked it for 127.0.0.1, and the unlock window holds for every
+# protocol. The gateway hands the login to Postfix with XCLIENT; Postfix delivers to Dovecot over
+# LMTP; both messages are then read back through the gateway over POP3 (curl pop3s://) and IMAP
+# (SEARCH). Last, Python's smtplib checks the submission port's pre-auth rules.
+mail_checks() {
+  local ca="$TLS_DIR/ca.pem" run mail_dir="$WORK/mail" maildir="$DV/mail/$DEMO_USER/Maildir"
+  local kind port scheme msg subject deadline n nonce urls=()
+  local -A subjects=()
+  nonce="$(random_secret)"
+  run="$(date +%s)-${nonce:0:8}"
+  mkdir -p "$mail_dir"
+  for kind in smtps submission; do
+    subject="imapgate demo check $run via $kind"
+    subjects[$kind]="$subject"
+    msg="$mail_dir/$kind.eml"
+    printf '%s\r\n' "From: $DEMO_USER" "To: $DEMO_USER" "Subject: $subject" "Date: $(date -R)" \
+      "Message-ID: <$run.$kind@imapgate-demo.invalid>" "" \
+      "Sent through imapgate's $kind listener with an app password; Postfix got the login by XCLIENT." >"$msg"
+    if [ "$kind" = smtps ]; then
+      port="$SMTP_TLS_PORT" scheme=smtps
+      step "check: curl sends a message through SMTP submission over implicit TLS (smtps://$HOST:$port) with the bare app password (the IMAP login with a code unlocked 127.0.0.1 for every protocol)"
+    else
+      port="$SMTP_STARTTLS_PORT" scheme=smtp
+      step "check: curl sends a message through SMTP submission with STARTTLS (smtp://$HOST:$port --ssl-reqd)"
+    fi
+    log "\$ curl --cacert $ca --ssl-reqd $scheme://$HOST:$port --user '$CRED' --mail-from $DEMO_USER --mail-rcpt $DEMO_USER --upload-file $msg"
+    RC=0
+    OUT="$("${CURL[@]}" --cacert "$ca" --ssl-reqd "$scheme://$HOST:$port" --user "$CRED" \
+      --mail-from "$DEMO_USER" --mail-rcpt "$DEMO_USER" --upload-file "$msg" 2>&1)" || RC=$?
+    [ "$RC" -eq 0 ] || fail "curl could not send through $scheme://$HOST:$port (exit $RC): $OUT"
+    audit_has '"result":"success"' '"protocol":"smtp"' "\"listener\":\"$kind\"" "\"user\":\"$DEMO_USER\"" ||
+      fail "no audit line for the SMTP login on the $kind listener"
+    log "ok: accepted (audit: protocol smtp, listener $kind)"
+  done
+  audit_has '"result":"success"' '"protocol":"smtp"' '"mfa":"unlocked"' ||
+    fail "no audit line shows an SMTP login in the unlock window the IMAP login earned"
+
+  step "check: Postfix delivers both to Dovecot (LMTP) within 20 s"
+  deadline=$((SECONDS + 20))
+  for kind in smtps submission; do
+    until grep -rqsF -- "Subject: ${subjects[$kind]}" "$maildir/new" "$maildir/cur"; do
+      if [ "$SECONDS" -ge "$deadline" ]; then
+        printf '\n----- postfix/maillog -----\n' >&2
+        cat "$POSTFIX_LOG" >&2 2>/dev/null || true
+        fail "the message sent through the $kind listener did not reach $DEMO_USER's mailbox within 20 s (Postfix's log above)"
+      fi
+      sleep 0.2
+    done
+  done
+  log "ok: both delivered"
+
+  step "check: curl reads them back through the gateway over POP3 (pop3s://$HOST:$POP3_TLS_PORT/)"
+  log "\$ curl --cacert $ca pop3s://$HOST:$POP3_TLS_PORT/ --user '$CRED'"
+  OUT="$("${CURL[@]}" --cacert "$ca" "pop3s://$HOST:$POP3_TLS_PORT/" --user "$CRED" 2>&1)" ||
+    fail "curl could not list the mailbox over POP3: $OUT"
+  printf '%s\n' "$OUT"
+  for n in $(tr -d '\r' <<<"$OUT" | awk '$1 ~ /^[0-9]+$/ { print $1 }'); do
+    urls+=("pop3s://$HOST:$POP3_TLS_PORT/$n")
+  done
+  [ "${#urls[@]}" -ge 3 ] || fail "POP3 lists ${#urls[@]} message(s), expected the welcome message and the two sent"
+  OUT="$("${CURL[@]}" --cacert "$ca" --user "$CRED" "${urls[@]}" 2>&1)" || fail "curl could not retrieve the messages over POP3: $OUT"
+  for kind in smtps submission; do
+    grep -qF -- "Subject: ${subjects[$kind]}" <<<"$OUT" || fail "POP3 does not return the message sent through $kind"
+  done
+  # Postfix took the login from XCLIENT (smtpd_sasl_authenticated_header = yes says so).
+  [ "$(grep -cF "(Authenticated sender: $DEMO_USER)" <<<"$OUT")" -ge 2 ] ||
+    fail "the messages' Received headers do not name $DEMO_USER as the authenticated sender (XCLIENT LOGIN)"
+  { grep -F -e 'Subject: imapgate demo check' -e 'Authenticated sender' <<<"$OUT" || true; } | tr -d '\r' | sed 's/^[[:space:]]*/  /'
+  audit_has '"result":"success"' '"protocol":"pop3"' '"listener":"pop3s"' "\"user\":\"$DEMO_USER\"" ||
+    fail "no audit line for the POP3 login"
+  log "ok: both there, each received by Postfix from (Authenticated sender: $DEMO_USER)"
+
+  step "check: curl finds them through the gateway over IMAP too (SEARCH SUBJECT $run)"
+  OUT="$("${CURL[@]}" --cacert "$ca" "imaps://$HOST:$TLS_PORT/INBOX?SUBJECT%20$run" --user "$CRED" 2>&1)" ||
+    fail "curl could not search the mailbox over IMAP: $OUT"
+  OUT="$(tr -d '\r' <<<"$OUT")"
+  [ "$(sed -n 's/^\* SEARCH//p' <<<"$OUT" | wc -w)" -eq 2 ] ||
+    fail "IMAP SEARCH SUBJECT $run did not find exactly the two messages: $OUT"
+  log "ok: $OUT"
+
+  step "check: the submission port's pre-auth rules (python3 smtplib): the gateway's own greeting; before STARTTLS no AUTH offered, AUTH and MAIL refused with 530; after it AUTH PLAIN LOGIN offered, MAIL before AUTH refused with 530"
+  python3 - "$HOST" "$SMTP_STARTTLS_PORT" "$ca" "$DEMO_USER" <<'PY' || fail "the submission port broke a pre-auth rule (above)"
+import smtplib, ssl, sys
+
+host, port, ca, user = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+
+
+def expect(what, reply, code, text):
+    got, msg = reply[0], reply[1].decode(errors="replace")
+    print(f"  {what}: {got} {msg}")
+    if got != code or text not in msg:
+        sys.exit(f"FAIL: {what}: expected {code} {text}")
+
+
+s = smtplib.SMTP(timeout=30)
+expect("greeting", s.connect(host, port), 220, "localhost ESMTP")
+if "postfix" in s.ehlo("client.example")[1].decode(errors="replace").lower():
+    sys.exit("FAIL: the EHLO reply shows the backend's name")
+print(f"  EHLO before TLS: {' '.join(sorted(s.esmtp_features))}")
+if s.has_extn("auth") or not s.has_extn("starttls"):
+    sys.exit("FAIL: before TLS the EHLO reply must offer STARTTLS and no AUTH")
+# No initial response: a server that would take a password in cleartext answers 334 here.
+expect("AUTH PLAIN before STARTTLS", s.docmd("AUTH", "PLAIN"), 530, "5.7.0")
+expect("MAIL before STARTTLS", s.docmd("MAIL", f"FROM:<{user}>"), 530, "5.7.0")
+s.starttls(context=ssl.create_default_context(cafile=ca))
+s.ehlo("client.example")
+mechanisms = s.esmtp_features.get("auth", "").upper().split()
+print(f"  EHLO after TLS: {' '.join(sorted(s.esmtp_features))} (AUTH {' '.join(mechanisms)})")
+if not {"PLAIN", "LOGIN"} <= set(mechanisms) or s.has_extn("starttls") or s.has_extn("xclient"):
+    sys.exit("FAIL: after TLS the EHLO reply must offer AUTH PLAIN LOGIN, and neither STARTTLS nor XCLIENT")
+expect("MAIL before AUTH", s.docmd("MAIL", f"FROM:<{user}>"), 530, "5.7.0")
+s.quit()
+PY
+  log "ok"
+}
+
 if [ "$MODE" = check ]; then
   step "check: the audit log says how the second factor was met (totp, then unlocked)"
   audit_has '"result":"success"' '"mfa":"totp"' || fail "no audit line for a login with a TOTP code"
@@ -894,6 +1085,8 @@ PY
   fi
   log "ok: refused ($OUT)"
 
+  mail_checks
+
   if [ "$OAUTH" -eq 1 ]; then
     oauth_checks
   fi
@@ -915,11 +1108,13 @@ PY
       fail "/metrics does not count $reason in imapgate_totp_failures_total"
   done
   log "ok: imapgate_totp_failures_total counts code_replayed and code_missing"
-  grep -Eq '^imapgate_auth_attempts_total\{mechanism="(login|plain)",result="success"\} [1-9]' <<<"$OUT" ||
-    fail "/metrics does not count the demo's successful logins in imapgate_auth_attempts_total"
+  for protocol in imap smtp pop3; do
+    grep -Eq "^imapgate_auth_attempts_total\\{mechanism=\"(login|plain)\",protocol=\"$protocol\",result=\"success\"\\} [1-9]" <<<"$OUT" ||
+      fail "/metrics does not count the demo's successful $protocol logins in imapgate_auth_attempts_total"
+  done
   grep -Eq '^imapgate_guard_blocks_total\{reason="failures",scope="ip"\} [1-9]' <<<"$OUT" ||
     fail "/metrics does not count the guesser's block in imapgate_guard_blocks_total"
-  log "ok: imapgate_auth_attempts_total counts the logins, imapgate_guard_blocks_total the block"
+  log "ok: imapgate_auth_attempts_total counts the logins over IMAP, SMTP and POP3, imapgate_guard_blocks_total the block"
   grep -Eq '^process_resident_memory_bytes [1-9]' <<<"$OUT" ||
     fail "/metrics has no process_resident_memory_bytes (the process metrics)"
   grep -Eq '^imapgate_limit\{limit="max_connections"\} [1-9]' <<<"$OUT" ||
@@ -952,7 +1147,7 @@ PY
   if [ "$PORTAL" -eq 1 ]; then
     ALSO_PASSED="$ALSO_PASSED; portal: the browser tests in headless Chromium (sign-in approval: approve and deny; sign-in at the IdP, app password, TOTP enrolment, IMAP logins, revocation ending the IDLE session, the helpdesk's TOTP reset)"
   fi
-  printf '\nPASS: demo check (imapgate in front of Dovecot, users in SQLite: app password + TOTP, unlock window, replayed code refused, a guesser blocked and cleared, an app password made and revoked through the admin API ending its IDLE session, STARTTLS, admin%s)\n' "$ALSO_PASSED"
+  printf '\nPASS: demo check (imapgate in front of Dovecot, users in SQLite: app password + TOTP, unlock window, replayed code refused, a guesser blocked and cleared, an app password made and revoked through the admin API ending its IDLE session, STARTTLS, SMTP submission over implicit TLS and STARTTLS (XCLIENT to Postfix) and POP3: mail sent and read back over POP3 and IMAP, AUTH and MAIL refused before STARTTLS; admin%s)\n' "$ALSO_PASSED"
   exit 0
 fi
 
@@ -963,7 +1158,11 @@ cat >"$ENV_FILE" <<EOF
 IMAPGATE_DEMO_HOST=$HOST
 IMAPGATE_DEMO_TLS_PORT=$TLS_PORT
 IMAPGATE_DEMO_STARTTLS_PORT=$STARTTLS_PORT
+IMAPGATE_DEMO_SMTP_TLS_PORT=$SMTP_TLS_PORT
+IMAPGATE_DEMO_SMTP_STARTTLS_PORT=$SMTP_STARTTLS_PORT
+IMAPGATE_DEMO_POP3_TLS_PORT=$POP3_TLS_PORT
 IMAPGATE_DEMO_ADMIN_PORT=$ADMIN_PORT
+IMAPGATE_DEMO_CA_FILE=$TLS_DIR/ca.pem
 IMAPGATE_DEMO_USER=$DEMO_USER
 IMAPGATE_DEMO_PASSWORD='$APP_PASSWORD'
 IMAPGATE_DEMO_TOTP_SECRET='$TOTP_SECRET'
@@ -1008,24 +1207,29 @@ imapgate demo is running.
                (the QR code above holds the same; scan either into an authenticator app such as
                Aegis, FreeOTP, Google Authenticator, 1Password or Bitwarden)
 
-Point any IMAP client at it (Thunderbird: "Configure manually", normal password):
+Point any mail client at it (Thunderbird: "Configure manually", normal password):
 
   host         $HOST
   IMAPS        port $TLS_PORT   (TLS from the first byte; the demo's own throwaway CA signed
-               the certificate: accept it)
+               the certificate: accept it, or trust $TLS_DIR/ca.pem)
   IMAP         port $STARTTLS_PORT   (STARTTLS required before login)
+  SMTP         port $SMTP_TLS_PORT (TLS from the first byte) or $SMTP_STARTTLS_PORT (STARTTLS required before AUTH)
+  POP3S        port $POP3_TLS_PORT   (TLS from the first byte)
   user         $DEMO_USER
   password     the app password immediately followed by the code your app shows now:
                  $APP_PASSWORD   (an app password; the spaces are optional)
                e.g. in Thunderbird's password field:  ${APP_PASSWORD// /}123456
                (with the current 6 digits in place of 123456; no app at hand? run $CODE_CMD)
   admin        http://$HOST:$ADMIN_PORT/metrics  /healthz  /readyz
-  backend      Dovecot on $HOST:$BACKEND_PORT (verified TLS, master user '$DOVECOT_MASTER_USER')
+  backends     Dovecot IMAP on $HOST:$BACKEND_PORT and POP3 on $HOST:$BACKEND_POP3S_PORT (verified TLS,
+               master user '$DOVECOT_MASTER_USER'); Postfix on $HOST:$POSTFIX_PORT (verified STARTTLS, the
+               login handed over with XCLIENT), delivering $DEMO_DOMAIN to Dovecot's LMTP
 
 $UNLOCK_NOTE
 After one login with a valid code the client may save the whole string; from the same /24 the
-app password works without a code for 12 hours (auth.mfa.unlock_ttl), so reconnects and IDLE keep
-working; after that the client asks again and you type the app password with a fresh code.
+app password works without a code for 12 hours (auth.mfa.unlock_ttl), over IMAP, SMTP and POP3
+alike, so reconnects, IDLE and sending keep working; after that the client asks again and you
+type the app password with a fresh code.
 Each code works once: the demo's curl used $TOTP_CODE, so if your app still shows it, wait
 for the next one.
 
@@ -1034,6 +1238,17 @@ Try:
   curl --insecure --ssl-reqd 'imap://$HOST:$STARTTLS_PORT/' --user '$CRED'   (after a login with a code)
   openssl s_client -quiet -crlf -connect $HOST:$TLS_PORT
   $BIN guard status -c $CONFIG      (after 5 wrong passwords from one address: blocked)
+
+Send mail through the gateway's SMTP submission and read it back over POP3 (after a login with
+a code from this /24, over any protocol; else append the code to the password as above):
+  printf 'Subject: hello through imapgate\r\n\r\nHello.\r\n' >hello.eml
+  curl --cacert '$TLS_DIR/ca.pem' 'smtps://$HOST:$SMTP_TLS_PORT' --user '$CRED' \\
+      --mail-from $DEMO_USER --mail-rcpt $DEMO_USER --upload-file hello.eml
+  curl --cacert '$TLS_DIR/ca.pem' --ssl-reqd 'smtp://$HOST:$SMTP_STARTTLS_PORT' --user '$CRED' \\
+      --mail-from $DEMO_USER --mail-rcpt $DEMO_USER --upload-file hello.eml
+  curl --cacert '$TLS_DIR/ca.pem' 'pop3s://$HOST:$POP3_TLS_PORT/' --user '$CRED'     (the list)
+  curl --cacert '$TLS_DIR/ca.pem' 'pop3s://$HOST:$POP3_TLS_PORT/2' --user '$CRED'    (message 2)
+Postfix's log: $PF/maillog (the gateway's logins show as sasl_method=XCLIENT).
 
 The same settings, the TOTP secret and the otpauth URI are in $ENV_FILE (. ./demo.env).
 EOF
