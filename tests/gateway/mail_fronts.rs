@@ -993,14 +993,18 @@ async fn doctor_checks_the_smtp_and_pop3_backends() {
         .unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    for backend in ["postfix", "dovecot-submission", "dovecot-pop3"] {
+    for (backend, done) in [
+        ("postfix", "handed over as wes@example.org with XCLIENT"),
+        ("dovecot-submission", "logged in as wes@example.org"),
+        ("dovecot-pop3", "logged in as wes@example.org"),
+    ] {
         assert!(
             text.lines()
-                .any(|l| l.starts_with(&format!("[ok]   backend {backend} "))
-                    && l.contains("logged in as wes@example.org")),
+                .any(|l| l.starts_with(&format!("[ok]   backend {backend} ")) && l.contains(done)),
             "{backend}: {text}"
         );
     }
+    assert!(text.contains("XCLIENT offered to the gateway"), "{text}");
     assert!(text.contains("(smtp "), "{text}");
     assert!(text.contains("(pop3 "), "{text}");
     assert!(!text.contains(&t.password("wes@example.org")), "{text}");
