@@ -19,7 +19,7 @@
 //! loadgen smtp   --addr … --ca … --users … --concurrency 8 --seconds 10 --auth plain|none
 //!                [--per-session 10] [--size 51200] [--rcpt sink@bench.test]
 //!                [--pid P] [--backend-pid Q] [--queue POSTFIX_QUEUE_DIR]
-//!                [--sessions-per-client N (instead of --seconds)]
+//!                [--sessions-per-client N (instead of --seconds)] [--warm-up yes|no]
 //! ```
 //! `users.txt` holds `user password` lines; clients take them round-robin.
 // A measuring tool, not network-facing code: panicking on a broken setup is the right answer.
@@ -74,6 +74,8 @@ struct Args {
     queue: Option<String>,
     /// smtp: whole sessions per client instead of `--seconds`.
     sessions_per_client: Option<usize>,
+    /// smtp: `--warm-up no` skips the session per user before the clock starts.
+    warm_up: bool,
 }
 
 fn parse_args() -> Args {
@@ -103,6 +105,7 @@ fn parse_args() -> Args {
         backend_pids: Vec::new(),
         queue: None,
         sessions_per_client: None,
+        warm_up: true,
     };
     while let Some(flag) = it.next() {
         let v = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -144,6 +147,13 @@ fn parse_args() -> Args {
             "--backend-pid" => a.backend_pids = v.split(',').map(|x| x.parse().unwrap()).collect(),
             "--queue" => a.queue = Some(v),
             "--sessions-per-client" => a.sessions_per_client = Some(v.parse().unwrap()),
+            "--warm-up" => {
+                a.warm_up = match v.as_str() {
+                    "yes" => true,
+                    "no" => false,
+                    other => panic!("--warm-up yes|no, not {other}"),
+                }
+            }
             other => panic!("unknown flag {other}"),
         }
     }
@@ -489,6 +499,7 @@ fn main() {
                 backend_pids: a.backend_pids.clone(),
                 queue: a.queue.clone(),
                 sessions_per_client: a.sessions_per_client,
+                warm_up: a.warm_up,
             };
             let fields = smtp::run(&s, connector_alpn(&a.ca, b"smtp")).await;
             emit(&a, fields);

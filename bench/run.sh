@@ -54,6 +54,7 @@ cd "$REPO"
 . scripts/lib/common.sh
 
 QUICK=0
+LOADAVG_AT_START="$(cut -d" " -f1-3 /proc/loadavg)"
 SESSIONS=2000
 SESSIONS_GIVEN=0
 ROUNDS=3
@@ -200,7 +201,7 @@ perf_summary() {
 machine_meta() {
   printf '%s\n' "cpus=$(nproc)" "model=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)" \
     "mem_gib=$(awk '/MemTotal/ { printf "%.0f", $2 / 1048576 }' /proc/meminfo)" \
-    "postfix=$(postconf -d -h mail_version 2>/dev/null)" "loadavg_at_end=$(cut -d' ' -f1-3 /proc/loadavg)"
+    "postfix=$(postconf -d -h mail_version 2>/dev/null)" "loadavg_at_start=$LOADAVG_AT_START" "loadavg_at_end=$(cut -d' ' -f1-3 /proc/loadavg)"
 }
 
 if [ "$SMTP" -eq 1 ]; then

@@ -365,6 +365,9 @@ pub(crate) struct SmtpArgs {
     pub queue: Option<String>,
     /// Each client runs exactly this many whole sessions instead of `seconds` (for a trace).
     pub sessions_per_client: Option<usize>,
+    /// One session per user first (see [`warm_up`]); off for a profile taken right after a
+    /// warm run, so that the profiler's window holds the measured messages only.
+    pub warm_up: bool,
 }
 
 /// Opens a session: TLS, greeting, EHLO, AUTH PLAIN when asked.
@@ -434,7 +437,11 @@ fn per_message(by: &BTreeMap<String, f64>, n: f64) -> BTreeMap<String, f64> {
 /// `seconds`; the figures as JSON fields.
 pub(crate) async fn run(a: &SmtpArgs, tls: TlsConnector) -> serde_json::Value {
     let body = Arc::new(body(a.size));
-    let warm_errors = warm_up(a, &tls, &body).await;
+    let warm_errors = if a.warm_up {
+        warm_up(a, &tls, &body).await
+    } else {
+        0
+    };
     let left_before = drain(a.queue.as_deref()).await;
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));

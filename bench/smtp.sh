@@ -235,31 +235,47 @@ smtp_check() {
   log "Postfix delivered $(grep -c 'status=sent' "$PF_DIR/maillog" || true) message(s) to the sink; $(grep -c 'warning\|fatal\|panic' "$PF_DIR/maillog" || true) warning/fatal line(s) in its log"
 }
 
-# smtp_perf PREFIX: where the gateway's time goes per message (BENCH_PERF with --smtp):
-# PREFIX.smtp.stat (perf stat: CPU, context switches, system calls, 8 clients),
-# PREFIX.smtp.strace (one client, one session of 3 messages, every system call of the gateway
-# in order: how many reads and writes a message costs), PREFIX.smtp.txt and .data (a perf
-# profile, 8 clients).
+# smtp_perf PREFIX: where the gateway's time goes per message (BENCH_PERF with --smtp), after a
+# warm run (so no argon2 from a cold verified-credential cache, no process starts in Postfix);
+# the profiled runs skip loadgen's warm-up so that the profiler's window holds only them:
+#   PREFIX.smtp.stat    perf stat of the gateway, 8 clients: CPU, context switches, system calls,
+#                       and the same per message (appended);
+#   PREFIX.smtp.strace  every system call of the gateway, in order, for one session of 3
+#                       messages: how many reads and writes a message costs each way;
+#   PREFIX.smtp.txt     a perf profile, 8 clients (and .data; BENCH_PERF_CALLGRAPH=dwarf for
+#                       user-space call graphs).
 smtp_perf() {
   local prefix="$1" perf_pid strace_pid
   step "perf: imapgate SMTP submission -> $prefix.smtp.{stat,strace,txt}"
+  smtp_run imapgate-smtp 8 3 >/dev/null
   head -1 "$WORK/gateway.txt" >"$WORK/gateway1.txt"
   perf stat -e task-clock,context-switches,cpu-migrations,raw_syscalls:sys_enter -p "$GWM_PID" \
     -o "$prefix.smtp.stat" -- sleep "$SECONDS_PER_RUN" &
   perf_pid=$!
-  smtp_run imapgate-smtp 8 "$SECONDS_PER_RUN"
+  smtp_run imapgate-smtp 8 "$SECONDS_PER_RUN" --warm-up no | tee "$WORK/perf-run.json"
   wait "$perf_pid" || true
+  python3 - "$prefix.smtp.stat" "$WORK/perf-run.json" <<'PY' >"$WORK/perf-per-message.txt"
+import json, re, sys
+n = json.loads(open(sys.argv[2]).read().strip().splitlines()[-1])["messages"]
+print(f"\n# per message ({n} messages in the window)")
+for line in open(sys.argv[1]):
+    m = re.match(r"\s*([\d.,]+)\s+(msec\s+)?(\S+)", line)
+    if m and m.group(3) in ("task-clock", "context-switches", "cpu-migrations", "raw_syscalls:sys_enter"):
+        v = float(m.group(1).replace(",", ""))
+        print(f"{m.group(3)}: {v / n:.3f}{' ms' if m.group(2) else ''}")
+PY
+  cat "$WORK/perf-per-message.txt" >>"$prefix.smtp.stat"
   strace -f -tt -p "$GWM_PID" -o "$prefix.smtp.strace" 2>/dev/null &
   strace_pid=$!
   sleep 1
   run imapgate-smtp-strace "$GWM" "$WORK/gateway1.txt" "$GWM_PID" smtp --auth plain \
-    --concurrency 1 --sessions-per-client 1 --per-session 3
+    --concurrency 1 --sessions-per-client 1 --per-session 3 --warm-up no
   sleep 0.5
   kill "$strace_pid" 2>/dev/null || true
   wait "$strace_pid" 2>/dev/null || true
   perf record -F 999 --call-graph "${BENCH_PERF_CALLGRAPH:-fp}" -p "$GWM_PID" -o "$prefix.smtp.data" -- sleep "$SECONDS_PER_RUN" 2>/dev/null &
   perf_pid=$!
-  smtp_run imapgate-smtp 8 "$SECONDS_PER_RUN"
+  smtp_run imapgate-smtp 8 "$SECONDS_PER_RUN" --warm-up no
   wait "$perf_pid" || true
   perf_summary "$prefix.smtp.data" >"$prefix.smtp.txt"
 }
