@@ -69,6 +69,9 @@ def smtp_report(rows, fmt):
             (f"gateway ÷ Postfix behind it, {c} clients", "", None, ratio(gw, pf_g), None, ""),
             (f"gateway + Postfix CPU per message, {c} clients", "ms", pf_d, tot, ratio(tot, pf_d),
              "÷ direct"),
+            (f"client (loadgen) CPU per message, {c} clients", "ms",
+             med("postfix", c, field("client_cpu_ms_per_message")),
+             med("imapgate-smtp", c, field("client_cpu_ms_per_message")), None, ""),
         ]
         # Ratios of the rounds paired in order (round r of one target with round r of the
         # other), to show the spread behind the ratio of medians.
@@ -84,6 +87,8 @@ def smtp_report(rows, fmt):
             "cpu_target_met": ratio(gw, pf_d) is not None and ratio(gw, pf_d) <= 0.5,
             "rounds_messages_per_s_ratio": paired_rate,
             "rounds_gateway_cpu_to_postfix_direct": paired_cpu,
+            "median_of_rounds_messages_per_s_ratio": median(paired_rate),
+            "median_of_rounds_gateway_cpu_to_postfix_direct": median(paired_cpu),
             "errors": sum(r.get("errors", 0) for r in d_rows + g_rows),
         }
 
@@ -108,8 +113,11 @@ def smtp_report(rows, fmt):
         rate, cpu, behind = (v["messages_per_s_ratio"], v["gateway_cpu_to_postfix_direct"],
                              v["gateway_cpu_to_postfix_behind_gateway"])
         show = lambda x: f"{x:.2f}×" if x is not None else "—"
+        rounds = v["rounds_messages_per_s_ratio"]
+        spread = (f"; round by round {min(rounds):.2f}× to {max(rounds):.2f}×, median "
+                  f"{show(v['median_of_rounds_messages_per_s_ratio'])}" if len(rounds) > 1 and None not in rounds else "")
         print(f"\n{c} clients: messages/s {show(rate)} direct (target ≥ 0.9×: "
-              f"{'met' if v['messages_per_s_target_met'] else 'NOT met'}); gateway CPU per message "
+              f"{'met' if v['messages_per_s_target_met'] else 'NOT met'}{spread}); gateway CPU per message "
               f"{show(cpu)} Postfix's own (target ≤ 0.5×: {'met' if v['cpu_target_met'] else 'NOT met'}; "
               f"{show(behind)} of Postfix's behind the gateway); errors {v['errors']}")
     return {

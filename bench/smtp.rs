@@ -446,7 +446,8 @@ pub(crate) async fn run(a: &SmtpArgs, tls: TlsConnector) -> serde_json::Value {
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
     let bytes_per_message = content("x", &a.rcpt, "x", &body).len();
-    let before = (snapshot(&a.pids), snapshot(&a.backend_pids));
+    let me = [std::process::id()];
+    let before = (snapshot(&a.pids), snapshot(&a.backend_pids), snapshot(&me));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..a.concurrency {
@@ -510,7 +511,7 @@ pub(crate) async fn run(a: &SmtpArgs, tls: TlsConnector) -> serde_json::Value {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let left_after = drain(a.queue.as_deref()).await;
-    let after = (snapshot(&a.pids), snapshot(&a.backend_pids));
+    let after = (snapshot(&a.pids), snapshot(&a.backend_pids), snapshot(&me));
     all.message_lat.sort_by(|x, y| x.partial_cmp(y).unwrap());
     all.setup_lat.sort_by(|x, y| x.partial_cmp(y).unwrap());
     let n = all.message_lat.len() as f64;
@@ -523,6 +524,9 @@ pub(crate) async fn run(a: &SmtpArgs, tls: TlsConnector) -> serde_json::Value {
     };
     let target = cpu(&before.0, &after.0);
     let backend = cpu(&before.1, &after.1);
+    // The load generator's own CPU (TLS and all): on a machine that runs everything, the
+    // clients' share of the cores is part of what sets the rate.
+    let client = cpu(&before.2, &after.2);
     serde_json::json!({
         "concurrency": a.concurrency,
         "per_session": a.per_session,
@@ -545,6 +549,7 @@ pub(crate) async fn run(a: &SmtpArgs, tls: TlsConnector) -> serde_json::Value {
         "cpu_by_process": target.as_ref().map(|x| x.1.clone()),
         "backend_cpu_ms_per_message": backend.as_ref().map(|x| x.0),
         "backend_cpu_by_process": backend.as_ref().map(|x| x.1.clone()),
+        "client_cpu_ms_per_message": client.as_ref().map(|x| x.0),
         "queued_before": left_before,
         "queued_after": left_after,
     })
