@@ -233,6 +233,7 @@ smtp_check() {
   left="$(find "$PF_DIR/queue/deferred" "$PF_DIR/queue/active" "$PF_DIR/queue/incoming" -type f 2>/dev/null | wc -l)"
   [ "$left" -eq 0 ] || warn "Postfix still holds $left message(s): $(grep -E 'status=(deferred|bounced)' "$PF_DIR/maillog" | tail -3)"
   log "Postfix delivered $(grep -c 'status=sent' "$PF_DIR/maillog" || true) message(s) to the sink; $(grep -c 'warning\|fatal\|panic' "$PF_DIR/maillog" || true) warning/fatal line(s) in its log"
+  grep 'warning\|fatal\|panic' "$PF_DIR/maillog" | tail -5 >&2 || true
 }
 
 # smtp_perf PREFIX: where the gateway's time goes per message (BENCH_PERF with --smtp), after a
