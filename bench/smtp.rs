@@ -554,3 +554,53 @@ pub(crate) async fn run(a: &SmtpArgs, tls: TlsConnector) -> serde_json::Value {
         "queued_after": left_after,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(comm: &str, own: f64, reaped: f64) -> ProcCpu {
+        ProcCpu {
+            comm: comm.to_owned(),
+            own,
+            reaped,
+        }
+    }
+
+    /// A daemon that exits during the run (its time moved to the master's reaped time) and
+    /// one started during the run are both counted, each once.
+    #[test]
+    fn cpu_of_processes_that_come_and_go_is_counted_once() {
+        let before = HashMap::from([
+            (1, p("master", 1.0, 5.0)),
+            (10, p("smtpd", 2.0, 0.0)),
+            (11, p("cleanup", 3.0, 0.0)),
+        ]);
+        // smtpd 10 ran 0.5 s more, then exited and was reaped (2.5 s to the master);
+        // cleanup 11 ran 1 s; cleanup 12 started and ran 0.25 s; the master 0.1 s.
+        let after = HashMap::from([
+            (1, p("master", 1.1, 7.5)),
+            (11, p("cleanup", 4.0, 0.0)),
+            (12, p("cleanup", 0.25, 0.0)),
+        ]);
+        let (total, by) = cpu_between(&before, &after);
+        assert!((total - 1.85).abs() < 1e-9, "{total}");
+        assert!((by["cleanup"] - 1.25).abs() < 1e-9);
+        assert!((by["exited"] - 0.5).abs() < 1e-9);
+        assert!((by["master"] - 0.1).abs() < 1e-9);
+    }
+
+    /// No body line starts with a dot (no dot stuffing needed), every line ends in CRLF and
+    /// the body is the size asked for, to a line.
+    #[test]
+    fn the_body_needs_no_dot_stuffing() {
+        let b = body(51_200);
+        assert!(b.len() <= 51_200 && b.len() > 51_200 - 78);
+        assert!(b.ends_with(b"\r\n"));
+        for line in b.split(|&c| c == b'\n') {
+            assert!(!line.starts_with(b"."));
+        }
+        let m = content("a@bench.test", "sink@bench.test", "1", &b);
+        assert!(m.ends_with(b"\r\n.\r\n"));
+    }
+}
