@@ -138,12 +138,17 @@ EOF
   kill -0 "$PF_PID" 2>/dev/null || die "no Postfix master (pid file said '$PF_PID')"
 }
 
-# smtp_postfix_stop: stops the instance (master and its daemons); harmless when none runs.
+# smtp_postfix_stop: stops the instance (master and its daemons), also one whose start failed
+# half-way; harmless when none runs.
 smtp_postfix_stop() {
-  [ -n "$PF_CONF" ] && [ -n "$PF_PID" ] || return 0
+  [ -n "$PF_CONF" ] || return 0
+  local pid="$PF_PID"
+  [ -n "$pid" ] || pid="$(tr -d ' \n' <"$PF_DIR/queue/pid/master.pid" 2>/dev/null || true)"
   "$(PATH="$PATH:/usr/sbin" command -v postfix)" -c "$PF_CONF" stop >/dev/null 2>&1 || true
-  wait_pid_gone "$PF_PID" 15 || kill -KILL "$PF_PID" 2>/dev/null || true
-  PF_PID=""
+  if [ -n "$pid" ]; then
+    wait_pid_gone "$pid" 15 || kill -KILL "$pid" 2>/dev/null || true
+  fi
+  PF_PID="" PF_CONF=""
 }
 
 # smtp_gateway_config PORT ADMIN BACKEND_PORT: an imapgate with one SMTP listener (implicit TLS)
