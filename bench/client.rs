@@ -169,6 +169,12 @@ pub(crate) fn read_users(path: &str) -> Vec<(String, String)> {
 }
 
 pub(crate) fn connector(ca: &str) -> TlsConnector {
+    connector_alpn(ca, b"imap")
+}
+
+/// A connector offering one ALPN protocol (`imap`, `smtp`, `pop3`): the gateway refuses a
+/// client whose ALPN list lacks its listener's protocol (ALPACA).
+pub(crate) fn connector_alpn(ca: &str, alpn: &[u8]) -> TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(ca).expect("--ca PEM") {
         roots.add(c.unwrap()).unwrap();
@@ -181,6 +187,6 @@ pub(crate) fn connector(ca: &str) -> TlsConnector {
     .with_root_certificates(roots)
     .with_no_client_auth();
     let mut config = config;
-    config.alpn_protocols = vec![b"imap".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     TlsConnector::from(Arc::new(config))
 }

@@ -1,6 +1,7 @@
 //! imapgate's load generator (client only): logins, bulk FETCH, NOOP latency and idle
 //! sessions against any IMAP-over-TLS server — direct Dovecot, the nginx mail proxy or imapgate
-//! — so that `bench/run.sh` measures all three on the same work. One JSON object per run on
+//! — so that `bench/run.sh` measures all three on the same work; and SMTP submission over
+//! implicit TLS, to the gateway or directly to Postfix (`smtp`, in bench/smtp.rs). One JSON object per run on
 //! stdout. With `--pid`, it also reads that server process's CPU time and resident memory from
 //! /proc before and after (the proxy's own cost; the process and its children).
 //!
@@ -15,6 +16,10 @@
 //! loadgen fetch  --addr … --ca … --users … --rounds 3
 //! loadgen noop   --addr … --ca … --users … --count 2000
 //! loadgen idle   --addr … --ca … --users … --sessions 2000 --hold 10
+//! loadgen smtp   --addr … --ca … --users … --concurrency 8 --seconds 10 --auth plain|none
+//!                [--per-session 10] [--size 51200] [--rcpt sink@bench.test]
+//!                [--pid P] [--backend-pid Q] [--queue POSTFIX_QUEUE_DIR]
+//!                [--sessions-per-client N (instead of --seconds)] [--warm-up yes|no]
 //! ```
 //! `users.txt` holds `user password` lines; clients take them round-robin.
 // A measuring tool, not network-facing code: panicking on a broken setup is the right answer.
@@ -34,7 +39,9 @@ use tokio_rustls::TlsConnector;
 
 #[path = "client.rs"]
 mod client;
-use client::{connector, read_users, Conn};
+#[path = "smtp.rs"]
+mod smtp;
+use client::{connector, connector_alpn, read_users, Conn};
 
 struct Args {
     mode: String,
@@ -53,11 +60,29 @@ struct Args {
     label: String,
     /// `--mech xoauth2`: the users file holds `user token` lines; log in with XOAUTH2.
     xoauth2: bool,
+    /// smtp: `--auth plain` (the gateway) or `none` (direct submission from a trusted network).
+    smtp_auth: bool,
+    /// smtp: messages per session before QUIT.
+    per_session: usize,
+    /// smtp: bytes per message.
+    size: usize,
+    /// smtp: the envelope recipient.
+    rcpt: String,
+    /// smtp: the process tree behind the target (Postfix's master behind the gateway).
+    backend_pids: Vec<u32>,
+    /// smtp: Postfix's queue directory, drained before each CPU sample.
+    queue: Option<String>,
+    /// smtp: whole sessions per client instead of `--seconds`.
+    sessions_per_client: Option<usize>,
+    /// smtp: `--warm-up no` skips the session per user before the clock starts.
+    warm_up: bool,
 }
 
 fn parse_args() -> Args {
     let mut it = std::env::args().skip(1);
-    let mode = it.next().expect("mode: logins | fetch | noop | idle");
+    let mode = it
+        .next()
+        .expect("mode: logins | fetch | noop | idle | smtp");
     let mut a = Args {
         mode,
         addr: "127.0.0.1:993".parse().unwrap(),
@@ -73,6 +98,14 @@ fn parse_args() -> Args {
         pids: Vec::new(),
         label: String::new(),
         xoauth2: false,
+        smtp_auth: true,
+        per_session: 10,
+        size: 51_200,
+        rcpt: "sink@bench.test".to_owned(),
+        backend_pids: Vec::new(),
+        queue: None,
+        sessions_per_client: None,
+        warm_up: true,
     };
     while let Some(flag) = it.next() {
         let v = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -99,6 +132,26 @@ fn parse_args() -> Args {
                     "login" => false,
                     "xoauth2" => true,
                     other => panic!("--mech login|xoauth2, not {other}"),
+                }
+            }
+            "--auth" => {
+                a.smtp_auth = match v.as_str() {
+                    "plain" => true,
+                    "none" => false,
+                    other => panic!("--auth plain|none, not {other}"),
+                }
+            }
+            "--per-session" => a.per_session = v.parse().unwrap(),
+            "--size" => a.size = v.parse().unwrap(),
+            "--rcpt" => a.rcpt = v,
+            "--backend-pid" => a.backend_pids = v.split(',').map(|x| x.parse().unwrap()).collect(),
+            "--queue" => a.queue = Some(v),
+            "--sessions-per-client" => a.sessions_per_client = Some(v.parse().unwrap()),
+            "--warm-up" => {
+                a.warm_up = match v.as_str() {
+                    "yes" => true,
+                    "no" => false,
+                    other => panic!("--warm-up yes|no, not {other}"),
                 }
             }
             other => panic!("unknown flag {other}"),
@@ -432,6 +485,26 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
+        if a.mode == "smtp" {
+            let s = smtp::SmtpArgs {
+                addr: a.addr,
+                users: a.users.clone(),
+                concurrency: a.concurrency,
+                seconds: a.seconds,
+                auth: a.smtp_auth,
+                per_session: a.per_session.max(1),
+                size: a.size,
+                rcpt: a.rcpt.clone(),
+                pids: a.pids.clone(),
+                backend_pids: a.backend_pids.clone(),
+                queue: a.queue.clone(),
+                sessions_per_client: a.sessions_per_client,
+                warm_up: a.warm_up,
+            };
+            let fields = smtp::run(&s, connector_alpn(&a.ca, b"smtp")).await;
+            emit(&a, fields);
+            return;
+        }
         let tls = connector(&a.ca);
         match a.mode.as_str() {
             "logins" => logins(&a, tls).await,

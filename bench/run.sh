@@ -5,6 +5,7 @@
 #   bench/run.sh [--quick] [--sessions N] [--rounds R] [--seconds S] [--out FILE]
 #   bench/run.sh --compare OTHER_BINARY [--rounds R] [--seconds S]
 #   bench/run.sh --stores [--quick] [--rounds R] [--seconds S] [--out FILE]
+#   bench/run.sh --smtp [--quick] [--rounds R] [--seconds S] [--out FILE]
 #
 # What runs (all on 127.0.0.1, ports chosen at run time):
 #   - Dovecot (Debian's), with a generated mailbox (2000 messages of 50 KB; --quick: 200), a
@@ -21,7 +22,12 @@
 #     initdb + postgres as nobody in the work directory, a free loopback port, a random password,
 #     removed at the end);
 #   - the test identity provider (tests/idp, npm oidc-provider) issuing RS256 JWTs, for OAuth
-#     logins (AUTHENTICATE XOAUTH2) through the warm imapgate.
+#     logins (AUTHENTICATE XOAUTH2) through the warm imapgate;
+#   - SMTP submission (bench/smtp.sh): a throwaway Postfix (Debian's; own config, queue and
+#     data directories in the work directory, delivering to `discard`) and an imapgate whose
+#     SMTP front (implicit TLS, AUTH PLAIN with app passwords) hands sessions to it with
+#     XCLIENT; 50 KB messages, 10 per session, at 8 and 32 clients, directly to Postfix over
+#     implicit TLS and through the gateway, in every round.
 # Figures: logins/s (password, and for imapgate also OAuth) at 8 and 64 clients with p50/p99 and the proxy's CPU per login; bulk FETCH
 # MB/s and CPU per MB; NOOP round-trip p50/p99; N idle sessions (IDLE) with the proxy's memory
 # per session and CPU while idle. When the hard open-files limit keeps one imapgate process
@@ -31,12 +37,16 @@
 # targets are compared with the file store's (logins only): their ratios, and whether warm
 # logins/s stay within 10 %. --stores measures only those logins (file, sqlite, postgres; warm
 # and cold), round after round in a rotating order, for medians that the host's drift moves less.
+# SMTP: messages/s and CPU per message (the gateway's, and Postfix's own: all its processes),
+# in a table of their own with the ratios issue 21 targets. --smtp runs only that part (no
+# Dovecot, nginx, PostgreSQL or identity provider).
 #
 # BENCH_PERF=PREFIX profiles warm logins and a FETCH instead (docs/benchmarks.md);
-# BENCH_PERF_TARGET=imapgate-sqlite|imapgate-postgres profiles that store's logins.
+# BENCH_PERF_TARGET=imapgate-sqlite|imapgate-postgres profiles that store's logins; with --smtp,
+# BENCH_PERF profiles the gateway's SMTP submission instead.
 #
-# Needs root (Dovecot), cargo, python3, Debian's postgresql; installs missing Debian packages behind
-# policy-rc.d.
+# Needs root (Dovecot, Postfix), cargo, python3, Debian's postgresql and postfix; installs missing
+# Debian packages behind policy-rc.d.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -44,6 +54,7 @@ cd "$REPO"
 . scripts/lib/common.sh
 
 QUICK=0
+LOADAVG_AT_START="$(cut -d" " -f1-3 /proc/loadavg)"
 SESSIONS=2000
 SESSIONS_GIVEN=0
 ROUNDS=3
@@ -53,6 +64,7 @@ SECONDS_GIVEN=0
 OUT="$REPO/target/bench/results.json"
 COMPARE=""
 STORES=0
+SMTP=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
@@ -62,7 +74,8 @@ while [ $# -gt 0 ]; do
     --out) OUT="$2"; shift ;;
     --compare) COMPARE="$(realpath "$2")"; shift ;;
     --stores) STORES=1 ;;
-    -h | --help) sed -n '2,39p' "$0"; exit 0 ;;
+    --smtp) SMTP=1 ;;
+    -h | --help) sed -n '2,49p' "$0"; exit 0 ;;
     *) die "unknown argument $1" ;;
   esac
   shift
@@ -74,15 +87,23 @@ if [ "$QUICK" -eq 1 ]; then
   [ "$SECONDS_GIVEN" -eq 1 ] || SECONDS_PER_RUN=3
   [ "$SESSIONS_GIVEN" -eq 1 ] || SESSIONS=200
 fi
-[ "$(id -u)" -eq 0 ] || die "run as root: Dovecot must start as root"
+[ "$(id -u)" -eq 0 ] || die "run as root: Dovecot and Postfix must start as root"
+# shellcheck source=bench/smtp.sh
+. "$REPO/bench/smtp.sh"
 
 step "packages"
-ensure_packages dovecot-imapd:dovecot nginx-light:nginx libnginx-mod-mail python3:python3 openssl:openssl \
-  nodejs:node npm:npm curl:curl 'postgresql:/usr/lib/postgresql/*/bin/postgres'
-if [ ! -d tests/idp/node_modules/oidc-provider ] || [ tests/idp/package-lock.json -nt tests/idp/node_modules ]; then
-  (cd tests/idp && npm ci --no-audit --no-fund --loglevel=error)
+# Postfix without a system configuration: nothing in /etc/postfix, nothing started.
+debconf_preseed 'postfix postfix/main_mailer_type select No configuration'
+if [ "$SMTP" -eq 1 ]; then
+  ensure_packages postfix:postfix python3:python3 openssl:openssl
+else
+  ensure_packages dovecot-imapd:dovecot nginx-light:nginx libnginx-mod-mail python3:python3 openssl:openssl \
+    nodejs:node npm:npm curl:curl 'postgresql:/usr/lib/postgresql/*/bin/postgres' postfix:postfix
+  if [ ! -d tests/idp/node_modules/oidc-provider ] || [ tests/idp/package-lock.json -nt tests/idp/node_modules ]; then
+    (cd tests/idp && npm ci --no-audit --no-fund --loglevel=error)
+  fi
 fi
-for s in nginx dovecot postgresql; do disable_boot_service "$s"; done
+for s in nginx dovecot postgresql postfix; do disable_boot_service "$s"; done
 
 step "building imapgate and the load generator (release)"
 cargo build --release --locked --bin imapgate --example loadgen
@@ -99,6 +120,7 @@ PG_PID=""
 cleanup() {
   local p
   for p in "${PIDS[@]}"; do stop_pid "$p" bench || true; done
+  smtp_postfix_stop || true
   idp_stop || true
   if [ -n "$PG_PID" ]; then
     # Fast shutdown (SIGINT): rolls back open transactions and closes clients at once.
@@ -110,13 +132,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
-mapfile -t PORTS < <(free_ports 25)
+mapfile -t PORTS < <(free_ports 29)
 DV_PLAIN=${PORTS[0]} DV_TLS=${PORTS[1]} NGX=${PORTS[2]} NGX_HTTP=${PORTS[3]}
 GW=${PORTS[4]} GW_ADMIN=${PORTS[5]} GWC=${PORTS[6]} GWC_ADMIN=${PORTS[7]} GWT=${PORTS[8]}
 GWT_ADMIN=${PORTS[9]} GWB=${PORTS[10]} GWB_ADMIN=${PORTS[11]}
 # (12-15: replicas for the idle run, below.) The credential-store targets and PostgreSQL:
 GWS=${PORTS[16]} GWS_ADMIN=${PORTS[17]} GWSC=${PORTS[18]} GWSC_ADMIN=${PORTS[19]}
 GWP=${PORTS[20]} GWP_ADMIN=${PORTS[21]} GWPC=${PORTS[22]} GWPC_ADMIN=${PORTS[23]} PG_PORT=${PORTS[24]}
+# SMTP: Postfix's implicit-TLS port (direct clients) and XCLIENT port (the gateway), the gateway.
+SMTP_PF_TLS=${PORTS[25]} SMTP_PF_X=${PORTS[26]} GWM=${PORTS[27]} GWM_ADMIN=${PORTS[28]}
 # Replicas of the warm gateway for the idle run, when one process may not hold --sessions:
 # a relayed session holds two descriptors (client and Dovecot), and where the hard open-files
 # limit is below twice the sessions (this sandbox: 20000, and no CAP_SYS_RESOURCE to raise
@@ -147,8 +171,59 @@ done
 # has a mailbox too (the OAuth logins), but is not in direct.txt.
 printf 'demo@example.org:{PLAIN}%s\n' "$(random_secret)" >>"$WORK/dovecot-users"
 printf 'gateway:{PLAIN}%s\n' "$MASTER_PW" >"$WORK/dovecot-masters"
-chown root:dovecot "$WORK/dovecot-users" "$WORK/dovecot-masters"
-chmod 640 "$WORK/dovecot-users" "$WORK/dovecot-masters"
+if [ "$SMTP" -eq 0 ]; then
+  chown root:dovecot "$WORK/dovecot-users" "$WORK/dovecot-masters"
+  chmod 640 "$WORK/dovecot-users" "$WORK/dovecot-masters"
+fi
+
+mkdir -p "$(dirname "$OUT")"
+RAW="$WORK/raw.jsonl"
+: >"$RAW"
+run() { # LABEL PORT[,PORT…] USERS PID[,PID…] MODE ARGS...
+  local label="$1" port="$2" users="$3" pid="$4" mode="$5"
+  shift 5
+  "$LOADGEN" "$mode" --label "$label" --addr "127.0.0.1:${port//,/,127.0.0.1:}" \
+    --ca "$CA" --users "$users" --pid "$pid" "$@" | tee -a "$RAW"
+}
+
+# perf_summary DATA: where the time went, by shared object, then the top symbols.
+perf_summary() {
+  perf report -i "$1" --no-children --sort dso --stdio 2>/dev/null | grep -E '^ +[0-9]' || true
+  echo
+  perf report -i "$1" --no-children --sort sym -g none --stdio 2>/dev/null | grep -E '^ +[0-9]' | sed -n '1,60p' || true
+  echo
+  echo "# inclusive (with callees)"
+  perf report -i "$1" --children --sort sym -g none --stdio 2>/dev/null | grep -E '^ +[0-9]' | sed -n '1,80p' || true
+}
+
+
+# machine_meta: the key=value pairs that describe the machine, for report.py.
+machine_meta() {
+  printf '%s\n' "cpus=$(nproc)" "model=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)" \
+    "mem_gib=$(awk '/MemTotal/ { printf "%.0f", $2 / 1048576 }' /proc/meminfo)" \
+    "postfix=$(postconf -d -h mail_version 2>/dev/null)" "loadavg_at_start=$LOADAVG_AT_START" "loadavg_at_end=$(cut -d' ' -f1-3 /proc/loadavg)"
+}
+
+if [ "$SMTP" -eq 1 ]; then
+  # SMTP submission only: Postfix and the gateway's SMTP front, nothing of the IMAP part.
+  smtp_start "$SMTP_PF_TLS" "$SMTP_PF_X" "$GWM" "$GWM_ADMIN"
+  log "pids: postfix master $PF_PID, imapgate (SMTP) $GWM_PID"
+  if [ -n "${BENCH_PERF:-}" ]; then
+    smtp_perf "$BENCH_PERF"
+    exit 0
+  fi
+  step "SMTP submission: $ROUNDS round(s) of ${SECONDS_PER_RUN}s, 8 and 32 clients, targets interleaved"
+  for r in $(seq 1 "$ROUNDS"); do
+    log "round $r"
+    smtp_round "$r"
+  done
+  smtp_check
+  step "results"
+  mapfile -t META < <(machine_meta)
+  python3 "$REPO/bench/report.py" "$RAW" "$OUT" "${META[@]}" \
+    "mode=smtp" "quick=$QUICK" "rounds=$ROUNDS" "seconds_per_run=$SECONDS_PER_RUN"
+  exit 0
+fi
 
 step "mailbox: $MESSAGES messages of 50 KB for user01@bench.test"
 python3 - "$WORK/mail" "$MESSAGES" "$NUSERS" <<'PY'
@@ -418,26 +493,6 @@ done
 # shellcheck disable=SC2153 # set by eval above
 log "pids: dovecot $DV_PID, nginx $NGX_PID, imapgate $GW_PID (cold $GWC_PID, tls upstream $GWT_PID, sqlite $GWS_PID/$GWSC_PID, postgres $GWP_PID/$GWPC_PID), postgresql $PG_PID"
 
-mkdir -p "$(dirname "$OUT")"
-RAW="$WORK/raw.jsonl"
-: >"$RAW"
-run() { # LABEL PORT[,PORT…] USERS PID[,PID…] MODE ARGS...
-  local label="$1" port="$2" users="$3" pid="$4" mode="$5"
-  shift 5
-  "$LOADGEN" "$mode" --label "$label" --addr "127.0.0.1:${port//,/,127.0.0.1:}" \
-    --ca "$CA" --users "$users" --pid "$pid" "$@" | tee -a "$RAW"
-}
-
-# perf_summary DATA: where the time went, by shared object, then the top symbols.
-perf_summary() {
-  perf report -i "$1" --no-children --sort dso --stdio 2>/dev/null | grep -E '^ +[0-9]' || true
-  echo
-  perf report -i "$1" --no-children --sort sym -g none --stdio 2>/dev/null | grep -E '^ +[0-9]' | sed -n '1,60p' || true
-  echo
-  echo "# inclusive (with callees)"
-  perf report -i "$1" --children --sort sym -g none --stdio 2>/dev/null | grep -E '^ +[0-9]' | sed -n '1,80p' || true
-}
-
 if [ -n "${BENCH_PERF:-}" ]; then
   # Profile imapgate's warm logins (8 clients) and FETCH with perf, then stop.
   # BENCH_PERF_TARGET picks whose logins: imapgate (the file store, default), imapgate-sqlite
@@ -538,6 +593,10 @@ if [ "$STORES" -eq 1 ]; then
   exit 0
 fi
 
+# SMTP submission (bench/smtp.sh): Postfix and the gateway's SMTP front, measured in every round.
+smtp_start "$SMTP_PF_TLS" "$SMTP_PF_X" "$GWM" "$GWM_ADMIN"
+log "pids: postfix master $PF_PID, imapgate (SMTP) $GWM_PID"
+
 # Idle sessions first, on fresh processes: memory per session is the growth of resident memory,
 # which allocations of the earlier runs (kept by the allocator) would blur.
 step "idle sessions: $SESSIONS per target"
@@ -570,7 +629,9 @@ for r in $(seq 1 "$ROUNDS"); do
     read -r label port users pid <<<"$t"
     run "$label" "$port" "$WORK/$users" "$pid" noop --count 2000
   done
+  smtp_round "$r"
 done
+smtp_check
 step "results"
 python3 "$REPO/bench/report.py" "$RAW" "$OUT" \
   "cpus=$(nproc)" "model=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)" \
@@ -578,4 +639,5 @@ python3 "$REPO/bench/report.py" "$RAW" "$OUT" \
   "quick=$QUICK" "messages=$MESSAGES" "sessions=$SESSIONS" "rounds=$ROUNDS" \
   "fd_hard_limit=$FD_HARD" "idle_gateway_processes=$GW_REPLICAS" \
   "dovecot=$(dovecot --version 2>/dev/null | head -1)" "nginx=$(nginx -v 2>&1 | sed 's/.*nginx\///')" \
-  "postgresql=$("$PG_BIN/postgres" --version | sed -n 's/^postgres (PostgreSQL) \([^ ]*\).*/\1/p')" "loadavg_at_end=$(cut -d' ' -f1-3 /proc/loadavg)"
+  "postgresql=$("$PG_BIN/postgres" --version | sed -n 's/^postgres (PostgreSQL) \([^ ]*\).*/\1/p')" "loadavg_at_end=$(cut -d' ' -f1-3 /proc/loadavg)" \
+  "postfix=$(postconf -d -h mail_version 2>/dev/null)"
