@@ -158,14 +158,37 @@ where
 {
     let mut buf = BytesMut::with_capacity(BUF);
     let mut out = Vec::with_capacity(BUF);
+    let mut eof = false;
     loop {
         if buf.is_empty() {
+            if eof {
+                let _ = to.shutdown().await;
+                return RelayEnd::ClientClosed;
+            }
+            // Room for a full read again (an emptied buffer reclaims its allocation).
+            buf.reserve(BUF);
             match from.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => {
                     let _ = to.shutdown().await;
                     return RelayEnd::ClientClosed;
                 }
                 Ok(_) => activity.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed),
+            }
+            // Gather what is ready now behind it (a message arrives in many TLS records), so
+            // that it goes out in few writes, as in the IMAP relay.
+            while buf.len() < BUF {
+                match read_now(&mut from, &mut buf).await {
+                    Some(Ok(0)) => {
+                        eof = true;
+                        break;
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) => {
+                        eof = true;
+                        break;
+                    }
+                    None => break,
+                }
             }
         }
         let used = match shared.lock().from_client(&buf, &mut out) {
