@@ -38,6 +38,7 @@ fuzz_target!(|data: &[u8]| {
             ))
         }),
         login_alert: (mode & 4 == 4).then(|| Arc::from("Approve at https://portal.example/")),
+        login_alert_imap: None,
         hostname: Arc::from("gw.example"),
         smtp_extensions: Arc::from(Vec::new()),
     };

@@ -40,6 +40,7 @@ fuzz_target!(|data: &[u8]| {
         }),
         login_alert: (mode & 4 == 4)
             .then(|| Arc::from("Approve this sign-in at https://portal.example/approve")),
+        login_alert_imap: None,
         hostname: Arc::from("mx.example.org"),
         // A backend that offers what the gateway must withhold.
         smtp_extensions: [

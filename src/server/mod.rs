@@ -386,6 +386,14 @@ impl Gateway {
         let stopping = CancellationToken::new();
         let background = CancellationToken::new();
         let background_watch = background.clone();
+        // Sign-in approval: what every failed password login is told, whatever failed.
+        let login_alert: Option<Arc<str>> = match (&config.auth.mfa.approval, &config.portal) {
+            (Some(_), Some(pc)) => Some(Arc::from(format!(
+                "Login failed. If this is you on a new device or network, approve the sign-in at {}",
+                pc.public_url
+            ))),
+            _ => None,
+        };
         let shared = Arc::new(Shared {
             limits: config.limits.clone(),
             login: login::Services {
@@ -405,13 +413,11 @@ impl Gateway {
                 let (discovery, scope) = store.oauth_challenge_hints();
                 Arc::new(OAuthChallenges::new(discovery.as_deref(), &scope))
             }),
-            login_alert: match (&config.auth.mfa.approval, &config.portal) {
-                (Some(_), Some(pc)) => Some(Arc::from(format!(
-                    "Login failed. If this is you on a new device or network, approve the sign-in at {}",
-                    pc.public_url
-                ))),
-                _ => None,
-            },
+            login_alert_imap: login_alert
+                .as_deref()
+                .and_then(crate::imap::untagged_alert)
+                .map(Arc::from),
+            login_alert,
             next_id: AtomicU64::new(1),
             stopping: stopping.clone(),
         });

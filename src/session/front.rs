@@ -74,6 +74,8 @@ pub struct FrontConfig {
     /// Sign-in approval: a sentence pointing at the portal, added to every failed password
     /// login's answer, whatever failed.
     pub login_alert: Option<Arc<str>>,
+    /// The same sentence as IMAP's `* NO [ALERT]` line, encoded once per process.
+    pub login_alert_imap: Option<Arc<[u8]>>,
     /// The gateway's own host name (SMTP greeting and EHLO).
     pub hostname: Arc<str>,
     /// SMTP: the service extensions the backend offers (EHLO keywords with their parameters,

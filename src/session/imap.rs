@@ -19,15 +19,10 @@ pub struct ImapFront {
 impl ImapFront {
     /// `tls`: the connection is already TLS (implicit-TLS listener).
     pub fn new(cfg: &FrontConfig, tls: bool) -> Self {
-        let alert = cfg
-            .login_alert
-            .as_deref()
-            .and_then(crate::imap::untagged_alert)
-            .map(std::sync::Arc::from);
         Self {
             sm: PreAuth::new(cfg.limits, cfg.starttls_listener, tls)
                 .with_oauth_challenges(cfg.oauth.clone())
-                .with_login_alert(alert),
+                .with_login_alert(cfg.login_alert_imap.clone()),
             pending: None,
         }
     }

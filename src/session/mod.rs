@@ -44,6 +44,8 @@ pub struct Shared {
     /// Sign-in approval: the sentence every failed password login's answer carries (IMAP: a
     /// `* NO [ALERT]` line), pointing at the portal.
     pub login_alert: Option<Arc<str>>,
+    /// The same, as IMAP's `* NO [ALERT]` line (encoded once).
+    pub login_alert_imap: Option<Arc<[u8]>>,
     pub next_id: AtomicU64,
     /// Cancelled when the gateway stops accepting: pre-auth sessions say BYE, relayed ones get
     /// `shutdown_grace`.
@@ -174,10 +176,16 @@ impl Session {
             starttls_listener: self.listener.starttls,
             oauth: self.shared.oauth.clone(),
             login_alert: self.shared.login_alert.clone(),
+            login_alert_imap: self.shared.login_alert_imap.clone(),
             hostname: self.listener.hostname.clone(),
             smtp_extensions: match self.listener.protocol {
                 Protocol::Smtp => self.shared.login.upstreams.smtp_extensions(),
-                _ => Arc::from(Vec::new()),
+                // Shared, so an IMAP or POP3 connection allocates nothing for it.
+                _ => {
+                    static NONE: std::sync::LazyLock<Arc<[String]>> =
+                        std::sync::LazyLock::new(|| Arc::from(Vec::new()));
+                    NONE.clone()
+                }
             },
         };
         match self.listener.protocol {

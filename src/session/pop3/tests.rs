@@ -19,6 +19,7 @@ fn cfg(starttls_listener: bool) -> FrontConfig {
         starttls_listener,
         oauth: None,
         login_alert: None,
+        login_alert_imap: None,
         hostname: Arc::from("gw.example"),
         smtp_extensions: Arc::from(Vec::new()),
     }

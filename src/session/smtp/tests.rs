@@ -41,6 +41,7 @@ fn cfg() -> FrontConfig {
         starttls_listener: true,
         oauth: None,
         login_alert: None,
+        login_alert_imap: None,
         hostname: Arc::from(HOST),
         smtp_extensions: ext.iter().map(|s| s.to_string()).collect(),
     }
